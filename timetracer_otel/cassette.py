@@ -1,0 +1,273 @@
+"""The cassette schema: one set of msgspec Structs, encoded as msgpack or JSON.
+
+A cassette is the spans of one recorded request or task (or of one plain process), each
+dependency span carrying the request it made and the raw response or error it got back::
+
+    >>> cassette = load_cassette("cassettes/2026-11-26/GET__users__4bf92f35.msgpack")
+    >>> [s.library for s in cassette.spans if s.library]
+    ['asyncpg', 'httpx']
+
+The loader sniffs the content, not the file name, rejects unknown versions and verifies a
+checksum, so a flipped byte is an error and never wrong data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from timetracer_otel.errors import CassetteError
+
+VERSION = 1
+Format = Literal["msgpack", "json"]
+FORMATS: tuple[Format, ...] = ("msgpack", "json")
+SUFFIX: dict[Format, str] = {"msgpack": ".msgpack", "json": ".json"}
+
+# A cassette larger than this is refused before decoding: it is not a recording of one request.
+MAX_CASSETTE_BYTES = 512 * 1024 * 1024
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A span event (an exception recorded by the instrumentation, a log line)."""
+
+    name: str
+    time_ns: int
+    attributes: dict[str, Any] = {}
+
+
+class SpanRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One span. Dependency spans (``library`` set) are the interactions replay answers from.
+
+    ``request`` is the canonical request the shim saw (a codec tree, redacted); ``response``
+    the raw result as the driver got it; ``error`` the raised exception (type, message, args).
+    """
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None = None
+    remote_parent: bool = False
+    name: str
+    kind: str = "INTERNAL"
+    start_ns: int = 0
+    end_ns: int = 0
+    status: str = "UNSET"
+    status_message: str | None = None
+    attributes: dict[str, Any] = {}
+    events: list[Event] = []
+    library: str | None = None
+    key: str | None = None
+    shape: str | None = None
+    label: str | None = None
+    request: Any = None
+    response: Any = None
+    error: Any = None
+    truncated: bool = False
+
+    @property
+    def duration_ns(self) -> int:
+        return max(0, self.end_ns - self.start_ns)
+
+
+class Recorder(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What wrote the cassette: tool and library versions, how it was recorded."""
+
+    tool: str = "timetracer-otel"
+    version: str = ""
+    via: str = "processor"  # processor | exporter | collector | pytest
+    python: str = ""
+    libraries: dict[str, str] = {}
+
+
+class Cassette(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A recording: the spans of one trace (or one process) with their payloads."""
+
+    version: int = VERSION
+    id: str
+    name: str
+    created: str
+    resource: dict[str, Any] = {}
+    recorder: Recorder = msgspec.field(default_factory=Recorder)
+    complete: bool = True
+    root: str | None = None
+    spans: list[SpanRecord] = []
+    checksum: str | None = None
+
+    @property
+    def interactions(self) -> list[SpanRecord]:
+        """The dependency calls, in the order they started."""
+        return sorted((s for s in self.spans if s.library), key=lambda s: s.start_ns)
+
+    @property
+    def root_span(self) -> SpanRecord | None:
+        for span in self.spans:
+            if span.span_id == self.root:
+                return span
+        return None
+
+
+class _Header(msgspec.Struct):
+    version: Any = None
+
+
+_JSON_ENCODER = msgspec.json.Encoder()
+_MSGPACK_ENCODER = msgspec.msgpack.Encoder()
+_JSON_DECODER = msgspec.json.Decoder(Cassette)
+_MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette)
+
+
+def _checksum(spans: list[SpanRecord]) -> str:
+    # Over the canonical JSON of the spans, so both encodings of one cassette agree.
+    return "sha256:" + hashlib.sha256(_JSON_ENCODER.encode(spans)).hexdigest()
+
+
+def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
+    """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON."""
+    cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette.spans))
+    if fmt == "json":
+        return msgspec.json.format(_JSON_ENCODER.encode(cassette), indent=1) + b"\n"
+    if fmt == "msgpack":
+        return _MSGPACK_ENCODER.encode(cassette)
+    raise CassetteError(f"Unknown cassette format {fmt!r}; use one of: {', '.join(FORMATS)}.")
+
+
+def sniff(data: bytes) -> Format:
+    """Tell msgpack from JSON by the first byte: a JSON object starts with ``{``."""
+    head = data.lstrip()[:1]
+    if head == b"{":
+        return "json"
+    if head and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "msgpack"
+    raise ValueError("neither a msgpack map nor a JSON object")
+
+
+def loads(data: bytes, source: str = "<bytes>") -> Cassette:
+    """Decode a cassette, checking format, version and checksum.
+
+    Raises :class:`CassetteError` with one sentence naming ``source`` and what is wrong.
+    """
+    if len(data) > MAX_CASSETTE_BYTES:
+        raise CassetteError(f"{source}: cassette is {len(data)} bytes, over the 512 MiB limit.")
+    try:
+        fmt = sniff(data)
+    except ValueError:
+        raise CassetteError(
+            f"{source} is not a timetracer cassette (neither msgpack nor JSON); "
+            "record it again or pass the right file."
+        ) from None
+    decoder = _JSON_DECODER if fmt == "json" else _MSGPACK_DECODER
+    try:
+        cassette = decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        version = _peek_version(data, fmt)
+        if version is not None and version != VERSION:
+            raise _version_error(source, version) from None
+        raise CassetteError(
+            f"{source} is corrupt ({_first_line(exc)}); record it again or restore it."
+        ) from None
+    if cassette.version != VERSION:
+        raise _version_error(source, cassette.version)
+    if cassette.checksum is not None and cassette.checksum != _checksum(cassette.spans):
+        raise CassetteError(
+            f"{source} failed its checksum (the file was changed or damaged after it was "
+            "written); record it again or restore it."
+        )
+    return cassette
+
+
+def _peek_version(data: bytes, fmt: Format) -> Any:
+    try:
+        if fmt == "json":
+            return msgspec.json.decode(data, type=_Header).version
+        return msgspec.msgpack.decode(data, type=_Header).version
+    except msgspec.DecodeError:
+        return None
+
+
+def _version_error(source: str, version: Any) -> CassetteError:
+    return CassetteError(
+        f"{source} has cassette version {version!r}, but this timetracer-otel reads version "
+        f"{VERSION}; upgrade timetracer-otel or record it again."
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def load_cassette(path: str | os.PathLike[str]) -> Cassette:
+    """Read and decode the cassette at ``path`` (see :func:`loads`)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise CassetteError(f"{p}: no such cassette; check the path.") from None
+    except IsADirectoryError:
+        raise CassetteError(f"{p} is a directory; pass a cassette file.") from None
+    except OSError as exc:
+        raise CassetteError(f"{p} cannot be read ({exc.strerror}).") from None
+    return loads(data, str(p))
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
+
+    Temp file in the same directory, fsync, rename, then fsync the directory.
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise CassetteError(
+            f"cannot write {p} ({exc.strerror}); choose a writable directory."
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CassetteError(f"cannot write {p} ({exc.strerror}).") from None
+        raise
+    try:
+        dir_fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return p
+
+
+def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None) -> Path:
+    """Encode and atomically write ``cassette``; the format defaults from the file suffix."""
+    p = Path(path)
+    if fmt is None:
+        fmt = "json" if p.suffix == ".json" else "msgpack"
+    return atomic_write(p, dumps(cassette, fmt))
+
+
+def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:
+    """The cassette files at ``path``: the file itself, or every cassette below a directory."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix in (".msgpack", ".json") and not f.name.startswith(".")
+        )
+    raise CassetteError(f"{p}: no such cassette or directory; check the path.")

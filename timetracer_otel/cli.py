@@ -1,0 +1,283 @@
+"""``timetracer-otel``: record and replay commands, and tools to look at cassettes.
+
+Exit codes: 0 ok; 1 differences or replay failures; 2 bad input (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from timetracer_otel.cassette import (
+    FORMATS,
+    Cassette,
+    SpanRecord,
+    find_cassettes,
+    load_cassette,
+    save_cassette,
+)
+from timetracer_otel.config import OnMiss
+from timetracer_otel.errors import TimetracerError
+from timetracer_otel.exporters.storage import storage_for
+from timetracer_otel.index import ReplayIndex, ReplayReport
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(fn: F) -> F:
+    """Our own errors become one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TimetracerError as exc:
+            click.echo(f"timetracer-otel: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="timetracer-otel")
+def main() -> None:
+    """Record a request and every dependency call it makes; replay it anywhere."""
+
+
+def _instrument_command(cmd: Sequence[str]) -> list[str]:
+    """``opentelemetry-instrument CMD...``, found next to this interpreter first."""
+    local = Path(sys.executable).with_name("opentelemetry-instrument")
+    exe = str(local) if local.exists() else shutil.which("opentelemetry-instrument")
+    if exe is None:
+        raise click.ClickException(
+            "opentelemetry-instrument is not installed; pip install 'timetracer-otel[all]'."
+        )
+    return [exe, *cmd]
+
+
+def _run(cmd: Sequence[str], env: dict[str, str]) -> int:
+    if not cmd:
+        raise click.UsageError("give the command to run after --, e.g. -- python app.py")
+    try:
+        return subprocess.call(_instrument_command(cmd), env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _exporter_list(current: str | None, add: str) -> str:
+    names = [n.strip() for n in (current or "").split(",") if n.strip() and n.strip() != "none"]
+    return ",".join([*names, add]) if add not in names else ",".join(names)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--dir", "directory", default=None, help="Where cassettes go (default ./cassettes or TIMETRACER_DIR).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Cassette encoding (default msgpack).")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
+@_user_errors
+def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None:
+    """Run CMD under opentelemetry-instrument and write a cassette per request or task.
+
+    Example: timetracer-otel record --dir cassettes -- python app.py
+    """
+    env = dict(os.environ)
+    directory = directory or env.get("TIMETRACER_DIR") or "./cassettes"
+    storage = storage_for(directory)
+    storage.check()
+    before = set(_listing(directory))
+    env.update(
+        TIMETRACER_MODE="record",
+        TIMETRACER_DIR=str(directory),
+        OTEL_TRACES_EXPORTER=_exporter_list(env.get("OTEL_TRACES_EXPORTER"), "timetracer"),
+    )
+    env.setdefault("OTEL_METRICS_EXPORTER", "none")
+    env.setdefault("OTEL_LOGS_EXPORTER", "none")
+    if fmt:
+        env["TIMETRACER_FORMAT"] = fmt
+    code = _run(cmd, env)
+    new = [p for p in _listing(directory) if p not in before]
+    click.echo(f"timetracer-otel: recorded {len(new)} cassette(s) in {directory}", err=True)
+    for p in new[:20]:
+        click.echo(f"  {p}", err=True)
+    sys.exit(code)
+
+
+def _listing(directory: str) -> list[str]:
+    if str(directory).startswith("s3://") or not Path(directory).is_dir():
+        return []
+    return [str(p) for p in find_cassettes(directory)]
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("path", required=False)
+@click.option("--cassette", "cassette", default=None, help="Cassette file or directory to replay from.")
+@click.option("--on-miss", type=click.Choice([m.value for m in OnMiss]), default=None,
+              help="What an unrecorded call does (default error).")
+@click.option("--strict", is_flag=True, help="Exact keys only: no shape matching.")
+@click.option("--live", default=None, help="Comma-separated libraries that stay live (hybrid replay).")
+@click.option("--asgi", "asgi_app", default=None, help="MODULE:APP to replay the recorded inbound request into.")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+@_user_errors
+def replay(
+    path: str | None,
+    cassette: str | None,
+    on_miss: str | None,
+    strict: bool,
+    live: str | None,
+    asgi_app: str | None,
+    cmd: tuple[str, ...],
+) -> None:
+    """Run CMD with every dependency answered from the cassette, or re-run a recorded inbound
+    request against an ASGI app.
+
+    Examples: timetracer-otel replay --cassette cassettes -- python app.py;
+    timetracer-otel replay cassettes/x.msgpack --asgi app:app
+    """
+    if cassette is not None and path is not None:
+        cmd = (path, *cmd)  # with --cassette, every word after -- belongs to the command
+        path = None
+    source = cassette or path
+    if source is None:
+        raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi)")
+    if asgi_app is not None:
+        from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,unused-ignore]
+
+        sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
+    ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read
+    env = dict(os.environ)
+    fd, report_path = tempfile.mkstemp(prefix="timetracer-report-", suffix=".json")
+    os.close(fd)
+    env.update(
+        TIMETRACER_MODE="replay",
+        TIMETRACER_CASSETTE=str(source),
+        TIMETRACER_REPORT=report_path,
+    )
+    env.setdefault("OTEL_TRACES_EXPORTER", "none")
+    env.setdefault("OTEL_METRICS_EXPORTER", "none")
+    env.setdefault("OTEL_LOGS_EXPORTER", "none")
+    if on_miss:
+        env["TIMETRACER_ON_MISS"] = on_miss
+    if strict:
+        env["TIMETRACER_STRICT"] = "1"
+    if live:
+        env["TIMETRACER_LIVE_PLUGINS"] = live
+    try:
+        code = _run(cmd, env)
+        report = _read_report(report_path)
+    finally:
+        os.unlink(report_path)
+    if report is not None:
+        click.echo(f"timetracer-otel: {report.render()}", err=True)
+        if code == 0 and not report.ok:
+            code = 1
+    sys.exit(code)
+
+
+def _read_report(path: str) -> ReplayReport | None:
+    data = Path(path).read_bytes()
+    if not data:
+        return None
+    return msgspec.json.decode(data, type=ReplayReport)
+
+
+@main.command("ls")
+@click.argument("directory", default="./cassettes")
+@_user_errors
+def ls(directory: str) -> None:
+    """List the cassettes below DIRECTORY with their calls and completeness."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("cassette", "created", "spans", "calls", "libraries", "complete", "bytes")
+    for path in find_cassettes(directory):
+        try:
+            c = load_cassette(path)
+        except TimetracerError as exc:
+            table.add_row(str(path), "-", "-", "-", "-", f"[red]{exc}[/]", str(path.stat().st_size))
+            continue
+        libs = sorted({s.library for s in c.interactions if s.library})
+        table.add_row(
+            str(path), c.created[:19], str(len(c.spans)), str(len(c.interactions)),
+            ",".join(libs), "yes" if c.complete else "[yellow]no[/]", str(path.stat().st_size),
+        )
+    Console().print(table)
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.2f} ms"
+
+
+def _span_line(span: SpanRecord, t0: int) -> str:
+    from rich.markup import escape
+
+    offset = _ms(span.start_ns - t0)
+    lib = f"[cyan]{escape(span.library)}[/] " if span.library else ""
+    label = escape(span.label or span.name)
+    status = ""
+    if span.error is not None:
+        status = f" [red]raised {escape(str(span.error.get('type', '?')))}[/]"
+    elif span.status == "ERROR":
+        status = " [red]error[/]"
+    trunc = " [yellow](truncated)[/]" if span.truncated else ""
+    return f"{lib}{label}  [dim]+{offset} {_ms(span.duration_ns)}[/]{status}{trunc}"
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole cassette as JSON.")
+@_user_errors
+def show(path: str, as_json: bool) -> None:
+    """Show a cassette as a tree of spans with timings and library."""
+    cassette = load_cassette(path)
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(cassette), indent=2).decode())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    spans = sorted(cassette.spans, key=lambda s: s.start_ns)
+    t0 = spans[0].start_ns if spans else 0
+    header = (
+        f"[bold]{escape(cassette.name)}[/] {escape(cassette.created[:19])} "
+        f"{len(spans)} spans, {len(cassette.interactions)} calls"
+        + ("" if cassette.complete else " [yellow]incomplete[/]")
+    )
+    tree = Tree(header)
+    ids = {s.span_id for s in spans}
+    nodes: dict[str, Tree] = {}
+    for span in spans:
+        parent = nodes.get(span.parent_id or "") if span.parent_id in ids else None
+        nodes[span.span_id] = (parent or tree).add(_span_line(span, t0))
+    Console().print(tree)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Output encoding (default: from DEST's suffix).")
+@_user_errors
+def convert(source: str, dest: str, fmt: str | None) -> None:
+    """Re-encode a cassette (msgpack <-> JSON), keeping every value and type."""
+    cassette: Cassette = load_cassette(source)
+    out = save_cassette(cassette, dest, fmt)  # type: ignore[arg-type]
+    click.echo(f"wrote {out}")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Settings from the environment, with upstream timetracer's variable names kept."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from timetracer_otel.errors import ConfigError
+
+
+class _Choice(str, enum.Enum):
+    @classmethod
+    def parse(cls, value: str, what: str) -> _Choice:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ConfigError(f"{what}={value!r} is not valid; use one of: {valid}.") from None
+
+
+class Mode(_Choice):
+    OFF = "off"
+    RECORD = "record"
+    REPLAY = "replay"
+
+
+class OnMiss(_Choice):
+    """What a replay does with a call it has no recording for."""
+
+    ERROR = "error"
+    PASSTHROUGH = "passthrough"
+    RECORD = "record"
+
+
+def _names(value: str | None) -> frozenset[str]:
+    return frozenset(n.strip().lower() for n in (value or "").split(",") if n.strip())
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the environment can set. ``Settings.from_env()`` reads ``os.environ``."""
+
+    mode: Mode = Mode.OFF
+    dir: str = "./cassettes"
+    cassette: str | None = None
+    format: str = "msgpack"
+    on_miss: OnMiss = OnMiss.ERROR
+    live: frozenset[str] = field(default_factory=frozenset)
+    mock: frozenset[str] = field(default_factory=frozenset)
+    sample_rate: float = 1.0
+    errors_only: bool = False
+    strict: bool = False
+    max_payload_bytes: int = 16 * 1024 * 1024
+    report: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        fmt = env.get("TIMETRACER_FORMAT", "msgpack").strip().lower() or "msgpack"
+        if fmt not in ("msgpack", "json"):
+            raise ConfigError(f"TIMETRACER_FORMAT={fmt!r} is not valid; use one of: msgpack, json.")
+        rate = _float(env, "TIMETRACER_SAMPLE_RATE", 1.0)
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"TIMETRACER_SAMPLE_RATE={rate} must be between 0 and 1.")
+        return cls(
+            mode=Mode.parse(env.get("TIMETRACER_MODE", "off") or "off", "TIMETRACER_MODE"),  # type: ignore[arg-type]
+            dir=env.get("TIMETRACER_DIR") or "./cassettes",
+            cassette=env.get("TIMETRACER_CASSETTE") or None,
+            format=fmt,
+            on_miss=OnMiss.parse(env.get("TIMETRACER_ON_MISS", "error") or "error", "TIMETRACER_ON_MISS"),  # type: ignore[arg-type]
+            live=_names(env.get("TIMETRACER_LIVE_PLUGINS")),
+            mock=_names(env.get("TIMETRACER_MOCK_PLUGINS")),
+            sample_rate=rate,
+            errors_only=env.get("TIMETRACER_ERRORS_ONLY", "").lower() in ("1", "true", "yes"),
+            strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
+            max_payload_bytes=int(_float(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024)),
+            report=env.get("TIMETRACER_REPORT") or None,
+        )

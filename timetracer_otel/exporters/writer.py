@@ -1,0 +1,264 @@
+"""CassetteWriter: the background thread that turns finished spans into cassette files.
+
+The request path only enqueues (``submit``: one ``SimpleQueue.put``); conversion, grouping,
+encoding and the atomic write happen on this thread, under ``suppress_instrumentation`` so
+the writer's own I/O is never traced. Failures are counted and logged, never raised.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import logging
+import os
+import platform
+import queue
+import re
+import secrets
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import ReadableSpan
+
+from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
+from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
+from timetracer_otel.exporters.spans import plain, record_from_readable
+from timetracer_otel.exporters.storage import Storage, storage_for
+
+log = logging.getLogger("timetracer_otel")
+
+_FLUSH = object()
+_STOP = object()
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def cassette_name(batch: TraceBatch) -> str:
+    """``POST /orders/{id}`` → ``POST__orders_id``; the process batch → the script's name."""
+    root = batch.root
+    if root is None:
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "process"
+        return _SAFE.sub("_", script.removesuffix(".py")).strip("_") or "process"
+    a = root.attributes
+    method = a.get("http.request.method") or a.get("http.method")
+    route = a.get("http.route")
+    if method and route:
+        text = f"{method}__{route}"
+    elif method and (a.get("url.path") or a.get("http.target")):
+        text = f"{method}__{a.get('url.path') or a.get('http.target')}"
+    else:
+        text = root.name
+    text = _SAFE.sub("_", str(text).replace("/", "_").replace("{", "").replace("}", ""))
+    return re.sub("_{3,}", "__", text).strip("_")[:80] or "trace"
+
+
+def _libraries() -> dict[str, str]:
+    from timetracer_otel.replay_shims import REGISTRY
+
+    out = {}
+    for name in [*REGISTRY, "opentelemetry-sdk"]:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("timetracer-otel")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def is_error_trace(batch: TraceBatch) -> bool:
+    root = batch.root
+    if root is None:
+        return any(s.status == "ERROR" for s in batch.spans)
+    status = root.attributes.get("http.response.status_code") or root.attributes.get(
+        "http.status_code"
+    )
+    return root.status == "ERROR" or (isinstance(status, int) and status >= 500)
+
+
+def sampled(trace_id: str, rate: float) -> bool:
+    """Deterministic per trace, so every process and the collector agree."""
+    if rate >= 1.0:
+        return True
+    return (zlib.crc32(trace_id.encode()) & 0xFFFFFFFF) / 2**32 < rate
+
+
+class CassetteWriter:
+    """Owns the queue, the assembler and the storage; one daemon thread."""
+
+    def __init__(
+        self,
+        location: str | Storage,
+        *,
+        fmt: Format = "msgpack",
+        via: str = "processor",
+        max_queue: int = 100_000,
+        max_open_traces: int = 1000,
+        quiet_ns: int = 0,
+        sample_rate: float = 1.0,
+        errors_only: bool = False,
+        on_written: Callable[[str, Cassette], None] | None = None,
+    ) -> None:
+        self.storage = storage_for(location) if isinstance(location, str) else location
+        self.fmt = fmt
+        self.via = via
+        self.max_queue = max_queue
+        self.sample_rate = sample_rate
+        self.errors_only = errors_only
+        self.on_written = on_written
+        self.assembler = TraceAssembler(
+            self._emit, max_open_traces=max_open_traces, quiet_ns=quiet_ns
+        )
+        self.written: list[str] = []
+        self.dropped_spans = 0
+        self.errors = 0
+        self.skipped = 0
+        self._resource: dict[str, Any] = {}
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._dropped_traces: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._recorder = Recorder(
+            version=_tool_version(), via=via, python=platform.python_version(),
+            libraries=_libraries(),
+        )
+
+    # -- request path ----------------------------------------------------------------------
+
+    def submit(self, span: ReadableSpan | SpanRecord) -> None:
+        """Enqueue a finished span. Never blocks, never raises; drops (and counts) when full."""
+        if self._closed:
+            return
+        if self._queue.qsize() >= self.max_queue:
+            tid = (f"{span.context.trace_id:032x}" if isinstance(span, ReadableSpan)
+                   else span.trace_id)
+            with self._lock:
+                self.dropped_spans += 1
+                if len(self._dropped_traces) < 10_000:
+                    self._dropped_traces.add(tid)
+            return
+        if self._thread is None:
+            self._start()
+        self._queue.put(span)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="timetracer-cassette-writer", daemon=True
+                )
+                self._thread.start()
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, tuple) and item and item[0] is _FLUSH:
+                self._drain_drops()
+                if item[2]:
+                    self._safely(self.assembler.flush_process)
+                item[1].set()
+                continue
+            if item is _STOP:
+                self._drain_drops()
+                self._safely(self.assembler.close_all)
+                return
+            self._safely(lambda: self._add(item))
+
+    def _drain_drops(self) -> None:
+        with self._lock:
+            dropped, self._dropped_traces = self._dropped_traces, set()
+        for tid in dropped:
+            self.assembler.mark_dropped(tid)
+
+    def _add(self, item: ReadableSpan | SpanRecord) -> None:
+        if isinstance(item, ReadableSpan):
+            if not self._resource:
+                self._resource = {k: plain(v) for k, v in item.resource.attributes.items()}
+            item = record_from_readable(item)
+        self.assembler.add(item)
+
+    def _safely(self, fn: Callable[[], None]) -> None:
+        try:
+            with suppress_instrumentation():
+                fn()
+        except Exception:
+            self.errors += 1
+            log.warning("timetracer-otel: cassette writer failed (%d so far)", self.errors,
+                        exc_info=True)
+
+    def _emit(self, batch: TraceBatch) -> None:
+        if not batch.spans:
+            return
+        if batch.root is not None and not sampled(batch.trace_id, self.sample_rate):
+            self.skipped += 1
+            return
+        if self.errors_only and not is_error_trace(batch):
+            self.skipped += 1
+            return
+        cassette = self.build(batch)
+        day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+        trace_part = batch.trace_id[:16] if batch.root is not None else cassette.id
+        relpath = f"{day}/{cassette.name}__{trace_part}{SUFFIX[self.fmt]}"
+        where = self.storage.write(relpath, dumps(cassette, self.fmt))
+        self.written.append(where)
+        if self.on_written is not None:
+            self.on_written(where, cassette)
+
+    def build(self, batch: TraceBatch) -> Cassette:
+        spans = sorted(batch.spans, key=lambda s: s.start_ns)
+        return Cassette(
+            id=secrets.token_hex(8),
+            name=cassette_name(batch),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(),
+            resource=dict(self._resource),
+            recorder=self._recorder,
+            complete=batch.complete,
+            root=batch.root.span_id if batch.root is not None else None,
+            spans=spans,
+        )
+
+    # -- control ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 30.0, *, process: bool = False) -> bool:
+        """Wait until everything submitted so far is written; ``process`` also writes the
+        per-process batch of lone calls now."""
+        if self._thread is None:
+            if process or self._pending():
+                self._start()
+            else:
+                return True
+        done = threading.Event()
+        self._queue.put((_FLUSH, done, process))
+        return done.wait(timeout)
+
+    def _pending(self) -> bool:
+        return bool(self.assembler.process.spans)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "written": len(self.written),
+            "dropped_spans": self.dropped_spans + self.assembler.dropped_spans,
+            "errors": self.errors,
+            "skipped": self.skipped,
+        }
+

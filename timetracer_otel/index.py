@@ -1,0 +1,175 @@
+"""ReplayIndex: recorded interactions by key, answered in recorded order in O(1).
+
+Matching is a ladder (DESIGN principle 5): the exact key first, then the next unused
+interaction of the same *shape* (volatile values dropped), then a miss. Every shape match is
+kept in the :class:`ReplayReport`, so nothing is silently approximate::
+
+    >>> index = ReplayIndex.from_paths(["cassettes/run.msgpack"])
+    >>> match = index.take(call)          # a Match, or None on a miss
+    >>> index.report().shape_matches
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
+from timetracer_otel.keys import Call, field_diff
+
+
+@dataclass(slots=True)
+class _Entry:
+    span: SpanRecord
+    source: str
+    used: bool = False
+
+
+@dataclass(slots=True)
+class Match:
+    """The interaction chosen for a call; ``exact`` is False for a shape match."""
+
+    span: SpanRecord
+    source: str
+    exact: bool
+    diff: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ShapeMatch:
+    label: str
+    source: str
+    diff: list[str]
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What a replay used, approximated and left over."""
+
+    exact: int = 0
+    shape_matches: list[ShapeMatch] = field(default_factory=list)
+    misses: list[str] = field(default_factory=list)
+    unused: list[tuple[str, str]] = field(default_factory=list)  # (label, source)
+
+    @property
+    def ok(self) -> bool:
+        return not self.misses
+
+    def summary(self) -> str:
+        parts = [f"{self.exact} exact", f"{len(self.shape_matches)} by shape"]
+        parts.append(f"{len(self.misses)} missed")
+        parts.append(f"{len(self.unused)} recorded but unused")
+        return "replay: " + ", ".join(parts)
+
+    def render(self) -> str:
+        lines = [self.summary()]
+        for sm in self.shape_matches:
+            lines.append(f"  shape match: {sm.label}")
+            lines.extend(f"      {d}" for d in sm.diff)
+        lines.extend(f"  miss: {m}" for m in self.misses)
+        lines.extend(f"  unused: {label} ({src})" for label, src in self.unused)
+        return "\n".join(lines)
+
+
+class ReplayIndex:
+    """Recorded interactions grouped by key and by shape, each group a FIFO in start order."""
+
+    def __init__(self, sources: Sequence[tuple[str, Cassette]], *, strict: bool = False) -> None:
+        self.strict = strict
+        self.sources = [name for name, _ in sources]
+        self._by_key: dict[str, deque[_Entry]] = {}
+        self._by_shape: dict[str, deque[_Entry]] = {}
+        self._entries: list[_Entry] = []
+        self._lock = threading.Lock()
+        self._report = ReplayReport()
+        for name, cassette in sources:
+            self.extend(cassette.interactions, name)
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | Path], *, strict: bool = False) -> ReplayIndex:
+        """Load every cassette at ``paths`` (files or directories) into one index."""
+        files = [f for p in paths for f in find_cassettes(p)]
+        loaded = [(str(f), load_cassette(f)) for f in files]
+        loaded.sort(key=lambda item: item[1].created)
+        return cls(loaded, strict=strict)
+
+    def extend(self, spans: Iterable[SpanRecord], source: str) -> None:
+        for span in spans:
+            if span.key is None:
+                continue
+            entry = _Entry(span, source)
+            self._entries.append(entry)
+            self._by_key.setdefault(span.key, deque()).append(entry)
+            if span.shape is not None:
+                self._by_shape.setdefault(span.shape, deque()).append(entry)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _pop(queue: deque[_Entry] | None) -> _Entry | None:
+        # Entries sit in two queues; one used through the other is skipped here, lazily.
+        while queue:
+            entry = queue.popleft()
+            if not entry.used:
+                return entry
+        return None
+
+    def take(self, call: Call) -> Match | None:
+        """The next unused interaction for ``call``, or None when nothing matches."""
+        with self._lock:
+            entry = self._pop(self._by_key.get(call.key))
+            if entry is not None:
+                entry.used = True
+                self._report.exact += 1
+                return Match(entry.span, entry.source, exact=True)
+            if not self.strict:
+                entry = self._pop(self._by_shape.get(call.shape_key))
+                if entry is not None:
+                    entry.used = True
+                    diff = field_diff(entry.span.request, call.request)
+                    self._report.shape_matches.append(ShapeMatch(call.label, entry.source, diff))
+                    return Match(entry.span, entry.source, exact=False, diff=diff)
+            return None
+
+    def miss_message(self, call: Call, *, hint: str = "") -> str:
+        """Explain a miss: the call, the cassettes, and the closest recorded candidates."""
+        with self._lock:
+            self._report.misses.append(call.label)
+            candidates = [e for e in self._entries if e.span.library == call.library]
+        where = ", ".join(self.sources[:3]) + (" ..." if len(self.sources) > 3 else "")
+        lines = [f"No recorded {call.library} call matches {call.label} (cassette: {where or 'none'})."]
+        scored = []
+        for entry in candidates[:5000]:
+            diff = field_diff(entry.span.request, call.request, limit=6)
+            same_shape = entry.span.shape == call.shape_key
+            scored.append((not same_shape, len(diff), entry.used, entry, diff))
+        scored.sort(key=lambda item: item[:3])
+        if scored:
+            lines.append("Closest recorded calls:")
+            for _, _, used, entry, diff in scored[:3]:
+                state = "already used" if used else "unused"
+                lines.append(f"  - {entry.span.label} ({state})")
+                lines.extend(f"      {d}" for d in diff)
+        else:
+            lines.append(f"The cassette holds no {call.library} calls.")
+        lines.append(
+            hint
+            or f"Record again, or let {call.library} stay live with "
+            f"on_miss='passthrough' / TIMETRACER_LIVE_PLUGINS={call.library}."
+        )
+        return "\n".join(lines)
+
+    def unused(self) -> list[_Entry]:
+        with self._lock:
+            return [e for e in self._entries if not e.used]
+
+    def report(self) -> ReplayReport:
+        """A snapshot of exact and shape matches, misses and unused interactions so far."""
+        with self._lock:
+            r = self._report
+            unused = [(e.span.label or e.span.name, e.source) for e in self._entries if not e.used]
+            return ReplayReport(r.exact, list(r.shape_matches), list(r.misses), unused)

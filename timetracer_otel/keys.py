@@ -1,0 +1,153 @@
+"""Canonical requests and the stable keys replay matches on.
+
+A shim describes each dependency call as a :class:`Call`: the full request it will store
+(a codec tree, already redacted), the fields that identify it exactly (``identity``) and the
+fields that survive when volatile values are dropped (``shape``). Keys are hashes of those,
+so record and replay compute the same key from the same call on any host::
+
+    >>> call = Call("httpx", request={...}, identity={"method": "GET", "url": u}, shape=...)
+    >>> call.key
+    'httpx:5d41402abc4b2a76b9719d911017c592'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import msgspec
+
+from timetracer_otel.codec import Tree
+
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
+
+# Redaction tokens carry a keyed hash; without a shared project key they differ between the
+# recording and the replay process, so keys see every token as the same value.
+_TOKEN = re.compile(r"redacted:[0-9a-f]+")
+
+
+def stable_hash(library: str, fields: Tree) -> str:
+    """A short, stable hex digest of ``fields`` (sorted-key canonical JSON) for ``library``."""
+    raw = _encode_sorted([library, fields])
+    if b"redacted:" in raw:
+        raw = _TOKEN.sub("redacted", raw.decode()).encode()
+    return library + ":" + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+@dataclass(slots=True)
+class Call:
+    """One dependency call as a shim sees it, in a form both modes agree on."""
+
+    library: str
+    request: Tree
+    identity: Tree
+    shape: Tree
+    label: str
+    _key: str | None = field(default=None, repr=False)
+    _shape_key: str | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = stable_hash(self.library, self.identity)
+        return self._key
+
+    @property
+    def shape_key(self) -> str:
+        if self._shape_key is None:
+            self._shape_key = stable_hash(self.library, self.shape)
+        return self._shape_key
+
+
+# --- HTTP: shared by httpx, requests and any other HTTP client shim --------------------------
+
+# Headers that change on every run or are added by tracing; never part of a key.
+VOLATILE_HEADERS = frozenset(
+    {
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-amzn-trace-id",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "b3",
+        "date",
+        "x-amz-date",
+        "authorization",
+        "user-agent",
+        "content-length",
+    }
+)
+
+
+def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
+    """``(scheme, host[:port], path, sorted query pairs)``; default ports dropped."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    if port is not None and not (
+        (parts.scheme == "http" and port == 80) or (parts.scheme == "https" and port == 443)
+    ):
+        host = f"{host}:{port}"
+    query = sorted(parse_qsl(parts.query, keep_blank_values=True))
+    return parts.scheme, host, parts.path or "/", query
+
+
+def http_call(
+    library: str,
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+) -> Call:
+    """The :class:`Call` of an HTTP request; headers are stored but do not enter the key."""
+    scheme, host, path, query = normalise_url(url)
+    method = method.upper()
+    request = {"method": method, "url": url, "headers": [list(h) for h in headers], "body": body}
+    identity = {
+        "method": method,
+        "scheme": scheme,
+        "host": host,
+        "path": path,
+        "query": [list(q) for q in query],
+        "body": hashlib.blake2b(body, digest_size=16).hexdigest() if body else "",
+    }
+    shape = {
+        "method": method,
+        "host": host,
+        "path": path,
+        "query_keys": sorted({k for k, _ in query}),
+    }
+    label = f"{method} {urlunsplit((scheme, host, path, urlsplit(url).query, ''))}"
+    return Call(library, request, identity, shape, label)
+
+
+def field_diff(recorded: Tree, live: Tree, path: str = "", limit: int = 8) -> list[str]:
+    """Human-readable differences between two request trees, at most ``limit`` lines."""
+    out: list[str] = []
+    _diff(recorded, live, path, out, limit)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _diff(a: Tree, b: Tree, path: str, out: list[str], limit: int) -> None:
+    if len(out) >= limit or a == b:
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(dict.fromkeys([*a, *b])):
+            _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}" if path else k, out, limit)
+        return
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _diff(x, y, f"{path}[{i}]", out, limit)
+        return
+    out.append(f"{path or '<value>'}: recorded {_short(a)}, now {_short(b)}")

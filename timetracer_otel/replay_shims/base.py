@@ -1,0 +1,337 @@
+"""What every shim shares: the mode switch, span attributes, miss policy, patching.
+
+A shim is installed once, beneath the OpenTelemetry instrumentation of its library, and reads
+the process-wide :data:`STATE` on every call, so record, replay and off switch without
+re-patching. Per call, a shim does::
+
+    call = keys.http_call("httpx", ...)           # canonical request, key, shape
+    action = decide(call)                         # Match (replay), LIVE or RECORD
+    if isinstance(action, Match): return rebuild(action.span)
+    if action is LIVE: return original(...)
+    with capture(call, SCOPE) as cap:             # RECORD: real call, payload onto the span
+        result = original(...)
+        cap.ok(response_tree)
+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+
+from timetracer_otel.cassette import SpanRecord
+from timetracer_otel.codec import Tree, from_tree, to_tree
+from timetracer_otel.config import Mode, OnMiss
+from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
+from timetracer_otel.index import Match, ReplayIndex
+from timetracer_otel.keys import Call
+from timetracer_otel.redaction import Redactor, default_redactor
+
+log = logging.getLogger("timetracer_otel")
+
+# Span attributes that carry payloads; the exporters move them into SpanRecord fields.
+ATTR_LIBRARY = "timetracer.library"
+ATTR_KEY = "timetracer.key"
+ATTR_SHAPE = "timetracer.shape"
+ATTR_LABEL = "timetracer.label"
+ATTR_REQUEST = "timetracer.request"
+ATTR_RESPONSE = "timetracer.response"
+ATTR_ERROR = "timetracer.error"
+ATTR_TRUNCATED = "timetracer.truncated"
+ATTR_REPLAY = "timetracer.replay"
+PAYLOAD_ATTRS = frozenset(
+    {ATTR_LIBRARY, ATTR_KEY, ATTR_SHAPE, ATTR_LABEL, ATTR_REQUEST, ATTR_RESPONSE, ATTR_ERROR,
+     ATTR_TRUNCATED}
+)
+
+# Payload attributes are msgpack bytes: the SDK keeps bytes values as they are (no string
+# truncation) and OTLP carries them as bytes_value, so raw bodies survive a Collector too.
+_pack = msgspec.msgpack.Encoder().encode
+
+
+@dataclass
+class State:
+    """The process-wide switch every shim reads on each call."""
+
+    mode: Mode = Mode.OFF
+    index: ReplayIndex | None = None
+    on_miss: OnMiss = OnMiss.ERROR
+    live: frozenset[str] = frozenset()
+    mock: frozenset[str] = frozenset()
+    max_payload_bytes: int = 16 * 1024 * 1024
+    redactor: Redactor = field(default_factory=default_redactor)
+    # Interactions recorded live during a replay (on_miss="record"), to append to a cassette.
+    appended: list[SpanRecord] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def is_live(self, library: str) -> bool:
+        return library in self.live or bool(self.mock and library not in self.mock)
+
+
+STATE = State()
+
+
+class Action(enum.Enum):
+    LIVE = "live"
+    RECORD = "record"
+
+
+LIVE = Action.LIVE
+RECORD = Action.RECORD
+
+
+def decide(call: Call) -> Match | Action:
+    """Record, replay (a :class:`Match`), or call live, for ``call`` under :data:`STATE`."""
+    st = STATE
+    if st.mode is Mode.RECORD:
+        return RECORD
+    if st.mode is not Mode.REPLAY or st.is_live(call.library):
+        return LIVE
+    if st.index is None:
+        raise ReplayMissError("Replay is on but no cassette is loaded.", library=call.library)
+    match = st.index.take(call)
+    if match is not None:
+        if match.span.truncated:
+            raise ReplayUnsupportedError(
+                f"The recorded response of {call.label} was larger than the payload limit and "
+                "was stored truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again."
+            )
+        _mark_replayed(match)
+        return match
+    if st.on_miss is OnMiss.ERROR:
+        raise ReplayMissError(st.index.miss_message(call), library=call.library, key=call.key)
+    st.index.miss_message(call)  # still counted in the report
+    return LIVE if st.on_miss is OnMiss.PASSTHROUGH else RECORD
+
+
+def _mark_replayed(match: Match) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(ATTR_REPLAY, "exact" if match.exact else "shape")
+
+
+# --- record side -----------------------------------------------------------------------------
+
+_tracer = trace.get_tracer("timetracer_otel")
+
+
+def _dependency_span(call: Call, scope: str) -> tuple[Span, bool]:
+    """The instrumentation's span for this call, or a span of our own when there is none."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        sc = getattr(span, "instrumentation_scope", None)
+        attrs = getattr(span, "attributes", None) or {}
+        if sc is not None and sc.name.startswith(scope) and ATTR_KEY not in attrs:
+            return span, False
+    return _tracer.start_span(call.label, kind=SpanKind.CLIENT), True
+
+
+class Capture:
+    """Puts one live call's request and outcome onto its span (and the replay log)."""
+
+    __slots__ = ("call", "own", "span", "start_ns")
+
+    def __init__(self, call: Call, span: Span, own: bool) -> None:
+        self.call = call
+        self.span = span
+        self.own = own
+        self.start_ns = time.time_ns()
+
+    def ok(self, response: Tree) -> None:
+        self._finish(ATTR_RESPONSE, response)
+
+    def fail(self, exc: BaseException, attrs: Tree = None) -> None:
+        self._finish(ATTR_ERROR, error_tree(exc, attrs))
+
+    def _finish(self, attr: str, tree: Tree) -> None:
+        payload = _pack(tree)
+        truncated = len(payload) > STATE.max_payload_bytes
+        if self.span.is_recording():
+            if truncated:
+                self.span.set_attribute(ATTR_TRUNCATED, True)
+            else:
+                self.span.set_attribute(attr, payload)
+        if STATE.mode is Mode.REPLAY:  # on_miss="record": keep it for the cassette
+            self._append(attr, None if truncated else tree, truncated)
+
+    def _append(self, attr: str, tree: Tree, truncated: bool) -> None:
+        ctx = self.span.get_span_context()
+        record = SpanRecord(
+            trace_id=f"{ctx.trace_id:032x}",
+            span_id=f"{ctx.span_id:016x}",
+            name=self.call.label,
+            kind="CLIENT",
+            start_ns=self.start_ns,
+            end_ns=time.time_ns(),
+            library=self.call.library,
+            key=self.call.key,
+            shape=self.call.shape_key,
+            label=self.call.label,
+            request=self.call.request,
+            response=tree if attr == ATTR_RESPONSE else None,
+            error=tree if attr == ATTR_ERROR else None,
+            truncated=truncated,
+        )
+        with STATE.lock:
+            STATE.appended.append(record)
+
+
+@contextlib.contextmanager
+def capture(call: Call, scope: str) -> Iterator[Capture]:
+    """Open (or reuse) the dependency span and set the request attributes on it."""
+    span, own = _dependency_span(call, scope)
+    if span.is_recording():
+        span.set_attributes(
+            {
+                ATTR_LIBRARY: call.library,
+                ATTR_KEY: call.key,
+                ATTR_SHAPE: call.shape_key,
+                ATTR_LABEL: call.label,
+                ATTR_REQUEST: _pack(call.request),
+            }
+        )
+    cap = Capture(call, span, own)
+    try:
+        yield cap
+    finally:
+        if own:
+            span.end()
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def error_tree(exc: BaseException, attrs: Tree = None) -> Tree:
+    """The recorded form of an exception: class path, message, args, shim-specific attrs."""
+    cls = type(exc)
+    try:
+        args = to_tree(exc.args)
+        _pack(args)
+    except Exception:
+        args = None
+    return {
+        "type": f"{cls.__module__}:{cls.__qualname__}",
+        "message": str(exc),
+        "args": args,
+        "attrs": attrs,
+    }
+
+
+def rebuild_error(tree: Tree, build: Callable[[type[BaseException], Tree], BaseException] | None = None) -> BaseException:
+    """Recreate the recorded exception with its own class.
+
+    ``build(cls, tree)`` lets a shim construct classes whose ``__init__`` needs more than the
+    args (a request object, a response); otherwise ``cls(*args)`` is tried, then a bare instance.
+    """
+    module, _, qualname = tree["type"].partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        cls: type[BaseException] = obj
+    except (ImportError, AttributeError):
+        return ReplayUnsupportedError(
+            f"The recorded error {tree['type']} cannot be rebuilt here ({tree['message']})."
+        )
+    if build is not None:
+        return build(cls, tree)
+    args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    try:
+        return cls(*args)
+    except Exception:
+        exc = cls.__new__(cls)
+        BaseException.__init__(exc, *args)
+        return exc
+
+
+# --- patching and the shim contract ----------------------------------------------------------
+
+
+def _is_wrapt_wrapper(obj: Any) -> bool:
+    return hasattr(obj, "__wrapped__") and hasattr(obj, "_self_wrapper")
+
+
+@dataclass
+class Patch:
+    """One replaced attribute, installed beneath an OTel wrapt wrapper when there is one."""
+
+    owner: Any
+    name: str
+    original: Any
+    replacement: Any
+    beneath: Any = None  # the wrapt wrapper we slid under, if any
+
+    @classmethod
+    def apply(cls, owner: Any, name: str, make: Callable[[Any], Any]) -> Patch:
+        current = owner.__dict__[name] if name in getattr(owner, "__dict__", {}) else getattr(owner, name)
+        if _is_wrapt_wrapper(current):
+            original = current.__wrapped__
+            replacement = make(original)
+            current.__wrapped__ = replacement
+            return cls(owner, name, original, replacement, beneath=current)
+        replacement = make(current)
+        setattr(owner, name, replacement)
+        return cls(owner, name, current, replacement)
+
+    def undo(self) -> None:
+        if self.beneath is not None:
+            if self.beneath.__wrapped__ is self.replacement:
+                self.beneath.__wrapped__ = self.original
+            return
+        if getattr(self.owner, self.name, None) is self.replacement:
+            setattr(self.owner, self.name, self.original)
+
+
+class Shim:
+    """One library's interception point. Subclasses set the class vars and ``patch()``."""
+
+    library: ClassVar[str]
+    requires: ClassVar[str]  # the module that must import for this shim to apply
+    scope: ClassVar[str]  # instrumentation scope name prefix of the library's spans
+    instrumentor: ClassVar[str | None] = None  # "module:Class" of the OTel instrumentor
+
+    def __init__(self) -> None:
+        self.patches: list[Patch] = []
+
+    def patch(self) -> None:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        if not self.patches:
+            self.patch()
+
+    def uninstall(self) -> None:
+        for p in reversed(self.patches):
+            p.undo()
+        self.patches.clear()
+
+    def wrap(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self.patches.append(Patch.apply(owner, name, make))
+
+    def instrument(self) -> None:
+        """Run the library's OTel instrumentor (after :meth:`install`), unless already done."""
+        if self.instrumentor is None:
+            return
+        module, _, cls_name = self.instrumentor.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except ImportError:
+            log.debug("no OpenTelemetry instrumentation for %s; timetracer spans only", self.library)
+            return
+        inst = cls()
+        if not inst.is_instrumented_by_opentelemetry:
+            inst.instrument(**self.instrument_kwargs())
+
+    def instrument_kwargs(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,176 @@
+"""httpx: ``HTTPTransport.handle_request`` and ``AsyncHTTPTransport.handle_async_request``.
+
+The OTel instrumentation wraps the same two methods; this shim sits beneath its wrapper, so
+its span is current. Record reads the raw response stream (chunk boundaries kept, content
+still encoded) and hands the client an equivalent in-memory stream; replay returns an
+``httpx.Response`` built from those bytes, or raises the recorded ``httpx`` exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from timetracer_otel.codec import Tree, as_bytes
+from timetracer_otel.config import Mode
+from timetracer_otel.keys import Call, http_call
+from timetracer_otel.replay_shims.base import (
+    LIVE,
+    STATE,
+    Match,
+    Shim,
+    capture,
+    decide,
+    rebuild_error,
+)
+
+SCOPE = "opentelemetry.instrumentation.httpx"
+PROPAGATION_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """The recorded body, yielded in the chunks the live server sent."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+def _call(request: httpx.Request) -> Call:
+    r = STATE.redactor
+    headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in request.headers.raw
+        if k.lower().decode("latin-1") not in PROPAGATION_HEADERS
+    ]
+    return http_call("httpx", request.method, r.url(str(request.url)), r.headers(headers), request.content)
+
+
+def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
+    ext = response.extensions
+    return {
+        "status": response.status_code,
+        "headers": [
+            [k, v]
+            for k, v in STATE.redactor.headers(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
+            )
+        ],
+        "chunks": chunks,
+        "http_version": ext.get("http_version", b"HTTP/1.1").decode("latin-1"),
+        "reason": ext.get("reason_phrase", b"").decode("latin-1"),
+    }
+
+
+def _error_attrs(exc: BaseException) -> Tree:
+    return None
+
+
+def _build_exc(request: httpx.Request) -> Any:
+    def build(cls: type[BaseException], tree: Tree) -> BaseException:
+        if issubclass(cls, httpx.RequestError):
+            return cls(tree["message"], request=request)
+        if issubclass(cls, httpx.HTTPError):
+            return cls(tree["message"])
+        try:
+            return cls(tree["message"])
+        except Exception:
+            exc = cls.__new__(cls)
+            BaseException.__init__(exc, tree["message"])
+            return exc
+
+    return build
+
+
+def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
+    span = match.span
+    if span.error is not None:
+        raise rebuild_error(span.error, _build_exc(request))
+    r = span.response
+    return httpx.Response(
+        status_code=r["status"],
+        headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
+        stream=_Chunks([as_bytes(c) for c in r["chunks"]]),
+        extensions={
+            "http_version": r["http_version"].encode("latin-1"),
+            "reason_phrase": r["reason"].encode("latin-1"),
+        },
+        request=request,
+    )
+
+
+def _sync_handler(original: Any) -> Any:
+    def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        if STATE.mode is Mode.OFF:
+            return original(self, request)  # type: ignore[no-any-return]
+        request.read()
+        call = _call(request)
+        action = decide(call)
+        if isinstance(action, Match):
+            return _replayed(action, request)
+        if action is LIVE:
+            return original(self, request)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                response: httpx.Response = original(self, request)
+                try:
+                    chunks = [bytes(c) for c in response.stream]
+                finally:
+                    response.stream.close()  # type: ignore[attr-defined]
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(exc))
+                raise
+            cap.ok(_response_tree(response, chunks))
+        response.stream = _Chunks(chunks)
+        return response
+
+    return handle_request
+
+
+def _async_handler(original: Any) -> Any:
+    async def handle_async_request(
+        self: httpx.AsyncHTTPTransport, request: httpx.Request
+    ) -> httpx.Response:
+        if STATE.mode is Mode.OFF:
+            return await original(self, request)  # type: ignore[no-any-return]
+        await request.aread()
+        call = _call(request)
+        action = decide(call)
+        if isinstance(action, Match):
+            return _replayed(action, request)
+        if action is LIVE:
+            return await original(self, request)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                response: httpx.Response = await original(self, request)
+                try:
+                    chunks = [bytes(c) async for c in response.stream]  # type: ignore[union-attr]
+                finally:
+                    await response.stream.aclose()  # type: ignore[union-attr]
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(exc))
+                raise
+            cap.ok(_response_tree(response, chunks))
+        response.stream = _Chunks(chunks)
+        return response
+
+    return handle_async_request
+
+
+class HttpxShim(Shim):
+    library = "httpx"
+    requires = "httpx"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"
+
+    def patch(self) -> None:
+        self.wrap(httpx.HTTPTransport, "handle_request", _sync_handler)
+        self.wrap(httpx.AsyncHTTPTransport, "handle_async_request", _async_handler)

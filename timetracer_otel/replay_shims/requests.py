@@ -1,0 +1,161 @@
+"""requests: ``HTTPAdapter.send``, beneath the instrumentation's ``Session.send`` patch.
+
+Record reads the urllib3 response's raw bytes (still content-encoded) and swaps in an
+equivalent in-memory urllib3 response, so requests decodes and extracts cookies as usual.
+Replay builds the same urllib3 response from the cassette and lets ``build_response`` make the
+``requests.Response``; recorded errors come back as their ``requests.exceptions`` class.
+"""
+
+from __future__ import annotations
+
+import io
+from http.client import HTTPMessage
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPResponse
+from urllib3._collections import HTTPHeaderDict
+
+from timetracer_otel.codec import Tree, as_bytes
+from timetracer_otel.config import Mode
+from timetracer_otel.keys import Call, http_call
+from timetracer_otel.replay_shims.base import (
+    LIVE,
+    STATE,
+    Match,
+    Shim,
+    capture,
+    decide,
+    rebuild_error,
+)
+
+SCOPE = "opentelemetry.instrumentation.requests"
+PROPAGATION_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+def _body(request: requests.PreparedRequest) -> bytes:
+    body = request.body
+    if body is None:
+        return b""
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    # A file or generator upload: read it once and send the bytes, so both modes see them.
+    data = body.read() if hasattr(body, "read") else b"".join(
+        c.encode() if isinstance(c, str) else c for c in body
+    )
+    data = data.encode() if isinstance(data, str) else data
+    request.body = data
+    request.headers.pop("Transfer-Encoding", None)
+    request.headers["Content-Length"] = str(len(data))
+    return data
+
+
+def _call(request: requests.PreparedRequest) -> Call:
+    r = STATE.redactor
+    headers = [(k, v if isinstance(v, str) else v.decode("latin-1"))
+               for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS]
+    return http_call(
+        "requests", request.method or "GET", r.url(request.url or ""), r.headers(headers), _body(request)
+    )
+
+
+def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str, str]], body: bytes,
+         request: requests.PreparedRequest) -> HTTPResponse:
+    hd = HTTPHeaderDict()
+    msg = HTTPMessage()
+    for k, v in headers:
+        hd.add(k, v)
+        msg[k] = v
+    raw = HTTPResponse(
+        body=io.BytesIO(body),
+        headers=hd,
+        status=status,
+        reason=reason,
+        version=version,
+        preload_content=False,
+        decode_content=True,
+        request_method=request.method,
+        request_url=request.url,
+    )
+    # requests extracts cookies from the http.client message behind the urllib3 response.
+    raw._original_response = _Original(msg)  # type: ignore[assignment]
+    return raw
+
+
+class _Original:
+    def __init__(self, msg: HTTPMessage) -> None:
+        self.msg = msg
+
+    def isclosed(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _build_exc(request: requests.PreparedRequest) -> Any:
+    def build(cls: type[BaseException], tree: Tree) -> BaseException:
+        if issubclass(cls, requests.RequestException):
+            return cls(tree["message"], request=request)
+        try:
+            return cls(tree["message"])
+        except Exception:
+            exc = cls.__new__(cls)
+            BaseException.__init__(exc, tree["message"])
+            return exc
+
+    return build
+
+
+def _handler(original: Any) -> Any:
+    def send(self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        if STATE.mode is Mode.OFF:
+            return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+        call = _call(request)
+        action = decide(call)
+        if isinstance(action, Match):
+            span = action.span
+            if span.error is not None:
+                raise rebuild_error(span.error, _build_exc(request))
+            r = span.response
+            raw = _raw(r["status"], r["reason"], r["version"], [tuple(h) for h in r["headers"]],
+                       as_bytes(r["body"]), request)
+            return self.build_response(request, raw)
+        if action is LIVE:
+            return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                response: requests.Response = original(self, request, *args, **kwargs)
+                live = response.raw
+                body = live.read(decode_content=False)
+                live.release_conn()
+            except Exception as exc:
+                cap.fail(exc)
+                raise
+            headers = list(live.headers.items())
+            cap.ok({
+                "status": live.status,
+                "reason": live.reason,
+                "version": live.version,
+                "headers": [list(h) for h in STATE.redactor.headers(headers)],
+                "body": body,
+            })
+        replacement = _raw(live.status, live.reason, live.version, headers, body, request)
+        replacement._original_response = live._original_response  # type: ignore[assignment]
+        response.raw = replacement
+        return response
+
+    return send
+
+
+class RequestsShim(Shim):
+    library = "requests"
+    requires = "requests"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.requests:RequestsInstrumentor"
+
+    def patch(self) -> None:
+        self.wrap(HTTPAdapter, "send", _handler)
