@@ -13,6 +13,7 @@ checksum, so a flipped byte is an error and never wrong data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -233,10 +234,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, p)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             raise CassetteError(f"cannot write {p} ({exc.strerror}).") from None
         raise

@@ -5,7 +5,6 @@ Exit codes: 0 ok; 1 differences or replay failures; 2 bad input (one line, no tr
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import os
 import shutil
@@ -81,8 +80,10 @@ def _exporter_list(current: str | None, add: str) -> str:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--dir", "directory", default=None, help="Where cassettes go (default ./cassettes or TIMETRACER_DIR).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Cassette encoding (default msgpack).")
+@click.option("--dir", "directory", default=None,
+              help="Where cassettes go (default ./cassettes or TIMETRACER_DIR).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Cassette encoding (default msgpack).")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
 @_user_errors
 def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None:
@@ -125,7 +126,8 @@ def _listing(directory: str) -> list[str]:
               help="What an unrecorded call does (default error).")
 @click.option("--strict", is_flag=True, help="Exact keys only: no shape matching.")
 @click.option("--live", default=None, help="Comma-separated libraries that stay live (hybrid replay).")
-@click.option("--asgi", "asgi_app", default=None, help="MODULE:APP to replay the recorded inbound request into.")
+@click.option("--asgi", "asgi_app", default=None,
+              help="MODULE:APP to replay the recorded inbound request into.")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @_user_errors
 def replay(
@@ -150,7 +152,7 @@ def replay(
     if source is None:
         raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi)")
     if asgi_app is not None:
-        from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,unused-ignore]
+        from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
     ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read
@@ -275,8 +277,31 @@ def convert(source: str, dest: str, fmt: str | None) -> None:
     click.echo(f"wrote {out}")
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@_user_errors
+def diff(a: str, b: str) -> None:
+    """Compare two cassettes of the same endpoint: request, response and dependency calls
+    (aligned by key). Exit 1 when they differ."""
+    from timetracer_otel.inbound import diff_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    sys.exit(diff_command(a, b))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:4318", show_default=True, help="HOST:PORT for OTLP/HTTP.")
+@click.option("--dir", "directory", default=None, help="Where cassettes go (local dir or s3://bucket/prefix).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Cassette encoding.")
+@click.option("--quiet-period", type=float, default=2.0, show_default=True,
+              help="Seconds without new spans before a rooted trace is written.")
+@_user_errors
+def collect(listen: str, directory: str | None, fmt: str | None, quiet_period: float) -> None:
+    """Receive OTLP/HTTP traces (from a Collector) and write the same cassettes in-process
+    recording writes."""
+    from timetracer_otel.exporters.otlp import collect_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    sys.exit(collect_command(listen, directory, fmt, quiet_period))
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def _tz_to_tree(tz: dt.tzinfo | None, ref: dt.datetime | None) -> Tree:
         return ["zoneinfo", tz.key]
     cls = type(tz)
     path = f"{cls.__module__}.{cls.__qualname__}"
-    offset = tz.utcoffset(ref)
-    if path == "bson.tz_util.FixedOffset" and offset is not None:
+    offset = tz.utcoffset(ref) or dt.timedelta(0)
+    if path == "bson.tz_util.FixedOffset":
         return ["bson", _td_to_list(offset), tz.tzname(ref)]
     zone = getattr(tz, "zone", None) or getattr(tz, "key", None)
     if isinstance(zone, str):
@@ -70,7 +70,7 @@ def _tz_to_tree(tz: dt.tzinfo | None, ref: dt.datetime | None) -> Tree:
         except Exception:
             pass
     # Unknown tzinfo class: keep the instant exactly, as a fixed offset.
-    return ["fixed", _td_to_list(offset or dt.timedelta(0)), tz.tzname(ref)]
+    return ["fixed", _td_to_list(offset), tz.tzname(ref)]
 
 
 def _tz_from_tree(tree: Tree) -> dt.tzinfo | None:
@@ -85,9 +85,9 @@ def _tz_from_tree(tree: Tree) -> dt.tzinfo | None:
     if kind == "zoneinfo":
         return ZoneInfo(tree[1])
     if kind == "bson":
-        from bson.tz_util import FixedOffset  # type: ignore[import-not-found]
+        from bson.tz_util import FixedOffset  # type: ignore[import-not-found,unused-ignore]
 
-        return FixedOffset(_td_from_list(tree[1]), tree[2])  # type: ignore[no-any-return]
+        return FixedOffset(_td_from_list(tree[1]), tree[2])  # type: ignore[no-any-return,unused-ignore]
     raise ReplayUnsupportedError(f"Unknown tzinfo kind {kind!r} in cassette; upgrade timetracer-otel.")
 
 
@@ -216,7 +216,7 @@ def _point(v: Any) -> list[float]:
 
 
 def _asyncpg_type(name: str) -> Any:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     return getattr(asyncpg, name)
 
@@ -255,7 +255,7 @@ _NAMED_ENCODERS: dict[str, _Encoder] = {
 
 
 def _bson(name: str) -> Any:
-    import bson
+    import bson  # type: ignore[import-not-found,unused-ignore]
 
     return getattr(bson, name)
 

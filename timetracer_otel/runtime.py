@@ -92,7 +92,12 @@ class _Activation:
     def __enter__(self) -> Any:
         raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
         raise NotImplementedError
 
     def __call__(self, fn: F) -> F:
@@ -211,7 +216,12 @@ class Replaying(_Activation):
             STATE.appended = []
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
         with _lock:
             self.appended = STATE.appended
             STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended = self._saved

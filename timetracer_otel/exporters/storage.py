@@ -46,7 +46,7 @@ def storage_for(location: str | Path) -> Storage:
     """The storage for a ``--dir`` / ``TIMETRACER_DIR`` value."""
     text = str(location)
     if text.startswith("s3://"):
-        from timetracer_otel.exporters.s3 import S3Storage  # type: ignore[import-not-found,unused-ignore]
+        from timetracer_otel.exporters.s3 import S3Storage  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         return S3Storage(text)  # type: ignore[no-any-return,unused-ignore]
     return LocalStorage(text)

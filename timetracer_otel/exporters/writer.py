@@ -7,7 +7,9 @@ the writer's own I/O is never traced. Failures are counted and logged, never rai
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import logging
 import os
@@ -60,10 +62,8 @@ def _libraries() -> dict[str, str]:
 
     out = {}
     for name in [*REGISTRY, "opentelemetry-sdk"]:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -173,7 +173,7 @@ class CassetteWriter:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
                 return
-            self._safely(lambda: self._add(item))
+            self._safely(functools.partial(self._add, item))
 
     def _drain_drops(self) -> None:
         with self._lock:

@@ -25,9 +25,8 @@ _installed: dict[str, Shim] = {}
 
 
 def _requires(path: str) -> str:
-    module, _, cls = path.partition(":")
-    # The library module name is the shim module's last component unless the class says otherwise.
-    return module.rsplit(".", 1)[-1]
+    # A shim module is named after the library it patches.
+    return path.partition(":")[0].rsplit(".", 1)[-1]
 
 
 def available(libraries: Iterable[str] | None = None) -> list[str]:

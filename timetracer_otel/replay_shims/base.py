@@ -228,7 +228,10 @@ def error_tree(exc: BaseException, attrs: Tree = None) -> Tree:
     }
 
 
-def rebuild_error(tree: Tree, build: Callable[[type[BaseException], Tree], BaseException] | None = None) -> BaseException:
+ErrorBuilder = Callable[[type[BaseException], Tree], BaseException]
+
+
+def rebuild_error(tree: Tree, build: ErrorBuilder | None = None) -> BaseException:
     """Recreate the recorded exception with its own class.
 
     ``build(cls, tree)`` lets a shim construct classes whose ``__init__`` needs more than the

@@ -15,11 +15,11 @@ import httpx
 
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
+from timetracer_otel.index import Match
 from timetracer_otel.keys import Call, http_call
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
-    Match,
     Shim,
     capture,
     decide,
@@ -121,10 +121,12 @@ def _sync_handler(original: Any) -> Any:
         with capture(call, SCOPE) as cap:
             try:
                 response: httpx.Response = original(self, request)
+                stream = response.stream
+                assert isinstance(stream, httpx.SyncByteStream)
                 try:
-                    chunks = [bytes(c) for c in response.stream]
+                    chunks = [bytes(c) for c in stream]
                 finally:
-                    response.stream.close()  # type: ignore[attr-defined]
+                    stream.close()
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
@@ -151,10 +153,12 @@ def _async_handler(original: Any) -> Any:
         with capture(call, SCOPE) as cap:
             try:
                 response: httpx.Response = await original(self, request)
+                astream = response.stream
+                assert isinstance(astream, httpx.AsyncByteStream)
                 try:
-                    chunks = [bytes(c) async for c in response.stream]  # type: ignore[union-attr]
+                    chunks = [bytes(c) async for c in astream]
                 finally:
-                    await response.stream.aclose()  # type: ignore[union-attr]
+                    await astream.aclose()
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise

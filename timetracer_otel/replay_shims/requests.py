@@ -19,11 +19,11 @@ from urllib3._collections import HTTPHeaderDict
 
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
+from timetracer_otel.index import Match
 from timetracer_otel.keys import Call, http_call
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
-    Match,
     Shim,
     capture,
     decide,
@@ -111,7 +111,9 @@ def _build_exc(request: requests.PreparedRequest) -> Any:
 
 
 def _handler(original: Any) -> Any:
-    def send(self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+    def send(
+        self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
         call = _call(request)
@@ -144,7 +146,7 @@ def _handler(original: Any) -> Any:
                 "body": body,
             })
         replacement = _raw(live.status, live.reason, live.version, headers, body, request)
-        replacement._original_response = live._original_response  # type: ignore[assignment]
+        replacement._original_response = live._original_response
         response.raw = replacement
         return response
 

@@ -1,0 +1,118 @@
+"""Fixtures shared by every test: real servers on 127.0.0.1 and a clean timetracer state."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from timetracer_otel.config import Mode
+from timetracer_otel.replay_shims.base import STATE
+
+
+class ServerThread:
+    """A real uvicorn server in a thread, on 127.0.0.1 and a free port."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.app = app
+        self.port = port or free_port()
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(10)
+        # Nothing listens on the port any more: replay tests prove they do not need it.
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", self.port)) != 0, f"{self.url} still answers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], ServerThread]]:
+    """``serve(app)`` starts a real uvicorn server; all are stopped at the end of the test."""
+    servers: list[ServerThread] = []
+
+    def start(app: Any, port: int | None = None) -> ServerThread:
+        server = ServerThread(app, port).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.thread is not None and server.thread.is_alive():
+            server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _timetracer_off() -> Iterator[None]:
+    """Every test starts and ends with the shims switched off."""
+    STATE.mode = Mode.OFF
+    STATE.index = None
+    yield
+    STATE.mode = Mode.OFF
+    STATE.index = None
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the machine's real server; dropped afterwards.
+
+    Yields its name; connect with ``postgresql://postgres@127.0.0.1:5432/<name>``.
+    """
+    import uuid
+
+    import psycopg
+
+    name = f"tt_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres", autocommit=True)
+    except psycopg.OperationalError as exc:  # fail, naming the service: never skip silently
+        pytest.fail(f"PostgreSQL is needed on {PG_HOST}:{PG_PORT} and is not reachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with psycopg.connect(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def unreachable_port() -> int:
+    """A loopback port where nothing listens: replay tests point their clients here."""
+    return free_port()

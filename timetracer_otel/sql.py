@@ -1,0 +1,95 @@
+"""SQL calls as keys: one canonical form shared by every SQL driver shim.
+
+The key is the statement (comments stripped, whitespace folded) plus typed parameters plus the
+database name; never the server host or port, since replay usually runs elsewhere. The shape
+drops the parameters and normalises names that drivers and ORMs generate from process
+counters (``__asyncpg_savepoint_3__``, ``__asyncpg_stmt_1a__``, ``sa_savepoint_2``, ``_pg3_0``)::
+
+    >>> call = sql_call("asyncpg", "SELECT * FROM users WHERE id = $1 /* traceparent='00-..' */",
+    ...                 (42,), database="app")
+    >>> call.identity["statement"]
+    'SELECT * FROM users WHERE id = $1'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from timetracer_otel.codec import to_tree
+from timetracer_otel.keys import Call
+
+# One pass over string literals, quoted identifiers and comments: only comments are cut.
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?\*/|--[^\n]*", re.S)
+_SPACE = re.compile(r"\s+")
+# Names a driver or ORM makes from a process counter; they differ between runs.
+_GENERATED = [
+    (re.compile(r"__asyncpg_(savepoint|stmt|cursor)_[0-9a-f_]+__"), r"__asyncpg_\1_N__"),
+    (re.compile(r"\bsa_savepoint_\d+\b"), "sa_savepoint_N"),
+    (re.compile(r"\b_pg3_\d+\b"), "_pg3_N"),
+    (re.compile(r"\b(savepoint|SAVEPOINT)\s+(\"?)([A-Za-z_]+?)_?\d+\2"), r"\1 \2\3_N\2"),
+]
+
+
+def _strip_comments(statement: str) -> str:
+    return _TOKENS.sub(lambda m: " " if m.group(0)[0] in "/-" else m.group(0), statement)
+
+
+def normalise_statement(statement: str | bytes) -> str:
+    """The statement as a key sees it: comments (sqlcommenter's traceparent too) removed,
+    whitespace folded, a trailing semicolon dropped."""
+    if isinstance(statement, bytes):
+        statement = statement.decode("utf-8", "replace")
+    text = _SPACE.sub(" ", _strip_comments(statement)).strip()
+    return text[:-1].rstrip() if text.endswith(";") else text
+
+
+def statement_shape(statement: str) -> str:
+    """The normalised statement with driver-generated names replaced by ``_N``."""
+    for pattern, repl in _GENERATED:
+        statement = pattern.sub(repl, statement)
+    return statement
+
+
+def sql_call(
+    library: str,
+    statement: str | bytes,
+    params: Any = None,
+    *,
+    database: str | None = None,
+    operation: str = "execute",
+    extra: dict[str, Any] | None = None,
+    redact_params: Iterable[int] = (),
+) -> Call:
+    """The :class:`Call` of one SQL statement.
+
+    ``operation`` separates calls whose results differ in form (``fetch`` vs ``execute`` vs
+    ``executemany``); ``extra`` adds identifying fields (a cursor name, a row format).
+    ``redact_params`` lists parameter positions replaced by their redaction token.
+    """
+    from timetracer_otel.replay_shims.base import STATE
+
+    text = normalise_statement(statement)
+    tree = to_tree(params) if params is not None else None
+    positions = set(redact_params)
+    if positions and isinstance(tree, list | dict):
+        tree = _redact(tree, positions, STATE.redactor.token)
+    identity: dict[str, Any] = {
+        "db": database,
+        "op": operation,
+        "statement": text,
+        "params": tree,
+        **(extra or {}),
+    }
+    shape = {"db": database, "op": operation, "statement": statement_shape(text), **(extra or {})}
+    label = f"{operation} {text if len(text) <= 120 else text[:117] + '...'}"
+    return Call(library, identity, identity, shape, label)
+
+
+def _redact(tree: Any, positions: set[int], token: Any) -> Any:
+    if isinstance(tree, dict) and "$tuple" in tree:
+        return {"$tuple": _redact(tree["$tuple"], positions, token)}
+    if isinstance(tree, list):
+        return [token(repr(v)) if i in positions else v for i, v in enumerate(tree)]
+    return tree
