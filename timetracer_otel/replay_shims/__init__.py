@@ -15,29 +15,35 @@ from timetracer_otel.replay_shims.base import Shim
 
 log = logging.getLogger("timetracer_otel")
 
-# library name -> "module:ShimClass". Adding a library is one new file and one line here.
-REGISTRY: dict[str, str] = {
-    "httpx": "timetracer_otel.replay_shims.httpx:HttpxShim",
-    "requests": "timetracer_otel.replay_shims.requests:RequestsShim",
+# library name -> (module that must be importable, "shim module:ShimClass").
+# Adding a library is one new file and one line here.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "httpx": ("httpx", "timetracer_otel.replay_shims.httpx:HttpxShim"),
+    "requests": ("requests", "timetracer_otel.replay_shims.requests:RequestsShim"),
+    "asyncpg": ("asyncpg", "timetracer_otel.replay_shims.asyncpg:AsyncpgShim"),
+    "psycopg": ("psycopg", "timetracer_otel.replay_shims.psycopg:PsycopgShim"),
+    "asgi": ("opentelemetry.instrumentation.asgi", "timetracer_otel.replay_shims.asgi:AsgiShim"),
 }
 
 _installed: dict[str, Shim] = {}
 
 
-def _requires(path: str) -> str:
-    # A shim module is named after the library it patches.
-    return path.partition(":")[0].rsplit(".", 1)[-1]
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def available(libraries: Iterable[str] | None = None) -> list[str]:
     """The registered libraries (optionally only ``libraries``) that are importable here."""
     names = list(REGISTRY) if libraries is None else [n for n in libraries if n in REGISTRY]
-    return [n for n in names if importlib.util.find_spec(_requires(REGISTRY[n])) is not None]
+    return [n for n in names if _importable(REGISTRY[n][0])]
 
 
 def load(library: str) -> Shim:
     if library not in _installed:
-        module, _, cls = REGISTRY[library].partition(":")
+        module, _, cls = REGISTRY[library][1].partition(":")
         _installed[library] = getattr(importlib.import_module(module), cls)()
     return _installed[library]
 
