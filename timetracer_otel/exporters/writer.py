@@ -35,6 +35,7 @@ log = logging.getLogger("timetracer_otel")
 
 _FLUSH = object()
 _STOP = object()
+_IDLE = object()
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -42,7 +43,8 @@ def cassette_name(batch: TraceBatch) -> str:
     """``POST /orders/{id}`` → ``POST__orders_id``; the process batch → the script's name."""
     root = batch.root
     if root is None:
-        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "process"
+        argv0 = sys.argv[0] if sys.argv else ""
+        script = os.path.basename(argv0) if argv0 not in ("", "-", "-c") else "process"
         return _SAFE.sub("_", script.removesuffix(".py")).strip("_") or "process"
     a = root.attributes
     method = a.get("http.request.method") or a.get("http.method")
@@ -169,6 +171,9 @@ class CassetteWriter:
                     self._safely(self.assembler.flush_process)
                 item[1].set()
                 continue
+            if item is _IDLE:
+                self._safely(self.assembler.flush_idle)
+                continue
             if item is _STOP:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
@@ -241,6 +246,11 @@ class CassetteWriter:
         done = threading.Event()
         self._queue.put((_FLUSH, done, process))
         return done.wait(timeout)
+
+    def flush_idle(self) -> None:
+        """Ask the writer thread to close rooted traces quiet for ``quiet_ns`` (collector path)."""
+        if self._thread is not None and not self._closed:
+            self._queue.put(_IDLE)
 
     def _pending(self) -> bool:
         return bool(self.assembler.process.spans)

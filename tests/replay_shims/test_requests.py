@@ -1,0 +1,74 @@
+"""requests: record against a real upstream, replay identical responses and errors offline."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+import timetracer_otel
+from tests.conftest import unreachable_port
+from tests.upstream_app import app
+
+
+def snapshot(r: requests.Response) -> dict[str, Any]:
+    return {
+        "type": type(r),
+        "status": r.status_code,
+        "reason": r.reason,
+        "headers": {k: v for k, v in r.headers.items() if k.lower() != "set-cookie"},
+        "content": r.content,
+        "cookie_names": sorted(r.cookies.keys()),
+        "url": r.url,
+    }
+
+
+def test_responses_replay_identically_with_the_server_stopped(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+
+    def job() -> list[Any]:
+        with requests.Session() as s:
+            out = [snapshot(s.get(f"{server.url}/items", params={"page": p})) for p in (1, 2, 1)]
+            out.append(snapshot(s.post(f"{server.url}/echo", data=b"\x00\x01payload")))
+            out.append(snapshot(s.put(f"{server.url}/echo", data=io.BytesIO(b"from a file"))))
+            out.append(snapshot(s.get(f"{server.url}/blob")))
+            out.append(snapshot(s.get(f"{server.url}/multi")))
+            out.append(s.get(f"{server.url}/gzip").json())
+            streamed = s.get(f"{server.url}/stream", stream=True)
+            out.append(b"".join(streamed.iter_content(chunk_size=3)))
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    server.stop()
+    with timetracer_otel.replay(rec.paths) as rep:
+        replayed = job()
+    assert replayed == live
+    assert live[0]["content"] != live[2]["content"]  # same request twice, answered in order
+    assert live[3]["content"] == b"daolyap\x01\x00" and type(live[3]["content"]) is bytes
+    assert live[6]["cookie_names"] == ["session"]
+    assert rep.report.exact == 9
+
+
+@pytest.mark.parametrize("kind", ["connect", "timeout"])
+def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path, kind: str) -> None:
+    server = serve(app)
+    url = f"http://127.0.0.1:{unreachable_port()}/x" if kind == "connect" else f"{server.url}/slow"
+    expected = requests.ConnectionError if kind == "connect" else requests.ReadTimeout
+
+    def job() -> BaseException:
+        with pytest.raises(requests.RequestException) as info:
+            requests.get(url, timeout=0.3)
+        return info.value
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    server.stop()
+    with timetracer_otel.replay(rec.paths):
+        replayed = job()
+    assert type(live) is expected and type(replayed) is expected
+    assert str(replayed) == str(live)
+    assert replayed.request is not None and replayed.request.url == url

@@ -1,0 +1,133 @@
+"""One schema, two encodings; the loader sniffs content, rejects bad files with one line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from timetracer_otel.cassette import (
+    VERSION,
+    Cassette,
+    SpanRecord,
+    dumps,
+    find_cassettes,
+    load_cassette,
+    loads,
+    save_cassette,
+)
+from timetracer_otel.codec import from_tree, to_tree
+from timetracer_otel.errors import CassetteError
+
+
+def sample() -> Cassette:
+    span = SpanRecord(
+        trace_id="a" * 32,
+        span_id="b" * 16,
+        name="GET",
+        kind="CLIENT",
+        start_ns=1,
+        end_ns=5,
+        library="httpx",
+        key="httpx:abc",
+        shape="httpx:def",
+        label="GET http://x/",
+        request={"method": "GET", "body": b"\x00\x01"},
+        response={"value": to_tree((Decimal("1.5"), dt.date(2026, 1, 2)))},
+        attributes={"http.method": "GET", "list": [1, 2]},
+    )
+    return Cassette(id="c1", name="test", created="2026-11-26T00:00:00+00:00", spans=[span])
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_both_encodings_round_trip_and_are_sniffed_by_content(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "no-suffix"
+    save_cassette(sample(), path, fmt)  # type: ignore[arg-type]
+    loaded = load_cassette(path)
+    span = loaded.spans[0]
+    assert loaded.version == VERSION and loaded.checksum is not None
+    assert from_tree(span.response["value"]) == (Decimal("1.5"), dt.date(2026, 1, 2))
+    assert type(from_tree(span.response["value"])) is tuple
+    body = span.request["body"]
+    # msgpack keeps bytes; JSON carries base64 text that the shims read back with as_bytes.
+    assert body == b"\x00\x01" if fmt == "msgpack" else body == "AAE="
+    first = path.read_bytes()[0]
+    assert first == ord("{") if fmt == "json" else (0x80 <= first <= 0x8F or first in (0xDE, 0xDF))
+
+
+def test_json_and_msgpack_of_one_cassette_share_a_checksum() -> None:
+    c = sample()
+    a = msgspec.json.decode(dumps(c, "json"))["checksum"]
+    b = msgspec.msgpack.decode(dumps(c, "msgpack"))["checksum"]
+    assert a == b and a.startswith("sha256:")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_a_flipped_byte_in_a_payload_is_a_checksum_error(fmt: str) -> None:
+    data = bytearray(dumps(sample(), fmt))  # type: ignore[arg-type]
+    needle = b"GET http://x/"
+    at = data.index(needle)
+    data[at] = ord("P")
+    with pytest.raises(CassetteError, match="checksum"):
+        loads(bytes(data), "x.cassette")
+
+
+def test_future_version_is_named() -> None:
+    raw = msgspec.json.decode(dumps(sample(), "json"))
+    raw["version"] = VERSION + 1
+    with pytest.raises(CassetteError, match=rf"version {VERSION + 1}.*upgrade timetracer-otel"):
+        loads(msgspec.json.encode(raw), "future.json")
+
+
+def test_future_version_with_an_unknown_shape_is_still_a_version_error() -> None:
+    data = msgspec.json.encode({"version": 99, "spans": "a new layout"})
+    with pytest.raises(CassetteError, match="version 99"):
+        loads(data, "future.json")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"garbage", b"{not json", b"\x81\xa7version", b"\x93\x01\x02\x03", b'{"version": 1}'],
+)
+def test_corrupt_input_is_one_line(data: bytes) -> None:
+    with pytest.raises(CassetteError) as info:
+        loads(data, "bad.msgpack")
+    message = str(info.value)
+    assert "bad.msgpack" in message and "\n" not in message
+
+
+def test_missing_file_and_directory_errors(tmp_path: Path) -> None:
+    with pytest.raises(CassetteError, match="no such cassette"):
+        load_cassette(tmp_path / "nope.msgpack")
+    with pytest.raises(CassetteError, match="is a directory"):
+        load_cassette(tmp_path)
+    with pytest.raises(CassetteError, match="no such cassette or directory"):
+        find_cassettes(tmp_path / "nope")
+
+
+def test_atomic_write_leaves_old_file_or_new_never_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.msgpack"
+    save_cassette(sample(), path)
+    before = path.read_bytes()
+
+    def boom(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    bigger = sample()
+    bigger.spans[0].label = "changed"
+    with pytest.raises(CassetteError, match="No space left"):
+        save_cassette(bigger, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.msgpack"]  # no temp file left behind
+
+
+def test_unwritable_directory_is_a_cassette_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CassetteError, match="cannot write"):
+        save_cassette(sample(), blocker / "sub" / "c.msgpack")

@@ -1,0 +1,196 @@
+"""The typed codec round-trips values with type identity, through msgpack and JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import ipaddress
+import math
+import uuid
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from timetracer_otel.codec import from_tree, to_tree
+from timetracer_otel.errors import ReplayUnsupportedError
+
+
+def through(value: Any, fmt: str) -> Any:
+    tree = to_tree(value)
+    if fmt == "json":
+        data = msgspec.json.encode(tree)
+        back = msgspec.json.decode(data)
+    else:
+        back = msgspec.msgpack.decode(msgspec.msgpack.encode(tree))
+    return from_tree(back)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal value AND equal type, recursively (NaN equals NaN; tzinfo compared by kind)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    if isinstance(a, dt.datetime | dt.time):
+        return a == b and a.fold == b.fold and same_tz(a.tzinfo, b.tzinfo) and (
+            a.replace(tzinfo=None) == b.replace(tzinfo=None)
+        )
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(k in b and same(v, b[k]) for k, v in a.items()) and all(
+            type(k1) is type(k2) for k1, k2 in zip(a, b, strict=True)
+        )
+    return bool(a == b)
+
+
+def same_tz(a: dt.tzinfo | None, b: dt.tzinfo | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if type(a) is not type(b):
+        return False
+    if a is dt.timezone.utc or b is dt.timezone.utc:
+        return a is b
+    if isinstance(a, ZoneInfo):
+        return a.key == b.key  # type: ignore[attr-defined]
+    return a.utcoffset(None) == b.utcoffset(None) and a.tzname(None) == b.tzname(None)
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = 2
+
+
+ZONES = [ZoneInfo("UTC"), ZoneInfo("Europe/Paris"), ZoneInfo("America/New_York")]
+tzinfos = st.one_of(
+    st.none(),
+    st.just(dt.timezone.utc),
+    st.sampled_from(ZONES),
+    st.builds(
+        lambda minutes, name: (
+            dt.timezone(dt.timedelta(minutes=minutes), name)
+            if name is not None
+            else dt.timezone(dt.timedelta(minutes=minutes))
+        ),
+        st.integers(-23 * 60, 23 * 60).filter(lambda m: m != 0),
+        st.one_of(st.none(), st.text(min_size=1, max_size=5)),
+    ),
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**64, max_value=2**200),
+    st.integers(min_value=-(2**200), max_value=-(2**63) - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(),
+    st.binary(),
+    st.binary().map(bytearray),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.sampled_from([Decimal("NaN"), Decimal("-0"), Decimal("sNaN"), Decimal("1E+400")]),
+    st.datetimes(timezones=tzinfos, allow_imaginary=False),
+    st.dates(),
+    st.times(timezones=st.one_of(st.none(), st.just(dt.timezone.utc))),
+    st.timedeltas(),
+    st.uuids(),
+    st.ip_addresses(),
+    st.sampled_from(
+        [
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("2001:db8::/32"),
+            ipaddress.ip_interface("192.168.1.5/24"),
+        ]
+    ),
+    st.sampled_from(list(Color)),
+)
+
+hashable = st.one_of(st.integers(), st.text(), st.uuids(), st.dates(), st.booleans())
+
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=8), children, max_size=4),
+        st.dictionaries(hashable, children, max_size=4),
+        st.sets(hashable, max_size=4),
+        st.frozensets(hashable, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=values)
+def test_round_trip_keeps_value_and_type(fmt: str, value: Any) -> None:
+    back = through(value, fmt)
+    assert same(value, back), (value, back)
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_timezone_kinds_stay_distinct(fmt: str) -> None:
+    utc = dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc)
+    zone = dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=ZoneInfo("UTC"))
+    fixed = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30)))
+    assert through(utc, fmt).tzinfo is dt.timezone.utc
+    assert through(zone, fmt).tzinfo == ZoneInfo("UTC")
+    assert type(through(zone, fmt).tzinfo) is ZoneInfo
+    assert through(fixed, fmt).utcoffset() == dt.timedelta(hours=5, minutes=30)
+    naive = dt.datetime(2026, 1, 2)
+    assert through(naive, fmt).tzinfo is None
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_named_cases(fmt: str) -> None:
+    cases: list[Any] = [
+        (1, 2),
+        [1, 2],
+        {1: "int key", "1": "str key"},
+        {"$tuple": "a dict that looks like a tag"},
+        Decimal("NaN"),
+        float("-inf"),
+        2**100,
+        uuid.UUID(int=7),
+        b"\x00\xff",
+        frozenset({1, 2}),
+        dt.timedelta(days=-1, microseconds=3),
+    ]
+    for value in cases:
+        back = through(value, fmt)
+        assert same(value, back), (value, back)
+
+
+def test_unknown_type_is_stored_and_refuses_to_replay_clearly() -> None:
+    class Opaque:
+        pass
+
+    tree = to_tree(Opaque())
+    with pytest.raises(ReplayUnsupportedError, match=r"Opaque.*codec\.register"):
+        from_tree(tree)
+
+
+def test_asyncpg_types_round_trip() -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    values = [
+        asyncpg.Range(1, 10, lower_inc=True, upper_inc=False),
+        asyncpg.Range(empty=True),
+        asyncpg.Point(1.5, -2.0),
+        asyncpg.Box(asyncpg.Point(2, 2), asyncpg.Point(0, 0)),
+        asyncpg.Circle(asyncpg.Point(0, 0), 3.0),
+        asyncpg.Path(asyncpg.Point(0, 0), asyncpg.Point(1, 1), is_closed=True),
+        asyncpg.Polygon(asyncpg.Point(0, 0), asyncpg.Point(1, 0), asyncpg.Point(0, 1)),
+        asyncpg.BitString("10110"),
+    ]
+    for value in values:
+        for fmt in ("msgpack", "json"):
+            back = through(value, fmt)
+            assert type(back) is type(value) and back == value, (value, back)

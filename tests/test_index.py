@@ -1,0 +1,126 @@
+"""ReplayIndex: FIFO per key, the shape ladder, strict mode, miss messages, the report."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from timetracer_otel.cassette import Cassette, SpanRecord
+from timetracer_otel.index import ReplayIndex
+from timetracer_otel.keys import Call, http_call
+from timetracer_otel.sql import sql_call
+
+
+def recorded(call: Call, response: object, start: int) -> SpanRecord:
+    return SpanRecord(
+        trace_id="t" * 32, span_id=f"{start:016x}", name=call.label, start_ns=start, end_ns=start + 1,
+        library=call.library, key=call.key, shape=call.shape_key, label=call.label,
+        request=call.request, response=response,
+    )
+
+
+def index_of(*spans: SpanRecord, strict: bool = False) -> ReplayIndex:
+    cassette = Cassette(id="x", name="x", created="2026-01-01", spans=list(spans))
+    return ReplayIndex([("x.msgpack", cassette)], strict=strict)
+
+
+def count_query(db: str = "app") -> Call:
+    return sql_call("asyncpg", "SELECT count(*) FROM users", None, database=db, operation="fetchval")
+
+
+def test_identical_calls_replay_in_recorded_order() -> None:
+    # Recorded out of list order: start times decide, as the live run saw them.
+    idx = index_of(recorded(count_query(), 1, start=20), recorded(count_query(), 0, start=10))
+    first, second = idx.take(count_query()), idx.take(count_query())
+    assert first is not None and second is not None
+    assert (first.span.response, second.span.response) == (0, 1)
+    assert first.exact and second.exact
+    assert idx.take(count_query()) is None
+
+
+def test_database_name_counts_but_host_does_not() -> None:
+    idx = index_of(recorded(count_query("app"), 0, 1))
+    assert idx.take(count_query("other")) is None
+    a = http_call("httpx", "GET", "http://127.0.0.1:1/x?b=2&a=1", [], b"")
+    b = http_call("httpx", "GET", "http://127.0.0.1:1/x?a=1&b=2", [("traceparent", "00-1")], b"")
+    assert a.key == b.key  # query order and headers do not count for HTTP
+
+
+def test_shape_match_takes_next_unused_and_is_reported() -> None:
+    live_call = http_call("httpx", "GET", "http://api/users?id=1&salt=abc", [], b"")
+    idx = index_of(recorded(live_call, "one", 1))
+    replay_call = http_call("httpx", "GET", "http://api/users?id=1&salt=xyz", [], b"")
+    match = idx.take(replay_call)
+    assert match is not None and not match.exact and match.span.response == "one"
+    report = idx.report()
+    assert report.exact == 0 and len(report.shape_matches) == 1
+    assert any("salt" in line or "url" in line for line in report.shape_matches[0].diff)
+
+
+def test_strict_mode_turns_shape_matching_off() -> None:
+    idx = index_of(recorded(http_call("httpx", "GET", "http://api/u?s=1", [], b""), "x", 1), strict=True)
+    assert idx.take(http_call("httpx", "GET", "http://api/u?s=2", [], b"")) is None
+
+
+def test_exact_match_is_not_stolen_by_an_earlier_shape_match() -> None:
+    a = sql_call("psycopg", "INSERT INTO t VALUES (%s)", (1,), database="d")
+    b = sql_call("psycopg", "INSERT INTO t VALUES (%s)", (2,), database="d")
+    idx = index_of(recorded(a, "A", 1), recorded(b, "B", 2))
+    got_b = idx.take(b)
+    got_a = idx.take(a)
+    assert got_b is not None and got_a is not None
+    assert (got_b.span.response, got_a.span.response) == ("B", "A")
+    assert idx.take(a) is None  # each interaction is used once, whichever queue reached it
+
+
+def test_miss_message_names_call_cassette_and_closest_candidates() -> None:
+    rec = sql_call("asyncpg", "SELECT name FROM users WHERE id = $1", (1,), database="app")
+    idx = index_of(recorded(rec, [], 1))
+    live = sql_call("asyncpg", "SELECT email FROM users WHERE id = $1", (1,), database="app")
+    assert idx.take(live) is None
+    msg = idx.miss_message(live)
+    assert "SELECT email FROM users" in msg and "x.msgpack" in msg
+    assert "SELECT name FROM users" in msg and "statement: recorded" in msg
+    assert idx.report().misses == [live.label]
+
+
+def test_unused_interactions_are_reported() -> None:
+    idx = index_of(recorded(count_query(), 0, 1), recorded(count_query("b"), 0, 2))
+    idx.take(count_query())
+    report = idx.report()
+    assert [label for label, _ in report.unused] == [count_query("b").label]
+    assert "1 recorded but unused" in report.summary()
+
+
+def test_concurrent_takes_hand_out_each_interaction_once() -> None:
+    spans = [recorded(count_query(), i, start=i) for i in range(2000)]
+    idx = index_of(*spans)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while (m := idx.take(count_query())) is not None:
+            with lock:
+                got.append(m.span.response)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(2000))
+
+
+@pytest.mark.parametrize(
+    ("statement", "shape"),
+    [
+        ("SAVEPOINT __asyncpg_savepoint_17__", "SAVEPOINT __asyncpg_savepoint_N__"),
+        ("RELEASE SAVEPOINT sa_savepoint_3", "RELEASE SAVEPOINT sa_savepoint_N"),
+        ("SELECT 1 /* traceparent='00-a-b-01' */", "SELECT 1"),
+        ("SELECT '--keep' -- drop\n", "SELECT '--keep'"),
+    ],
+)
+def test_sql_shapes_normalise_driver_names_and_comments(statement: str, shape: str) -> None:
+    call = sql_call("asyncpg", statement, None, database="d")
+    assert call.shape["statement"] == shape
