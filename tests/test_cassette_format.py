@@ -109,7 +109,9 @@ def test_missing_file_and_directory_errors(tmp_path: Path) -> None:
         find_cassettes(tmp_path / "nope")
 
 
-def test_atomic_write_leaves_old_file_or_new_never_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_leaves_old_file_or_new_never_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "c.msgpack"
     save_cassette(sample(), path)
     before = path.read_bytes()
