@@ -27,6 +27,7 @@ _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 # Redaction tokens carry a keyed hash; without a shared project key they differ between the
 # recording and the replay process, so keys see every token as the same value.
 _TOKEN = re.compile(r"redacted:[0-9a-f]+")
+_TOKEN_BYTES = re.compile(rb"redacted:[0-9a-f]+")
 
 
 def stable_hash(library: str, fields: Tree) -> str:
@@ -98,6 +99,12 @@ def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
     return parts.scheme, host, parts.path or "/", query
 
 
+def _body_digest(body: bytes) -> str:
+    if b"redacted:" in body:
+        body = _TOKEN_BYTES.sub(b"redacted", body)
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
 def http_call(
     library: str,
     method: str,
@@ -106,6 +113,11 @@ def http_call(
     body: bytes,
 ) -> Call:
     """The :class:`Call` of an HTTP request; headers are stored but do not enter the key."""
+    from timetracer_otel.replay_shims.base import STATE
+
+    # Configured JSON fields / form parameters in the body become tokens before the body is
+    # stored or hashed; the hash folds tokens, so a per-process redaction key still matches.
+    body = STATE.redactor.body(headers, body)
     scheme, host, path, query = normalise_url(url)
     method = method.upper()
     request = {"method": method, "url": url, "headers": [list(h) for h in headers], "body": body}
@@ -115,7 +127,7 @@ def http_call(
         "host": host,
         "path": path,
         "query": [list(q) for q in query],
-        "body": hashlib.blake2b(body, digest_size=16).hexdigest() if body else "",
+        "body": _body_digest(body) if body else "",
     }
     shape = {
         "method": method,

@@ -1,23 +1,44 @@
 """Redaction at capture: secrets become keyed-hash tokens before they reach a span or disk.
 
-Names match exactly or by glob (``x-*-token``), never by substring. A redacted value becomes
-``redacted:<hmac>``: with ``TIMETRACER_REDACTION_KEY`` set, equal secrets give equal tokens
-across runs; without it the key is random per process (equal within one recording)::
+Names match exactly or by glob (``x-*-token``), case-insensitively, never by substring: a rule
+for ``age`` leaves ``message`` alone. A redacted value becomes ``redacted:<16 hex>``, an HMAC
+of the value: with ``TIMETRACER_REDACTION_KEY`` set, equal secrets give equal tokens across
+runs; without it the key is random per process (equal within one recording)::
 
-    >>> r = Redactor()
+    >>> r = Redactor(json_paths=["user.ssn"], sql=["$2"])
     >>> r.headers([("Authorization", "Bearer abc"), ("Accept", "*/*")])
     [('Authorization', 'redacted:...'), ('Accept', '*/*')]
+
+Only the stored copy is redacted: the application always sends and receives the real values
+while recording. On replay, a response field that was redacted comes back as its token.
+
+Rules come from the API (:func:`configure`), from ``TIMETRACER_REDACT`` (comma-separated
+``kind:name`` rules: ``header:x-session,query:sid,json:user.ssn,json:**.card,sql:$2,mongo:ssn``)
+and from the TOML or JSON file named by ``TIMETRACER_REDACT_FILE``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import hmac
+import json
 import os
+import re
 import secrets
-from collections.abc import Iterable
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import tomllib
+
+from timetracer_otel.errors import ConfigError
 
 SECRET_HEADERS = (
     "authorization",
@@ -28,6 +49,7 @@ SECRET_HEADERS = (
     "api-key",
     "x-auth-token",
     "x-amz-security-token",
+    "x-amz-content-sha256",
     "x-csrf-token",
     "x-xsrf-token",
 )
@@ -49,44 +71,233 @@ SECRET_PARAMS = (
     "x-amz-security-token",
     "sig",
 )
+# Keys redacted at any depth of a JSON body (and of Mongo documents): exact names only.
+SECRET_FIELDS = (
+    "password",
+    "passwd",
+    "client_secret",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "api_key",
+    "apikey",
+    "private_key",
+    "secretstring",  # AWS Secrets Manager GetSecretValue
+    "secretbinary",
+)
 
+TOKEN_PREFIX = "redacted:"
+_TOKEN_RE = re.compile(r"redacted:[0-9a-f]{16}")
+_GLOB_CHARS = "*?["
+# Values shorter than this are not scrubbed from free text: "1" or "yes" would hit too much.
+_MIN_SCRUB_LEN = 6
+_SEEN_LIMIT = 512
+# scheme://user:password@host in free text (error messages, log lines).
+_URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@\s'\"]+)(?=@)")
+# libpq key=value DSNs: password=secret or password='secret'.
+_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s'\"]+)", re.I)
 
 class _NameSet:
-    """Exact names in a set (O(1)), glob patterns checked one by one."""
+    """Exact names in a set (O(1)), glob patterns checked one by one; case-insensitive."""
 
     def __init__(self, names: Iterable[str]) -> None:
-        names = [n.lower() for n in names]
-        self.exact = frozenset(n for n in names if not any(c in n for c in "*?["))
-        self.globs = tuple(n for n in names if n not in self.exact)
+        lowered = [n.lower() for n in names]
+        self.exact = frozenset(n for n in lowered if not any(c in n for c in _GLOB_CHARS))
+        self.globs = tuple(dict.fromkeys(n for n in lowered if n not in self.exact))
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
         name = name.lower()
         return name in self.exact or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
 
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.globs)
 
-def _extra(var: str) -> list[str]:
-    return [n.strip() for n in os.environ.get(var, "").split(",") if n.strip()]
+@dataclass(frozen=True, slots=True)
+class SqlRule:
+    """Parameters to redact: 1-based positions (``$2`` / ``2``) or names (``:ssn``), in the
+    statements matching ``statement`` (a glob over the normalised statement; None: all)."""
 
+    params: tuple[int | str, ...]
+    statement: str | None = None
+
+    def applies(self, statement: str) -> bool:
+        return self.statement is None or fnmatch.fnmatchcase(statement.lower(), self.statement.lower())
+
+def _parse_sql_param(value: str | int) -> int | str:
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"SQL parameter position {value} is not valid; positions start at 1.")
+        return value
+    text = value.strip()
+    if text.startswith("$"):
+        text = text[1:]
+    if text.isdigit():
+        return _parse_sql_param(int(text))
+    name = text.lstrip(":").removeprefix("%(").removesuffix(")s")
+    if not name:
+        raise ConfigError(f"SQL redaction rule {value!r} names no parameter; use $2 or :name.")
+    return name
+
+def _parse_path(path: str) -> tuple[str, ...]:
+    text = path.strip().removeprefix("$.").removeprefix("$")
+    segments = tuple(s for s in text.replace("[*]", "").replace("[]", "").split(".") if s)
+    if not segments or segments[-1] == "**":
+        raise ConfigError(f"JSON path {path!r} names no field; write it like user.password or **.ssn.")
+    return segments
+
+def _split_rules(text: str) -> list[tuple[str, str]]:
+    rules = []
+    for raw in text.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        kind, sep, value = raw.partition(":")
+        if not sep or not value.strip():
+            raise ConfigError(
+                f"TIMETRACER_REDACT rule {raw!r} has no kind; write kind:name with kind one of "
+                "header, query, json, sql, mongo."
+            )
+        rules.append((kind.strip().lower(), value.strip()))
+    return rules
+
+_KINDS = {"header": "headers", "headers": "headers", "query": "params", "param": "params",
+          "params": "params", "json": "json_paths", "sql": "sql", "mongo": "mongo_fields"}
+
+def load_rules(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
+    """Read redaction rules from a TOML or JSON file (keys: headers, query, json, sql, mongo).
+
+    ``sql`` entries are positions/names for every statement, or tables
+    ``{statement = "INSERT INTO users*", params = [2]}``.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+        data = json.loads(raw) if p.suffix == ".json" else tomllib.loads(raw.decode())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the redaction rules file {p} ({exc.strerror}).") from None
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"the redaction rules file {p} is not valid ({exc}); fix its syntax.") from None
+    if isinstance(data, dict) and isinstance(data.get("redact"), dict):
+        data = data["redact"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"the redaction rules file {p} must hold a table of rule lists.")
+    out: dict[str, list[Any]] = {}
+    for kind, values in data.items():
+        target = _KINDS.get(str(kind).lower())
+        if target is None or not isinstance(values, list):
+            raise ConfigError(
+                f"the redaction rules file {p} has an unknown entry {kind!r}; use lists named "
+                "headers, query, json, sql, mongo."
+            )
+        out.setdefault(target, []).extend(values)
+    return out
 
 class Redactor:
-    """Replaces secret values with match-preserving tokens."""
+    """Replaces secret values with match-preserving tokens, in every place a shim stores.
+
+    >>> r = Redactor(headers=["x-session"], params=["sid"], json_paths=["**.ssn"])
+    >>> r.url("https://u:pw@api.example/v1?sid=abc&page=2")
+    'https://u:redacted:...@api.example/v1?sid=redacted%3A...&page=2'
+    """
 
     def __init__(
         self,
         *,
         headers: Iterable[str] = (),
         params: Iterable[str] = (),
-        key: bytes | None = None,
+        json_paths: Iterable[str] = (),
+        sql: Iterable[str | int | SqlRule | Mapping[str, Any]] = (),
+        mongo_fields: Iterable[str] = (),
+        key: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        env_key = os.environ.get("TIMETRACER_REDACTION_KEY")
+        env = os.environ if env is None else env
+        env_key = env.get("TIMETRACER_REDACTION_KEY")
+        if isinstance(key, str):
+            key = key.encode()
         self.key = key or (env_key.encode() if env_key else secrets.token_bytes(32))
         self.shared_key = key is not None or bool(env_key)
-        self.header_names = _NameSet([*SECRET_HEADERS, *headers, *_extra("TIMETRACER_REDACT_HEADERS")])
-        self.param_names = _NameSet([*SECRET_PARAMS, *params, *_extra("TIMETRACER_REDACT_PARAMS")])
+        rules: dict[str, list[Any]] = {
+            "headers": [*headers, *_extra(env, "TIMETRACER_REDACT_HEADERS")],
+            "params": [*params, *_extra(env, "TIMETRACER_REDACT_PARAMS")],
+            "json_paths": list(json_paths),
+            "sql": list(sql),
+            "mongo_fields": list(mongo_fields),
+        }
+        if env.get("TIMETRACER_REDACT_FILE"):
+            for kind, values in load_rules(env["TIMETRACER_REDACT_FILE"]).items():
+                rules[kind].extend(values)
+        for kind, value in _split_rules(env.get("TIMETRACER_REDACT", "")):
+            target = _KINDS.get(kind)
+            if target is None:
+                raise ConfigError(
+                    f"TIMETRACER_REDACT rule kind {kind!r} is unknown; use one of: "
+                    "header, query, json, sql, mongo."
+                )
+            rules[target].append(value)
+        self.header_names = _NameSet([*SECRET_HEADERS, *rules["headers"]])
+        self.param_names = _NameSet([*SECRET_PARAMS, *rules["params"]])
+        self.field_names = _NameSet([*SECRET_FIELDS, *rules["mongo_fields"]])
+        anywhere: list[str] = []
+        paths: list[tuple[str, ...]] = []
+        for p in rules["json_paths"]:
+            segs = _parse_path(p)
+            if len(segs) == 2 and segs[0] == "**":
+                anywhere.append(segs[1])
+            else:
+                paths.append(segs)
+        self.json_anywhere = _NameSet([*SECRET_FIELDS, *anywhere])
+        self.json_paths = tuple(paths)
+        self.sql_rules = tuple(self._sql_rule(r) for r in rules["sql"])
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        self._scrub_re: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _sql_rule(rule: str | int | SqlRule | Mapping[str, Any]) -> SqlRule:
+        if isinstance(rule, SqlRule):
+            return rule
+        if isinstance(rule, Mapping):
+            params = rule.get("params", rule.get("positions", ()))
+            params = [params] if isinstance(params, str | int) else list(params)
+            return SqlRule(tuple(_parse_sql_param(v) for v in params), rule.get("statement"))
+        return SqlRule((_parse_sql_param(rule),))
+
+    # --- tokens ----------------------------------------------------------------------------
 
     def token(self, value: str | bytes) -> str:
+        """``redacted:<16 hex>`` for ``value``; a token passes through unchanged."""
+        if isinstance(value, str) and _TOKEN_RE.fullmatch(value):
+            return value
         data = value.encode() if isinstance(value, str) else value
-        return "redacted:" + hmac.new(self.key, data, hashlib.sha256).hexdigest()[:16]
+        tok = TOKEN_PREFIX + hmac.new(self.key, data, hashlib.sha256).hexdigest()[:16]
+        self._remember(value, tok)
+        return tok
+
+    def _remember(self, value: str | bytes, tok: str) -> None:
+        # Secrets seen once are scrubbed from free text later (an error message quoting the
+        # URL, an upstream echoing the header back), whatever field they turn up in.
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                return
+        if len(value) < _MIN_SCRUB_LEN or value in self._seen:
+            return
+        with self._lock:
+            self._seen[value] = tok
+            while len(self._seen) > _SEEN_LIMIT:
+                self._seen.popitem(last=False)
+            self._scrub_re = None
+
+    def _any_token(self, value: Any) -> str:
+        if isinstance(value, str | bytes):
+            return self.token(value)
+        return self.token(json.dumps(value, sort_keys=True, default=repr))
+
+    # --- headers, URLs, DSNs ---------------------------------------------------------------
 
     def headers(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(k, self.header(k, v)) for k, v in pairs]
@@ -100,6 +311,9 @@ class Redactor:
         if lower == "set-cookie":  # the value goes; name and attributes (Path, Expires) stay
             first, sep, attrs = value.partition(";")
             return self._cookie(first) + sep + attrs
+        scheme, sp, credentials = value.partition(" ")
+        if sp and lower in ("authorization", "proxy-authorization") and scheme.isalpha():
+            return f"{scheme} {self.token(credentials)}"  # "Bearer <token>": the scheme stays
         return self.token(value)
 
     def _cookie(self, pair: str) -> str:
@@ -107,6 +321,7 @@ class Redactor:
         return f"{name}={self.token(value)}" if sep else self.token(pair)
 
     def url(self, url: str) -> str:
+        """``url`` with its password and secret query parameters replaced by tokens."""
         parts = urlsplit(url)
         netloc = parts.netloc
         if "@" in netloc:
@@ -121,17 +336,256 @@ class Redactor:
         query = urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs])
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
+    def dsn(self, dsn: str) -> str:
+        """A database DSN with its password replaced: URL form or libpq ``key=value`` form."""
+        if "://" in dsn:
+            return self.url(dsn)
+        return _KV_PASSWORD.sub(lambda m: m["pre"] + self.token(m["pw"].strip("'")), dsn)
+
+    def query(self, query: str) -> str:
+        """A form-encoded body or query string with secret parameters replaced."""
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if not any(k in self.param_names for k, _ in pairs):
+            return query
+        return urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs])
+
+    # --- bodies (JSON, forms), responses and errors -----------------------------------------
+
+    def json(self, value: Any) -> Any:
+        """A decoded JSON value (or codec tree) with configured fields replaced by tokens."""
+        if self.json_anywhere:
+            value = self._anywhere(value, self.json_anywhere)
+        for path in self.json_paths:
+            value = self._path(value, path)
+        return value
+
+    def document(self, value: Any) -> Any:
+        """A Mongo document (codec tree) with the configured field names redacted at any depth."""
+        return self._anywhere(value, self.field_names)
+
+    def _anywhere(self, node: Any, names: _NameSet) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: self._any_token(v) if k in names and v is not None else self._anywhere(v, names)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [self._anywhere(x, names) for x in node]
+        return node
+
+    def _path(self, node: Any, segs: tuple[str, ...]) -> Any:
+        if not segs:
+            return node if node is None else self._any_token(node)
+        if isinstance(node, list):  # lists are transparent: items.token reaches every item
+            return [self._path(x, segs) for x in node]
+        if not isinstance(node, dict):
+            return node
+        head, rest = segs[0], segs[1:]
+        if head == "**":
+            here = self._path(node, rest)
+            return {k: self._path(v, segs) for k, v in here.items()} if isinstance(here, dict) else here
+        glob = any(c in head for c in _GLOB_CHARS)
+        low = head.lower()
+        return {
+            k: self._path(v, rest)
+            if (fnmatch.fnmatchcase(k.lower(), low) if glob else k.lower() == low)
+            else v
+            for k, v in node.items()
+        }
+
+    def body(self, headers: Iterable[Any], body: bytes) -> bytes:
+        """An HTTP body with configured JSON fields / form parameters and seen secrets replaced.
+
+        gzip and deflate bodies are decoded, redacted and encoded again; other bodies keep
+        their bytes unless a secret seen earlier appears in them.
+        """
+        if not body:
+            return body
+        ctype = encoding = ""
+        for pair in headers:
+            k, v = pair[0], pair[1]
+            if k.lower() == "content-type":
+                ctype = v.lower()
+            elif k.lower() == "content-encoding":
+                encoding = v.lower().strip()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            try:
+                plain = gzip.decompress(body) if "gzip" in encoding else zlib.decompress(body)
+            except (OSError, zlib.error, EOFError):
+                return body
+            new = self._plain_body(ctype, plain)
+            if new == plain:
+                return body
+            return gzip.compress(new, mtime=0) if "gzip" in encoding else zlib.compress(new)
+        if encoding not in ("", "identity"):
+            return body  # br, zstd...: left as recorded; header and query rules still apply
+        return self._plain_body(ctype, body)
+
+    def _plain_body(self, ctype: str, body: bytes) -> bytes:
+        mime = ctype.split(";")[0].strip()
+        if mime == "application/json" or mime.endswith("+json") or mime == "text/json":
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            else:
+                new_doc = self.json(doc)
+                if new_doc != doc:
+                    body = json.dumps(new_doc, ensure_ascii=False, separators=(",", ":")).encode()
+        elif mime == "application/x-www-form-urlencoded":
+            try:
+                text = body.decode()
+            except UnicodeDecodeError:
+                text = None
+            if text is not None:
+                body = self.query(text).encode()
+        return self.scrub_bytes(body)
+
+    def response(self, tree: Any) -> Any:
+        """A stored HTTP-like response (``headers`` plus ``body`` or ``chunks``) with its body
+        redacted and ``Content-Length`` fixed; any other tree has seen secrets scrubbed."""
+        if isinstance(tree, dict) and isinstance(tree.get("headers"), list):
+            headers = tree["headers"]
+            key = "body" if isinstance(tree.get("body"), bytes) else None
+            if key is None and isinstance(tree.get("chunks"), list) and all(
+                isinstance(c, bytes) for c in tree["chunks"]
+            ):
+                key = "chunks"
+            if key is not None:
+                old = tree[key] if key == "body" else b"".join(tree[key])
+                new = self.body(headers, old)
+                if new != old:
+                    tree = {**tree, key: new if key == "body" else [new]}
+                    tree["headers"] = [
+                        [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
+                        for h in headers
+                    ]
+                return {k: (v if k in ("body", "chunks") else self.scrub(v)) for k, v in tree.items()}
+        return self.scrub(tree)
+
+    def scrub(self, tree: Any) -> Any:
+        """Every string and bytes leaf of ``tree`` with seen secrets (and DSN/URL passwords in
+        text) replaced by their tokens."""
+        if isinstance(tree, str):
+            return self.text(tree)
+        if isinstance(tree, bytes):
+            return self.scrub_bytes(tree)
+        if isinstance(tree, dict):
+            return {k: self.scrub(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self.scrub(x) for x in tree]
+        return tree
+
+    def text(self, text: str) -> str:
+        """Free text (an error message, a log line) with secrets replaced."""
+        if "://" in text:
+            text = _URL_USERINFO.sub(lambda m: m["pre"] + self.token(m["pw"]), text)
+            if "?" in text:
+                text = re.sub(
+                    r"([?&])([^=&\s'\"]+)=([^&\s'\"#]*)",
+                    lambda m: f"{m[1]}{m[2]}={self.token(m[3])}" if m[2] in self.param_names else m[0],
+                    text,
+                )
+        if "password" in text.lower():
+            text = _KV_PASSWORD.sub(lambda m: m["pre"] + self.token(m["pw"].strip("'")), text)
+        pattern = self._pattern()
+        if pattern is not None:
+            text = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
+        return text
+
+    def scrub_bytes(self, data: bytes) -> bytes:
+        pattern = self._pattern()
+        if pattern is None or not data:
+            return data
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            return data
+        new = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
+        return data if new == text else new.encode()
+
+    def _pattern(self) -> re.Pattern[str] | None:
+        if not self._seen:
+            return None
+        pattern = self._scrub_re
+        if pattern is None:
+            with self._lock:
+                longest_first = sorted(self._seen, key=len, reverse=True)
+                pattern = self._scrub_re = re.compile("|".join(map(re.escape, longest_first)))
+        return pattern
+
+    # --- SQL --------------------------------------------------------------------------------
+
+    def sql_params(self, statement: str, tree: Any, positions: Iterable[int] = ()) -> Any:
+        """A SQL parameter tree with redacted positions (0-based ``positions`` from the shim,
+        plus the configured rules for ``statement``) and named parameters replaced."""
+        pos = set(positions)
+        names: set[str] = set()
+        for rule in self.sql_rules:
+            if rule.applies(statement):
+                for p in rule.params:
+                    if isinstance(p, int):
+                        pos.add(p - 1)
+                    else:
+                        names.add(p.lower())
+        if not pos and not names:
+            return tree
+        return self._sql(tree, pos, names)
+
+    def _sql(self, tree: Any, pos: set[int], names: set[str]) -> Any:
+        if isinstance(tree, dict) and len(tree) == 1 and "$tuple" in tree:
+            return {"$tuple": self._sql(tree["$tuple"], pos, names)}
+        if isinstance(tree, list):
+            return [self._any_token(v) if i in pos and v is not None else v for i, v in enumerate(tree)]
+        if isinstance(tree, dict):
+            return {k: self._any_token(v) if k.lower() in names and v is not None else v
+                    for k, v in tree.items()}
+        return tree
+
+def _extra(env: Mapping[str, str], var: str) -> list[str]:
+    return [n.strip() for n in env.get(var, "").split(",") if n.strip()]
 
 _default: Redactor | None = None
-
+_default_lock = threading.Lock()
 
 def default_redactor() -> Redactor:
+    """The process-wide redactor, built from the environment on first use."""
     global _default
-    if _default is None:
-        _default = Redactor()
-    return _default
-
+    with _default_lock:
+        if _default is None:
+            _default = Redactor()
+        return _default
 
 def set_default_redactor(redactor: Redactor | None) -> None:
+    """Replace the process-wide redactor (None: rebuild from the environment on next use)."""
     global _default
-    _default = redactor
+    with _default_lock:
+        _default = redactor
+    _apply(redactor)
+
+def configure(
+    *,
+    headers: Iterable[str] = (),
+    params: Iterable[str] = (),
+    json_paths: Iterable[str] = (),
+    sql: Iterable[str | int | SqlRule | Mapping[str, Any]] = (),
+    mongo_fields: Iterable[str] = (),
+    key: bytes | str | None = None,
+) -> Redactor:
+    """Add redaction rules (on top of the defaults and the environment) for every shim.
+
+    >>> timetracer_otel.redaction.configure(headers=["x-session"], json_paths=["user.ssn"],
+    ...                                     sql=[{"statement": "INSERT INTO users*", "params": [3]}])
+    """
+    redactor = Redactor(
+        headers=headers, params=params, json_paths=json_paths, sql=sql,
+        mongo_fields=mongo_fields, key=key,
+    )
+    set_default_redactor(redactor)
+    return redactor
+
+def _apply(redactor: Redactor | None) -> None:
+    # The shims read STATE.redactor; keep it the same object as the default.
+    from timetracer_otel.replay_shims import base
+
+    base.STATE.redactor = redactor if redactor is not None else default_redactor()

@@ -72,9 +72,7 @@ def sql_call(
 
     text = normalise_statement(statement)
     tree = to_tree(params) if params is not None else None
-    positions = set(redact_params)
-    if positions and isinstance(tree, list | dict):
-        tree = _redact(tree, positions, STATE.redactor.token)
+    tree = STATE.redactor.sql_params(text, tree, redact_params)  # shim and configured rules
     identity: dict[str, Any] = {
         "db": database,
         "op": operation,
@@ -86,10 +84,3 @@ def sql_call(
     label = f"{operation} {text if len(text) <= 120 else text[:117] + '...'}"
     return Call(library, identity, identity, shape, label)
 
-
-def _redact(tree: Any, positions: set[int], token: Any) -> Any:
-    if isinstance(tree, dict) and "$tuple" in tree:
-        return {"$tuple": _redact(tree["$tuple"], positions, token)}
-    if isinstance(tree, list):
-        return [token(repr(v)) if i in positions else v for i, v in enumerate(tree)]
-    return tree

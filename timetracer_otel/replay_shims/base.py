@@ -149,10 +149,10 @@ class Capture:
         self.start_ns = time.time_ns()
 
     def ok(self, response: Tree) -> None:
-        self._finish(ATTR_RESPONSE, response)
+        self._finish(ATTR_RESPONSE, STATE.redactor.response(response))
 
     def fail(self, exc: BaseException, attrs: Tree = None) -> None:
-        self._finish(ATTR_ERROR, error_tree(exc, attrs))
+        self._finish(ATTR_ERROR, STATE.redactor.scrub(error_tree(exc, attrs)))
 
     def _finish(self, attr: str, tree: Tree) -> None:
         payload = _pack(tree)
