@@ -26,7 +26,7 @@ from timetracer_otel.cassette import (
     load_cassette,
     save_cassette,
 )
-from timetracer_otel.config import OnMiss
+from timetracer_otel.config import OnMiss, Settings
 from timetracer_otel.errors import TimetracerError
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
@@ -91,6 +91,7 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
 
     Example: timetracer-otel record --dir cassettes -- python app.py
     """
+    Settings.from_env()  # a bad TIMETRACER_* value stops here, not inside the child
     env = dict(os.environ)
     directory = directory or env.get("TIMETRACER_DIR") or "./cassettes"
     storage = storage_for(directory)
@@ -155,6 +156,7 @@ def replay(
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
+    Settings.from_env()
     ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read
     env = dict(os.environ)
     fd, report_path = tempfile.mkstemp(prefix="timetracer-report-", suffix=".json")

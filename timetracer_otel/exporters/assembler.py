@@ -64,7 +64,6 @@ class TraceAssembler:
                 self._to_process(span)  # a lone dependency call of a plain script
                 return
             batch = self.open[span.trace_id] = TraceBatch(span.trace_id)
-            self._evict()
         if len(batch.spans) >= self.max_spans_per_trace:
             batch.complete = False
             self.dropped_spans += 1
@@ -75,6 +74,8 @@ class TraceAssembler:
             batch.root = span
             if self.quiet_ns == 0:
                 self._close(batch)
+        # After a root closes its own trace, so a late root never evicts another trace.
+        self._evict()
 
     def _to_process(self, span: SpanRecord) -> None:
         if len(self.process.spans) >= self.max_spans_per_trace * 10:

@@ -178,6 +178,8 @@ class CassetteWriter:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
                 return
+            if self._dropped_traces:  # before the root of a trace that lost spans closes it
+                self._drain_drops()
             self._safely(functools.partial(self._add, item))
 
     def _drain_drops(self) -> None:
@@ -251,6 +253,10 @@ class CassetteWriter:
         """Ask the writer thread to close rooted traces quiet for ``quiet_ns`` (collector path)."""
         if self._thread is not None and not self._closed:
             self._queue.put(_IDLE)
+
+    def backlog(self) -> int:
+        """Spans and commands queued for the writer thread (approximate)."""
+        return self._queue.qsize()
 
     def _pending(self) -> bool:
         return bool(self.assembler.process.spans)

@@ -1,0 +1,134 @@
+"""The CLI: record/replay wrappers through opentelemetry-instrument, and the cassette tools.
+
+Bad input is exit code 2 with one line and no traceback; replay failures are exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.upstream_app import app
+from timetracer_otel.cassette import find_cassettes, load_cassette
+
+CLI = [sys.executable, "-m", "timetracer_otel.cli"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, httpx
+    base = os.environ["UPSTREAM_URL"]
+    r = httpx.get(base + "/items", params={"page": sys.argv[1]})
+    print(r.status_code, r.json()["page"], type(r.content).__name__)
+    try:
+        httpx.get(base + "/items", params={"page": "extra"}) if len(sys.argv) > 2 else None
+    except Exception as exc:  # an app that swallows errors must not hide a replay miss
+        print("swallowed", type(exc).__name__)
+    """
+)
+
+
+@pytest.fixture
+def recorded(serve: Any, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    server = serve(app)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, UPSTREAM_URL=server.url)
+    out = cli("record", "--dir", str(tmp_path / "c"), "--", sys.executable, str(script), "1", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "200 1 bytes\n"
+    assert "recorded 1 cassette(s)" in out.stderr
+    server.stop()
+    return tmp_path / "c", script, env
+
+
+Recorded = tuple[Path, Path, dict[str, str]]
+
+
+def test_record_then_replay_offline_gives_the_same_output(recorded: Recorded) -> None:
+    cassettes, script, env = recorded
+    out = cli("replay", "--cassette", str(cassettes), "--", sys.executable, str(script), "1", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "200 1 bytes\n"
+    assert "1 exact, 0 by shape, 0 missed" in out.stderr
+
+
+def test_a_swallowed_replay_miss_still_fails_the_replay(recorded: tuple[Path, Path, dict[str, str]]) -> None:
+    cassettes, script, env = recorded
+    out = cli("replay", "--cassette", str(cassettes), "--strict", "--", sys.executable, str(script), "1", "x",
+              env=env)
+    assert "swallowed ReplayMissError" in out.stdout
+    assert out.returncode == 1
+    assert "1 missed" in out.stderr and "page=extra" in out.stderr
+
+
+def test_show_ls_and_convert(recorded: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    cassettes, _, _ = recorded
+    [path] = find_cassettes(cassettes)
+    shown = cli("show", str(path))
+    assert shown.returncode == 0 and "httpx" in shown.stdout and "/items?page=1" in shown.stdout
+    listed = cli("ls", str(cassettes))
+    assert listed.returncode == 0 and "httpx" in listed.stdout
+    out_json = tmp_path / "c.json"
+    converted = cli("convert", str(path), str(out_json))
+    assert converted.returncode == 0, converted.stderr
+    a, b = load_cassette(path), load_cassette(out_json)
+    assert out_json.read_bytes().lstrip().startswith(b"{")
+    assert [s.key for s in a.spans] == [s.key for s in b.spans]
+    as_json = cli("show", "--json", str(path))
+    assert msgspec.json.decode(as_json.stdout)["spans"][0]["library"] == "httpx"
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("command", ["show", "convert", "replay"])
+def test_bad_cassettes_are_one_line_exit_2(command: str, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.msgpack"
+    corrupt.write_bytes(b"\x85\xa7version\x01garbage")
+    future = tmp_path / "future.json"
+    future.write_bytes(msgspec.json.encode({"version": 99, "id": "x", "name": "x", "created": "x"}))
+    missing = tmp_path / "missing.msgpack"
+
+    def run(path: Path) -> subprocess.CompletedProcess[str]:
+        if command == "show":
+            return cli("show", str(path))
+        if command == "convert":
+            return cli("convert", str(path), str(tmp_path / "out.json"))
+        return cli("replay", "--cassette", str(path), "--", sys.executable, "-c", "print('never runs')")
+
+    _one_line_exit_2(run(corrupt), "corrupt.msgpack", "corrupt")
+    _one_line_exit_2(run(future), "version 99", "upgrade")
+    _one_line_exit_2(run(missing), "missing.msgpack")
+    assert not (tmp_path / "out.json").exists()  # nothing half-written
+
+
+def test_unwritable_directory_is_one_line_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli("record", "--dir", str(blocker / "cassettes"), "--", sys.executable, "-c", "print(1)")
+    _one_line_exit_2(result, "cannot write cassettes", "writable directory")
+
+
+def test_unknown_environment_values_are_one_line_exit_2(tmp_path: Path) -> None:
+    env = dict(os.environ, TIMETRACER_ON_MISS="sometimes")
+    result = cli("record", "--dir", str(tmp_path), "--", sys.executable, "-c", "print(1)", env=env)
+    assert result.returncode == 2
+    expected = "TIMETRACER_ON_MISS='sometimes' is not valid; use one of: error, passthrough, record."
+    assert expected in result.stderr
