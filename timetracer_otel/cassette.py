@@ -8,7 +8,10 @@ dependency span carrying the request it made and the raw response or error it go
     ['asyncpg', 'httpx']
 
 The loader sniffs the content, not the file name, rejects unknown versions and verifies a
-checksum, so a flipped byte is an error and never wrong data.
+checksum, so a flipped byte is an error and never wrong data. Every hostile or damaged input
+(truncated, oversized, too deeply nested, msgpack extension types, wrong key for an encrypted
+cassette) is one :class:`CassetteError` line. With ``TIMETRACER_ENCRYPTION_KEY`` set, cassettes
+are written encrypted (AES-256-GCM, see :mod:`timetracer_otel.crypto`).
 """
 
 from __future__ import annotations
@@ -16,21 +19,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from timetracer_otel.errors import CassetteError
+from timetracer_otel import crypto
+from timetracer_otel.errors import CassetteError, ConfigError
 
 VERSION = 1
 Format = Literal["msgpack", "json"]
 FORMATS: tuple[Format, ...] = ("msgpack", "json")
 SUFFIX: dict[Format, str] = {"msgpack": ".msgpack", "json": ".json"}
 
-# A cassette larger than this is refused before decoding: it is not a recording of one request.
-MAX_CASSETTE_BYTES = 512 * 1024 * 1024
+# A cassette larger than this is refused before it is read or decoded: it is not a recording of
+# one request, and decoding tiny containers ({} is 1 byte in msgpack, ~64 in memory) amplifies.
+# TIMETRACER_MAX_CASSETTE_BYTES overrides it.
+MAX_CASSETTE_BYTES = 256 * 1024 * 1024
+
+
+def max_cassette_bytes() -> int:
+    raw = os.environ.get("TIMETRACER_MAX_CASSETTE_BYTES", "").strip()
+    if not raw:
+        return MAX_CASSETTE_BYTES
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"TIMETRACER_MAX_CASSETTE_BYTES={raw!r} is not a whole number of bytes.") from None
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -115,25 +132,41 @@ class _Header(msgspec.Struct):
     version: Any = None
 
 
+def _no_ext(code: int, data: memoryview) -> Any:
+    # Trees never hold msgpack extension types; one in a cassette is damage or an attack.
+    raise ValueError(f"msgpack extension type {code} is not allowed in a cassette")
+
+
 _JSON_ENCODER = msgspec.json.Encoder()
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder()
 _JSON_DECODER = msgspec.json.Decoder(Cassette)
-_MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette)
+_MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette, ext_hook=_no_ext)
 
 
-def _checksum(spans: list[SpanRecord]) -> str:
-    # Over the canonical JSON of the spans, so both encodings of one cassette agree.
+def _checksum(cassette: Cassette) -> str:
+    # Over the canonical JSON of everything but the checksum, so both encodings of one cassette
+    # agree and a flipped byte anywhere (spans, completeness, root) is caught.
+    body = msgspec.structs.replace(cassette, checksum=None)
+    return "sha256:" + hashlib.sha256(_JSON_ENCODER.encode(body)).hexdigest()
+
+
+def _spans_checksum(spans: list[SpanRecord]) -> str:
+    # The first cassettes hashed the spans only; they still load.
     return "sha256:" + hashlib.sha256(_JSON_ENCODER.encode(spans)).hexdigest()
 
 
 def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
-    """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON."""
-    cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette.spans))
+    """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON; encrypted when
+    ``TIMETRACER_ENCRYPTION_KEY`` is set."""
+    cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette))
     if fmt == "json":
-        return msgspec.json.format(_JSON_ENCODER.encode(cassette), indent=1) + b"\n"
-    if fmt == "msgpack":
-        return _MSGPACK_ENCODER.encode(cassette)
-    raise CassetteError(f"Unknown cassette format {fmt!r}; use one of: {', '.join(FORMATS)}.")
+        data = msgspec.json.format(_JSON_ENCODER.encode(cassette), indent=1) + b"\n"
+    elif fmt == "msgpack":
+        data = _MSGPACK_ENCODER.encode(cassette)
+    else:
+        raise CassetteError(f"Unknown cassette format {fmt!r}; use one of: {', '.join(FORMATS)}.")
+    key = crypto.env_key()
+    return crypto.encrypt(data, key) if key is not None else data
 
 
 def sniff(data: bytes) -> Format:
@@ -147,12 +180,25 @@ def sniff(data: bytes) -> Format:
 
 
 def loads(data: bytes, source: str = "<bytes>") -> Cassette:
-    """Decode a cassette, checking format, version and checksum.
+    """Decode a cassette, checking size, format, version and checksum (decrypting first when
+    it is encrypted).
 
-    Raises :class:`CassetteError` with one sentence naming ``source`` and what is wrong.
+    Raises :class:`CassetteError` with one sentence naming ``source`` and what is wrong, for
+    any input whatsoever.
+
+    >>> loads(dumps(cassette), "memory").id == cassette.id
+    True
     """
-    if len(data) > MAX_CASSETTE_BYTES:
-        raise CassetteError(f"{source}: cassette is {len(data)} bytes, over the 512 MiB limit.")
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    limit = max_cassette_bytes()
+    if len(data) > limit:
+        raise CassetteError(
+            f"{source}: cassette is {len(data)} bytes, over the {limit} byte limit; raise "
+            "TIMETRACER_MAX_CASSETTE_BYTES if it is genuine."
+        )
+    if crypto.is_encrypted(data):
+        data = crypto.decrypt(data, crypto.env_key(), source)
     try:
         fmt = sniff(data)
     except ValueError:
@@ -163,7 +209,9 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
     decoder = _JSON_DECODER if fmt == "json" else _MSGPACK_DECODER
     try:
         cassette = decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except RecursionError:
+        raise CassetteError(f"{source} is nested too deeply to be a cassette; record it again.") from None
+    except (msgspec.DecodeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
         version = _peek_version(data, fmt)
         if version is not None and version != VERSION:
             raise _version_error(source, version) from None
@@ -172,12 +220,25 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
         ) from None
     if cassette.version != VERSION:
         raise _version_error(source, cassette.version)
-    if cassette.checksum is not None and cassette.checksum != _checksum(cassette.spans):
+    _verify(cassette, source)
+    return cassette
+
+
+def _verify(cassette: Cassette, source: str) -> None:
+    if cassette.checksum is None:
+        raise CassetteError(
+            f"{source} has no checksum (it was not written by timetracer-otel, or was damaged); "
+            "record it again or restore it."
+        )
+    try:
+        ok = cassette.checksum in (_checksum(cassette), _spans_checksum(cassette.spans))
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
+        ok = False
+    if not ok:
         raise CassetteError(
             f"{source} failed its checksum (the file was changed or damaged after it was "
             "written); record it again or restore it."
         )
-    return cassette
 
 
 def _peek_version(data: bytes, fmt: Format) -> Any:
@@ -185,7 +246,7 @@ def _peek_version(data: bytes, fmt: Format) -> Any:
         if fmt == "json":
             return msgspec.json.decode(data, type=_Header).version
         return msgspec.msgpack.decode(data, type=_Header).version
-    except msgspec.DecodeError:
+    except Exception:  # only a hint for the message; loads reports the real problem
         return None
 
 
@@ -197,20 +258,32 @@ def _version_error(source: str, version: Any) -> CassetteError:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def load_cassette(path: str | os.PathLike[str]) -> Cassette:
     """Read and decode the cassette at ``path`` (see :func:`loads`)."""
     p = Path(path)
+    limit = max_cassette_bytes()
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CassetteError(f"{p} is not a regular file; pass a cassette file.")
+            if st.st_size > limit:
+                raise CassetteError(
+                    f"{p}: cassette is {st.st_size} bytes, over the {limit} byte limit; raise "
+                    "TIMETRACER_MAX_CASSETTE_BYTES if it is genuine."
+                )
+            data = fh.read(limit + 1)  # never more than the limit, even if the file grows
     except FileNotFoundError:
         raise CassetteError(f"{p}: no such cassette; check the path.") from None
     except IsADirectoryError:
         raise CassetteError(f"{p} is a directory; pass a cassette file.") from None
     except OSError as exc:
-        raise CassetteError(f"{p} cannot be read ({exc.strerror}).") from None
+        raise CassetteError(f"{p} cannot be read ({exc.strerror or exc}).") from None
     return loads(data, str(p))
 
 
