@@ -1,0 +1,589 @@
+"""asyncpg: the query methods the OTel instrumentation wraps, plus connection setup.
+
+Patched (beneath the instrumentation's wrapt wrappers, so its span is current):
+``Connection.execute/executemany/fetch/fetchval/fetchrow/fetchmany``,
+``PreparedStatement.fetch/fetchval/fetchrow/fetchmany/executemany``,
+``Cursor.fetch/fetchrow/forward`` and ``CursorIterator.__anext__``. asyncpg's protocol is
+Cython, so record keeps the *decoded* values with the typed codec, plus column names, type
+oids, the status string and the transaction status after the call. Replay rebuilds real
+``asyncpg.Record`` objects and raises recorded ``PostgresError`` subclasses with their fields.
+
+Replay also needs connections without a server: ``connect_utils._connect_addr`` (used by
+``asyncpg.connect`` and pools alike) returns a real ``Connection`` over :class:`_ReplayProtocol`,
+which opens no socket; ``prepare``, cursors and ``set_type_codec`` are answered without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from asyncpg import connect_utils, cursor, prepared_stmt
+from asyncpg.connection import Connection
+from asyncpg.exceptions import PostgresError
+from asyncpg.pgproto import pgproto
+from asyncpg.protocol.protocol import _create_record
+from asyncpg.types import Attribute, Type
+
+from timetracer_otel.codec import Tree, as_bytes, from_tree, register, to_tree
+from timetracer_otel.config import Mode
+from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.index import Match
+from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import (
+    LIVE,
+    STATE,
+    Shim,
+    capture,
+    decide,
+    rebuild_error,
+)
+from timetracer_otel.sql import sql_call
+
+SCOPE = "opentelemetry.instrumentation.asyncpg"
+LIBRARY = "asyncpg"
+# Server parameters a replayed connection reports through ``get_settings()``.
+_SERVER_PARAMS = (
+    "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
+    "TimeZone", "integer_datetimes", "standard_conforming_strings", "is_superuser",
+    "session_authorization", "application_name", "default_transaction_read_only",
+    "in_hot_standby",
+)
+_UNSUPPORTED = (
+    "asyncpg {what} is not supported in replay; keep asyncpg live for this code with "
+    "TIMETRACER_LIVE_PLUGINS=asyncpg (or on_miss='passthrough')."
+)
+
+# asyncpg decodes uuid columns to its own uuid.UUID subclass; replay keeps that type.
+register(pgproto.UUID, "asyncpg.UUID", str, pgproto.UUID)
+
+
+# --- a connection without a server ------------------------------------------------------------
+
+
+class _ReplaySettings:
+    """The recorded server parameters, read the way asyncpg's ``ConnectionSettings`` is."""
+
+    def __init__(self, params: dict[str, str]) -> None:
+        self._params = params
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self.__dict__["_params"][name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # Codec bookkeeping: values come back already decoded, so there is nothing to register.
+    def add_python_codec(self, *args: Any, **kwargs: Any) -> None: ...
+    def remove_python_codec(self, *args: Any, **kwargs: Any) -> None: ...
+    def set_builtin_type_codec(self, *args: Any, **kwargs: Any) -> None: ...
+    def clear_type_cache(self) -> None: ...
+    def register_data_types(self, *args: Any) -> None: ...
+
+
+class _ReplayProtocol:
+    """Stands in for asyncpg's Cython protocol on a replayed connection: it opens no socket,
+    and its transaction status follows the recorded calls."""
+
+    def __init__(self, server: Tree, record_class: type[Any]) -> None:
+        self.settings = _ReplaySettings(server["params"])
+        self.record_class = record_class
+        self.backend_pid = server["pid"]
+        self.backend_secret = 0
+        self.xact = False
+        self.connected = True
+        self.queries_count = 0
+
+    def get_settings(self) -> _ReplaySettings:
+        return self.settings
+
+    def get_record_class(self) -> type[Any]:
+        return self.record_class
+
+    def get_server_pid(self) -> int:
+        return self.backend_pid  # type: ignore[no-any-return]
+
+    def is_in_transaction(self) -> bool:
+        return self.xact
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+    def is_closed(self) -> bool:
+        return not self.connected
+
+    def set_connection(self, connection: Any) -> None: ...
+
+    def _is_cancelling(self) -> bool:
+        return False
+
+    async def _wait_for_cancellation(self) -> None: ...
+
+    def _get_timeout(self, timeout: float | None) -> float | None:
+        return timeout
+
+    async def close(self, timeout: float | None = None) -> None:
+        self.connected = False
+
+    def abort(self) -> None:
+        self.connected = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Protocol operations no shim answers (COPY, LISTEN payloads...) fail clearly.
+        raise ReplayUnsupportedError(_UNSUPPORTED.format(what=f"protocol operation {name!r}"))
+
+
+class _ReplayState:
+    """A prepared statement's state on a replayed connection: the recorded description."""
+
+    def __init__(self, query: str, name: str, record_class: type[Any], desc: Tree) -> None:
+        self.query = query
+        self.name = name
+        self.record_class = record_class
+        self.ignore_custom_codec = False
+        self.closed = False
+        self.refs = 0
+        self.desc = desc
+
+    def attach(self) -> None:
+        self.refs += 1
+
+    def detach(self) -> None:
+        self.refs -= 1
+
+    def mark_closed(self) -> None:
+        self.closed = True
+
+    def mark_unprepared(self) -> None: ...
+
+    def _get_parameters(self) -> tuple[Type, ...]:
+        return tuple(Type(*t) for t in (self.desc or {}).get("params", ()))
+
+    def _get_attributes(self) -> tuple[Attribute, ...]:
+        return tuple(Attribute(a[0], Type(*a[1:])) for a in (self.desc or {}).get("attrs", ()))
+
+
+def _is_replay_conn(conn: Any) -> bool:
+    return isinstance(conn._protocol, _ReplayProtocol)
+
+
+def _server_tree(conn: Any) -> Tree:
+    settings = conn._protocol.get_settings()
+    params = {}
+    for name in _SERVER_PARAMS:
+        value = getattr(settings, name, None)
+        if value is not None:
+            params[name] = value
+    return {"params": params, "pid": conn.get_server_pid()}
+
+
+def _connect_call(params: Any) -> Call:
+    identity = {"db": params.database, "user": params.user, "op": "connect"}
+    return Call(LIBRARY, identity, identity, identity, f"connect {params.database}")
+
+
+# Server parameters of the last replayed connection per database: a pool that opens more
+# connections than were recorded (timing-dependent reconnects) reuses them.
+_servers: dict[str | None, Tree] = {}
+
+
+def _connect_addr(original: Any) -> Any:
+    async def connect_addr(**kwargs: Any) -> Any:
+        if STATE.mode is Mode.OFF:
+            return await original(**kwargs)
+        params = kwargs["params"]
+        call = _connect_call(params)
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+            match = STATE.index.take(call) if STATE.index is not None else None
+            if match is None and params.database in _servers:
+                return _replay_connection(kwargs, _servers[params.database])
+            action: Match | Any = match or decide(call)
+        else:
+            action = decide(call)
+        if isinstance(action, Match):
+            if action.span.error is not None:
+                raise rebuild_error(action.span.error, _build_error)
+            _servers[params.database] = action.span.response
+            return _replay_connection(kwargs, action.span.response)
+        if action is LIVE:
+            return await original(**kwargs)
+        with capture(call, SCOPE) as cap:
+            try:
+                conn = await original(**kwargs)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(exc, None))
+                raise
+            cap.ok(_server_tree(conn))
+        return conn
+
+    return connect_addr
+
+
+def _replay_connection(kwargs: dict[str, Any], server: Tree) -> Any:
+    proto = _ReplayProtocol(server, kwargs["record_class"])
+    conn = kwargs["connection_class"](
+        proto, None, kwargs["loop"], kwargs["addr"], kwargs["config"], kwargs["params"]
+    )
+    proto.set_connection(conn)
+    return conn
+
+
+# --- results: record side ---------------------------------------------------------------------
+
+
+def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
+    if rows:
+        tree["cols"] = list(rows[0].keys())
+    tree["rows"] = [[to_tree(v) for v in row] for row in rows]
+    return tree
+
+
+def _oids(conn: Any, query: str, record_class: Any) -> list[int] | None:
+    """Column type oids when the statement sits in asyncpg's cache (a dict lookup)."""
+    cls = record_class or conn._protocol.get_record_class()
+    stmt = conn._stmt_cache.get((query, cls, False), promote=False)
+    return [a.type.oid for a in stmt._get_attributes()] if stmt is not None else None
+
+
+def _result_tree(
+    kind: str, out: Any, conn: Any, query: str, record_class: Any
+) -> dict[str, Any]:
+    tree: dict[str, Any] = {"tx": conn._protocol.is_in_transaction()}
+    if kind == "status":
+        tree["status"] = out
+    elif kind == "rows":
+        _rows_tree(out, tree)
+    elif kind == "row":
+        _rows_tree([] if out is None else [out], tree)
+    elif kind in ("value", "int"):
+        tree["value"] = to_tree(out)
+    if kind in ("rows", "row") and not isinstance(conn._protocol, _ReplayProtocol):
+        tree["oids"] = _oids(conn, query, record_class)
+    return tree
+
+
+def _error_attrs(exc: BaseException, conn: Any) -> Tree:
+    attrs: dict[str, Any] = {}
+    if isinstance(exc, PostgresError):
+        attrs["fields"] = {k: to_tree(v) for k, v in exc.as_dict().items()}
+        attrs["query"] = getattr(exc, "query", None)
+    if conn is not None and conn._protocol is not None:
+        attrs["tx"] = conn._protocol.is_in_transaction()
+    return attrs
+
+
+# --- results: replay side ---------------------------------------------------------------------
+
+
+def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
+    attrs = tree.get("attrs") or {}
+    # str() of a PostgresError appends its detail; the constructor takes the bare message.
+    args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    try:
+        exc = cls(*args)
+    except Exception:
+        exc = cls.__new__(cls)
+        BaseException.__init__(exc, *args)
+    if "fields" in attrs:
+        exc.__dict__.update({k: from_tree(v) for k, v in attrs["fields"].items()})
+        exc.__dict__["query"] = attrs.get("query")
+    return exc
+
+
+def _records(tree: Tree, record_class: Any) -> list[Any]:
+    if record_class is not None and record_class is not asyncpg.Record:
+        raise ReplayUnsupportedError(
+            f"Replay rebuilds asyncpg.Record rows only, not the custom record_class "
+            f"{record_class.__qualname__}; use the default record class in replayed code, or "
+            "keep asyncpg live with TIMETRACER_LIVE_PLUGINS=asyncpg."
+        )
+    mapping = {name: i for i, name in enumerate(tree.get("cols") or ())}
+    return [_create_record(mapping, tuple([from_tree(v) for v in row])) for row in tree["rows"]]
+
+
+def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
+    span = match.span
+    tree = span.response if span.error is None else (span.error.get("attrs") or {})
+    proto = conn._protocol
+    if isinstance(proto, _ReplayProtocol):
+        proto.queries_count += 1
+        if "tx" in tree:
+            proto.xact = tree["tx"]
+    if span.error is not None:
+        raise rebuild_error(span.error, _build_error)
+    if tree.get("stop"):
+        raise StopAsyncIteration
+    if kind == "status":
+        return tree["status"]
+    cls = record_class or proto.get_record_class()
+    if kind == "rows":
+        return _records(tree, cls)
+    if kind == "row":
+        rows = _records(tree, cls)
+        return rows[0] if rows else None
+    if kind in ("value", "int"):
+        return from_tree(tree["value"])
+    return None
+
+
+async def _run(
+    call: Call,
+    kind: str,
+    conn: Any,
+    query: str,
+    record_class: Any,
+    invoke: Callable[[], Awaitable[Any]],
+    on_replay: Callable[[Match], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """One query: replay it, call it live, or call it and record its result."""
+    action = decide(call)
+    if isinstance(action, Match):
+        if on_replay is not None:
+            on_replay(action)
+        return _replayed(action, kind, conn, record_class)
+    if action is LIVE:
+        return await invoke()
+    with capture(call, SCOPE) as cap:
+        try:
+            out = await invoke()
+        except StopAsyncIteration:
+            cap.ok({"tx": conn._protocol.is_in_transaction(), "stop": True})
+            raise
+        except Exception as exc:
+            cap.fail(exc, _error_attrs(exc, conn))
+            raise
+        tree = _result_tree(kind, out, conn, query, record_class)
+        if on_record is not None:
+            on_record(tree)
+        cap.ok(tree)
+    return out
+
+
+def _many(args: Any) -> list[Any]:
+    """executemany/fetchmany argument lists, materialised once (they may be generators)."""
+    return [tuple(a) if isinstance(a, asyncpg.Record) else a for a in args]
+
+
+# --- Connection methods -----------------------------------------------------------------------
+
+# method -> (result kind, whether the parameters are a list of argument tuples)
+_CONNECTION_METHODS = {
+    "execute": ("status", False),
+    "executemany": ("none", True),
+    "fetch": ("rows", False),
+    "fetchval": ("value", False),
+    "fetchrow": ("row", False),
+    "fetchmany": ("rows", True),
+}
+
+
+def _connection_method(op: str) -> Callable[[Any], Any]:
+    kind, many = _CONNECTION_METHODS[op]
+
+    def make(original: Any) -> Any:
+        async def method(self: Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+            if STATE.mode is Mode.OFF:
+                return await original(self, query, *args, **kwargs)
+            if many:
+                args = (_many(args[0] if args else kwargs.pop("args")),)
+            params = args[0] if many else args
+            extra = {"column": kwargs["column"]} if kwargs.get("column") else None
+            call = sql_call(LIBRARY, query, params, database=self._params.database,
+                            operation=op, extra=extra)
+            if STATE.mode is Mode.REPLAY and _is_replay_conn(self):
+                self._check_open()
+            return await _run(call, kind, self, query, kwargs.get("record_class"),
+                              lambda: original(self, query, *args, **kwargs))
+
+        method.__name__ = op
+        return method
+
+    return make
+
+
+def _prepare(original: Any) -> Any:
+    async def _prepare(self: Connection, query: str, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.OFF:
+            return await original(self, query, **kwargs)
+        call = sql_call(LIBRARY, query, None, database=self._params.database, operation="prepare")
+        action = decide(call)
+        if isinstance(action, Match):
+            self._check_open()
+            if action.span.error is not None:
+                raise rebuild_error(action.span.error, _build_error)
+            record_class = kwargs.get("record_class") or self._protocol.get_record_class()
+            name = kwargs.get("name")
+            state = _ReplayState(query, name if isinstance(name, str) else
+                                 self._get_unique_id("stmt"), record_class, action.span.response)
+            return prepared_stmt.PreparedStatement(self, query, state)
+        if action is LIVE:
+            return await original(self, query, **kwargs)
+        with capture(call, SCOPE) as cap:
+            try:
+                stmt = await original(self, query, **kwargs)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(exc, self))
+                raise
+            cap.ok({
+                "attrs": [[a.name, *a.type] for a in stmt.get_attributes()],
+                "params": [list(t) for t in stmt.get_parameters()],
+            })
+        return stmt
+
+    return _prepare
+
+
+def _codec_method(original: Any) -> Any:
+    async def method(self: Connection, *args: Any, **kwargs: Any) -> Any:
+        if _is_replay_conn(self):
+            self._check_open()  # values replay already decoded: no codec to register
+            return None
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+def _copy_method(original: Any) -> Any:
+    async def method(self: Connection, *args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+            raise ReplayUnsupportedError(_UNSUPPORTED.format(what=original.__name__))
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+# --- PreparedStatement methods ----------------------------------------------------------------
+
+_STATEMENT_METHODS = {
+    "fetch": ("rows", False),
+    "fetchval": ("value", False),
+    "fetchrow": ("row", False),
+    "fetchmany": ("rows", True),
+    "executemany": ("none", True),
+}
+
+
+def _statement_method(op: str) -> Callable[[Any], Any]:
+    kind, many = _STATEMENT_METHODS[op]
+
+    def make(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+            if STATE.mode is Mode.OFF:
+                return original(self, *args, **kwargs)  # type: ignore[no-any-return]
+            return _statement_call(self, original, op, kind, many, args, kwargs)
+
+        method.__name__ = op
+        return method
+
+    return make
+
+
+async def _statement_call(
+    stmt: Any, original: Any, op: str, kind: str, many: bool, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    conn = stmt._connection
+    if many:
+        args = (_many(args[0] if args else kwargs.pop("args")),)
+    extra = {"column": kwargs["column"]} if kwargs.get("column") else None
+    call = sql_call(LIBRARY, stmt._query, args[0] if many else args,
+                    database=conn._params.database, operation="stmt." + op, extra=extra)
+    if STATE.mode is Mode.REPLAY and isinstance(stmt._state, _ReplayState):
+        stmt._check_conn_validity(op)
+
+    def set_status(match: Match) -> None:
+        status = (match.span.response or {}).get("last_status")
+        stmt._last_status = as_bytes(status) if status is not None else None
+
+    def add_status(tree: dict[str, Any]) -> None:
+        # SQLAlchemy reads rowcount from the status of the last execution.
+        tree["last_status"] = stmt._last_status
+        if "rows" in tree:
+            tree["oids"] = [a.type.oid for a in stmt.get_attributes()]
+
+    return await _run(call, kind, conn, stmt._query, stmt._state.record_class,
+                      lambda: original(stmt, *args, **kwargs), set_status, add_status)
+
+
+# --- cursors ----------------------------------------------------------------------------------
+
+
+def _cursor_init(original: Any) -> Any:
+    async def _init(self: Any, timeout: float | None) -> Any:
+        conn = self._connection
+        if not _is_replay_conn(conn):
+            return await original(self, timeout)
+        if self._state is None:
+            self._state = _ReplayState(self._query, conn._get_unique_id("stmt"),
+                                       self._record_class or conn._protocol.get_record_class(), None)
+            self._state.attach()
+        self._check_ready()
+        self._portal_name = conn._get_unique_id("portal")
+        return self
+
+    return _init
+
+
+# method -> (key operation, result kind, whether it takes a row count)
+_CURSOR_METHODS = {
+    "fetch": ("cursor.fetch", "rows", True),
+    "fetchrow": ("cursor.fetchrow", "row", False),
+    "forward": ("cursor.forward", "int", True),
+    "__anext__": ("cursor.next", "row", False),
+}
+
+
+def _cursor_method(name: str) -> Callable[[Any], Any]:
+    op, kind, counted = _CURSOR_METHODS[name]
+
+    def make(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+            if STATE.mode is Mode.OFF:
+                return original(self, *args, **kwargs)  # type: ignore[no-any-return]
+            return _cursor_call(self, original, op, kind, counted, args, kwargs)
+
+        method.__name__ = name
+        return method
+
+    return make
+
+
+async def _cursor_call(
+    cur: Any, original: Any, op: str, kind: str, counted: bool, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    conn = cur._connection
+    extra = {"n": args[0] if args else kwargs.get("n")} if counted else None
+    call = sql_call(LIBRARY, cur._query, cur._args, database=conn._params.database,
+                    operation=op, extra=extra)
+    if STATE.mode is Mode.REPLAY and _is_replay_conn(conn):
+        cur._check_conn_validity(op)
+    return await _run(call, kind, conn, cur._query, cur._record_class,
+                      lambda: original(cur, *args, **kwargs))
+
+
+# --- the shim ---------------------------------------------------------------------------------
+
+
+class AsyncpgShim(Shim):
+    library = LIBRARY
+    requires = "asyncpg"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.asyncpg:AsyncPGInstrumentor"
+
+    def patch(self) -> None:
+        self.wrap(connect_utils, "_connect_addr", _connect_addr)
+        for op in _CONNECTION_METHODS:
+            self.wrap(Connection, op, _connection_method(op))
+        self.wrap(Connection, "_prepare", _prepare)
+        for name in ("set_type_codec", "reset_type_codec", "set_builtin_type_codec"):
+            self.wrap(Connection, name, _codec_method)
+        for name in ("copy_from_table", "copy_from_query", "copy_to_table",
+                     "copy_records_to_table"):
+            self.wrap(Connection, name, _copy_method)
+        for op in _STATEMENT_METHODS:
+            self.wrap(prepared_stmt.PreparedStatement, op, _statement_method(op))
+        self.wrap(cursor.Cursor, "_init", _cursor_init)
+        for name in ("fetch", "fetchrow", "forward"):
+            self.wrap(cursor.Cursor, name, _cursor_method(name))
+        self.wrap(cursor.CursorIterator, "__anext__", _cursor_method("__anext__"))
