@@ -313,6 +313,11 @@ def register(cls: type[Any], tag: str, encode: _Encoder, decode: _Decoder) -> No
     _DECODERS[name] = decode
 
 
+_PLAIN: dict[type[Any], Callable[[Any], Any]] = {
+    int: int.__int__, float: float.__float__, str: str.__str__, bytes: bytes.__bytes__
+}
+
+
 def to_tree(value: Any) -> Tree:
     """Turn ``value`` into a tree that msgspec can encode as msgpack or JSON."""
     enc = _ENCODERS.get(type(value))
@@ -327,7 +332,8 @@ def to_tree(value: Any) -> Tree:
     # Subclasses of builtins (named tuples, str enums of other libraries...) keep their base.
     for base in (bool, int, float, str, bytes, tuple, list, dict, dt.datetime, dt.date):
         if isinstance(value, base):
-            return _ENCODERS[base](value)
+            plain = _PLAIN.get(base)  # leaves must be exact types for msgspec (quoted_name...)
+            return _ENCODERS[base](plain(value) if plain is not None else value)
     return {"$unsupported": [f"{cls.__module__}.{cls.__qualname__}", repr(value)[:200]]}
 
 
