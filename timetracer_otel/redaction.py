@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import msgspec
 import tomllib
 
 from timetracer_otel.errors import ConfigError
@@ -94,6 +95,9 @@ _MIN_SCRUB_LEN = 6
 _SEEN_LIMIT = 512
 # scheme://user:password@host in free text (error messages, log lines).
 _URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@\s'\"]+)(?=@)")
+# Span attributes holding URLs or query strings, and the prefixes of captured header attributes.
+_URL_ATTRS = frozenset({"http.url", "url.full", "http.target", "db.connection_string", "server.url"})
+_HEADER_ATTRS = ("http.request.header.", "http.response.header.")
 # libpq key=value DSNs: password=secret or password='secret'.
 _KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s'\"]+)", re.I)
 
@@ -327,13 +331,14 @@ class Redactor:
         if "@" in netloc:
             userinfo, _, hostport = netloc.rpartition("@")
             user, sep, password = userinfo.partition(":")
-            netloc = f"{user}:{self.token(password)}@{hostport}" if sep else netloc
+            if sep and password != "REDACTED":  # OTel's own placeholder stays as it is
+                netloc = f"{user}:{self.token(password)}@{hostport}"
         if not parts.query and netloc == parts.netloc:
             return url
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if not any(k in self.param_names for k, _ in pairs) and netloc == parts.netloc:
             return url
-        query = urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs])
+        query = urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs], safe=":")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     def dsn(self, dsn: str) -> str:
@@ -347,7 +352,7 @@ class Redactor:
         pairs = parse_qsl(query, keep_blank_values=True)
         if not any(k in self.param_names for k, _ in pairs):
             return query
-        return urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs])
+        return urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs], safe=":")
 
     # --- bodies (JSON, forms), responses and errors -----------------------------------------
 
@@ -462,6 +467,35 @@ class Redactor:
                     ]
                 return {k: (v if k in ("body", "chunks") else self.scrub(v)) for k, v in tree.items()}
         return self.scrub(tree)
+
+    def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """OTel span or event attributes: URL attributes through :meth:`url`, captured secret
+        headers (``http.request.header.cookie``) tokenized, every string scrubbed."""
+        out: dict[str, Any] = {}
+        for k, v in attrs.items():
+            if k.startswith(_HEADER_ATTRS) and k.rsplit(".", 1)[-1].replace("_", "-") in self.header_names:
+                out[k] = [self._any_token(x) for x in v] if isinstance(v, list) else self._any_token(v)
+            elif isinstance(v, str) and k in _URL_ATTRS:
+                out[k] = self.text(self.url(v))
+            elif isinstance(v, str) and k == "url.query":
+                out[k] = self.text(self.query(v))
+            else:
+                out[k] = self.scrub(v)
+        return out
+
+    def span_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A span's status message and event attributes (exception messages) redacted."""
+        out = dict(fields)
+        if isinstance(out.get("status_message"), str):
+            out["status_message"] = self.text(out["status_message"])
+        events = out.get("events")
+        if events:
+            out["events"] = [
+                msgspec.structs.replace(e, attributes=self.attributes(getattr(e, "attributes", {})))
+                if isinstance(e, msgspec.Struct) else e
+                for e in events
+            ]
+        return out
 
     def scrub(self, tree: Any) -> Any:
         """Every string and bytes leaf of ``tree`` with seen secrets (and DSN/URL passwords in

@@ -24,6 +24,7 @@ from timetracer_otel.replay_shims.base import (
     ATTR_SHAPE,
     ATTR_TRUNCATED,
     PAYLOAD_ATTRS,
+    STATE,
 )
 
 log = logging.getLogger("timetracer_otel")
@@ -55,6 +56,8 @@ def record_from_attributes(
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
     attrs = {k: plain(v) for k, v in attributes.items() if k not in PAYLOAD_ATTRS}
+    # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
+    attrs, base = STATE.redactor.attributes(attrs), STATE.redactor.span_fields(base)
     rec = SpanRecord(**base, attributes=attrs)
     library = attributes.get(ATTR_LIBRARY)
     if library:

@@ -1,0 +1,218 @@
+"""Done-when: secrets in every place a request carries them never reach a cassette's bytes, while
+the app sees the originals and replay still matches (httpx and requests, real uvicorn upstream)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import timetracer_otel
+from timetracer_otel import redaction
+from timetracer_otel.cassette import load_cassette
+from timetracer_otel.errors import ReplayMissError
+from timetracer_otel.replay_shims.base import STATE
+
+SECRETS = {
+    "bearer": "BearerSecret-4f1c2a",
+    "cookie": "CookieSecret-81be0d",
+    "apikey_header": "ApiKeySecret-0c9d77",
+    "session_header": "SessionHdrSecret-66a1",
+    "query_key": "QueryKeySecret-2b7e11",
+    "query_custom": "QuerySidSecret-93f0aa",
+    "dsn_password": "DsnPassSecret-5d3e",
+    "body_password": "BodyPassSecret-7a2f",
+    "body_card": "CardNumberSecret-1e8b",
+    "response_token": "RespTokenSecret-c4d2",
+    "response_cookie": "SetCookieSecret-0f6e",
+}
+RULES = "header:x-session-*,query:sid,json:card.number,json:session.token,json:**.ssn"
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+async def login(request: Request) -> JSONResponse:
+    body = await request.json()
+    # The upstream answers with hashes of what it received: proof the originals went out,
+    # without the answer itself carrying the secrets.
+    seen = {
+        "authorization": _digest(request.headers.get("authorization", "")),
+        "cookie": _digest(request.cookies.get("session", "")),
+        "x_api_key_digest": _digest(request.headers.get("x-api-key", "")),
+        "session": _digest(request.headers.get("x-session-id", "")),
+        "query_key": _digest(request.query_params.get("api_key", "")),
+        "query_sid": _digest(request.query_params.get("sid", "")),
+        "body_pw_digest": _digest(body["user"]["password"]),
+        "card": _digest(body["card"]["number"]),
+    }
+    response = JSONResponse(
+        {"seen": seen, "session": {"token": SECRETS["response_token"]}, "message": "hello",
+         "age": 41}
+    )
+    response.set_cookie("sid", SECRETS["response_cookie"], path="/")
+    return response
+
+
+app = Starlette(routes=[Route("/login", login, methods=["POST"])])
+
+
+def expected_seen(dsn_auth: str) -> dict[str, str]:
+    return {
+        "authorization": _digest(dsn_auth),
+        "cookie": _digest(SECRETS["cookie"]),
+        "x_api_key_digest": _digest(SECRETS["apikey_header"]),
+        "session": _digest(SECRETS["session_header"]),
+        "query_key": _digest(SECRETS["query_key"]),
+        "query_sid": _digest(SECRETS["query_custom"]),
+        "body_pw_digest": _digest(SECRETS["body_password"]),
+        "card": _digest(SECRETS["body_card"]),
+    }
+
+
+@pytest.fixture
+def rules(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    original = STATE.redactor
+    monkeypatch.setenv("TIMETRACER_REDACT", RULES)
+    monkeypatch.delenv("TIMETRACER_REDACTION_KEY", raising=False)
+    redaction.set_default_redactor(redaction.Redactor())
+    yield
+    redaction.set_default_redactor(original)
+
+
+def _payload() -> dict[str, Any]:
+    return {"user": {"name": "ann", "password": SECRETS["body_password"]},
+            "card": {"number": SECRETS["body_card"], "brand": "visa"}, "message": "age check"}
+
+
+def call_httpx(base: str) -> dict[str, Any]:
+    userinfo_base = base.replace("http://", f"http://svc:{SECRETS['dsn_password']}@")
+    with httpx.Client(cookies={"session": SECRETS["cookie"]}) as c:
+        r = c.post(
+            f"{userinfo_base}/login",
+            params={"api_key": SECRETS["query_key"], "sid": SECRETS["query_custom"], "page": "1"},
+            headers={"X-API-Key": SECRETS["apikey_header"], "X-Session-Id": SECRETS["session_header"]},
+            json=_payload(),
+        )
+    return {"json": r.json(), "cookie": r.cookies.get("sid"), "type": type(r)}
+
+
+def call_requests(base: str) -> dict[str, Any]:
+    with requests.Session() as s:
+        s.cookies.set("session", SECRETS["cookie"])
+        r = s.post(
+            f"{base}/login",
+            params={"api_key": SECRETS["query_key"], "sid": SECRETS["query_custom"], "page": "1"},
+            headers={"Authorization": f"Bearer {SECRETS['bearer']}", "X-API-Key": SECRETS["apikey_header"],
+                     "X-Session-Id": SECRETS["session_header"]},
+            json=_payload(),
+        )
+    return {"json": r.json(), "cookie": r.cookies.get("sid"), "type": type(r)}
+
+
+def _leaves(node: Any) -> Iterator[bytes]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k).encode()
+            yield from _leaves(v)
+    elif isinstance(node, list):
+        for x in node:
+            yield from _leaves(x)
+    elif isinstance(node, bytes):
+        yield node
+    elif isinstance(node, str):
+        yield node.encode()
+        with contextlib.suppress(ValueError):  # JSON cassettes carry bytes as base64 text
+            yield base64.b64decode(node, validate=True)
+
+
+def assert_no_secret(path: Path) -> None:
+    """Every byte of the file, every decoded leaf (base64, gzip) and their base64 forms."""
+    raw = path.read_bytes()
+    import msgspec
+
+    tree = msgspec.json.decode(raw) if raw[:1] == b"{" else msgspec.msgpack.decode(raw)
+    blobs = [raw, *_leaves(tree)]
+    blobs += [gzip.decompress(b) for b in blobs if b[:2] == b"\x1f\x8b"]
+    for name, secret in SECRETS.items():
+        forms = {secret.encode(), base64.b64encode(secret.encode()),
+                 base64.b64encode(f"svc:{secret}".encode())}
+        for blob in blobs:
+            for form in forms:
+                assert form not in blob, f"secret {name} found in {path.name}"
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+@pytest.mark.parametrize("client", ["httpx", "requests"])
+def test_secrets_never_reach_the_cassette_and_replay_still_matches(
+    serve: Any, tmp_path: Path, rules: None, fmt: str, client: str
+) -> None:
+    server = serve(app)
+    job = call_httpx if client == "httpx" else call_requests
+    dsn_auth = (
+        "Basic " + base64.b64encode(f"svc:{SECRETS['dsn_password']}".encode()).decode()
+        if client == "httpx" else f"Bearer {SECRETS['bearer']}"
+    )
+    with timetracer_otel.record(dir=tmp_path, format=fmt) as rec:  # type: ignore[arg-type]
+        live = job(server.url)
+    server.stop()
+
+    # The app saw the originals: the upstream got every secret, the app got its answer.
+    assert live["json"]["seen"] == expected_seen(dsn_auth)
+    assert live["json"]["session"]["token"] == SECRETS["response_token"]
+    assert live["cookie"] == SECRETS["response_cookie"]
+    assert live["type"] is (httpx.Response if client == "httpx" else requests.Response)
+
+    assert len(rec.paths) == 1
+    path = Path(rec.paths[0])
+    assert_no_secret(path)
+    span = next(s for s in load_cassette(path).interactions if s.library == client)
+    stored_headers = {k.lower(): v for k, v in span.request["headers"]}
+    assert stored_headers["x-api-key"].startswith("redacted:")
+    assert stored_headers["cookie"].startswith("session=redacted:")  # cookie names are kept
+
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(server.url)
+    assert rep.report.exact == 1 and not rep.report.misses  # strict: exact key, tokens folded
+    # Upstream's own hashes and plain fields come back unchanged; "message" and "age" are not
+    # touched by rules naming other fields (exact names, never substrings).
+    assert replayed["json"]["seen"] == live["json"]["seen"]
+    assert replayed["json"]["message"] == "hello" and replayed["json"]["age"] == 41
+    assert type(replayed["json"]["age"]) is int
+    # What was redacted in a response comes back as its token on replay (documented).
+    token = replayed["json"]["session"]["token"]
+    assert isinstance(token, str) and token.startswith("redacted:")
+    assert replayed["cookie"] is not None and replayed["cookie"].startswith("redacted:")
+
+
+def test_a_replay_miss_prints_tokens_never_the_secret(serve: Any, tmp_path: Path, rules: None) -> None:
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        call_requests(server.url)
+    server.stop()
+    params = {"api_key": SECRETS["query_key"], "sid": SECRETS["query_custom"]}
+    with (timetracer_otel.replay(rec.paths, strict=True), pytest.raises(ReplayMissError) as info,
+          requests.Session() as s):
+        # Same secrets, another path: a miss whose diff lists the recorded candidate.
+        s.post(f"{server.url}/logout", params=params,
+               headers={"Authorization": f"Bearer {SECRETS['bearer']}"},
+               json={"user": {"password": SECRETS["body_password"]}, "card": {"number": "other"}})
+    message = str(info.value)
+    assert "/logout" in message and "redacted:" in message
+    for name, secret in SECRETS.items():
+        assert secret not in message, f"secret {name} printed in the miss message"
+    assert json.dumps(SECRETS["query_key"]) not in message
