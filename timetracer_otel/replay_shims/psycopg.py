@@ -1,0 +1,701 @@
+"""psycopg 3: cursor execution generators, recorded as raw PGresults, replayed through psycopg.
+
+What it patches (all beneath the OTel instrumentation, which wraps ``connect`` and subclasses
+the cursor): ``BaseCursor._execute_gen`` (``execute`` of every sync/async/client cursor),
+``Cursor.executemany`` / ``AsyncCursor.executemany``, the server-side cursor's ``_declare_gen``
+and ``_fetch_gen``, ``BaseConnection._connect_gen`` and, in replay only, ``_exec_command`` (the
+BEGIN/COMMIT/SAVEPOINT psycopg issues itself) and the DNS step of ``connect``.
+
+Record keeps each PGresult as the server sent it: status, column names/oids/modifiers/formats,
+raw cell bytes, command status; plus the transaction status after the call and any change of
+the session parameters the loaders read (TimeZone, DateStyle, IntervalStyle, client_encoding).
+Replay hands those results to the cursor as objects with the PGresult interface, so psycopg's
+own Transformer and loaders build the rows (a ``timestamptz`` gets the same ZoneInfo), and
+builds errors with ``psycopg.errors.error_from_result`` (same class, sqlstate and diag).
+
+In replay a connection wraps a never-connected libpq PGconn (its libpq side only serves
+escaping) that reports the recorded session; any real I/O on it raises ReplayUnsupportedError.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg import sql as pg_sql
+from psycopg._connection_base import BaseConnection
+from psycopg._cursor_base import BaseCursor
+from psycopg._server_cursor_base import ServerCursorMixin
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import _pq_ctypes
+from psycopg.pq.misc import _clean_error_message
+from psycopg.pq.pq_ctypes import PGconn
+
+from timetracer_otel.codec import Tree, as_bytes
+from timetracer_otel.config import Mode, OnMiss
+from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.index import Match
+from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import (
+    LIVE,
+    STATE,
+    Shim,
+    capture,
+    decide,
+    rebuild_error,
+)
+from timetracer_otel.sql import sql_call
+
+LIBRARY = "psycopg"
+SCOPE = "opentelemetry.instrumentation.psycopg"
+
+_ES = pq.ExecStatus
+_TS = pq.TransactionStatus
+# Session parameters the loaders read; a change (SET TimeZone...) is recorded with the call.
+_LOADER_PARAMS = (b"TimeZone", b"DateStyle", b"IntervalStyle", b"client_encoding")
+_REPORTED_PARAMS = (
+    b"application_name", b"client_encoding", b"DateStyle", b"default_transaction_read_only",
+    b"in_hot_standby", b"integer_datetimes", b"IntervalStyle", b"is_superuser",
+    b"server_encoding", b"server_version", b"session_authorization",
+    b"standard_conforming_strings", b"TimeZone",
+)
+# Used only when a replay opens more connections than were recorded.
+_DEFAULT_SESSION: dict[str, Any] = {
+    "params": {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "IntervalStyle": "postgres",
+               "TimeZone": "UTC", "integer_datetimes": "on", "standard_conforming_strings": "on",
+               "server_encoding": "UTF8", "server_version": "15.0"},
+    "server_version": 150000,
+    "backend_pid": 0,
+}
+# A unix socket directory that does not exist: libpq allocates a PGconn and fails at once.
+_NOWHERE = "/nonexistent/timetracer-replay"
+
+
+# --- the recorded PGresult -----------------------------------------------------------------
+
+
+def _result_tree(res: Any) -> Tree:
+    nf, nt = res.nfields, res.ntuples
+    tree: dict[str, Any] = {
+        "status": int(res.status),
+        "cmd": res.command_status,
+        "tuples": res.command_tuples,
+        "fields": [[res.fname(i), res.ftype(i), res.fmod(i), res.fformat(i), res.fsize(i)]
+                   for i in range(nf)],
+        "rows": [[res.get_value(r, c) for c in range(nf)] for r in range(nt)],
+    }
+    if res.status == _ES.FATAL_ERROR:
+        tree["message"] = res.error_message
+        tree["diag"] = {str(int(f)): v for f in pq.DiagnosticField
+                        if (v := res.error_field(f)) is not None}
+    return tree
+
+
+def _opt_bytes(value: bytes | str | None) -> bytes | None:
+    return None if value is None else as_bytes(value)
+
+
+class RecordedResult:
+    """A recorded PGresult with the interface psycopg reads (``psycopg.pq.abc.PGresult``)."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.status: int = tree["status"]
+        self.command_status = _opt_bytes(tree.get("cmd"))
+        self.command_tuples: int | None = tree.get("tuples")
+        self._fields: list[tuple[bytes, int, int, int, int]] = [
+            (as_bytes(f[0]), f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())
+        ]
+        self._rows = [[_opt_bytes(v) for v in row] for row in tree.get("rows", ())]
+        self.error_message = _opt_bytes(tree.get("message")) or b""
+        self._diag = {int(k): as_bytes(v) for k, v in (tree.get("diag") or {}).items()}
+        self.ntuples = len(self._rows)
+        self.nfields = len(self._fields)
+        self.binary_tuples = self._fields[0][3] if self._fields else 0
+        self.oid_value = 0
+        self.nparams = 0
+
+    def fname(self, i: int) -> bytes:
+        return self._fields[i][0]
+
+    def ftype(self, i: int) -> int:
+        return self._fields[i][1]
+
+    def fmod(self, i: int) -> int:
+        return self._fields[i][2]
+
+    def fformat(self, i: int) -> int:
+        return self._fields[i][3]
+
+    def fsize(self, i: int) -> int:
+        return self._fields[i][4]
+
+    def ftable(self, i: int) -> int:
+        return 0
+
+    def ftablecol(self, i: int) -> int:
+        return 0
+
+    def param_type(self, i: int) -> int:
+        return 0
+
+    def get_value(self, row: int, col: int) -> bytes | None:
+        return self._rows[row][col]
+
+    def error_field(self, code: int) -> bytes | None:
+        return self._diag.get(int(code))
+
+    def get_error_message(self, encoding: str = "utf-8") -> str:
+        return _clean_error_message(self.error_message, encoding)
+
+    def clear(self) -> None:
+        pass
+
+    def set_attributes(self, descriptions: list[Any]) -> None:
+        raise ReplayUnsupportedError("A recorded psycopg result is read-only.")
+
+    def __repr__(self) -> str:
+        return f"<RecordedResult {_ES(self.status).name} {self.ntuples} rows>"
+
+
+def _simple_result(command: str) -> RecordedResult:
+    word = command.split(None, 1)[0].upper().encode() if command.strip() else b""
+    return RecordedResult({"status": int(_ES.COMMAND_OK), "cmd": word})
+
+
+# --- the replay connection -----------------------------------------------------------------
+
+
+class ReplayPGconn(PGconn):
+    """A libpq PGconn that never connected, reporting the recorded session.
+
+    Status, transaction status and parameter statuses come from the cassette; escaping uses
+    the libpq object; sending anything to a server raises :class:`ReplayUnsupportedError`.
+    """
+
+    def __init__(self, params: dict[str, Any], session: Tree) -> None:
+        nowhere = {k: v for k, v in params.items() if k not in ("host", "hostaddr", "port")}
+        ptr = _pq_ctypes.PQconnectStart(make_conninfo("", **nowhere, host=_NOWHERE).encode())
+        if not ptr:
+            raise MemoryError("couldn't allocate PGconn")
+        super().__init__(ptr)
+        self._conninfo = params
+        self._params = {k.encode(): v.encode() for k, v in session["params"].items()}
+        self._server_version: int = session["server_version"]
+        self._backend_pid: int = session.get("backend_pid") or 0
+        self._tx_status: int = _TS.IDLE
+        self._open = True
+
+    # What the connection reports.
+    @property
+    def status(self) -> int:
+        return pq.ConnStatus.OK if self._open else pq.ConnStatus.BAD
+
+    @property
+    def transaction_status(self) -> int:
+        return self._tx_status if self._open else _TS.UNKNOWN
+
+    def parameter_status(self, name: bytes) -> bytes | None:
+        return self._params.get(name)
+
+    @property
+    def server_version(self) -> int:
+        return self._server_version
+
+    @property
+    def backend_pid(self) -> int:
+        return self._backend_pid
+
+    @property
+    def protocol_version(self) -> int:
+        return 3
+
+    @property
+    def full_protocol_version(self) -> int:
+        return 30000
+
+    @property
+    def used_gssapi(self) -> bool:
+        return False
+
+    @property
+    def ssl_in_use(self) -> bool:
+        return False
+
+    @property
+    def error_message(self) -> bytes:
+        return b""
+
+    @property
+    def socket(self) -> int:
+        # Read eagerly by Connection.wait; replayed generators never wait on it.
+        return -1
+
+    def _conn_bytes(self, key: str, default: str = "") -> bytes:
+        value = self._conninfo.get(key)
+        return str(value if value is not None else default).encode()
+
+    @property
+    def host(self) -> bytes:
+        return self._conninfo_host()
+
+    def _conninfo_host(self) -> bytes:
+        return self._conn_bytes("host", os.environ.get("PGHOST", "/var/run/postgresql"))
+
+    @property
+    def hostaddr(self) -> bytes:
+        return self._conn_bytes("hostaddr")
+
+    @property
+    def port(self) -> bytes:
+        return self._conn_bytes("port", os.environ.get("PGPORT", "5432"))
+
+    def finish(self, *args: Any) -> None:
+        self._open = False
+        super().finish()
+
+    def apply(self, tx: int | None, session: dict[str, str] | None) -> None:
+        if tx is not None:
+            self._tx_status = tx
+        for k, v in (session or {}).items():
+            self._params[k.encode()] = v.encode()
+
+    def simulate(self, command: str) -> RecordedResult:
+        """The transaction bookkeeping of a command psycopg sends itself (BEGIN, COMMIT...)."""
+        words = command.split(None, 2)
+        first = words[0].upper() if words else ""
+        second = words[1].upper() if len(words) > 1 else ""
+        begins = first == "BEGIN" or (first == "START" and second == "TRANSACTION")
+        if begins or (first == "ROLLBACK" and second == "TO"):
+            self._tx_status = _TS.INTRANS
+        elif first in ("COMMIT", "ROLLBACK", "END", "ABORT"):
+            self._tx_status = _TS.IDLE
+        return _simple_result(command)
+
+    def _unsupported(self, what: str) -> ReplayUnsupportedError:
+        return ReplayUnsupportedError(
+            f"psycopg {what} is not supported on a replayed connection (COPY, stream(), "
+            "pipeline mode, LISTEN/NOTIFY and cancel need the server); keep psycopg live with "
+            "TIMETRACER_LIVE_PLUGINS=psycopg for this code."
+        )
+
+    def send_query(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_query")
+
+    def send_query_params(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_query_params")
+
+    def send_prepare(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_prepare")
+
+    def send_query_prepared(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_query_prepared")
+
+    def send_describe_portal(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_describe_portal")
+
+    def send_close_prepared(self, *args: Any, **kwargs: Any) -> None:
+        raise self._unsupported("send_close_prepared")
+
+    def enter_pipeline_mode(self) -> None:
+        raise self._unsupported("pipeline mode")
+
+    def get_cancel(self) -> Any:
+        raise self._unsupported("cancel")
+
+    def cancel_conn(self) -> Any:
+        raise self._unsupported("cancel")
+
+
+def _session_tree(pgconn: Any) -> Tree:
+    params = {}
+    for name in _REPORTED_PARAMS:
+        value = pgconn.parameter_status(name)
+        if value is not None:
+            params[name.decode()] = value.decode("utf-8", "replace")
+    return {"params": params, "server_version": pgconn.server_version,
+            "backend_pid": pgconn.backend_pid}
+
+
+# Last loader parameters seen per live connection, to record only their changes.
+_seen: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+# Sessions of replayed connections, reused when a replay opens more connections than recorded.
+_last_session: dict[str | None, Tree] = {}
+
+
+def _session_change(pgconn: Any) -> dict[str, str] | None:
+    now = {}
+    for name in _LOADER_PARAMS:
+        value = pgconn.parameter_status(name)
+        if value is not None:
+            now[name.decode()] = value.decode("utf-8", "replace")
+    before = _seen.get(pgconn)
+    _seen[pgconn] = now
+    if before is None or before == now:
+        return None
+    return {k: v for k, v in now.items() if before.get(k) != v}
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _statement(query: Any) -> str | bytes:
+    if isinstance(query, str | bytes):
+        return query
+    if isinstance(query, pg_sql.Composable):
+        try:
+            return query.as_string(None)  # no connection: the same text in record and replay
+        except Exception:
+            return repr(query)
+    return str(query)
+
+
+def _plain(value: Any) -> Any:
+    """Parameters as values the codec knows (psycopg's Json and Range wrappers unwrapped)."""
+    t = type(value)
+    if t is list or t is tuple:
+        return t(_plain(v) for v in value)
+    if t is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    if t.__module__.startswith("psycopg"):
+        if hasattr(value, "obj") and hasattr(value, "dumps"):  # Json / Jsonb
+            return {"json": t.__name__, "obj": _plain(value.obj)}
+        if hasattr(value, "lower") and hasattr(value, "bounds"):  # Range
+            return {"range": (_plain(value.lower), _plain(value.upper), value.bounds)}
+        return repr(value)
+    return value
+
+
+def _dbname(conn: Any) -> str | None:
+    try:
+        db = conn.pgconn.db
+    except Exception:
+        return None
+    return db.decode("utf-8", "replace") if isinstance(db, bytes) else None
+
+
+def _call(cur: Any, query: Any, params: Any, operation: str,
+          extra: dict[str, Any] | None = None) -> Call:
+    return sql_call(LIBRARY, _statement(query), _plain(params) if params is not None else None,
+                    database=_dbname(cur._conn), operation=operation, extra=extra)
+
+
+def _connect_call(params: dict[str, Any]) -> Call:
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    db = params.get("dbname") or os.environ.get("PGDATABASE") or user
+    return sql_call(LIBRARY, "connect", None, database=str(db), operation="connect",
+                    extra={"user": str(user)})
+
+
+# --- record and replay of one cursor call ------------------------------------------------------
+
+
+def _cursor_tree(cur: Any, results: list[Any] | None = None) -> Tree:
+    tree: dict[str, Any] = {
+        "results": [_result_tree(r) for r in (cur._results if results is None else results)],
+        "rowcount": cur._rowcount,
+        "status": cur._statusmessage,
+        "tx": int(cur._conn.pgconn.transaction_status),
+    }
+    change = _session_change(cur._conn.pgconn)
+    if change:
+        tree["session"] = change
+    return tree
+
+
+def _error_attrs(cur: Any, exc: BaseException) -> Tree:
+    res = exc.pgresult if isinstance(exc, psycopg.Error) else None
+    try:
+        tx = int(cur._conn.pgconn.transaction_status)
+    except Exception:
+        tx = None
+    return {"result": _result_tree(res) if res is not None else None, "tx": tx}
+
+
+def _apply_session(cur: Any, tx: int | None, session: dict[str, str] | None) -> None:
+    pgconn = cur._conn.pgconn
+    if isinstance(pgconn, ReplayPGconn):
+        pgconn.apply(tx, session)
+
+
+def _raise_recorded(cur: Any, match: Match) -> None:
+    err = match.span.error
+    attrs = err.get("attrs") or {}
+    _apply_session(cur, attrs.get("tx"), None)
+    if attrs.get("result") is not None:
+        raise pg_errors.error_from_result(RecordedResult(attrs["result"]), encoding=cur._encoding)
+    raise rebuild_error(err)
+
+
+def _apply(cur: Any, match: Match) -> None:
+    """Put the recorded outcome on the cursor, as psycopg's own execute would have."""
+    if match.span.error is not None:
+        _raise_recorded(cur, match)
+    rec = match.span.response
+    _apply_session(cur, rec.get("tx"), rec.get("session"))
+    results: list[Any] = [RecordedResult(t) for t in rec["results"]]
+    cur._results = results
+    if results:
+        cur._select_current_result(0)
+    cur._rowcount = rec["rowcount"]
+    cur._statusmessage = _opt_bytes(rec["status"])
+
+
+# --- the patched methods ------------------------------------------------------------------------
+
+
+def _execute_gen(original: Any) -> Any:
+    def _execute_gen(self: Any, query: Any, params: Any = None, *, prepare: bool | None = None,
+                     binary: bool | None = None) -> Any:
+        if STATE.mode is Mode.OFF or self._conn._pipeline:
+            return (yield from original(self, query, params, prepare=prepare, binary=binary))
+        call = _call(self, query, params, "execute")
+        action = decide(call)
+        if isinstance(action, Match):
+            yield from self._start_query(query)
+            _apply(self, action)
+            self._last_query = query
+            return None
+        if action is LIVE:
+            return (yield from original(self, query, params, prepare=prepare, binary=binary))
+        with capture(call, SCOPE) as cap:
+            try:
+                yield from original(self, query, params, prepare=prepare, binary=binary)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(self, exc))
+                raise
+            cap.ok(_cursor_tree(self))
+        return None
+
+    return _execute_gen
+
+
+def _replay_many_gen(cur: Any, query: Any, returning: bool, match: Match) -> Any:
+    yield from cur._start_query(query)
+    cur._execmany_returning = returning
+    _apply(cur, match)
+    cur._last_query = query
+
+
+def _many_call(cur: Any, query: Any, params_seq: list[Any], returning: bool) -> Call:
+    return _call(cur, query, params_seq, "executemany", {"returning": returning})
+
+
+def _executemany(original: Any) -> Any:
+    def executemany(self: Any, query: Any, params_seq: Iterable[Any], *,
+                    returning: bool = False) -> None:
+        if STATE.mode is Mode.OFF or self._conn._pipeline:
+            return original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
+        params_seq = list(params_seq)
+        call = _many_call(self, query, params_seq, returning)
+        action = decide(call)
+        if isinstance(action, Match):
+            with self._conn.lock:
+                self._conn.wait(_replay_many_gen(self, query, returning, action))
+            return None
+        if action is LIVE:
+            return original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                original(self, query, params_seq, returning=returning)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(self, exc))
+                raise
+            cap.ok(_cursor_tree(self))
+        return None
+
+    return executemany
+
+
+def _aexecutemany(original: Any) -> Any:
+    async def executemany(self: Any, query: Any, params_seq: Iterable[Any], *,
+                          returning: bool = False) -> None:
+        if STATE.mode is Mode.OFF or self._conn._pipeline:
+            return await original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
+        params_seq = list(params_seq)
+        call = _many_call(self, query, params_seq, returning)
+        action = decide(call)
+        if isinstance(action, Match):
+            async with self._conn.lock:
+                await self._conn.wait(_replay_many_gen(self, query, returning, action))
+            return None
+        if action is LIVE:
+            return await original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                await original(self, query, params_seq, returning=returning)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(self, exc))
+                raise
+            cap.ok(_cursor_tree(self))
+        return None
+
+    return executemany
+
+
+# Server-side cursors: the declared query (and its parameters) keys each later FETCH, since
+# cursor names may be random (SQLAlchemy's are).
+_declared: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _declare_gen(original: Any) -> Any:
+    def _declare_gen(self: Any, query: Any, params: Any = None,
+                     binary: bool | None = None) -> Any:
+        if STATE.mode is Mode.OFF:
+            return (yield from original(self, query, params, binary))
+        _declared[self] = (query, params)
+        call = _call(self, query, params, "declare")
+        action = decide(call)
+        if isinstance(action, Match):
+            if self._described:
+                yield from self._close_gen()
+                self._described = False
+            self._iter_rows = None
+            yield from self._start_query(query)
+            if binary is None:
+                self._format = self.format
+            else:
+                self._format = pq.Format.BINARY if binary else pq.Format.TEXT
+            if action.span.error is not None:
+                _raise_recorded(self, action)
+            rec = action.span.response
+            _apply_session(self, rec.get("tx"), rec.get("session"))
+            self._results = [RecordedResult(t) for t in rec["results"]]
+            self._select_current_result(0, format=self._format)
+            self._described = True
+            return None
+        if action is LIVE:
+            return (yield from original(self, query, params, binary))
+        with capture(call, SCOPE) as cap:
+            try:
+                yield from original(self, query, params, binary)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(self, exc))
+                raise
+            cap.ok(_cursor_tree(self))
+        return None
+
+    return _declare_gen
+
+
+def _fetch_gen(original: Any) -> Any:
+    def _fetch_gen(self: Any, num: int | None) -> Any:
+        if STATE.mode is Mode.OFF or self.closed:
+            return (yield from original(self, num))
+        query, params = _declared.get(self, (f"<cursor {self._name}>", None))
+        call = _call(self, query, params, "fetch", {"rows": num})
+        action = decide(call)
+        if isinstance(action, Match):
+            if action.span.error is not None:
+                _raise_recorded(self, action)
+            rec = action.span.response
+            _apply_session(self, rec.get("tx"), rec.get("session"))
+            res = RecordedResult(rec["results"][0])
+            self.pgresult = res
+            self._tx.set_pgresult(res, set_loaders=False)
+            return self._tx.load_rows(0, res.ntuples, self._make_row)
+        if action is LIVE:
+            return (yield from original(self, num))
+        with capture(call, SCOPE) as cap:
+            try:
+                rows = yield from original(self, num)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(self, exc))
+                raise
+            cap.ok(_cursor_tree(self, [self.pgresult]))
+        return rows
+
+    return _fetch_gen
+
+
+def _exec_command(original: Any) -> Any:
+    def _exec_command(self: Any, command: Any, result_format: Any = pq.Format.TEXT) -> Any:
+        pgconn = self.pgconn
+        if isinstance(pgconn, ReplayPGconn) and pgconn._open and not self._pipeline:
+            text = _statement(command)
+            return pgconn.simulate(text.decode() if isinstance(text, bytes) else text)
+            yield  # a generator, like the original
+        return (yield from original(self, command, result_format))
+
+    return _exec_command
+
+
+def _connect_gen(original: Any) -> Any:
+    func = original.__func__
+
+    def _connect_gen(cls: Any, conninfo: str = "") -> Any:
+        if STATE.mode is Mode.OFF:
+            return (yield from func(cls, conninfo))
+        params = conninfo_to_dict(conninfo)
+        call = _connect_call(params)
+        db = call.identity["db"]
+        if STATE.mode is Mode.REPLAY:
+            if STATE.is_live(LIBRARY):
+                return (yield from func(cls, conninfo))
+            match = STATE.index.take(call) if STATE.index is not None else None
+            # With no recorded connect, a replay still connects (fewer or more pool
+            # connections than recorded are fine) unless misses may go live.
+            if match is not None or STATE.on_miss is OnMiss.ERROR:
+                if match is not None and match.span.error is not None:
+                    raise rebuild_error(match.span.error)
+                session = match.span.response if match is not None else None
+                session = session or _last_session.get(db) or _DEFAULT_SESSION
+                _last_session[db] = session
+                return cls(ReplayPGconn(params, session))
+            if STATE.on_miss is OnMiss.PASSTHROUGH:
+                return (yield from func(cls, conninfo))
+        with capture(call, SCOPE) as cap:
+            try:
+                conn = yield from func(cls, conninfo)
+            except Exception as exc:
+                cap.fail(exc)
+                raise
+            cap.ok(_session_tree(conn.pgconn))
+            _session_change(conn.pgconn)
+        return conn
+
+    return classmethod(_connect_gen)
+
+
+def _no_dns(original: Any) -> Any:
+    # A replay resolves no host names: the recorded server is not there to be found.
+    def conninfo_attempts(params: Any) -> Any:
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+            return [dict(params)]
+        return original(params)
+
+    return conninfo_attempts
+
+
+def _no_dns_async(original: Any) -> Any:
+    async def conninfo_attempts_async(params: Any) -> Any:
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+            return [dict(params)]
+        return await original(params)
+
+    return conninfo_attempts_async
+
+
+class PsycopgShim(Shim):
+    library = LIBRARY
+    requires = "psycopg"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.psycopg:PsycopgInstrumentor"
+
+    def patch(self) -> None:
+        from psycopg import connection, connection_async
+
+        self.wrap(BaseCursor, "_execute_gen", _execute_gen)
+        self.wrap(psycopg.Cursor, "executemany", _executemany)
+        self.wrap(psycopg.AsyncCursor, "executemany", _aexecutemany)
+        self.wrap(ServerCursorMixin, "_declare_gen", _declare_gen)
+        self.wrap(ServerCursorMixin, "_fetch_gen", _fetch_gen)
+        self.wrap(BaseConnection, "_exec_command", _exec_command)
+        self.wrap(BaseConnection, "_connect_gen", _connect_gen)
+        self.wrap(connection, "conninfo_attempts", _no_dns)
+        self.wrap(connection_async, "conninfo_attempts_async", _no_dns_async)
