@@ -1,0 +1,614 @@
+"""Replay a recorded inbound request into an ASGI app, and compare what it answers.
+
+The recorded scope and ``http.request`` messages are sent into the app in-process, while
+every dependency call is answered from the same cassette; the new response (status, headers,
+body; JSON-aware) is compared with the recorded one::
+
+    >>> result = replay_asgi("cassettes/2026-11-26/POST__orders_id__4bf92f35.msgpack", app)
+    >>> result.ok, result.label
+    (False, 'POST /orders/{id} [trace 4bf92f35]')
+    >>> print("\\n".join(result.diff))
+    body.total: recorded 30, now 31
+
+``timetracer-otel replay PATH --asgi MODULE:APP`` and ``timetracer-otel diff A B`` are the
+command-line faces of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import re
+import sys
+import threading
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
+from timetracer_otel.codec import Tree, as_bytes
+from timetracer_otel.errors import (
+    CassetteError,
+    ConfigError,
+    ReplayMissError,
+    ReplayUnsupportedError,
+    TimetracerError,
+)
+from timetracer_otel.index import ReplayIndex, ReplayReport
+from timetracer_otel.keys import field_diff
+from timetracer_otel.replay_shims.asgi import PROBE, Exchange, message_tree
+from timetracer_otel.runtime import replay
+
+T = TypeVar("T")
+
+# Response headers that change on every run; ``content-length`` only when streamed.
+VOLATILE_HEADERS = frozenset({"date", "server", "traceresponse", "x-request-id", "x-process-time"})
+_TOKEN = re.compile(r"redacted:[0-9a-f]+")
+_DIFF_LIMIT = 20
+
+
+@dataclass
+class InboundResult:
+    """The outcome of replaying one recorded request: ``ok`` when the response matches and no
+    dependency call missed."""
+
+    ok: bool
+    label: str
+    diff: list[str]
+    report: ReplayReport
+    status: int | None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        head = f"{'ok  ' if self.ok else 'DIFF'} {self.label}  ({self.report.summary()})"
+        return "\n".join([head, *(f"    {d}" for d in self.diff), *(f"    note: {n}" for n in self.notes)])
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_app(ref: str) -> Any:
+    """The ASGI app named ``"module:attr"`` (``attr`` may be dotted), imported from the current
+    directory or ``sys.path``.
+
+        >>> app = load_app("myservice.main:app")
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--asgi {ref!r} is not MODULE:APP; write it like myservice.main:app.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot import {module_name!r} ({type(exc).__name__}: {exc}); check the module name "
+            "and that it is importable from the current directory or PYTHONPATH."
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"module {module_name!r} has no attribute {attr!r}; check --asgi MODULE:APP."
+            ) from None
+    if not callable(obj):
+        raise ConfigError(f"{ref} is not an ASGI app (not callable); point --asgi at the app object.")
+    return obj
+
+
+def inbound_span(cassette: Cassette) -> SpanRecord | None:
+    """The span that carries the recorded inbound request (the root, normally)."""
+    root = cassette.root_span
+    if root is not None and root.library == "asgi":
+        return root
+    for span in cassette.spans:
+        if span.library == "asgi" and span.kind == "SERVER":
+            return span
+    return None
+
+
+def _label(span: SpanRecord) -> str:
+    return f"{span.label or span.name} [trace {span.trace_id[:8]}]"
+
+
+# --- driving the app -------------------------------------------------------------------------
+
+
+def _scope(req: Tree) -> dict[str, Any]:
+    raw_path = req.get("raw_path")
+    client, server = req.get("client"), req.get("server")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": req.get("http_version", "1.1"),
+        "method": req["method"],
+        "scheme": req.get("scheme", "http"),
+        "path": req["path"],
+        "raw_path": as_bytes(raw_path) if raw_path is not None else None,
+        "query_string": as_bytes(req.get("query_string") or b""),
+        "root_path": req.get("root_path", ""),
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.get("headers", [])],
+        "client": tuple(client) if client else None,
+        "server": tuple(server) if server else None,
+        "state": {},
+        "extensions": {},
+    }
+
+
+def _message(tree: Tree) -> dict[str, Any]:
+    msg = dict(tree)
+    if "body" in msg:
+        msg["body"] = as_bytes(msg["body"])
+    return msg
+
+
+@dataclass
+class _Run:
+    seam: Exchange
+    error: BaseException | None
+    timed_out: bool = False
+    unread: bool = False  # the app asked for request body that was never recorded
+    raised: BaseException | None = None  # what came out of the outermost app call
+
+
+async def _drive(app: Any, req: Tree, timeout: float) -> _Run:
+    messages = [_message(m) for m in req.get("messages", [])]
+    complete = not messages or not messages[-1].get("more_body", False) or any(
+        m.get("type") == "http.disconnect" for m in messages
+    )
+    outer, probe = Exchange(), Exchange()
+    done = asyncio.Event()
+    run = _Run(outer, None)
+    pos = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pos
+        if pos < len(messages):
+            pos += 1
+            return dict(messages[pos - 1])
+        if not complete:
+            run.unread = True
+            return {"type": "http.disconnect"}
+        await done.wait()  # like a server: the client goes away once the response is over
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        if outer.on_send(message):
+            done.set()
+
+    token = PROBE.set(probe)
+    try:
+        await asyncio.wait_for(app(_scope(req), receive, send), timeout)
+    except asyncio.TimeoutError:
+        run.timed_out = True
+    except Exception as exc:
+        run.error = exc
+    finally:
+        PROBE.reset(token)
+        done.set()
+    if probe.claimed:  # the app's own OTel middleware saw it: compare at the recorded level
+        run.seam = probe
+        run.raised = run.error
+        run.error = probe.error
+    else:
+        run.raised = run.error
+        run.error = outer.error or run.error
+    return run
+
+
+# --- comparing -------------------------------------------------------------------------------
+
+
+def _headers(messages: list[Tree], kind: str) -> list[list[str]]:
+    for m in messages:
+        if m.get("type") == kind:
+            return list(m.get("headers") or [])
+    return []
+
+
+def _body(messages: list[Tree]) -> tuple[bytes, int]:
+    chunks = [as_bytes(m.get("body") or b"") for m in messages if m.get("type") == "http.response.body"]
+    return b"".join(chunks), len(chunks)
+
+
+def _header_map(pairs: list[list[str]], ignore: frozenset[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in pairs:
+        name = k.lower()
+        if name not in ignore:
+            out.setdefault(name, []).append(_TOKEN.sub("redacted", v))
+    return out
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return msgspec.UNSET
+
+
+def body_diff(recorded: bytes, now: bytes, where: str = "body") -> list[str]:
+    """Differences between two bodies: by JSON field when both are JSON, else the first
+    differing byte."""
+    if recorded == now:
+        return []
+    a, b = _json(recorded), _json(now)
+    if a is not msgspec.UNSET and b is not msgspec.UNSET:
+        return field_diff(a, b, where, limit=_DIFF_LIMIT)
+    pairs = enumerate(zip(recorded, now, strict=False))
+    at = next((i for i, (x, y) in pairs if x != y), min(len(recorded), len(now)))
+    return [
+        f"{where}: {len(recorded)} bytes recorded, {len(now)} now; first difference at byte {at}: "
+        f"recorded {_short(recorded[at:at + 40])}, now {_short(now[at:at + 40])}"
+    ]
+
+
+def response_diff(
+    recorded: list[Tree], now: list[Tree], ignore: Iterable[str] = ()
+) -> list[str]:
+    """Status, headers (volatile ones ignored), body and trailers of two message lists."""
+    out: list[str] = []
+    rs, ns = _status(recorded), _status(now)
+    if rs != ns:
+        out.append(f"status: recorded {rs}, now {ns}")
+    rb, rn = _body(recorded)
+    nb, nn = _body(now)
+    skip = VOLATILE_HEADERS | {h.lower() for h in ignore}
+    body = body_diff(rb, nb)
+    if rn > 1 or nn > 1 or body:  # streamed, or a consequence of the body difference
+        skip |= {"content-length", "transfer-encoding"}
+    for kind, what in (("http.response.start", "header"), ("http.response.trailers", "trailer")):
+        rh, nh = _header_map(_headers(recorded, kind), skip), _header_map(_headers(now, kind), skip)
+        for name in dict.fromkeys([*rh, *nh]):
+            a, b = rh.get(name), nh.get(name)
+            if a != b:
+                out.append(f"{what} {name}: recorded {_values(a)}, now {_values(b)}")
+    out.extend(body)
+    return out
+
+
+def _values(v: list[str] | None) -> str:
+    return "absent" if v is None else _short(v[0] if len(v) == 1 else v)
+
+
+def _status(messages: list[Tree]) -> int | None:
+    for m in messages:
+        if m.get("type") == "http.response.start":
+            return int(m["status"])
+    return None
+
+
+def _error_name(tree: Tree) -> str:
+    return str(tree.get("type", "?")).replace(":", ".")
+
+
+def _error_text(tree: Tree) -> str:
+    return "none" if tree is None else f"{_error_name(tree)}: {tree.get('message')}"
+
+
+def _miss_messages(exc: BaseException | None) -> list[str]:
+    seen: set[int] = set()
+    out = []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ReplayMissError):
+            out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _compare(span: SpanRecord, run: _Run, report: ReplayReport, ignore: Iterable[str]) -> list[str]:
+    diff: list[str] = []
+    misses = _miss_messages(run.error) or _miss_messages(run.raised)
+    for text in misses:
+        diff.extend(f"dependency {line}" if i == 0 else line for i, line in enumerate(text.splitlines()))
+    if not misses:
+        diff.extend(f"dependency miss: {label}" for label in report.misses)
+    if run.timed_out:
+        diff.append("the app did not finish within the replay timeout")
+    if run.unread:
+        diff.append("the app read more of the request body than the recording holds")
+    recorded_messages: list[Tree] = (span.response or {}).get("messages") or []
+    err = span.error
+    if err is not None:
+        now = run.error
+        if now is None:
+            diff.append(f"error: recorded {_error_name(err)}: {err.get('message')}, now no exception")
+        else:
+            name = f"{type(now).__module__}.{type(now).__qualname__}"
+            if name != _error_name(err) or str(now) != err.get("message"):
+                diff.append(f"error: recorded {_error_name(err)}: {err.get('message')}, "
+                            f"now {name}: {_short(str(now), 200)}")
+        if _status(recorded_messages) is None:
+            return diff  # nothing was sent before it raised: the error is the whole outcome
+    elif run.error is not None and not misses:
+        diff.append(f"error: recorded none, now {type(run.error).__name__}: {_short(str(run.error), 200)}")
+    diff.extend(response_diff(recorded_messages, run.seam.sent, ignore))
+    return diff
+
+
+# --- the public entry points -----------------------------------------------------------------
+
+
+def _load(cassette: Cassette | str | Path) -> tuple[Cassette, str]:
+    if isinstance(cassette, Cassette):
+        return cassette, cassette.name
+    path = Path(cassette)
+    if path.is_dir():
+        raise CassetteError(f"{path} is a directory; pass one cassette file (the CLI takes directories).")
+    return load_cassette(path), str(path)
+
+
+async def replay_asgi_async(
+    cassette: Cassette | str | Path,
+    app: Any,
+    *,
+    on_miss: str = "error",
+    strict: bool = False,
+    ignore_headers: Iterable[str] = (),
+    timeout: float = 30.0,
+) -> InboundResult:
+    """:func:`replay_asgi` inside a running event loop."""
+    loaded, source = _load(cassette)
+    span = inbound_span(loaded)
+    if span is None or span.request is None:
+        raise CassetteError(
+            f"{source} holds no recorded inbound request; record it through an ASGI app under "
+            "OpenTelemetryMiddleware (e.g. opentelemetry-instrument uvicorn app:app)."
+        )
+    if span.truncated:
+        raise ReplayUnsupportedError(
+            f"{source}: the recorded request or response was over the payload limit and stored "
+            "truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again."
+        )
+    # The inbound span is what is being replayed, never an answer to a dependency call.
+    calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
+    rep = replay(calls, on_miss=on_miss, strict=strict)
+    rep.index = ReplayIndex([(source, calls)], strict=strict)
+    with rep:
+        run = await _drive(app, span.request, timeout)
+    report = rep.report
+    diff = _compare(span, run, report, ignore_headers)
+    notes = [f"recorded call not made: {label}" for label, _ in report.unused]
+    if strict and notes:
+        diff.extend(notes)
+        notes = []
+    return InboundResult(
+        ok=not diff and report.ok,
+        label=_label(span),
+        diff=diff,
+        report=report,
+        status=run.seam.status,
+        source=source,
+        notes=notes,
+    )
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        running = False
+    else:
+        running = True
+    if not running:
+        return asyncio.run(coro)
+    box: list[Any] = []
+
+    def target() -> None:  # a loop is running here (an async test): use a fresh one aside
+        try:
+            box.append((True, asyncio.run(coro)))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    t = threading.Thread(target=target, name="timetracer-replay-asgi")
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def replay_asgi(
+    cassette: Cassette | str | Path,
+    app: Any,
+    *,
+    on_miss: str = "error",
+    strict: bool = False,
+    ignore_headers: Iterable[str] = (),
+    timeout: float = 30.0,
+) -> InboundResult:
+    """Send the recorded request into ``app`` with every dependency answered from the same
+    cassette, and compare the new response with the recorded one.
+
+        >>> result = replay_asgi("cassettes/x/GET__items__4bf92f35.msgpack", app)
+        >>> assert result.ok, "\\n".join(result.diff)
+
+    ``ignore_headers`` adds response headers to leave out of the comparison (``date``,
+    ``server`` and ``content-length`` of streamed bodies are always left out). ``strict``
+    turns off shape matching and counts recorded calls the app no longer makes as differences.
+    """
+    return _run_sync(replay_asgi_async(
+        cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore_headers,
+        timeout=timeout,
+    ))
+
+
+def instrument_app(app: Any) -> Any:
+    """Give a bare Starlette/FastAPI app the OTel middleware (as ``opentelemetry-instrument``
+    does), so the replay compares at the level the request was recorded."""
+    try:
+        from starlette.applications import Starlette
+    except ImportError:
+        return app
+    if isinstance(app, Starlette) and not getattr(app, "_is_instrumented_by_opentelemetry", False) \
+            and app.middleware_stack is None:
+        try:
+            from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+        except ImportError:
+            return app
+        StarletteInstrumentor.instrument_app(app)
+    return app
+
+
+def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
+    """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
+    try:
+        files = find_cassettes(source)
+        cassettes = [(str(f), load_cassette(f)) for f in files]
+        app = instrument_app(load_app(app_ref))
+    except TimetracerError as exc:
+        click.echo(f"timetracer-otel: {exc}", err=True)
+        return 2
+    inbound = [(p, c) for p, c in cassettes if inbound_span(c) is not None]
+    if not inbound:
+        click.echo(f"timetracer-otel: {source} holds no recorded inbound request; record through "
+                   "an ASGI app first.", err=True)
+        return 2
+    ignore = [h.strip() for h in os.environ.get("TIMETRACER_IGNORE_HEADERS", "").split(",") if h.strip()]
+
+    async def all_of_them() -> list[InboundResult | str]:
+        out: list[InboundResult | str] = []
+        for path, cassette in inbound:
+            try:
+                out.append(await replay_asgi_async(
+                    cassette, app, on_miss=on_miss or "error", strict=strict, ignore_headers=ignore,
+                ))
+                out[-1].source = path  # type: ignore[union-attr]
+            except TimetracerError as exc:
+                out.append(f"FAIL {path}: {exc}")
+        return out
+
+    results = asyncio.run(all_of_them())
+    failed = 0
+    for r in results:
+        if isinstance(r, str):
+            failed += 1
+            click.echo(r)
+            continue
+        failed += not r.ok
+        if not r.ok or len(results) <= 50:
+            click.echo(r.render())
+    skipped = len(cassettes) - len(inbound)
+    tail = f", {skipped} without an inbound request skipped" if skipped else ""
+    click.echo(f"timetracer-otel: {len(results) - failed} matched, {failed} differ{tail}")
+    return 1 if failed else 0
+
+
+# --- diff between two cassettes --------------------------------------------------------------
+
+
+def _request_view(req: Tree | None) -> Tree:
+    if not req:
+        return None
+    out = {k: v for k, v in req.items() if k not in ("messages", "client", "headers")}
+    out["headers"] = {k.lower(): _TOKEN.sub("redacted", v) for k, v in req.get("headers", [])
+                      if k.lower() not in ("traceparent", "tracestate", "baggage", "content-length")}
+    return out
+
+
+def _request_body(req: Tree | None) -> bytes:
+    msgs = (req or {}).get("messages") or []
+    return b"".join(as_bytes(m.get("body") or b"") for m in msgs if m.get("type") == "http.request")
+
+
+def _plain(tree: Tree) -> Tree:
+    """Drop volatile header values from a dependency response before comparing."""
+    if isinstance(tree, dict) and isinstance(tree.get("headers"), list):
+        tree = dict(tree)
+        tree["headers"] = [h for h in tree["headers"] if str(h[0]).lower() not in VOLATILE_HEADERS]
+    return tree
+
+
+def cassette_diff(a: Cassette, b: Cassette) -> list[str]:
+    """Request, response and dependency calls of two cassettes; calls aligned by key, then
+    by shape, never by position."""
+    out: list[str] = []
+    ia, ib = inbound_span(a), inbound_span(b)
+    if ia is not None or ib is not None:
+        ra, rb = (ia.request if ia else None), (ib.request if ib else None)
+        out.extend(field_diff(_request_view(ra), _request_view(rb), "request", limit=_DIFF_LIMIT))
+        out.extend(body_diff(_request_body(ra), _request_body(rb), "request.body"))
+        ma = ((ia.response if ia else None) or {}).get("messages") or []
+        mb = ((ib.response if ib else None) or {}).get("messages") or []
+        out.extend(f"response {d}" for d in response_diff(ma, mb))
+        ea, eb = _error_text(ia.error if ia else None), _error_text(ib.error if ib else None)
+        if ea != eb:
+            out.append(f"error: A {ea}, B {eb}")
+    calls_a = [s for s in a.interactions if s is not ia]
+    calls_b = [s for s in b.interactions if s is not ib]
+    by_key: dict[str | None, list[SpanRecord]] = {}
+    for s in calls_b:
+        by_key.setdefault(s.key, []).append(s)
+    left_a: list[SpanRecord] = []
+    for s in calls_a:
+        twins = by_key.get(s.key)
+        if twins:
+            other = twins.pop(0)
+            d = field_diff(_plain(s.response), _plain(other.response), "response", limit=6)
+            d += field_diff(s.error, other.error, "error", limit=4)
+            if d:
+                out.append(f"call {s.label}: same request, different outcome")
+                out.extend(f"    {x}" for x in d)
+        else:
+            left_a.append(s)
+    left_b = [s for twins in by_key.values() for s in twins]
+    for s in left_a:
+        near = next((o for o in left_b if o.shape == s.shape and o.library == s.library), None)
+        if near is None:
+            out.append(f"call only in A: {s.label}")
+            continue
+        left_b.remove(near)
+        out.append(f"call changed: {s.label} -> {near.label}")
+        out.extend(f"    {x}" for x in field_diff(s.request, near.request, "request", limit=6))
+    out.extend(f"call only in B: {s.label}" for s in sorted(left_b, key=lambda s: s.start_ns))
+    return out
+
+
+def diff_command(a: str, b: str) -> int:
+    """``timetracer-otel diff A B``: 0 same, 1 different, 2 unreadable."""
+    try:
+        ca, cb = load_cassette(a), load_cassette(b)
+    except TimetracerError as exc:
+        click.echo(f"timetracer-otel: {exc}", err=True)
+        return 2
+    lines = cassette_diff(ca, cb)
+    la = _label(inbound_span(ca)) if inbound_span(ca) else ca.name  # type: ignore[arg-type]
+    lb = _label(inbound_span(cb)) if inbound_span(cb) else cb.name  # type: ignore[arg-type]
+    click.echo(f"A: {a}  {la}\nB: {b}  {lb}")
+    if not lines:
+        click.echo("no differences (request, response and dependency calls)")
+        return 0
+    for line in lines:
+        click.echo(line)
+    click.echo(f"{len(lines)} difference(s)")
+    return 1
+
+
+__all__ = [
+    "InboundResult",
+    "body_diff",
+    "cassette_diff",
+    "diff_command",
+    "inbound_span",
+    "instrument_app",
+    "load_app",
+    "message_tree",
+    "replay_asgi",
+    "replay_asgi_async",
+    "replay_asgi_command",
+    "response_diff",
+]

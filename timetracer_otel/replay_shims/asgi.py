@@ -1,0 +1,321 @@
+"""ASGI inbound: the request an app received and every response message it sent.
+
+Patched: ``OpenTelemetryMiddleware.__call__`` (the ASGI instrumentation, which Starlette,
+FastAPI and Litestar's OpenTelemetry plugin all use). On its first call it wraps the
+middleware's inner app once with :class:`InboundApp`, which therefore runs *inside* the
+server span. In record mode it passes every ``receive``/``send`` message through unchanged
+(same objects, no buffering) and keeps references to them; just before the message that ends
+the response (the span ends with it) it puts the request and the response onto the server
+span as ``timetracer.*`` payload attributes. An exception from the app is stored with its
+type, message and traceback. Secrets are redacted in the stored copy only.
+
+In replay mode the same seam reports what the app sent to :mod:`timetracer_otel.inbound`
+(through :data:`PROBE`), so a replay compares the response at the level it was recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.trace import Span
+
+from timetracer_otel.codec import Tree
+from timetracer_otel.config import Mode
+from timetracer_otel.keys import stable_hash
+from timetracer_otel.replay_shims.base import (
+    ATTR_ERROR,
+    ATTR_KEY,
+    ATTR_LABEL,
+    ATTR_LIBRARY,
+    ATTR_REQUEST,
+    ATTR_RESPONSE,
+    ATTR_SHAPE,
+    ATTR_TRUNCATED,
+    STATE,
+    Shim,
+    error_tree,
+)
+
+LIBRARY = "asgi"
+SCOPE = "opentelemetry.instrumentation.asgi"
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Message, Receive, Send], Awaitable[None]]
+
+_pack = msgspec.msgpack.Encoder().encode
+
+# Set while one request is captured, so a second OTel middleware nested inside (a manual wrap
+# plus the Starlette instrumentor) does not capture it again.
+_capturing: ContextVar[bool] = ContextVar("timetracer_asgi_capturing", default=False)
+
+
+class Exchange:
+    """One request/response as seen at the seam: messages in order, and the app's exception."""
+
+    __slots__ = ("body_hash", "claimed", "error", "finished", "received", "sent", "span",
+                 "tb", "trailers")
+
+    def __init__(self, span: Span | None = None) -> None:
+        self.span = span
+        self.received: list[Tree] = []
+        self.sent: list[Tree] = []
+        self.error: BaseException | None = None
+        self.tb: str | None = None
+        self.trailers = False
+        self.finished = False
+        self.claimed = False
+        self.body_hash = hashlib.blake2b(digest_size=16)
+
+    def on_receive(self, message: Message) -> None:
+        tree = message_tree(message)
+        body = tree.get("body")
+        if body:
+            self.body_hash.update(body)
+        self.received.append(tree)
+
+    def on_send(self, message: Message) -> bool:
+        """Keep ``message``; True when it is the one that completes the response."""
+        self.sent.append(message_tree(message))
+        kind = message.get("type")
+        if kind == "http.response.start":
+            self.trailers = bool(message.get("trailers", False))
+            if message.get("status", 200) >= 500 and self.error is None:
+                # An error page sent from an ``except`` block (Starlette's ServerErrorMiddleware
+                # inside our seam): keep the exception it is answering; the span ends with it.
+                handled = sys.exc_info()[1]
+                if isinstance(handled, Exception):
+                    self.on_error(handled)
+            return False
+        if kind == "http.response.body":
+            return not self.trailers and not message.get("more_body", False)
+        if kind == "http.response.trailers":
+            return not message.get("more_trailers", False)
+        return False
+
+    def on_error(self, exc: BaseException) -> None:
+        self.error = exc
+        self.tb = "".join(traceback.format_exception(exc))
+
+    @property
+    def status(self) -> int | None:
+        for m in self.sent:
+            if m.get("type") == "http.response.start":
+                return int(m["status"])
+        return None
+
+    def response_tree(self) -> Tree:
+        return {"status": self.status, "messages": self.sent}
+
+
+# --- message and scope trees -----------------------------------------------------------------
+
+
+def _latin(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
+
+
+def headers_tree(raw: Any) -> list[list[str]]:
+    """ASGI ``(bytes, bytes)`` headers as redacted ``[name, value]`` text (latin-1: lossless)."""
+    pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
+    return [[k, v] for k, v in STATE.redactor.headers(pairs)]
+
+
+def message_tree(message: Message) -> Tree:
+    """An ASGI message as a tree; bodies stay the very bytes objects the app saw."""
+    out: dict[str, Tree] = {}
+    for key, value in message.items():
+        if key == "headers":
+            out[key] = headers_tree(value)
+        elif isinstance(value, bytes):
+            out[key] = value
+        elif isinstance(value, bytearray | memoryview):
+            out[key] = bytes(value)
+        elif value is None or isinstance(value, bool | int | float | str):
+            out[key] = value
+    return out
+
+
+def _query(raw: bytes) -> bytes:
+    """The query string, with secret parameters redacted (left byte-exact otherwise)."""
+    if not raw:
+        return raw
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    names = STATE.redactor.param_names
+    if not any(k in names for k, _ in pairs):
+        return raw
+    tok = STATE.redactor.token
+    return urlencode([(k, tok(v) if k in names else v) for k, v in pairs]).encode("latin-1")
+
+
+def route_of(scope: Message) -> str | None:
+    """The route template the framework matched: FastAPI, Litestar, then Starlette's routes."""
+    route = getattr(scope.get("route"), "path", None)
+    if isinstance(route, str):
+        return route
+    template = scope.get("path_template")
+    if isinstance(template, str) and template:
+        return template
+    routes = getattr(scope.get("app"), "routes", None)
+    if routes:
+        try:
+            from starlette.routing import Match
+        except ImportError:
+            return None
+        partial = None
+        for r in routes:
+            try:
+                match, _ = r.matches(scope)
+            except Exception:
+                continue
+            if match is Match.FULL:
+                return getattr(r, "path", None)
+            if match is Match.PARTIAL and partial is None:
+                partial = getattr(r, "path", None)
+        return partial
+    return None
+
+
+def request_tree(scope: Message, ex: Exchange, route: str | None) -> Tree:
+    client, server = scope.get("client"), scope.get("server")
+    raw_path = scope.get("raw_path")
+    return {
+        "type": scope.get("type", "http"),
+        "http_version": scope.get("http_version", "1.1"),
+        "method": scope.get("method", "GET"),
+        "scheme": scope.get("scheme", "http"),
+        "path": scope.get("path", "/"),
+        "raw_path": bytes(raw_path) if raw_path is not None else None,
+        "query_string": _query(bytes(scope.get("query_string", b""))),
+        "root_path": scope.get("root_path", ""),
+        "headers": headers_tree(scope.get("headers")),
+        "client": list(client) if client else None,
+        "server": list(server) if server else None,
+        "route": route,
+        "messages": ex.received,
+    }
+
+
+def identity(request: Tree, body_hash: str) -> tuple[Tree, Tree, str]:
+    """``(identity, shape, label)`` of a recorded inbound request."""
+    query = sorted(parse_qsl(request["query_string"].decode("latin-1"), keep_blank_values=True))
+    method, path = request["method"], request["path"]
+    ident = {"method": method, "path": path, "query": [list(q) for q in query], "body": body_hash}
+    where = request.get("route") or path
+    return ident, {"method": method, "route": where}, f"{method} {where}"
+
+
+# --- record: the payload onto the server span ------------------------------------------------
+
+
+def _finish(ex: Exchange, scope: Message) -> None:
+    """Put request, response and error on the server span (before it ends); once."""
+    if ex.finished:
+        return
+    ex.finished = True
+    span = ex.span
+    if span is None or not span.is_recording():
+        return
+    attrs = getattr(span, "attributes", None) or {}
+    route = attrs.get("http.route") or route_of(scope)
+    if route and "http.route" not in attrs:
+        span.set_attribute("http.route", route)
+    request = request_tree(scope, ex, route)
+    body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
+    ident, shape, label = identity(request, body)
+    payloads = {ATTR_REQUEST: _pack(request)}
+    if ex.sent or ex.error is None:
+        payloads[ATTR_RESPONSE] = _pack(ex.response_tree())
+    if ex.error is not None:
+        payloads[ATTR_ERROR] = _pack(error_tree(ex.error, {"traceback": ex.tb}))
+    span.set_attributes({
+        ATTR_LIBRARY: LIBRARY,
+        ATTR_KEY: stable_hash(LIBRARY, ident),
+        ATTR_SHAPE: stable_hash(LIBRARY, shape),
+        ATTR_LABEL: label,
+    })
+    if any(len(p) > STATE.max_payload_bytes for p in payloads.values()):
+        span.set_attribute(ATTR_TRUNCATED, True)
+        payloads = {k: p for k, p in payloads.items() if len(p) <= STATE.max_payload_bytes}
+    span.set_attributes(payloads)
+
+
+# Replay: inbound.py sets an Exchange here; the first seam that runs claims and fills it.
+PROBE: ContextVar[Exchange | None] = ContextVar("timetracer_asgi_probe", default=None)
+
+
+class InboundApp:
+    """The middleware's inner app, wrapped: captures one request/response per call."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        mode = STATE.mode
+        if mode is Mode.OFF or scope.get("type") != "http" or _capturing.get():
+            return await self.app(scope, receive, send)
+        ex: Exchange | None = None
+        if mode is Mode.RECORD:
+            span = trace.get_current_span()
+            # Not recording: the URL is excluded (OTEL_PYTHON_EXCLUDED_URLS) or not sampled.
+            if span.is_recording():
+                ex = Exchange(span)
+        elif mode is Mode.REPLAY:
+            ex = PROBE.get()
+            if ex is not None and not ex.claimed:
+                ex.claimed = True
+            else:
+                ex = None
+        if ex is None:
+            return await self.app(scope, receive, send)
+        return await self._capture(ex, scope, receive, send)
+
+    async def _capture(self, ex: Exchange, scope: Message, receive: Receive, send: Send) -> None:
+        async def captured_receive() -> Message:
+            message = await receive()
+            ex.on_receive(message)
+            return message
+
+        async def captured_send(message: Message) -> None:
+            if ex.on_send(message):
+                _finish(ex, scope)  # the span ends inside this send
+            await send(message)
+
+        token = _capturing.set(True)
+        try:
+            await self.app(scope, captured_receive, captured_send)
+        except Exception as exc:
+            if not ex.finished:
+                ex.on_error(exc)
+            raise
+        finally:
+            _finish(ex, scope)
+            _capturing.reset(token)
+
+
+def _middleware_call(original: Any) -> Any:
+    async def __call__(self: OpenTelemetryMiddleware, scope: Any, receive: Any, send: Any) -> None:
+        if type(self.app) is not InboundApp:  # once per middleware instance, before any await
+            self.app = InboundApp(self.app)
+        await original(self, scope, receive, send)
+
+    return __call__
+
+
+class AsgiShim(Shim):
+    library = LIBRARY
+    requires = "opentelemetry.instrumentation.asgi"
+    scope = SCOPE
+
+    def patch(self) -> None:
+        self.wrap(OpenTelemetryMiddleware, "__call__", _middleware_call)
