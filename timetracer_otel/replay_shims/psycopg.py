@@ -80,40 +80,60 @@ _NOWHERE = "/nonexistent/timetracer-replay"
 # --- the recorded PGresult -----------------------------------------------------------------
 
 
-def _result_tree(res: Any) -> Tree:
+def _text(raw: bytes | None, enc: str) -> Tree:
+    """Text as text (reviewable JSON cassettes); bytes the encoding cannot decode as ``{"b": raw}``."""
+    if raw is None:
+        return None
+    try:
+        return raw.decode(enc)
+    except UnicodeDecodeError:
+        return {"b": raw}
+
+
+def _raw(value: Tree, enc: str) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode(enc)
+    return as_bytes(value["b"])
+
+
+def _result_tree(res: Any, enc: str) -> Tree:
     nf, nt = res.nfields, res.ntuples
+    fields = [[_text(res.fname(i), enc), res.ftype(i), res.fmod(i), res.fformat(i), res.fsize(i)]
+              for i in range(nf)]
+    # Text-format cells are kept as text, binary-format cells as bytes.
+    binary = [f[3] == pq.Format.BINARY for f in fields]
     tree: dict[str, Any] = {
         "status": int(res.status),
-        "cmd": res.command_status,
+        "cmd": _text(res.command_status, enc),
         "tuples": res.command_tuples,
-        "fields": [[res.fname(i), res.ftype(i), res.fmod(i), res.fformat(i), res.fsize(i)]
-                   for i in range(nf)],
-        "rows": [[res.get_value(r, c) for c in range(nf)] for r in range(nt)],
+        "fields": fields,
+        "rows": [[v if binary[c] or v is None else _text(v, enc)
+                  for c in range(nf) for v in (res.get_value(r, c),)] for r in range(nt)],
     }
     if res.status == _ES.FATAL_ERROR:
-        tree["message"] = res.error_message
-        tree["diag"] = {str(int(f)): v for f in pq.DiagnosticField
+        tree["message"] = _text(res.error_message, enc)
+        tree["diag"] = {str(int(f)): _text(v, enc) for f in pq.DiagnosticField
                         if (v := res.error_field(f)) is not None}
     return tree
-
-
-def _opt_bytes(value: bytes | str | None) -> bytes | None:
-    return None if value is None else as_bytes(value)
 
 
 class RecordedResult:
     """A recorded PGresult with the interface psycopg reads (``psycopg.pq.abc.PGresult``)."""
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, enc: str = "utf-8") -> None:
         self.status: int = tree["status"]
-        self.command_status = _opt_bytes(tree.get("cmd"))
+        self.command_status = _raw(tree.get("cmd"), enc)
         self.command_tuples: int | None = tree.get("tuples")
         self._fields: list[tuple[bytes, int, int, int, int]] = [
-            (as_bytes(f[0]), f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())
+            (_raw(f[0], enc) or b"", f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())
         ]
-        self._rows = [[_opt_bytes(v) for v in row] for row in tree.get("rows", ())]
-        self.error_message = _opt_bytes(tree.get("message")) or b""
-        self._diag = {int(k): as_bytes(v) for k, v in (tree.get("diag") or {}).items()}
+        binary = [f[3] == pq.Format.BINARY for f in self._fields]
+        self._rows = [[(None if v is None else as_bytes(v)) if binary[c] else _raw(v, enc)
+                       for c, v in enumerate(row)] for row in tree.get("rows", ())]
+        self.error_message = _raw(tree.get("message"), enc) or b""
+        self._diag = {int(k): _raw(v, enc) for k, v in (tree.get("diag") or {}).items()}
         self.ntuples = len(self._rows)
         self.nfields = len(self._fields)
         self.binary_tuples = self._fields[0][3] if self._fields else 0
@@ -164,7 +184,7 @@ class RecordedResult:
 
 
 def _simple_result(command: str) -> RecordedResult:
-    word = command.split(None, 1)[0].upper().encode() if command.strip() else b""
+    word = command.split(None, 1)[0].upper() if command.strip() else ""
     return RecordedResult({"status": int(_ES.COMMAND_OK), "cmd": word})
 
 
@@ -396,10 +416,11 @@ def _connect_call(params: dict[str, Any]) -> Call:
 
 
 def _cursor_tree(cur: Any, results: list[Any] | None = None) -> Tree:
+    enc = cur._encoding
     tree: dict[str, Any] = {
-        "results": [_result_tree(r) for r in (cur._results if results is None else results)],
+        "results": [_result_tree(r, enc) for r in (cur._results if results is None else results)],
         "rowcount": cur._rowcount,
-        "status": cur._statusmessage,
+        "status": _text(cur._statusmessage, enc),
         "tx": int(cur._conn.pgconn.transaction_status),
     }
     change = _session_change(cur._conn.pgconn)
@@ -414,7 +435,8 @@ def _error_attrs(cur: Any, exc: BaseException) -> Tree:
         tx = int(cur._conn.pgconn.transaction_status)
     except Exception:
         tx = None
-    return {"result": _result_tree(res) if res is not None else None, "tx": tx}
+    result = _result_tree(res, cur._encoding) if res is not None else None
+    return {"result": result, "tx": tx}
 
 
 def _apply_session(cur: Any, tx: int | None, session: dict[str, str] | None) -> None:
@@ -428,7 +450,8 @@ def _raise_recorded(cur: Any, match: Match) -> None:
     attrs = err.get("attrs") or {}
     _apply_session(cur, attrs.get("tx"), None)
     if attrs.get("result") is not None:
-        raise pg_errors.error_from_result(RecordedResult(attrs["result"]), encoding=cur._encoding)
+        raise pg_errors.error_from_result(RecordedResult(attrs["result"], cur._encoding),
+                                         encoding=cur._encoding)
     raise rebuild_error(err)
 
 
@@ -438,12 +461,12 @@ def _apply(cur: Any, match: Match) -> None:
         _raise_recorded(cur, match)
     rec = match.span.response
     _apply_session(cur, rec.get("tx"), rec.get("session"))
-    results: list[Any] = [RecordedResult(t) for t in rec["results"]]
+    results: list[Any] = [RecordedResult(t, cur._encoding) for t in rec["results"]]
     cur._results = results
     if results:
         cur._select_current_result(0)
     cur._rowcount = rec["rowcount"]
-    cur._statusmessage = _opt_bytes(rec["status"])
+    cur._statusmessage = _raw(rec["status"], cur._encoding)
 
 
 # --- the patched methods ------------------------------------------------------------------------
@@ -565,7 +588,7 @@ def _declare_gen(original: Any) -> Any:
                 _raise_recorded(self, action)
             rec = action.span.response
             _apply_session(self, rec.get("tx"), rec.get("session"))
-            self._results = [RecordedResult(t) for t in rec["results"]]
+            self._results = [RecordedResult(t, self._encoding) for t in rec["results"]]
             self._select_current_result(0, format=self._format)
             self._described = True
             return None
@@ -595,7 +618,7 @@ def _fetch_gen(original: Any) -> Any:
                 _raise_recorded(self, action)
             rec = action.span.response
             _apply_session(self, rec.get("tx"), rec.get("session"))
-            res = RecordedResult(rec["results"][0])
+            res = RecordedResult(rec["results"][0], self._encoding)
             self.pgresult = res
             self._tx.set_pgresult(res, set_loaders=False)
             return self._tx.load_rows(0, res.ntuples, self._make_row)
