@@ -1,1 +1,597 @@
-"""pytest plugin (see the pytest issue): per-test cassettes, record modes, network blocking."""
+"""pytest plugin: one cassette per test, record modes, network blocking, tests from traffic.
+
+The vocabulary is pytest-recording's::
+
+    @pytest.mark.timetracer                 # tests/cassettes/<module>/<test>.json
+    async def test_report(pg_pool, client):
+        ...
+
+    pytest --timetracer-record-mode=once    # default: record if missing, replay otherwise
+    pytest --timetracer-record-mode=none    # replay only; a miss fails with the closest call
+    pytest --timetracer-block-network       # non-loopback connects fail the test
+    pytest --timetracer-replay-dir cassettes/ --timetracer-asgi-app app:app
+
+The cassette is switched on in a setup hook that runs before any fixture, so connections
+opened by fixtures are recorded (and replayed) with the test, and switched off after the
+fixtures are torn down, so their cleanup calls belong to the test too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import importlib
+import importlib.metadata
+import ipaddress
+import platform
+import re
+import secrets
+import socket
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from timetracer_otel import replay_shims
+from timetracer_otel.cassette import (
+    Cassette,
+    Recorder,
+    SpanRecord,
+    load_cassette,
+    save_cassette,
+)
+from timetracer_otel.config import Mode, OnMiss, Settings
+from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
+from timetracer_otel.exporters.spans import record_from_readable
+from timetracer_otel.index import ReplayReport
+from timetracer_otel.replay_shims.base import ATTR_LIBRARY, STATE
+from timetracer_otel.runtime import Replaying, sdk_provider
+
+
+class RecordMode(str, enum.Enum):
+    """pytest-recording's record modes, applied to one cassette per test."""
+
+    ONCE = "once"  # record when the cassette is missing, replay otherwise
+    NEW_EPISODES = "new_episodes"  # replay; calls with no recording go live and are appended
+    NONE = "none"  # replay only; a missing cassette or a miss fails the test
+    ALL = "all"  # always record; the cassette is overwritten when the test passes
+    REWRITE = "rewrite"  # delete the cassette first, then record
+
+    @classmethod
+    def parse(cls, value: str, what: str) -> RecordMode:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ConfigError(f"{what}={value!r} is not a record mode; use one of: {valid}.") from None
+
+
+class NetworkBlockedError(TimetracerError):
+    """A socket connect that ``--timetracer-block-network`` does not allow."""
+
+
+_MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
+
+
+def cassette_filename(test_id: str, suffix: str = ".json") -> str:
+    """A file name for a test id: readable, and unique even when characters were replaced.
+
+    >>> cassette_filename("TestApi::test_get[a/b]")
+    'TestApi.test_get[a_b]-4c1f0e7a2d.json'
+    """
+    text = test_id.replace("::", ".")
+    safe = _UNSAFE.sub("_", text)
+    if safe != text or len(safe) > _MAX_NAME:
+        digest = hashlib.blake2b(test_id.encode(), digest_size=5).hexdigest()
+        safe = f"{safe[:80]}-{digest}"
+    return safe + suffix
+
+
+# --- span collection: the dependency spans that end while a test is active ---------------
+
+
+class _SpanCollector(SpanProcessor):
+    """Added once to the SDK provider (processors cannot be removed); it keeps the dependency
+    spans that end while a test records, in whatever thread or task they ran."""
+
+    def __init__(self) -> None:
+        self.target: list[ReadableSpan] | None = None
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        target = self.target
+        # Only a list append here (atomic under the GIL); conversion waits for the test's end.
+        if target is not None and ATTR_LIBRARY in (span.attributes or {}):
+            target.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+# --- network blocking --------------------------------------------------------------------
+
+
+@dataclass
+class _NetworkPolicy:
+    """Which connects the current test may make; ``blocked`` lists the refused ones."""
+
+    loopback: bool = True
+    allowed: frozenset[str] = frozenset()
+    blocked: list[str] = field(default_factory=list)
+
+    def allows(self, address: Any) -> bool:
+        if isinstance(address, str | bytes):  # AF_UNIX path: a local service
+            return self.loopback
+        if not isinstance(address, tuple) or not address:
+            return True
+        host = str(address[0])
+        if host in self.allowed:
+            return True
+        if host == "localhost":
+            return self.loopback
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False  # a host name: only reachable by resolving it, i.e. the network
+        return self.loopback and ip.is_loopback
+
+
+class _NetworkGuard:
+    """Wraps ``socket.socket.connect``/``connect_ex`` for the whole session (asyncio connects
+    through them too). C libraries that open their own sockets (libpq) are not seen."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = frozenset(allowed)
+        self.policy = _NetworkPolicy(loopback=True, allowed=self.allowed)
+        self._saved: tuple[Any, Any] | None = None
+
+    def install(self) -> None:
+        cls = socket.socket
+        self._saved = (cls.connect, cls.connect_ex)
+        connect, connect_ex = self._saved
+        guard = self
+
+        def guarded_connect(sock: socket.socket, address: Any) -> None:
+            guard.check(address)
+            connect(sock, address)
+
+        def guarded_connect_ex(sock: socket.socket, address: Any) -> int:
+            guard.check(address)
+            return int(connect_ex(sock, address))
+
+        cls.connect = guarded_connect  # type: ignore[method-assign,assignment]
+        cls.connect_ex = guarded_connect_ex  # type: ignore[method-assign,assignment]
+
+    def uninstall(self) -> None:
+        if self._saved is not None:
+            socket.socket.connect, socket.socket.connect_ex = self._saved  # type: ignore[method-assign]
+            self._saved = None
+
+    def check(self, address: Any) -> None:
+        policy = self.policy
+        if policy.allows(address):
+            return
+        where = repr(address) if isinstance(address, str | bytes) else ":".join(map(str, address[:2]))
+        policy.blocked.append(str(where))
+        what = "a replaying test" if not policy.loopback else "--timetracer-block-network"
+        raise NetworkBlockedError(
+            f"Connect to {where} blocked by {what}; record the call, or allow the host with "
+            "--timetracer-allowed-hosts."
+        )
+
+    def start_test(self, loopback: bool) -> _NetworkPolicy:
+        self.policy = _NetworkPolicy(loopback=loopback, allowed=self.allowed)
+        return self.policy
+
+    def end_test(self) -> None:
+        # Between tests (collection, session fixtures): only non-loopback connects are refused.
+        self.policy = _NetworkPolicy(loopback=True, allowed=self.allowed)
+
+
+# --- one test's cassette -----------------------------------------------------------------
+
+_MARKER_OPTIONS = frozenset({"path", "on_miss", "live", "strict", "allow_unused"})
+
+
+@dataclass(frozen=True)
+class CassetteOptions:
+    """What the markers (function, class, module; the closest wins) and the config say."""
+
+    path: Path
+    record_mode: RecordMode
+    on_miss: OnMiss = OnMiss.ERROR
+    live: frozenset[str] = frozenset()
+    strict: bool = False
+    allow_unused: bool = False
+
+
+class ActiveCassette:
+    """The running test's cassette, as the ``timetracer`` fixture returns it.
+
+    >>> @pytest.mark.timetracer
+    ... def test_items(timetracer):
+    ...     httpx.get(f"{UPSTREAM}/items")
+    ...     assert [c.label for c in timetracer.calls] == [f"GET {UPSTREAM}/items"]
+    ...     assert timetracer.unused == []           # replay: every recorded call was made
+    """
+
+    def __init__(self, options: CassetteOptions, test_id: str) -> None:
+        self.options = options
+        self.test_id = test_id
+        self.path = options.path
+        self.record_mode = options.record_mode
+        self.recording = False  # True: calls go live and are written; False: replayed
+        self.cassette: Cassette | None = None
+        self._recorded: list[ReadableSpan] = []
+        self._replaying: Replaying | None = None
+        self._saved_mode: Mode | None = None
+        self.written = False
+
+    @property
+    def action(self) -> str:
+        if self.recording:
+            return "recording"
+        if self.record_mode is RecordMode.NEW_EPISODES:
+            return "replaying, recording calls it lacks"
+        return "replaying"
+
+    @property
+    def calls(self) -> list[SpanRecord]:
+        """The dependency calls so far: recorded live, or the recorded ones replayed."""
+        if self.recording:
+            return sorted(_converted(self._recorded)[0], key=lambda s: s.start_ns)
+        unused = {id(s) for s in self.unused}
+        recorded = self.cassette.interactions if self.cassette is not None else []
+        appended = getattr(self._replaying, "appended", None)  # set once the replay has ended
+        if appended is None:
+            appended = STATE.appended if self._replaying is not None else []
+        return [s for s in recorded if id(s) not in unused] + list(appended)
+
+    @property
+    def unused(self) -> list[SpanRecord]:
+        """Recorded interactions no call has used (yet); always empty while recording."""
+        if self._replaying is None:
+            return []
+        return [e.span for e in self._replaying.index.unused()]
+
+    @property
+    def report(self) -> ReplayReport | None:
+        """The replay report (exact, by shape, missed, unused), or None while recording."""
+        return self._replaying.report if self._replaying is not None else None
+
+    # -- lifecycle (driven by the plugin's setup and teardown hooks) -----------------------
+
+    def start(self) -> None:
+        mode, exists = self.record_mode, self.path.is_file()
+        if mode is RecordMode.REWRITE and exists:
+            self.path.unlink()
+            exists = False
+        if mode is RecordMode.NONE and not exists:
+            raise CassetteError(
+                f"No cassette at {self.path} for {self.test_id} and the record mode is 'none'; "
+                "record it with --timetracer-record-mode=once."
+            )
+        if mode in (RecordMode.ALL, RecordMode.REWRITE) or not exists:
+            self.recording = True
+            self._saved_mode = STATE.mode
+            STATE.mode = Mode.RECORD
+            return
+        self.cassette = load_cassette(self.path)
+        on_miss = OnMiss.RECORD if mode is RecordMode.NEW_EPISODES else self.options.on_miss
+        rep = Replaying(self.cassette, on_miss=on_miss, strict=self.options.strict, live=self.options.live)
+        # Name the file (not "<cassette>") in miss messages.
+        rep.index = type(rep.index)([(str(self.path), self.cassette)], strict=self.options.strict)
+        rep.__enter__()
+        self._replaying = rep
+
+    def collect(self, collector: _SpanCollector) -> None:
+        if self.recording:
+            collector.target = self._recorded
+
+    def stop(self, collector: _SpanCollector, passed: bool) -> list[str]:
+        """Switch the cassette off; write or check it. Returns the problems that fail the test."""
+        if self.recording:
+            collector.target = None
+            if self._saved_mode is not None:
+                STATE.mode = self._saved_mode
+            records, errors = _converted(self._recorded)
+            if errors:
+                return [f"{len(errors)} recorded call(s) could not be converted for {self.path} "
+                        f"(the cassette was not written): {errors[0]}"]
+            if passed:
+                self._write(records)
+            return []
+        rep = self._replaying
+        if rep is None:
+            return []
+        rep.__exit__()
+        problems: list[str] = []
+        report = rep.report
+        if not passed:
+            return problems
+        if report.misses and rep.on_miss is OnMiss.ERROR:
+            # The test passed, so the code swallowed the ReplayMissError: still a failure.
+            problems.append(f"{len(report.misses)} call(s) had no recording in {self.path}:")
+            problems.extend(f"  - {label}" for label in report.misses)
+        if self.record_mode is RecordMode.NEW_EPISODES and rep.appended:
+            assert self.cassette is not None
+            self._write([*self.cassette.spans, *rep.appended])
+        elif report.unused and self.record_mode is RecordMode.NONE and not self.options.allow_unused:
+            problems.append(
+                f"{len(report.unused)} recorded call(s) in {self.path} were not made "
+                "(allow with @pytest.mark.timetracer(allow_unused=True) or the ini option "
+                "timetracer_allow_unused, or record again with --timetracer-record-mode=rewrite):"
+            )
+            problems.extend(f"  - {label}" for label, _ in report.unused)
+        return problems
+
+    def _write(self, spans: list[SpanRecord]) -> None:
+        live = self.options.live
+        kept = sorted((s for s in spans if s.library not in live), key=lambda s: s.start_ns)
+        cassette = Cassette(
+            id=secrets.token_hex(8),
+            name=self.test_id,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(),
+            recorder=_recorder(),
+            spans=kept,
+        )
+        save_cassette(cassette, self.path)
+        self.written = True
+
+
+def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
+    records, errors = [], []
+    for span in list(spans):
+        try:
+            records.append(record_from_readable(span))
+        except Exception as exc:  # a call missing from the cassette must not pass silently
+            errors.append(f"{span.name}: {type(exc).__name__}: {exc}")
+    return [r for r in records if r.library], errors
+
+
+def _recorder() -> Recorder:
+    try:
+        version = importlib.metadata.version("timetracer-otel")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return Recorder(version=version, via="pytest", python=platform.python_version())
+
+
+# --- the plugin ----------------------------------------------------------------------------
+
+_ACTIVE = pytest.StashKey[ActiveCassette]()
+_FAILED = pytest.StashKey[bool]()
+_POLICY = pytest.StashKey[_NetworkPolicy]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("timetracer", "timetracer-otel record/replay")
+    group.addoption(
+        "--timetracer-record-mode",
+        default=None,
+        help="once (default: record when the cassette is missing, replay otherwise), "
+        "new_episodes, none, all or rewrite.",
+    )
+    group.addoption(
+        "--timetracer-block-network",
+        action="store_true",
+        default=None,
+        help="fail a test that connects to a non-loopback address (a replaying test: to any).",
+    )
+    group.addoption(
+        "--timetracer-allowed-hosts",
+        default=None,
+        help="comma-separated hosts (IP addresses) that --timetracer-block-network lets through.",
+    )
+    group.addoption(
+        "--timetracer-replay-dir",
+        default=None,
+        metavar="DIR",
+        help="collect every recorded cassette in DIR as a test of the app (see --timetracer-asgi-app).",
+    )
+    group.addoption(
+        "--timetracer-asgi-app",
+        default=None,
+        metavar="MODULE:APP",
+        help="the ASGI app that --timetracer-replay-dir replays recorded requests against.",
+    )
+    parser.addini("timetracer_cassette_dir", "directory for per-test cassettes (default: "
+                  "'cassettes' next to each test module)", default="")
+    parser.addini("timetracer_record_mode", "default record mode", default="once")
+    parser.addini("timetracer_allow_unused", "do not fail 'none' mode tests that leave recorded "
+                  "calls unused", type="bool", default=False)
+    parser.addini("timetracer_block_network", "as --timetracer-block-network", type="bool",
+                  default=False)
+    parser.addini("timetracer_allowed_hosts", "hosts --timetracer-block-network lets through",
+                  type="args", default=[])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "timetracer(path=None, on_miss='error', live=(), strict=False, allow_unused=False): "
+        "record this test's dependency calls into one cassette, and replay them from it.",
+    )
+    try:
+        plugin = TimetracerPlugin(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.pluginmanager.register(plugin, "timetracer-otel-session")
+
+
+class TimetracerPlugin:
+    """Session state: the options, the span collector and the network guard."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        mode = config.getoption("timetracer_record_mode") or config.getini("timetracer_record_mode")
+        self.record_mode = RecordMode.parse(str(mode), "--timetracer-record-mode")
+        self.cassette_dir = str(config.getini("timetracer_cassette_dir") or "")
+        self.allow_unused = bool(config.getini("timetracer_allow_unused"))
+        self.settings = Settings.from_env()
+        hosts = config.getoption("timetracer_allowed_hosts")
+        allowed = hosts.split(",") if hosts else list(config.getini("timetracer_allowed_hosts"))
+        block = config.getoption("timetracer_block_network") or config.getini("timetracer_block_network")
+        self.guard = _NetworkGuard(h.strip() for h in allowed if h.strip()) if block else None
+        self.replay_dir = config.getoption("timetracer_replay_dir")
+        self.asgi_app_spec = config.getoption("timetracer_asgi_app")
+        if self.replay_dir and not self.asgi_app_spec:
+            raise ConfigError("--timetracer-replay-dir needs --timetracer-asgi-app MODULE:APP.")
+        self.collector: _SpanCollector | None = None
+        self._app: Any = None
+        if self.guard is not None:
+            self.guard.install()
+
+    def pytest_unconfigure(self) -> None:
+        if self.guard is not None:
+            self.guard.uninstall()
+
+    def pytest_report_header(self) -> str:
+        block = ", network blocked" if self.guard is not None else ""
+        return f"timetracer-otel: record mode {self.record_mode.value}{block}"
+
+    def _tracing(self) -> _SpanCollector:
+        # Lazily, at the first cassette test: the app's conftest may set its own provider first.
+        if self.collector is None:
+            self.collector = _SpanCollector()
+            sdk_provider("pytest").add_span_processor(self.collector)
+            replay_shims.instrument()
+        return self.collector
+
+    # -- per-test cassettes ---------------------------------------------------------------
+
+    def options_for(self, item: pytest.Item) -> CassetteOptions | None:
+        marks = list(item.iter_markers("timetracer"))
+        if not marks and "timetracer" not in getattr(item, "fixturenames", ()):
+            return None
+        kwargs: dict[str, Any] = {}
+        for mark in reversed(marks):  # module, then class, then function: the closest wins
+            if mark.args:
+                kwargs["path"] = mark.args[0]
+            kwargs.update(mark.kwargs)
+        unknown = set(kwargs) - _MARKER_OPTIONS
+        if unknown:
+            raise ConfigError(
+                f"@pytest.mark.timetracer got unknown option(s) {', '.join(sorted(unknown))}; "
+                f"use: {', '.join(sorted(_MARKER_OPTIONS))}."
+            )
+        live = kwargs.get("live", ())
+        if isinstance(live, str):
+            live = [live]
+        return CassetteOptions(
+            path=self.cassette_path(item, kwargs.get("path")),
+            record_mode=self.record_mode,
+            on_miss=OnMiss.parse(str(kwargs.get("on_miss", self.settings.on_miss.value)), "on_miss"),  # type: ignore[arg-type]
+            live=frozenset(str(n).lower() for n in live) | self.settings.live,
+            strict=bool(kwargs.get("strict", self.settings.strict)),
+            allow_unused=bool(kwargs.get("allow_unused", self.allow_unused)),
+        )
+
+    def cassette_path(self, item: pytest.Item, explicit: Any = None) -> Path:
+        """``<module dir>/cassettes/<module>/<test>.json`` unless the ini or marker says else."""
+        module_dir = item.path.parent
+        if explicit:
+            p = Path(explicit)
+            return p if p.is_absolute() else module_dir / p
+        test_id = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+        if not self.cassette_dir:
+            return module_dir / "cassettes" / item.path.stem / cassette_filename(test_id)
+        base = self.config.rootpath / self.cassette_dir
+        try:
+            module = item.path.with_suffix("").relative_to(self.config.rootpath)
+        except ValueError:
+            module = Path(item.path.stem)
+        return base / module / cassette_filename(test_id)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        # Before every fixture: connections opened by fixtures belong to the test's cassette.
+        policy_loopback = True
+        if not isinstance(item, ReplayItem):
+            try:
+                options = self.options_for(item)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+            if options is not None:
+                collector = self._tracing()
+                active = ActiveCassette(options, item.nodeid)
+                try:
+                    active.start()
+                except CassetteError as exc:
+                    pytest.fail(str(exc), pytrace=False)
+                item.stash[_ACTIVE] = active
+                active.collect(collector)
+                # A replaying test needs no socket at all, loopback included, unless a library
+                # stays live (hybrid) and may talk to a local server.
+                policy_loopback = active.recording or bool(options.live)
+                item.add_report_section(
+                    "setup", "timetracer",
+                    f"cassette {active.path} ({active.action}, record mode "
+                    f"{active.record_mode.value}); to record it again: pytest "
+                    f"--timetracer-record-mode=rewrite '{item.nodeid}'",
+                )
+        if self.guard is not None:
+            item.stash[_POLICY] = self.guard.start_test(policy_loopback)
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if report.failed:
+            item.stash[_FAILED] = True
+        return report
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, None, None]:
+        try:
+            result = yield  # fixtures are torn down in here; their calls belong to the test
+        finally:
+            problems = self._end_test(item)
+        if problems:
+            pytest.fail("\n".join(problems), pytrace=False)
+        return result
+
+    def _end_test(self, item: pytest.Item) -> list[str]:
+        passed = not item.stash.get(_FAILED, False)
+        problems: list[str] = []
+        active = item.stash.get(_ACTIVE, None)
+        if active is not None:
+            problems += active.stop(self._tracing(), passed)
+            if active.report is not None:  # shown with a failure: shape matches, misses, unused
+                item.add_report_section("teardown", "timetracer", active.report.render())
+        policy = item.stash.get(_POLICY, None)
+        if self.guard is not None and policy is not None:
+            self.guard.end_test()
+            if policy.blocked and passed:  # the code swallowed the NetworkBlockedError
+                problems.append("connects blocked by --timetracer-block-network: "
+                                + ", ".join(policy.blocked))
+        return problems
+
+
+@pytest.fixture
+def timetracer(request: pytest.FixtureRequest) -> ActiveCassette:
+    """The running test's :class:`ActiveCassette` (requesting it turns the cassette on, like
+    the marker)."""
+    active: ActiveCassette | None = request.node.stash.get(_ACTIVE, None)
+    if active is None:
+        pytest.fail("the timetracer fixture works in test functions only.", pytrace=False)
+    return active
+
+
+class ReplayItem(pytest.Item):
+    """Placeholder until the replay-dir part lands."""
