@@ -1,0 +1,158 @@
+"""Redaction rules: exact or glob names (never substrings), every configuration route, tokens."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from timetracer_otel import redaction
+from timetracer_otel.errors import ConfigError
+from timetracer_otel.keys import Call
+from timetracer_otel.redaction import Redactor
+from timetracer_otel.replay_shims.base import STATE
+from timetracer_otel.sql import sql_call
+
+
+def is_token(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("redacted:") and len(value) == 25
+
+
+def test_names_match_exactly_or_by_glob_never_by_substring() -> None:
+    r = Redactor(env={}, json_paths=["age", "x-*"], headers=["x-*-token"], params=["sid"])
+    doc = r.json({"age": 41, "message": "hello", "page": 3, "x-ray": "y", "box": {"age": 1}})
+    assert is_token(doc["age"]) and doc["message"] == "hello" and doc["page"] == 3
+    assert is_token(doc["x-ray"]) and doc["box"] == {"age": 1}  # a path is anchored at the root
+    assert r.header("X-Refresh-Token", "abc") != "abc"
+    assert r.header("X-Token-Count", "abc") == "abc"
+    expected = "http://h/p?sid=" + r.token("1") + "&sidebar=2&consider=3"
+    assert r.url("http://h/p?sid=1&sidebar=2&consider=3") == expected
+    # defaults: "key" and "token" are whole names; "monkey" and "tokens" are not them
+    assert r.url("http://h/?monkey=1&tokens=2") == "http://h/?monkey=1&tokens=2"
+
+
+def test_json_paths_any_depth_lists_and_globs() -> None:
+    r = Redactor(env={}, json_paths=["**.ssn", "cards[*].number", "user.*_secret"])
+    doc = r.json({"people": [{"ssn": "111-22"}, {"ssn": None, "name": "b"}],
+                  "cards": [{"number": "4111", "brand": "visa"}],
+                  "user": {"app_secret": "s", "name": "n"}, "password": "pw"})
+    assert is_token(doc["people"][0]["ssn"]) and doc["people"][1] == {"ssn": None, "name": "b"}
+    assert is_token(doc["cards"][0]["number"]) and doc["cards"][0]["brand"] == "visa"
+    assert is_token(doc["user"]["app_secret"]) and doc["user"]["name"] == "n"
+    assert is_token(doc["password"])  # default field names apply at any depth
+
+
+def test_tokens_are_keyed_stable_with_a_shared_key_and_random_without() -> None:
+    a, b = Redactor(env={"TIMETRACER_REDACTION_KEY": "k1"}), Redactor(env={"TIMETRACER_REDACTION_KEY": "k1"})
+    assert a.token("secret") == b.token("secret") and a.shared_key
+    assert a.token("secret") != a.token("secret2")
+    assert Redactor(env={}).token("secret") != Redactor(env={}).token("secret")
+    assert a.token(a.token("secret")) == a.token("secret")  # idempotent: never a token of a token
+
+
+def test_headers_keep_cookie_names_and_auth_scheme() -> None:
+    r = Redactor(env={})
+    assert r.header("Cookie", "a=1; sess=xyz").startswith("a=redacted:")
+    assert "; sess=redacted:" in r.header("Cookie", "a=1; sess=xyz")
+    set_cookie = r.header("Set-Cookie", "sid=abc; Path=/; HttpOnly")
+    assert set_cookie.startswith("sid=redacted:") and set_cookie.endswith("; Path=/; HttpOnly")
+    assert r.header("Authorization", "Bearer abc").startswith("Bearer redacted:")
+    assert r.header("Accept", "*/*") == "*/*"
+
+
+def test_environment_rules_file_and_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = tmp_path / "redact.toml"
+    rules.write_text('headers = ["x-tenant"]\njson = ["profile.dob"]\n'
+                     'sql = [{statement = "insert into users*", params = [2]}]\nmongo = ["ssn"]\n')
+    r = Redactor(env={"TIMETRACER_REDACT": "query:sid, json:**.pin", "TIMETRACER_REDACT_FILE": str(rules)})
+    assert is_token(r.header("X-Tenant", "t1"))
+    assert "sid=redacted:" in r.url("http://h/?sid=1")
+    assert is_token(r.json({"a": {"pin": 1234}})["a"]["pin"])
+    assert is_token(r.json({"profile": {"dob": "1990"}})["profile"]["dob"])
+    assert is_token(r.document({"x": [{"ssn": "1"}]})["x"][0]["ssn"])
+    params = r.sql_params("INSERT INTO users VALUES ($1, $2)", [1, "pw"])
+    assert params[0] == 1 and is_token(params[1])
+    assert r.sql_params("SELECT $1, $2", [1, "pw"]) == [1, "pw"]
+    (tmp_path / "r.json").write_text(json.dumps({"redact": {"query": ["tenant"]}}))
+    from_json = Redactor(env={"TIMETRACER_REDACT_FILE": str(tmp_path / "r.json")})
+    assert "tenant=redacted:" in from_json.url("/?tenant=1")
+
+    original = STATE.redactor
+    try:
+        configured = redaction.configure(sql=["$1", ":ssn"], key="project-key")
+        assert STATE.redactor is configured and redaction.default_redactor() is configured
+        call = sql_call("psycopg", "SELECT * FROM t WHERE a = $1", ("hunter22", 5), database="d")
+        assert call.identity["params"]["$tuple"][0] == configured.token("hunter22")
+        named = sql_call("psycopg", "SELECT %(ssn)s", {"ssn": "123-45", "n": 1}, database="d")
+        assert is_token(named.identity["params"]["ssn"]) and named.identity["params"]["n"] == 1
+    finally:
+        redaction.set_default_redactor(original)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"TIMETRACER_REDACT": "nokind"}, {"TIMETRACER_REDACT": "cookie:x"}, {"TIMETRACER_REDACT": "json:**"},
+     {"TIMETRACER_REDACT": "sql:$0"}, {"TIMETRACER_REDACT_FILE": "/nonexistent/rules.toml"}],
+)
+def test_bad_rules_are_one_line_config_errors(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Redactor(env=env)
+    assert "\n" not in str(info.value)
+
+
+def test_bodies_json_form_and_gzip_are_redacted_with_content_length_fixed() -> None:
+    r = Redactor(env={}, json_paths=["session.token"])
+    body = json.dumps({"session": {"token": "tok-123456"}, "message": "m"}).encode()
+    out = r.response({"status": 200, "headers": [["Content-Type", "application/json"],
+                                                 ["Content-Length", str(len(body))]], "body": body})
+    assert b"tok-123456" not in out["body"] and json.loads(out["body"])["message"] == "m"
+    assert out["headers"][1] == ["Content-Length", str(len(out["body"]))]
+    gz = gzip.compress(body)
+    out = r.response({"headers": [["content-type", "application/json"], ["content-encoding", "gzip"]],
+                      "chunks": [gz[:5], gz[5:]]})
+    assert len(out["chunks"]) == 1 and b"tok-123456" not in gzip.decompress(out["chunks"][0])
+    form = r.body([("Content-Type", "application/x-www-form-urlencoded")], b"user=a&password=pw1234")
+    assert form.startswith(b"user=a&password=redacted:")
+
+
+def test_seen_secrets_and_dsn_passwords_are_scrubbed_from_error_text() -> None:
+    r = Redactor(env={})
+    tok = r.header("X-API-Key", "k-very-secret")
+    err = r.scrub({"message": "401 for key k-very-secret", "args": ["k-very-secret"]})
+    assert err == {"message": f"401 for key {tok}", "args": [tok]}
+    text = r.text("connect postgresql://app:pgpass99@db/x failed; dsn host=db password=pw2 user=u "
+                  "url http://h/p?token=abc123&page=2")
+    for secret in ("pgpass99", "password=pw2", "token=abc123"):
+        assert secret not in text
+    assert "page=2" in text and "user=u" in text
+    assert r.dsn("host=db password='a b' user=u").startswith("host=db password=redacted:")
+    assert "pgpass99" not in r.dsn("postgresql://app:pgpass99@db:5432/x")
+
+
+def test_span_attributes_are_redacted() -> None:
+    r = Redactor(env={})
+    attrs = r.attributes({"http.url": "http://u:pw-123456@h/p?api_key=k1&page=2",
+                          "url.query": "token=t1&x=1", "http.request.header.authorization": ["Basic abc"],
+                          "http.method": "GET", "http.status_code": 200})
+    assert "pw-123456" not in attrs["http.url"] and "k1" not in attrs["http.url"]
+    assert "t1" not in attrs["url.query"] and is_token(attrs["http.request.header.authorization"][0])
+    assert attrs["http.method"] == "GET" and attrs["http.status_code"] == 200
+
+
+def test_keys_fold_tokens_so_a_per_process_key_still_matches() -> None:
+    from timetracer_otel.keys import http_call
+
+    original = STATE.redactor
+    try:
+        STATE.redactor = Redactor(env={}, json_paths=["card"])
+        a: Call = http_call("httpx", "POST", "http://h/p?token=1", [("content-type", "application/json")],
+                            b'{"card": "4111-1111"}')
+        STATE.redactor = Redactor(env={}, json_paths=["card"])  # a new process: another random key
+        b = http_call("httpx", "POST", "http://h/p?token=1", [("content-type", "application/json")],
+                      b'{"card": "4111-1111"}')
+    finally:
+        STATE.redactor = original
+    assert a.request["body"] != b.request["body"] and a.key == b.key
+    assert b"4111" not in a.request["body"]
