@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import unreachable_port
 
 from timetracer_otel.cassette import Cassette, load_cassette
 
@@ -51,19 +52,31 @@ def cassettes(root: Path) -> dict[str, Cassette]:
     return {p.name: load_cassette(p) for p in sorted(base.glob("*.json"))}
 
 
+def make_items(database: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}", autocommit=True) as c:
+        c.execute("CREATE TABLE items (id int PRIMARY KEY, name text, price numeric, added date)")
+        c.execute("INSERT INTO items VALUES (1, 'widget', 1.25, '2024-01-02'), "
+                  "(2, 'gadget', 2.50, '2024-02-03'), (3, 'gizmo', 9.99, '2024-03-04')")
+
+
 def test_record_then_replay_offline_then_miss_then_rewrite(
-    project: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+    project: pytest.Pytester, serve: Any, pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    make_items(pg_database)
     server = serve(upstream)
     monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    monkeypatch.setenv("SAMPLE_PG_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
 
     first = run(project)
-    first.assert_outcomes(passed=5)
+    first.assert_outcomes(passed=6)
     recorded = cassettes(project.path)
     assert sorted(recorded) == [
-        "TestMore.test_async.json",
+        "TestMore.test_psycopg.json",
         "TestMore.test_requests[1].json",
         "TestMore.test_requests[22].json",
+        "test_report.json",
         "test_search.json",
     ]
     search = recorded["test_search.json"]
@@ -74,27 +87,39 @@ def test_record_then_replay_offline_then_miss_then_rewrite(
         f"GET {server.url}/cleanup",
     ]
     assert search.recorder.via == "pytest"
+    # The async fixture connected and counted rows before the test body ran.
+    report_libs = [s.library for s in recorded["test_report.json"].interactions]
+    assert report_libs[0] == "asyncpg" and report_libs[-1] == "httpx", report_libs
+    assert report_libs.count("httpx") == 1
+    assert "psycopg" in {s.library for s in recorded["TestMore.test_psycopg.json"].interactions}
     assert [s.library for s in recorded["TestMore.test_requests[22].json"].interactions] == ["requests"]
 
-    server.stop()  # the upstream is gone: the second run can only pass from the cassettes
+    # Both services gone: the second run can only pass from the cassettes. Same database name,
+    # a port where nothing listens (the database name is part of a SQL key, host and port not).
+    server.stop()
+    monkeypatch.setenv("SAMPLE_PG_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{pg_database}")
     second = run(project, "--timetracer-record-mode=none", "--timetracer-block-network")
-    second.assert_outcomes(passed=5)
-    assert cassettes(project.path).keys() == recorded.keys()
+    second.assert_outcomes(passed=6)
     assert all(c.id == recorded[n].id for n, c in cassettes(project.path).items())  # not rewritten
 
     monkeypatch.setenv("SAMPLE_KIND", "gadgets")
-    third = run(project, "test_sample.py::test_search")
-    third.assert_outcomes(failed=1)
+    monkeypatch.setenv("SAMPLE_COLUMN", "lower(name)")
+    third = run(project, "-k", "test_search or test_report")
+    third.assert_outcomes(failed=2)
     out = third.stdout.str()
     assert f"No recorded httpx call matches GET {server.url}/search/gadgets?q=blue" in out
     assert f"GET {server.url}/search/widgets?q=blue (unused)" in out
+    assert "No recorded asyncpg call matches fetch SELECT id, lower(name) AS name" in out
+    assert "statement: recorded 'SELECT id, name AS name" in out
     assert "--timetracer-record-mode=rewrite 'test_sample.py::test_search'" in out
 
     server = serve(upstream, port=server.port)
+    monkeypatch.setenv("SAMPLE_PG_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
     fourth = run(project, "--timetracer-record-mode=rewrite")
-    fourth.assert_outcomes(passed=5)
+    fourth.assert_outcomes(passed=6)
     rewritten = cassettes(project.path)
-    assert rewritten["test_search.json"].id != search.id
+    assert all(c.id != recorded[n].id for n, c in rewritten.items())
     assert [s.label for s in rewritten["test_search.json"].interactions][1] == (
         f"GET {server.url}/search/gadgets?q=blue"
     )
+    assert any("lower(name)" in (s.label or "") for s in rewritten["test_report.json"].interactions)
