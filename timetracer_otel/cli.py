@@ -306,5 +306,21 @@ def collect(listen: str, directory: str | None, fmt: str | None, quiet_period: f
     sys.exit(collect_command(listen, directory, fmt, quiet_period))
 
 
+@main.command("html")
+@click.argument("path")
+@click.option("-o", "--output", "output", required=True, help="The HTML file to write.")
+@_user_errors
+def html_command(path: str, output: str) -> None:
+    """Write a cassette as a static HTML page (no script; every value escaped).
+
+    Example: timetracer-otel html cassettes/x.msgpack -o x.html
+    """
+    from timetracer_otel.cassette import atomic_write
+    from timetracer_otel.html import render
+
+    out = atomic_write(output, render(load_cassette(path)).encode())
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()
