@@ -76,7 +76,8 @@ def test_cursor_api_row_factories_and_composables(pg_database: str, tmp_path: Pa
             out.append(cur.nextset())
             out.append(cur.fetchall())
             cur.execute("SELECT id, name, at FROM items WHERE id < %s ORDER BY id", (4,))
-            out.append([cur.rowcount, cur.statusmessage, [(c.name, c.type_code) for c in cur.description or ()]])
+            columns = [(c.name, c.type_code) for c in cur.description or ()]
+            out.append([cur.rowcount, cur.statusmessage, columns])
             out.append([cur.fetchone(), cur.fetchmany(1), list(cur)])
             out.append(cur.execute("SELECT id, name FROM items ORDER BY id", prepare=True).fetchall())
             for factory in (dict_row, namedtuple_row, class_row(Item)):
@@ -99,7 +100,7 @@ def test_cursor_api_row_factories_and_composables(pg_database: str, tmp_path: Pa
             out.append((conn.info.encoding, conn.info.transaction_status.name))
         return out
 
-    live, replayed, report = _record_then_replay(tmp_path, job)
+    _live, replayed, _report = _record_then_replay(tmp_path, job)
     assert replayed[0] == (0,) and replayed[2] == (3,)  # identical queries, in recorded order
     assert replayed[1] == (3, "INSERT 0 1")
     assert replayed[3] == [(4, "four")] and replayed[4] is True and replayed[5] == [(5, "five")]
@@ -146,7 +147,7 @@ def test_server_cursor_transactions_and_errors(pg_database: str, tmp_path: Path)
             conn.rollback()
         return out
 
-    live, replayed, _ = _record_then_replay(tmp_path, job)
+    _live, replayed, _ = _record_then_replay(tmp_path, job)
     assert replayed[0] == "IDLE" and replayed[5] == "INTRANS"
     assert replayed[6][:3] == ("UniqueViolation", "23505", "t_pkey")
     assert replayed[3] == [{"id": 4, "twice": 8}, {"id": 5, "twice": 10}, {"id": 6, "twice": 12}]
@@ -170,9 +171,9 @@ def test_async_connection_and_pools(pg_database: str, tmp_path: Path) -> None:
                 async with aconn.cursor("srv") as scur:
                     await scur.execute("SELECT k FROM kv ORDER BY k")
                     out.append([r async for r in scur])
-            async with AsyncConnectionPool(_dsn(port, pg_database), min_size=1, open=False) as pool:
-                async with pool.connection() as pconn:
-                    out.append(await (await pconn.execute("SELECT sum(v) FROM kv")).fetchone())
+            apool = AsyncConnectionPool(_dsn(port, pg_database), min_size=1, open=False)
+            async with apool, apool.connection() as pconn:
+                out.append(await (await pconn.execute("SELECT sum(v) FROM kv")).fetchone())
             return out
 
         out = asyncio.run(run())
@@ -183,27 +184,29 @@ def test_async_connection_and_pools(pg_database: str, tmp_path: Path) -> None:
                 out.append(pconn.execute("SELECT k, v FROM kv ORDER BY k").fetchall())
         return out
 
-    live, replayed, _ = _record_then_replay(tmp_path, job)
+    _live, replayed, _ = _record_then_replay(tmp_path, job)
     assert replayed[0] == 2 and replayed[2] == [("a",), ("b",)]
     assert replayed[-1] == [("a", 11), ("b", 12)]
 
 
 def test_unrecorded_query_names_statement_and_closest(pg_database: str, tmp_path: Path) -> None:
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        with psycopg.connect(_dsn(PG_PORT, pg_database)) as conn:
-            conn.execute("SELECT 1 AS one")
-    with timetracer_otel.replay(rec.paths):
-        with psycopg.connect(_dsn(unreachable_port(), pg_database)) as conn:
-            with pytest.raises(ReplayMissError) as info:
-                conn.execute("SELECT 2 AS two")
+    with timetracer_otel.record(dir=tmp_path) as rec, psycopg.connect(_dsn(PG_PORT, pg_database)) as conn:
+        conn.execute("SELECT 1 AS one")
+    with (
+        timetracer_otel.replay(rec.paths),
+        psycopg.connect(_dsn(unreachable_port(), pg_database)) as conn,
+        pytest.raises(ReplayMissError) as info,
+    ):
+        conn.execute("SELECT 2 AS two")
     message = str(info.value)
     assert "SELECT 2 AS two" in message and "SELECT 1 AS one" in message
 
 
 def test_copy_is_refused_clearly_in_replay(pg_database: str, tmp_path: Path) -> None:
-    with timetracer_otel.replay(tmp_path):
-        with psycopg.connect(_dsn(unreachable_port(), pg_database), autocommit=True) as conn:
-            cur = conn.cursor()
-            with pytest.raises(ReplayUnsupportedError, match="not supported on a replayed"):
-                with cur.copy("COPY t TO STDOUT"):
-                    pass
+    with (
+        timetracer_otel.replay(tmp_path),
+        psycopg.connect(_dsn(unreachable_port(), pg_database), autocommit=True) as conn,
+        pytest.raises(ReplayUnsupportedError, match="not supported on a replayed"),
+        conn.cursor().copy("COPY t TO STDOUT"),
+    ):
+        pass
