@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind
 
 from timetracer_otel.cassette import SpanRecord
@@ -94,6 +95,8 @@ RECORD = Action.RECORD
 def decide(call: Call) -> Match | Action:
     """Record, replay (a :class:`Match`), or call live, for ``call`` under :data:`STATE`."""
     st = STATE
+    if st.mode is Mode.OFF or not is_instrumentation_enabled():
+        return LIVE  # suppressed: an exporter's or the writer's own I/O (S3, OTLP) is not the app's
     if st.mode is Mode.RECORD:
         return RECORD
     if st.mode is not Mode.REPLAY or st.is_live(call.library):
