@@ -1,7 +1,8 @@
 """The Starlette service the inbound tests record and replay: it calls an HTTP upstream.
 
-``SHOP_UPSTREAM`` is the upstream's base URL; ``SHOP_TAX`` (default 0.1) is what a
-"deliberately changed handler" changes.
+``SHOP_UPSTREAM`` is the upstream's base URL, ``SHOP_PG_DSN`` (optional) the PostgreSQL
+database holding stock; ``SHOP_TAX`` (default 0.1) is what a "deliberately changed handler"
+changes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-DB_DSN: dict[str, str] = {}  # set by the asyncpg test: {"dsn": "postgresql://..."}
-
 
 def tax() -> float:
     return float(os.environ.get("SHOP_TAX", "0.1"))
@@ -28,10 +27,10 @@ async def order(request: Request) -> JSONResponse:
     async with httpx.AsyncClient(base_url=os.environ["SHOP_UPSTREAM"]) as client:
         price = (await client.get(f"/price/{body['sku']}")).json()["price"]
     stock = None
-    if DB_DSN:
+    if os.environ.get("SHOP_PG_DSN"):
         import asyncpg
 
-        conn = await asyncpg.connect(DB_DSN["dsn"])
+        conn = await asyncpg.connect(os.environ["SHOP_PG_DSN"])
         try:
             stock = await conn.fetchval("SELECT qty FROM stock WHERE sku = $1", body["sku"])
         finally:

@@ -1,0 +1,182 @@
+"""`timetracer-otel replay PATH --asgi MODULE:APP` and `timetracer-otel diff A B`, with the
+Starlette service calling PostgreSQL (asyncpg) and an HTTP upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from click.testing import CliRunner
+from conftest import free_port, unreachable_port
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from test_asgi_record_replay import APPS, Client, _only, _record, shop, upstream  # noqa: F401
+
+from timetracer_otel.cassette import find_cassettes, load_cassette
+from timetracer_otel.cli import main
+from timetracer_otel.inbound import inbound_span
+
+
+def _dsn(db: str, port: int = 5432) -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/{db}"
+
+
+async def _seed(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)")
+        await conn.execute("INSERT INTO stock VALUES ('A1', 12), ('B2', 0)")
+    finally:
+        await conn.close()
+
+
+def test_replay_asgi_cli_with_postgres_and_upstream_unreachable(
+    tmp_path: Path, serve: Any, upstream: Any, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asyncio.run(_seed(_dsn(pg_database)))
+    monkeypatch.setenv("SHOP_PG_DSN", _dsn(pg_database))
+    replies = []
+
+    def send(c: Client) -> None:
+        replies.append(c.post("/orders/7", json={"sku": "A1", "qty": 2}))
+        replies.append(c.post("/orders/8", json={"sku": "B2"}))
+
+    cassettes = _record(tmp_path, serve, send)
+    assert [r.json()["stock"] for r in replies] == [12, 0]
+    for c in cassettes:
+        libs = [s.library for s in c.interactions if s.kind != "SERVER"]
+        assert libs[0] == "httpx" and "asyncpg" in libs
+    upstream.stop()  # the upstream is gone, and the database is only reachable at a dead port
+    monkeypatch.setenv("SHOP_PG_DSN", _dsn(pg_database, unreachable_port()))
+    runner = CliRunner()
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app"])
+    assert out.exit_code == 0, out.output
+    assert "2 matched, 0 differ" in out.output
+    assert "ok   POST /orders/{id} [trace " in out.output
+
+    monkeypatch.setenv("SHOP_TAX", "0.25")  # the deliberately changed handler
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app"])
+    assert out.exit_code == 1, out.output
+    assert "body.total: recorded 22.0, now 25.0" in out.output
+    assert "0 matched, 2 differ" in out.output
+
+
+def test_replay_reports_dependency_miss_with_closest_call(tmp_path: Path, serve: Any, upstream: Any) -> None:
+    cassette = _only(_record(tmp_path, serve, lambda c: c.post("/orders/7", json={"sku": "A1"})))
+    upstream.stop()
+    root = inbound_span(cassette)
+    assert root is not None
+    # The same request, but the new code asks the upstream for another sku.
+    from timetracer_otel.inbound import replay_asgi
+
+    async def changed(scope: Any, receive: Any, send: Any) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=os.environ["SHOP_UPSTREAM"]) as client:
+            await client.get("/price/A1?currency=EUR")
+        await shop.make_app()(scope, receive, send)
+
+    result = replay_asgi(cassette, changed, strict=True)
+    assert not result.ok
+    text = "\n".join(result.diff)
+    assert "dependency No recorded httpx call matches GET" in text
+    assert "Closest recorded calls:" in text and "/price/A1" in text
+    assert result.report.misses and type(result.report.misses[0]) is str
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["replay", str(tmp_path / "nope.msgpack"), "--asgi", "shop:app"])
+    assert out.exit_code == 2 and "no such cassette" in out.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = runner.invoke(main, ["replay", str(empty), "--asgi", "no_such_module_xyz:app"])
+    assert out.exit_code == 2 and "cannot import 'no_such_module_xyz'" in out.output
+    out = runner.invoke(main, ["replay", str(empty), "--asgi", "shop"])
+    assert out.exit_code == 2 and "is not MODULE:APP" in out.output
+
+
+def test_diff_aligns_calls_by_key(tmp_path: Path, serve: Any, upstream: Any) -> None:
+    def send(c: Client) -> None:
+        c.post("/orders/7", json={"sku": "A1", "qty": 1})
+        time.sleep(0.05)
+        c.post("/orders/7", json={"sku": "A1", "qty": 2})
+        time.sleep(0.05)
+        c.post("/orders/7", json={"sku": "B2", "qty": 1})
+
+    cassettes = sorted(_record(tmp_path, serve, send), key=lambda c: c.spans[0].start_ns)
+    paths = {inbound_span(c).span_id: p for p in find_cassettes(tmp_path)  # type: ignore[union-attr]
+             for c in [load_cassette(p)]}
+    a, b, c = (str(paths[inbound_span(x).span_id]) for x in cassettes)  # type: ignore[union-attr]
+    runner = CliRunner()
+    out = runner.invoke(main, ["diff", a, a])
+    assert out.exit_code == 0 and "no differences" in out.output
+    out = runner.invoke(main, ["diff", a, b])
+    assert out.exit_code == 1, out.output
+    assert "request.body.qty: recorded 1, now 2" in out.output
+    assert "response body.total: recorded 11.0, now 22.0" in out.output
+    assert "call " not in out.output  # the upstream call has the same key: aligned, same outcome
+    out = runner.invoke(main, ["diff", a, c])
+    assert out.exit_code == 1
+    assert "/price/A1" in out.output and "/price/B2" in out.output
+    out = runner.invoke(main, ["diff", a, str(tmp_path / "missing.msgpack")])
+    assert out.exit_code == 2
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError("uvicorn under timetracer-otel record did not start")
+
+
+def test_zero_code_record_then_replay_cli(tmp_path: Path, serve: Any, upstream: Any) -> None:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([APPS, os.environ.get("PYTHONPATH", "")]),
+               OTEL_PYTHON_EXCLUDED_URLS="health", OTEL_BSP_SCHEDULE_DELAY="50",
+               OTEL_SERVICE_NAME="shop")
+    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
+           sys.executable, "-m", "uvicorn", "shop:app", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        client = Client(f"http://127.0.0.1:{port}")
+        assert client.get("/health").content == b"ok"
+        assert client.post("/orders/42", json={"sku": "B2", "qty": 2}).json()["total"] == 56.1
+        assert client.get("/boom").status_code == 500
+        # uvicorn is the child of opentelemetry-instrument's exec; stop it like a deployment would.
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(child, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn shuts down cleanly, then re-raises SIGTERM: the wrapper passes on -15 (241).
+    assert proc.returncode in (0, 256 - signal.SIGTERM), err.decode()
+    assert b"recorded 2 cassette(s)" in err
+    names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
+    assert "GET__health" not in names  # OTEL_PYTHON_EXCLUDED_URLS
+    assert "POST__orders_id" in names and "GET__boom" in names
+    boom = next(load_cassette(p) for p in find_cassettes(tmp_path) if "GET__boom" in p.name)
+    root = inbound_span(boom)
+    assert root is not None and root.error["type"] == "builtins:ValueError"
+    assert root.response is None  # raised inside ServerErrorMiddleware: nothing sent yet
+    upstream.stop()
+    out = subprocess.run(
+        [sys.executable, "-m", "timetracer_otel.cli", "replay", str(tmp_path), "--asgi", "shop:app"],
+        env=env, capture_output=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+    assert b"2 matched, 0 differ" in out.stdout
