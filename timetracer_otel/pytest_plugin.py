@@ -42,6 +42,7 @@ from timetracer_otel.cassette import (
     Cassette,
     Recorder,
     SpanRecord,
+    find_cassettes,
     load_cassette,
     save_cassette,
 )
@@ -469,6 +470,30 @@ class TimetracerPlugin:
             replay_shims.instrument()
         return self.collector
 
+    def asgi_app(self) -> Any:
+        if self._app is None:
+            from timetracer_otel.inbound import instrument_app, load_app
+
+            try:
+                self._app = instrument_app(load_app(str(self.asgi_app_spec)))
+            except ConfigError as exc:
+                pytest.fail(str(exc).replace("--asgi", "--timetracer-asgi-app"), pytrace=False)
+        return self._app
+
+    @pytest.hookimpl(tryfirst=True)  # before -k / -m deselect, so they apply to these items
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        if not self.replay_dir:
+            return
+        try:
+            files = find_cassettes(self.replay_dir)
+        except CassetteError as exc:
+            raise pytest.UsageError(f"--timetracer-replay-dir: {exc}") from None
+        for path in files:
+            collector = CassetteFile.from_parent(session, path=path.resolve())
+            items.extend(i for i in collector.collect() if isinstance(i, pytest.Item))
+
     # -- per-test cassettes ---------------------------------------------------------------
 
     def options_for(self, item: pytest.Item) -> CassetteOptions | None:
@@ -593,5 +618,77 @@ def timetracer(request: pytest.FixtureRequest) -> ActiveCassette:
     return active
 
 
+# --- tests from recorded traffic -----------------------------------------------------------
+
+
+class InboundMismatch(TimetracerError):
+    """The app answered a recorded request differently (the result holds the diff)."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__(result.render())
+        self.result = result
+
+
+class CassetteFile(pytest.File):
+    """One recorded cassette of ``--timetracer-replay-dir``: one item, its inbound request."""
+
+    def collect(self) -> Iterable[pytest.Item]:
+        from timetracer_otel.inbound import inbound_span
+
+        try:
+            cassette = load_cassette(self.path)
+        except CassetteError as exc:
+            yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=str(exc))
+            return
+        span = inbound_span(cassette)
+        if span is None:
+            problem = "skip: no recorded inbound request (a task or plain-process cassette)"
+            yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=problem)
+            return
+        name = f"{span.label or span.name} [trace {span.trace_id[:8]}]"
+        yield ReplayItem.from_parent(self, name=name, cassette=cassette, problem=None)
+
+
 class ReplayItem(pytest.Item):
-    """Placeholder until the replay-dir part lands."""
+    """Replays a recorded inbound request against ``--timetracer-asgi-app``, with every
+    dependency answered from the same cassette; fails with the response or call diff."""
+
+    def __init__(self, *, cassette: Cassette | None, problem: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cassette = cassette
+        self.problem = problem
+
+    def runtest(self) -> None:
+        from timetracer_otel.inbound import replay_asgi
+
+        if self.problem is not None:
+            if self.problem.startswith("skip: "):
+                pytest.skip(self.problem.removeprefix("skip: "))
+            pytest.fail(self.problem, pytrace=False)
+        assert self.cassette is not None
+        plugin = self.config.pluginmanager.get_plugin("timetracer-otel-session")
+        assert isinstance(plugin, TimetracerPlugin)
+        settings = plugin.settings
+        result = replay_asgi(
+            self.cassette, plugin.asgi_app(), on_miss=settings.on_miss.value, strict=settings.strict
+        )
+        if not result.ok:
+            raise InboundMismatch(result)
+
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+    ) -> str | Any:
+        exc = excinfo.value
+        if isinstance(exc, InboundMismatch):
+            r = exc.result
+            lines = [f"{r.label}: the app's answer differs from the recording in {self.path}"]
+            lines += [f"    {d}" for d in r.diff]
+            lines += [f"    note: {n}" for n in r.notes]
+            lines.append(r.report.summary())
+            return "\n".join(lines)
+        if isinstance(exc, TimetracerError):
+            return f"{self.path}: {exc}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, self.name

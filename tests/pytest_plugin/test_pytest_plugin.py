@@ -3,6 +3,8 @@ patches process-wide state, so every run gets a fresh interpreter)."""
 
 from __future__ import annotations
 
+import http.client
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import unreachable_port
 
+import timetracer_otel
 from timetracer_otel.cassette import Cassette, load_cassette
 
 pytest_plugins = ["pytester"]
@@ -123,3 +126,47 @@ def test_record_then_replay_offline_then_miss_then_rewrite(
         f"GET {server.url}/search/gadgets?q=blue"
     )
     assert any("lower(name)" in (s.label or "") for s in rewritten["test_report.json"].interactions)
+
+
+def load_service() -> Any:
+    spec = importlib.util.spec_from_file_location("sample_service", SAMPLE / "sample_service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replay_dir_turns_recorded_requests_into_tests(
+    pytester: pytest.Pytester, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    upstream_server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", upstream_server.url)
+    recorded = tmp_path / "traffic"
+    with timetracer_otel.record(dir=recorded, format="json"):
+        service = serve(OpenTelemetryMiddleware(load_service().app))
+        for oid in range(1, 21):  # an untraced client, like a caller in another process
+            conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+            conn.request("GET", f"/orders/{oid}")
+            assert conn.getresponse().status == 200
+            conn.close()
+        service.stop()
+    upstream_server.stop()  # replay answers the upstream call from each cassette
+    assert len(list(recorded.rglob("*.json"))) == 20
+
+    shutil.copy(SAMPLE / "sample_service.py", pytester.path / "svc.py")
+    pytester.makeini("[pytest]\n")
+    args = ("--timetracer-replay-dir", str(recorded), "--timetracer-asgi-app", "svc:app", "-v")
+    passing = run(pytester, *args)
+    passing.assert_outcomes(passed=20)
+    passing.stdout.re_match_lines([r".*::GET /orders/\{id\} \[trace [0-9a-f]{8}\] PASSED.*"])
+
+    svc = pytester.path / "svc.py"
+    svc.write_text(svc.read_text().replace("# CHANGE-ME", "+ (1 if oid == 7 else 0)"))
+    failing = run(pytester, *args)
+    failing.assert_outcomes(passed=19, failed=1)
+    out = failing.stdout.str()
+    assert "GET /orders/{id} [trace " in out
+    assert "the app's answer differs from the recording" in out
+    assert "body.total: recorded 82, now 83" in out, out
