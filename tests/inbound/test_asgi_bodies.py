@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from test_asgi_record_replay import Client, Reply, _only, _record, shop, upstream  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+from inbound_helpers import Client, Reply, _only, _record, shop
 
 from timetracer_otel.cassette import Cassette
 from timetracer_otel.codec import as_bytes

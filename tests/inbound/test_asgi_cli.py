@@ -17,12 +17,15 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 from conftest import free_port, unreachable_port
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from test_asgi_record_replay import APPS, Client, _only, _record, shop, upstream  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+from inbound_helpers import APPS, Client, _only, _record, shop, upstream_fixture
 
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.cli import main
 from timetracer_otel.inbound import inbound_span
+
+upstream = upstream_fixture
 
 
 def _dsn(db: str, port: int = 5432) -> str:

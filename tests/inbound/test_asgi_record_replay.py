@@ -2,89 +2,20 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-import timetracer_otel
-from timetracer_otel.cassette import Cassette, load_cassette
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+from inbound_helpers import Client, _only, _record, shop, upstream_fixture
+
 from timetracer_otel.codec import as_bytes
 from timetracer_otel.inbound import InboundResult, inbound_span, replay_asgi
 
-APPS = str(Path(__file__).parent / "apps")
-if APPS not in sys.path:
-    sys.path.insert(0, APPS)
-
-import shop  # noqa: E402
-import upstream_raw  # noqa: E402
-
-
-@pytest.fixture
-def upstream(serve: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    server = serve(upstream_raw.app)
-    monkeypatch.setenv("SHOP_UPSTREAM", server.url)
-    return server
-
-
-class Client:
-    """An untraced HTTP client (stdlib http.client): like a real caller in another process,
-    it adds no traceparent and no spans of its own to the recording."""
-
-    def __init__(self, url: str) -> None:
-        self.host, _, port = url.removeprefix("http://").partition(":")
-        self.port = int(port)
-
-    def send(self, method: str, path: str, chunks: list[bytes] | None = None, **kw: Any) -> Reply:
-        req = httpx.Request(method, f"http://{self.host}:{self.port}{path}", **kw)
-        headers = {k: v for k, v in req.headers.items() if k not in ("host", "content-length")}
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            if chunks is not None:
-                conn.request(method, path, body=iter(chunks), headers=headers, encode_chunked=True)
-            else:
-                body = req.read()
-                conn.request(method, path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            return Reply(resp.status, dict(resp.getheaders()), resp.read())
-        finally:
-            conn.close()
-
-    def get(self, path: str, **kw: Any) -> Reply:
-        return self.send("GET", path, **kw)
-
-    def post(self, path: str, **kw: Any) -> Reply:
-        return self.send("POST", path, **kw)
-
-
-@dataclass
-class Reply:
-    status_code: int
-    headers: dict[str, str]
-    content: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-
-def _record(tmp_path: Path, serve: Any, send: Any, app: Any = None) -> list[Cassette]:
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        server = serve(app or OpenTelemetryMiddleware(shop.make_app()))
-        send(Client(server.url))
-        server.stop()
-    return [load_cassette(p) for p in rec.paths]
-
-
-def _only(cassettes: list[Cassette]) -> Cassette:
-    inbound = [c for c in cassettes if inbound_span(c) is not None]
-    assert len(inbound) == 1, [c.name for c in cassettes]
-    return inbound[0]
+upstream = upstream_fixture
 
 
 def test_order_records_request_response_and_upstream(tmp_path: Path, serve: Any, upstream: Any) -> None:
