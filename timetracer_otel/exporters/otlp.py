@@ -385,11 +385,11 @@ class TraceIntake:
                 raise RejectedRequest(400, f"the export request is invalid ({exc}).") from None
         try:
             doc = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise RejectedRequest(400, f"the body is not JSON ({exc}).") from None
         try:
             return convert_json(doc)
-        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError) as exc:
             raise RejectedRequest(400, f"the body is not an OTLP JSON export request ({exc}).") from None
 
     @staticmethod
