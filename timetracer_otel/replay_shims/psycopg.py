@@ -722,3 +722,10 @@ class PsycopgShim(Shim):
         self.wrap(BaseConnection, "_connect_gen", _connect_gen)
         self.wrap(connection, "conninfo_attempts", _no_dns)
         self.wrap(connection_async, "conninfo_attempts_async", _no_dns_async)
+
+    def uninstall(self) -> None:
+        # Patch.undo compares getattr(), which binds a classmethod: put _connect_gen back here.
+        for p in self.patches:
+            if isinstance(p.replacement, classmethod) and p.owner.__dict__.get(p.name) is p.replacement:
+                setattr(p.owner, p.name, p.original)
+        super().uninstall()
