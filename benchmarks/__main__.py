@@ -1,0 +1,388 @@
+"""``python -m benchmarks``: run the scenarios side by side, print the table, write the JSON.
+
+    python -m benchmarks                               # everything (about 3 minutes)
+    python -m benchmarks -s http -s lookup --runs 7    # some scenarios, more runs
+    python -m benchmarks --quick                       # smaller counts, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    MISSING_BENCH,
+    ROOT,
+    UPSTREAM_TT,
+    VCR,
+    Row,
+    have,
+    machine,
+    run_worker,
+    tool_versions,
+)
+from benchmarks.upstream import Upstream
+
+SCENARIOS = ("http", "micro", "lookup", "size", "db", "exporter")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.o = opts
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.raw: dict[str, Any] = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="timetracer-bench-"))
+        self._corpus: dict[str, Any] | None = None
+
+    def add(self, scenario: str, name: str, unit: str, values: list[float] | None, **kw: Any) -> Row:
+        row = Row(scenario, name, unit, list(values or []), **kw)
+        if not values and not row.skipped:
+            row.skipped = True
+        self.rows.append(row)
+        return row
+
+    def worker(self, module: str, args: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+        prof = None
+        if profile and self.o.profile:
+            Path(self.o.profile).mkdir(parents=True, exist_ok=True)
+            prof = str(Path(self.o.profile) / f"{profile}.txt")
+        out = run_worker(module, args, profile=prof)
+        self.raw.setdefault(module, []).append({"args": args, "result": out})
+        if "error" in out:
+            self.notes.append(out["error"])
+            print("  !", out["error"][:400], file=sys.stderr)
+        return out
+
+    # -- scenario 1 ------------------------------------------------------------------------
+
+    def http(self, upstream: str) -> None:
+        modes = [("bare", "bare (no OTel)", None), ("otel", "OTel only (no-op exporter)", None),
+                 ("tt_record", "timetracer-otel record", None),
+                 ("tt_replay", "timetracer-otel replay (cassette loaded per request)", None),
+                 ("tt_replay_preloaded", "timetracer-otel replay (all cassettes loaded once)", None),
+                 ("upstream_record", "upstream timetracer 1.6.0 record", UPSTREAM_TT),
+                 ("upstream_replay", "upstream timetracer 1.6.0 replay", UPSTREAM_TT),
+                 ("vcr_record", "VCR.py record", VCR), ("vcr_replay", "VCR.py replay", VCR)]
+        got: dict[str, dict[str, Any]] = {}
+        for mode, label, needs in modes:
+            print(f"  http: {mode}", file=sys.stderr)
+            if needs and not have(needs):
+                self.add("1 http fan-out", label, "ms/request", None, note=MISSING_BENCH)
+                continue
+            out = self.worker("http_fanout", {"mode": mode, "upstream": upstream, "runs": self.o.runs,
+                                              "requests": self.o.requests},
+                              profile=f"http-{mode}" if mode.startswith("tt_") else None)
+            if "error" in out:
+                self.add("1 http fan-out", label, "ms/request", None, note="failed: see notes")
+                continue
+            got[mode] = out
+            note = []
+            if "network_calls_during_replay" in out:
+                note.append(f"{out['network_calls_during_replay']} upstream calls during replay")
+            if mode != "bare" and "bare" in got and out["body_sha"] != got["bare"]["body_sha"]:
+                note.append("RESPONSE DIFFERS from bare")
+            row = self.add("1 http fan-out", label, "ms/request", out["per_request_ms"],
+                           note="; ".join(note))
+            if mode == "tt_record":
+                self.add("1 http fan-out", "timetracer-otel record incl. background write",
+                         "ms/request", out["incl_write_ms"],
+                         note=f"{out['cassettes_written']}/{out['expected']} cassettes written")
+            _ = row
+        m = {k: med(v["per_request_ms"]) for k, v in got.items()}
+        self._ratios(m)
+
+    def _ratios(self, m: dict[str, float]) -> None:
+        rows = {r.name: r for r in self.rows if r.scenario == "1 http fan-out"}
+        bare = m.get("bare")
+
+        def over(k: str) -> float | None:
+            return m[k] - bare if bare is not None and k in m else None
+
+        if "tt_record" in m and "upstream_record" in m:
+            r = rows["timetracer-otel record"]
+            ratio = m["tt_record"] / m["upstream_record"]
+            ov, ov_up = over("tt_record"), over("upstream_record")
+            r.ratio = f"{ratio:.2f}x upstream record"
+            if ov is not None and ov_up:
+                r.ratio += f"; overhead over bare {ov:.2f} vs {ov_up:.2f} ms = {ov / ov_up:.2f}x"
+            r.target, r.met = "<= 0.5x upstream record", ratio <= 0.5
+        if "tt_replay" in m:
+            r = rows["timetracer-otel replay (cassette loaded per request)"]
+            parts, met = [], True
+            if "upstream_replay" in m:
+                x = m["tt_replay"] / m["upstream_replay"]
+                parts.append(f"{x:.2f}x upstream replay")
+                met &= x <= 0.7
+            if "vcr_replay" in m:
+                y = m["tt_replay"] / m["vcr_replay"]
+                parts.append(f"{y:.2f}x VCR.py replay")
+                met &= y <= 1.0
+            if parts:
+                r.ratio, r.target, r.met = "; ".join(parts), "<= 0.7x upstream, <= VCR.py", met
+        if "otel" in m and bare is not None:
+            rows["OTel only (no-op exporter)"].ratio = f"+{m['otel'] - bare:.2f} ms over bare"
+
+    # -- issue 2's per-call targets ------------------------------------------------------------
+
+    def micro(self, upstream: str) -> None:
+        sc = "1b per call"
+        print("  micro: record overhead (stubbed pool)", file=sys.stderr)
+        out = self.worker("micro", {"mode": "record-overhead", "upstream": upstream,
+                                    "runs": self.o.runs, "calls": 1000, "network": "stub"},
+                          profile="micro-record")
+        if "error" not in out:
+            self.add(sc, "httpx call, OTel only (pool stubbed, no network)", "µs/call", out["otel_us"])
+            self.add(sc, "httpx call, record (pool stubbed, no network)", "µs/call", out["record_us"])
+            r = self.add(sc, "record overhead per call, wall", "µs/call", out["overhead_us"],
+                         target="<= 30 µs/call")
+            r.met = med(out["overhead_us"]) <= 30
+            r = self.add(sc, "record overhead per call, request-thread CPU", "µs/call",
+                         out["overhead_cpu_us"], target="<= 30 µs/call")
+            r.met = med(out["overhead_cpu_us"]) <= 30
+            io = out["io"]
+            r = self.add(sc, "file I/O on the request thread while recording", "count",
+                         [float(io["record_syscw"] + io["record_opens"])],
+                         note=f"write syscalls {io['record_syscw']} (OTel-only blocks "
+                              f"{io['otel_syscw']}), file opens {io['record_opens']}; "
+                              f"{out['cassettes_written']} cassettes written by the writer thread",
+                         target="0")
+            r.met = io["record_syscw"] == io["otel_syscw"] and io["record_opens"] == 0
+        print("  micro: record overhead (live loopback)", file=sys.stderr)
+        out = self.worker("micro", {"mode": "record-overhead", "upstream": upstream,
+                                    "runs": self.o.runs, "calls": 300, "network": "live"})
+        if "error" not in out:
+            self.add(sc, "record overhead per call, live loopback, wall", "µs/call",
+                     out["overhead_us"], note="noisy: loopback HTTP dominates")
+        print("  micro: replay vs MockTransport", file=sys.stderr)
+        out = self.worker("micro", {"mode": "replay-vs-mock", "upstream": upstream,
+                                    "runs": self.o.runs, "calls": 1000}, profile="micro-replay")
+        if "error" not in out:
+            self.add(sc, "httpx.MockTransport, same bytes", "µs/call", out["mock_us"])
+            self.add(sc, "replayed call (no OTel instrumentation)", "µs/call", out["replay_us"])
+            self.add(sc, "replayed call (with OTel httpx span)", "µs/call", out["replay_otel_us"])
+            d = [a - b for a, b in zip(out["replay_us"], out["mock_us"], strict=True)]
+            r = self.add(sc, "replay minus MockTransport", "µs/call", d, target="<= 15 µs")
+            r.met = med(d) <= 15
+            o = [a - b for a, b in zip(out["replay_otel_us"], out["replay_us"], strict=True)]
+            self.add(sc, "OTel's own httpx span (reported apart)", "µs/call", o)
+
+    # -- scenarios 2 and 3 -------------------------------------------------------------------
+
+    def corpus(self, upstream: str) -> dict[str, Any] | None:
+        if "corpus" not in self.raw:
+            print(f"  corpus: recording {max(self.o.sizes)} distinct calls", file=sys.stderr)
+            out = self.worker("corpus", {"mode": "build", "upstream": upstream,
+                                         "dir": str(self.tmp / "corpus"), "sizes": self.o.sizes})
+            self._corpus = None if "error" in out else out["files"]
+        return self._corpus
+
+    def lookup(self, upstream: str) -> None:
+        files = self.corpus(upstream)
+        if files is None:
+            return
+        sc = "2 lookup scaling"
+        print("  lookup: ours", file=sys.stderr)
+        ours = self.worker("corpus", {"mode": "lookup-ours", "files": files["ours_msgpack"],
+                                      "runs": self.o.runs, "k": 300})
+        vcr = None
+        if "vcr_yaml" in files:
+            print("  lookup: VCR.py", file=sys.stderr)
+            vcr = self.worker("corpus", {"mode": "lookup-vcr", "files": files["vcr_yaml"],
+                                         "runs": self.o.runs, "k": 300})
+        medians = []
+        for size in self.o.sizes:
+            s = str(size)
+            if "error" not in ours:
+                self.add(sc, f"timetracer-otel replay, {size:,} interactions", "µs/request",
+                         ours["per_request_us"][s])
+                medians.append(med(ours["per_request_us"][s]))
+            if vcr is None:
+                self.add(sc, f"VCR.py replay, {size:,} interactions", "µs/request", None,
+                         note=MISSING_BENCH)
+            elif "error" not in vcr:
+                r = self.add(sc, f"VCR.py replay, {size:,} interactions", "µs/request",
+                             vcr["per_request_us"][s])
+                if "error" not in ours:
+                    r.ratio = f"{med(vcr['per_request_us'][s]) / medians[-1]:.1f}x ours"
+        if medians:
+            centre = statistics.median(medians)
+            spread = max(abs(x / centre - 1) for x in medians)
+            r = self.add(sc, "timetracer-otel: largest deviation from the median across sizes",
+                         "%", [spread * 100], target="within ±25%")
+            r.met = spread <= 0.25
+
+    def size(self, upstream: str) -> None:
+        files = self.corpus(upstream)
+        if files is None:
+            return
+        n = max(self.o.sizes)
+        sc = f"3 cassette size/load ({n:,} interactions)"
+        print("  size: load times", file=sys.stderr)
+        out = self.worker("corpus", {"mode": "load", "runs": self.o.runs,
+                                     "files": {k: v[str(n)] for k, v in files.items()}})
+        if "error" in out:
+            return
+        labels = {"ours_msgpack": "timetracer-otel msgpack", "ours_json": "timetracer-otel JSON",
+                  "ours_msgpack_index": "timetracer-otel msgpack, load + ReplayIndex",
+                  "upstream_json": "upstream timetracer JSON", "upstream_gzip": "upstream timetracer JSON.gz",
+                  "vcr_yaml": "VCR.py YAML"}
+        base = out["ours_msgpack"]["bytes"]
+        for key, label in labels.items():
+            if key not in out:
+                self.add(sc, label, "ms to load", None, note=MISSING_BENCH)
+                continue
+            b = out[key]["bytes"]
+            r = self.add(sc, label, "ms to load", out[key]["load_ms"],
+                         note=f"{b / 1024:,.0f} KiB on disk ({b / base:.2f}x msgpack)")
+            if key == "ours_msgpack":
+                r.target, r.met = "< 50 ms", med(out[key]["load_ms"]) < 50
+
+    # -- scenario 4 --------------------------------------------------------------------------
+
+    def db(self) -> None:
+        sc = "4 database (10-row query)"
+        for driver in ("asyncpg", "psycopg"):
+            if not (ROOT / f"timetracer_otel/replay_shims/{driver}.py").exists():
+                self.add(sc, f"{driver}", "µs/query", None, note="shim not there yet")
+                continue
+            print(f"  db: {driver}", file=sys.stderr)
+            out = self.worker("db", {"driver": driver, "queries": 300, "runs": self.o.runs})
+            if "error" in out:
+                continue
+            self.add(sc, f"{driver} live loopback PostgreSQL (OTel only)", "µs/query", out["live_us"])
+            self.add(sc, f"{driver} record", "µs/query", out["record_us"])
+            over = [a - b for a, b in zip(out["record_us"], out["live_us"], strict=True)]
+            r = self.add(sc, f"{driver} record overhead", "µs/query", over, target="< 40 µs")
+            r.met = med(over) < 40
+            r = self.add(sc, f"{driver} replay (server unreachable)", "µs/query", out["replay_us"],
+                         note="rows and types equal live" if out["replay_rows_equal"]
+                         else "ROWS DIFFER from live", target=">= 20x faster than live")
+            x = med(out["live_us"]) / med(out["replay_us"])
+            r.ratio, r.met = f"{x:.1f}x faster than live", x >= 20
+        for lib in ("botocore", "pymongo"):
+            self.add(sc, f"{lib} replay vs live", "µs/call", None,
+                     note=f"no {lib} shim exists in timetracer_otel/replay_shims yet")
+
+    # -- scenario 5 --------------------------------------------------------------------------
+
+    def exporter(self) -> None:
+        sc = "5 exporter"
+        print("  exporter", file=sys.stderr)
+        args = {"traces": 500, "runs": self.o.runs}
+        out = self.worker("exporter", {"mode": "processor", **args})
+        if "error" not in out:
+            self.add(sc, "CassetteSpanProcessor.on_end (request path: enqueue)", "spans/s",
+                     out["enqueue_spans_per_s"])
+            self.add(sc, "CassetteSpanProcessor to files (convert, encode, fsync, rename)", "spans/s",
+                     out["written_spans_per_s"],
+                     note=f"{out['cassettes_written']}/{out['expected']} cassettes, 11 spans each")
+        out = self.worker("exporter", {"mode": "receiver", **args})
+        if "skipped" in out:
+            self.add(sc, "OTLP/HTTP receiver (TraceIntake) to files", "spans/s", None, note=out["skipped"])
+        elif "error" not in out:
+            self.add(sc, "OTLP/HTTP receiver (TraceIntake) to files", "spans/s",
+                     out["received_spans_per_s"],
+                     note=f"protobuf bodies of 5 traces, {out['cassettes_written']} cassettes")
+        out = self.worker("exporter", {"mode": "memory", **args})
+        if "error" not in out:
+            self.add(sc, "memory held per open trace (10 client spans with payloads)", "bytes",
+                     out["bytes_per_open_trace"], note="tracemalloc, writer thread included")
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100_000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| scenario | row | median | min | max | unit | ratio | target |",
+             "|---|---|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        if r.values:
+            mid, lo, hi = fmt(r.median), fmt(min(r.values)), fmt(max(r.values))
+        else:
+            mid = lo = hi = "-"
+        target = r.target + (" ✅" if r.met else " ❌" if r.met is False else "") if r.target else ""
+        ratio = r.ratio + (f" ({r.note})" if r.note else "") if r.ratio else r.note
+        lines.append(f"| {r.scenario} | {r.name} | {mid} | {lo} | {hi} | {r.unit} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-s", "--scenario", action="append", choices=SCENARIOS,
+                   help="run only this scenario (repeatable); default: all")
+    p.add_argument("-r", "--runs", type=int, default=5, help="runs per row (default 5)")
+    p.add_argument("-n", "--requests", type=int, default=30,
+                   help="inbound requests per run in scenario 1 (default 30)")
+    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[10, 100, 1000, 10000], help="cassette sizes for scenarios 2 and 3")
+    p.add_argument("--quick", action="store_true", help="3 runs, 10 requests, sizes up to 1,000")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also write pyinstrument profiles of our modes to DIR (slower)")
+    p.add_argument("-o", "--output", default=str(RESULTS / "latest.json"))
+    o = p.parse_args(argv)
+    if o.quick:
+        o.runs, o.requests, o.sizes = 3, 10, [10, 100, 1000]
+    if o.runs < 1 or o.requests < 1:
+        p.error("--runs and --requests must be at least 1")
+    if o.profile and not have("pyinstrument"):
+        p.error("--profile needs pyinstrument (the bench extra); see benchmarks/README.md")
+    chosen = o.scenario or list(SCENARIOS)
+    b = Bench(o)
+    if not (have(UPSTREAM_TT) and have(VCR)):
+        b.notes.append("comparison rows skipped: upstream timetracer / VCR.py " + MISSING_BENCH)
+    started = dt.datetime.now(dt.timezone.utc)
+    with Upstream() as upstream:
+        for name in chosen:
+            print(f"scenario {name}", file=sys.stderr)
+            if name in ("db", "exporter"):
+                getattr(b, name)()
+            else:
+                getattr(b, name)(upstream)
+    text = table(b.rows)
+    print(text)
+    for n in b.notes:
+        print("note:", n)
+    command = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
+    result = {
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
+        "command": command.strip(),
+        "python": sys.executable,
+        "machine": machine(),
+        "versions": tool_versions(),
+        "rows": [r.to_json() for r in b.rows],
+        "notes": b.notes,
+        "raw": b.raw,
+        "table_markdown": text,
+    }
+    Path(o.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(o.output).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {o.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Scenario 4: a 10-row query through asyncpg and psycopg: live loopback PostgreSQL with OTel
+only, the same under ``record()``, and replayed with the server unreachable.
+
+Each driver runs in its own process. Every run records its own cassette and the replay of that
+run answers from it (FIFO per key), connecting to a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import worker_main
+from benchmarks.micro import _otel
+
+PG = "127.0.0.1:5432"
+SQL = "SELECT g AS id, md5(g::text) AS name, g * 1.5 AS price FROM generate_series(1, 10) g"
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fresh_database() -> str:
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(f"postgresql://postgres@{PG}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"postgresql://postgres@{PG}/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+
+    driver: str = args["driver"]
+    queries: int = args["queries"]
+    _otel()
+    replay_shims.instrument([driver])
+    db = fresh_database()
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{driver}-"))
+    res: dict[str, list[float]] = {"live_us": [], "record_us": [], "replay_us": []}
+    rows_seen: dict[str, Any] = {}
+    try:
+        if driver == "asyncpg":
+            import asyncpg
+
+            async def block(port: int) -> tuple[float, Any]:
+                conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/{db}")
+                t0 = time.perf_counter()
+                for _ in range(queries):
+                    rows = await conn.fetch(SQL)
+                us = (time.perf_counter() - t0) * 1e6 / queries
+                await conn.close()
+                return us, [tuple(r) for r in rows]
+
+            def measure(port: int) -> tuple[float, Any]:
+                return asyncio.run(block(port))
+        else:
+            import psycopg
+
+            def measure(port: int) -> tuple[float, Any]:
+                with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/{db}") as conn:
+                    t0 = time.perf_counter()
+                    for _ in range(queries):
+                        rows = conn.execute(SQL).fetchall()
+                    us = (time.perf_counter() - t0) * 1e6 / queries
+                return us, rows
+
+        measure(5432)  # warm-up
+        for r in range(args["runs"]):
+            us, rows_seen["live"] = measure(5432)
+            res["live_us"].append(us)
+            with timetracer_otel.record(dir=tmp / f"r{r}", libraries=[driver]) as rec:
+                us, rows_seen["record"] = measure(5432)
+            res["record_us"].append(us)
+            with timetracer_otel.replay(rec.paths, libraries=[driver]) as rep:
+                us, rows_seen["replay"] = measure(dead_port())
+            res["replay_us"].append(us)
+            assert rep.report.ok, rep.report.render()
+    finally:
+        drop_database(db)
+    same = rows_seen["replay"] == rows_seen["live"] and \
+        [type(v) for v in rows_seen["replay"][0]] == [type(v) for v in rows_seen["live"][0]]
+    return {**res, "replay_rows_equal": same, "rows": len(rows_seen["live"])}
+
+
+if __name__ == "__main__":
+    worker_main(run)

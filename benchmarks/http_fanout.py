@@ -1,0 +1,252 @@
+"""Scenario 1 worker: one inbound request to a Starlette app that makes 10 httpx calls.
+
+Each mode runs in its own process (``python -m benchmarks.http_fanout '{"mode": ...}'``) so
+patches of one tool never leak into another. The inbound request is driven in-process through
+the ASGI interface (no client socket noise); the 10 dependency calls are real HTTP/1.1 calls
+to the uvicorn upstream on 127.0.0.1 (in record and live modes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from benchmarks.common import quiet_stderr, worker_main
+
+CALLS = 10
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+def make_app(upstream: str) -> tuple[Starlette, list[httpx.AsyncClient]]:
+    holder: list[httpx.AsyncClient] = []
+
+    async def fanout(request: Request) -> JSONResponse:
+        if not holder:
+            holder.append(httpx.AsyncClient(base_url=upstream))
+        client = holder[0]
+        out = []
+        for i in range(CALLS):
+            r = await client.get("/items", params={"i": i})
+            out.append(r.json()["name"])
+        return JSONResponse({"names": out})
+
+    return Starlette(routes=[Route("/fanout", fanout)]), holder
+
+
+async def call(app: ASGIApp) -> bytes:
+    """One GET /fanout through the ASGI interface; returns the response body."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "GET", "scheme": "http", "path": "/fanout", "raw_path": b"/fanout",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [(b"host", b"bench.local"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
+    }
+    sent = False
+    body: list[bytes] = []
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            body.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    if status != 200:
+        raise RuntimeError(f"/fanout answered {status}: {b''.join(body)[:300]!r}")
+    return b"".join(body)
+
+
+def setup_otel(app: Starlette) -> None:
+    """SDK + the Starlette and httpx instrumentations, spans to a no-op exporter."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class NoopExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
+    trace.set_tracer_provider(provider)
+    HTTPXClientInstrumentor().instrument()
+    StarletteInstrumentor.instrument_app(app)
+
+
+async def upstream_hits(upstream: str) -> int:
+    async with httpx.AsyncClient(base_url=upstream) as c:
+        return int((await c.get("/hits")).json()["hits"])
+
+
+async def measure(args: dict[str, Any]) -> dict[str, Any]:
+    mode: str = args["mode"]
+    upstream: str = args["upstream"]
+    runs: int = args["runs"]
+    n: int = args["requests"]
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
+    app, clients = make_app(upstream)
+    per_request: list[float] = []
+    extra: dict[str, Any] = {}
+
+    async def loop(fn: Callable[[], Awaitable[bytes]], count: int) -> tuple[float, bytes]:
+        t0 = time.perf_counter()
+        last = b""
+        for _ in range(count):
+            last = await fn()
+        return (time.perf_counter() - t0) * 1000 / count, last
+
+    body = b""
+    if mode in ("bare", "otel"):
+        if mode == "otel":
+            setup_otel(app)
+        await loop(lambda: call(app), 5)
+        for _ in range(runs):
+            ms, body = await loop(lambda: call(app), n)
+            per_request.append(ms)
+
+    elif mode == "tt_record":
+        import timetracer_otel
+
+        setup_otel(app)
+        with timetracer_otel.record(dir=tmp / "warm"):
+            await loop(lambda: call(app), 5)
+        incl: list[float] = []
+        written = 0
+        for r in range(runs):
+            t0 = time.perf_counter()
+            with timetracer_otel.record(dir=tmp / f"run{r}") as rec:
+                ms, body = await loop(lambda: call(app), n)
+            incl.append((time.perf_counter() - t0) * 1000 / n)
+            per_request.append(ms)
+            written += len(rec.paths)
+        extra = {"incl_write_ms": incl, "cassettes_written": written, "expected": runs * n}
+
+    elif mode in ("tt_replay", "tt_replay_preloaded"):
+        import timetracer_otel
+
+        setup_otel(app)
+        with timetracer_otel.record(dir=tmp / "rec") as rec:
+            for _ in range(n if mode == "tt_replay_preloaded" else 1):
+                await call(app)
+        paths = rec.paths
+        hits0 = await upstream_hits(upstream)
+        if mode == "tt_replay":
+            async def one() -> bytes:
+                with timetracer_otel.replay(paths[0]) as rep:
+                    out = await call(app)
+                assert rep.report.exact == CALLS, rep.report.render()
+                return out
+
+            await loop(one, 5)
+            for _ in range(runs):
+                ms, body = await loop(one, n)
+                per_request.append(ms)
+        else:
+            for _ in range(runs + 1):
+                # The index of all n recorded requests is built inside the timed block.
+                t0 = time.perf_counter()
+                with timetracer_otel.replay(paths) as rep:
+                    _, body = await loop(lambda: call(app), n)
+                per_request.append((time.perf_counter() - t0) * 1000 / n)
+                assert rep.report.exact == CALLS * n, rep.report.summary()
+            per_request = per_request[1:]  # the first run is the warm-up
+        extra = {"network_calls_during_replay": await upstream_hits(upstream) - hits0}
+
+    elif mode in ("upstream_record", "upstream_replay"):
+        from timetracer.config import TraceConfig
+        from timetracer.integrations.starlette import TimeTracerMiddleware
+        from timetracer.plugins import enable_httpx
+
+        enable_httpx()
+        rec_dir = tmp / "upstream"
+        rec_app, _ = make_app(upstream)
+        rec_app.add_middleware(TimeTracerMiddleware,
+                               config=TraceConfig(mode="record", cassette_dir=str(rec_dir)))
+        with quiet_stderr():
+            if mode == "upstream_record":
+                await loop(lambda: call(rec_app), 5)
+                for _ in range(runs):
+                    ms, body = await loop(lambda: call(rec_app), n)
+                    per_request.append(ms)
+                extra = {"cassettes_written": len(list(rec_dir.rglob("*.json")))}
+            else:
+                await call(rec_app)
+                path = str(next(rec_dir.rglob("*.json")))
+                rep_app, _ = make_app(upstream)
+                rep_app.add_middleware(TimeTracerMiddleware,
+                                       config=TraceConfig(mode="replay", cassette_path=path))
+                hits0 = await upstream_hits(upstream)
+                await loop(lambda: call(rep_app), 5)
+                for _ in range(runs):
+                    ms, body = await loop(lambda: call(rep_app), n)
+                    per_request.append(ms)
+                extra = {"network_calls_during_replay": await upstream_hits(upstream) - hits0}
+
+    elif mode in ("vcr_record", "vcr_replay"):
+        import vcr
+
+        my_vcr = vcr.VCR()
+        counter = iter(range(10**9))
+
+        async def record_one() -> bytes:
+            with my_vcr.use_cassette(str(tmp / f"r{next(counter)}.yaml"), record_mode="all"):
+                return await call(app)
+
+        if mode == "vcr_record":
+            await loop(record_one, 5)
+            for _ in range(runs):
+                ms, body = await loop(record_one, n)
+                per_request.append(ms)
+        else:
+            await record_one()
+            path = str(tmp / "r0.yaml")
+
+            async def replay_one() -> bytes:
+                with my_vcr.use_cassette(path, record_mode="none"):
+                    return await call(app)
+
+            hits0 = await upstream_hits(upstream)
+            await loop(replay_one, 5)
+            for _ in range(runs):
+                ms, body = await loop(replay_one, n)
+                per_request.append(ms)
+            extra = {"network_calls_during_replay": await upstream_hits(upstream) - hits0}
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+    for c in clients:
+        await c.aclose()
+    return {"per_request_ms": per_request, "body_sha": hashlib.sha256(body).hexdigest()[:16],
+            **extra}
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    return asyncio.run(measure(args))
+
+
+if __name__ == "__main__":
+    worker_main(run)

@@ -1,0 +1,206 @@
+"""Per-call costs behind scenario 1 (issue 2's targets), each in its own process.
+
+``record-overhead``: httpx calls to the upstream inside a server span, alternating blocks of
+OTel-only (shims installed, mode off) and ``record()``; per round the difference per call.
+On the request thread it also counts write syscalls (``/proc/thread-self/io`` ``syscw``) and
+file opens (an audit hook), in both kinds of block, to show recording adds no file I/O there.
+
+``replay-vs-mock``: a replayed httpx call against an ``httpx.MockTransport`` returning the
+same recorded bytes; first with no OTel instrumentation, then with it, so OTel's own span
+cost is reported apart from ours.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import worker_main
+
+
+def _syscw() -> int:
+    try:
+        for line in Path("/proc/thread-self/io").read_text().splitlines():
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def _otel() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class NoopExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
+    trace.set_tracer_provider(provider)
+    return trace.get_tracer("bench")
+
+
+class _StubPool:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def handle_request(self, request: Any) -> Any:
+        import httpcore
+
+        return httpcore.Response(200, headers=[(b"content-type", b"application/json"),
+                                               (b"content-length", str(len(self.body)).encode())],
+                                 content=self.body)
+
+    def close(self) -> None:
+        pass
+
+
+def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.trace import SpanKind
+
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+
+    tracer = _otel()
+    replay_shims.install(["httpx"])
+    HTTPXClientInstrumentor().instrument()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-micro-"))
+    live_client = httpx.Client(base_url=args["upstream"])
+    # The same transport stack with the connection pool beneath it answering from memory:
+    # OTel wrapper, shim and httpx's own mapping all run, the network does not.
+    body = live_client.get("/items", params={"i": 1}).content
+    stub_transport = httpx.HTTPTransport()
+    stub_transport._pool = _StubPool(body)  # type: ignore[assignment]
+    stub_client = httpx.Client(base_url=args["upstream"], transport=stub_transport)
+    client = stub_client if args.get("network") == "stub" else live_client
+    calls: int = args["calls"]
+    main = threading.get_ident()
+    io_state = {"active": False, "opens": 0}
+
+    def audit(event: str, _args: Any) -> None:
+        if io_state["active"] and event == "open" and threading.get_ident() == main:
+            io_state["opens"] += 1
+
+    sys.addaudithook(audit)
+
+    def block() -> tuple[float, float, int, int]:
+        """``calls`` calls in server spans of 10: wall and request-thread CPU µs per call,
+        write syscalls and file opens on the request thread."""
+        io_state["opens"] = 0
+        w0 = _syscw()
+        io_state["active"] = True
+        c0 = time.thread_time()
+        t0 = time.perf_counter()
+        for j in range(calls // 10):
+            with tracer.start_as_current_span("GET /fanout", kind=SpanKind.SERVER):
+                for i in range(10):
+                    client.get("/items", params={"i": i + j % 7})
+        us = (time.perf_counter() - t0) * 1e6 / calls
+        cpu = (time.thread_time() - c0) * 1e6 / calls
+        io_state["active"] = False
+        return us, cpu, _syscw() - w0, io_state["opens"]
+
+    block()  # warm-up: connections, imports
+    with timetracer_otel.record(dir=tmp / "warm", libraries=["httpx"]):
+        block()
+    res: dict[str, list[float]] = {k: [] for k in (
+        "otel_us", "record_us", "overhead_us", "otel_cpu_us", "record_cpu_us", "overhead_cpu_us")}
+    io = {"otel_syscw": 0, "record_syscw": 0, "otel_opens": 0, "record_opens": 0}
+    written = 0
+    for r in range(args["runs"]):
+        order = ("otel", "record") if r % 2 == 0 else ("record", "otel")
+        got: dict[str, tuple[float, float]] = {}
+        for which in order:
+            if which == "otel":
+                us, cpu, w, o = block()
+            else:
+                with timetracer_otel.record(dir=tmp / f"r{r}", libraries=["httpx"]) as rec:
+                    us, cpu, w, o = block()
+                written += len(rec.paths)
+            got[which] = (us, cpu)
+            io[f"{which}_syscw"] += w
+            io[f"{which}_opens"] += o
+        res["otel_us"].append(got["otel"][0])
+        res["record_us"].append(got["record"][0])
+        res["overhead_us"].append(got["record"][0] - got["otel"][0])
+        res["otel_cpu_us"].append(got["otel"][1])
+        res["record_cpu_us"].append(got["record"][1])
+        res["overhead_cpu_us"].append(got["record"][1] - got["otel"][1])
+    return {**res, "io": io,
+            "cassettes_written": written, "calls_per_block": calls,
+            "network": args.get("network", "live")}
+
+
+def replay_vs_mock(args: dict[str, Any]) -> dict[str, Any]:
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+    from timetracer_otel.cassette import Cassette, load_cassette
+    from timetracer_otel.codec import as_bytes
+
+    _otel()
+    replay_shims.install(["httpx"])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mock-"))
+    url = args["upstream"] + "/items?i=3"
+    with timetracer_otel.record(dir=tmp, libraries=[]) as rec, httpx.Client() as live:
+        live.get(url)
+    recorded = load_cassette(rec.paths[0]).interactions[0]
+    resp = recorded.response
+    body = b"".join(as_bytes(c) for c in resp["chunks"])
+    headers = [(k, v) for k, v in resp["headers"]]
+    calls: int = args["calls"]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(resp["status"], headers=headers, content=body)
+
+    mock_client = httpx.Client(transport=httpx.MockTransport(handler))
+    replay_client = httpx.Client()
+    cassette = Cassette(id="bench", name="bench", created="2026-01-01T00:00:00+00:00",
+                        spans=[recorded] * calls)
+
+    def timed(client: httpx.Client, replaying: bool) -> float:
+        if replaying:
+            with timetracer_otel.replay(cassette, libraries=[]) as rep:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    r = client.get(url)
+                us = (time.perf_counter() - t0) * 1e6 / calls
+            assert rep.report.exact == calls, rep.report.summary()
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                r = client.get(url)
+            us = (time.perf_counter() - t0) * 1e6 / calls
+        assert r.content == body
+        return us
+
+    out: dict[str, list[float]] = {"mock_us": [], "replay_us": [], "replay_otel_us": []}
+    timed(mock_client, False)
+    timed(replay_client, True)
+    for _ in range(args["runs"]):
+        out["mock_us"].append(timed(mock_client, False))
+        out["replay_us"].append(timed(replay_client, True))
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    HTTPXClientInstrumentor().instrument()
+    timed(replay_client, True)
+    for _ in range(args["runs"]):
+        out["replay_otel_us"].append(timed(replay_client, True))
+    return {**out, "body_bytes": len(body), "calls_per_block": calls}
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    return {"record-overhead": record_overhead, "replay-vs-mock": replay_vs_mock}[args["mode"]](args)
+
+
+if __name__ == "__main__":
+    worker_main(run)
