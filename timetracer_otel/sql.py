@@ -13,6 +13,7 @@ counters (``__asyncpg_savepoint_3__``, ``__asyncpg_stmt_1a__``, ``sa_savepoint_2
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -36,6 +37,8 @@ def _strip_comments(statement: str) -> str:
     return _TOKENS.sub(lambda m: " " if m.group(0)[0] in "/-" else m.group(0), statement)
 
 
+# Apps repeat a small set of statements: the regex passes run once per distinct text.
+@functools.lru_cache(maxsize=4096)
 def normalise_statement(statement: str | bytes) -> str:
     """The statement as a key sees it: comments (sqlcommenter's traceparent too) removed,
     whitespace folded, a trailing semicolon dropped."""
@@ -45,6 +48,7 @@ def normalise_statement(statement: str | bytes) -> str:
     return text[:-1].rstrip() if text.endswith(";") else text
 
 
+@functools.lru_cache(maxsize=4096)
 def statement_shape(statement: str) -> str:
     """The normalised statement with driver-generated names replaced by ``_N``."""
     for pattern, repl in _GENERATED:

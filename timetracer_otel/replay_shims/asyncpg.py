@@ -232,18 +232,36 @@ def _replay_connection(kwargs: dict[str, Any], server: Tree) -> Any:
 # --- results: record side ---------------------------------------------------------------------
 
 
+def _leaf(v: Any) -> Tree:
+    # Text, bools and NULLs are already tree leaves; skip the codec's dispatch for them.
+    return v if v is None or type(v) is str or type(v) is bool else to_tree(v)
+
+
 def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
     if rows:
         tree["cols"] = list(rows[0].keys())
-    tree["rows"] = [[to_tree(v) for v in row] for row in rows]
+    tree["rows"] = [[_leaf(v) for v in row] for row in rows]
     return tree
+
+
+# Column oids per prepared statement state; asyncpg builds its attribute tuples on every call.
+_oid_cache: dict[Any, list[int]] = {}
+
+
+def _stmt_oids(state: Any) -> list[int]:
+    oids = _oid_cache.get(state)
+    if oids is None:
+        if len(_oid_cache) > 1024:
+            _oid_cache.clear()
+        oids = _oid_cache[state] = [a.type.oid for a in state._get_attributes()]
+    return oids
 
 
 def _oids(conn: Any, query: str, record_class: Any) -> list[int] | None:
     """Column type oids when the statement sits in asyncpg's cache (a dict lookup)."""
     cls = record_class or conn._protocol.get_record_class()
     stmt = conn._stmt_cache.get((query, cls, False), promote=False)
-    return [a.type.oid for a in stmt._get_attributes()] if stmt is not None else None
+    return _stmt_oids(stmt) if stmt is not None else None
 
 
 def _result_tree(
@@ -259,7 +277,7 @@ def _result_tree(
     elif kind in ("value", "int"):
         tree["value"] = to_tree(out)
     if kind in ("rows", "row") and not isinstance(conn._protocol, _ReplayProtocol):
-        tree["oids"] = _oids(conn, query, record_class)
+        tree["oids"] = _oids(conn, query, record_class) if out else None
     return tree
 
 
@@ -299,7 +317,12 @@ def _records(tree: Tree, record_class: Any) -> list[Any]:
             "keep asyncpg live with TIMETRACER_LIVE_PLUGINS=asyncpg."
         )
     mapping = {name: i for i, name in enumerate(tree.get("cols") or ())}
-    return [_create_record(mapping, tuple([from_tree(v) for v in row])) for row in tree["rows"]]
+    return [
+        _create_record(mapping, tuple([
+            v if type(v) is not dict and type(v) is not list else from_tree(v) for v in row
+        ]))
+        for row in tree["rows"]
+    ]
 
 
 def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
@@ -500,7 +523,7 @@ async def _statement_call(
         # SQLAlchemy reads rowcount from the status of the last execution.
         tree["last_status"] = stmt._last_status
         if "rows" in tree:
-            tree["oids"] = [a.type.oid for a in stmt.get_attributes()]
+            tree["oids"] = _stmt_oids(stmt._state)
 
     return await _run(call, kind, conn, stmt._query, stmt._state.record_class,
                       lambda: original(stmt, *args, **kwargs), set_status, add_status)
