@@ -24,11 +24,12 @@ from timetracer_otel.cassette import (
     SpanRecord,
     find_cassettes,
     load_cassette,
+    loads,
     save_cassette,
 )
 from timetracer_otel.config import OnMiss, Settings
 from timetracer_otel.errors import TimetracerError
-from timetracer_otel.exporters.storage import storage_for
+from timetracer_otel.exporters.storage import load_one, read_sources, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,16 +204,16 @@ def ls(directory: str) -> None:
     from rich.table import Table
 
     table = Table("cassette", "created", "spans", "calls", "libraries", "complete", "bytes")
-    for path in find_cassettes(directory):
+    for name, data in read_sources(directory):  # local or s3://
         try:
-            c = load_cassette(path)
+            c = loads(data, name)
         except TimetracerError as exc:
-            table.add_row(str(path), "-", "-", "-", "-", f"[red]{exc}[/]", str(path.stat().st_size))
+            table.add_row(name, "-", "-", "-", "-", f"[red]{exc}[/]", str(len(data)))
             continue
         libs = sorted({s.library for s in c.interactions if s.library})
         table.add_row(
-            str(path), c.created[:19], str(len(c.spans)), str(len(c.interactions)),
-            ",".join(libs), "yes" if c.complete else "[yellow]no[/]", str(path.stat().st_size),
+            name, c.created[:19], str(len(c.spans)), str(len(c.interactions)),
+            ",".join(libs), "yes" if c.complete else "[yellow]no[/]", str(len(data)),
         )
     Console().print(table)
 
@@ -242,7 +243,7 @@ def _span_line(span: SpanRecord, t0: int) -> str:
 @_user_errors
 def show(path: str, as_json: bool) -> None:
     """Show a cassette as a tree of spans with timings and library."""
-    cassette = load_cassette(path)
+    cassette = load_one(path)  # a file or an s3:// object
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(cassette), indent=2).decode())
         return

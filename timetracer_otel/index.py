@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
+from timetracer_otel.cassette import Cassette, SpanRecord
 from timetracer_otel.keys import Call, field_diff
 
 
@@ -90,9 +90,10 @@ class ReplayIndex:
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | Path], *, strict: bool = False) -> ReplayIndex:
-        """Load every cassette at ``paths`` (files or directories) into one index."""
-        files = [f for p in paths for f in find_cassettes(p)]
-        loaded = [(str(f), load_cassette(f)) for f in files]
+        """Load every cassette at ``paths`` (files, directories or ``s3://`` URLs) into one index."""
+        from timetracer_otel.exporters.storage import load_sources  # lazy: exporters import us
+
+        loaded = [item for p in paths for item in load_sources(p)]
         loaded.sort(key=lambda item: item[1].created)
         return cls(loaded, strict=strict)
 

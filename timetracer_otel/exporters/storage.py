@@ -1,11 +1,17 @@
-"""Where cassettes go: a local directory (atomic writes). S3 plugs in behind the same API."""
+"""Where cassettes go and where they are read from: a local directory (atomic writes) or an
+S3-compatible bucket (``s3://bucket/prefix``), behind one small API.
+
+    >>> storage_for("s3://recordings/nightly").write("2026-11-26/job__ab12.msgpack", data)
+    >>> [name for name, _ in load_sources("s3://recordings/nightly")]
+    ['s3://recordings/nightly/2026-11-26/job__ab12.msgpack']
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Protocol
 
-from timetracer_otel.cassette import atomic_write
+from timetracer_otel.cassette import Cassette, atomic_write, find_cassettes, load_cassette, loads
 from timetracer_otel.errors import CassetteError
 
 
@@ -46,7 +52,61 @@ def storage_for(location: str | Path) -> Storage:
     """The storage for a ``--dir`` / ``TIMETRACER_DIR`` value."""
     text = str(location)
     if text.startswith("s3://"):
-        from timetracer_otel.exporters.s3 import S3Storage  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        from timetracer_otel.exporters.s3 import S3Storage
 
-        return S3Storage(text)  # type: ignore[no-any-return,unused-ignore]
+        return S3Storage(text)
     return LocalStorage(text)
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith("s3://")
+
+
+def source_names(location: str | Path) -> list[str]:
+    """The cassettes at ``location``: a file or object itself, or every cassette below a
+    directory or prefix (sorted)."""
+    text = str(location)
+    if not is_remote(text):
+        return [str(p) for p in find_cassettes(text)]
+    from timetracer_otel.exporters.s3 import SUFFIXES, S3Storage
+
+    storage = S3Storage(text)
+    if text.endswith(SUFFIXES) and storage.exists(text):
+        return [text]
+    names = storage.list()
+    if not names:
+        raise CassetteError(f"{text}: no cassettes there; check the bucket and prefix.")
+    return names
+
+
+def read_sources(location: str | Path) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every cassette at ``location`` (local path or ``s3://``)."""
+    text = str(location)
+    if not is_remote(text):
+        out = []
+        for path in find_cassettes(text):
+            try:
+                out.append((str(path), path.read_bytes()))
+            except OSError as exc:
+                raise CassetteError(f"{path} cannot be read ({exc.strerror}).") from None
+        return out
+    from timetracer_otel.exporters.s3 import S3Storage
+
+    storage = S3Storage(text)
+    return [(name, storage.read(name)) for name in source_names(text)]
+
+
+def load_sources(location: str | Path) -> list[tuple[str, Cassette]]:
+    """Decoded cassettes at ``location``; each error names its file or object."""
+    if not is_remote(location):
+        return [(str(p), load_cassette(p)) for p in find_cassettes(location)]
+    return [(name, loads(data, name)) for name, data in read_sources(location)]
+
+
+def load_one(location: str | Path) -> Cassette:
+    """The single cassette at ``location`` (a file or an ``s3://`` object)."""
+    if not is_remote(location):
+        return load_cassette(location)
+    from timetracer_otel.exporters.s3 import S3Storage
+
+    return loads(S3Storage(str(location)).read(str(location)), str(location))
