@@ -227,9 +227,13 @@ def _finish(ex: Exchange, scope: Message) -> None:
     if span is None or not span.is_recording():
         return
     attrs = getattr(span, "attributes", None) or {}
-    route = attrs.get("http.route") or route_of(scope)
-    if route and "http.route" not in attrs:
-        span.set_attribute("http.route", route)
+    route = attrs.get("http.route")
+    path, method = scope.get("path", "/"), scope.get("method", "")
+    if not route or route in (path, f"{method} {path}"):
+        # Missing, or the raw path (Litestar's plugin runs before routing): name the template.
+        route = route_of(scope) or route
+        if route:
+            span.set_attribute("http.route", route)
     request = request_tree(scope, ex, route)
     body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
     ident, shape, label = identity(request, body)

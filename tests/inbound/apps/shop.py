@@ -36,6 +36,8 @@ async def order(request: Request) -> JSONResponse:
         finally:
             await conn.close()
     qty = int(body.get("qty", 1))
+    if body.get("fail"):
+        return JSONResponse({"error": "payment declined", "price": price}, status_code=502)
     return JSONResponse(
         {"id": int(request.path_params["id"]), "sku": body["sku"], "qty": qty, "price": price,
          "total": round(price * qty * (1 + tax()), 2), "stock": stock},

@@ -1,0 +1,48 @@
+"""FastAPI (under the ASGI middleware) and Litestar (its own OpenTelemetry plugin) record and
+replay the same way Starlette does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+import frameworks
+from inbound_helpers import Client, _only, _record, upstream_fixture
+
+from timetracer_otel.inbound import inbound_span, instrument_app, replay_asgi
+
+upstream = upstream_fixture
+
+
+def _order(c: Client) -> None:
+    r = c.post("/orders/5", json={"sku": "B2", "qty": 2})
+    assert r.status_code == 200, r.content
+    assert r.json() == {"id": 5, "price": 25.5, "total": 56.1}
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "litestar"])
+def test_framework_records_and_replays(framework: str, tmp_path: Path, serve: Any, upstream: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def make() -> Any:
+        if framework == "fastapi":
+            # FastAPI's native telemetry steps aside when the ASGI middleware is in its stack.
+            return instrument_app(frameworks.make_fastapi())
+        return frameworks.make_litestar()
+
+    cassette = _only(_record(tmp_path, serve, _order, app=make()))
+    root = inbound_span(cassette)
+    assert root is not None and root.kind == "SERVER"
+    assert cassette.name.startswith("POST__orders_order_id")
+    assert root.request["route"].startswith("/orders/{order_id")
+    assert [s.library for s in cassette.interactions if s is not root] == ["httpx"]
+    upstream.stop()
+    result = replay_asgi(cassette, make())
+    assert result.ok, result.diff
+    assert result.status == 200 and result.report.exact == 1
+    monkeypatch.setenv("SHOP_TAX", "0")
+    changed = replay_asgi(cassette, make())
+    assert changed.diff == ["body.total: recorded 56.1, now 51.0"]
