@@ -99,7 +99,7 @@ class ReplayIndex:
 
     def extend(self, spans: Iterable[SpanRecord], source: str) -> None:
         for span in spans:
-            if span.key is None:
+            if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing
                 continue
             entry = _Entry(span, source)
             self._entries.append(entry)
