@@ -66,6 +66,9 @@ async def orm_job(port: int, db: str) -> list[Any]:
             book.price = decimal.Decimal("1.00")
             await s.commit()
             out.append(await s.scalar(select(func.sum(Book.price))))
+            # A server-side cursor: prepared statement + portal fetches, inside a transaction.
+            result = await s.stream(select(Book.id, Book.title).order_by(Book.id))
+            out.append([tuple(r) async for r in result])
     finally:
         await engine.dispose()
     return out
@@ -91,6 +94,7 @@ def test_sqlalchemy_async_orm_replays_without_the_server(pg_database: str, tmp_p
         replayed = asyncio.run(orm_job(unreachable_port(), pg_database))
     assert replayed == live
     assert live[1][3] == 3 and live[2] == decimal.Decimal("60.90")
+    assert [title for _, title in live[3]] == ["Vol 1", "Vol 2", "Vol 3"]
     assert rep.report.ok, rep.report.render()
 
 
