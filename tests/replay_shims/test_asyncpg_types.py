@@ -162,16 +162,22 @@ def test_unrecorded_query_names_the_closest_recorded_statement(
     assert "SELECT 1 AS one" in str(err.value)
 
 
-def test_custom_record_class_and_copy_are_refused_clearly(
+class Row(asyncpg.Record):
+    """A custom record_class, as apps use for attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self[name]
+
+
+def test_custom_record_class_is_honoured_and_copy_refused_clearly(
     pg_database: str, tmp_path: Path
 ) -> None:
-    class MyRecord(asyncpg.Record):
-        pass
-
-    async def one(port: int) -> Any:
-        conn = await asyncpg.connect(dsn(pg_database, port))
+    async def job(port: int) -> Any:
+        conn = await asyncpg.connect(dsn(pg_database, port), record_class=Row)
         try:
-            return await conn.fetch("SELECT 1 AS one", record_class=MyRecord)
+            rows = await conn.fetch("SELECT 1 AS one, 'x' AS name")
+            row = await conn.fetchrow("SELECT 2 AS two", record_class=asyncpg.Record)
+            return [(type(r), tuple(r), r.one, r.name, dict(r)) for r in rows] + [type(row)]
         finally:
             await conn.close()
 
@@ -183,10 +189,10 @@ def test_custom_record_class_and_copy_are_refused_clearly(
             await conn.close()
 
     with timetracer_otel.record(dir=tmp_path) as rec:
-        live = asyncio.run(one(PG_PORT))
-    assert type(live[0]) is MyRecord
+        live = asyncio.run(job(PG_PORT))
     with timetracer_otel.replay(rec.paths):
-        with pytest.raises(ReplayUnsupportedError, match="record_class"):
-            asyncio.run(one(unreachable_port()))
+        replayed = asyncio.run(job(unreachable_port()))
         with pytest.raises(ReplayUnsupportedError, match="copy_records_to_table"):
             asyncio.run(copy(unreachable_port()))
+    assert replayed == live
+    assert live[0][0] is Row and live[1] is asyncpg.Record

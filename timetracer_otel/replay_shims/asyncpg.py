@@ -15,6 +15,7 @@ which opens no socket; ``prepare``, cursors and ``set_type_codec`` are answered 
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from asyncpg.connection import Connection
 from asyncpg.exceptions import PostgresError
 from asyncpg.pgproto import pgproto
 from asyncpg.protocol.protocol import _create_record
+from asyncpg.protocol.record import RecordDescriptor
 from asyncpg.types import Attribute, Type
 
 from timetracer_otel.codec import Tree, as_bytes, from_tree, register, to_tree
@@ -309,20 +311,52 @@ def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
     return exc
 
 
+def _item_offset() -> int | None:
+    """Where a Record keeps its item pointers, found by probing one asyncpg built itself;
+    None (custom record classes refused) if the layout is not the expected one."""
+    a, b = object(), object()
+    rec = _create_record({"a": 0, "b": 1}, (a, b))
+    words = (ctypes.c_void_p * ((type(rec).__basicsize__ + 2 * type(rec).__itemsize__) // 8))
+    view = words.from_address(id(rec))
+    for i in range(len(view) - 1):
+        if view[i] == id(a) and view[i + 1] == id(b):
+            return i * 8
+    return None
+
+
+_ITEMS = _item_offset()
+
+
+def _custom_record(cls: type[Any], desc: Any, values: tuple[Any, ...]) -> Any:
+    # What asyncpg's decoder does for a custom record_class: make_record(cls, n), then
+    # ApgRecord_SET_ITEM (a pointer store) for each value, with a reference taken.
+    assert _ITEMS is not None
+    rec = desc.make_record(cls, len(values))
+    slots = (ctypes.c_void_p * len(values)).from_address(id(rec) + _ITEMS)
+    for i, v in enumerate(values):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(v))
+        slots[i] = id(v)
+    return rec
+
+
 def _records(tree: Tree, record_class: Any) -> list[Any]:
-    if record_class is not None and record_class is not asyncpg.Record:
+    custom = record_class is not None and record_class is not asyncpg.Record
+    if custom and _ITEMS is None:
         raise ReplayUnsupportedError(
-            f"Replay rebuilds asyncpg.Record rows only, not the custom record_class "
-            f"{record_class.__qualname__}; use the default record class in replayed code, or "
-            "keep asyncpg live with TIMETRACER_LIVE_PLUGINS=asyncpg."
+            f"Replay cannot build the custom record_class {record_class.__qualname__} with this "
+            "asyncpg version; use the default record class in replayed code, or keep asyncpg "
+            "live with TIMETRACER_LIVE_PLUGINS=asyncpg."
         )
-    mapping = {name: i for i, name in enumerate(tree.get("cols") or ())}
-    return [
-        _create_record(mapping, tuple([
-            v if type(v) is not dict and type(v) is not list else from_tree(v) for v in row
-        ]))
+    cols = tree.get("cols") or ()
+    mapping = {name: i for i, name in enumerate(cols)}
+    rows = [
+        tuple([v if type(v) is not dict and type(v) is not list else from_tree(v) for v in row])
         for row in tree["rows"]
     ]
+    if custom:
+        desc = RecordDescriptor(mapping, tuple(mapping))
+        return [_custom_record(record_class, desc, row) for row in rows]
+    return [_create_record(mapping, row) for row in rows]
 
 
 def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
