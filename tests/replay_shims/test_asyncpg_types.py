@@ -160,6 +160,11 @@ def test_unrecorded_query_names_the_closest_recorded_statement(
         asyncio.run(one(unreachable_port(), "SELECT 2 AS two"))
     assert "SELECT 2 AS two" in str(err.value)
     assert "SELECT 1 AS one" in str(err.value)
+    # passthrough cannot go live on a connection the cassette opened: said plainly.
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough"), pytest.raises(
+        ReplayUnsupportedError, match="opened from the cassette"
+    ):
+        asyncio.run(one(unreachable_port(), "SELECT 2 AS two"))
 
 
 class Row(asyncpg.Record):

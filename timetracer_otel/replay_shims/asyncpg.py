@@ -400,6 +400,12 @@ async def _run(
         if on_replay is not None:
             on_replay(action)
         return _replayed(action, kind, conn, record_class)
+    if _is_replay_conn(conn):  # a miss under on_miss=passthrough/record: there is no server
+        raise ReplayUnsupportedError(
+            f"{call.label} has no recording, and its connection was opened from the cassette "
+            "without a server; record it again, or keep asyncpg live with "
+            "TIMETRACER_LIVE_PLUGINS=asyncpg."
+        )
     if action is LIVE:
         return await invoke()
     with capture(call, SCOPE) as cap:
