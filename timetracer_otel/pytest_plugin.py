@@ -84,7 +84,7 @@ def cassette_filename(test_id: str, suffix: str = ".json") -> str:
     """A file name for a test id: readable, and unique even when characters were replaced.
 
     >>> cassette_filename("TestApi::test_get[a/b]")
-    'TestApi.test_get[a_b]-4c1f0e7a2d.json'
+    'TestApi.test_get[a_b]-2ce4c46784.json'
     """
     text = test_id.replace("::", ".")
     safe = _UNSAFE.sub("_", text)
@@ -164,10 +164,12 @@ class _NetworkGuard:
         guard = self
 
         def guarded_connect(sock: socket.socket, address: Any) -> None:
+            __tracebackhide__ = True
             guard.check(address)
             connect(sock, address)
 
         def guarded_connect_ex(sock: socket.socket, address: Any) -> int:
+            __tracebackhide__ = True
             guard.check(address)
             return int(connect_ex(sock, address))
 
@@ -180,6 +182,7 @@ class _NetworkGuard:
             self._saved = None
 
     def check(self, address: Any) -> None:
+        __tracebackhide__ = True
         policy = self.policy
         if policy.allows(address):
             return
@@ -250,8 +253,10 @@ class ActiveCassette:
     @property
     def calls(self) -> list[SpanRecord]:
         """The dependency calls so far: recorded live, or the recorded ones replayed."""
-        if self.recording:
-            return sorted(_converted(self._recorded)[0], key=lambda s: s.start_ns)
+        if self.recording:  # libraries kept live are not part of the cassette
+            live = self.options.live
+            records = _converted(self._recorded)[0]
+            return sorted((s for s in records if s.library not in live), key=lambda s: s.start_ns)
         unused = {id(s) for s in self.unused}
         recorded = self.cassette.interactions if self.cassette is not None else []
         appended = getattr(self._replaying, "appended", None)  # set once the replay has ended
@@ -539,27 +544,30 @@ class TimetracerPlugin:
             module = Path(item.path.stem)
         return base / module / cassette_filename(test_id)
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    # The innermost wrapper: still before every fixture (the runner sets them up inside all
+    # wrappers), and a failure here leaves the other plugins' wrappers consistent.
+    @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
         # Before every fixture: connections opened by fixtures belong to the test's cassette.
         policy_loopback = True
         if not isinstance(item, ReplayItem):
+            problem, active = None, None
             try:
                 options = self.options_for(item)
-            except ConfigError as exc:
-                raise pytest.UsageError(str(exc)) from None
-            if options is not None:
-                collector = self._tracing()
-                active = ActiveCassette(options, item.nodeid)
-                try:
+                if options is not None:
+                    self._tracing()  # provider and shims first, then the mode switch
+                    active = ActiveCassette(options, item.nodeid)
                     active.start()
-                except CassetteError as exc:
-                    pytest.fail(str(exc), pytrace=False)
+            except (ConfigError, CassetteError) as exc:
+                problem = str(exc)
+            if problem is not None:  # raised outside the except: no chained traceback
+                pytest.fail(problem, pytrace=False)
+            if active is not None:
                 item.stash[_ACTIVE] = active
-                active.collect(collector)
+                active.collect(self._tracing())
                 # A replaying test needs no socket at all, loopback included, unless a library
                 # stays live (hybrid) and may talk to a local server.
-                policy_loopback = active.recording or bool(options.live)
+                policy_loopback = active.recording or bool(active.options.live)
                 item.add_report_section(
                     "setup", "timetracer",
                     f"cassette {active.path} ({active.action}, record mode "
@@ -579,7 +587,7 @@ class TimetracerPlugin:
             item.stash[_FAILED] = True
         return report
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_teardown(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, None, None]:

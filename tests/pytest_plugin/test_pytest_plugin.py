@@ -22,9 +22,13 @@ HERE = Path(__file__).parent
 SAMPLE = HERE / "sample"
 
 
+HITS: list[str] = []
+
+
 async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """A real HTTP upstream (served by uvicorn): echoes the path and query as JSON."""
     assert scope["type"] == "http"
+    HITS.append(scope["path"])
     while (await receive()).get("more_body"):
         pass
     body = json.dumps({"path": scope["path"], "query": scope["query_string"].decode()}).encode()
@@ -170,3 +174,59 @@ def test_replay_dir_turns_recorded_requests_into_tests(
     assert "GET /orders/{id} [trace " in out
     assert "the app's answer differs from the recording" in out
     assert "body.total: recorded 82, now 83" in out, out
+
+
+def labels(path: Path) -> list[str]:
+    return [s.label or "" for s in load_cassette(path).interactions]
+
+
+def test_modes_strictness_hybrid_blocking_xdist_anyio(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(SAMPLE / "sample_modes.py", pytester.path / "test_modes.py")
+    pytester.makeini("[pytest]\ntimetracer_cassette_dir = recorded\n")
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    base = pytester.path / "recorded" / "test_modes"
+
+    # Recorded by two xdist workers, each writing the cassettes of the tests it ran.
+    first = run(pytester, "-n", "2", "-k", "not outside and not never")
+    first.assert_outcomes(passed=7)
+    assert sorted(p.name for p in base.iterdir()) == [
+        "test_anyio[asyncio].json", "test_anyio[trio].json", "test_fewer.json",
+        "test_fewer_allowed.json", "test_grows.json", "test_hybrid.json", "test_raw_loopback.json",
+    ]
+    assert labels(base / "test_grows.json") == [f"GET {server.url}/grow/0", f"GET {server.url}/grow/1"]
+    assert labels(base / "test_hybrid.json") == [f"GET {server.url}/h"]  # requests stayed live
+    assert labels(base / "test_raw_loopback.json") == []
+
+    monkeypatch.setenv("GROW", "3")
+    run(pytester, "--timetracer-record-mode=new_episodes", "-k", "grows").assert_outcomes(passed=1)
+    assert labels(base / "test_grows.json")[2:] == [f"GET {server.url}/grow/2"]
+    monkeypatch.setenv("GROW", "1")
+    run(pytester, "--timetracer-record-mode=all", "-k", "grows").assert_outcomes(passed=1)
+    assert labels(base / "test_grows.json") == [f"GET {server.url}/grow/0"]
+
+    # Replay only, server up: httpx replays while requests stays live in the hybrid test, and
+    # a replaying test may not even connect to loopback.
+    HITS.clear()
+    monkeypatch.setenv("CALLS", "1")
+    replay = run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network",
+                 "-k", "not outside")
+    replay.assert_outcomes(passed=6, failed=1, errors=2)  # test_fewer: passed, then teardown error
+    assert HITS == ["/live"]
+    out = replay.stdout.str()
+    assert f"1 recorded call(s) in {base / 'test_fewer.json'} were not made" in out
+    assert f"  - GET {server.url}/fewer/1" in out and "allowed/1" not in out
+    assert f"Connect to 127.0.0.1:{server.port} blocked by a replaying test" in out
+    assert "ERROR at teardown of test_fewer" in out
+    assert "ERROR at setup of test_never_recorded" in out
+    assert (f"No cassette at {base / 'test_never_recorded.json'} for test_modes.py::test_never_recorded "
+            "and the record mode is 'none'; record it with --timetracer-record-mode=once.") in out
+
+    blocked = run(pytester, "--timetracer-record-mode=all", "--timetracer-block-network", "-k", "outside")
+    blocked.assert_outcomes(passed=1, failed=1, errors=1)
+    out = blocked.stdout.str()
+    assert "NetworkBlockedError: Connect to 192.0.2.1:80 blocked by --timetracer-block-network" in out
+    assert "ERROR at teardown of test_outside_swallowed" in out
+    assert "connects blocked by --timetracer-block-network: 192.0.2.1:80" in out
