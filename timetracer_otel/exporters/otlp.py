@@ -20,6 +20,7 @@ import base64
 import binascii
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -97,8 +98,20 @@ def _pb_value(value: AnyValue) -> Any:
     return getattr(value, which)
 
 
+_NESTED = frozenset({"array_value", "kvlist_value"})
+
+
 def _pb_attributes(kvs: Iterable[Any]) -> dict[str, Any]:
-    return {kv.key: _pb_value(kv.value) for kv in kvs}
+    out: dict[str, Any] = {}
+    for kv in kvs:  # the hot loop of the receiver: scalars inline, nested values recurse
+        value = kv.value
+        which = value.WhichOneof("value")
+        out[kv.key] = (
+            None if which is None
+            else _pb_value(value) if which in _NESTED
+            else getattr(value, which)
+        )
+    return out
 
 
 @dataclass(slots=True)
@@ -146,11 +159,12 @@ def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
                     Event(name=e.name, time_ns=e.time_unix_nano,
                           attributes=_pb_attributes(e.attributes))
                     for e in span.events
-                ]
+                ] if span.events else []
+                status = span.status
                 base = _base(
                     tid, sid, parent, span.flags, span.name, span.kind,
                     span.start_time_unix_nano, span.end_time_unix_nano,
-                    span.status.code, span.status.message, events,
+                    status.code, status.message, events,
                 )
                 out.records.append(record_from_attributes(base, _pb_attributes(span.attributes)))
     return out
@@ -543,8 +557,9 @@ class OTLPReceiver:
         while not self._stopping.wait(interval):
             self.writer.flush_idle()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop listening, let requests in flight finish, then write every open trace."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop listening, let requests in flight finish, then write every open trace; False
+        when the writer had not finished within ``timeout`` seconds."""
         self._stopping.set()
         self.server.shutdown()
         self.server.server_close()
@@ -554,6 +569,8 @@ class OTLPReceiver:
             if not self.intake._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
         self.writer.close(timeout)
+        thread = self.writer._thread
+        return thread is None or not thread.is_alive()
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -594,6 +611,9 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: give up on the traces still being written
+            sys.stderr.write("timetracer-otel: stopped before every open trace was written\n")
+            os._exit(1)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -604,7 +624,9 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
     sys.stderr.flush()
     while not stop.wait(0.5):
         pass
-    receiver.stop()
+    sys.stderr.write("timetracer-otel: stopping; writing every open trace (signal again to abort)\n")
+    sys.stderr.flush()
+    finished = receiver.stop(timeout=24 * 3600.0)
     stats = writer.stats()
     intake = receiver.intake
     sys.stderr.write(
@@ -612,7 +634,7 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
         f"({intake.rejected_requests} refused); wrote {stats['written']} cassette(s), "
         f"dropped {stats['dropped_spans']} span(s)\n"
     )
-    return 0 if stats["errors"] == 0 else 1
+    return 0 if finished and stats["errors"] == 0 else 1
 
 
 __all__ = [
