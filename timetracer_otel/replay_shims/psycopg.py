@@ -19,6 +19,7 @@ escaping) that reports the recorded session; any real I/O on it raises ReplayUns
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import os
 import weakref
@@ -98,47 +99,100 @@ def _raw(value: Tree, enc: str) -> bytes | None:
     return as_bytes(value["b"])
 
 
-def _result_tree(res: Any, enc: str) -> Tree:
-    nf, nt = res.nfields, res.ntuples
-    fields = [[_text(res.fname(i), enc), res.ftype(i), res.fmod(i), res.fformat(i), res.fsize(i)]
-              for i in range(nf)]
-    # Text-format cells are kept as text, binary-format cells as bytes.
-    binary = [f[3] == pq.Format.BINARY for f in fields]
-    tree: dict[str, Any] = {
-        "status": int(res.status),
-        "cmd": _text(res.command_status, enc),
-        "tuples": res.command_tuples,
-        "fields": fields,
-        "rows": [[v if binary[c] or v is None else _text(v, enc)
-                  for c in range(nf) for v in (res.get_value(r, c),)] for r in range(nt)],
-    }
-    if res.status == _ES.FATAL_ERROR:
-        tree["message"] = _text(res.error_message, enc)
-        tree["diag"] = {str(int(f)): _text(v, enc) for f in pq.DiagnosticField
-                        if (v := res.error_field(f)) is not None}
-    return tree
+def _text_cell_reader() -> tuple[Any, Any] | None:
+    # Text cells straight from libpq, one call each with the GIL held (PyDLL); psycopg's
+    # get_value makes two calls per cell and releases the GIL around each.
+    try:
+        impl = vars(_pq_ctypes)  # private psycopg module, untyped
+        lib = ctypes.PyDLL(impl["pq"]._name)
+        getvalue, isnull = lib.PQgetvalue, lib.PQgetisnull
+        getvalue.restype, isnull.restype = ctypes.c_char_p, ctypes.c_int
+        getvalue.argtypes = isnull.argtypes = [impl["PGresult_ptr"], ctypes.c_int, ctypes.c_int]
+    except Exception:
+        return None
+    return getvalue, isnull
+
+
+_TEXT_CELLS = _text_cell_reader()
+
+
+def _read_rows(res: Any, binary: list[bool]) -> list[list[bytes | None]]:
+    nf, nt = len(binary), res.ntuples
+    ptr = getattr(res, "_pgresult_ptr", None)
+    if _TEXT_CELLS is None or ptr is None or any(binary):
+        return [[res.get_value(r, c) for c in range(nf)] for r in range(nt)]
+    getvalue, isnull = _TEXT_CELLS
+    rows: list[list[bytes | None]] = []
+    for r in range(nt):
+        row: list[bytes | None] = [getvalue(ptr, r, c) for c in range(nf)]
+        for c, v in enumerate(row):
+            if not v and isnull(ptr, r, c):
+                row[c] = None
+        rows.append(row)
+    return rows
 
 
 class RecordedResult:
-    """A recorded PGresult with the interface psycopg reads (``psycopg.pq.abc.PGresult``)."""
+    """A recorded PGresult with the interface psycopg reads (``psycopg.pq.abc.PGresult``).
 
-    def __init__(self, tree: Tree, enc: str = "utf-8") -> None:
-        self.status: int = tree["status"]
-        self.command_status = _raw(tree.get("cmd"), enc)
-        self.command_tuples: int | None = tree.get("tuples")
-        self._fields: list[tuple[bytes, int, int, int, int]] = [
-            (_raw(f[0], enc) or b"", f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())
-        ]
-        binary = [f[3] == pq.Format.BINARY for f in self._fields]
-        self._rows = [[(None if v is None else as_bytes(v)) if binary[c] else _raw(v, enc)
-                       for c, v in enumerate(row)] for row in tree.get("rows", ())]
-        self.error_message = _raw(tree.get("message"), enc) or b""
-        self._diag = {int(k): _raw(v, enc) for k, v in (tree.get("diag") or {}).items()}
-        self.ntuples = len(self._rows)
-        self.nfields = len(self._fields)
-        self.binary_tuples = self._fields[0][3] if self._fields else 0
+    Record copies each live result into one of these (and the cursor reads from it from then
+    on, so the app sees exactly what the cassette holds); replay rebuilds it from the tree.
+    """
+
+    def __init__(self, status: int, command_status: bytes | None, command_tuples: int | None,
+                 fields: list[tuple[bytes, int, int, int, int]], rows: list[list[bytes | None]],
+                 error_message: bytes = b"", diag: dict[int, bytes] | None = None) -> None:
+        self.status = status
+        self.command_status = command_status
+        self.command_tuples = command_tuples
+        self._fields = fields
+        self._rows = rows
+        self.error_message = error_message
+        self._diag = diag or {}
+        self.ntuples = len(rows)
+        self.nfields = len(fields)
+        self.binary_tuples = fields[0][3] if fields else 0
         self.oid_value = 0
         self.nparams = 0
+
+    @classmethod
+    def capture(cls, res: Any) -> RecordedResult:
+        """A copy of a live PGresult."""
+        fields = [(res.fname(i) or b"", res.ftype(i), res.fmod(i), res.fformat(i), res.fsize(i))
+                  for i in range(res.nfields)]
+        rows = _read_rows(res, [f[3] == pq.Format.BINARY for f in fields])
+        message, diag = b"", None
+        if res.status == _ES.FATAL_ERROR:
+            message = res.error_message
+            diag = {int(f): v for f in pq.DiagnosticField if (v := res.error_field(f)) is not None}
+        return cls(int(res.status), res.command_status, res.command_tuples, fields, rows,
+                   message, diag)
+
+    def to_tree(self, enc: str) -> Tree:
+        """Text cells, names and tags as text (reviewable JSON cassettes), binary cells as bytes."""
+        binary = [f[3] == pq.Format.BINARY for f in self._fields]
+        tree: dict[str, Any] = {
+            "status": self.status,
+            "cmd": _text(self.command_status, enc),
+            "tuples": self.command_tuples,
+            "fields": [[_text(f[0], enc), f[1], f[2], f[3], f[4]] for f in self._fields],
+            "rows": [[v if v is None or binary[c] else _text(v, enc) for c, v in enumerate(row)]
+                     for row in self._rows],
+        }
+        if self.status == _ES.FATAL_ERROR:
+            tree["message"] = _text(self.error_message, enc)
+            tree["diag"] = {str(k): _text(v, enc) for k, v in self._diag.items()}
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: Tree, enc: str = "utf-8") -> RecordedResult:
+        fields = [(_raw(f[0], enc) or b"", f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())]
+        binary = [f[3] == pq.Format.BINARY for f in fields]
+        rows = [[None if v is None else as_bytes(v) if binary[c] else _raw(v, enc)
+                 for c, v in enumerate(row)] for row in tree.get("rows", ())]
+        diag = {int(k): _raw(v, enc) or b"" for k, v in (tree.get("diag") or {}).items()}
+        return cls(tree["status"], _raw(tree.get("cmd"), enc), tree.get("tuples"), fields, rows,
+                   _raw(tree.get("message"), enc) or b"", diag)
 
     def fname(self, i: int) -> bytes:
         return self._fields[i][0]
@@ -184,8 +238,8 @@ class RecordedResult:
 
 
 def _simple_result(command: str) -> RecordedResult:
-    word = command.split(None, 1)[0].upper() if command.strip() else ""
-    return RecordedResult({"status": int(_ES.COMMAND_OK), "cmd": word})
+    word = command.split(None, 1)[0].upper().encode() if command.strip() else b""
+    return RecordedResult(int(_ES.COMMAND_OK), word, None, [], [])
 
 
 # --- the replay connection -----------------------------------------------------------------
@@ -415,10 +469,17 @@ def _connect_call(params: dict[str, Any]) -> Call:
 # --- record and replay of one cursor call ------------------------------------------------------
 
 
-def _cursor_tree(cur: Any, results: list[Any] | None = None) -> Tree:
+def _cursor_tree(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Tree:
+    """The cursor's outcome as recorded; with ``swap`` the cursor then reads the copies."""
     enc = cur._encoding
+    copies = [RecordedResult.capture(r) for r in (cur._results if results is None else results)]
+    if swap and copies:
+        rowcount, status = cur._rowcount, cur._statusmessage
+        cur._results = copies
+        cur._select_current_result(cur._iresult)
+        cur._rowcount, cur._statusmessage = rowcount, status
     tree: dict[str, Any] = {
-        "results": [_result_tree(r, enc) for r in (cur._results if results is None else results)],
+        "results": [c.to_tree(enc) for c in copies],
         "rowcount": cur._rowcount,
         "status": _text(cur._statusmessage, enc),
         "tx": int(cur._conn.pgconn.transaction_status),
@@ -435,7 +496,7 @@ def _error_attrs(cur: Any, exc: BaseException) -> Tree:
         tx = int(cur._conn.pgconn.transaction_status)
     except Exception:
         tx = None
-    result = _result_tree(res, cur._encoding) if res is not None else None
+    result = RecordedResult.capture(res).to_tree(cur._encoding) if res is not None else None
     return {"result": result, "tx": tx}
 
 
@@ -450,7 +511,7 @@ def _raise_recorded(cur: Any, match: Match) -> None:
     attrs = err.get("attrs") or {}
     _apply_session(cur, attrs.get("tx"), None)
     if attrs.get("result") is not None:
-        raise pg_errors.error_from_result(RecordedResult(attrs["result"], cur._encoding),
+        raise pg_errors.error_from_result(RecordedResult.from_tree(attrs["result"], cur._encoding),
                                          encoding=cur._encoding)
     raise rebuild_error(err)
 
@@ -461,7 +522,7 @@ def _apply(cur: Any, match: Match) -> None:
         _raise_recorded(cur, match)
     rec = match.span.response
     _apply_session(cur, rec.get("tx"), rec.get("session"))
-    results: list[Any] = [RecordedResult(t, cur._encoding) for t in rec["results"]]
+    results: list[Any] = [RecordedResult.from_tree(t, cur._encoding) for t in rec["results"]]
     cur._results = results
     if results:
         cur._select_current_result(0)
@@ -492,7 +553,7 @@ def _execute_gen(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self))
+            cap.ok(_cursor_tree(self, swap=True))
         return None
 
     return _execute_gen
@@ -529,7 +590,7 @@ def _executemany(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self))
+            cap.ok(_cursor_tree(self, swap=True))
         return None
 
     return executemany
@@ -555,7 +616,7 @@ def _aexecutemany(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self))
+            cap.ok(_cursor_tree(self, swap=True))
         return None
 
     return executemany
@@ -588,7 +649,7 @@ def _declare_gen(original: Any) -> Any:
                 _raise_recorded(self, action)
             rec = action.span.response
             _apply_session(self, rec.get("tx"), rec.get("session"))
-            self._results = [RecordedResult(t, self._encoding) for t in rec["results"]]
+            self._results = [RecordedResult.from_tree(t, self._encoding) for t in rec["results"]]
             self._select_current_result(0, format=self._format)
             self._described = True
             return None
@@ -618,7 +679,7 @@ def _fetch_gen(original: Any) -> Any:
                 _raise_recorded(self, action)
             rec = action.span.response
             _apply_session(self, rec.get("tx"), rec.get("session"))
-            res = RecordedResult(rec["results"][0], self._encoding)
+            res = RecordedResult.from_tree(rec["results"][0], self._encoding)
             self.pgresult = res
             self._tx.set_pgresult(res, set_loaders=False)
             return self._tx.load_rows(0, res.ntuples, self._make_row)
