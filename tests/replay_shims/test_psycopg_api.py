@@ -210,3 +210,20 @@ def test_copy_is_refused_clearly_in_replay(pg_database: str, tmp_path: Path) -> 
         conn.cursor().copy("COPY t TO STDOUT"),
     ):
         pass
+
+
+def test_fresh_parameters_replay_by_shape_and_strict_refuses(pg_database: str, tmp_path: Path) -> None:
+    import uuid
+
+    def job(port: int) -> Any:
+        with psycopg.connect(_dsn(port, pg_database)) as conn:
+            return conn.execute("SELECT %s::uuid AS token, 1 AS n", (uuid.uuid4(),)).fetchone()
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT)
+    with timetracer_otel.replay(rec.paths) as rep:
+        replayed = job(unreachable_port())
+    assert replayed == live and type(replayed[0]) is uuid.UUID  # the recorded row, by shape
+    assert len(rep.report.shape_matches) == 1 and "params" in rep.report.shape_matches[0].diff[0]
+    with timetracer_otel.replay(rec.paths, strict=True), pytest.raises(ReplayMissError):
+        job(unreachable_port())
