@@ -146,16 +146,17 @@ def message_tree(message: Message) -> Tree:
     return out
 
 
-def _query(raw: bytes) -> bytes:
-    """The query string, with secret parameters redacted (left byte-exact otherwise)."""
+def _query(raw: bytes) -> tuple[bytes, list[tuple[str, str]]]:
+    """The query string with secret parameters redacted (byte-exact otherwise), and its pairs."""
     if not raw:
-        return raw
+        return raw, []
     pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
     names = STATE.redactor.param_names
     if not any(k in names for k, _ in pairs):
-        return raw
+        return raw, pairs
     tok = STATE.redactor.token
-    return urlencode([(k, tok(v) if k in names else v) for k, v in pairs]).encode("latin-1")
+    pairs = [(k, tok(v) if k in names else v) for k, v in pairs]
+    return urlencode(pairs).encode("latin-1"), pairs
 
 
 def route_of(scope: Message) -> str | None:
@@ -186,9 +187,11 @@ def route_of(scope: Message) -> str | None:
     return None
 
 
-def request_tree(scope: Message, ex: Exchange, route: str | None) -> Tree:
+def request_tree(scope: Message, ex: Exchange, route: str | None) -> tuple[Tree, list[tuple[str, str]]]:
+    """The stored request, and its (redacted) query pairs for the key."""
     client, server = scope.get("client"), scope.get("server")
     raw_path = scope.get("raw_path")
+    query, pairs = _query(bytes(scope.get("query_string", b"")))
     return {
         "type": scope.get("type", "http"),
         "http_version": scope.get("http_version", "1.1"),
@@ -196,19 +199,19 @@ def request_tree(scope: Message, ex: Exchange, route: str | None) -> Tree:
         "scheme": scope.get("scheme", "http"),
         "path": scope.get("path", "/"),
         "raw_path": bytes(raw_path) if raw_path is not None else None,
-        "query_string": _query(bytes(scope.get("query_string", b""))),
+        "query_string": query,
         "root_path": scope.get("root_path", ""),
         "headers": headers_tree(scope.get("headers")),
         "client": list(client) if client else None,
         "server": list(server) if server else None,
         "route": route,
         "messages": ex.received,
-    }
+    }, pairs
 
 
-def identity(request: Tree, body_hash: str) -> tuple[Tree, Tree, str]:
+def identity(request: Tree, pairs: list[tuple[str, str]], body_hash: str) -> tuple[Tree, Tree, str]:
     """``(identity, shape, label)`` of a recorded inbound request."""
-    query = sorted(parse_qsl(request["query_string"].decode("latin-1"), keep_blank_values=True))
+    query = sorted(pairs)
     method, path = request["method"], request["path"]
     ident = {"method": method, "path": path, "query": [list(q) for q in query], "body": body_hash}
     where = request.get("route") or path
@@ -234,24 +237,24 @@ def _finish(ex: Exchange, scope: Message) -> None:
         route = route_of(scope) or route
         if route:
             span.set_attribute("http.route", route)
-    request = request_tree(scope, ex, route)
+    request, pairs = request_tree(scope, ex, route)
     body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
-    ident, shape, label = identity(request, body)
-    payloads = {ATTR_REQUEST: _pack(request)}
+    ident, shape, label = identity(request, pairs, body)
+    payloads: dict[str, Any] = {ATTR_REQUEST: _pack(request)}
     if ex.sent or ex.error is None:
         payloads[ATTR_RESPONSE] = _pack(ex.response_tree())
     if ex.error is not None:
         payloads[ATTR_ERROR] = _pack(error_tree(ex.error, {"traceback": ex.tb}))
-    span.set_attributes({
+    if any(len(p) > STATE.max_payload_bytes for p in payloads.values()):
+        payloads = {k: p for k, p in payloads.items() if len(p) <= STATE.max_payload_bytes}
+        payloads[ATTR_TRUNCATED] = True
+    payloads.update({
         ATTR_LIBRARY: LIBRARY,
         ATTR_KEY: stable_hash(LIBRARY, ident),
         ATTR_SHAPE: stable_hash(LIBRARY, shape),
         ATTR_LABEL: label,
     })
-    if any(len(p) > STATE.max_payload_bytes for p in payloads.values()):
-        span.set_attribute(ATTR_TRUNCATED, True)
-        payloads = {k: p for k, p in payloads.items() if len(p) <= STATE.max_payload_bytes}
-    span.set_attributes(payloads)
+    span.set_attributes(payloads)  # one call: the SDK takes its attribute lock once
 
 
 # Replay: inbound.py sets an Exchange here; the first seam that runs claims and fills it.

@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+# One TLS context for every client: building one per request costs ~100 ms (certifi load).
+TLS = ssl.create_default_context()
 
 
 def tax() -> float:
@@ -24,7 +28,7 @@ def tax() -> float:
 
 async def order(request: Request) -> JSONResponse:
     body = await request.json()
-    async with httpx.AsyncClient(base_url=os.environ["SHOP_UPSTREAM"]) as client:
+    async with httpx.AsyncClient(base_url=os.environ["SHOP_UPSTREAM"], verify=TLS) as client:
         price = (await client.get(f"/price/{body['sku']}")).json()["price"]
     stock = None
     if os.environ.get("SHOP_PG_DSN"):
