@@ -583,7 +583,7 @@ class TimetracerPlugin:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
-        if report.failed:
+        if report.failed or report.skipped:  # a partial run neither writes nor judges a cassette
             item.stash[_FAILED] = True
         return report
 
