@@ -90,8 +90,19 @@ SECRET_FIELDS = (
 TOKEN_PREFIX = "redacted:"
 _TOKEN_RE = re.compile(r"redacted:[0-9a-f]{16}")
 _GLOB_CHARS = "*?["
-# Values shorter than this are not scrubbed from free text: "1" or "yes" would hit too much.
-_MIN_SCRUB_LEN = 6
+# Only values that look like secrets are scrubbed from free text later: a cookie "theme=darkmode"
+# or "key=products" must not rewrite every body that mentions "darkmode" or "products".
+_MIN_SCRUB_LEN = 8
+_LONG_SCRUB_LEN = 20
+
+
+def _looks_secret(value: str) -> bool:
+    if len(value) < _MIN_SCRUB_LEN or any(c.isspace() for c in value):
+        return False
+    if len(value) >= _LONG_SCRUB_LEN:
+        return True
+    return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+
 _SEEN_LIMIT = 512
 # scheme://user:password@host in free text (error messages, log lines).
 _URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@\s'\"]+)(?=@)")
@@ -288,7 +299,7 @@ class Redactor:
                 value = value.decode()
             except UnicodeDecodeError:
                 return
-        if len(value) < _MIN_SCRUB_LEN or value in self._seen:
+        if not _looks_secret(value) or value in self._seen:
             return
         with self._lock:
             self._seen[value] = tok

@@ -119,8 +119,8 @@ def test_bodies_json_form_and_gzip_are_redacted_with_content_length_fixed() -> N
 
 def test_seen_secrets_and_dsn_passwords_are_scrubbed_from_error_text() -> None:
     r = Redactor(env={})
-    tok = r.header("X-API-Key", "k-very-secret")
-    err = r.scrub({"message": "401 for key k-very-secret", "args": ["k-very-secret"]})
+    tok = r.header("X-API-Key", "k-very-secret-42")
+    err = r.scrub({"message": "401 for key k-very-secret-42", "args": ["k-very-secret-42"]})
     assert err == {"message": f"401 for key {tok}", "args": [tok]}
     text = r.text("connect postgresql://app:pgpass99@db/x failed; dsn host=db password=pw2 user=u "
                   "url http://h/p?token=abc123&page=2")
@@ -129,6 +129,14 @@ def test_seen_secrets_and_dsn_passwords_are_scrubbed_from_error_text() -> None:
     assert "page=2" in text and "user=u" in text
     assert r.dsn("host=db password='a b' user=u").startswith("host=db password=redacted:")
     assert "pgpass99" not in r.dsn("postgresql://app:pgpass99@db:5432/x")
+
+
+def test_only_secret_looking_values_are_scrubbed_from_other_text() -> None:
+    r = Redactor(env={})
+    r.header("Cookie", "theme=darkmode; sid=s3ss10n-abcdef")
+    r.url("http://h/?key=products")
+    text = r.text("darkmode products s3ss10n-abcdef")
+    assert text.startswith("darkmode products redacted:")
 
 
 def test_span_attributes_are_redacted() -> None:
