@@ -29,7 +29,7 @@ from timetracer_otel.cassette import (
 )
 from timetracer_otel.config import OnMiss, Settings
 from timetracer_otel.errors import TimetracerError
-from timetracer_otel.exporters.storage import load_one, read_sources, storage_for
+from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,7 +116,12 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
 
 
 def _listing(directory: str) -> list[str]:
-    if str(directory).startswith("s3://") or not Path(directory).is_dir():
+    if str(directory).startswith("s3://"):
+        try:
+            return source_names(directory)
+        except TimetracerError:  # an empty prefix
+            return []
+    if not Path(directory).is_dir():
         return []
     return [str(p) for p in find_cassettes(directory)]
 
