@@ -124,3 +124,25 @@ def test_concurrent_takes_hand_out_each_interaction_once() -> None:
 def test_sql_shapes_normalise_driver_names_and_comments(statement: str, shape: str) -> None:
     call = sql_call("asyncpg", statement, None, database="d")
     assert call.shape["statement"] == shape
+
+
+def test_order_follows_start_time_across_cassettes_not_file_creation() -> None:
+    # The fixture's call ran first but sits in the per-process cassette, written last.
+    early = Cassette(id="p", name="process", created="2026-01-01T00:00:09",
+                     spans=[recorded(count_query(), "fixture", start=1)])
+    late = Cassette(id="r", name="request", created="2026-01-01T00:00:05",
+                    spans=[recorded(count_query(), "request", start=2)])
+    idx = ReplayIndex([("request.msgpack", late), ("process.msgpack", early)])
+    first, second = idx.take(count_query()), idx.take(count_query())
+    assert first is not None and second is not None
+    assert (first.span.response, second.span.response) == ("fixture", "request")
+
+
+def test_miss_diff_compares_json_base64_bodies_with_bytes() -> None:
+    from timetracer_otel.keys import field_diff
+
+    assert field_diff({"body": ""}, {"body": b""}) == []
+    assert field_diff({"body": "AAE="}, {"body": b"\x00\x01"}) == []
+    assert field_diff({"body": "AAE="}, {"body": b"\x00\x02"}) == [
+        "body: recorded b'\\x00\\x01', now b'\\x00\\x02'"
+    ]

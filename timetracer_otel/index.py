@@ -85,8 +85,12 @@ class ReplayIndex:
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
         self._report = ReplayReport()
-        for name, cassette in sources:
-            self.extend(cassette.interactions, name)
+        # One recording's cassettes share a clock: order every interaction by when it started,
+        # so a fixture's call (written last, in the process cassette) still comes first.
+        merged = [(span, name) for name, cassette in sources for span in cassette.interactions]
+        merged.sort(key=lambda item: item[0].start_ns)
+        for span, name in merged:
+            self._add(span, name)
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | Path], *, strict: bool = False) -> ReplayIndex:
@@ -98,14 +102,18 @@ class ReplayIndex:
         return cls(loaded, strict=strict)
 
     def extend(self, spans: Iterable[SpanRecord], source: str) -> None:
+        """Append interactions after everything already indexed (e.g. newly recorded ones)."""
         for span in spans:
-            if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing
-                continue
-            entry = _Entry(span, source)
-            self._entries.append(entry)
-            self._by_key.setdefault(span.key, deque()).append(entry)
-            if span.shape is not None:
-                self._by_shape.setdefault(span.shape, deque()).append(entry)
+            self._add(span, source)
+
+    def _add(self, span: SpanRecord, source: str) -> None:
+        if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing
+            return
+        entry = _Entry(span, source)
+        self._entries.append(entry)
+        self._by_key.setdefault(span.key, deque()).append(entry)
+        if span.shape is not None:
+            self._by_shape.setdefault(span.shape, deque()).append(entry)
 
     def __len__(self) -> int:
         return len(self._entries)

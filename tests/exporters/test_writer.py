@@ -141,3 +141,19 @@ def test_exporter_failure_returns_failure_not_raise(tmp_path: Path) -> None:
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     assert exporter.export([ReadableSpan(name="y")]) is SpanExportResult.FAILURE
+
+
+def test_late_internal_spans_of_a_written_trace_make_no_stray_cassette(tmp_path: Path) -> None:
+    writer = CassetteWriter(str(tmp_path))
+    tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+    from opentelemetry import trace
+
+    root = tracer.start_span("GET /stream", kind=SpanKind.SERVER)
+    with trace.use_span(root, end_on_exit=False):
+        late = tracer.start_span("http receive", kind=SpanKind.INTERNAL)
+    root.end()
+    late.end()  # ends after the server span, as Starlette's streaming receive span does
+    writer.close()
+    [path] = writer.written
+    assert [s.name for s in load_cassette(path).spans] == ["GET /stream"]
+    assert writer.assembler.late_spans == 1
