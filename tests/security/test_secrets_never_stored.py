@@ -216,3 +216,15 @@ def test_a_replay_miss_prints_tokens_never_the_secret(serve: Any, tmp_path: Path
     for name, secret in SECRETS.items():
         assert secret not in message, f"secret {name} printed in the miss message"
     assert json.dumps(SECRETS["query_key"]) not in message
+
+    from click.testing import CliRunner
+
+    from timetracer_otel.cli import main
+
+    for args in (["show", rec.paths[0]], ["show", "--json", rec.paths[0]],
+                 ["html", rec.paths[0], "-o", str(tmp_path / "p.html")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        shown = result.output + ((tmp_path / "p.html").read_text() if args[0] == "html" else "")
+        for name, secret in SECRETS.items():
+            assert secret not in shown, f"secret {name} printed by {args[0]}"
