@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -88,8 +89,20 @@ VOLATILE_HEADERS = frozenset(
 )
 
 
-def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
-    """``(scheme, host[:port], path, sorted query pairs)``; default ports dropped."""
+@dataclass(frozen=True, slots=True)
+class _Url:
+    scheme: str
+    host: str
+    path: str
+    raw_query: str
+    query: list[list[str]]
+    query_keys: list[str]
+    label: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_url(url: str) -> _Url:
+    # Services call the same URLs again and again: parse each one once.
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     port = parts.port
@@ -97,8 +110,19 @@ def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
         (parts.scheme == "http" and port == 80) or (parts.scheme == "https" and port == 443)
     ):
         host = f"{host}:{port}"
-    query = sorted(parse_qsl(parts.query, keep_blank_values=True))
-    return parts.scheme, host, parts.path or "/", query
+    pairs = sorted(parse_qsl(parts.query, keep_blank_values=True))
+    path = parts.path or "/"
+    return _Url(
+        parts.scheme, host, path, parts.query,
+        [[k, v] for k, v in pairs], sorted({k for k, _ in pairs}),
+        urlunsplit((parts.scheme, host, path, parts.query, "")),
+    )
+
+
+def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
+    """``(scheme, host[:port], path, sorted query pairs)``; default ports dropped."""
+    u = _parse_url(url)
+    return u.scheme, u.host, u.path, [(k, v) for k, v in u.query]
 
 
 def _body_digest(body: bytes) -> str:
@@ -120,25 +144,19 @@ def http_call(
     # Configured JSON fields / form parameters in the body become tokens before the body is
     # stored or hashed; the hash folds tokens, so a per-process redaction key still matches.
     body = STATE.redactor.body(headers, body)
-    scheme, host, path, query = normalise_url(url)
+    u = _parse_url(url)
     method = method.upper()
     request = {"method": method, "url": url, "headers": [list(h) for h in headers], "body": body}
     identity = {
         "method": method,
-        "scheme": scheme,
-        "host": host,
-        "path": path,
-        "query": [list(q) for q in query],
+        "scheme": u.scheme,
+        "host": u.host,
+        "path": u.path,
+        "query": u.query,
         "body": _body_digest(body) if body else "",
     }
-    shape = {
-        "method": method,
-        "host": host,
-        "path": path,
-        "query_keys": sorted({k for k, _ in query}),
-    }
-    label = f"{method} {urlunsplit((scheme, host, path, urlsplit(url).query, ''))}"
-    return Call(library, request, identity, shape, label)
+    shape = {"method": method, "host": u.host, "path": u.path, "query_keys": u.query_keys}
+    return Call(library, request, identity, shape, f"{method} {u.label}")
 
 
 def field_diff(recorded: Tree, live: Tree, path: str = "", limit: int = 8) -> list[str]:

@@ -253,6 +253,11 @@ def rebuild_error(tree: Tree, build: ErrorBuilder | None = None) -> BaseExceptio
     if build is not None:
         return build(cls, tree)
     args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    return instantiate(cls, *args)
+
+
+def instantiate(cls: type[BaseException], *args: Any) -> BaseException:
+    """``cls(*args)``, or a bare instance carrying ``args`` when its ``__init__`` wants more."""
     try:
         return cls(*args)
     except Exception:

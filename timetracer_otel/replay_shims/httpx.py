@@ -23,6 +23,7 @@ from timetracer_otel.replay_shims.base import (
     Shim,
     capture,
     decide,
+    instantiate,
     rebuild_error,
 )
 
@@ -78,14 +79,7 @@ def _build_exc(request: httpx.Request) -> Any:
     def build(cls: type[BaseException], tree: Tree) -> BaseException:
         if issubclass(cls, httpx.RequestError):
             return cls(tree["message"], request=request)
-        if issubclass(cls, httpx.HTTPError):
-            return cls(tree["message"])
-        try:
-            return cls(tree["message"])
-        except Exception:
-            exc = cls.__new__(cls)
-            BaseException.__init__(exc, tree["message"])
-            return exc
+        return instantiate(cls, tree["message"])
 
     return build
 

@@ -27,6 +27,7 @@ from timetracer_otel.replay_shims.base import (
     Shim,
     capture,
     decide,
+    instantiate,
     rebuild_error,
 )
 
@@ -100,12 +101,7 @@ def _build_exc(request: requests.PreparedRequest) -> Any:
     def build(cls: type[BaseException], tree: Tree) -> BaseException:
         if issubclass(cls, requests.RequestException):
             return cls(tree["message"], request=request)
-        try:
-            return cls(tree["message"])
-        except Exception:
-            exc = cls.__new__(cls)
-            BaseException.__init__(exc, tree["message"])
-            return exc
+        return instantiate(cls, tree["message"])
 
     return build
 
