@@ -41,6 +41,8 @@ import tomllib
 
 from timetracer_otel.errors import ConfigError
 
+_pack = msgspec.msgpack.Encoder().encode
+
 SECRET_HEADERS = (
     "authorization",
     "proxy-authorization",
@@ -119,12 +121,18 @@ class _NameSet:
         lowered = [n.lower() for n in names]
         self.exact = frozenset(n for n in lowered if not any(c in n for c in _GLOB_CHARS))
         self.globs = tuple(dict.fromkeys(n for n in lowered if n not in self.exact))
+        self._memo: dict[str, bool] = {}
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        name = name.lower()
-        return name in self.exact or any(fnmatch.fnmatchcase(name, g) for g in self.globs)
+        hit = self._memo.get(name)
+        if hit is None:
+            lower = name.lower()
+            hit = lower in self.exact or any(fnmatch.fnmatchcase(lower, g) for g in self.globs)
+            if len(self._memo) < 4096:  # header and field names repeat on every call
+                self._memo[name] = hit
+        return hit
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.globs)
@@ -268,6 +276,11 @@ class Redactor:
         self.sql_rules = tuple(self._sql_rule(r) for r in rules["sql"])
         self._seen: OrderedDict[str, str] = OrderedDict()
         self._scrub_re: re.Pattern[str] | None = None
+        self._scrub_bytes_re: re.Pattern[bytes] | None = None
+        self._url_memo: dict[str, str] = {}
+        # One C-speed scan of a JSON body for every configured field name (case-folded).
+        names = sorted(self.json_anywhere.exact, key=len, reverse=True)
+        self._json_names_re = re.compile(b"|".join(re.escape(n.encode()) for n in names)) if names else None
         self._lock = threading.Lock()
 
     @staticmethod
@@ -306,6 +319,7 @@ class Redactor:
             while len(self._seen) > _SEEN_LIMIT:
                 self._seen.popitem(last=False)
             self._scrub_re = None
+            self._scrub_bytes_re = None
 
     def _any_token(self, value: Any) -> str:
         if isinstance(value, str | bytes):
@@ -337,6 +351,16 @@ class Redactor:
 
     def url(self, url: str) -> str:
         """``url`` with its password and secret query parameters replaced by tokens."""
+        if "?" not in url and "@" not in url:
+            return url
+        done = self._url_memo.get(url)
+        if done is None:
+            done = self._url(url)
+            if len(self._url_memo) < 4096:  # services call the same URLs again and again
+                self._url_memo[url] = done
+        return done
+
+    def _url(self, url: str) -> str:
         parts = urlsplit(url)
         netloc = parts.netloc
         if "@" in netloc:
@@ -439,7 +463,9 @@ class Redactor:
 
     def _plain_body(self, ctype: str, body: bytes) -> bytes:
         mime = ctype.split(";")[0].strip()
-        if mime == "application/json" or mime.endswith("+json") or mime == "text/json":
+        if (mime == "application/json" or mime.endswith("+json") or mime == "text/json") and (
+            self._json_may_hit(body)
+        ):
             try:
                 doc = json.loads(body)
             except ValueError:
@@ -456,6 +482,13 @@ class Redactor:
             if text is not None:
                 body = self.query(text).encode()
         return self.scrub_bytes(body)
+
+    def _json_may_hit(self, body: bytes) -> bool:
+        # Parsing every JSON body costs more than the call it records; a byte scan for the
+        # configured names (case-folded, as _NameSet matches) rules most bodies out.
+        if self.json_paths or self.json_anywhere.globs:
+            return True
+        return self._json_names_re is not None and self._json_names_re.search(body.lower()) is not None
 
     def response(self, tree: Any) -> Any:
         """A stored HTTP-like response (``headers`` plus ``body`` or ``chunks``) with its body
@@ -476,7 +509,9 @@ class Redactor:
                         [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
                         for h in headers
                     ]
-                return {k: (v if k in ("body", "chunks") else self.scrub(v)) for k, v in tree.items()}
+                rest = self.scrub({k: v for k, v in tree.items() if k not in ("body", "chunks")})
+                rest[key] = tree[key]
+                return rest
         return self.scrub(tree)
 
     def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,15 +546,32 @@ class Redactor:
     def scrub(self, tree: Any) -> Any:
         """Every string and bytes leaf of ``tree`` with seen secrets (and DSN/URL passwords in
         text) replaced by their tokens."""
+        if isinstance(tree, dict | list) and not self._may_hold_secrets(tree):
+            return tree  # the common case: one C-speed scan instead of a walk with regexes
+        return self._scrub(tree)
+
+    def _scrub(self, tree: Any) -> Any:
         if isinstance(tree, str):
             return self.text(tree)
         if isinstance(tree, bytes):
             return self.scrub_bytes(tree)
         if isinstance(tree, dict):
-            return {k: self.scrub(v) for k, v in tree.items()}
+            return {k: self._scrub(v) for k, v in tree.items()}
         if isinstance(tree, list):
-            return [self.scrub(x) for x in tree]
+            return [self._scrub(x) for x in tree]
         return tree
+
+    def _may_hold_secrets(self, tree: Any) -> bool:
+        """Whether :meth:`text` or :meth:`scrub_bytes` could change any leaf of ``tree``: a
+        URL (userinfo, query), the word password, or a secret seen before."""
+        try:
+            raw = _pack(tree)
+        except (TypeError, ValueError, OverflowError):
+            return True
+        if b"://" in raw or b"password" in raw.lower():
+            return True
+        pattern = self._bytes_pattern()
+        return pattern is not None and pattern.search(raw) is not None
 
     def text(self, text: str) -> str:
         """Free text (an error message, a log line) with secrets replaced."""
@@ -548,6 +600,17 @@ class Redactor:
             return data
         new = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
         return data if new == text else new.encode()
+
+    def _bytes_pattern(self) -> re.Pattern[bytes] | None:
+        if not self._seen:
+            return None
+        pattern = self._scrub_bytes_re
+        if pattern is None:
+            with self._lock:
+                longest_first = sorted(self._seen, key=len, reverse=True)
+                pattern = re.compile(b"|".join(re.escape(s.encode()) for s in longest_first))
+                self._scrub_bytes_re = pattern
+        return pattern
 
     def _pattern(self) -> re.Pattern[str] | None:
         if not self._seen:
