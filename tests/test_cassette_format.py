@@ -59,11 +59,29 @@ def test_both_encodings_round_trip_and_are_sniffed_by_content(tmp_path: Path, fm
     assert first == ord("{") if fmt == "json" else (0x80 <= first <= 0x8F or first in (0xDE, 0xDF))
 
 
-def test_json_and_msgpack_of_one_cassette_share_a_checksum() -> None:
+def test_msgpack_is_sealed_over_its_bytes_json_over_its_content() -> None:
     c = sample()
-    a = msgspec.json.decode(dumps(c, "json"))["checksum"]
-    b = msgspec.msgpack.decode(dumps(c, "msgpack"))["checksum"]
-    assert a == b and a.startswith("sha256:")
+    packed = dumps(c, "msgpack")
+    assert msgspec.msgpack.decode(packed)["checksum"].startswith("sha256b:")
+    assert dumps(c, "msgpack") == packed  # deterministic: same cassette, same bytes
+    # A reviewed JSON cassette may be re-indented by an editor and still load.
+    text = dumps(c, "json")
+    assert msgspec.json.decode(text)["checksum"].startswith("sha256:")
+    reindented = msgspec.json.format(text, indent=4)
+    assert loads(reindented, "reindented.json").spans == loads(text, "x.json").spans
+
+
+def test_every_flipped_byte_of_a_msgpack_cassette_is_refused_or_harmless() -> None:
+    packed = dumps(sample(), "msgpack")
+    original = loads(packed, "x")
+    for i in range(len(packed)):
+        damaged = bytearray(packed)
+        damaged[i] ^= 0x01
+        try:
+            got = loads(bytes(damaged), "x")
+        except CassetteError:
+            continue
+        assert got == original, f"byte {i} changed the data without an error"
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])

@@ -17,11 +17,14 @@ are written encrypted (AES-256-GCM, see :mod:`timetracer_otel.crypto`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
+import hmac
 import math
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +54,7 @@ def max_cassette_bytes() -> int:
         raise ConfigError(f"TIMETRACER_MAX_CASSETTE_BYTES={raw!r} is not a whole number of bytes.") from None
 
 
-class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """A span event (an exception recorded by the instrumentation, a log line)."""
 
     name: str
@@ -59,7 +62,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     attributes: dict[str, Any] = {}
 
 
-class SpanRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+class SpanRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One span. Dependency spans (``library`` set) are the interactions replay answers from.
 
     ``request`` is the canonical request the shim saw (a codec tree, redacted); ``response``
@@ -162,19 +165,41 @@ def _json_stable(span: SpanRecord) -> SpanRecord:
     return msgspec.structs.replace(span, **bad) if bad else span
 
 
-def _spans_checksum(spans: list[SpanRecord]) -> str:
-    # The first cassettes hashed the spans only; they still load.
-    return "sha256:" + hashlib.sha256(_JSON_ENCODER.encode(spans)).hexdigest()
+# msgpack cassettes (large, machine-written) are sealed over their own bytes: the file is
+# encoded with this placeholder as its checksum, hashed, and the digest written in its place.
+# Verifying is one hash pass, with no re-encoding. JSON cassettes keep the canonical hash, so
+# re-indenting a reviewed JSON cassette does not break it.
+_BYTES_ALGO = "sha256b:"
+_PLACEHOLDER = (_BYTES_ALGO + "0" * 64).encode()
+
+
+def _seal_bytes(data: bytes) -> bytes:
+    at = data.rfind(_PLACEHOLDER)  # checksum is the last field, so its value comes last
+    digest = _BYTES_ALGO + hashlib.sha256(data).hexdigest()
+    return data[:at] + digest.encode() + data[at + len(_PLACEHOLDER):]
+
+
+def _bytes_checksum_ok(data: bytes, checksum: str) -> bool:
+    sealed = checksum.encode()
+    at = data.rfind(sealed)
+    if at < 0 or len(sealed) != len(_PLACEHOLDER):
+        return False
+    view = memoryview(data)
+    h = hashlib.sha256(view[:at])
+    h.update(_PLACEHOLDER)
+    h.update(view[at + len(sealed):])
+    return hmac.compare_digest(_BYTES_ALGO + h.hexdigest(), checksum)
 
 
 def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
     """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON; encrypted when
     ``TIMETRACER_ENCRYPTION_KEY`` is set."""
-    cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette))
     if fmt == "json":
+        cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette))
         data = msgspec.json.format(_JSON_ENCODER.encode(cassette), indent=1) + b"\n"
     elif fmt == "msgpack":
-        data = _MSGPACK_ENCODER.encode(cassette)
+        cassette = msgspec.structs.replace(cassette, checksum=_PLACEHOLDER.decode())
+        data = _seal_bytes(_MSGPACK_ENCODER.encode(cassette))
     else:
         raise CassetteError(f"Unknown cassette format {fmt!r}; use one of: {', '.join(FORMATS)}.")
     key = crypto.env_key()
@@ -220,7 +245,8 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
         ) from None
     decoder = _JSON_DECODER if fmt == "json" else _MSGPACK_DECODER
     try:
-        cassette = decoder.decode(data)
+        with gc_paused():
+            cassette = decoder.decode(data)
     except RecursionError:
         raise CassetteError(f"{source} is nested too deeply to be a cassette; record it again.") from None
     except (msgspec.DecodeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
@@ -232,18 +258,34 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
         ) from None
     if cassette.version != VERSION:
         raise _version_error(source, cassette.version)
-    _verify(cassette, source)
+    _verify(cassette, source, data)
     return cassette
 
 
-def _verify(cassette: Cassette, source: str) -> None:
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while building many containers at once (decoding, indexing): its
+    repeated passes over the new objects cost several times the work itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _verify(cassette: Cassette, source: str, data: bytes) -> None:
     if cassette.checksum is None:
         raise CassetteError(
             f"{source} has no checksum (it was not written by timetracer-otel, or was damaged); "
             "record it again or restore it."
         )
     try:
-        ok = cassette.checksum in (_checksum(cassette), _spans_checksum(cassette.spans))
+        if cassette.checksum.startswith(_BYTES_ALGO):
+            ok = _bytes_checksum_ok(data, cassette.checksum)
+        else:
+            ok = hmac.compare_digest(cassette.checksum, _checksum(cassette))
     except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
         ok = False
     if not ok:

@@ -12,12 +12,11 @@ kept in the :class:`ReplayReport`, so nothing is silently approximate::
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from timetracer_otel.cassette import Cassette, SpanRecord
+from timetracer_otel.cassette import Cassette, SpanRecord, gc_paused
 from timetracer_otel.keys import Call, field_diff
 
 
@@ -80,17 +79,18 @@ class ReplayIndex:
     def __init__(self, sources: Sequence[tuple[str, Cassette]], *, strict: bool = False) -> None:
         self.strict = strict
         self.sources = [name for name, _ in sources]
-        self._by_key: dict[str, deque[_Entry]] = {}
-        self._by_shape: dict[str, deque[_Entry]] = {}
+        self._by_key: dict[str, list[_Entry]] = {}
+        self._by_shape: dict[str, list[_Entry]] = {}
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
         self._report = ReplayReport()
         # One recording's cassettes share a clock: order every interaction by when it started,
         # so a fixture's call (written last, in the process cassette) still comes first.
-        merged = [(span, name) for name, cassette in sources for span in cassette.interactions]
-        merged.sort(key=lambda item: item[0].start_ns)
-        for span, name in merged:
-            self._add(span, name)
+        with gc_paused():
+            merged = [(span, name) for name, cassette in sources for span in cassette.interactions]
+            merged.sort(key=lambda item: item[0].start_ns)
+            for span, name in merged:
+                self._add(span, name)
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | Path], *, strict: bool = False) -> ReplayIndex:
@@ -111,18 +111,25 @@ class ReplayIndex:
             return
         entry = _Entry(span, source)
         self._entries.append(entry)
-        self._by_key.setdefault(span.key, deque()).append(entry)
+        queue = self._by_key.get(span.key)
+        if queue is None:  # not setdefault: that builds a deque per call just to drop it
+            queue = self._by_key[span.key] = []
+        queue.append(entry)
         if span.shape is not None:
-            self._by_shape.setdefault(span.shape, deque()).append(entry)
+            queue = self._by_shape.get(span.shape)
+            if queue is None:
+                queue = self._by_shape[span.shape] = []
+            queue.append(entry)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @staticmethod
-    def _pop(queue: deque[_Entry] | None) -> _Entry | None:
+    def _pop(queue: list[_Entry] | None) -> _Entry | None:
         # Entries sit in two queues; one used through the other is skipped here, lazily.
+        # Plain lists: most keys hold one or two calls, and a deque per key costs ~600 bytes.
         while queue:
-            entry = queue.popleft()
+            entry = queue.pop(0)
             if not entry.used:
                 return entry
         return None
