@@ -132,3 +132,9 @@ def test_unknown_environment_values_are_one_line_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     expected = "TIMETRACER_ON_MISS='sometimes' is not valid; use one of: error, passthrough, record."
     assert expected in result.stderr
+
+
+def test_a_child_ended_by_a_signal_exits_128_plus_the_signal(tmp_path: Path) -> None:
+    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    result = cli("record", "--dir", str(tmp_path), "--", sys.executable, "-c", kill_self)
+    assert result.returncode == 128 + 15

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,12 +68,22 @@ def _instrument_command(cmd: Sequence[str]) -> list[str]:
 
 
 def _run(cmd: Sequence[str], env: dict[str, str]) -> int:
+    """Run the instrumented command, passing SIGTERM/SIGINT on so it can flush its cassettes;
+    a child ended by a signal exits 128 + signal, as a shell reports it."""
     if not cmd:
         raise click.UsageError("give the command to run after --, e.g. -- python app.py")
+    child = subprocess.Popen(_instrument_command(cmd), env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(_instrument_command(cmd), env=env)
-    except KeyboardInterrupt:
-        return 130
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
 
 
 def _exporter_list(current: str | None, add: str) -> str:
