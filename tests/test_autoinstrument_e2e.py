@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,13 @@ from timetracer_otel.exporters.otlp import OTLPReceiver
 from timetracer_otel.exporters.writer import CassetteWriter
 
 BIN = Path(sys.executable).parent
+# Found the way the CLI finds it: beside this interpreter, else on PATH (venvs that borrow
+# the system site-packages have no console scripts of their own).
+INSTRUMENT = str(
+    BIN / "opentelemetry-instrument"
+    if (BIN / "opentelemetry-instrument").exists()
+    else shutil.which("opentelemetry-instrument") or BIN / "opentelemetry-instrument"
+)
 APP = '''
 import os, httpx, requests
 base = os.environ["UPSTREAM_URL"]
@@ -51,7 +59,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def instrumented(script: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "opentelemetry-instrument"), sys.executable, str(script)],
+    return subprocess.run([INSTRUMENT, sys.executable, str(script)],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=script.parent)
 
 
@@ -147,8 +155,9 @@ def test_otlp_and_timetracer_together_keep_payloads_off_otlp(
 
 def _start_collect(directory: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [str(BIN / "timetracer-otel"), "collect", "--listen", "127.0.0.1:0", "--dir", str(directory),
-         "--quiet-period", "0.3"], env=clean_env(), stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "timetracer_otel.cli", "collect", "--listen", "127.0.0.1:0",
+         "--dir", str(directory), "--quiet-period", "0.3"],
+        env=clean_env(), stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     line = proc.stderr.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/v1/traces", line)

@@ -19,8 +19,8 @@ ROOT = APP_DIR.parents[2]
 def _cli(args: list[str], dsn: str) -> subprocess.CompletedProcess[str]:
     suite = [sys.executable, "-m", "pytest", "-q", "-c", str(APP_DIR / "pytest.ini"), str(APP_DIR)]
     env = {**os.environ, "USERS_APP_DSN": dsn}
-    exe = str(Path(sys.executable).with_name("timetracer-otel"))
-    return subprocess.run([exe, *args, "--", *suite], env=env, cwd=ROOT, capture_output=True,
+    cli = [sys.executable, "-m", "timetracer_otel.cli"]
+    return subprocess.run([*cli, *args, "--", *suite], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
