@@ -6,13 +6,18 @@ import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from timetracer_otel.errors import ConfigError
 
+_C = TypeVar("_C", bound="Choice")
 
-class _Choice(str, enum.Enum):
+
+class Choice(str, enum.Enum):
+    """A setting with named values; a wrong one is a one-line ConfigError listing them."""
+
     @classmethod
-    def parse(cls, value: str, what: str) -> _Choice:
+    def parse(cls: type[_C], value: str, what: str) -> _C:
         try:
             return cls(value.strip().lower())
         except ValueError:
@@ -20,13 +25,13 @@ class _Choice(str, enum.Enum):
             raise ConfigError(f"{what}={value!r} is not valid; use one of: {valid}.") from None
 
 
-class Mode(_Choice):
+class Mode(Choice):
     OFF = "off"
     RECORD = "record"
     REPLAY = "replay"
 
 
-class OnMiss(_Choice):
+class OnMiss(Choice):
     """What a replay does with a call it has no recording for."""
 
     ERROR = "error"
@@ -75,11 +80,11 @@ class Settings:
         if not 0.0 <= rate <= 1.0:
             raise ConfigError(f"TIMETRACER_SAMPLE_RATE={rate} must be between 0 and 1.")
         return cls(
-            mode=Mode.parse(env.get("TIMETRACER_MODE", "off") or "off", "TIMETRACER_MODE"),  # type: ignore[arg-type]
+            mode=Mode.parse(env.get("TIMETRACER_MODE", "off") or "off", "TIMETRACER_MODE"),
             dir=env.get("TIMETRACER_DIR") or "./cassettes",
             cassette=env.get("TIMETRACER_CASSETTE") or None,
             format=fmt,
-            on_miss=OnMiss.parse(env.get("TIMETRACER_ON_MISS", "error") or "error", "TIMETRACER_ON_MISS"),  # type: ignore[arg-type]
+            on_miss=OnMiss.parse(env.get("TIMETRACER_ON_MISS", "error") or "error", "TIMETRACER_ON_MISS"),
             live=_names(env.get("TIMETRACER_LIVE_PLUGINS")),
             mock=_names(env.get("TIMETRACER_MOCK_PLUGINS")),
             sample_rate=rate,

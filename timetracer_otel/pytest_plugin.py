@@ -19,7 +19,6 @@ fixtures are torn down, so their cleanup calls belong to the test too.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import hashlib
 import importlib
 import importlib.metadata
@@ -46,7 +45,7 @@ from timetracer_otel.cassette import (
     load_cassette,
     save_cassette,
 )
-from timetracer_otel.config import Mode, OnMiss, Settings
+from timetracer_otel.config import Choice, Mode, OnMiss, Settings
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
 from timetracer_otel.index import ReplayReport
@@ -54,7 +53,7 @@ from timetracer_otel.replay_shims.base import ATTR_LIBRARY, STATE
 from timetracer_otel.runtime import Replaying, sdk_provider
 
 
-class RecordMode(str, enum.Enum):
+class RecordMode(Choice):
     """pytest-recording's record modes, applied to one cassette per test."""
 
     ONCE = "once"  # record when the cassette is missing, replay otherwise
@@ -62,14 +61,6 @@ class RecordMode(str, enum.Enum):
     NONE = "none"  # replay only; a missing cassette or a miss fails the test
     ALL = "all"  # always record; the cassette is overwritten when the test passes
     REWRITE = "rewrite"  # delete the cassette first, then record
-
-    @classmethod
-    def parse(cls, value: str, what: str) -> RecordMode:
-        try:
-            return cls(value.strip().lower())
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ConfigError(f"{what}={value!r} is not a record mode; use one of: {valid}.") from None
 
 
 class NetworkBlockedError(TimetracerError):
@@ -522,7 +513,7 @@ class TimetracerPlugin:
         return CassetteOptions(
             path=self.cassette_path(item, kwargs.get("path")),
             record_mode=self.record_mode,
-            on_miss=OnMiss.parse(str(kwargs.get("on_miss", self.settings.on_miss.value)), "on_miss"),  # type: ignore[arg-type]
+            on_miss=OnMiss.parse(str(kwargs.get("on_miss", self.settings.on_miss.value)), "on_miss"),
             live=frozenset(str(n).lower() for n in live) | self.settings.live,
             strict=bool(kwargs.get("strict", self.settings.strict)),
             allow_unused=bool(kwargs.get("allow_unused", self.allow_unused)),

@@ -211,7 +211,7 @@ class Replaying(_Activation):
             self._saved = (STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended)
             STATE.mode = Mode.REPLAY
             STATE.index = self.index
-            STATE.on_miss = self.on_miss  # type: ignore[assignment]
+            STATE.on_miss = self.on_miss
             STATE.live = self.live
             STATE.appended = []
         return self

@@ -43,7 +43,7 @@ def test_usage_errors_are_one_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_a="import pytest\n@pytest.mark.timetracer(pth='x')\ndef test_a(): pass\n")
     bad_mode = pytester.runpytest_inprocess("--timetracer-record-mode=sometimes", "-p", "no:cacheprovider")
     assert bad_mode.ret == pytest.ExitCode.USAGE_ERROR
-    bad_mode.stderr.fnmatch_lines(["*--timetracer-record-mode='sometimes' is not a record mode; "
+    bad_mode.stderr.fnmatch_lines(["*--timetracer-record-mode='sometimes' is not valid; "
                                    "use one of: once, new_episodes, none, all, rewrite."])
     no_app = pytester.runpytest_inprocess("--timetracer-replay-dir", ".", "-p", "no:cacheprovider")
     no_app.stderr.fnmatch_lines(["*--timetracer-replay-dir needs --timetracer-asgi-app MODULE:APP."])
