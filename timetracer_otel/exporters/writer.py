@@ -19,6 +19,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -181,6 +182,9 @@ class CassetteWriter:
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
             self._safely(functools.partial(self._add, item))
+            # Hand the GIL back after each span: an app thread waking from I/O would otherwise
+            # wait up to the 5 ms switch interval behind this thread's conversions.
+            time.sleep(0)
 
     def _drain_drops(self) -> None:
         with self._lock:
