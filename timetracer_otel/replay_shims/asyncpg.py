@@ -239,10 +239,19 @@ def _leaf(v: Any) -> Tree:
     return v if v is None or type(v) is str or type(v) is bool else to_tree(v)
 
 
+# PostgreSQL integers are at most 64-bit, so these are tree leaves as they are.
+_PLAIN = frozenset({str, bool, int, type(None)})
+
+
 def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
     if rows:
         tree["cols"] = list(rows[0].keys())
-    tree["rows"] = [[_leaf(v) for v in row] for row in rows]
+    out = []
+    for row in rows:
+        values = list(row)
+        # Whole rows of plain values skip the per-cell codec dispatch (most rows, most apps).
+        out.append(values if all(type(v) in _PLAIN for v in values) else [_leaf(v) for v in values])
+    tree["rows"] = out
     return tree
 
 
