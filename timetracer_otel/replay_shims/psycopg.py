@@ -91,6 +91,15 @@ def _text(raw: bytes | None, enc: str) -> Tree:
         return {"b": raw}
 
 
+def _text_row(row: list[bytes | None], binary: list[bool], enc: str) -> list[Tree]:
+    if not any(binary):
+        try:  # one comprehension per row; per-cell fallback only for undecodable bytes
+            return [None if v is None else v.decode(enc) for v in row]
+        except UnicodeDecodeError:
+            pass
+    return [v if v is None or binary[c] else _text(v, enc) for c, v in enumerate(row)]
+
+
 def _raw(value: Tree, enc: str) -> bytes | None:
     if value is None:
         return None
@@ -176,8 +185,7 @@ class RecordedResult:
             "cmd": _text(self.command_status, enc),
             "tuples": self.command_tuples,
             "fields": [[_text(f[0], enc), f[1], f[2], f[3], f[4]] for f in self._fields],
-            "rows": [[v if v is None or binary[c] else _text(v, enc) for c, v in enumerate(row)]
-                     for row in self._rows],
+            "rows": [_text_row(row, binary, enc) for row in self._rows],
         }
         if self.status == _ES.FATAL_ERROR:
             tree["message"] = _text(self.error_message, enc)
