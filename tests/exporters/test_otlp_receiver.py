@@ -292,3 +292,26 @@ def test_bad_requests_get_a_4xx_and_the_receiver_keeps_serving(receiver: OTLPRec
         assert got != -1 or b"Error code: 400" in data
         still_serving()
     assert receiver.intake.rejected_requests >= sum(1 for _, _, want in cases if want >= 400)
+
+
+def test_each_cassette_carries_its_own_services_resource(receiver: OTLPReceiver, tmp_path: Path) -> None:
+    """One export request may carry several services' spans (a Collector batches them)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans: list[ReadableSpan] = []
+    for service in ("orders", "billing"):
+        memory = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        with provider.get_tracer("t").start_as_current_span(f"GET /{service}",
+                                                             kind=trace.SpanKind.SERVER):
+            pass
+        spans.extend(memory.get_finished_spans())
+    assert post(receiver.url, encode_spans(spans).SerializeToString()).status_code == 200
+    receiver.stop()  # graceful shutdown writes every open trace
+    by_name = {c.name: c for c in (load_cassette(p) for p in receiver.writer.written)}
+    assert by_name["GET__orders"].resource["service.name"] == "orders"
+    assert by_name["GET__billing"].resource["service.name"] == "billing"

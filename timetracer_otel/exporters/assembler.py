@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from timetracer_otel.cassette import SpanRecord
 
@@ -28,6 +29,7 @@ class TraceBatch:
     root: SpanRecord | None = None
     complete: bool = True
     last_ns: int = 0
+    resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
 
 
 class TraceAssembler:
@@ -58,7 +60,7 @@ class TraceAssembler:
         while len(self.dropped) > 10 * self.max_open_traces:
             self.dropped.popitem(last=False)
 
-    def add(self, span: SpanRecord) -> None:
+    def add(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
         batch = self.open.get(span.trace_id)
         is_root = span.parent_id is None or span.remote_parent
         if batch is None and span.library is None and span.trace_id in self.closed:
@@ -69,6 +71,8 @@ class TraceAssembler:
         if batch is None:
             if is_root and span.kind in OUTBOUND_KINDS:
                 self._to_process(span)  # a lone dependency call of a plain script
+                if self.process.resource is None:
+                    self.process.resource = resource
                 return
             batch = self.open[span.trace_id] = TraceBatch(span.trace_id)
         if len(batch.spans) >= self.max_spans_per_trace:
@@ -77,6 +81,8 @@ class TraceAssembler:
         else:
             batch.spans.append(span)
         batch.last_ns = time.monotonic_ns()
+        if resource is not None and (batch.resource is None or is_root):
+            batch.resource = resource
         if is_root:
             batch.root = span
             if self.quiet_ns == 0:

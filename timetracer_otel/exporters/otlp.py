@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -122,6 +122,9 @@ class Converted:
     rejected: int = 0
     reason: str = ""
     resource: dict[str, Any] | None = None
+    # The resource (service.name...) each record came with, one per record: one request may
+    # carry spans of several services.
+    resources: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def _base(
@@ -146,8 +149,9 @@ def _base(
 def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
     out = Converted([])
     for rs in request.resource_spans:
+        resource = _pb_attributes(rs.resource.attributes)
         if out.resource is None:
-            out.resource = _pb_attributes(rs.resource.attributes)
+            out.resource = resource
         for ss in rs.scope_spans:
             for span in ss.spans:
                 tid, sid, parent = span.trace_id, span.span_id, span.parent_span_id
@@ -167,6 +171,7 @@ def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
                     status.code, status.message, events,
                 )
                 out.records.append(record_from_attributes(base, _pb_attributes(span.attributes)))
+                out.resources.append(resource)
     return out
 
 
@@ -235,8 +240,9 @@ def convert_json(doc: Any) -> Converted:
         raise ValueError("the body is not a JSON object")
     out = Converted([])
     for rs in _get(doc, "resourceSpans", "resource_spans", []):
+        resource = _json_attributes(_get(rs.get("resource") or {}, "attributes", "attributes", []))
         if out.resource is None:
-            out.resource = _json_attributes(_get(rs.get("resource") or {}, "attributes", "attributes", []))
+            out.resource = resource
         for ss in _get(rs, "scopeSpans", "scope_spans", []):
             for span in ss.get("spans") or []:
                 try:
@@ -266,6 +272,7 @@ def convert_json(doc: Any) -> Converted:
                 )
                 attrs = _json_attributes(span.get("attributes") or [])
                 out.records.append(record_from_attributes(base, attrs))
+                out.resources.append(resource)
     return out
 
 
@@ -370,10 +377,8 @@ class TraceIntake:
         records = converted.records
         if self.writer.backlog() + len(records) > self.limits.max_queue:
             raise RejectedRequest(503, "the cassette writer is behind; retry later.", retry_after=2)
-        if converted.resource and not self.writer._resource:
-            self.writer._resource = converted.resource  # names the service in each cassette
-        for record in records:
-            self.writer.submit(record)
+        for record, resource in zip(records, converted.resources, strict=True):
+            self.writer.submit(record, resource)
         with self._lock:
             self.requests += 1
             self.spans += len(records)

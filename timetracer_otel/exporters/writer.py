@@ -35,6 +35,7 @@ from timetracer_otel.exporters.storage import Storage, storage_for
 log = logging.getLogger("timetracer_otel")
 
 _FLUSH = object()
+_RESOURCED = object()
 _STOP = object()
 _IDLE = object()
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -124,7 +125,9 @@ class CassetteWriter:
         self.dropped_spans = 0
         self.errors = 0
         self.skipped = 0
-        self._resource: dict[str, Any] = {}
+        self._resource: dict[str, Any] = {}  # the first seen: for batches that carry none
+        self._resources: dict[int, dict[str, Any]] = {}
+        self._resource_refs: list[Any] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._dropped_traces: set[str] = set()
@@ -137,8 +140,9 @@ class CassetteWriter:
 
     # -- request path ----------------------------------------------------------------------
 
-    def submit(self, span: ReadableSpan | SpanRecord) -> None:
-        """Enqueue a finished span. Never blocks, never raises; drops (and counts) when full."""
+    def submit(self, span: ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None) -> None:
+        """Enqueue a finished span (with the resource it came with, for spans received over
+        OTLP). Never blocks, never raises; drops (and counts) when full."""
         if self._closed:
             return
         if self._queue.qsize() >= self.max_queue:
@@ -151,7 +155,7 @@ class CassetteWriter:
             return
         if self._thread is None:
             self._start()
-        self._queue.put(span)
+        self._queue.put(span if resource is None else (_RESOURCED, span, resource))
 
     def _start(self) -> None:
         with self._lock:
@@ -182,7 +186,10 @@ class CassetteWriter:
                 return
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
-            self._safely(functools.partial(self._add, item))
+            if isinstance(item, tuple) and item and item[0] is _RESOURCED:
+                self._safely(functools.partial(self._add, item[1], item[2]))
+            else:
+                self._safely(functools.partial(self._add, item))
             # Hand the GIL back every half millisecond of work: an app thread waking from I/O
             # would otherwise wait up to the 5 ms switch interval behind these conversions.
             now = time.perf_counter()
@@ -196,12 +203,17 @@ class CassetteWriter:
         for tid in dropped:
             self.assembler.mark_dropped(tid)
 
-    def _add(self, item: ReadableSpan | SpanRecord) -> None:
+    def _add(self, item: ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None) -> None:
         if isinstance(item, ReadableSpan):
-            if not self._resource:
-                self._resource = {k: plain(v) for k, v in item.resource.attributes.items()}
+            resource = self._resources.get(id(item.resource))
+            if resource is None:  # one Resource object per provider: convert it once
+                resource = {k: plain(v) for k, v in item.resource.attributes.items()}
+                self._resources[id(item.resource)] = resource
+                self._resource_refs.append(item.resource)  # keeps the id from being reused
             item = record_from_readable(item)
-        self.assembler.add(item)
+        if resource is not None and not self._resource:
+            self._resource = resource
+        self.assembler.add(item, resource)
 
     def _safely(self, fn: Callable[[], None]) -> None:
         try:
@@ -236,7 +248,7 @@ class CassetteWriter:
             id=secrets.token_hex(8),
             name=cassette_name(batch),
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
-            resource=dict(self._resource),
+            resource=dict(batch.resource or self._resource),
             recorder=self._recorder,
             complete=batch.complete,
             root=batch.root.span_id if batch.root is not None else None,
