@@ -151,3 +151,10 @@ def test_unwritable_directory_is_a_cassette_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(CassetteError, match="cannot write"):
         save_cassette(sample(), blocker / "sub" / "c.msgpack")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_every_file_states_its_schema_version(fmt: str) -> None:
+    data = dumps(sample(), fmt)  # type: ignore[arg-type]
+    raw = msgspec.json.decode(data) if fmt == "json" else msgspec.msgpack.decode(data)
+    assert raw["version"] == VERSION

@@ -108,7 +108,9 @@ class Recorder(msgspec.Struct, kw_only=True, omit_defaults=True):
 class Cassette(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A recording: the spans of one trace (or one process) with their payloads."""
 
-    version: int = VERSION
+    # A factory, not a plain default: omit_defaults would leave a plain default out of the file,
+    # and every cassette must say which schema it follows.
+    version: int = msgspec.field(default_factory=lambda: VERSION)
     id: str
     name: str
     created: str
