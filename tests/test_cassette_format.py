@@ -158,3 +158,51 @@ def test_every_file_states_its_schema_version(fmt: str) -> None:
     data = dumps(sample(), fmt)  # type: ignore[arg-type]
     raw = msgspec.json.decode(data) if fmt == "json" else msgspec.msgpack.decode(data)
     assert raw["version"] == VERSION
+
+
+def test_replay_loads_msgpack_heads_and_decodes_payloads_when_taken(tmp_path: Path) -> None:
+    from timetracer_otel.cassette import CassetteHeads, load_cassette_for_replay
+    from timetracer_otel.index import ReplayIndex
+    from timetracer_otel.keys import Call
+
+    path = tmp_path / "c.msgpack"
+    save_cassette(sample(), path)
+    heads = load_cassette_for_replay(path)
+    assert isinstance(heads, CassetteHeads)  # payloads not decoded yet
+    index = ReplayIndex.from_paths([path])
+    span = sample().spans[0]
+    call = Call("httpx", span.request, {}, {}, "GET http://x/", _key=span.key, _shape_key=span.shape)
+    match = index.take(call)
+    assert match is not None and match.span.request == {"method": "GET", "body": b"\x00\x01"}
+    assert from_tree(match.span.response["value"]) == (Decimal("1.5"), dt.date(2026, 1, 2))
+    # JSON cassettes decode fully, as before.
+    save_cassette(sample(), tmp_path / "c.json")
+    assert isinstance(load_cassette_for_replay(tmp_path / "c.json"), Cassette)
+
+
+def test_a_resealed_cassette_with_a_damaged_payload_fails_cleanly(tmp_path: Path) -> None:
+    """A hostile file can carry a self-made seal; its payloads must still fail cleanly."""
+    from timetracer_otel import cassette as cm
+    from timetracer_otel.index import ReplayIndex
+    from timetracer_otel.keys import Call
+
+    c = sample()
+    c.spans[0].response = {"value": "abc"}
+    data = cm.dumps(c, "msgpack")
+    checksum = msgspec.msgpack.decode(data)["checksum"].encode()
+    data = data.replace(checksum, cm._PLACEHOLDER)
+
+    def sealed(name: str, payload: bytes) -> Path:
+        path = tmp_path / name
+        path.write_bytes(cm._seal_bytes(data.replace(b"\xa5value\xa3abc", b"\xa5value" + payload)))
+        return path
+
+    # Malformed msgpack is found while loading, before any replay starts.
+    with pytest.raises(CassetteError, match=r"malformed\.msgpack is corrupt"):
+        ReplayIndex.from_paths([sealed("malformed.msgpack", b"\xc1abc")])
+    # Well-formed but forbidden (an extension type) is found when a call takes it.
+    index = ReplayIndex.from_paths([sealed("hostile.msgpack", b"\xd5\x01\x00\x00")])
+    span = c.spans[0]
+    call = Call("httpx", span.request, {}, {}, "GET http://x/", _key=span.key, _shape_key=span.shape)
+    with pytest.raises(CassetteError, match=r"hostile\.msgpack: the recorded payload .* is corrupt"):
+        index.take(call)

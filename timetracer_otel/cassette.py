@@ -26,7 +26,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -134,6 +134,61 @@ class Cassette(msgspec.Struct, kw_only=True, omit_defaults=True):
         return None
 
 
+class SpanHead(msgspec.Struct, kw_only=True, gc=False):
+    """What replay matching needs of a span; its payloads stay encoded until a call takes it.
+
+    Decoding a large recording costs mostly its payload trees, and a replay uses few of them.
+    """
+
+    trace_id: str
+    span_id: str
+    name: str
+    kind: str = "INTERNAL"
+    start_ns: int = 0
+    end_ns: int = 0
+    library: str | None = None
+    key: str | None = None
+    shape: str | None = None
+    label: str | None = None
+    truncated: bool = False
+    request: msgspec.Raw = msgspec.Raw()
+    response: msgspec.Raw = msgspec.Raw()
+    error: msgspec.Raw = msgspec.Raw()
+
+    def materialize(self, source: str) -> SpanRecord:
+        """The full :class:`SpanRecord`, payloads decoded (a damaged one is a CassetteError)."""
+        try:
+            with gc_paused():
+                request, response, error = (
+                    _PAYLOAD_DECODER.decode(raw) if len(raw) else None
+                    for raw in (self.request, self.response, self.error)
+                )
+        except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+            raise CassetteError(
+                f"{source}: the recorded payload of {self.label or self.name} is corrupt "
+                f"({_first_line(exc)}); record it again."
+            ) from None
+        return SpanRecord(
+            trace_id=self.trace_id, span_id=self.span_id, name=self.name, kind=self.kind,
+            start_ns=self.start_ns, end_ns=self.end_ns, library=self.library, key=self.key,
+            shape=self.shape, label=self.label, truncated=self.truncated,
+            request=request, response=response, error=error,
+        )
+
+
+class CassetteHeads(msgspec.Struct, kw_only=True):
+    """A msgpack cassette decoded for replay: span heads only (see :func:`loads_for_replay`)."""
+
+    version: int = msgspec.field(default_factory=lambda: VERSION)
+    created: str = ""
+    checksum: str | None = None
+    spans: list[SpanHead] = []
+
+    @property
+    def interactions(self) -> list[SpanHead]:
+        return sorted((s for s in self.spans if s.library), key=lambda s: s.start_ns)
+
+
 class _Header(msgspec.Struct):
     version: Any = None
 
@@ -147,6 +202,8 @@ _JSON_ENCODER = msgspec.json.Encoder()
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder()
 _JSON_DECODER = msgspec.json.Decoder(Cassette)
 _MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette, ext_hook=_no_ext)
+_HEADS_DECODER = msgspec.msgpack.Decoder(CassetteHeads, ext_hook=_no_ext)
+_PAYLOAD_DECODER = msgspec.msgpack.Decoder(ext_hook=_no_ext)
 
 
 def _checksum(cassette: Cassette) -> str:
@@ -228,6 +285,32 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
     >>> loads(dumps(cassette), "memory").id == cassette.id
     True
     """
+    data, fmt = _prepare(data, source)
+    cassette = _decode(_JSON_DECODER if fmt == "json" else _MSGPACK_DECODER, data, fmt, source)
+    _verify(cassette, source, data)
+    return cassette
+
+
+def loads_for_replay(data: bytes, source: str = "<bytes>") -> Cassette | CassetteHeads:
+    """Like :func:`loads`, for replay: a msgpack cassette sealed over its bytes is verified by
+    one hash pass and decoded without its payloads (each is decoded when a call takes it).
+
+    Other cassettes (JSON, older seals) decode fully.
+    """
+    data, fmt = _prepare(data, source)
+    if fmt == "msgpack":
+        heads = _decode(_HEADS_DECODER, data, fmt, source)
+        if heads.checksum is not None and heads.checksum.startswith(_BYTES_ALGO):
+            if not _bytes_checksum_ok(data, heads.checksum):
+                raise _checksum_error(source)
+            return heads
+    cassette = _decode(_JSON_DECODER if fmt == "json" else _MSGPACK_DECODER, data, fmt, source)
+    _verify(cassette, source, data)
+    return cassette
+
+
+def _prepare(data: bytes, source: str) -> tuple[bytes, Format]:
+    """Size limit, decryption and format sniffing shared by every loader."""
     if not isinstance(data, bytes):
         data = bytes(data)
     limit = max_cassette_bytes()
@@ -239,13 +322,19 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
     if crypto.is_encrypted(data):
         data = crypto.decrypt(data, crypto.env_key(), source)
     try:
-        fmt = sniff(data)
+        return data, sniff(data)
     except ValueError:
         raise CassetteError(
             f"{source} is not a timetracer cassette (neither msgpack nor JSON); "
             "record it again or pass the right file."
         ) from None
-    decoder = _JSON_DECODER if fmt == "json" else _MSGPACK_DECODER
+
+
+_C = TypeVar("_C", Cassette, CassetteHeads)
+
+
+def _decode(decoder: msgspec.json.Decoder[_C] | msgspec.msgpack.Decoder[_C], data: bytes,
+            fmt: Format, source: str) -> _C:
     try:
         with gc_paused():
             cassette = decoder.decode(data)
@@ -260,7 +349,6 @@ def loads(data: bytes, source: str = "<bytes>") -> Cassette:
         ) from None
     if cassette.version != VERSION:
         raise _version_error(source, cassette.version)
-    _verify(cassette, source, data)
     return cassette
 
 
@@ -291,10 +379,14 @@ def _verify(cassette: Cassette, source: str, data: bytes) -> None:
     except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
         ok = False
     if not ok:
-        raise CassetteError(
-            f"{source} failed its checksum (the file was changed or damaged after it was "
-            "written); record it again or restore it."
-        )
+        raise _checksum_error(source)
+
+
+def _checksum_error(source: str) -> CassetteError:
+    return CassetteError(
+        f"{source} failed its checksum (the file was changed or damaged after it was "
+        "written); record it again or restore it."
+    )
 
 
 def _peek_version(data: bytes, fmt: Format) -> Any:
@@ -321,7 +413,15 @@ def _first_line(exc: BaseException) -> str:
 
 def load_cassette(path: str | os.PathLike[str]) -> Cassette:
     """Read and decode the cassette at ``path`` (see :func:`loads`)."""
-    p = Path(path)
+    return loads(_read(Path(path)), str(path))
+
+
+def load_cassette_for_replay(path: str | os.PathLike[str]) -> Cassette | CassetteHeads:
+    """Read the cassette at ``path`` for replay (see :func:`loads_for_replay`)."""
+    return loads_for_replay(_read(Path(path)), str(path))
+
+
+def _read(p: Path) -> bytes:
     limit = max_cassette_bytes()
     try:
         with open(p, "rb") as fh:
@@ -340,7 +440,7 @@ def load_cassette(path: str | os.PathLike[str]) -> Cassette:
         raise CassetteError(f"{p} is a directory; pass a cassette file.") from None
     except OSError as exc:
         raise CassetteError(f"{p} cannot be read ({exc.strerror or exc}).") from None
-    return loads(data, str(p))
+    return data
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -16,15 +16,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from timetracer_otel.cassette import Cassette, SpanRecord, gc_paused
+from timetracer_otel.cassette import Cassette, CassetteHeads, SpanHead, SpanRecord, gc_paused
 from timetracer_otel.keys import Call, field_diff
 
 
 @dataclass(slots=True)
 class _Entry:
-    span: SpanRecord
+    span: SpanRecord | SpanHead
     source: str
     used: bool = False
+
+    def record(self) -> SpanRecord:
+        """The full span; a head from a large cassette decodes its payloads the first time."""
+        if isinstance(self.span, SpanHead):
+            self.span = self.span.materialize(self.source)
+        return self.span
 
 
 @dataclass(slots=True)
@@ -76,7 +82,9 @@ class ReplayReport:
 class ReplayIndex:
     """Recorded interactions grouped by key and by shape, each group a FIFO in start order."""
 
-    def __init__(self, sources: Sequence[tuple[str, Cassette]], *, strict: bool = False) -> None:
+    def __init__(
+        self, sources: Sequence[tuple[str, Cassette | CassetteHeads]], *, strict: bool = False
+    ) -> None:
         self.strict = strict
         self.sources = [name for name, _ in sources]
         self._by_key: dict[str, list[_Entry]] = {}
@@ -87,7 +95,9 @@ class ReplayIndex:
         # One recording's cassettes share a clock: order every interaction by when it started,
         # so a fixture's call (written last, in the process cassette) still comes first.
         with gc_paused():
-            merged = [(span, name) for name, cassette in sources for span in cassette.interactions]
+            merged: list[tuple[SpanRecord | SpanHead, str]] = [
+                (span, name) for name, cassette in sources for span in cassette.interactions
+            ]
             merged.sort(key=lambda item: item[0].start_ns)
             for span, name in merged:
                 self._add(span, name)
@@ -95,18 +105,16 @@ class ReplayIndex:
     @classmethod
     def from_paths(cls, paths: Iterable[str | Path], *, strict: bool = False) -> ReplayIndex:
         """Load every cassette at ``paths`` (files, directories or ``s3://`` URLs) into one index."""
-        from timetracer_otel.exporters.storage import load_sources  # lazy: exporters import us
+        from timetracer_otel.exporters.storage import load_replay_sources  # exporters import us
 
-        loaded = [item for p in paths for item in load_sources(p)]
-        loaded.sort(key=lambda item: item[1].created)
-        return cls(loaded, strict=strict)
+        return cls([item for p in paths for item in load_replay_sources(p)], strict=strict)
 
     def extend(self, spans: Iterable[SpanRecord], source: str) -> None:
         """Append interactions after everything already indexed (e.g. newly recorded ones)."""
         for span in spans:
             self._add(span, source)
 
-    def _add(self, span: SpanRecord, source: str) -> None:
+    def _add(self, span: SpanRecord | SpanHead, source: str) -> None:
         if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing
             return
         entry = _Entry(span, source)
@@ -141,14 +149,15 @@ class ReplayIndex:
             if entry is not None:
                 entry.used = True
                 self._report.exact += 1
-                return Match(entry.span, entry.source, exact=True)
+                return Match(entry.record(), entry.source, exact=True)
             if not self.strict:
                 entry = self._pop(self._by_shape.get(call.shape_key))
                 if entry is not None:
                     entry.used = True
-                    diff = field_diff(entry.span.request, call.request)
+                    span = entry.record()
+                    diff = field_diff(span.request, call.request)
                     self._report.shape_matches.append(ShapeMatch(call.label, entry.source, diff))
-                    return Match(entry.span, entry.source, exact=False, diff=diff)
+                    return Match(span, entry.source, exact=False, diff=diff)
             return None
 
     def miss_message(self, call: Call, *, hint: str = "") -> str:
@@ -160,7 +169,7 @@ class ReplayIndex:
         lines = [f"No recorded {call.library} call matches {call.label} (cassette: {where or 'none'})."]
         scored = []
         for entry in candidates[:5000]:
-            diff = field_diff(entry.span.request, call.request, limit=6)
+            diff = field_diff(entry.record().request, call.request, limit=6)
             same_shape = entry.span.shape == call.shape_key
             scored.append((not same_shape, len(diff), entry.used, entry, diff))
         scored.sort(key=lambda item: item[:3])

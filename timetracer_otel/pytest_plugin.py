@@ -260,7 +260,7 @@ class ActiveCassette:
         """Recorded interactions no call has used (yet); always empty while recording."""
         if self._replaying is None:
             return []
-        return [e.span for e in self._replaying.index.unused()]
+        return [e.record() for e in self._replaying.index.unused()]
 
     @property
     def report(self) -> ReplayReport | None:

@@ -11,7 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from timetracer_otel.cassette import Cassette, atomic_write, find_cassettes, load_cassette, loads
+from timetracer_otel.cassette import (
+    Cassette,
+    CassetteHeads,
+    atomic_write,
+    find_cassettes,
+    load_cassette,
+    load_cassette_for_replay,
+    loads,
+    loads_for_replay,
+)
 from timetracer_otel.errors import CassetteError
 
 
@@ -101,6 +110,14 @@ def load_sources(location: str | Path) -> list[tuple[str, Cassette]]:
     if not is_remote(location):
         return [(str(p), load_cassette(p)) for p in find_cassettes(location)]
     return [(name, loads(data, name)) for name, data in read_sources(location)]
+
+
+def load_replay_sources(location: str | Path) -> list[tuple[str, Cassette | CassetteHeads]]:
+    """Like :func:`load_sources`, for replay: large msgpack cassettes keep their payloads
+    encoded until a call takes them (see :func:`cassette.loads_for_replay`)."""
+    if not is_remote(location):
+        return [(str(p), load_cassette_for_replay(p)) for p in find_cassettes(location)]
+    return [(name, loads_for_replay(data, name)) for name, data in read_sources(location)]
 
 
 def load_one(location: str | Path) -> Cassette:
