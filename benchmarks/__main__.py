@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from benchmarks.upstream import Upstream
 
-SCENARIOS = ("http", "micro", "lookup", "size", "db", "exporter")
+SCENARIOS = ("http", "micro", "lookup", "size", "db", "exporter", "inbound")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -305,6 +305,24 @@ class Bench:
                      out["bytes_per_open_trace"], note="tracemalloc, writer thread included")
 
 
+    def inbound(self) -> None:
+        sc = "6 inbound (ASGI)"
+        print("  inbound", file=sys.stderr)
+        out = self.worker("inbound", {"mode": "overhead", "requests": 300, "runs": self.o.runs})
+        if "error" not in out:
+            self.add(sc, "1 KB request/response, OTel only (Starlette instrumentation)", "µs/request",
+                     out["otel_us"])
+            self.add(sc, "1 KB request/response, timetracer-otel record", "µs/request",
+                     out["record_us"])
+            r = self.add(sc, "inbound recording overhead over OTel only", "µs/request",
+                         out["overhead_us"], note="request, body chunks and response on the span")
+            r.target, r.met = "< 100 µs", med(out["overhead_us"]) < 100
+        out = self.worker("inbound", {"mode": "replay", "cassettes": 1000, "runs": self.o.runs})
+        if "error" not in out:
+            self.add(sc, "replay --asgi engine (replay_asgi), 1,000 recorded requests", "cassettes/s",
+                     out["cassettes_per_s"], note="each response compared with the recorded one")
+
+
 def fmt(v: float | None) -> str:
     if v is None:
         return "-"
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     with Upstream() as upstream:
         for name in chosen:
             print(f"scenario {name}", file=sys.stderr)
-            if name in ("db", "exporter"):
+            if name in ("db", "exporter", "inbound"):
                 getattr(b, name)()
             else:
                 getattr(b, name)(upstream)
