@@ -517,17 +517,19 @@ class Redactor:
     def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """OTel span or event attributes: URL attributes through :meth:`url`, captured secret
         headers (``http.request.header.cookie``) tokenized, every string scrubbed."""
-        out: dict[str, Any] = {}
+        special: dict[str, Any] = {}
+        rest: dict[str, Any] = {}
         for k, v in attrs.items():
             if k.startswith(_HEADER_ATTRS) and k.rsplit(".", 1)[-1].replace("_", "-") in self.header_names:
-                out[k] = [self._any_token(x) for x in v] if isinstance(v, list) else self._any_token(v)
+                special[k] = [self._any_token(x) for x in v] if isinstance(v, list) else self._any_token(v)
             elif isinstance(v, str) and k in _URL_ATTRS:
-                out[k] = self.text(self.url(v))
+                special[k] = self.text(self.url(v))
             elif isinstance(v, str) and k == "url.query":
-                out[k] = self.text(self.query(v))
+                special[k] = self.text(self.query(v))
             else:
-                out[k] = self.scrub(v)
-        return out
+                rest[k] = v
+        rest = self.scrub(rest)  # one scan of all the ordinary attributes, walked only on a hit
+        return {k: special[k] if k in special else rest[k] for k in attrs}
 
     def span_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
         """A span's status message and event attributes (exception messages) redacted."""

@@ -97,4 +97,11 @@ def record_from_readable(span: ReadableSpan) -> SpanRecord:
             for e in span.events
         ],
     }
-    return record_from_attributes(base, span.attributes or {})
+    return record_from_attributes(base, _attributes_of(span))
+
+
+def _attributes_of(span: ReadableSpan) -> Mapping[str, Any]:
+    # The SDK hands out a read-only proxy over BoundedAttributes, whose every access is a
+    # Python call; the plain dict beneath is read once, with the public view as fallback.
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    return inner if isinstance(inner, dict) else (span.attributes or {})
