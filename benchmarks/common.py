@@ -117,6 +117,22 @@ def quiet_stderr() -> Iterator[None]:
         sys.stderr = saved
 
 
+def otel_noop_provider() -> Any:
+    """The "OTel only" baseline: an SDK provider, set globally, exporting to nowhere."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class NoopExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
 # --- workers: each measured configuration runs in a fresh process ------------------------------
 
 

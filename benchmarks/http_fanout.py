@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks.common import quiet_stderr, worker_main
+from benchmarks.common import otel_noop_provider, quiet_stderr, worker_main
 
 CALLS = 10
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -80,19 +80,10 @@ async def call(app: ASGIApp) -> bytes:
 
 def setup_otel(app: Starlette) -> None:
     """SDK + the Starlette and httpx instrumentations, spans to a no-op exporter."""
-    from opentelemetry import trace
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.starlette import StarletteInstrumentor
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-    class NoopExporter(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
-    trace.set_tracer_provider(provider)
+    otel_noop_provider()
     HTTPXClientInstrumentor().instrument()
     StarletteInstrumentor.instrument_app(app)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import worker_main
+from benchmarks.common import otel_noop_provider, worker_main
 
 PAYLOAD = {"sku": "A1", "note": "x" * 960}  # ~1 KB each way
 
@@ -66,18 +66,9 @@ async def call(app: Any, body: bytes) -> int:
 
 
 def instrument(app: Any) -> None:
-    from opentelemetry import trace
     from opentelemetry.instrumentation.starlette import StarletteInstrumentor
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-    class NoopExporter(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
-    trace.set_tracer_provider(provider)
+    otel_noop_provider()
     StarletteInstrumentor.instrument_app(app)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import worker_main
+from benchmarks.common import otel_noop_provider, worker_main
 
 
 def _syscw() -> int:
@@ -36,16 +36,8 @@ def _syscw() -> int:
 
 def _otel() -> Any:
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-    class NoopExporter(SpanExporter):
-        def export(self, spans: Any) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(NoopExporter()))
-    trace.set_tracer_provider(provider)
+    otel_noop_provider()
     return trace.get_tracer("bench")
 
 
