@@ -523,7 +523,7 @@ class Redactor:
             if k.startswith(_HEADER_ATTRS) and k.rsplit(".", 1)[-1].replace("_", "-") in self.header_names:
                 special[k] = [self._any_token(x) for x in v] if isinstance(v, list) else self._any_token(v)
             elif isinstance(v, str) and k in _URL_ATTRS:
-                special[k] = self.text(self.url(v))
+                special[k] = self._after_url(self.url(v))
             elif isinstance(v, str) and k == "url.query":
                 special[k] = self.text(self.query(v))
             else:
@@ -591,6 +591,14 @@ class Redactor:
         if pattern is not None:
             text = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
         return text
+
+    def _after_url(self, text: str) -> str:
+        # url() already tokenized userinfo and secret query parameters; what text() would add
+        # is only a key=value password or a secret seen elsewhere.
+        if "password" in text.lower():
+            text = _KV_PASSWORD.sub(lambda m: m["pre"] + self.token(m["pw"].strip("'")), text)
+        pattern = self._pattern()
+        return pattern.sub(lambda m: self._seen.get(m[0], m[0]), text) if pattern is not None else text
 
     def scrub_bytes(self, data: bytes) -> bytes:
         pattern = self._pattern()
