@@ -68,34 +68,12 @@ class Call:
 
 # --- HTTP: shared by httpx, requests and any other HTTP client shim --------------------------
 
-# Headers that change on every run or are added by tracing; never part of a key.
-VOLATILE_HEADERS = frozenset(
-    {
-        "traceparent",
-        "tracestate",
-        "baggage",
-        "x-amzn-trace-id",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "b3",
-        "date",
-        "x-amz-date",
-        "authorization",
-        "user-agent",
-        "content-length",
-    }
-)
-
-
 @dataclass(frozen=True, slots=True)
 class _Url:
     scheme: str
     host: str
     path: str
-    raw_query: str
-    query: list[list[str]]
+    query: list[list[str]]  # shared by every Call of this URL: read, never mutate
     query_keys: list[str]
     label: str
 
@@ -113,16 +91,10 @@ def _parse_url(url: str) -> _Url:
     pairs = sorted(parse_qsl(parts.query, keep_blank_values=True))
     path = parts.path or "/"
     return _Url(
-        parts.scheme, host, path, parts.query,
+        parts.scheme, host, path,
         [[k, v] for k, v in pairs], sorted({k for k, _ in pairs}),
         urlunsplit((parts.scheme, host, path, parts.query, "")),
     )
-
-
-def normalise_url(url: str) -> tuple[str, str, str, list[tuple[str, str]]]:
-    """``(scheme, host[:port], path, sorted query pairs)``; default ports dropped."""
-    u = _parse_url(url)
-    return u.scheme, u.host, u.path, [(k, v) for k, v in u.query]
 
 
 def _body_digest(body: bytes) -> str:

@@ -241,7 +241,6 @@ class Redactor:
         if isinstance(key, str):
             key = key.encode()
         self.key = key or (env_key.encode() if env_key else secrets.token_bytes(32))
-        self.shared_key = key is not None or bool(env_key)
         rules: dict[str, list[Any]] = {
             "headers": [*headers, *_extra(env, "TIMETRACER_REDACT_HEADERS")],
             "params": [*params, *_extra(env, "TIMETRACER_REDACT_PARAMS")],

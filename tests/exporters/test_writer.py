@@ -156,4 +156,4 @@ def test_late_internal_spans_of_a_written_trace_make_no_stray_cassette(tmp_path:
     writer.close()
     [path] = writer.written
     assert [s.name for s in load_cassette(path).spans] == ["GET /stream"]
-    assert writer.assembler.late_spans == 1
+    assert writer.stats()["late_spans"] == 1

@@ -294,6 +294,8 @@ class CassetteWriter:
         return {
             "written": len(self.written),
             "dropped_spans": self.dropped_spans + self.assembler.dropped_spans,
+            # Spans that ended after their trace was written and carried nothing to replay.
+            "late_spans": self.assembler.late_spans,
             "errors": self.errors,
             "skipped": self.skipped,
         }
