@@ -274,8 +274,7 @@ class Redactor:
         self.json_paths = tuple(paths)
         self.sql_rules = tuple(self._sql_rule(r) for r in rules["sql"])
         self._seen: OrderedDict[str, str] = OrderedDict()
-        self._scrub_re: re.Pattern[str] | None = None
-        self._scrub_bytes_re: re.Pattern[bytes] | None = None
+        self._scrub_patterns: tuple[re.Pattern[str], re.Pattern[bytes]] | None = None
         self._url_memo: dict[str, str] = {}
         # One C-speed scan of a JSON body for every configured field name (case-folded).
         names = sorted(self.json_anywhere.exact, key=len, reverse=True)
@@ -317,8 +316,7 @@ class Redactor:
             self._seen[value] = tok
             while len(self._seen) > _SEEN_LIMIT:
                 self._seen.popitem(last=False)
-            self._scrub_re = None
-            self._scrub_bytes_re = None
+            self._scrub_patterns = None
 
     def _any_token(self, value: Any) -> str:
         if isinstance(value, str | bytes):
@@ -610,26 +608,26 @@ class Redactor:
         new = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
         return data if new == text else new.encode()
 
-    def _bytes_pattern(self) -> re.Pattern[bytes] | None:
+    def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[bytes]] | None:
+        """The seen secrets as one alternation (longest first), for text and for bytes;
+        rebuilt when a new secret is remembered."""
         if not self._seen:
             return None
-        pattern = self._scrub_bytes_re
-        if pattern is None:
+        patterns = self._scrub_patterns
+        if patterns is None:
             with self._lock:
-                longest_first = sorted(self._seen, key=len, reverse=True)
-                pattern = re.compile(b"|".join(re.escape(s.encode()) for s in longest_first))
-                self._scrub_bytes_re = pattern
-        return pattern
+                alternation = "|".join(map(re.escape, sorted(self._seen, key=len, reverse=True)))
+                patterns = self._scrub_patterns = (re.compile(alternation),
+                                                   re.compile(alternation.encode()))
+        return patterns
 
     def _pattern(self) -> re.Pattern[str] | None:
-        if not self._seen:
-            return None
-        pattern = self._scrub_re
-        if pattern is None:
-            with self._lock:
-                longest_first = sorted(self._seen, key=len, reverse=True)
-                pattern = self._scrub_re = re.compile("|".join(map(re.escape, longest_first)))
-        return pattern
+        patterns = self._patterns()
+        return patterns[0] if patterns is not None else None
+
+    def _bytes_pattern(self) -> re.Pattern[bytes] | None:
+        patterns = self._patterns()
+        return patterns[1] if patterns is not None else None
 
     # --- SQL --------------------------------------------------------------------------------
 
