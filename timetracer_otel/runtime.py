@@ -34,6 +34,7 @@ from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.replay_shims.base import STATE
 
 F = TypeVar("F", bound=Callable[..., Any])
+_A = TypeVar("_A", bound="_Activation")
 _lock = threading.Lock()
 
 
@@ -89,8 +90,9 @@ def _dispatch_for(provider: TracerProvider) -> _Dispatch:
 class _Activation:
     """Context manager and decorator (sync or async functions) sharing enter/exit."""
 
-    def __enter__(self) -> Any:
-        raise NotImplementedError
+    def __enter__(self: _A) -> _A:
+        self._enter()
+        return self
 
     def __exit__(
         self,
@@ -98,6 +100,12 @@ class _Activation:
         exc: BaseException | None = None,
         tb: TracebackType | None = None,
     ) -> None:
+        self._exit()
+
+    def _enter(self) -> None:
+        raise NotImplementedError
+
+    def _exit(self) -> None:
         raise NotImplementedError
 
     def __call__(self, fn: F) -> F:
@@ -140,7 +148,7 @@ class Recording(_Activation):
         self.writer: CassetteWriter | None = None
         self._saved: tuple[Any, ...] = ()
 
-    def __enter__(self) -> Recording:
+    def _enter(self) -> None:
         storage = storage_for(self.dir)
         storage.check()
         provider = sdk_provider(self.service_name)
@@ -157,14 +165,8 @@ class Recording(_Activation):
             self._saved = (STATE.mode,)
             STATE.mode = Mode.RECORD
             _dispatch_for(provider).writer = self.writer
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def _exit(self) -> None:
         provider = trace.get_tracer_provider()
         if isinstance(provider, TracerProvider):
             provider.force_flush()  # spans still queued in the app's own batch processors
@@ -205,7 +207,7 @@ class Replaying(_Activation):
     def report(self) -> ReplayReport:
         return self.index.report()
 
-    def __enter__(self) -> Replaying:
+    def _enter(self) -> None:
         replay_shims.instrument(self.libraries)
         with _lock:
             self._saved = (STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended)
@@ -214,14 +216,8 @@ class Replaying(_Activation):
             STATE.on_miss = self.on_miss
             STATE.live = self.live
             STATE.appended = []
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def _exit(self) -> None:
         with _lock:
             self.appended = STATE.appended
             STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended = self._saved
