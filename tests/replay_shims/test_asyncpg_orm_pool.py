@@ -6,41 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
-import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ForeignKey, Numeric, String, func, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+from sqlalchemy.orm import selectinload
 
 import timetracer_otel
 from tests.conftest import PG_HOST, PG_PORT, unreachable_port
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Author(Base):
-    __tablename__ = "authors"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50), unique=True)
-    key: Mapped[uuid.UUID] = mapped_column(default=uuid.uuid4)
-    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
-    books: Mapped[list[Book]] = relationship(back_populates="author", order_by="Book.id")
-
-
-class Book(Base):
-    __tablename__ = "books"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    title: Mapped[str] = mapped_column(String(100))
-    price: Mapped[decimal.Decimal] = mapped_column(Numeric(8, 2))
-    published: Mapped[dt.datetime]
-    author_id: Mapped[int] = mapped_column(ForeignKey("authors.id"))
-    author: Mapped[Author] = relationship(back_populates="books")
+from tests.replay_shims.orm_models import Author, Base, Book
 
 
 async def orm_job(port: int, db: str) -> list[Any]:
