@@ -292,6 +292,10 @@ class Bench:
             self.add(sc, "CassetteSpanProcessor to files (convert, encode, fsync, rename)", "spans/s",
                      out["written_spans_per_s"],
                      note=f"{out['cassettes_written']}/{out['expected']} cassettes, 11 spans each")
+        out = self.worker("exporter", {"mode": "convert", **args})
+        if "error" not in out:
+            self.add(sc, "writer's Python work per span (no disk; shares the GIL with the app)",
+                     "µs/span", out["us_per_span"], note="convert, redact, assemble, encode")
         out = self.worker("exporter", {"mode": "receiver", **args})
         if "skipped" in out:
             self.add(sc, "OTLP/HTTP receiver (TraceIntake) to files", "spans/s", None, note=out["skipped"])

@@ -86,6 +86,34 @@ def processor(args: dict[str, Any]) -> dict[str, Any]:
             "spans": len(spans), "cassettes_written": written, "expected": len(traces) * args["runs"]}
 
 
+class _Discard:
+    """Storage that keeps nothing: the conversion is measured without the disk."""
+
+    def write(self, relpath: str, data: bytes) -> str:
+        return relpath
+
+    def check(self) -> None:
+        pass
+
+
+def convert(args: dict[str, Any]) -> dict[str, Any]:
+    """The writer's Python work per span (convert, redact, assemble, encode a cassette), on the
+    calling thread: what shares the GIL with the app while recording."""
+    from timetracer_otel.exporters.writer import CassetteWriter
+
+    traces = make_traces(args["traces"])
+    spans = [s for t in traces for s in t]
+    per_span: list[float] = []
+    for _ in range(args["runs"]):
+        writer = CassetteWriter(_Discard())
+        t0 = time.perf_counter()
+        for s in spans:
+            writer._add(s)
+        per_span.append((time.perf_counter() - t0) / len(spans) * 1e6)
+        assert len(writer.written) == len(traces)
+    return {"us_per_span": per_span}
+
+
 def receiver(args: dict[str, Any]) -> dict[str, Any]:
     if not have("timetracer_otel.exporters.otlp"):
         return {"skipped": "timetracer_otel/exporters/otlp.py is not there yet"}
@@ -140,7 +168,8 @@ def memory(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
-    return {"processor": processor, "receiver": receiver, "memory": memory}[args["mode"]](args)
+    modes = {"processor": processor, "convert": convert, "receiver": receiver, "memory": memory}
+    return modes[args["mode"]](args)
 
 
 if __name__ == "__main__":
