@@ -33,6 +33,30 @@ class _Entry:
         return self.span
 
 
+class _Fifo:
+    """Entries of one key or shape in recorded order, consumed from the front in O(1).
+
+    A cursor instead of ``list.pop(0)``, which moves every later entry: a cassette that polls
+    one URL 10,000 times would otherwise pay O(n) per call.
+    """
+
+    __slots__ = ("head", "items")
+
+    def __init__(self) -> None:
+        self.items: list[_Entry] = []
+        self.head = 0
+
+    def pop(self) -> _Entry | None:
+        # Entries sit in two queues; one used through the other is skipped here, lazily.
+        items = self.items
+        while self.head < len(items):
+            entry = items[self.head]
+            self.head += 1
+            if not entry.used:
+                return entry
+        return None
+
+
 @dataclass(slots=True)
 class Match:
     """The interaction chosen for a call; ``exact`` is False for a shape match."""
@@ -87,8 +111,8 @@ class ReplayIndex:
     ) -> None:
         self.strict = strict
         self.sources = [name for name, _ in sources]
-        self._by_key: dict[str, list[_Entry]] = {}
-        self._by_shape: dict[str, list[_Entry]] = {}
+        self._by_key: dict[str, _Fifo] = {}
+        self._by_shape: dict[str, _Fifo] = {}
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
         self._report = ReplayReport()
@@ -120,27 +144,21 @@ class ReplayIndex:
         entry = _Entry(span, source)
         self._entries.append(entry)
         queue = self._by_key.get(span.key)
-        if queue is None:  # not setdefault: that builds a deque per call just to drop it
-            queue = self._by_key[span.key] = []
-        queue.append(entry)
+        if queue is None:  # not setdefault: that builds a queue per call just to drop it
+            queue = self._by_key[span.key] = _Fifo()
+        queue.items.append(entry)
         if span.shape is not None:
             queue = self._by_shape.get(span.shape)
             if queue is None:
-                queue = self._by_shape[span.shape] = []
-            queue.append(entry)
+                queue = self._by_shape[span.shape] = _Fifo()
+            queue.items.append(entry)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @staticmethod
-    def _pop(queue: list[_Entry] | None) -> _Entry | None:
-        # Entries sit in two queues; one used through the other is skipped here, lazily.
-        # Plain lists: most keys hold one or two calls, and a deque per key costs ~600 bytes.
-        while queue:
-            entry = queue.pop(0)
-            if not entry.used:
-                return entry
-        return None
+    def _pop(queue: _Fifo | None) -> _Entry | None:
+        return None if queue is None else queue.pop()
 
     def take(self, call: Call) -> Match | None:
         """The next unused interaction for ``call``, or None when nothing matches."""
