@@ -5,7 +5,7 @@ A shim describes each dependency call as a :class:`Call`: the full request it wi
 fields that survive when volatile values are dropped (``shape``). Keys are hashes of those,
 so record and replay compute the same key from the same call on any host::
 
-    >>> call = Call("httpx", request={...}, identity={"method": "GET", "url": u}, shape=...)
+    >>> call = Call("httpx", {...}, identity={"method": "GET", "url": u}, shape=...)
     >>> call.key
     'httpx:5d41402abc4b2a76b9719d911017c592'
 """
@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -43,15 +44,29 @@ def stable_hash(library: str, fields: Tree) -> str:
 
 @dataclass(slots=True)
 class Call:
-    """One dependency call as a shim sees it, in a form both modes agree on."""
+    """One dependency call as a shim sees it, in a form both modes agree on.
+
+    ``request`` may be given as a function that builds it: replay reads only the keys, so a
+    shim can leave the stored form (redacted headers...) unbuilt until a miss, a shape match
+    or a recording needs it.
+    """
 
     library: str
-    request: Tree
+    _request: Tree | Callable[[], Tree]
     identity: Tree
     shape: Tree
     label: str
     _key: str | None = field(default=None, repr=False)
     _shape_key: str | None = field(default=None, repr=False)
+    _built: bool = field(default=False, repr=False)
+
+    @property
+    def request(self) -> Tree:
+        if not self._built:
+            if callable(self._request):
+                self._request = self._request()
+            self._built = True
+        return self._request
 
     @property
     def key(self) -> str:
@@ -103,32 +118,58 @@ def _body_digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
-def http_call(
-    library: str,
-    method: str,
-    url: str,
-    headers: list[tuple[str, str]],
-    body: bytes,
-) -> Call:
-    """The :class:`Call` of an HTTP request; headers are stored but do not enter the key."""
-    from timetracer_otel.replay_shims.base import STATE
+Headers = list[tuple[str, str]]
 
-    # Configured JSON fields / form parameters in the body become tokens before the body is
-    # stored or hashed; the hash folds tokens, so a per-process redaction key still matches.
-    body = STATE.redactor.body(headers, body)
+
+@functools.lru_cache(maxsize=4096)
+def _http_keys(library: str, method: str, url: str, digest: str) -> tuple[Tree, Tree, str, str, str]:
+    # identity, shape, their keys and the label: the same for every call of this method, URL
+    # and body, and services repeat their calls. The trees are shared: read, never mutate.
     u = _parse_url(url)
-    method = method.upper()
-    request = {"method": method, "url": url, "headers": [list(h) for h in headers], "body": body}
     identity = {
         "method": method,
         "scheme": u.scheme,
         "host": u.host,
         "path": u.path,
         "query": u.query,
-        "body": _body_digest(body) if body else "",
+        "body": digest,
     }
     shape = {"method": method, "host": u.host, "path": u.path, "query_keys": u.query_keys}
-    return Call(library, request, identity, shape, f"{method} {u.label}")
+    return (identity, shape, stable_hash(library, identity), stable_hash(library, shape),
+            f"{method} {u.label}")
+
+
+def http_call(
+    library: str,
+    method: str,
+    url: str,
+    headers: Headers | Callable[[], Headers],
+    body: bytes,
+) -> Call:
+    """The :class:`Call` of an HTTP request; headers are stored but do not enter the key.
+
+    ``headers`` (already redacted) may be a function: without a body they are only needed
+    for the stored request, which is then built on first use.
+    """
+    from timetracer_otel.replay_shims.base import STATE
+
+    if body and callable(headers):
+        headers = headers()
+    if body:
+        # Configured JSON fields / form parameters in the body become tokens before the body
+        # is stored or hashed; the hash folds tokens, so a per-process redaction key matches.
+        assert not callable(headers)
+        body = STATE.redactor.body(headers, body)
+    method = method.upper()
+    identity, shape, key, shape_key, label = _http_keys(
+        library, method, url, _body_digest(body) if body else "")
+
+    def request(h: Headers | Callable[[], Headers] = headers) -> Tree:
+        pairs = h() if callable(h) else h
+        return {"method": method, "url": url, "headers": [list(p) for p in pairs], "body": body}
+
+    return Call(library, request if callable(headers) else request(), identity, shape, label,
+                key, shape_key)
 
 
 def field_diff(recorded: Tree, live: Tree, path: str = "", limit: int = 8) -> list[str]:

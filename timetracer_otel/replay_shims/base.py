@@ -193,6 +193,8 @@ class Capture:
 @contextlib.contextmanager
 def capture(call: Call, scope: str) -> Iterator[Capture]:
     """Open (or reuse) the dependency span and set the request attributes on it."""
+    # Built (and its secrets seen by the redactor) before the response is scrubbed.
+    request = _pack(call.request)
     span, own = _dependency_span(call, scope)
     if span.is_recording():
         span.set_attributes(
@@ -201,7 +203,7 @@ def capture(call: Call, scope: str) -> Iterator[Capture]:
                 ATTR_KEY: call.key,
                 ATTR_SHAPE: call.shape_key,
                 ATTR_LABEL: call.label,
-                ATTR_REQUEST: _pack(call.request),
+                ATTR_REQUEST: request,
             }
         )
     cap = Capture(call, span, own)

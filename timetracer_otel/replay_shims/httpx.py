@@ -47,12 +47,15 @@ class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 def _call(request: httpx.Request) -> Call:
     r = STATE.redactor
-    headers = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request.headers.raw
-        if k.lower().decode("latin-1") not in PROPAGATION_HEADERS
-    ]
-    return http_call("httpx", request.method, r.url(str(request.url)), r.headers(headers), request.content)
+
+    def headers() -> list[tuple[str, str]]:
+        return r.headers(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower().decode("latin-1") not in PROPAGATION_HEADERS
+        )
+
+    return http_call("httpx", request.method, r.url(str(request.url)), headers, request.content)
 
 
 def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
