@@ -56,10 +56,13 @@ def _body(request: requests.PreparedRequest) -> bytes:
 
 def _call(request: requests.PreparedRequest) -> Call:
     r = STATE.redactor
-    headers = [(k, v if isinstance(v, str) else v.decode("latin-1"))
-               for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS]
+
+    def headers() -> list[tuple[str, str]]:  # built only when the stored request is needed
+        return r.headers((k, v if isinstance(v, str) else v.decode("latin-1"))
+                         for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS)
+
     return http_call(
-        "requests", request.method or "GET", r.url(request.url or ""), r.headers(headers), _body(request)
+        "requests", request.method or "GET", r.url(request.url or ""), headers, _body(request)
     )
 
 
