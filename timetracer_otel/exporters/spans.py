@@ -51,29 +51,54 @@ def plain(value: Any) -> Any:
     return value
 
 
+# URL attributes the instrumentations set on client spans; the shims' request trees carry the
+# same URL (``request["url"]``), already through ``Redactor.url``.
+_URL_ATTRS = ("url.full", "http.url")
+
+
 def record_from_attributes(
     base: dict[str, Any], attributes: Mapping[str, Any]
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
-    attrs = {k: plain(v) for k, v in attributes.items() if k not in PAYLOAD_ATTRS}
-    # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
-    attrs, base = STATE.redactor.attributes(attrs), STATE.redactor.span_fields(base)
-    rec = SpanRecord(**base, attributes=attrs)
+    attrs: dict[str, Any] = {}
+    for k, v in attributes.items():
+        if k not in PAYLOAD_ATTRS:
+            attrs[k] = plain(v) if isinstance(v, tuple | list) else v
     library = attributes.get(ATTR_LIBRARY)
+    payload: dict[str, Any] = {}
     if library:
         try:
-            rec.library = str(library)
-            rec.key = str(attributes.get(ATTR_KEY))
-            rec.shape = attributes.get(ATTR_SHAPE)
-            rec.label = attributes.get(ATTR_LABEL)
-            rec.request = decode_payload(attributes.get(ATTR_REQUEST))
-            rec.response = decode_payload(attributes.get(ATTR_RESPONSE))
-            rec.error = decode_payload(attributes.get(ATTR_ERROR))
-            rec.truncated = bool(attributes.get(ATTR_TRUNCATED, False))
+            payload["library"] = str(library)
+            payload["key"] = str(attributes.get(ATTR_KEY))
+            payload["shape"] = attributes.get(ATTR_SHAPE)
+            payload["label"] = attributes.get(ATTR_LABEL)
+            payload["request"] = decode_payload(attributes.get(ATTR_REQUEST))
+            payload["response"] = decode_payload(attributes.get(ATTR_RESPONSE))
+            payload["error"] = decode_payload(attributes.get(ATTR_ERROR))
+            payload["truncated"] = bool(attributes.get(ATTR_TRUNCATED, False))
         except (msgspec.DecodeError, ValueError) as exc:
-            log.warning("timetracer-otel: unreadable payload on span %s: %s", rec.name, exc)
-            rec.library = rec.key = None
-    return rec
+            log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
+            payload["library"] = payload["key"] = None
+    # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
+    attrs = _redacted(attrs, payload.get("request"))
+    return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
+
+
+def _redacted(attrs: dict[str, Any], request: Any) -> dict[str, Any]:
+    """``Redactor.attributes``, except for a URL attribute that is exactly the URL of the
+    span's own request tree: that string goes into the cassette verbatim as ``request["url"]``
+    anyway (the shim tokenized it when it captured the call), so a second redaction of the
+    attribute cannot keep anything out of the file; it only costs a URL parse per span.
+    Every other attribute, and a URL attribute that differs in any byte (as one from another
+    process's instrumentation may), is redacted in full."""
+    url = request.get("url") if isinstance(request, dict) else None
+    if not isinstance(url, str):
+        return STATE.redactor.attributes(attrs)
+    same = [k for k in _URL_ATTRS if attrs.get(k) == url]
+    if not same:
+        return STATE.redactor.attributes(attrs)
+    rest = STATE.redactor.attributes({k: v for k, v in attrs.items() if k not in same})
+    return {k: url if k in same else rest[k] for k in attrs}
 
 
 def record_from_readable(span: ReadableSpan) -> SpanRecord:

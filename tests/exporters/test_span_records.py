@@ -1,0 +1,72 @@
+"""Span → SpanRecord: URL attributes are redacted unless they are, byte for byte, the URL the
+shim already stored (redacted) in the span's own request; the same through OTLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.trace import SpanKind
+
+from timetracer_otel.cassette import SpanRecord
+from timetracer_otel.exporters.otlp import records_from_otlp
+from timetracer_otel.exporters.spans import record_from_readable
+from timetracer_otel.replay_shims import base
+
+SECRET = "s3cr3t-Value-12345"
+
+
+class _Keep(SpanProcessor):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+def _client_span(url_attr: str, request_url: str) -> ReadableSpan:
+    keep = _Keep()
+    provider = TracerProvider()
+    provider.add_span_processor(keep)
+    request = {"method": "GET", "url": request_url, "headers": [], "body": b""}
+    with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        span.set_attributes({
+            "http.request.method": "GET", "url.full": url_attr, "http.url": url_attr,
+            base.ATTR_LIBRARY: "httpx", base.ATTR_KEY: "httpx:k", base.ATTR_SHAPE: "httpx:s",
+            base.ATTR_LABEL: "GET x", base.ATTR_REQUEST: msgspec.msgpack.encode(request),
+        })
+    [done] = keep.spans
+    return done
+
+
+def _both(span: ReadableSpan) -> list[SpanRecord]:
+    """The record the in-process writer makes and the one the collector makes."""
+    [collected] = records_from_otlp(encode_spans([span]))
+    return [record_from_readable(span), collected]
+
+
+def test_a_url_attribute_with_a_secret_is_redacted_even_next_to_a_request_tree() -> None:
+    raw = f"http://api.example/v1/items?token={SECRET}&page=2"
+    redacted = base.STATE.redactor.url(raw)
+    assert SECRET not in redacted
+    for rec in _both(_client_span(raw, redacted)):
+        for key in ("url.full", "http.url"):
+            value: Any = rec.attributes[key]
+            assert SECRET not in value and "page=2" in value
+        assert rec.request["url"] == redacted and rec.library == "httpx"
+
+
+def test_a_url_attribute_equal_to_the_stored_request_url_is_kept_as_stored() -> None:
+    url = "http://api.example/v1/items?page=2&token=redacted:0123456789abcdef"
+    for rec in _both(_client_span(url, url)):
+        assert rec.attributes["url.full"] == rec.attributes["http.url"] == url == rec.request["url"]
+        assert list(rec.attributes) == ["http.request.method", "url.full", "http.url"]
+
+
+def test_a_userinfo_password_in_a_url_attribute_is_redacted() -> None:
+    raw = f"https://user:{SECRET}@db.example/x"
+    for rec in _both(_client_span(raw, "https://db.example/x")):
+        assert SECRET not in rec.attributes["url.full"]
+        assert SECRET not in msgspec.json.encode(rec).decode()
