@@ -83,6 +83,9 @@ class Call:
 
 # --- HTTP: shared by httpx, requests and any other HTTP client shim --------------------------
 
+# Trace context the instrumentation injects: it changes on every run, so it is never stored.
+PROPAGATION_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
+
 @dataclass(frozen=True, slots=True)
 class _Url:
     scheme: str

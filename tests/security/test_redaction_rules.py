@@ -6,7 +6,10 @@ import gzip
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from timetracer_otel import redaction
 from timetracer_otel.errors import ConfigError
@@ -164,3 +167,39 @@ def test_keys_fold_tokens_so_a_per_process_key_still_matches() -> None:
         STATE.redactor = original
     assert a.request["body"] != b.request["body"] and a.key == b.key
     assert b"4111" not in a.request["body"]
+
+
+_SECRET = "k-very-secret-42"
+_pieces = st.sampled_from(
+    ["ok", "https://u:pw123456@h/p?token=t0k3n99x", "PassWord", _SECRET, '"api_key": "z9z9z9z9z9"',
+     "content-encoding", "application/json", "x=1&password=hunter2x", "\u00e9", ""]
+)
+_text = st.lists(_pieces, max_size=4).map(" ".join)
+_headers = st.lists(
+    st.tuples(st.sampled_from(["Content-Type", "Content-Length", "Location", "X-Note", "Set-Cookie"]),
+              st.one_of(_text, st.sampled_from(["application/json", "application/x-www-form-urlencoded"]))
+              ).map(list),
+    max_size=4,
+)
+_bodies = st.one_of(_text.map(str.encode), st.binary(max_size=40),
+                    st.builds(lambda t: json.dumps({"api_key": t, "n": 1}).encode(), _text))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(headers=_headers, body=_bodies, chunked=st.booleans(), reason=_text)
+def test_packed_response_fast_path_equals_the_full_redaction(
+    headers: list[list[str]], body: bytes, chunked: bool, reason: str
+) -> None:
+    # The fast path skips the walk when a scan of the packed bytes proves nothing can change:
+    # it must give exactly what the full redaction gives, for secrets anywhere in the tree.
+    full, fast = (Redactor(env={"TIMETRACER_REDACT": "json:**.api_key",
+                                "TIMETRACER_REDACTION_KEY": "k"}) for _ in range(2))
+    for r in (full, fast):  # redacting remembers secrets: each path gets its own redactor
+        r.header("X-API-Key", _SECRET)  # a seen secret, as a recorded request header makes it
+    tree = {"status": 200, "headers": headers, "reason": reason,
+            **({"chunks": [body[:3], body[3:]]} if chunked else {"body": body})}
+    expected = full.response(tree)
+    got, packed = fast.response_packed(tree)
+    assert got == expected
+    assert packed == msgspec.msgpack.encode(expected)
+    assert _SECRET.encode() not in packed

@@ -16,13 +16,12 @@ re-patching. Per call, a shim does::
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -151,14 +150,22 @@ class Capture:
         self.own = own
         self.start_ns = time.time_ns()
 
+    # A class, not @contextmanager: a generator per call costs more than the rest of this.
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.own:
+            self.span.end()
+
     def ok(self, response: Tree) -> None:
-        self._finish(ATTR_RESPONSE, STATE.redactor.response(response))
+        self._finish(ATTR_RESPONSE, *STATE.redactor.response_packed(response))
 
     def fail(self, exc: BaseException, attrs: Tree = None) -> None:
-        self._finish(ATTR_ERROR, STATE.redactor.scrub(error_tree(exc, attrs)))
+        tree = STATE.redactor.scrub(error_tree(exc, attrs))
+        self._finish(ATTR_ERROR, tree, _pack(tree))
 
-    def _finish(self, attr: str, tree: Tree) -> None:
-        payload = _pack(tree)
+    def _finish(self, attr: str, tree: Tree, payload: bytes) -> None:
         truncated = len(payload) > STATE.max_payload_bytes
         if self.span.is_recording():
             if truncated:
@@ -190,9 +197,9 @@ class Capture:
             STATE.appended.append(record)
 
 
-@contextlib.contextmanager
-def capture(call: Call, scope: str) -> Iterator[Capture]:
-    """Open (or reuse) the dependency span and set the request attributes on it."""
+def capture(call: Call, scope: str) -> Capture:
+    """Open (or reuse) the dependency span and set the request attributes on it; use as
+    ``with capture(call, SCOPE) as cap:`` (a span of our own ends with the block)."""
     # Built (and its secrets seen by the redactor) before the response is scrubbed.
     request = _pack(call.request)
     span, own = _dependency_span(call, scope)
@@ -206,12 +213,7 @@ def capture(call: Call, scope: str) -> Iterator[Capture]:
                 ATTR_REQUEST: request,
             }
         )
-    cap = Capture(call, span, own)
-    try:
-        yield cap
-    finally:
-        if own:
-            span.end()
+    return Capture(call, span, own)
 
 
 # --- errors ----------------------------------------------------------------------------------

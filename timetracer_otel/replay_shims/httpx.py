@@ -16,7 +16,7 @@ import httpx
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
-from timetracer_otel.keys import Call, http_call
+from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
@@ -28,7 +28,7 @@ from timetracer_otel.replay_shims.base import (
 )
 
 SCOPE = "opentelemetry.instrumentation.httpx"
-PROPAGATION_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
+_PROPAGATION_RAW = frozenset(h.encode() for h in PROPAGATION_HEADERS)
 
 
 class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -52,7 +52,7 @@ def _call(request: httpx.Request) -> Call:
         return r.headers(
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in request.headers.raw
-            if k.lower().decode("latin-1") not in PROPAGATION_HEADERS
+            if k.lower() not in _PROPAGATION_RAW
         )
 
     return http_call("httpx", request.method, r.url(str(request.url)), headers, request.content)

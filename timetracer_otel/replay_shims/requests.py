@@ -20,7 +20,7 @@ from urllib3._collections import HTTPHeaderDict
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
-from timetracer_otel.keys import Call, http_call
+from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
@@ -32,7 +32,6 @@ from timetracer_otel.replay_shims.base import (
 )
 
 SCOPE = "opentelemetry.instrumentation.requests"
-PROPAGATION_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
 def _body(request: requests.PreparedRequest) -> bytes:
