@@ -109,6 +109,7 @@ def convert(args: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         for s in spans:
             writer._add(s)
+        writer._write_unwritten()
         per_span.append((time.perf_counter() - t0) / len(spans) * 1e6)
         assert len(writer.written) == len(traces)
     return {"us_per_span": per_span}

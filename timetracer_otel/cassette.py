@@ -22,9 +22,11 @@ import hashlib
 import hmac
 import math
 import os
+import queue
 import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -448,35 +450,180 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
 
     Temp file in the same directory, fsync, rename, then fsync the directory.
     """
-    p = Path(path)
+    [result] = atomic_write_many([(path, data)])
+    if isinstance(result, CassetteError):
+        raise result
+    return result
+
+
+def atomic_write_many(
+    items: Sequence[tuple[str | os.PathLike[str], bytes]],
+) -> list[Path | CassetteError]:
+    """Write several files, each as :func:`atomic_write` does, with their fsyncs made together.
+
+    Every temp file is written first, then all are fsynced at once (from a few threads, so the
+    filesystem commits them in one journal transaction instead of one each), and only a file
+    whose own fsync succeeded is renamed to its name: no file is ever visible under its name
+    before its bytes are durable. Each directory is fsynced once, after its renames.
+
+    One result per item, in order: the path written, or the :class:`CassetteError` that kept
+    it from being written (its temp file removed). Never raises for one file's failure.
+    """
+    results: list[Path | CassetteError] = []
+    staged: list[_Staged] = []
+    new_dirs: set[str] = set()
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise CassetteError(
-            f"cannot write {p} ({exc.strerror}); choose a writable directory."
-        ) from None
+        for i, (path, data) in enumerate(items):
+            p = Path(path)
+            results.append(p)
+            try:
+                parent = os.fspath(p.parent)
+                if not os.path.isdir(parent):
+                    os.makedirs(parent, exist_ok=True)
+                    new_dirs.add(parent)
+                fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+            except OSError as exc:
+                results[i] = CassetteError(
+                    f"cannot write {p} ({exc.strerror or exc}); choose a writable directory."
+                )
+                continue
+            item = _Staged(i, p, parent, tmp, fd)
+            staged.append(item)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as exc:
+                item.fail(exc)
+        pending = [(s, s.fd) for s in staged if s.fd is not None]
+        for (item, _), error in zip(pending, _fsync_all([fd for _, fd in pending]), strict=True):
+            if error is not None:
+                item.fail(error)
+        synced: set[str] = set()
+        for item in staged:
+            item.close()
+            if item.error is None and item.tmp is not None:
+                try:
+                    os.replace(item.tmp, item.path)
+                    item.tmp = None
+                    synced.add(item.parent)
+                except OSError as exc:
+                    item.fail(exc)
+            if item.error is not None:
+                results[item.index] = CassetteError(
+                    f"cannot write {item.path} ({item.error.strerror or item.error})."
+                )
+        # The renames, and a directory made for them, are durable once their directories are.
+        for d in sorted(synced) + sorted({os.path.dirname(d) for d in new_dirs & synced}):
+            _fsync_dir(d)
+    finally:
+        for item in staged:  # only after an interruption is anything left to clean up
+            item.close()
+            if item.tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(item.tmp)
+                item.tmp = None
+    return results
+
+
+class _Staged:
+    """A temp file of :func:`atomic_write_many` on its way to its name."""
+
+    __slots__ = ("error", "fd", "index", "parent", "path", "tmp")
+
+    def __init__(self, index: int, path: Path, parent: str, tmp: str, fd: int) -> None:
+        self.index = index
+        self.path = path
+        self.parent = parent
+        self.tmp: str | None = tmp
+        self.fd: int | None = fd
+        self.error: OSError | None = None
+
+    def fail(self, error: OSError) -> None:
+        self.error = self.error or error
+        self.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:  # a deferred write error (NFS): the bytes are not safe
+                self.error = self.error or exc
+
+
+def _fsync_dir(path: str) -> None:
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CassetteError(f"cannot write {p} ({exc.strerror}).") from None
-        raise
-    try:
-        dir_fd = os.open(p.parent, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)
     except OSError:
-        pass
-    return p
+        pass  # some filesystems cannot fsync a directory; the files themselves are durable
+
+
+def _fsync_all(fds: list[int]) -> list[OSError | None]:
+    """``os.fsync`` every fd, concurrently when there are several; the error of each."""
+    if len(fds) <= 1:
+        return [_fsync_one(fd) for fd in fds]
+    return _FSYNC_POOL.run(fds)
+
+
+def _fsync_one(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+class _FsyncPool:
+    """A few daemon threads that fsync for :func:`atomic_write_many` (started on first use,
+    and again in a forked child, where the parent's threads do not exist)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pid = -1
+        self._jobs: queue.SimpleQueue[tuple[int, list[OSError | None], int, threading.Semaphore]]
+        self._lock = threading.Lock()
+
+    def run(self, fds: list[int]) -> list[OSError | None]:
+        if self._pid != os.getpid():
+            self._start()
+        results: list[OSError | None] = [None] * len(fds)
+        done = threading.Semaphore(0)
+        for i, fd in enumerate(fds):
+            self._jobs.put((fd, results, i, done))
+        for _ in fds:
+            done.acquire()
+        return results
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._jobs = queue.SimpleQueue()
+            for n in range(self.size):
+                threading.Thread(target=self._work, args=(self._jobs,), daemon=True,
+                                 name=f"timetracer-fsync-{n}").start()
+            self._pid = os.getpid()
+
+    @staticmethod
+    def _work(
+        jobs: queue.SimpleQueue[tuple[int, list[OSError | None], int, threading.Semaphore]],
+    ) -> None:
+        while True:
+            fd, results, i, done = jobs.get()
+            results[i] = _fsync_one(fd)
+            done.release()
+
+
+_FSYNC_POOL = _FsyncPool(8)
 
 
 def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None) -> Path:

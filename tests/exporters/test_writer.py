@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 
-from timetracer_otel.cassette import load_cassette
+from timetracer_otel.cassette import atomic_write_many, load_cassette
+from timetracer_otel.errors import CassetteError
 from timetracer_otel.exporters import CassetteSpanExporter, CassetteSpanProcessor, CassetteWriter
 from timetracer_otel.exporters.storage import LocalStorage
 
@@ -157,3 +160,85 @@ def test_late_internal_spans_of_a_written_trace_make_no_stray_cassette(tmp_path:
     [path] = writer.written
     assert [s.name for s in load_cassette(path).spans] == ["GET /stream"]
     assert writer.stats()["late_spans"] == 1
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+
+
+@linux_only
+def test_batched_writes_rename_a_file_only_after_its_own_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: set[str] = set()
+    renamed: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = _fd_path(fd)
+        if path.endswith("bad.msgpack.tmp") or ".bad.msgpack." in path:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+        synced.add(path)
+
+    def replace(src: str, dst: str) -> None:
+        assert str(src) in synced, "renamed before its bytes were durable"
+        renamed.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    items = [(tmp_path / "day" / f"c{i}.msgpack", f"cassette {i}".encode()) for i in range(5)]
+    items.insert(2, (tmp_path / "day" / "bad.msgpack", b"never visible"))
+    results = atomic_write_many(items)
+    assert isinstance(results[2], CassetteError) and "Input/output error" in str(results[2])
+    assert [r for i, r in enumerate(results) if i != 2] == [p for i, (p, _) in enumerate(items) if i != 2]
+    assert sorted(p.name for p in (tmp_path / "day").iterdir()) == [f"c{i}.msgpack" for i in range(5)]
+    assert (tmp_path / "day" / "c3.msgpack").read_bytes() == b"cassette 3"
+    assert len(renamed) == 5
+
+
+def test_the_writer_batches_cassettes_and_flush_waits_for_them(tmp_path: Path) -> None:
+    class Counting(LocalStorage):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.batches: list[int] = []
+
+        def write_many(self, items: Sequence[tuple[str, bytes]]) -> list[str | Exception]:
+            self.batches.append(len(items))
+            return super().write_many(items)
+
+    storage = Counting(tmp_path)
+    processor = CassetteSpanProcessor(storage)
+    tracer = provider_with(processor).get_tracer("t")
+    for i in range(150):
+        with (
+            tracer.start_as_current_span(f"GET /r{i}", kind=SpanKind.SERVER),
+            tracer.start_as_current_span("db", kind=SpanKind.CLIENT),
+        ):
+            pass
+    assert processor.force_flush()
+    written = processor.writer.written
+    assert len(written) == 150 == sum(storage.batches)
+    assert max(storage.batches) <= processor.writer.max_batch
+    assert sorted(load_cassette(p).name for p in written) == sorted(f"GET__r{i}" for i in range(150))
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    processor.shutdown()
+
+
+def test_a_storage_failing_a_whole_batch_counts_every_cassette(tmp_path: Path) -> None:
+    class Broken(LocalStorage):
+        def write_many(self, items: Sequence[tuple[str, bytes]]) -> list[str | Exception]:
+            raise OSError(28, "No space left on device")
+
+    writer = CassetteWriter(Broken(tmp_path))
+    tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+    for i in range(4):
+        with tracer.start_as_current_span(f"req-{i}", kind=SpanKind.SERVER):
+            pass
+    assert writer.flush()
+    assert writer.stats()["errors"] == 4 and writer.written == []
+    writer.close()

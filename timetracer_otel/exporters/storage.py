@@ -8,6 +8,7 @@ S3-compatible bucket (``s3://bucket/prefix``), behind one small API.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from timetracer_otel.cassette import (
     Cassette,
     CassetteHeads,
     atomic_write,
+    atomic_write_many,
     find_cassettes,
     load_cassette,
     load_cassette_for_replay,
@@ -41,6 +43,14 @@ class LocalStorage:
     def write(self, relpath: str, data: bytes) -> str:
         return str(atomic_write(self.root / relpath, data))
 
+    def write_many(self, items: Sequence[tuple[str, bytes]]) -> list[str | Exception]:
+        """Several cassettes at once, each atomically, their fsyncs made together (see
+        :func:`~timetracer_otel.cassette.atomic_write_many`): where each went, or its error."""
+        if type(self).write is not LocalStorage.write:  # a subclass decides how one is written
+            return [_one(self.write, relpath, data) for relpath, data in items]
+        written = atomic_write_many([(self.root / relpath, data) for relpath, data in items])
+        return [r if isinstance(r, CassetteError) else str(r) for r in written]
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +65,25 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
+
+
+def _one(write: Callable[[str, bytes], str], relpath: str, data: bytes) -> str | Exception:
+    try:
+        return write(relpath, data)
+    except Exception as exc:
+        return exc
+
+
+def write_many(storage: Storage, items: Sequence[tuple[str, bytes]]) -> list[str | Exception]:
+    """``storage.write_many`` where the storage has it, else one ``write`` after another; one
+    result per item (where it went, or the exception that stopped it), never raising."""
+    many = getattr(storage, "write_many", None)
+    if many is not None:
+        try:
+            return list(many(items))
+        except Exception as exc:
+            return [exc] * len(items)
+    return [_one(storage.write, relpath, data) for relpath, data in items]
 
 
 def storage_for(location: str | Path) -> Storage:

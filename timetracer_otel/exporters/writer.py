@@ -2,14 +2,16 @@
 
 The request path only enqueues (``submit``: one ``SimpleQueue.put``); conversion, grouping,
 encoding and the atomic write happen on this thread, under ``suppress_instrumentation`` so
-the writer's own I/O is never traced. Failures are counted and logged, never raised.
+the writer's own I/O is never traced. Encoded cassettes are written as soon as the queue runs
+empty, several together when spans arrive faster than files can be made durable (their fsyncs
+overlap; each file is still renamed only after its own fsync). Failures are counted and
+logged, never raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import importlib.metadata
 import logging
 import os
@@ -30,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
 from timetracer_otel.exporters.spans import plain, record_from_readable
-from timetracer_otel.exporters.storage import Storage, storage_for
+from timetracer_otel.exporters.storage import Storage, storage_for, write_many
 
 log = logging.getLogger("timetracer_otel")
 
@@ -129,6 +131,14 @@ class CassetteWriter:
         self._resources: dict[int, dict[str, Any]] = {}
         self._resource_refs: list[Any] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Encoded cassettes not yet on disk: written together when the queue runs empty, when
+        # this many are waiting, or when the oldest has waited max_batch_delay seconds.
+        self._unwritten: list[tuple[str, bytes, Cassette]] = []
+        self._unwritten_bytes = 0
+        self._unwritten_since = 0.0
+        self.max_batch = 64
+        self.max_batch_bytes = 16 * 1024 * 1024
+        self.max_batch_delay = 0.2
         self._lock = threading.Lock()
         self._dropped_traces: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -168,13 +178,25 @@ class CassetteWriter:
     # -- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        # The whole thread runs suppressed (the context is this thread's own), so nothing the
+        # writer does is traced, without entering and leaving the context for every span.
+        with suppress_instrumentation():
+            self._loop()
+
+    def _loop(self) -> None:
         last_yield = time.perf_counter()
         while True:
+            waited = time.perf_counter() - self._unwritten_since
+            if self._unwritten and (self._queue.empty() or waited > self.max_batch_delay):
+                # Caught up (or the oldest cassette has waited long enough): write what is
+                # encoded, with the fsyncs of several cassettes made together.
+                self._safely(self._write_unwritten)
             item = self._queue.get()
             if isinstance(item, tuple) and item and item[0] is _FLUSH:
                 self._drain_drops()
                 if item[2]:
                     self._safely(self.assembler.flush_process)
+                self._safely(self._write_unwritten)
                 item[1].set()
                 continue
             if item is _IDLE:
@@ -183,13 +205,17 @@ class CassetteWriter:
             if item is _STOP:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
+                self._safely(self._write_unwritten)
                 return
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
-            if isinstance(item, tuple) and item and item[0] is _RESOURCED:
-                self._safely(functools.partial(self._add, item[1], item[2]))
-            else:
-                self._safely(functools.partial(self._add, item))
+            try:
+                if isinstance(item, tuple) and item and item[0] is _RESOURCED:
+                    self._add(item[1], item[2])
+                else:
+                    self._add(item)
+            except Exception:
+                self._failed()
             # Hand the GIL back every half millisecond of work: an app thread waking from I/O
             # would otherwise wait up to the 5 ms switch interval behind these conversions.
             now = time.perf_counter()
@@ -217,12 +243,14 @@ class CassetteWriter:
 
     def _safely(self, fn: Callable[[], None]) -> None:
         try:
-            with suppress_instrumentation():
-                fn()
+            fn()
         except Exception:
-            self.errors += 1
-            log.warning("timetracer-otel: cassette writer failed (%d so far)", self.errors,
-                        exc_info=True)
+            self._failed()
+
+    def _failed(self, exc: BaseException | None = None) -> None:
+        self.errors += 1
+        log.warning("timetracer-otel: cassette writer failed (%d so far)", self.errors,
+                    exc_info=exc or True)
 
     def _emit(self, batch: TraceBatch) -> None:
         if not batch.spans:
@@ -237,10 +265,31 @@ class CassetteWriter:
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         trace_part = batch.trace_id[:16] if batch.root is not None else cassette.id
         relpath = f"{day}/{cassette.name}__{trace_part}{SUFFIX[self.fmt]}"
-        where = self.storage.write(relpath, dumps(cassette, self.fmt))
-        self.written.append(where)
-        if self.on_written is not None:
-            self.on_written(where, cassette)
+        data = dumps(cassette, self.fmt)
+        if not self._unwritten:
+            self._unwritten_since = time.perf_counter()
+        self._unwritten.append((relpath, data, cassette))
+        self._unwritten_bytes += len(data)
+        if len(self._unwritten) >= self.max_batch or self._unwritten_bytes >= self.max_batch_bytes:
+            self._write_unwritten()
+
+    def _write_unwritten(self) -> None:
+        """Write the encoded cassettes waiting in ``_unwritten`` (see :func:`storage.write_many`);
+        each failure is counted and logged, the others are written."""
+        pending, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
+        if not pending:
+            return
+        results = write_many(self.storage, [(relpath, data) for relpath, data, _ in pending])
+        for (_, _, cassette), where in zip(pending, results, strict=True):
+            if isinstance(where, Exception):
+                self._failed(where)
+                continue
+            self.written.append(where)
+            if self.on_written is not None:
+                try:
+                    self.on_written(where, cassette)
+                except Exception:
+                    self._failed()
 
     def build(self, batch: TraceBatch) -> Cassette:
         spans = sorted(batch.spans, key=lambda s: s.start_ns)
