@@ -143,8 +143,7 @@ class Recording(_Activation):
         self.libraries = list(libraries) if libraries is not None else None
         self.service_name = service_name
         self.settings = s
-        self.paths: list[str] = []
-        self.cassettes: list[Cassette] = []
+        self.paths: list[str] = []  # not the cassettes themselves: memory stays bounded
         self.writer: CassetteWriter | None = None
         self._saved: tuple[Any, ...] = ()
 
@@ -159,7 +158,6 @@ class Recording(_Activation):
             via="processor",
             sample_rate=self.settings.sample_rate,
             errors_only=self.settings.errors_only,
-            on_written=lambda path, c: self.cassettes.append(c),
         )
         with _lock:
             self._saved = (STATE.mode,)
