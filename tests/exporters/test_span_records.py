@@ -70,3 +70,22 @@ def test_a_userinfo_password_in_a_url_attribute_is_redacted() -> None:
     for rec in _both(_client_span(raw, "https://db.example/x")):
         assert SECRET not in rec.attributes["url.full"]
         assert SECRET not in msgspec.json.encode(rec).decode()
+
+
+def test_equal_looking_attribute_sets_in_one_request_keep_their_own_values() -> None:
+    from timetracer_otel.exporters.otlp import convert_json
+
+    values = [{"intValue": "1"}, {"boolValue": True}, {"doubleValue": 1.0}, {"stringValue": "1"},
+              {"intValue": "1"}, {"doubleValue": -0.0}, {"doubleValue": 0.0}]
+    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
+        {"traceId": "ab" * 16, "spanId": f"{i + 1:016x}", "name": "s",
+         "attributes": [{"key": "n", "value": v}, {"key": "http.request.method", "value":
+                                                    {"stringValue": "GET"}}]}
+        for i, v in enumerate(values)]}]}]}
+    records = convert_json(doc).records
+    got = [r.attributes["n"] for r in records]
+    assert [(type(v), v) for v in got] == [(int, 1), (bool, True), (float, 1.0), (str, "1"),
+                                           (int, 1), (float, -0.0), (float, 0.0)]
+    assert str(got[5]) == "-0.0" and str(got[6]) == "0.0"
+    records[0].attributes["n"] = 99  # each record owns its attributes
+    assert records[4].attributes["n"] == 1

@@ -45,9 +45,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from timetracer_otel.cassette import Event, SpanRecord
 from timetracer_otel.config import Settings
 from timetracer_otel.errors import ConfigError
-from timetracer_otel.exporters.spans import record_from_attributes
+from timetracer_otel.exporters.spans import Memo, record_from_attributes, record_from_parts
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
+from timetracer_otel.replay_shims.base import PAYLOAD_ATTRS
 
 log = logging.getLogger("timetracer_otel")
 
@@ -146,8 +147,25 @@ def _base(
     }
 
 
+def _pb_split(kvs: Iterable[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A span's attributes as (ordinary, payload) dicts, in one pass."""
+    ordinary: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
+    for kv in kvs:
+        key = kv.key
+        value = kv.value
+        which = value.WhichOneof("value")
+        (payload if key in PAYLOAD_ATTRS else ordinary)[key] = (
+            None if which is None
+            else _pb_value(value) if which in _NESTED
+            else getattr(value, which)
+        )
+    return ordinary, payload
+
+
 def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
     out = Converted([])
+    memo: Memo = {}
     for rs in request.resource_spans:
         resource = _pb_attributes(rs.resource.attributes)
         if out.resource is None:
@@ -170,7 +188,8 @@ def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
                     span.start_time_unix_nano, span.end_time_unix_nano,
                     status.code, status.message, events,
                 )
-                out.records.append(record_from_attributes(base, _pb_attributes(span.attributes)))
+                ordinary, payload = _pb_split(span.attributes)
+                out.records.append(record_from_parts(base, ordinary, payload, memo))
                 out.resources.append(resource)
     return out
 
@@ -239,6 +258,7 @@ def convert_json(doc: Any) -> Converted:
     if not isinstance(doc, dict):
         raise ValueError("the body is not a JSON object")
     out = Converted([])
+    memo: Memo = {}
     for rs in _get(doc, "resourceSpans", "resource_spans", []):
         resource = _json_attributes(_get(rs.get("resource") or {}, "attributes", "attributes", []))
         if out.resource is None:
@@ -271,7 +291,7 @@ def convert_json(doc: Any) -> Converted:
                     str(status.get("message") or ""), events,
                 )
                 attrs = _json_attributes(span.get("attributes") or [])
-                out.records.append(record_from_attributes(base, attrs))
+                out.records.append(record_from_attributes(base, attrs, memo))
                 out.resources.append(resource)
     return out
 

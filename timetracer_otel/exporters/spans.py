@@ -51,40 +51,73 @@ def plain(value: Any) -> Any:
     return value
 
 
+# Redacted attribute sets by their msgpack bytes, kept while a batch of spans is converted.
+Memo = dict[bytes, dict[str, Any]]
+_pack = msgspec.msgpack.Encoder().encode
+
+
 # URL attributes the instrumentations set on client spans; the shims' request trees carry the
 # same URL (``request["url"]``), already through ``Redactor.url``.
 _URL_ATTRS = ("url.full", "http.url")
 
 
 def record_from_attributes(
-    base: dict[str, Any], attributes: Mapping[str, Any]
+    base: dict[str, Any], attributes: Mapping[str, Any], memo: Memo | None = None
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
     attrs: dict[str, Any] = {}
     for k, v in attributes.items():
         if k not in PAYLOAD_ATTRS:
             attrs[k] = plain(v) if isinstance(v, tuple | list) else v
-    library = attributes.get(ATTR_LIBRARY)
+    return record_from_parts(base, attrs, attributes, memo)
+
+
+def record_from_parts(
+    base: dict[str, Any], attrs: dict[str, Any], payloads: Mapping[str, Any],
+    memo: Memo | None = None,
+) -> SpanRecord:
+    """Finish a SpanRecord from the ordinary attributes (``attrs``, taken over) and the payload
+    attributes (``payloads``: any mapping holding them, ordinary ones are not read)."""
+    library = payloads.get(ATTR_LIBRARY)
     payload: dict[str, Any] = {}
     if library:
         try:
             payload["library"] = str(library)
-            payload["key"] = str(attributes.get(ATTR_KEY))
-            payload["shape"] = attributes.get(ATTR_SHAPE)
-            payload["label"] = attributes.get(ATTR_LABEL)
-            payload["request"] = decode_payload(attributes.get(ATTR_REQUEST))
-            payload["response"] = decode_payload(attributes.get(ATTR_RESPONSE))
-            payload["error"] = decode_payload(attributes.get(ATTR_ERROR))
-            payload["truncated"] = bool(attributes.get(ATTR_TRUNCATED, False))
+            payload["key"] = str(payloads.get(ATTR_KEY))
+            payload["shape"] = payloads.get(ATTR_SHAPE)
+            payload["label"] = payloads.get(ATTR_LABEL)
+            payload["request"] = decode_payload(payloads.get(ATTR_REQUEST))
+            payload["response"] = decode_payload(payloads.get(ATTR_RESPONSE))
+            payload["error"] = decode_payload(payloads.get(ATTR_ERROR))
+            payload["truncated"] = bool(payloads.get(ATTR_TRUNCATED, False))
         except (msgspec.DecodeError, ValueError) as exc:
             log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
             payload["library"] = payload["key"] = None
     # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
-    attrs = _redacted(attrs, payload.get("request"))
+    attrs = _redacted(attrs, payload.get("request"), memo)
     return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
 
 
-def _redacted(attrs: dict[str, Any], request: Any) -> dict[str, Any]:
+def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
+    """``Redactor.attributes(attrs)``; an attribute set seen before in the same batch (client
+    spans repeat theirs: method, server address, port...) is redacted once. The key is the
+    msgpack encoding, so ``1``, ``1.0``, ``True`` and ``"1"`` never share an entry; within one
+    batch a memo hit is the result the redactor gave moments earlier for the same input."""
+    if memo is None or not attrs:
+        return STATE.redactor.attributes(attrs)
+    try:
+        key = _pack(attrs)
+    except (TypeError, ValueError, OverflowError):
+        return STATE.redactor.attributes(attrs)
+    done = memo.get(key)
+    if done is None:
+        done = STATE.redactor.attributes(attrs)
+        if len(memo) < 256:
+            memo[key] = done
+    return dict(done)  # every record owns its attributes
+
+
+def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> dict[str, Any]:
     """``Redactor.attributes``, except for a URL attribute that is exactly the URL of the
     span's own request tree: that string goes into the cassette verbatim as ``request["url"]``
     anyway (the shim tokenized it when it captured the call), so a second redaction of the
@@ -93,15 +126,15 @@ def _redacted(attrs: dict[str, Any], request: Any) -> dict[str, Any]:
     process's instrumentation may), is redacted in full."""
     url = request.get("url") if isinstance(request, dict) else None
     if not isinstance(url, str):
-        return STATE.redactor.attributes(attrs)
+        return _redact(attrs, memo)
     same = [k for k in _URL_ATTRS if attrs.get(k) == url]
     if not same:
-        return STATE.redactor.attributes(attrs)
-    rest = STATE.redactor.attributes({k: v for k, v in attrs.items() if k not in same})
+        return _redact(attrs, memo)
+    rest = _redact({k: v for k, v in attrs.items() if k not in same}, memo)
     return {k: url if k in same else rest[k] for k in attrs}
 
 
-def record_from_readable(span: ReadableSpan) -> SpanRecord:
+def record_from_readable(span: ReadableSpan, memo: Memo | None = None) -> SpanRecord:
     ctx = span.context
     parent = span.parent
     base = {
@@ -122,7 +155,7 @@ def record_from_readable(span: ReadableSpan) -> SpanRecord:
             for e in span.events
         ],
     }
-    return record_from_attributes(base, _attributes_of(span))
+    return record_from_attributes(base, _attributes_of(span), memo)
 
 
 def _attributes_of(span: ReadableSpan) -> Mapping[str, Any]:

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
-from timetracer_otel.exporters.spans import plain, record_from_readable
+from timetracer_otel.exporters.spans import Memo, plain, record_from_readable
 from timetracer_otel.exporters.storage import Storage, storage_for, write_many
 
 log = logging.getLogger("timetracer_otel")
@@ -130,6 +130,8 @@ class CassetteWriter:
         self._resource: dict[str, Any] = {}  # the first seen: for batches that carry none
         self._resources: dict[int, dict[str, Any]] = {}
         self._resource_refs: list[Any] = []
+        self._memo: Memo = {}
+        self._memo_since = 0.0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Encoded cassettes not yet on disk: written together when the queue runs empty, when
         # this many are waiting, or when the oldest has waited max_batch_delay seconds.
@@ -236,7 +238,12 @@ class CassetteWriter:
                 resource = {k: plain(v) for k, v in item.resource.attributes.items()}
                 self._resources[id(item.resource)] = resource
                 self._resource_refs.append(item.resource)  # keeps the id from being reused
-            item = record_from_readable(item)
+            now = time.perf_counter()
+            if now - self._memo_since > 0.0005:
+                # Attribute sets repeat across the spans of a request: redacted once within a
+                # half millisecond of work, afresh after (the redactor learns new secrets).
+                self._memo, self._memo_since = {}, now
+            item = record_from_readable(item, self._memo)
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
