@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from benchmarks.upstream import Upstream
 
-SCENARIOS = ("http", "micro", "lookup", "size", "db", "exporter", "inbound")
+SCENARIOS = ("http", "micro", "lookup", "size", "db", "exporter", "inbound", "instr")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -178,6 +178,53 @@ class Bench:
             r.met = med(d) <= 15
             o = [a - b for a, b in zip(out["replay_otel_us"], out["replay_us"], strict=True)]
             self.add(sc, "OTel's own httpx span (reported apart)", "µs/call", o)
+
+    # -- scenario 7 --------------------------------------------------------------------------
+
+    def _baseline_us(self, name: str) -> float | None:
+        row = next((r for r in self.rows if r.name == name and r.values), None)
+        return row.median if row is not None else None
+
+    def instr(self, upstream: str) -> None:
+        from benchmarks import instructions
+
+        sc = "7 per call, instructions"
+        if not instructions.available():
+            self.add(sc, "callgrind counts", "instructions/call", None,
+                     note="valgrind is not installed (Debian package valgrind)")
+            return
+        prep = self.worker("instructions", {"mode": "prepare", "upstream": upstream})
+        if "error" in prep:
+            return
+        calls = 300 if self.o.quick else 1000
+        print("  instr: replay vs MockTransport, OTel only vs record (callgrind)", file=sys.stderr)
+        try:
+            got = {m: instructions.per_call({"mode": m, "cassette": prep["cassette"]}, calls)
+                   for m in ("mock", "replay", "otel", "record")}
+        except RuntimeError as exc:
+            self.notes.append(str(exc))
+            return
+        self.raw["instructions"] = got
+        for base, mode, label, base_row, limit in (
+            ("mock", "replay", "replay minus MockTransport", "httpx.MockTransport, same bytes", 15),
+            ("otel", "record", "record overhead (writer thread included)",
+             "httpx call, OTel only (pool stubbed, no network)", 30),
+        ):
+            self.add(sc, f"{base}: instructions per call", "instructions/call", [got[base]])
+            self.add(sc, f"{mode}: instructions per call", "instructions/call", [got[mode]])
+            delta = got[mode] - got[base]
+            share = delta / got[base]
+            base_us = self._baseline_us(base_row)
+            if base_us is None:
+                self.add(sc, f"{label}: instructions", "instructions/call", [delta],
+                         ratio=f"{share:+.1%} of {base}", note="run with -s micro for µs")
+                continue
+            est = share * base_us
+            r = self.add(sc, f"{label}, from instructions", "µs/call", [est],
+                         ratio=f"{delta:,.0f} instructions = {share:+.1%} of {base}",
+                         note=f"x {base_us:.0f} µs ({base_row}, this run)",
+                         target=f"<= {limit} µs")
+            r.met = est <= limit
 
     # -- scenarios 2 and 3 -------------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""Scenario 7: issue 2's per-call targets counted in CPU instructions (valgrind's callgrind).
+
+The wall-clock rows of scenario 1b move 2-3x between runs on this shared VM. Callgrind counts
+the instructions executed, which the machine's other load does not change, so the difference
+between two configurations is repeatable. Each configuration runs twice under callgrind, with
+``warm`` calls only and with ``warm + calls`` calls; the difference divided by ``calls`` is one
+call, start-up and warm-up excluded. The parent turns an instruction difference into
+microseconds with the same run's wall-clock baseline (``delta / baseline_instructions *
+baseline_us``), which assumes both paths retire instructions at the same rate.
+
+Modes (one process each):
+
+- ``prepare``: record one real call against the upstream, to a cassette both replay modes read.
+- ``mock``: ``httpx.Client`` over ``httpx.MockTransport`` returning the recorded bytes.
+- ``replay``: ``httpx.Client`` under ``replay()``, answered by the shim from that cassette.
+- ``otel`` / ``record``: an httpx call with OTel's httpx instrumentation and the connection pool
+  stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``, so its
+  count includes the writer thread's work and the cassette writes at the end (callgrind runs
+  threads one at a time and counts them all).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import worker_main
+
+WARM = 100
+
+
+def _recorded(cassette: str) -> Any:
+    from timetracer_otel.cassette import load_cassette
+
+    return load_cassette(cassette).interactions[0]
+
+
+def prepare(args: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    import timetracer_otel
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-instr-"))
+    with timetracer_otel.record(dir=tmp, libraries=["httpx"]) as rec, httpx.Client() as client:
+        client.get(args["upstream"] + "/items?i=3")
+    return {"cassette": rec.paths[0]}
+
+
+def http_replay(args: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
+    import timetracer_otel
+    from benchmarks.micro import _otel
+    from timetracer_otel import replay_shims
+    from timetracer_otel.cassette import Cassette
+    from timetracer_otel.codec import as_bytes
+
+    _otel()
+    replay_shims.install(["httpx"])
+    recorded = _recorded(args["cassette"])
+    resp = recorded.response
+    body = b"".join(as_bytes(c) for c in resp["chunks"])
+    url = recorded.request["url"]
+    n = WARM + args["calls"]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(resp["status"], headers=[(k, v) for k, v in resp["headers"]],
+                              content=body)
+
+    cassette = Cassette(id="bench", name="bench", created="2026-01-01T00:00:00+00:00",
+                        spans=[recorded] * n)
+    client = httpx.Client(transport=httpx.MockTransport(handler)) if args["mode"] == "mock" \
+        else httpx.Client()
+    with timetracer_otel.replay(cassette, libraries=[]) as rep:
+        for _ in range(n):
+            r = client.get(url)
+    assert r.content == body
+    assert args["mode"] == "mock" or rep.report.exact == n, rep.report.summary()
+    return {}
+
+
+def http_record(args: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.trace import SpanKind
+
+    import timetracer_otel
+    from benchmarks.micro import _otel, _StubPool
+    from timetracer_otel import replay_shims
+
+    tracer = _otel()
+    replay_shims.install(["httpx"])
+    HTTPXClientInstrumentor().instrument()
+    transport = httpx.HTTPTransport()
+    transport._pool = _StubPool(b'{"i": 3, "name": "item-3"}')  # type: ignore[assignment]
+    client = httpx.Client(base_url="http://127.0.0.1:9", transport=transport)
+
+    def calls(count: int) -> None:
+        for j in range(count // 10):
+            with tracer.start_as_current_span("GET /fanout", kind=SpanKind.SERVER):
+                for i in range(10):
+                    client.get("/items", params={"i": i + j % 7})
+
+    calls(WARM)  # imports, pools: the same in both counts
+    if args["mode"] == "record":
+        with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-rec-"),
+                                    libraries=["httpx"]):
+            calls(args["calls"])
+    else:
+        calls(args["calls"])
+    return {}
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    mode = args["mode"]
+    if mode == "prepare":
+        return prepare(args)
+    if mode in ("mock", "replay"):
+        return http_replay(args)
+    return http_record(args)
+
+
+# --- parent side -----------------------------------------------------------------------------
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None
+
+
+def count(args: dict[str, Any]) -> int:
+    """Instructions executed by one worker process running ``args`` under callgrind."""
+    import json
+    import os
+
+    from benchmarks.common import ROOT
+
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+           sys.executable, "-m", "benchmarks.instructions", json.dumps(args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"callgrind run {args['mode']} failed (exit {proc.returncode}): {tail}")
+    return int(found[1])
+
+
+def per_call(args: dict[str, Any], calls: int) -> float:
+    """Instructions of one call: the run with ``calls`` more calls minus the run without."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two valgrind processes, one per core
+        base, more = pool.map(count, [{**args, "calls": 0}, {**args, "calls": calls}])
+    return (more - base) / calls
+
+
+if __name__ == "__main__":
+    worker_main(run)
