@@ -506,7 +506,11 @@ class Redactor:
         except (TypeError, ValueError, OverflowError):
             raw = None
         if raw is not None and not self._response_may_change(raw):
-            return tree, raw
+            chunks = tree.get("chunks") if isinstance(tree, dict) else None
+            if not (isinstance(chunks, list) and len(chunks) > 1) or not self._response_may_change(
+                b"".join(c for c in chunks if isinstance(c, bytes))
+            ):  # a secret can straddle two chunks, which the packed bytes keep apart
+                return tree, raw
         tree = self.response(tree)
         return tree, _pack(tree)
 
