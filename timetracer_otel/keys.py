@@ -154,14 +154,13 @@ def http_call(
     ``headers`` (already redacted) may be a function: without a body they are only needed
     for the stored request, which is then built on first use.
     """
-    from timetracer_otel.replay_shims.base import STATE
-
-    if body and callable(headers):
-        headers = headers()
     if body:
         # Configured JSON fields / form parameters in the body become tokens before the body
         # is stored or hashed; the hash folds tokens, so a per-process redaction key matches.
-        assert not callable(headers)
+        from timetracer_otel.replay_shims.base import STATE  # base imports us
+
+        if callable(headers):
+            headers = headers()
         body = STATE.redactor.body(headers, body)
     method = method.upper()
     identity, shape, key, shape_key, label = _http_keys(

@@ -20,6 +20,7 @@ from typing import Any
 
 from timetracer_otel.codec import to_tree
 from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import STATE
 
 # One pass over string literals, quoted identifiers and comments: only comments are cut.
 _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?\*/|--[^\n]*", re.S)
@@ -72,8 +73,6 @@ def sql_call(
     ``executemany``); ``extra`` adds identifying fields (a cursor name, a row format).
     ``redact_params`` lists parameter positions replaced by their redaction token.
     """
-    from timetracer_otel.replay_shims.base import STATE
-
     text = normalise_statement(statement)
     tree = to_tree(params) if params is not None else None
     tree = STATE.redactor.sql_params(text, tree, redact_params)  # shim and configured rules

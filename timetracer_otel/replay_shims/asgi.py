@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import traceback
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -44,6 +45,12 @@ from timetracer_otel.replay_shims.base import (
     Shim,
     error_tree,
 )
+
+_StarletteMatch: Any
+try:  # route templates of plain Starlette apps (FastAPI and Litestar put them in the scope)
+    from starlette.routing import Match as _StarletteMatch
+except ImportError:
+    _StarletteMatch = None
 
 LIBRARY = "asgi"
 SCOPE = "opentelemetry.instrumentation.asgi"
@@ -159,6 +166,14 @@ def _query(raw: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     return urlencode(pairs).encode("latin-1"), pairs
 
 
+# Starlette's routes matched again, per app, method and path: a static route is matched on
+# every request otherwise, and an app with many routes pays for each of them.
+_ROUTE_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_ROUTE_MEMO_LIMIT = 4096
+
+
 def route_of(scope: Message) -> str | None:
     """The route template the framework matched: FastAPI, Litestar, then Starlette's routes."""
     route = getattr(scope.get("route"), "path", None)
@@ -167,24 +182,39 @@ def route_of(scope: Message) -> str | None:
     template = scope.get("path_template")
     if isinstance(template, str) and template:
         return template
-    routes = getattr(scope.get("app"), "routes", None)
-    if routes:
+    app = scope.get("app")
+    routes = getattr(app, "routes", None)
+    if not routes:
+        return None
+    where = (str(scope.get("method", "")), str(scope.get("path", "")))
+    try:
+        memo = _ROUTE_MEMO.get(app)
+        if memo is None:
+            memo = _ROUTE_MEMO[app] = {}
+    except TypeError:  # an app that takes no weak references: match every time
+        memo = {}
+    if where in memo:
+        return memo[where]
+    found = _match_route(routes, scope)
+    if len(memo) < _ROUTE_MEMO_LIMIT:
+        memo[where] = found
+    return found
+
+
+def _match_route(routes: Any, scope: Message) -> str | None:
+    if _StarletteMatch is None:
+        return None
+    partial = None
+    for r in routes:
         try:
-            from starlette.routing import Match
-        except ImportError:
-            return None
-        partial = None
-        for r in routes:
-            try:
-                match, _ = r.matches(scope)
-            except Exception:
-                continue
-            if match is Match.FULL:
-                return getattr(r, "path", None)
-            if match is Match.PARTIAL and partial is None:
-                partial = getattr(r, "path", None)
-        return partial
-    return None
+            match, _ = r.matches(scope)
+        except Exception:
+            continue
+        if match is _StarletteMatch.FULL:
+            return getattr(r, "path", None)
+        if match is _StarletteMatch.PARTIAL and partial is None:
+            partial = getattr(r, "path", None)
+    return partial
 
 
 def request_tree(scope: Message, ex: Exchange, route: str | None) -> tuple[Tree, list[tuple[str, str]]]:
