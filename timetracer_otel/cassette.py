@@ -472,15 +472,18 @@ def atomic_write_many(
     results: list[Path | CassetteError] = []
     staged: list[_Staged] = []
     new_dirs: set[str] = set()
+    checked: set[str] = set()  # one stat per directory and batch, not one per file
     try:
         for i, (path, data) in enumerate(items):
             p = Path(path)
             results.append(p)
             try:
                 parent = os.fspath(p.parent)
-                if not os.path.isdir(parent):
-                    os.makedirs(parent, exist_ok=True)
-                    new_dirs.add(parent)
+                if parent not in checked:
+                    if not os.path.isdir(parent):
+                        os.makedirs(parent, exist_ok=True)
+                        new_dirs.add(parent)
+                    checked.add(parent)
                 fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
             except OSError as exc:
                 results[i] = CassetteError(
