@@ -138,3 +138,20 @@ def test_live_libraries_stay_live_in_replay(serve: Any, tmp_path: Path) -> None:
     with timetracer_otel.replay(rec.paths, live=["httpx"]):
         again = httpx.get(f"{server.url}/items").json()["n"]
     assert again > first  # the real server answered, with its counter moved on
+
+
+def test_suppressed_instrumentation_stays_live_in_record_and_replay(serve: Any, tmp_path: Path) -> None:
+    # An exporter's own HTTP (OTLP, S3) runs suppressed: never recorded, never answered.
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = httpx.get(f"{server.url}/items").json()["n"]
+        with suppress_instrumentation():
+            httpx.get(f"{server.url}/items", params={"exporter": 1})
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        with suppress_instrumentation():
+            live = httpx.get(f"{server.url}/items").json()["n"]
+        assert httpx.get(f"{server.url}/items").json()["n"] == recorded
+    assert live > recorded  # the real server answered the suppressed call
+    assert rep.report.ok and rep.report.exact == 1 and not rep.report.unused

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind
@@ -91,10 +92,24 @@ LIVE = Action.LIVE
 RECORD = Action.RECORD
 
 
+try:  # the keys is_instrumentation_enabled() reads, read from one context lookup per call
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
+
+    def _suppressed(ctx: otel_context.Context) -> bool:
+        return bool(ctx.get(_SUPPRESS_INSTRUMENTATION_KEY) or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY_PLAIN))
+except ImportError:  # pragma: no cover - an OTel release that moved them
+    def _suppressed(ctx: otel_context.Context) -> bool:
+        return not is_instrumentation_enabled()
+
+
 def decide(call: Call) -> Match | Action:
     """Record, replay (a :class:`Match`), or call live, for ``call`` under :data:`STATE`."""
     st = STATE
-    if st.mode is Mode.OFF or not is_instrumentation_enabled():
+    if st.mode is Mode.OFF:
+        return LIVE
+    ctx = otel_context.get_current()
+    if _suppressed(ctx):
         return LIVE  # suppressed: an exporter's or the writer's own I/O (S3, OTLP) is not the app's
     if st.mode is Mode.RECORD:
         return RECORD
@@ -109,18 +124,14 @@ def decide(call: Call) -> Match | Action:
                 f"The recorded response of {call.label} was larger than the payload limit and "
                 "was stored truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again."
             )
-        _mark_replayed(match)
+        span = trace.get_current_span(ctx)
+        if span.is_recording():
+            span.set_attribute(ATTR_REPLAY, "exact" if match.exact else "shape")
         return match
     if st.on_miss is OnMiss.ERROR:
         raise ReplayMissError(st.index.miss_message(call), library=call.library, key=call.key)
     st.index.miss_message(call)  # still counted in the report
     return LIVE if st.on_miss is OnMiss.PASSTHROUGH else RECORD
-
-
-def _mark_replayed(match: Match) -> None:
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute(ATTR_REPLAY, "exact" if match.exact else "shape")
 
 
 # --- record side -----------------------------------------------------------------------------

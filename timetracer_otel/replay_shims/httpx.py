@@ -95,7 +95,7 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     return httpx.Response(
         status_code=r["status"],
         headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
-        stream=_Chunks([as_bytes(c) for c in r["chunks"]]),
+        stream=_Chunks([c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]),
         extensions={
             "http_version": r["http_version"].encode("latin-1"),
             "reason_phrase": r["reason"].encode("latin-1"),
