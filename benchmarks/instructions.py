@@ -14,9 +14,11 @@ Modes (one process each):
 - ``mock``: ``httpx.Client`` over ``httpx.MockTransport`` returning the recorded bytes.
 - ``replay``: ``httpx.Client`` under ``replay()``, answered by the shim from that cassette.
 - ``otel`` / ``record``: an httpx call with OTel's httpx instrumentation and the connection pool
-  stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``, so its
-  count includes the writer thread's work and the cassette writes at the end (callgrind runs
-  threads one at a time and counts them all).
+  stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``.
+- ``inbound-otel`` / ``inbound-record``: scenario 6's 1 KB Starlette request, in-process.
+
+Callgrind runs threads one at a time and counts each apart: the main thread is the request
+path; the total adds the writer thread's work and the cassette writes at the end.
 """
 
 from __future__ import annotations
@@ -116,12 +118,38 @@ def http_record(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+    import json
+
+    import timetracer_otel
+    from benchmarks.inbound import PAYLOAD, call, instrument, make_app
+
+    app = make_app()
+    instrument(app)
+    body = json.dumps(PAYLOAD).encode()
+
+    async def requests(count: int) -> None:
+        for _ in range(count):
+            assert await call(app, body) == 200
+
+    asyncio.run(requests(WARM))
+    if args["mode"] == "inbound-record":
+        with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-in-")):
+            asyncio.run(requests(args["calls"]))
+    else:
+        asyncio.run(requests(args["calls"]))
+    return {}
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
     mode = args["mode"]
     if mode == "prepare":
         return prepare(args)
     if mode in ("mock", "replay"):
         return http_replay(args)
+    if mode.startswith("inbound"):
+        return inbound_record(args)
     return http_record(args)
 
 
@@ -132,31 +160,38 @@ def available() -> bool:
     return shutil.which("valgrind") is not None
 
 
-def count(args: dict[str, Any]) -> int:
-    """Instructions executed by one worker process running ``args`` under callgrind."""
+def count(args: dict[str, Any]) -> dict[str, int]:
+    """Instructions executed by one worker process running ``args`` under callgrind: in all,
+    and on its main thread (the request path; the writer thread runs beside it)."""
     import json
     import os
 
     from benchmarks.common import ROOT
 
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-           sys.executable, "-m", "benchmarks.instructions", json.dumps(args)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or found is None:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"callgrind run {args['mode']} failed (exit {proc.returncode}): {tail}")
-    return int(found[1])
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
+        out = Path(tmp) / "cg.out"
+        cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+               f"--callgrind-out-file={out}",
+               sys.executable, "-m", "benchmarks.instructions", json.dumps(args)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        found = re.search(r"Collected : (\d+)", proc.stderr)
+        main = Path(f"{out}-01")
+        totals = re.search(r"^totals: (\d+)", main.read_text(), re.M) if main.exists() else None
+        if proc.returncode != 0 or found is None or totals is None:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"callgrind run {args['mode']} failed (exit {proc.returncode}): {tail}")
+        return {"total": int(found[1]), "main": int(totals[1])}
 
 
-def per_call(args: dict[str, Any], calls: int) -> float:
-    """Instructions of one call: the run with ``calls`` more calls minus the run without."""
+def per_call(args: dict[str, Any], calls: int) -> dict[str, float]:
+    """Instructions of one call, in all and on the main thread: the run with ``calls`` more
+    calls minus the run without."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:  # two valgrind processes, one per core
         base, more = pool.map(count, [{**args, "calls": 0}, {**args, "calls": calls}])
-    return (more - base) / calls
+    return {k: (more[k] - base[k]) / calls for k in base}
 
 
 if __name__ == "__main__":
