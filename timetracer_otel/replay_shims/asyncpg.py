@@ -234,24 +234,18 @@ def _replay_connection(kwargs: dict[str, Any], server: Tree) -> Any:
 # --- results: record side ---------------------------------------------------------------------
 
 
-def _leaf(v: Any) -> Tree:
-    # Text, bools and NULLs are already tree leaves; skip the codec's dispatch for them.
-    return v if v is None or type(v) is str or type(v) is bool else to_tree(v)
-
-
-# PostgreSQL integers are at most 64-bit, so these are tree leaves as they are.
+# Text, bools, NULLs and PostgreSQL integers (at most 64-bit) are tree leaves as they are;
+# every other value goes through the codec.
 _PLAIN = frozenset({str, bool, int, type(None)})
 
 
 def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
     if rows:
         tree["cols"] = list(rows[0].keys())
-    out = []
-    for row in rows:
-        values = list(row)
-        # Whole rows of plain values skip the per-cell codec dispatch (most rows, most apps).
-        out.append(values if all(type(v) in _PLAIN for v in values) else [_leaf(v) for v in values])
-    tree["rows"] = out
+    plain = _PLAIN
+    # One comprehension per row, the codec only for the cells that need it (a numeric column
+    # must not send the row's ints and texts through the codec's dispatch too).
+    tree["rows"] = [[v if type(v) in plain else to_tree(v) for v in row] for row in rows]
     return tree
 
 
