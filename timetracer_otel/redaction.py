@@ -505,25 +505,30 @@ class Redactor:
             raw = _pack(tree)
         except (TypeError, ValueError, OverflowError):
             raw = None
-        if raw is not None and not self._response_may_change(raw):
-            chunks = tree.get("chunks") if isinstance(tree, dict) else None
+        http = isinstance(tree, dict) and isinstance(tree.get("headers"), list)
+        if raw is not None and not self._response_may_change(raw, http):
+            chunks = tree.get("chunks") if http else None
             if not (isinstance(chunks, list) and len(chunks) > 1) or not self._response_may_change(
-                b"".join(c for c in chunks if isinstance(c, bytes))
+                b"".join(c for c in chunks if isinstance(c, bytes)), http
             ):  # a secret can straddle two chunks, which the packed bytes keep apart
                 return tree, raw
         tree = self.response(tree)
         return tree, _pack(tree)
 
-    def _response_may_change(self, raw: bytes) -> bool:
-        # A superset of what response() acts on, scanned over the whole packed tree: encoded
-        # or form bodies, configured JSON paths and names, URLs, passwords, seen secrets.
-        if self.json_paths or self.json_anywhere.globs:
-            return True
+    def _response_may_change(self, raw: bytes, http: bool) -> bool:
+        # A superset of what response() acts on, scanned over the whole packed tree: URLs,
+        # passwords and seen secrets anywhere (what scrub() acts on); for an HTTP response
+        # also encoded or form bodies and configured JSON paths and names.
         low = raw.lower()
-        if b"://" in raw or b"password" in low or b"content-encoding" in low or b"urlencoded" in low:
+        if b"://" in raw or b"password" in low:
             return True
-        if self._json_names_re is not None and self._json_names_re.search(low) is not None:
-            return True
+        if http:
+            if self.json_paths or self.json_anywhere.globs:
+                return True
+            if b"content-encoding" in low or b"urlencoded" in low:
+                return True
+            if self._json_names_re is not None and self._json_names_re.search(low) is not None:
+                return True
         pattern = self._bytes_pattern()
         return pattern is not None and pattern.search(raw) is not None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -199,6 +200,23 @@ def test_packed_response_fast_path_equals_the_full_redaction(
         r.header("X-API-Key", _SECRET)  # a seen secret, as a recorded request header makes it
     tree = {"status": 200, "headers": headers, "reason": reason,
             **({"body": body} if split is None else {"chunks": [body[:split], body[split:]]})}
+    expected = full.response(tree)
+    got, packed = fast.response_packed(tree)
+    assert got == expected
+    assert packed == msgspec.msgpack.encode(expected)
+    assert _SECRET.encode() not in packed
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.lists(st.one_of(_text, _text.map(str.encode), st.integers(), st.none()),
+                              max_size=3), max_size=4))
+def test_packed_fast_path_equals_the_full_redaction_for_other_results(rows: list[list[Any]]) -> None:
+    # Database rows and other non-HTTP results: only URLs, passwords and seen secrets apply.
+    full, fast = (Redactor(env={"TIMETRACER_REDACT": "json:**.api_key",
+                                "TIMETRACER_REDACTION_KEY": "k"}) for _ in range(2))
+    for r in (full, fast):
+        r.header("X-API-Key", _SECRET)
+    tree = {"cols": ["a", "b", "c"], "rows": rows, "tx": False}
     expected = full.response(tree)
     got, packed = fast.response_packed(tree)
     assert got == expected
