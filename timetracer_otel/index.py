@@ -163,11 +163,14 @@ class ReplayIndex:
     def take(self, call: Call) -> Match | None:
         """The next unused interaction for ``call``, or None when nothing matches."""
         with self._lock:
-            entry = self._pop(self._by_key.get(call.key))
+            queue = self._by_key.get(call.key)
+            entry = queue.pop() if queue is not None else None
             if entry is not None:
                 entry.used = True
                 self._report.exact += 1
-                return Match(entry.record(), entry.source, exact=True)
+                span = entry.span
+                return Match(span if type(span) is SpanRecord else entry.record(), entry.source,
+                             exact=True)
             if not self.strict:
                 entry = self._pop(self._by_shape.get(call.shape_key))
                 if entry is not None:

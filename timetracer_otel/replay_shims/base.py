@@ -113,7 +113,7 @@ def decide(call: Call) -> Match | Action:
         return LIVE  # suppressed: an exporter's or the writer's own I/O (S3, OTLP) is not the app's
     if st.mode is Mode.RECORD:
         return RECORD
-    if st.mode is not Mode.REPLAY or st.is_live(call.library):
+    if st.mode is not Mode.REPLAY or ((st.live or st.mock) and st.is_live(call.library)):
         return LIVE
     if st.index is None:
         raise ReplayMissError("Replay is on but no cassette is loaded.", library=call.library)
