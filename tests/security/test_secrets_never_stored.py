@@ -68,7 +68,22 @@ async def login(request: Request) -> JSONResponse:
     return response
 
 
-app = Starlette(routes=[Route("/login", login, methods=["POST"])])
+_last_auth: dict[str, str] = {}
+
+
+async def whoami(request: Request) -> JSONResponse:
+    # Remembers the caller's credentials and echoes them on /last: an upstream that hands a
+    # secret back in a call that does not carry it (a debug or session endpoint).
+    _last_auth["authorization"] = request.headers.get("authorization", "")
+    return JSONResponse({"ok": True})
+
+
+async def last(request: Request) -> JSONResponse:
+    return JSONResponse({"authorization": _last_auth.get("authorization", "")})
+
+
+app = Starlette(routes=[Route("/login", login, methods=["POST"]), Route("/whoami", whoami),
+                        Route("/last", last)])
 
 
 def expected_seen(dsn_auth: str) -> dict[str, str]:
@@ -228,3 +243,28 @@ def test_a_replay_miss_prints_tokens_never_the_secret(serve: Any, tmp_path: Path
         shown = result.output + ((tmp_path / "p.html").read_text() if args[0] == "html" else "")
         for name, secret in SECRETS.items():
             assert secret not in shown, f"secret {name} printed by {args[0]}"
+
+
+def test_on_miss_record_scrubs_secrets_of_calls_answered_from_the_cassette(
+    serve: Any, tmp_path: Path, rules: None
+) -> None:
+    # A replay with on_miss="record" answers /whoami from the cassette (its Authorization
+    # header never goes out), then records /last live, whose answer quotes that header. The
+    # replaying process has its own redactor, which must have learned the secret from the
+    # replayed call's request before it keeps the live answer.
+    server = serve(app)
+    auth = {"Authorization": f"Bearer {SECRETS['bearer']}"}
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        httpx.get(f"{server.url}/whoami", headers=auth)
+    redaction.set_default_redactor(redaction.Redactor())  # a new process knows no secret yet
+    with timetracer_otel.replay(rec.paths, on_miss="record", strict=True) as rep:
+        httpx.get(f"{server.url}/whoami", headers=auth)
+        echoed = httpx.get(f"{server.url}/last").json()["authorization"]
+    assert echoed == f"Bearer {SECRETS['bearer']}"  # the app got the real answer
+    assert rep.report.exact == 1
+    assert [s.label for s in rep.appended] == [f"GET {server.url}/last"]
+    import msgspec
+
+    kept = msgspec.msgpack.encode(rep.appended)
+    assert b"redacted:" in kept
+    assert SECRETS["bearer"].encode() not in kept

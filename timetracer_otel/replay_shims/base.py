@@ -117,6 +117,11 @@ def decide(call: Call) -> Match | Action:
         return LIVE
     if st.index is None:
         raise ReplayMissError("Replay is on but no cassette is loaded.", library=call.library)
+    if st.on_miss is OnMiss.RECORD:
+        # Build the stored request even for a call answered from the cassette: redacting it
+        # teaches the redactor its secrets (an Authorization header...), so a later call
+        # recorded live whose response echoes one is scrubbed before it is kept.
+        _ = call.request
     match = st.index.take(call)
     if match is not None:
         if match.span.truncated:
