@@ -596,8 +596,10 @@ class _FsyncPool:
         self._lock = threading.Lock()
 
     def run(self, fds: list[int]) -> list[OSError | None]:
-        if self._pid != os.getpid():
-            self._start()
+        if self._pid != os.getpid() and not self._start():
+            # No thread can start (interpreter shutdown, where an atexit flush runs on 3.12+):
+            # the same fsyncs, one after another, rather than losing the batch.
+            return [_fsync_one(fd) for fd in fds]
         results: list[OSError | None] = [None] * len(fds)
         done = threading.Semaphore(0)
         for i, fd in enumerate(fds):
@@ -606,15 +608,26 @@ class _FsyncPool:
             done.acquire()
         return results
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start the threads; False when not even one could start."""
         with self._lock:
             if self._pid == os.getpid():
-                return
-            self._jobs = queue.SimpleQueue()
+                return True
+            jobs: queue.SimpleQueue[tuple[int, list[OSError | None], int, threading.Semaphore]]
+            jobs = queue.SimpleQueue()
+            started = 0
             for n in range(self.size):
-                threading.Thread(target=self._work, args=(self._jobs,), daemon=True,
-                                 name=f"timetracer-fsync-{n}").start()
-            self._pid = os.getpid()
+                try:
+                    threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                     name=f"timetracer-fsync-{n}").start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    break
+                started += 1
+            if not started:
+                return False
+            self._jobs = jobs
+            self._pid = os.getpid()  # only now: a pool with no thread would wait forever
+            return True
 
     @staticmethod
     def _work(

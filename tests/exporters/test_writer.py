@@ -201,6 +201,29 @@ def test_batched_writes_rename_a_file_only_after_its_own_fsync(
     assert len(renamed) == 5
 
 
+def test_batched_writes_still_land_when_no_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At interpreter shutdown (an atexit flush on Python 3.12+) Thread.start raises
+    # RuntimeError: the fsync pool must fsync in the calling thread instead of losing the batch.
+    from timetracer_otel import cassette
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(cassette, "_FSYNC_POOL", cassette._FsyncPool(4))
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    items = [(tmp_path / f"c{i}.msgpack", f"cassette {i}".encode()) for i in range(6)]
+    assert atomic_write_many(items) == [p for p, _ in items]
+    assert [p.read_bytes() for p, _ in items] == [d for _, d in items]
+    monkeypatch.undo()  # threads can start again: the same pool starts them and is used
+    pool = cassette._FsyncPool(2)
+    monkeypatch.setattr(cassette, "_FSYNC_POOL", pool)
+    later = [(tmp_path / f"later{i}.msgpack", b"later") for i in range(3)]
+    assert atomic_write_many(later) == [p for p, _ in later]
+    assert pool._pid == os.getpid()
+
+
 def test_the_writer_batches_cassettes_and_flush_waits_for_them(tmp_path: Path) -> None:
     class Counting(LocalStorage):
         def __init__(self, root: Path) -> None:
@@ -224,6 +247,7 @@ def test_the_writer_batches_cassettes_and_flush_waits_for_them(tmp_path: Path) -
     written = processor.writer.written
     assert len(written) == 150 == sum(storage.batches)
     assert max(storage.batches) <= processor.writer.max_batch
+    assert max(storage.batches) > 1  # cassettes ended during a write went out together
     assert sorted(load_cassette(p).name for p in written) == sorted(f"GET__r{i}" for i in range(150))
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     processor.shutdown()
