@@ -274,6 +274,8 @@ class Redactor:
         self.json_paths = tuple(paths)
         self.sql_rules = tuple(self._sql_rule(r) for r in rules["sql"])
         self._seen: OrderedDict[str, str] = OrderedDict()
+        # Moves on whenever a secret is learned: a result computed before is stale then.
+        self.generation = 0
         self._scrub_patterns: tuple[re.Pattern[str], re.Pattern[bytes]] | None = None
         self._url_memo: dict[str, str] = {}
         # One C-speed scan of a JSON body for every configured field name (case-folded).
@@ -317,6 +319,7 @@ class Redactor:
             while len(self._seen) > _SEEN_LIMIT:
                 self._seen.popitem(last=False)
             self._scrub_patterns = None
+            self.generation += 1
 
     def _any_token(self, value: Any) -> str:
         if isinstance(value, str | bytes):

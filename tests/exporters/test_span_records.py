@@ -89,3 +89,26 @@ def test_equal_looking_attribute_sets_in_one_request_keep_their_own_values() -> 
     assert str(got[5]) == "-0.0" and str(got[6]) == "0.0"
     records[0].attributes["n"] = 99  # each record owns its attributes
     assert records[4].attributes["n"] == 1
+
+
+def test_a_secret_learned_mid_batch_is_scrubbed_from_attribute_sets_seen_before() -> None:
+    from timetracer_otel.exporters.spans import Memo, record_from_attributes
+    from timetracer_otel.redaction import Redactor
+
+    original = base.STATE.redactor
+    base.STATE.redactor = Redactor(env={})
+    try:
+        memo: Memo = {}
+        base_fields = {"trace_id": "ab" * 16, "span_id": "cd" * 8, "name": "s"}
+        attrs = {"exception.message": f"upstream said {SECRET}", "peer": ["a", "b"]}
+        first = record_from_attributes(dict(base_fields), attrs, memo)
+        assert first.attributes["exception.message"] == f"upstream said {SECRET}"  # not known yet
+        token = base.STATE.redactor.header("X-API-Key", SECRET)  # a later span's request header
+        second = record_from_attributes(dict(base_fields), attrs, memo)
+        assert second.attributes["exception.message"] == f"upstream said {token}"
+        third = record_from_attributes(dict(base_fields), attrs, memo)  # the memo serves again
+        assert third.attributes == second.attributes
+        third.attributes["peer"].append("c")  # list values are each record's own too
+        assert second.attributes["peer"] == ["a", "b"]
+    finally:
+        base.STATE.redactor = original

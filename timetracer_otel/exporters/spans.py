@@ -14,6 +14,7 @@ import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import Event, SpanRecord
+from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import (
     ATTR_ERROR,
     ATTR_KEY,
@@ -52,7 +53,7 @@ def plain(value: Any) -> Any:
 
 
 # Redacted attribute sets by their msgpack bytes, kept while a batch of spans is converted.
-Memo = dict[bytes, dict[str, Any]]
+Memo = dict[bytes, tuple[Redactor, int, dict[str, Any]]]
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -101,20 +102,25 @@ def record_from_parts(
 def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
     """``Redactor.attributes(attrs)``; an attribute set seen before in the same batch (client
     spans repeat theirs: method, server address, port...) is redacted once. The key is the
-    msgpack encoding, so ``1``, ``1.0``, ``True`` and ``"1"`` never share an entry; within one
-    batch a memo hit is the result the redactor gave moments earlier for the same input."""
+    msgpack encoding, so ``1``, ``1.0``, ``True`` and ``"1"`` never share an entry; an entry is
+    used only while the redactor is the same and has learned no secret since (a secret learned
+    later must still be scrubbed from this set of attributes)."""
+    redactor = STATE.redactor
     if memo is None or not attrs:
-        return STATE.redactor.attributes(attrs)
+        return redactor.attributes(attrs)
     try:
         key = _pack(attrs)
     except (TypeError, ValueError, OverflowError):
-        return STATE.redactor.attributes(attrs)
-    done = memo.get(key)
-    if done is None:
-        done = STATE.redactor.attributes(attrs)
-        if len(memo) < 256:
-            memo[key] = done
-    return dict(done)  # every record owns its attributes
+        return redactor.attributes(attrs)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is redactor and hit[1] == redactor.generation:
+        done = hit[2]
+    else:
+        done = redactor.attributes(attrs)
+        if hit is not None or len(memo) < 256:
+            memo[key] = (redactor, redactor.generation, done)  # after: it may have learned one
+    # Every record owns its attributes, list values included.
+    return {k: list(v) if isinstance(v, list) else v for k, v in done.items()}
 
 
 def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> dict[str, Any]:
