@@ -47,10 +47,12 @@ from timetracer_otel.replay_shims.base import (
 )
 
 _StarletteMatch: Any
+_StarletteRoute: Any
 try:  # route templates of plain Starlette apps (FastAPI and Litestar put them in the scope)
     from starlette.routing import Match as _StarletteMatch
+    from starlette.routing import Route as _StarletteRoute
 except ImportError:
-    _StarletteMatch = None
+    _StarletteMatch = _StarletteRoute = None
 
 LIBRARY = "asgi"
 SCOPE = "opentelemetry.instrumentation.asgi"
@@ -166,12 +168,23 @@ def _query(raw: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     return urlencode(pairs).encode("latin-1"), pairs
 
 
-# Starlette's routes matched again, per app, method and path: a static route is matched on
-# every request otherwise, and an app with many routes pays for each of them.
-_ROUTE_MEMO: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# Starlette's routes matched again, per app and request: a static route is matched on every
+# request otherwise, and an app with many routes pays for each of them. Only apps whose routes
+# are all plain ``Route``s are memoised: their match reads nothing but the scope's type, method,
+# root_path and path (a Host or Mount route also reads headers or sub-routes). The memo holds
+# the routes it was made for and starts again when the app's routes change.
+class _RouteMemo:
+    __slots__ = ("found", "plain", "routes")
+
+    def __init__(self, routes: tuple[Any, ...]) -> None:
+        self.routes = routes
+        self.plain = _StarletteRoute is not None and all(type(r) is _StarletteRoute for r in routes)
+        self.found: dict[tuple[str, str, str, str], str | None] = {}
+
+
+_ROUTE_MEMO: weakref.WeakKeyDictionary[Any, _RouteMemo] = weakref.WeakKeyDictionary()
 _ROUTE_MEMO_LIMIT = 4096
+_MISSING = object()
 
 
 def route_of(scope: Message) -> str | None:
@@ -186,19 +199,24 @@ def route_of(scope: Message) -> str | None:
     routes = getattr(app, "routes", None)
     if not routes:
         return None
-    where = (str(scope.get("method", "")), str(scope.get("path", "")))
     try:
+        snapshot = tuple(routes)
         memo = _ROUTE_MEMO.get(app)
-        if memo is None:
-            memo = _ROUTE_MEMO[app] = {}
-    except TypeError:  # an app that takes no weak references: match every time
-        memo = {}
-    if where in memo:
-        return memo[where]
-    found = _match_route(routes, scope)
-    if len(memo) < _ROUTE_MEMO_LIMIT:
-        memo[where] = found
-    return found
+        if memo is None or memo.routes != snapshot:  # identity first: cheap when unchanged
+            memo = _ROUTE_MEMO[app] = _RouteMemo(snapshot)
+    except TypeError:  # routes that do not iterate, an app that takes no weak references
+        return _match_route(routes, scope)
+    if not memo.plain:
+        return _match_route(snapshot, scope)
+    where = (str(scope.get("type", "")), str(scope.get("method", "")),
+             str(scope.get("root_path", "")), str(scope.get("path", "")))
+    found = memo.found.get(where, _MISSING)
+    if found is _MISSING:
+        found = _match_route(snapshot, scope)
+        if len(memo.found) < _ROUTE_MEMO_LIMIT:
+            memo.found[where] = found
+    return found  # type: ignore[return-value]
+
 
 
 def _match_route(routes: Any, scope: Message) -> str | None:
