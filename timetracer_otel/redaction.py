@@ -554,9 +554,8 @@ class Redactor:
                         [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
                         for h in headers
                     ]
-                rest = self.scrub({k: v for k, v in tree.items() if k not in ("body", "chunks")})
-                rest[key] = tree[key]
-                return rest
+                rest = self.scrub({k: v for k, v in tree.items() if k != key})
+                return {k: tree[k] if k == key else rest[k] for k in tree}  # same key order
         return self.scrub(tree)
 
     def attributes(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
