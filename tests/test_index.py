@@ -146,3 +146,21 @@ def test_miss_diff_compares_json_base64_bodies_with_bytes() -> None:
     assert field_diff({"body": "AAE="}, {"body": b"\x00\x02"}) == [
         "body: recorded b'\\x00\\x01', now b'\\x00\\x02'"
     ]
+
+
+def test_entries_used_through_one_queue_are_skipped_in_the_other() -> None:
+    # a1, b, a2 share one shape; a1 and a2 one key. A shape match takes a1 first; the exact
+    # queue of A must then skip it and give a2, and the shape queue must skip everything used.
+    def q(n: int) -> Call:
+        return sql_call("psycopg", "SELECT * FROM t WHERE id = %s", (n,), database="d")
+
+    idx = index_of(recorded(q(1), "a1", 1), recorded(q(2), "b", 2), recorded(q(1), "a2", 3))
+    got = [idx.take(q(9)), idx.take(q(1)), idx.take(q(2)), idx.take(q(9)), idx.take(q(1))]
+    assert [(m.span.response, m.exact) if m else None for m in got] == [
+        ("a1", False), ("a2", True), ("b", True), None, None]
+
+
+def test_a_long_run_of_one_key_replays_in_order() -> None:
+    idx = index_of(*(recorded(count_query(), n, start=n) for n in range(2000)))
+    taken = [m.span.response if (m := idx.take(count_query())) else None for _ in range(2001)]
+    assert taken == [*range(2000), None]
