@@ -36,6 +36,17 @@ from benchmarks.common import worker_main
 WARM = 100
 
 
+def _settle() -> None:
+    """After the warm-up: collect, then move every object alive into the GC's permanent
+    generation. A full collection otherwise walks the whole heap (modules, OTel, httpx), and
+    whether one more of them falls inside the counted calls moved a per-call difference by
+    ~15,000 instructions between runs; the collections our own allocations cause still count."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _recorded(cassette: str) -> Any:
     from timetracer_otel.cassette import load_cassette
 
@@ -79,7 +90,10 @@ def http_replay(args: dict[str, Any]) -> dict[str, Any]:
     client = httpx.Client(transport=httpx.MockTransport(handler)) if args["mode"] == "mock" \
         else httpx.Client()
     with timetracer_otel.replay(cassette, libraries=[]) as rep:
-        for _ in range(n):
+        for _ in range(WARM):
+            r = client.get(url)
+        _settle()
+        for _ in range(args["calls"]):
             r = client.get(url)
     assert r.content == body
     assert args["mode"] == "mock" or rep.report.exact == n, rep.report.summary()
@@ -109,6 +123,7 @@ def http_record(args: dict[str, Any]) -> dict[str, Any]:
                     client.get("/items", params={"i": i + j % 7})
 
     calls(WARM)  # imports, pools: the same in both counts
+    _settle()
     if args["mode"] == "record":
         with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-rec-"),
                                     libraries=["httpx"]):
@@ -134,6 +149,7 @@ def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
             assert await call(app, body) == 200
 
     asyncio.run(requests(WARM))
+    _settle()
     if args["mode"] == "inbound-record":
         with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-in-")):
             asyncio.run(requests(args["calls"]))
@@ -173,7 +189,10 @@ def count(args: dict[str, Any]) -> dict[str, int]:
         cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes",
                f"--callgrind-out-file={out}",
                sys.executable, "-m", "benchmarks.instructions", json.dumps(args)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # One hash seed for every run: with a random one, dict and set layouts (and so the
+        # instructions of each lookup) differ between the two runs whose difference is taken.
+        env = dict(os.environ, PYTHONHASHSEED="0",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         found = re.search(r"Collected : (\d+)", proc.stderr)
         main = Path(f"{out}-01")
