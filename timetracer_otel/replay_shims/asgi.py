@@ -15,6 +15,7 @@ In replay mode the same seam reports what the app sent to :mod:`timetracer_otel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import traceback
@@ -136,7 +137,8 @@ def _latin(value: Any) -> str:
 
 def headers_tree(raw: Any) -> list[list[str]]:
     """ASGI ``(bytes, bytes)`` headers as redacted ``[name, value]`` text (latin-1: lossless)."""
-    pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
+    pairs = [(k.decode("latin-1") if type(k) is bytes else _latin(k),
+              v.decode("latin-1") if type(v) is bytes else _latin(v)) for k, v in raw or ()]
     return [[k, v] for k, v in STATE.redactor.headers(pairs)]
 
 
@@ -269,6 +271,12 @@ def identity(request: Tree, pairs: list[tuple[str, str]], body_hash: str) -> tup
 # --- record: the payload onto the server span ------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _shape_key(method: str, route: str) -> str:
+    # The same for every request of an endpoint (a route template, or a path when unrouted).
+    return stable_hash(LIBRARY, {"method": method, "route": route})
+
+
 def _finish(ex: Exchange, scope: Message) -> None:
     """Put request, response and error on the server span (before it ends); once."""
     if ex.finished:
@@ -299,7 +307,7 @@ def _finish(ex: Exchange, scope: Message) -> None:
     payloads.update({
         ATTR_LIBRARY: LIBRARY,
         ATTR_KEY: stable_hash(LIBRARY, ident),
-        ATTR_SHAPE: stable_hash(LIBRARY, shape),
+        ATTR_SHAPE: _shape_key(shape["method"], shape["route"]),
         ATTR_LABEL: label,
     })
     span.set_attributes(payloads)  # one call: the SDK takes its attribute lock once
