@@ -112,3 +112,24 @@ def test_a_secret_learned_mid_batch_is_scrubbed_from_attribute_sets_seen_before(
         assert second.attributes["peer"] == ["a", "b"]
     finally:
         base.STATE.redactor = original
+
+
+def test_status_message_and_event_attributes_are_scrubbed_of_seen_secrets() -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    token = base.STATE.redactor.header("X-API-Key", SECRET)  # the redactor has seen it
+    keep = _Keep()
+    provider = TracerProvider()
+    provider.add_span_processor(keep)
+    with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        span.add_event("exception", {"exception.message": f"401 for key {SECRET}"})
+        span.set_status(Status(StatusCode.ERROR, f"rejected {SECRET}"))
+    [done] = keep.spans
+    plain_span = _client_span("http://api.example/x", "http://api.example/x")  # no status, no events
+    for rec in _both(done):
+        assert rec.status == "ERROR" and rec.kind == "CLIENT"
+        assert rec.status_message == f"rejected {token}"
+        assert rec.events[0].attributes["exception.message"] == f"401 for key {token}"
+        assert SECRET not in msgspec.json.encode(rec).decode()
+    for rec in _both(plain_span):
+        assert rec.status == "UNSET" and rec.status_message is None and rec.events == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
 
 from timetracer_otel.cassette import Event, SpanRecord
 from timetracer_otel.redaction import Redactor
@@ -53,7 +54,7 @@ def plain(value: Any) -> Any:
 
 
 # Redacted attribute sets by their msgpack bytes, kept while a batch of spans is converted.
-Memo = dict[bytes, tuple[Redactor, int, dict[str, Any]]]
+Memo = dict[bytes, tuple[Redactor, int, dict[str, Any], bool]]
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -96,7 +97,9 @@ def record_from_parts(
             payload["library"] = payload["key"] = None
     # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
     attrs = _redacted(attrs, payload.get("request"), memo)
-    return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
+    if base.get("status_message") is not None or base.get("events"):  # text that may quote one
+        base = STATE.redactor.span_fields(base)
+    return SpanRecord(**base, attributes=attrs, **payload)
 
 
 def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
@@ -114,12 +117,16 @@ def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
         return redactor.attributes(attrs)
     hit = memo.get(key)
     if hit is not None and hit[0] is redactor and hit[1] == redactor.generation:
-        done = hit[2]
+        done, lists = hit[2], hit[3]
     else:
         done = redactor.attributes(attrs)
+        lists = any(type(v) is list for v in done.values())
         if hit is not None or len(memo) < 256:
-            memo[key] = (redactor, redactor.generation, done)  # after: it may have learned one
+            # The generation after: redacting may have learned a secret.
+            memo[key] = (redactor, redactor.generation, done, lists)
     # Every record owns its attributes, list values included.
+    if not lists:
+        return dict(done)
     return {k: list(v) if isinstance(v, list) else v for k, v in done.items()}
 
 
@@ -130,30 +137,33 @@ def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> 
     attribute cannot keep anything out of the file; it only costs a URL parse per span.
     Every other attribute, and a URL attribute that differs in any byte (as one from another
     process's instrumentation may), is redacted in full."""
-    url = request.get("url") if isinstance(request, dict) else None
-    if not isinstance(url, str):
+    url = request.get("url") if type(request) is dict else None
+    if type(url) is not str or (attrs.get(_URL_ATTRS[0]) != url and attrs.get(_URL_ATTRS[1]) != url):
         return _redact(attrs, memo)
-    same = [k for k in _URL_ATTRS if attrs.get(k) == url]
-    if not same:
-        return _redact(attrs, memo)
-    rest = _redact({k: v for k, v in attrs.items() if k not in same}, memo)
-    return {k: url if k in same else rest[k] for k in attrs}
+    rest = _redact({k: v for k, v in attrs.items() if k not in _URL_ATTRS or v != url}, memo)
+    return {k: rest.get(k, url) for k in attrs}
+
+
+# Enum .name is a descriptor call each time: the names, read once.
+_KIND_NAMES = {k: k.name for k in SpanKind}
+_STATUS_NAMES = {c: c.name for c in StatusCode}
 
 
 def record_from_readable(span: ReadableSpan, memo: Memo | None = None) -> SpanRecord:
     ctx = span.context
     parent = span.parent
+    status = span.status
     base = {
         "trace_id": f"{ctx.trace_id:032x}",
         "span_id": f"{ctx.span_id:016x}",
         "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
         "remote_parent": bool(parent is not None and parent.is_remote),
         "name": span.name,
-        "kind": span.kind.name,
+        "kind": _KIND_NAMES.get(span.kind) or span.kind.name,
         "start_ns": span.start_time or 0,
         "end_ns": span.end_time or 0,
-        "status": span.status.status_code.name,
-        "status_message": span.status.description,
+        "status": _STATUS_NAMES.get(status.status_code) or status.status_code.name,
+        "status_message": status.description,
         "events": [
             Event(name=e.name, time_ns=e.timestamp, attributes={
                 k: plain(v) for k, v in (e.attributes or {}).items()
