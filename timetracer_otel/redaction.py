@@ -576,7 +576,10 @@ class Redactor:
         return {k: special[k] if k in special else rest[k] for k in attrs}
 
     def span_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """A span's status message and event attributes (exception messages) redacted."""
+        """A span's status message and event attributes (exception messages) redacted; the
+        fields themselves when there is neither (most spans)."""
+        if fields.get("status_message") is None and not fields.get("events"):
+            return fields
         out = dict(fields)
         if isinstance(out.get("status_message"), str):
             out["status_message"] = self.text(out["status_message"])

@@ -97,9 +97,7 @@ def record_from_parts(
             payload["library"] = payload["key"] = None
     # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
     attrs = _redacted(attrs, payload.get("request"), memo)
-    if base.get("status_message") is not None or base.get("events"):  # text that may quote one
-        base = STATE.redactor.span_fields(base)
-    return SpanRecord(**base, attributes=attrs, **payload)
+    return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
 
 
 def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:

@@ -137,8 +137,7 @@ def _latin(value: Any) -> str:
 
 def headers_tree(raw: Any) -> list[list[str]]:
     """ASGI ``(bytes, bytes)`` headers as redacted ``[name, value]`` text (latin-1: lossless)."""
-    pairs = [(k.decode("latin-1") if type(k) is bytes else _latin(k),
-              v.decode("latin-1") if type(v) is bytes else _latin(v)) for k, v in raw or ()]
+    pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
     return [[k, v] for k, v in STATE.redactor.headers(pairs)]
 
 
@@ -186,7 +185,6 @@ class _RouteMemo:
 
 _ROUTE_MEMO: weakref.WeakKeyDictionary[Any, _RouteMemo] = weakref.WeakKeyDictionary()
 _ROUTE_MEMO_LIMIT = 4096
-_MISSING = object()
 
 
 def route_of(scope: Message) -> str | None:
@@ -212,13 +210,12 @@ def route_of(scope: Message) -> str | None:
         return _match_route(snapshot, scope)
     where = (str(scope.get("type", "")), str(scope.get("method", "")),
              str(scope.get("root_path", "")), str(scope.get("path", "")))
-    found = memo.found.get(where, _MISSING)
-    if found is _MISSING:
-        found = _match_route(snapshot, scope)
-        if len(memo.found) < _ROUTE_MEMO_LIMIT:
-            memo.found[where] = found
-    return found  # type: ignore[return-value]
-
+    if where in memo.found:
+        return memo.found[where]
+    found = _match_route(snapshot, scope)
+    if len(memo.found) < _ROUTE_MEMO_LIMIT:
+        memo.found[where] = found
+    return found
 
 
 def _match_route(routes: Any, scope: Message) -> str | None:
@@ -259,22 +256,22 @@ def request_tree(scope: Message, ex: Exchange, route: str | None) -> tuple[Tree,
     }, pairs
 
 
-def identity(request: Tree, pairs: list[tuple[str, str]], body_hash: str) -> tuple[Tree, Tree, str]:
-    """``(identity, shape, label)`` of a recorded inbound request."""
+def identity(request: Tree, pairs: list[tuple[str, str]], body_hash: str) -> tuple[Tree, str, str]:
+    """``(identity, shape key, label)`` of a recorded inbound request."""
     query = sorted(pairs)
     method, path = request["method"], request["path"]
     ident = {"method": method, "path": path, "query": [list(q) for q in query], "body": body_hash}
     where = request.get("route") or path
-    return ident, {"method": method, "route": where}, f"{method} {where}"
-
-
-# --- record: the payload onto the server span ------------------------------------------------
+    return ident, _shape_key(method, where), f"{method} {where}"
 
 
 @functools.lru_cache(maxsize=1024)
 def _shape_key(method: str, route: str) -> str:
     # The same for every request of an endpoint (a route template, or a path when unrouted).
     return stable_hash(LIBRARY, {"method": method, "route": route})
+
+
+# --- record: the payload onto the server span ------------------------------------------------
 
 
 def _finish(ex: Exchange, scope: Message) -> None:
@@ -295,7 +292,7 @@ def _finish(ex: Exchange, scope: Message) -> None:
             span.set_attribute("http.route", route)
     request, pairs = request_tree(scope, ex, route)
     body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
-    ident, shape, label = identity(request, pairs, body)
+    ident, shape_key, label = identity(request, pairs, body)
     payloads: dict[str, Any] = {ATTR_REQUEST: _pack(request)}
     if ex.sent or ex.error is None:
         payloads[ATTR_RESPONSE] = _pack(ex.response_tree())
@@ -307,7 +304,7 @@ def _finish(ex: Exchange, scope: Message) -> None:
     payloads.update({
         ATTR_LIBRARY: LIBRARY,
         ATTR_KEY: stable_hash(LIBRARY, ident),
-        ATTR_SHAPE: _shape_key(shape["method"], shape["route"]),
+        ATTR_SHAPE: shape_key,
         ATTR_LABEL: label,
     })
     span.set_attributes(payloads)  # one call: the SDK takes its attribute lock once
