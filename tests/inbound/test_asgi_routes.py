@@ -1,5 +1,6 @@
-"""Route templates of plain Starlette apps (cassette names and the stored request's ``route``):
-matched per request scope, with a memo that must never answer for another scope or old routes."""
+"""Route templates of plain Starlette apps (cassette names and the stored request's ``route``),
+matched per request scope with a memo that must never answer for another scope or old routes;
+and header trees, from bytes as ASGI hands them or from text."""
 
 from __future__ import annotations
 
@@ -57,3 +58,12 @@ def test_apps_with_mounts_are_matched_without_the_memo() -> None:
         assert route_of(scope(app, "/v1/x")) == "/v1"
         assert route_of(scope(app, "/y")) == "/y"
         assert route_of(scope(app, "/z")) is None
+
+
+def test_header_trees_from_bytes_and_from_servers_that_hand_text() -> None:
+    from timetracer_otel.replay_shims.asgi import headers_tree
+
+    raw = [(b"content-type", b"text/plain; charset=\xe9"), (b"x-n", b"1")]
+    assert headers_tree(raw) == [["content-type", "text/plain; charset=\u00e9"], ["x-n", "1"]]
+    assert headers_tree([("x-n", "1"), (b"x-m", b"2")]) == [["x-n", "1"], ["x-m", "2"]]
+    assert headers_tree(None) == []

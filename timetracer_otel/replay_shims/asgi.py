@@ -137,7 +137,10 @@ def _latin(value: Any) -> str:
 
 def headers_tree(raw: Any) -> list[list[str]]:
     """ASGI ``(bytes, bytes)`` headers as redacted ``[name, value]`` text (latin-1: lossless)."""
-    pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
+    try:  # ASGI headers are bytes
+        pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw or ()]
+    except AttributeError:  # a server handing str or memoryview
+        pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
     return [[k, v] for k, v in STATE.redactor.headers(pairs)]
 
 
