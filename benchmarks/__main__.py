@@ -235,6 +235,14 @@ class Bench:
                              target=f"<= {limit} µs" if which == "main" else "")
                 if which == "main":
                     r.met = share * base_us <= limit
+        try:
+            conv = instructions.per_call({"mode": "convert", "traces": 200}, calls)
+        except RuntimeError as exc:
+            self.notes.append(str(exc))
+            return
+        self.raw["instructions"]["convert"] = conv
+        self.add(sc, "writer: span to SpanRecord (record_from_readable), per span", "instructions/span",
+                 [conv["main"]], note="scenario 5's traces, one batch memo")
 
     # -- scenarios 2 and 3 -------------------------------------------------------------------
 
@@ -359,6 +367,8 @@ class Bench:
         if "error" not in out:
             self.add(sc, "writer's Python work per span (no disk; shares the GIL with the app)",
                      "µs/span", out["us_per_span"], note="convert, redact, assemble, encode")
+            self.add(sc, "of which span to SpanRecord (record_from_readable)", "µs/span",
+                     out["conversion_us_per_span"], note="attributes split, decoded, redacted")
         out = self.worker("exporter", {"mode": "receiver", **args})
         if "skipped" in out:
             self.add(sc, "OTLP/HTTP receiver (TraceIntake) to files", "spans/s", None, note=out["skipped"])

@@ -16,6 +16,8 @@ Modes (one process each):
 - ``otel`` / ``record``: an httpx call with OTel's httpx instrumentation and the connection pool
   stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``.
 - ``inbound-otel`` / ``inbound-record``: scenario 6's 1 KB Starlette request, in-process.
+- ``convert``: the writer's span -> SpanRecord conversion (``record_from_readable``) of
+  scenario 5's traces, per span.
 
 Callgrind runs threads one at a time and counts each apart: the main thread is the request
 path; the total adds the writer thread's work and the cassette writes at the end.
@@ -158,8 +160,26 @@ def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def convert_spans(args: dict[str, Any]) -> dict[str, Any]:
+    """The writer thread's conversion of ended SDK spans to SpanRecords (scenario 5's traces):
+    both runs build the same ``traces``; only the number converted differs."""
+    from benchmarks.exporter import make_traces
+    from timetracer_otel.exporters.spans import Memo, record_from_readable
+
+    spans = [s for t in make_traces(args["traces"]) for s in t]
+    memo: Memo = {}
+    for s in spans[:WARM]:
+        record_from_readable(s, memo)
+    _settle()
+    for s in spans[WARM:WARM + args["calls"]]:
+        record_from_readable(s, memo)
+    return {}
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
     mode = args["mode"]
+    if mode == "convert":
+        return convert_spans(args)
     if mode == "prepare":
         return prepare(args)
     if mode in ("mock", "replay"):
