@@ -2,7 +2,7 @@
 memory one open trace holds in the writer.
 
 Spans are made once by the SDK (a server span with 10 client children, each child carrying
-payload attributes the size of a recorded JSON call), then fed to the component under test.
+a payload attribute the size of a recorded JSON call), then fed to the component under test.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def make_traces(count: int) -> list[list[Any]]:
                 with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
                     span.set_attributes({
                         "http.request.method": "GET", "url.full": call.request["url"],
-                        base.ATTR_LIBRARY: "httpx", base.ATTR_KEY: call.key,
-                        base.ATTR_SHAPE: call.shape_key, base.ATTR_LABEL: call.label,
-                        base.ATTR_REQUEST: pack(call.request), base.ATTR_RESPONSE: response,
+                        base.ATTR_PAYLOAD: base.payload_attribute(
+                            "httpx", call.key, call.shape_key, call.label, pack(call.request),
+                            response=response),
                     })
         traces.append(done[start:])
     return traces

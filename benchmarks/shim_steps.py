@@ -3,7 +3,7 @@
 
 The difference between "span + full record path" and "span only" is what the httpx shim adds
 to an OTel span when recording: building the Call (redaction, key, shape), the response tree,
-the payload attributes and the redaction of the stored copy. The rows between split it: each
+the payload attribute and the redaction of the stored copy. The rows between split it: each
 step alone (the attribute row is over a bare span, like the last).
 """
 
@@ -60,14 +60,11 @@ def main() -> None:
     packed_request = base._pack(call.request)
     packed_response = base._pack(tree)
 
-    def attributes() -> None:  # the six payload attributes, through the SDK's validation
+    def attributes() -> None:  # the payload attribute, built and set through the SDK
         with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
-            span.set_attributes({
-                base.ATTR_LIBRARY: call.library, base.ATTR_KEY: call.key,
-                base.ATTR_SHAPE: call.shape_key, base.ATTR_LABEL: call.label,
-                base.ATTR_REQUEST: packed_request,
-            })
-            span.set_attribute(base.ATTR_RESPONSE, packed_response)
+            span.set_attribute(base.ATTR_PAYLOAD, base.payload_attribute(
+                call.library, call.key, call.shape_key, call.label, packed_request,
+                response=packed_response))
 
     bare = best_of(span_only)
     rows = [
@@ -76,7 +73,7 @@ def main() -> None:
         ("Call + stored request, packed", best_of(lambda: base._pack(shim._call(request).request))),
         ("response tree", best_of(lambda: shim._response_tree(response, [body]))),
         ("response: pack + redaction scan", best_of(lambda: base.STATE.redactor.response_packed(tree))),
-        ("six payload attributes (SDK)", best_of(attributes) - bare),
+        ("payload attribute: build + set", best_of(attributes) - bare),
         ("span + full record path", best_of(full)),
     ]
     for label, us in rows:

@@ -26,19 +26,23 @@ class _Keep(SpanProcessor):
         self.spans.append(span)
 
 
-def _client_span(url_attr: str, request_url: str) -> ReadableSpan:
+def _span(attributes: dict[str, Any]) -> ReadableSpan:
     keep = _Keep()
     provider = TracerProvider()
     provider.add_span_processor(keep)
-    request = {"method": "GET", "url": request_url, "headers": [], "body": b""}
     with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
-        span.set_attributes({
-            "http.request.method": "GET", "url.full": url_attr, "http.url": url_attr,
-            base.ATTR_LIBRARY: "httpx", base.ATTR_KEY: "httpx:k", base.ATTR_SHAPE: "httpx:s",
-            base.ATTR_LABEL: "GET x", base.ATTR_REQUEST: msgspec.msgpack.encode(request),
-        })
+        span.set_attributes(attributes)
     [done] = keep.spans
     return done
+
+
+def _client_span(url_attr: str, request_url: str) -> ReadableSpan:
+    request = {"method": "GET", "url": request_url, "headers": [], "body": b""}
+    return _span({
+        "http.request.method": "GET", "url.full": url_attr, "http.url": url_attr,
+        base.ATTR_PAYLOAD: base.payload_attribute(
+            "httpx", "httpx:k", "httpx:s", "GET x", msgspec.msgpack.encode(request)),
+    })
 
 
 def _both(span: ReadableSpan) -> list[SpanRecord]:
@@ -133,3 +137,52 @@ def test_status_message_and_event_attributes_are_scrubbed_of_seen_secrets() -> N
         assert SECRET not in msgspec.json.encode(rec).decode()
     for rec in _both(plain_span):
         assert rec.status == "UNSET" and rec.status_message is None and rec.events == []
+
+
+_REQUEST = {"method": "GET", "url": "http://api.example/x", "headers": [["accept", "*/*"]],
+            "body": b""}
+_RESPONSE = {"status": 200, "headers": [["content-type", "text/plain"]], "chunks": [b"\x00ok"],
+             "http_version": "HTTP/1.1", "reason": "OK"}
+
+
+def test_the_payload_attribute_and_the_separate_attributes_of_earlier_releases_agree() -> None:
+    pack = msgspec.msgpack.encode
+    current = _span({"http.request.method": "GET", base.ATTR_PAYLOAD: base.payload_attribute(
+        "httpx", "httpx:k", "httpx:s", "GET x", pack(_REQUEST), response=pack(_RESPONSE))})
+    earlier = _span({  # what a recorder before the payload attribute put on its spans
+        "http.request.method": "GET", base.ATTR_LIBRARY: "httpx", base.ATTR_KEY: "httpx:k",
+        base.ATTR_SHAPE: "httpx:s", base.ATTR_LABEL: "GET x", base.ATTR_REQUEST: pack(_REQUEST),
+        base.ATTR_RESPONSE: pack(_RESPONSE)})
+    records = _both(current) + _both(earlier)
+    for rec in records:
+        assert (rec.library, rec.key, rec.shape, rec.label) == ("httpx", "httpx:k", "httpx:s", "GET x")
+        assert rec.request == _REQUEST and rec.response == _RESPONSE and rec.error is None
+        assert type(rec.response["chunks"][0]) is bytes and rec.truncated is False
+        assert rec.attributes == {"http.request.method": "GET"}  # no payload among them
+    fields = {f: getattr(records[0], f) for f in ("library", "key", "request", "response")}
+    assert all({f: getattr(r, f) for f in fields} == fields for r in records)
+
+
+def test_an_error_and_a_truncated_outcome_travel_in_the_payload_attribute() -> None:
+    pack = msgspec.msgpack.encode
+    error = {"type": "httpx:ConnectTimeout", "message": "timed out", "args": ["timed out"],
+             "attrs": None}
+    failed = _span({base.ATTR_PAYLOAD: base.payload_attribute(
+        "httpx", "httpx:k", "httpx:s", "GET x", pack(_REQUEST), error=pack(error))})
+    cut = _span({base.ATTR_PAYLOAD: base.payload_attribute(
+        "httpx", "httpx:k", "httpx:s", "GET x", pack(_REQUEST), truncated=True)})
+    for rec in _both(failed):
+        assert rec.error == error and rec.response is None and rec.truncated is False
+    for rec in _both(cut):
+        assert rec.truncated is True and rec.response is None and rec.error is None
+
+
+def test_an_unreadable_payload_attribute_keeps_the_span_but_not_as_an_interaction(
+    caplog: Any,
+) -> None:
+    for value in (b"\xc1 not msgpack", msgspec.msgpack.encode([1, 2]),
+                  msgspec.msgpack.encode({"library": "httpx"})):
+        for rec in _both(_span({"http.request.method": "GET", base.ATTR_PAYLOAD: value})):
+            assert rec.library is None and rec.key is None and rec.name == "GET"
+            assert rec.attributes == {"http.request.method": "GET"}
+    assert "unreadable payload on span GET" in caplog.text

@@ -21,6 +21,7 @@ from timetracer_otel.replay_shims.base import (
     ATTR_KEY,
     ATTR_LABEL,
     ATTR_LIBRARY,
+    ATTR_PAYLOAD,
     ATTR_REQUEST,
     ATTR_RESPONSE,
     ATTR_SHAPE,
@@ -80,24 +81,60 @@ def record_from_parts(
 ) -> SpanRecord:
     """Finish a SpanRecord from the ordinary attributes (``attrs``, taken over) and the payload
     attributes (``payloads``: any mapping holding them, ordinary ones are not read)."""
-    library = payloads.get(ATTR_LIBRARY)
-    payload: dict[str, Any] = {}
-    if library:
-        try:
-            payload["library"] = str(library)
-            payload["key"] = str(payloads.get(ATTR_KEY))
-            payload["shape"] = payloads.get(ATTR_SHAPE)
-            payload["label"] = payloads.get(ATTR_LABEL)
-            payload["request"] = decode_payload(payloads.get(ATTR_REQUEST))
-            payload["response"] = decode_payload(payloads.get(ATTR_RESPONSE))
-            payload["error"] = decode_payload(payloads.get(ATTR_ERROR))
-            payload["truncated"] = bool(payloads.get(ATTR_TRUNCATED, False))
-        except (msgspec.DecodeError, ValueError) as exc:
-            log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
-            payload["library"] = payload["key"] = None
+    try:
+        payload = _payload_of(payloads)
+    except (msgspec.DecodeError, ValueError) as exc:
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
+        payload = {"library": None, "key": None}
     # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
     attrs = _redacted(attrs, payload.get("request"), memo)
     return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
+
+
+class _Payload(msgspec.Struct, forbid_unknown_fields=False):
+    """What :func:`payload_attribute` writes; decoding validates it in one pass."""
+
+    library: str
+    key: str
+    shape: str | None = None
+    label: str | None = None
+    request: Any = None
+    response: Any = None
+    error: Any = None
+    truncated: bool = False
+
+
+_unpack_payload = msgspec.msgpack.Decoder(_Payload).decode
+_unjson_payload = msgspec.json.Decoder(_Payload).decode
+
+
+def _payload_of(payloads: Mapping[str, Any]) -> dict[str, Any]:
+    """The SpanRecord payload fields of a span: from :data:`ATTR_PAYLOAD`, or from the separate
+    attributes of earlier releases; empty for a span that carries neither."""
+    combined = payloads.get(ATTR_PAYLOAD)
+    if combined is not None:
+        if isinstance(combined, bytes | bytearray):
+            p = _unpack_payload(combined)
+        elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
+            p = _unjson_payload(combined)
+        else:
+            raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
+        return {"library": p.library, "key": p.key, "shape": p.shape, "label": p.label,
+                "request": p.request, "response": p.response, "error": p.error,
+                "truncated": p.truncated}
+    library = payloads.get(ATTR_LIBRARY)
+    if not library:
+        return {}
+    return {
+        "library": str(library),
+        "key": str(payloads.get(ATTR_KEY)),
+        "shape": payloads.get(ATTR_SHAPE),
+        "label": payloads.get(ATTR_LABEL),
+        "request": decode_payload(payloads.get(ATTR_REQUEST)),
+        "response": decode_payload(payloads.get(ATTR_RESPONSE)),
+        "error": decode_payload(payloads.get(ATTR_ERROR)),
+        "truncated": bool(payloads.get(ATTR_TRUNCATED, False)),
+    }
 
 
 def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:

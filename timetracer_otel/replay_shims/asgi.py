@@ -34,17 +34,11 @@ from timetracer_otel.codec import Tree
 from timetracer_otel.config import Mode
 from timetracer_otel.keys import stable_hash
 from timetracer_otel.replay_shims.base import (
-    ATTR_ERROR,
-    ATTR_KEY,
-    ATTR_LABEL,
-    ATTR_LIBRARY,
-    ATTR_REQUEST,
-    ATTR_RESPONSE,
-    ATTR_SHAPE,
-    ATTR_TRUNCATED,
+    ATTR_PAYLOAD,
     STATE,
     Shim,
     error_tree,
+    payload_attribute,
 )
 
 _StarletteMatch: Any
@@ -64,6 +58,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Message, Receive, Send], Awaitable[None]]
 
 _pack = msgspec.msgpack.Encoder().encode
+_NIL = _pack(None)
 
 # Set while one request is captured, so a second OTel middleware nested inside (a manual wrap
 # plus the Starlette instrumentor) does not capture it again.
@@ -296,21 +291,18 @@ def _finish(ex: Exchange, scope: Message) -> None:
     request, pairs = request_tree(scope, ex, route)
     body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
     ident, shape_key, label = identity(request, pairs, body)
-    payloads: dict[str, Any] = {ATTR_REQUEST: _pack(request)}
-    if ex.sent or ex.error is None:
-        payloads[ATTR_RESPONSE] = _pack(ex.response_tree())
-    if ex.error is not None:
-        payloads[ATTR_ERROR] = _pack(error_tree(ex.error, {"traceback": ex.tb}))
-    if any(len(p) > STATE.max_payload_bytes for p in payloads.values()):
-        payloads = {k: p for k, p in payloads.items() if len(p) <= STATE.max_payload_bytes}
-        payloads[ATTR_TRUNCATED] = True
-    payloads.update({
-        ATTR_LIBRARY: LIBRARY,
-        ATTR_KEY: stable_hash(LIBRARY, ident),
-        ATTR_SHAPE: shape_key,
-        ATTR_LABEL: label,
-    })
-    span.set_attributes(payloads)  # one call: the SDK takes its attribute lock once
+    parts = {
+        "request": _pack(request),
+        "response": _pack(ex.response_tree()) if ex.sent or ex.error is None else None,
+        "error": _pack(error_tree(ex.error, {"traceback": ex.tb})) if ex.error is not None else None,
+    }
+    # A part over the payload limit is left out and the interaction flagged truncated.
+    kept = {k: p for k, p in parts.items() if p is not None and len(p) <= STATE.max_payload_bytes}
+    span.set_attribute(ATTR_PAYLOAD, payload_attribute(
+        LIBRARY, stable_hash(LIBRARY, ident), shape_key, label, kept.get("request", _NIL),
+        response=kept.get("response"), error=kept.get("error"),
+        truncated=len(kept) < sum(p is not None for p in parts.values()),
+    ))
 
 
 # Replay: inbound.py sets an Exchange here; the first seam that runs claims and fills it.

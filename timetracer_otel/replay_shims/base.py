@@ -41,7 +41,13 @@ from timetracer_otel.redaction import Redactor, default_redactor
 
 log = logging.getLogger("timetracer_otel")
 
-# Span attributes that carry payloads; the exporters move them into SpanRecord fields.
+# The span attribute that carries a call's payload: msgpack bytes of a map with ``library``,
+# ``key``, ``shape``, ``label``, ``request``, then ``response`` or ``error``, and ``truncated``
+# (see :func:`payload_attribute`). One attribute, set once when the call ends: the SDK cleans
+# and locks per attribute, and the Collector path ships and parses one value instead of six.
+ATTR_PAYLOAD = "timetracer.payload"
+# The separate attributes earlier releases set (and the readers still accept, so spans from
+# an older recorder through a Collector still become interactions).
 ATTR_LIBRARY = "timetracer.library"
 ATTR_KEY = "timetracer.key"
 ATTR_SHAPE = "timetracer.shape"
@@ -50,15 +56,35 @@ ATTR_REQUEST = "timetracer.request"
 ATTR_RESPONSE = "timetracer.response"
 ATTR_ERROR = "timetracer.error"
 ATTR_TRUNCATED = "timetracer.truncated"
+# Set on a replayed call's span: "exact" or "shape" (how it matched).
 ATTR_REPLAY = "timetracer.replay"
 PAYLOAD_ATTRS = frozenset(
-    {ATTR_LIBRARY, ATTR_KEY, ATTR_SHAPE, ATTR_LABEL, ATTR_REQUEST, ATTR_RESPONSE, ATTR_ERROR,
-     ATTR_TRUNCATED}
+    {ATTR_PAYLOAD, ATTR_LIBRARY, ATTR_KEY, ATTR_SHAPE, ATTR_LABEL, ATTR_REQUEST, ATTR_RESPONSE,
+     ATTR_ERROR, ATTR_TRUNCATED}
 )
 
-# Payload attributes are msgpack bytes: the SDK keeps bytes values as they are (no string
-# truncation) and OTLP carries them as bytes_value, so raw bodies survive a Collector too.
+# Payloads are msgpack bytes: the SDK keeps bytes values as they are (no string truncation)
+# and OTLP carries them as bytes_value, so raw bodies survive a Collector too.
 _pack = msgspec.msgpack.Encoder().encode
+
+
+def payload_attribute(
+    library: str, key: str, shape: str, label: str, request: bytes, *,
+    response: bytes | None = None, error: bytes | None = None, truncated: bool = False,
+) -> bytes:
+    """The :data:`ATTR_PAYLOAD` value of one call. ``request``, ``response`` and ``error`` are
+    the msgpack of the (redacted) trees, embedded as they are (no second encoding)."""
+    payload: dict[str, Any] = {
+        "library": library, "key": key, "shape": shape, "label": label,
+        "request": msgspec.Raw(request),
+    }
+    if response is not None:
+        payload["response"] = msgspec.Raw(response)
+    if error is not None:
+        payload["error"] = msgspec.Raw(error)
+    if truncated:
+        payload["truncated"] = True
+    return _pack(payload)
 
 
 @dataclass
@@ -144,26 +170,31 @@ def decide(call: Call) -> Match | Action:
 _tracer = trace.get_tracer("timetracer_otel")
 
 
-def _dependency_span(call: Call, scope: str) -> tuple[Span, bool]:
-    """The instrumentation's span for this call, or a span of our own when there is none."""
+def _dependency_span(scope: str) -> Span | None:
+    """The instrumentation's span for this call, or None when there is none (or when another
+    call already put its payload on it)."""
     span = trace.get_current_span()
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
-        attrs = getattr(span, "attributes", None) or {}
-        if sc is not None and sc.name.startswith(scope) and ATTR_KEY not in attrs:
-            return span, False
-    return _tracer.start_span(call.label, kind=SpanKind.CLIENT), True
+        if sc is not None and sc.name.startswith(scope):
+            attrs = getattr(span, "attributes", None)
+            if not attrs or (ATTR_PAYLOAD not in attrs and ATTR_KEY not in attrs):
+                return span
+    return None
 
 
 class Capture:
     """Puts one live call's request and outcome onto its span (and the replay log)."""
 
-    __slots__ = ("call", "own", "span", "start_ns")
+    __slots__ = ("call", "own", "request", "span", "start_ns")
 
-    def __init__(self, call: Call, span: Span, own: bool) -> None:
+    def __init__(self, call: Call, scope: str) -> None:
         self.call = call
-        self.span = span
-        self.own = own
+        # Packed (and its secrets seen by the redactor) before the response is scrubbed.
+        self.request = _pack(call.request)
+        span = _dependency_span(scope)
+        self.own = span is None
+        self.span = _tracer.start_span(call.label, kind=SpanKind.CLIENT) if span is None else span
         self.start_ns = time.time_ns()
 
     # A class, not @contextmanager: a generator per call costs more than the rest of this.
@@ -175,23 +206,28 @@ class Capture:
             self.span.end()
 
     def ok(self, response: Tree) -> None:
-        self._finish(ATTR_RESPONSE, *STATE.redactor.response_packed(response))
+        self._finish("response", *STATE.redactor.response_packed(response))
 
     def fail(self, exc: BaseException, attrs: Tree = None) -> None:
         tree = STATE.redactor.scrub(error_tree(exc, attrs))
-        self._finish(ATTR_ERROR, tree, _pack(tree))
+        self._finish("error", tree, _pack(tree))
 
-    def _finish(self, attr: str, tree: Tree, payload: bytes) -> None:
-        truncated = len(payload) > STATE.max_payload_bytes
-        if self.span.is_recording():
-            if truncated:
-                self.span.set_attribute(ATTR_TRUNCATED, True)
-            else:
-                self.span.set_attribute(attr, payload)
+    def _finish(self, outcome: str, tree: Tree, packed: bytes) -> None:
+        truncated = len(packed) > STATE.max_payload_bytes
+        span = self.span
+        if span.is_recording():
+            # One attribute for the whole call, set as it ends: a call that never ends (a
+            # cancelled task) leaves no half-recorded interaction behind.
+            call = self.call
+            kept = None if truncated else packed
+            span.set_attribute(ATTR_PAYLOAD, payload_attribute(
+                call.library, call.key, call.shape_key, call.label, self.request,
+                response=kept if outcome == "response" else None,
+                error=kept if outcome == "error" else None, truncated=truncated))
         if STATE.mode is Mode.REPLAY:  # on_miss="record": keep it for the cassette
-            self._append(attr, None if truncated else tree, truncated)
+            self._append(outcome, None if truncated else tree, truncated)
 
-    def _append(self, attr: str, tree: Tree, truncated: bool) -> None:
+    def _append(self, outcome: str, tree: Tree, truncated: bool) -> None:
         ctx = self.span.get_span_context()
         record = SpanRecord(
             trace_id=f"{ctx.trace_id:032x}",
@@ -205,8 +241,8 @@ class Capture:
             shape=self.call.shape_key,
             label=self.call.label,
             request=self.call.request,
-            response=tree if attr == ATTR_RESPONSE else None,
-            error=tree if attr == ATTR_ERROR else None,
+            response=tree if outcome == "response" else None,
+            error=tree if outcome == "error" else None,
             truncated=truncated,
         )
         with STATE.lock:
@@ -214,22 +250,10 @@ class Capture:
 
 
 def capture(call: Call, scope: str) -> Capture:
-    """Open (or reuse) the dependency span and set the request attributes on it; use as
-    ``with capture(call, SCOPE) as cap:`` (a span of our own ends with the block)."""
-    # Built (and its secrets seen by the redactor) before the response is scrubbed.
-    request = _pack(call.request)
-    span, own = _dependency_span(call, scope)
-    if span.is_recording():
-        span.set_attributes(
-            {
-                ATTR_LIBRARY: call.library,
-                ATTR_KEY: call.key,
-                ATTR_SHAPE: call.shape_key,
-                ATTR_LABEL: call.label,
-                ATTR_REQUEST: request,
-            }
-        )
-    return Capture(call, span, own)
+    """Open (or reuse) the dependency span for ``call``; use as ``with capture(call, SCOPE) as
+    cap:`` and end with ``cap.ok(tree)`` or ``cap.fail(exc)``, which put the payload on the
+    span (a span of our own ends with the block)."""
+    return Capture(call, scope)
 
 
 # --- errors ----------------------------------------------------------------------------------
