@@ -164,3 +164,25 @@ def test_a_long_run_of_one_key_replays_in_order() -> None:
     idx = index_of(*(recorded(count_query(), n, start=n) for n in range(2000)))
     taken = [m.span.response if (m := idx.take(count_query())) else None for _ in range(2001)]
     assert taken == [*range(2000), None]
+
+
+@pytest.mark.parametrize("params", [None, (), [], (1,), ["x", None], ((),), {"a": 1}])
+@pytest.mark.parametrize("extra", [None, {"column": 2}])
+def test_sql_keys_are_the_hashes_of_the_call_trees_whichever_path_made_them(
+    params: object, extra: dict[str, int] | None
+) -> None:
+    # Statement keys are cached per statement (and the exact key of a call without
+    # parameters): a cached key must be the one the call's own trees hash to, every time.
+    from timetracer_otel.keys import stable_hash
+
+    seen = set()
+    for _ in range(2):
+        call = sql_call("asyncpg", "SELECT $1  /* c */", params, database="d", operation="fetch",
+                        extra=extra)
+        assert call.key == stable_hash("asyncpg", call.identity)
+        assert call.shape_key == stable_hash("asyncpg", call.shape)
+        assert call.identity["params"] == call.request["params"]
+        seen.add((call.key, call.shape_key, call.label))
+    assert len(seen) == 1
+    other_db = sql_call("asyncpg", "SELECT $1", params, database="e", operation="fetch", extra=extra)
+    assert other_db.key != call.key and other_db.shape_key != call.shape_key

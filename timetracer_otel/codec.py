@@ -221,6 +221,10 @@ def _asyncpg_type(name: str) -> Any:
     return getattr(asyncpg, name)
 
 
+# ``exact_encoder(type(v))``: the encoder :func:`to_tree` would apply to ``v`` when its type is
+# a built-in one, else None; a bound dict lookup, for loops over many cells.
+exact_encoder = _ENCODERS.get
+
 _NAMED_ENCODERS: dict[str, _Encoder] = {
     "bson.objectid.ObjectId": lambda v: {"$bson.ObjectId": str(v)},
     "bson.decimal128.Decimal128": lambda v: {"$bson.Decimal128": str(v)},

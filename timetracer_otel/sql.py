@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from timetracer_otel.codec import to_tree
-from timetracer_otel.keys import Call
+from timetracer_otel.keys import Call, stable_hash
 from timetracer_otel.replay_shims.base import STATE
 
 # One pass over string literals, quoted identifiers and comments: only comments are cut.
@@ -76,14 +76,42 @@ def sql_call(
     text = normalise_statement(statement)
     tree = to_tree(params) if params is not None else None
     tree = STATE.redactor.sql_params(text, tree, redact_params)  # shim and configured rules
-    identity: dict[str, Any] = {
-        "db": database,
-        "op": operation,
-        "statement": text,
-        "params": tree,
-        **(extra or {}),
-    }
-    shape = {"db": database, "op": operation, "statement": statement_shape(text), **(extra or {})}
-    label = f"{operation} {text if len(text) <= 120 else text[:117] + '...'}"
-    return Call(library, identity, identity, shape, label)
+    if extra is not None:
+        identity = {"db": database, "op": operation, "statement": text, "params": tree, **extra}
+        shape = {"db": database, "op": operation, "statement": statement_shape(text), **extra}
+        return Call(library, identity, identity, shape, _label(operation, text))
+    empty = _empty(tree)
+    shape, shape_key, label, key = _statement_keys(library, database, operation, text, empty)
+    identity = {"db": database, "op": operation, "statement": text, "params": tree}
+    return Call(library, identity, identity, shape, label, key, shape_key)
 
+
+def _label(operation: str, text: str) -> str:
+    return f"{operation} {text if len(text) <= 120 else text[:117] + '...'}"
+
+
+# The parameter trees of a call without parameters: None, () and [].
+_EMPTY_TREES: dict[str, Any] = {"none": None, "tuple": {"$tuple": []}, "list": []}
+
+
+def _empty(tree: Any) -> str | None:
+    if tree is None:
+        return "none"
+    if type(tree) is dict:
+        return "tuple" if tree == _EMPTY_TREES["tuple"] else None
+    return "list" if type(tree) is list and not tree else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _statement_keys(
+    library: str, database: str | None, operation: str, text: str, empty: str | None
+) -> tuple[dict[str, Any], str, str, str | None]:
+    # Services repeat their statements: the shape, its key and the label are the same every
+    # time, and so is the exact key of a call without parameters (``empty``). The shape dict
+    # is shared: read, never mutate.
+    shape = {"db": database, "op": operation, "statement": statement_shape(text)}
+    key = None
+    if empty is not None:
+        key = stable_hash(library, {"db": database, "op": operation, "statement": text,
+                                    "params": _EMPTY_TREES[empty]})
+    return shape, stable_hash(library, shape), _label(operation, text), key

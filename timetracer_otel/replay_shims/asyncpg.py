@@ -28,7 +28,7 @@ from asyncpg.protocol.protocol import _create_record
 from asyncpg.protocol.record import RecordDescriptor
 from asyncpg.types import Attribute, Type
 
-from timetracer_otel.codec import Tree, as_bytes, from_tree, register, to_tree
+from timetracer_otel.codec import Tree, as_bytes, exact_encoder, from_tree, register, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
@@ -244,8 +244,11 @@ def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
         tree["cols"] = list(rows[0].keys())
     plain = _PLAIN
     # One comprehension per row, the codec only for the cells that need it (a numeric column
-    # must not send the row's ints and texts through the codec's dispatch too).
-    tree["rows"] = [[v if type(v) in plain else to_tree(v) for v in row] for row in rows]
+    # must not send the row's ints and texts through the codec's dispatch too), through the
+    # codec's encoder for the cell's type when it has one of its own.
+    enc = exact_encoder
+    tree["rows"] = [[v if type(v) in plain else (enc(type(v)) or to_tree)(v) for v in row]
+                    for row in rows]
     return tree
 
 

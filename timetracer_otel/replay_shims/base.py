@@ -176,11 +176,16 @@ def _dependency_span(scope: str) -> Span | None:
     span = trace.get_current_span()
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
-        if sc is not None and sc.name.startswith(scope):
-            attrs = getattr(span, "attributes", None)
-            if not attrs or (ATTR_PAYLOAD not in attrs and ATTR_KEY not in attrs):
-                return span
+        if sc is not None and sc.name.startswith(scope) and ATTR_PAYLOAD not in _attributes(span):
+            return span
     return None
+
+
+def _attributes(span: Span) -> Any:
+    # The SDK's span.attributes is a proxy over BoundedAttributes, whose `in` is a Python
+    # __getitem__ raising KeyError on a miss; the plain dict beneath answers in C.
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    return inner if type(inner) is dict else (getattr(span, "attributes", None) or {})
 
 
 class Capture:
