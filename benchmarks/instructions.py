@@ -16,6 +16,9 @@ Modes (one process each):
 - ``otel`` / ``record``: an httpx call with OTel's httpx instrumentation and the connection pool
   stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``.
 - ``inbound-otel`` / ``inbound-record``: scenario 6's 1 KB Starlette request, in-process.
+- ``db-otel`` / ``db-record``: scenario 4's 10-row query on the live loopback PostgreSQL
+  (``driver``: asyncpg or psycopg), with OTel's instrumentation, and under ``record()``. Only
+  this process is counted, not the server's work.
 - ``convert``: the writer's span -> SpanRecord conversion (``record_from_readable``) of
   scenario 5's traces, per span.
 
@@ -160,6 +163,58 @@ def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def db_record(args: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+
+    import timetracer_otel
+    from benchmarks.db import PG, SQL, drop_database, fresh_database
+    from benchmarks.micro import _otel
+    from timetracer_otel import replay_shims
+
+    driver = args["driver"]
+    _otel()
+    replay_shims.instrument([driver])
+    db = fresh_database()
+    dsn = f"postgresql://postgres@{PG}/{db}"
+    recording = args["mode"] == "db-record"
+    try:
+        if driver == "asyncpg":
+            import asyncpg
+
+            async def main() -> None:
+                conn = await asyncpg.connect(dsn)
+                for _ in range(WARM):
+                    await conn.fetch(SQL)
+                _settle()
+                for _ in range(args["calls"]):
+                    await conn.fetch(SQL)
+                await conn.close()
+
+            with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-db-"),
+                                        libraries=[driver]) if recording else _nothing():
+                asyncio.run(main())
+        else:
+            import psycopg
+
+            with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-db-"),
+                                        libraries=[driver]) if recording else _nothing(), \
+                    psycopg.connect(dsn) as conn:
+                for _ in range(WARM):
+                    conn.execute(SQL).fetchall()
+                _settle()
+                for _ in range(args["calls"]):
+                    conn.execute(SQL).fetchall()
+    finally:
+        drop_database(db)
+    return {}
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def convert_spans(args: dict[str, Any]) -> dict[str, Any]:
     """The writer thread's conversion of ended SDK spans to SpanRecords (scenario 5's traces):
     both runs build the same ``traces``; only the number converted differs."""
@@ -186,6 +241,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         return http_replay(args)
     if mode.startswith("inbound"):
         return inbound_record(args)
+    if mode.startswith("db"):
+        return db_record(args)
     return http_record(args)
 
 
