@@ -252,10 +252,26 @@ def _bytes_checksum_ok(data: bytes, checksum: str) -> bool:
     return hmac.compare_digest(_BYTES_ALGO + h.hexdigest(), checksum)
 
 
+def _decoded(cassette: Cassette) -> Cassette:
+    """``cassette`` with payloads the writer kept as msgpack bytes (``msgspec.Raw``) decoded,
+    for JSON, which cannot embed them."""
+    if not any(type(v) is msgspec.Raw for s in cassette.spans
+               for v in (s.request, s.response, s.error)):
+        return cassette
+
+    def tree(v: Any) -> Any:
+        return _PAYLOAD_DECODER.decode(v) if type(v) is msgspec.Raw else v
+
+    spans = [msgspec.structs.replace(s, request=tree(s.request), response=tree(s.response),
+                                     error=tree(s.error)) for s in cassette.spans]
+    return msgspec.structs.replace(cassette, spans=spans)
+
+
 def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
     """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON; encrypted when
     ``TIMETRACER_ENCRYPTION_KEY`` is set."""
     if fmt == "json":
+        cassette = _decoded(cassette)
         cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette))
         data = msgspec.json.format(_JSON_ENCODER.encode(cassette), indent=1) + b"\n"
     elif fmt == "msgpack":

@@ -266,3 +266,58 @@ def test_a_storage_failing_a_whole_batch_counts_every_cassette(tmp_path: Path) -
     assert writer.flush()
     assert writer.stats()["errors"] == 4 and writer.written == []
     writer.close()
+
+
+def test_msgpack_cassettes_embed_payload_bytes_and_load_as_json_ones_do(tmp_path: Path) -> None:
+    # The msgpack writer keeps this process's payload bytes as they are (no decode, no second
+    # encode); the JSON writer decodes them. Both files must load to the same typed trees.
+    import datetime as dt
+    import uuid
+    from decimal import Decimal
+
+    import msgspec
+
+    from timetracer_otel.codec import as_bytes, from_tree, to_tree
+    from timetracer_otel.replay_shims.base import ATTR_PAYLOAD, payload_attribute
+
+    rows = [[1, Decimal("1.50"), dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc), uuid.uuid4(),
+             b"\x00\xff", None]]
+    request = {"method": "GET", "url": "http://api.local/x?page=2", "headers": [["accept", "*/*"]],
+               "body": b""}
+    pack = msgspec.msgpack.encode
+    kept: dict[str, Any] = {}
+    writers = {fmt: CassetteWriter(str(tmp_path / fmt), fmt=fmt,
+                                   on_written=lambda _, c, fmt=fmt: kept.setdefault(fmt, c))
+               for fmt in ("msgpack", "json")}
+    for writer in writers.values():
+        tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+        with tracer.start_as_current_span("GET /x", kind=SpanKind.SERVER):
+            with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+                span.set_attribute("url.full", request["url"])
+                span.set_attribute(ATTR_PAYLOAD, payload_attribute(
+                    "httpx", "httpx:k", "httpx:s", "GET x", pack(request),
+                    response=pack({"rows": to_tree(rows)})))
+            with tracer.start_as_current_span("fetch", kind=SpanKind.CLIENT) as span:
+                span.set_attribute(ATTR_PAYLOAD, payload_attribute(
+                    "asyncpg", "asyncpg:k", "asyncpg:s", "fetch", pack({"statement": "SELECT 1"}),
+                    error=pack({"type": "asyncpg:PostgresError", "message": "boom", "args": None,
+                                "attrs": None})))
+        writer.close()
+    loaded = {fmt: load_cassette(w.written[0]) for fmt, w in writers.items()}
+    assert writers["msgpack"].written[0].endswith(".msgpack")
+    embedded = [type(s.response) for s in kept["msgpack"].spans if s.library]
+    assert embedded == [msgspec.Raw, type(None)]  # the msgpack writer never decoded them
+    assert writers["json"].written[0].endswith(".json")
+    for fmt, cassette in loaded.items():
+        http, sql = cassette.interactions
+        assert {k: v for k, v in http.request.items() if k != "body"} == \
+            {k: v for k, v in request.items() if k != "body"}
+        assert as_bytes(http.request["body"]) == b""  # JSON carries raw bytes as base64 text
+        assert fmt == "json" or type(http.request["body"]) is bytes
+        got = from_tree(http.response["rows"])
+        assert got == rows and [type(v) for v in got[0]] == [type(v) for v in rows[0]]
+        assert got[0][2].tzinfo is dt.timezone.utc
+        assert sql.response is None and sql.error["message"] == "boom"
+        assert http.attributes == {"url.full": request["url"]}
+    assert [from_tree(s.response) for s in loaded["msgpack"].spans] == \
+        [from_tree(s.response) for s in loaded["json"].spans]

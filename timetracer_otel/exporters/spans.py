@@ -65,24 +65,30 @@ _URL_ATTRS = ("url.full", "http.url")
 
 
 def record_from_attributes(
-    base: dict[str, Any], attributes: Mapping[str, Any], memo: Memo | None = None
+    base: dict[str, Any], attributes: Mapping[str, Any], memo: Memo | None = None,
+    raw: bool = False,
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
     attrs: dict[str, Any] = {}
     for k, v in attributes.items():
         if k not in PAYLOAD_ATTRS:
             attrs[k] = plain(v) if isinstance(v, tuple | list) else v
-    return record_from_parts(base, attrs, attributes, memo)
+    return record_from_parts(base, attrs, attributes, memo, raw)
 
 
 def record_from_parts(
     base: dict[str, Any], attrs: dict[str, Any], payloads: Mapping[str, Any],
-    memo: Memo | None = None,
+    memo: Memo | None = None, raw: bool = False,
 ) -> SpanRecord:
     """Finish a SpanRecord from the ordinary attributes (``attrs``, taken over) and the payload
-    attributes (``payloads``: any mapping holding them, ordinary ones are not read)."""
+    attributes (``payloads``: any mapping holding them, ordinary ones are not read).
+
+    ``raw``: keep the request, response and error of a :data:`ATTR_PAYLOAD` as the msgpack
+    bytes they are (``msgspec.Raw``), for a msgpack cassette that embeds them unchanged. Only
+    for payloads this process made; bytes from elsewhere (OTLP) are decoded, which checks them.
+    """
     try:
-        payload = _payload_of(payloads)
+        payload = _payload_of(payloads, raw)
     except (msgspec.DecodeError, ValueError) as exc:
         log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
         payload = {"library": None, "key": None}
@@ -104,15 +110,34 @@ class _Payload(msgspec.Struct, forbid_unknown_fields=False):
     truncated: bool = False
 
 
+class _RawPayload(msgspec.Struct, forbid_unknown_fields=False):
+    """:class:`_Payload` with the trees left encoded (an absent one is an empty Raw)."""
+
+    library: str
+    key: str
+    shape: str | None = None
+    label: str | None = None
+    request: msgspec.Raw = msgspec.Raw()
+    response: msgspec.Raw = msgspec.Raw()
+    error: msgspec.Raw = msgspec.Raw()
+    truncated: bool = False
+
+
 _unpack_payload = msgspec.msgpack.Decoder(_Payload).decode
+_unpack_raw_payload = msgspec.msgpack.Decoder(_RawPayload).decode
 _unjson_payload = msgspec.json.Decoder(_Payload).decode
 
 
-def _payload_of(payloads: Mapping[str, Any]) -> dict[str, Any]:
+def _payload_of(payloads: Mapping[str, Any], raw: bool = False) -> dict[str, Any]:
     """The SpanRecord payload fields of a span: from :data:`ATTR_PAYLOAD`, or from the separate
     attributes of earlier releases; empty for a span that carries neither."""
     combined = payloads.get(ATTR_PAYLOAD)
     if combined is not None:
+        if raw and isinstance(combined, bytes):
+            r = _unpack_raw_payload(combined)
+            return {"library": r.library, "key": r.key, "shape": r.shape, "label": r.label,
+                    "request": r.request or None, "response": r.response or None,
+                    "error": r.error or None, "truncated": r.truncated}
         if isinstance(combined, bytes | bytearray):
             p = _unpack_payload(combined)
         elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
@@ -172,6 +197,8 @@ def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> 
     attribute cannot keep anything out of the file; it only costs a URL parse per span.
     Every other attribute, and a URL attribute that differs in any byte (as one from another
     process's instrumentation may), is redacted in full."""
+    if type(request) is msgspec.Raw and (_URL_ATTRS[0] in attrs or _URL_ATTRS[1] in attrs):
+        request = _unpack(request)  # the small half of the payload, for its URL
     url = request.get("url") if type(request) is dict else None
     if type(url) is not str or (attrs.get(_URL_ATTRS[0]) != url and attrs.get(_URL_ATTRS[1]) != url):
         return _redact(attrs, memo)
@@ -184,7 +211,9 @@ _KIND_NAMES = {k: k.name for k in SpanKind}
 _STATUS_NAMES = {c: c.name for c in StatusCode}
 
 
-def record_from_readable(span: ReadableSpan, memo: Memo | None = None) -> SpanRecord:
+def record_from_readable(
+    span: ReadableSpan, memo: Memo | None = None, raw: bool = False
+) -> SpanRecord:
     ctx = span.context
     parent = span.parent
     status = span.status
@@ -206,7 +235,7 @@ def record_from_readable(span: ReadableSpan, memo: Memo | None = None) -> SpanRe
             for e in span.events
         ],
     }
-    return record_from_attributes(base, _attributes_of(span), memo)
+    return record_from_attributes(base, _attributes_of(span), memo, raw)
 
 
 def _attributes_of(span: ReadableSpan) -> Mapping[str, Any]:

@@ -243,7 +243,10 @@ class CassetteWriter:
                 # Attribute sets repeat across the spans of a request: redacted once within a
                 # half millisecond of work, afresh after (the redactor learns new secrets).
                 self._memo, self._memo_since = {}, now
-            item = record_from_readable(item, self._memo)
+            # A msgpack cassette embeds this process's payload bytes as they are: no decode
+            # into trees (and no garbage for the collector, which runs in the app's threads
+            # too), no second encode.
+            item = record_from_readable(item, self._memo, raw=self.fmt == "msgpack")
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
