@@ -235,6 +235,7 @@ class Bench:
                              target=f"<= {limit} µs" if which == "main" else "")
                 if which == "main":
                     r.met = share * base_us <= limit
+        self._instr_db(sc, got, calls // 5)
         try:
             conv = instructions.per_call({"mode": "convert", "traces": 200}, calls)
         except RuntimeError as exc:
@@ -243,6 +244,39 @@ class Bench:
         self.raw["instructions"]["convert"] = conv
         self.add(sc, "writer: span to SpanRecord (record_from_readable), per span", "instructions/span",
                  [conv["main"]], note="scenario 5's traces, one batch memo")
+
+    def _instr_db(self, sc: str, got: dict[str, dict[str, float]], queries: int) -> None:
+        """Scenario 4's query in instructions. The client's instructions are a small part of
+        a loopback query's wall time (the server's work is not counted), so they become µs at
+        the rate this run's CPU-bound httpx OTel-only call retired them."""
+        from benchmarks import instructions
+
+        http_us = self._baseline_us("httpx call, OTel only (pool stubbed, no network)")
+        rate = got["otel"]["main"] / http_us if http_us else None  # instructions per µs
+        for driver in ("asyncpg", "psycopg"):
+            print(f"  instr: {driver} db-otel, db-record under callgrind", file=sys.stderr)
+            try:
+                b, m = (instructions.per_call({"mode": mode, "driver": driver}, queries)
+                        for mode in ("db-otel", "db-record"))
+            except RuntimeError as exc:
+                self.notes.append(str(exc))
+                continue
+            self.raw["instructions"][f"db-{driver}"] = {"otel": b, "record": m}
+            self.add(sc, f"{driver} query, OTel only: instructions, request thread",
+                     "instructions/query", [b["main"]], note="this process only, not the server")
+            for which, what in (("main", "request thread"), ("total", "writer thread included")):
+                delta = m[which] - b[which]
+                if rate is None:
+                    self.add(sc, f"{driver} record overhead, {what}", "instructions/query", [delta],
+                             ratio=f"{delta / b['main']:+.1%} of the OTel-only client",
+                             note="run with -s micro for µs")
+                    continue
+                r = self.add(sc, f"{driver} record overhead, {what}, from instructions", "µs/query",
+                             [delta / rate], ratio=f"{delta:,.0f} instructions",
+                             note=f"at {rate:,.0f} instructions/µs (the httpx OTel-only call, this run)",
+                             target="< 40 µs" if which == "main" else "")
+                if which == "main":
+                    r.met = delta / rate < 40
 
     # -- scenarios 2 and 3 -------------------------------------------------------------------
 
