@@ -321,3 +321,21 @@ def test_msgpack_cassettes_embed_payload_bytes_and_load_as_json_ones_do(tmp_path
         assert http.attributes == {"url.full": request["url"]}
     assert [from_tree(s.response) for s in loaded["msgpack"].spans] == \
         [from_tree(s.response) for s in loaded["json"].spans]
+
+
+def test_flush_and_close_cut_the_writers_gathering_wait_short(tmp_path: Path) -> None:
+    # Once caught up, the writer lets spans gather; a flush must not wait that out.
+    writer = CassetteWriter(str(tmp_path))
+    writer.gather_interval = 600.0
+    tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+    for round_ in range(3):  # each flush finds the thread in (or entering) its wait
+        with tracer.start_as_current_span(f"GET /{round_}", kind=SpanKind.SERVER):
+            pass
+        assert writer.flush(timeout=20)
+        assert len(writer.written) == round_ + 1
+    with tracer.start_as_current_span("GET /last", kind=SpanKind.SERVER):
+        pass
+    writer.close(timeout=20)
+    assert writer._thread is not None and not writer._thread.is_alive()
+    assert [load_cassette(p).spans[0].name for p in writer.written] == \
+        ["GET /0", "GET /1", "GET /2", "GET /last"]
