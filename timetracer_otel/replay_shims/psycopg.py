@@ -196,8 +196,12 @@ class RecordedResult:
     def from_tree(cls, tree: Tree, enc: str = "utf-8") -> RecordedResult:
         fields = [(_raw(f[0], enc) or b"", f[1], f[2], f[3], f[4]) for f in tree.get("fields", ())]
         binary = [f[3] == pq.Format.BINARY for f in fields]
-        rows = [[None if v is None else as_bytes(v) if binary[c] else _raw(v, enc)
-                 for c, v in enumerate(row)] for row in tree.get("rows", ())]
+        if any(binary):
+            rows = [[None if v is None else as_bytes(v) if binary[c] else _raw(v, enc)
+                     for c, v in enumerate(row)] for row in tree.get("rows", ())]
+        else:  # text results, the usual case: str cells encoded inline, a call for the rest
+            rows = [[v.encode(enc) if type(v) is str else _raw(v, enc) for v in row]
+                    for row in tree.get("rows", ())]
         diag = {int(k): _raw(v, enc) or b"" for k, v in (tree.get("diag") or {}).items()}
         return cls(tree["status"], _raw(tree.get("cmd"), enc), tree.get("tuples"), fields, rows,
                    _raw(tree.get("message"), enc) or b"", diag)
