@@ -110,6 +110,30 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
                         rows = conn.execute(SQL).fetchall()
                     us = (time.perf_counter() - t0) * 1e6 / queries
                 return us, rows
+
+            def psycopg_floor() -> float:
+                # As asyncpg's floor: OTel's traced cursor and span around an execute that
+                # does nothing and a fetchall that returns rows built beforehand.
+                with psycopg.connect(f"postgresql://postgres@{PG}/{db}") as conn:
+                    rows = conn.execute(SQL).fetchall()
+                    cls = psycopg.Cursor
+                    saved = cls.__dict__["execute"], cls.__dict__["fetchall"]
+
+                    def execute(self: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+                        return self
+
+                    cls.execute, cls.fetchall = execute, lambda self: rows  # type: ignore[assignment,method-assign]
+                    try:
+                        t0 = time.perf_counter()
+                        for _ in range(queries):
+                            got = conn.execute(SQL).fetchall()
+                        us = (time.perf_counter() - t0) * 1e6 / queries
+                    finally:
+                        cls.execute, cls.fetchall = saved  # type: ignore[method-assign]
+                    assert got == rows
+                    return us
+
+            floor = psycopg_floor
         measure(5432)  # warm-up
         for r in range(args["runs"]):
             us, rows_seen["live"] = measure(5432)
