@@ -23,8 +23,8 @@ import hmac
 import math
 import os
 import queue
+import secrets
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -500,7 +500,7 @@ def atomic_write_many(
                         os.makedirs(parent, exist_ok=True)
                         new_dirs.add(parent)
                     checked.add(parent)
-                fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+                fd, tmp = _temp_file(parent, p.name)
             except OSError as exc:
                 results[i] = CassetteError(
                     f"cannot write {p} ({exc.strerror or exc}); choose a writable directory."
@@ -543,6 +543,22 @@ def atomic_write_many(
                     os.unlink(item.tmp)
                 item.tmp = None
     return results
+
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | \
+    getattr(os, "O_BINARY", 0)
+
+
+def _temp_file(parent: str, name: str) -> tuple[int, str]:
+    """A new file ``.<name>.<random>.tmp`` in ``parent``, open for writing, mode 0600: what
+    ``tempfile.mkstemp`` makes, without its Python-level name generator (one per cassette)."""
+    for _ in range(100):
+        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name in {parent}")
 
 
 class _Staged:

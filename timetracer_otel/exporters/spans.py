@@ -206,9 +206,10 @@ def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> 
     return {k: rest.get(k, url) for k in attrs}
 
 
-# Enum .name is a descriptor call each time: the names, read once.
-_KIND_NAMES = {k: k.name for k in SpanKind}
-_STATUS_NAMES = {c: c.name for c in StatusCode}
+# Enum .name is a descriptor call each time, and hashing a member a Python call too: the
+# names, read once, by the members' identity (members are singletons).
+_KIND_NAMES = {id(k): k.name for k in SpanKind}
+_STATUS_NAMES = {id(c): c.name for c in StatusCode}
 
 
 def record_from_readable(
@@ -223,10 +224,10 @@ def record_from_readable(
         "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
         "remote_parent": bool(parent is not None and parent.is_remote),
         "name": span.name,
-        "kind": _KIND_NAMES.get(span.kind) or span.kind.name,
+        "kind": _KIND_NAMES.get(id(span.kind)) or span.kind.name,
         "start_ns": span.start_time or 0,
         "end_ns": span.end_time or 0,
-        "status": _STATUS_NAMES.get(status.status_code) or status.status_code.name,
+        "status": _STATUS_NAMES.get(id(status.status_code)) or status.status_code.name,
         "status_message": status.description,
         "events": [
             Event(name=e.name, time_ns=e.timestamp, attributes={
