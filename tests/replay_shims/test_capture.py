@@ -64,3 +64,29 @@ def test_a_call_that_never_finishes_leaves_no_payload() -> None:
         raise KeyboardInterrupt  # a cancelled task: neither ok() nor fail() runs
     [span] = keep.spans
     assert not any(k.startswith("timetracer.") for k in span.attributes or {})
+
+
+def test_a_call_nested_in_a_running_call_gets_a_span_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A transport that makes a second captured call while its own is still running: the
+    # outer call's payload is set only when it ends, so the span must be claimed before.
+    keep = _Keep()
+    provider = TracerProvider()
+    provider.add_span_processor(keep)
+    monkeypatch.setattr(base, "_tracer", provider.get_tracer("timetracer_otel"))
+    outer = http_call("httpx", "GET", "http://api.local/outer", [], b"")
+    inner = http_call("httpx", "GET", "http://api.local/inner", [], b"")
+    with provider.get_tracer(SCOPE).start_as_current_span("GET", kind=SpanKind.CLIENT):
+        with base.capture(outer, SCOPE) as out:
+            with base.capture(inner, SCOPE) as cap:
+                cap.ok({"status": 200, "headers": [], "chunks": [b"inner"]})
+            out.ok({"status": 200, "headers": [], "chunks": [b"outer"]})
+        with base.capture(outer, SCOPE) as again:  # the claim ended with the call
+            again.ok({"status": 204, "headers": [], "chunks": []})
+    own_inner, own_again, instrumentation = keep.spans
+    assert _payload(instrumentation)["key"] == outer.key
+    assert _payload(instrumentation)["response"] == {"status": 200, "headers": [],
+                                                      "chunks": [b"outer"]}
+    assert _payload(own_inner)["key"] == inner.key and own_inner.name == inner.label
+    assert _payload(own_again)["response"] == {"status": 204, "headers": [], "chunks": []}

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -171,14 +172,20 @@ _tracer = trace.get_tracer("timetracer_otel")
 
 
 def _dependency_span(scope: str) -> Span | None:
-    """The instrumentation's span for this call, or None when there is none (or when another
-    call already put its payload on it)."""
+    """The instrumentation's span for this call, or None when there is none, or when another
+    call has it: one still running in this context (a transport calling a second captured
+    transport), or one that already put its payload on it (a hook re-sending)."""
     span = trace.get_current_span()
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
-        if sc is not None and sc.name.startswith(scope) and ATTR_PAYLOAD not in _attributes(span):
+        if sc is not None and sc.name.startswith(scope) and span is not _TAKEN.get() \
+                and ATTR_PAYLOAD not in _attributes(span):
             return span
     return None
+
+
+# The instrumentation span a running capture has claimed (its payload is set only as it ends).
+_TAKEN: ContextVar[Span | None] = ContextVar("timetracer_taken_span", default=None)
 
 
 def _attributes(span: Span) -> Any:
@@ -191,7 +198,7 @@ def _attributes(span: Span) -> Any:
 class Capture:
     """Puts one live call's request and outcome onto its span (and the replay log)."""
 
-    __slots__ = ("call", "own", "request", "span", "start_ns")
+    __slots__ = ("call", "own", "request", "span", "start_ns", "token")
 
     def __init__(self, call: Call, scope: str) -> None:
         self.call = call
@@ -201,12 +208,17 @@ class Capture:
         self.own = span is None
         self.span = _tracer.start_span(call.label, kind=SpanKind.CLIENT) if span is None else span
         self.start_ns = time.time_ns()
+        self.token: Token[Span | None] | None = None
 
     # A class, not @contextmanager: a generator per call costs more than the rest of this.
     def __enter__(self) -> Capture:
+        if not self.own:  # claimed until the call ends: a call nested in it gets its own span
+            self.token = _TAKEN.set(self.span)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _TAKEN.reset(self.token)
         if self.own:
             self.span.end()
 
