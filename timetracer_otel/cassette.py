@@ -195,17 +195,18 @@ class _Header(msgspec.Struct):
     version: Any = None
 
 
-def _no_ext(code: int, data: memoryview) -> Any:
-    # Trees never hold msgpack extension types; one in a cassette is damage or an attack.
+def reject_ext(code: int, data: memoryview) -> Any:
+    """msgpack ``ext_hook`` for every tree we read: trees never hold extension types, and one
+    in a cassette or a payload is damage or an attack."""
     raise ValueError(f"msgpack extension type {code} is not allowed in a cassette")
 
 
 _JSON_ENCODER = msgspec.json.Encoder()
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder()
 _JSON_DECODER = msgspec.json.Decoder(Cassette)
-_MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette, ext_hook=_no_ext)
-_HEADS_DECODER = msgspec.msgpack.Decoder(CassetteHeads, ext_hook=_no_ext)
-_PAYLOAD_DECODER = msgspec.msgpack.Decoder(ext_hook=_no_ext)
+_MSGPACK_DECODER = msgspec.msgpack.Decoder(Cassette, ext_hook=reject_ext)
+_HEADS_DECODER = msgspec.msgpack.Decoder(CassetteHeads, ext_hook=reject_ext)
+_PAYLOAD_DECODER = msgspec.msgpack.Decoder(ext_hook=reject_ext)
 
 
 def _checksum(cassette: Cassette) -> str:

@@ -186,3 +186,26 @@ def test_an_unreadable_payload_attribute_keeps_the_span_but_not_as_an_interactio
             assert rec.library is None and rec.key is None and rec.name == "GET"
             assert rec.attributes == {"http.request.method": "GET"}
     assert "unreadable payload on span GET" in caplog.text
+
+
+def test_a_payload_holding_a_msgpack_extension_type_spoils_only_its_own_span(caplog: Any) -> None:
+    # Trees never hold extension types; a cassette with one does not load at all. A payload
+    # from elsewhere (OTLP) that holds one is refused as it is decoded, so the cassette of the
+    # trace keeps every other interaction.
+    from timetracer_otel.cassette import Cassette, dumps, loads
+
+    pack = msgspec.msgpack.encode
+    bad_response = pack({"status": 200, "body": msgspec.msgpack.Ext(5, b"\x01")})
+    bad = _span({"http.request.method": "GET", base.ATTR_PAYLOAD: base.payload_attribute(
+        "httpx", "httpx:bad", "httpx:s", "GET bad", pack(_REQUEST), response=bad_response)})
+    legacy_bad = _span({base.ATTR_LIBRARY: "httpx", base.ATTR_KEY: "httpx:old",
+                        base.ATTR_REQUEST: pack(_REQUEST), base.ATTR_RESPONSE: bad_response})
+    good = _span({base.ATTR_PAYLOAD: base.payload_attribute(
+        "httpx", "httpx:good", "httpx:s", "GET good", pack(_REQUEST), response=pack(_RESPONSE))})
+    records = [*_both(bad), *_both(legacy_bad), *_both(good)]
+    assert [r.key for r in records] == [None, None, None, None, "httpx:good", "httpx:good"]
+    assert "unreadable payload" in caplog.text
+    cassette = Cassette(id="c", name="c", created="2026-11-27T00:00:00+00:00", spans=records)
+    for fmt in ("msgpack", "json"):
+        back = loads(dumps(cassette, fmt), "memory")
+        assert [s.key for s in back.interactions] == ["httpx:good", "httpx:good"]

@@ -14,7 +14,7 @@ import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from timetracer_otel.cassette import Event, SpanRecord
+from timetracer_otel.cassette import Event, SpanRecord, reject_ext
 from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import (
     ATTR_ERROR,
@@ -31,7 +31,9 @@ from timetracer_otel.replay_shims.base import (
 )
 
 log = logging.getLogger("timetracer_otel")
-_unpack = msgspec.msgpack.Decoder().decode
+# Payloads from other processes (OTLP) are checked as they are decoded: an extension type in
+# one would make the whole cassette unreadable, so it makes that span's payload unreadable.
+_unpack = msgspec.msgpack.Decoder(ext_hook=reject_ext).decode
 _unjson = msgspec.json.Decoder().decode
 
 
@@ -123,8 +125,16 @@ class _RawPayload(msgspec.Struct, forbid_unknown_fields=False):
     truncated: bool = False
 
 
-_unpack_payload = msgspec.msgpack.Decoder(_Payload).decode
-_unpack_raw_payload = msgspec.msgpack.Decoder(_RawPayload).decode
+_unpack_payload = msgspec.msgpack.Decoder(_Payload, ext_hook=reject_ext).decode
+_unpack_raw_payload = msgspec.msgpack.Decoder(_RawPayload).decode  # trees stay undecoded
+
+
+class _RequestUrl(msgspec.Struct, forbid_unknown_fields=False):
+    url: Any = None
+
+
+# A stored request's URL alone: the other fields (an upload body...) are skipped, not built.
+_request_url = msgspec.msgpack.Decoder(_RequestUrl, ext_hook=reject_ext).decode
 _unjson_payload = msgspec.json.Decoder(_Payload).decode
 
 
@@ -197,9 +207,15 @@ def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> 
     attribute cannot keep anything out of the file; it only costs a URL parse per span.
     Every other attribute, and a URL attribute that differs in any byte (as one from another
     process's instrumentation may), is redacted in full."""
-    if type(request) is msgspec.Raw and (_URL_ATTRS[0] in attrs or _URL_ATTRS[1] in attrs):
-        request = _unpack(request)  # the small half of the payload, for its URL
-    url = request.get("url") if type(request) is dict else None
+    url: Any = None
+    if type(request) is msgspec.Raw:
+        if _URL_ATTRS[0] in attrs or _URL_ATTRS[1] in attrs:
+            try:
+                url = _request_url(request).url
+            except (msgspec.DecodeError, ValueError):  # not a map: no URL of its own
+                url = None
+    elif type(request) is dict:
+        url = request.get("url")
     if type(url) is not str or (attrs.get(_URL_ATTRS[0]) != url and attrs.get(_URL_ATTRS[1]) != url):
         return _redact(attrs, memo)
     rest = _redact({k: v for k, v in attrs.items() if k not in _URL_ATTRS or v != url}, memo)

@@ -98,7 +98,13 @@ def sampled(trace_id: str, rate: float) -> bool:
 
 
 class CassetteWriter:
-    """Owns the queue, the assembler and the storage; one daemon thread."""
+    """Owns the queue, the assembler and the storage; one daemon thread.
+
+    ``on_written(path, cassette)`` runs on that thread after each write. In a msgpack
+    writer's cassettes the payloads of this process's spans (``request``, ``response``,
+    ``error``) are the ``msgspec.Raw`` msgpack they were recorded as; decode one with
+    ``msgspec.msgpack.decode`` (or load the file) to get the tree.
+    """
 
     def __init__(
         self,
