@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run the scenarios side by side, print the table, write the JSON.
 
-    python -m benchmarks                               # everything (10-12 minutes on 2 cores)
+    python -m benchmarks                               # everything (6-12 minutes on 2 cores)
     python -m benchmarks -s http -s lookup --runs 7    # some scenarios, more runs
     python -m benchmarks --quick                       # smaller counts, for a smoke run
 """
