@@ -216,18 +216,19 @@ def _nothing() -> Any:
 
 
 def convert_spans(args: dict[str, Any]) -> dict[str, Any]:
-    """The writer thread's conversion of ended SDK spans to SpanRecords (scenario 5's traces):
-    both runs build the same ``traces``; only the number converted differs."""
+    """The msgpack writer's conversion of ended SDK spans to SpanRecords (scenario 5's traces,
+    payloads kept encoded, as the writer keeps them): both runs build the same ``traces``;
+    only the number converted differs."""
     from benchmarks.exporter import make_traces
     from timetracer_otel.exporters.spans import Memo, record_from_readable
 
     spans = [s for t in make_traces(args["traces"]) for s in t]
     memo: Memo = {}
     for s in spans[:WARM]:
-        record_from_readable(s, memo)
+        record_from_readable(s, memo, raw=True)
     _settle()
     for s in spans[WARM:WARM + args["calls"]]:
-        record_from_readable(s, memo)
+        record_from_readable(s, memo, raw=True)
     return {}
 
 

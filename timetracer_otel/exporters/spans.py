@@ -28,6 +28,8 @@ from timetracer_otel.replay_shims.base import (
     ATTR_TRUNCATED,
     PAYLOAD_ATTRS,
     STATE,
+    Payload,
+    span_attributes,
 )
 
 log = logging.getLogger("timetracer_otel")
@@ -99,43 +101,16 @@ def record_from_parts(
     return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
 
 
-class _Payload(msgspec.Struct, forbid_unknown_fields=False):
-    """What :func:`payload_attribute` writes; decoding validates it in one pass."""
-
-    library: str
-    key: str
-    shape: str | None = None
-    label: str | None = None
-    request: Any = None
-    response: Any = None
-    error: Any = None
-    truncated: bool = False
+_unpack_payload = msgspec.msgpack.Decoder(Payload).decode
+_unjson_payload = msgspec.json.Decoder(Payload).decode
 
 
-class _RawPayload(msgspec.Struct, forbid_unknown_fields=False):
-    """:class:`_Payload` with the trees left encoded (an absent one is an empty Raw)."""
-
-    library: str
-    key: str
-    shape: str | None = None
-    label: str | None = None
-    request: msgspec.Raw = msgspec.Raw()
-    response: msgspec.Raw = msgspec.Raw()
-    error: msgspec.Raw = msgspec.Raw()
-    truncated: bool = False
-
-
-_unpack_payload = msgspec.msgpack.Decoder(_Payload, ext_hook=reject_ext).decode
-_unpack_raw_payload = msgspec.msgpack.Decoder(_RawPayload).decode  # trees stay undecoded
-
-
-class _RequestUrl(msgspec.Struct, forbid_unknown_fields=False):
+class _RequestUrl(msgspec.Struct):
     url: Any = None
 
 
 # A stored request's URL alone: the other fields (an upload body...) are skipped, not built.
 _request_url = msgspec.msgpack.Decoder(_RequestUrl, ext_hook=reject_ext).decode
-_unjson_payload = msgspec.json.Decoder(_Payload).decode
 
 
 def _payload_of(payloads: Mapping[str, Any], raw: bool = False) -> dict[str, Any]:
@@ -143,19 +118,19 @@ def _payload_of(payloads: Mapping[str, Any], raw: bool = False) -> dict[str, Any
     attributes of earlier releases; empty for a span that carries neither."""
     combined = payloads.get(ATTR_PAYLOAD)
     if combined is not None:
-        if raw and isinstance(combined, bytes):
-            r = _unpack_raw_payload(combined)
-            return {"library": r.library, "key": r.key, "shape": r.shape, "label": r.label,
-                    "request": r.request or None, "response": r.response or None,
-                    "error": r.error or None, "truncated": r.truncated}
         if isinstance(combined, bytes | bytearray):
-            p = _unpack_payload(combined)
+            p, decode = _unpack_payload(combined), _unpack
         elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
-            p = _unjson_payload(combined)
+            p, decode = _unjson_payload(combined), _unjson
         else:
             raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
+        if raw and type(combined) is bytes:  # kept encoded (an empty part is an absent one)
+            request, response, error = p.request or None, p.response or None, p.error or None
+        else:
+            request, response, error = (decode(part) if part else None
+                                        for part in (p.request, p.response, p.error))
         return {"library": p.library, "key": p.key, "shape": p.shape, "label": p.label,
-                "request": p.request, "response": p.response, "error": p.error,
+                "request": request, "response": response, "error": error,
                 "truncated": p.truncated}
     library = payloads.get(ATTR_LIBRARY)
     if not library:
@@ -252,11 +227,4 @@ def record_from_readable(
             for e in span.events
         ],
     }
-    return record_from_attributes(base, _attributes_of(span), memo, raw)
-
-
-def _attributes_of(span: ReadableSpan) -> Mapping[str, Any]:
-    # The SDK hands out a read-only proxy over BoundedAttributes, whose every access is a
-    # Python call; the plain dict beneath is read once, with the public view as fallback.
-    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
-    return inner if isinstance(inner, dict) else (span.attributes or {})
+    return record_from_attributes(base, span_attributes(span), memo, raw)

@@ -44,7 +44,7 @@ log = logging.getLogger("timetracer_otel")
 
 # The span attribute that carries a call's payload: msgpack bytes of a map with ``library``,
 # ``key``, ``shape``, ``label``, ``request``, then ``response`` or ``error``, and ``truncated``
-# (see :func:`payload_attribute`). One attribute, set once when the call ends: the SDK cleans
+# (see :class:`Payload`). One attribute, set once when the call ends: the SDK cleans
 # and locks per attribute, and the Collector path ships and parses one value instead of six.
 ATTR_PAYLOAD = "timetracer.payload"
 # The separate attributes earlier releases set (and the readers still accept, so spans from
@@ -69,23 +69,45 @@ PAYLOAD_ATTRS = frozenset(
 _pack = msgspec.msgpack.Encoder().encode
 
 
+# An absent part. The encoder leaves a default out only when it is this very object: a part
+# given as another empty Raw would be written as nothing at all, breaking the map.
+_NONE = msgspec.Raw()
+
+
+class Payload(msgspec.Struct, omit_defaults=True, gc=False):
+    """The :data:`ATTR_PAYLOAD` value of one call, written by the shims and read by the
+    exporters. ``request``, ``response`` and ``error`` are the msgpack of the (redacted) trees,
+    embedded as they are; an absent one is empty."""
+
+    library: str
+    key: str
+    shape: str | None = None
+    label: str | None = None
+    request: msgspec.Raw = _NONE
+    response: msgspec.Raw = _NONE
+    error: msgspec.Raw = _NONE
+    truncated: bool = False
+
+
 def payload_attribute(
     library: str, key: str, shape: str, label: str, request: bytes, *,
     response: bytes | None = None, error: bytes | None = None, truncated: bool = False,
 ) -> bytes:
-    """The :data:`ATTR_PAYLOAD` value of one call. ``request``, ``response`` and ``error`` are
-    the msgpack of the (redacted) trees, embedded as they are (no second encoding)."""
-    payload: dict[str, Any] = {
-        "library": library, "key": key, "shape": shape, "label": label,
-        "request": msgspec.Raw(request),
-    }
-    if response is not None:
-        payload["response"] = msgspec.Raw(response)
-    if error is not None:
-        payload["error"] = msgspec.Raw(error)
-    if truncated:
-        payload["truncated"] = True
-    return _pack(payload)
+    """The encoded :class:`Payload` of one call, from the msgpack of its trees."""
+    return _pack(Payload(
+        library, key, shape, label, msgspec.Raw(request) if request else _NONE,
+        msgspec.Raw(response) if response else _NONE,
+        msgspec.Raw(error) if error else _NONE, truncated,
+    ))
+
+
+def span_attributes(span: Any) -> Any:
+    """A span's attributes, for reading. The SDK's ``span.attributes`` is a proxy over
+    BoundedAttributes, whose every access is a Python call (and whose ``in`` raises and catches
+    a KeyError on a miss); the plain dict beneath answers in C, with the public view as
+    fallback."""
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    return inner if type(inner) is dict else (getattr(span, "attributes", None) or {})
 
 
 @dataclass
@@ -179,20 +201,13 @@ def _dependency_span(scope: str) -> Span | None:
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
         if sc is not None and sc.name.startswith(scope) and span is not _TAKEN.get() \
-                and ATTR_PAYLOAD not in _attributes(span):
+                and ATTR_PAYLOAD not in span_attributes(span):
             return span
     return None
 
 
 # The instrumentation span a running capture has claimed (its payload is set only as it ends).
 _TAKEN: ContextVar[Span | None] = ContextVar("timetracer_taken_span", default=None)
-
-
-def _attributes(span: Span) -> Any:
-    # The SDK's span.attributes is a proxy over BoundedAttributes, whose `in` is a Python
-    # __getitem__ raising KeyError on a miss; the plain dict beneath answers in C.
-    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
-    return inner if type(inner) is dict else (getattr(span, "attributes", None) or {})
 
 
 class Capture:
