@@ -3,12 +3,15 @@ shim already stored (redacted) in the span's own request; the same through OTLP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Span, SpanKind
 
 from timetracer_otel.cassette import SpanRecord
 from timetracer_otel.exporters.otlp import records_from_otlp
@@ -18,22 +21,19 @@ from timetracer_otel.replay_shims import base
 SECRET = "s3cr3t-Value-12345"
 
 
-class _Keep(SpanProcessor):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
+def _ended(fill: Callable[[Span], object]) -> ReadableSpan:
+    """One client span of the SDK, filled by ``fill`` and ended."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        fill(span)
+    [done] = exporter.get_finished_spans()
+    return done
 
 
 def _span(attributes: dict[str, Any]) -> ReadableSpan:
-    keep = _Keep()
-    provider = TracerProvider()
-    provider.add_span_processor(keep)
-    with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
-        span.set_attributes(attributes)
-    [done] = keep.spans
-    return done
+    return _ended(lambda span: span.set_attributes(attributes))
 
 
 def _client_span(url_attr: str, request_url: str) -> ReadableSpan:
@@ -122,13 +122,11 @@ def test_status_message_and_event_attributes_are_scrubbed_of_seen_secrets() -> N
     from opentelemetry.trace import Status, StatusCode
 
     token = base.STATE.redactor.header("X-API-Key", SECRET)  # the redactor has seen it
-    keep = _Keep()
-    provider = TracerProvider()
-    provider.add_span_processor(keep)
-    with provider.get_tracer("t").start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+    def fill(span: Span) -> None:
         span.add_event("exception", {"exception.message": f"401 for key {SECRET}"})
         span.set_status(Status(StatusCode.ERROR, f"rejected {SECRET}"))
-    [done] = keep.spans
+
+    done = _ended(fill)
     plain_span = _client_span("http://api.example/x", "http://api.example/x")  # no status, no events
     for rec in _both(done):
         assert rec.status == "ERROR" and rec.kind == "CLIENT"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, Tracer
 
 from timetracer_otel.keys import http_call
 from timetracer_otel.replay_shims import base
@@ -13,12 +17,22 @@ from timetracer_otel.replay_shims import base
 SCOPE = "opentelemetry.instrumentation.httpx"
 
 
-class _Keep(SpanProcessor):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
+@dataclass
+class Traced:
+    instrumentation: Tracer  # the httpx instrumentation's scope, whose spans capture reuses
+    exporter: InMemorySpanExporter
 
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
+    def spans(self) -> tuple[ReadableSpan, ...]:
+        return self.exporter.get_finished_spans()
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Traced:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(base, "_tracer", provider.get_tracer("timetracer_otel"))  # own spans
+    return Traced(provider.get_tracer(SCOPE), exporter)
 
 
 def _payload(span: ReadableSpan) -> dict[str, object]:
@@ -30,20 +44,16 @@ def _payload(span: ReadableSpan) -> dict[str, object]:
 
 
 def test_a_second_call_under_a_used_instrumentation_span_gets_a_span_of_its_own(
-    monkeypatch: pytest.MonkeyPatch,
+    traced: Traced,
 ) -> None:
-    keep = _Keep()
-    provider = TracerProvider()
-    provider.add_span_processor(keep)
-    monkeypatch.setattr(base, "_tracer", provider.get_tracer("timetracer_otel"))
     first = http_call("httpx", "GET", "http://api.local/a", [("accept", "*/*")], b"")
     second = http_call("httpx", "GET", "http://api.local/b", [("accept", "*/*")], b"")
-    with provider.get_tracer(SCOPE).start_as_current_span("GET", kind=SpanKind.CLIENT):
+    with traced.instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT):
         with base.capture(first, SCOPE) as cap:  # an auth retry or hook re-sending beneath
             cap.ok({"status": 200, "headers": [], "chunks": [b"a"]})
         with base.capture(second, SCOPE) as cap:
             cap.ok({"status": 201, "headers": [], "chunks": [b"b"]})
-    own, instrumentation = keep.spans
+    own, instrumentation = traced.spans()
     assert instrumentation.name == "GET" and own.name == second.label
     assert own.parent is not None and own.parent.span_id == instrumentation.context.span_id
     assert _payload(instrumentation)["key"] == first.key
@@ -51,40 +61,31 @@ def test_a_second_call_under_a_used_instrumentation_span_gets_a_span_of_its_own(
     assert _payload(own)["key"] == second.key and _payload(own)["request"] == second.request
 
 
-def test_a_call_that_never_finishes_leaves_no_payload() -> None:
-    keep = _Keep()
-    provider = TracerProvider()
-    provider.add_span_processor(keep)
+def test_a_call_that_never_finishes_leaves_no_payload(traced: Traced) -> None:
     call = http_call("httpx", "GET", "http://api.local/slow", [], b"")
     with (
         pytest.raises(KeyboardInterrupt),
-        provider.get_tracer(SCOPE).start_as_current_span("GET", kind=SpanKind.CLIENT),
+        traced.instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT),
         base.capture(call, SCOPE),
     ):
         raise KeyboardInterrupt  # a cancelled task: neither ok() nor fail() runs
-    [span] = keep.spans
+    [span] = traced.spans()
     assert not any(k.startswith("timetracer.") for k in span.attributes or {})
 
 
-def test_a_call_nested_in_a_running_call_gets_a_span_of_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_call_nested_in_a_running_call_gets_a_span_of_its_own(traced: Traced) -> None:
     # A transport that makes a second captured call while its own is still running: the
     # outer call's payload is set only when it ends, so the span must be claimed before.
-    keep = _Keep()
-    provider = TracerProvider()
-    provider.add_span_processor(keep)
-    monkeypatch.setattr(base, "_tracer", provider.get_tracer("timetracer_otel"))
     outer = http_call("httpx", "GET", "http://api.local/outer", [], b"")
     inner = http_call("httpx", "GET", "http://api.local/inner", [], b"")
-    with provider.get_tracer(SCOPE).start_as_current_span("GET", kind=SpanKind.CLIENT):
+    with traced.instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT):
         with base.capture(outer, SCOPE) as out:
             with base.capture(inner, SCOPE) as cap:
                 cap.ok({"status": 200, "headers": [], "chunks": [b"inner"]})
             out.ok({"status": 200, "headers": [], "chunks": [b"outer"]})
         with base.capture(outer, SCOPE) as again:  # the claim ended with the call
             again.ok({"status": 204, "headers": [], "chunks": []})
-    own_inner, own_again, instrumentation = keep.spans
+    own_inner, own_again, instrumentation = traced.spans()
     assert _payload(instrumentation)["key"] == outer.key
     assert _payload(instrumentation)["response"] == {"status": 200, "headers": [],
                                                       "chunks": [b"outer"]}

@@ -72,17 +72,19 @@ def _setup(db: str) -> None:
         c.execute(SETUP)
 
 
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])  # msgpack keeps the payload bytes as recorded
 @pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
 def test_every_column_type_replays_with_value_and_type(
-    pg_database: str, tmp_path: Path, binary: bool
+    pg_database: str, tmp_path: Path, binary: bool, fmt: str
 ) -> None:
     _setup(pg_database)
-    with timetracer_otel.record(dir=tmp_path, format="json") as rec:
+    with timetracer_otel.record(dir=tmp_path, format=fmt) as rec:
         live = _rows(PG_PORT, pg_database, binary)
     with timetracer_otel.replay(rec.paths) as rep:
         replayed = _rows(unreachable_port(), pg_database, binary)
 
     assert rep.report.exact == 3 and not rep.report.misses
+    assert [Path(p).suffix for p in rec.paths] == [f".{fmt}"]
     assert len(live) == 2
     for live_row, replayed_row in zip(live, replayed, strict=True):
         for column, value in live_row.items():
