@@ -278,9 +278,10 @@ class Redactor:
         self.generation = 0
         self._scrub_patterns: tuple[re.Pattern[str], re.Pattern[bytes]] | None = None
         self._url_memo: dict[str, str] = {}
-        # One C-speed scan of a JSON body for every configured field name (case-folded).
-        names = sorted(self.json_anywhere.exact, key=len, reverse=True)
-        self._json_names_re = re.compile(b"|".join(re.escape(n.encode()) for n in names)) if names else None
+        # The configured field names (case-folded) a JSON body is scanned for. A substring
+        # test per name, not one alternation regex: re tries every alternative at every byte
+        # (4.8 µs for a 369-byte response with the default names, against 0.6 µs).
+        self._json_names = tuple(n.encode() for n in sorted(self.json_anywhere.exact))
         self._lock = threading.Lock()
 
     @staticmethod
@@ -496,7 +497,13 @@ class Redactor:
         # configured names (case-folded, as _NameSet matches) rules most bodies out.
         if self.json_paths or self.json_anywhere.globs:
             return True
-        return self._json_names_re is not None and self._json_names_re.search(body.lower()) is not None
+        return self._has_json_name(body.lower())
+
+    def _has_json_name(self, low: bytes) -> bool:
+        for name in self._json_names:  # noqa: SIM110 - a plain loop, no generator per scan
+            if name in low:
+                return True
+        return False
 
     def response_packed(self, tree: Any) -> tuple[Any, bytes]:
         """:meth:`response` and the msgpack of its result, which the span attribute stores.
@@ -530,7 +537,7 @@ class Redactor:
                 return True
             if b"content-encoding" in low or b"urlencoded" in low:
                 return True
-            if self._json_names_re is not None and self._json_names_re.search(low) is not None:
+            if self._has_json_name(low):
                 return True
         pattern = self._bytes_pattern()
         return pattern is not None and pattern.search(raw) is not None

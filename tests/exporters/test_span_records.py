@@ -11,11 +11,20 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from timetracer_otel.cassette import SpanRecord
 from timetracer_otel.exporters.otlp import records_from_otlp
-from timetracer_otel.exporters.spans import record_from_readable
+from timetracer_otel.exporters.spans import record_from_readable, record_from_snapshot, snapshot
 from timetracer_otel.replay_shims import base
 
 SECRET = "s3cr3t-Value-12345"
@@ -207,3 +216,45 @@ def test_a_payload_holding_a_msgpack_extension_type_spoils_only_its_own_span(cap
     for fmt in ("msgpack", "json"):
         back = loads(dumps(cassette, fmt), "memory")
         assert [s.key for s in back.interactions] == ["httpx:good", "httpx:good"]
+
+
+class _PublicView:
+    """A ReadableSpan from elsewhere: only the public properties, none of the SDK's fields."""
+
+    def __init__(self, span: ReadableSpan) -> None:
+        self._span = span
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._span, name)
+
+
+def test_the_snapshot_taken_at_on_end_keeps_everything_the_record_needs() -> None:
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span(
+        "POST /orders", kind=SpanKind.SERVER, context=set_span_in_context(NonRecordingSpan(remote)),
+    ) as span:
+        span.set_attributes({"http.request.method": "POST", "tags": ("a", "b"), "n": 3})
+        span.add_event("exception", {"exception.message": f"password={SECRET}",
+                                     "lines": (1, 2)})
+        span.set_status(Status(StatusCode.ERROR, f"failed with password={SECRET}"))
+    [done] = exporter.get_finished_spans()
+
+    snap = snapshot(done)
+    fields = (snap[0], snap[1], snap[2], snap[3], snap[4], snap[6], snap[7])
+    assert fields == (0xABC, done.context.span_id, 0xDEF, True, "POST /orders",
+                      done.start_time, done.end_time)
+    records = [record_from_snapshot(snap), record_from_readable(_PublicView(done)),  # type: ignore[arg-type]
+               *records_from_otlp(encode_spans([done]))]
+    for rec in records:
+        assert rec == records[0]
+        assert (rec.trace_id, rec.parent_id, rec.remote_parent, rec.kind, rec.status) == (
+            f"{0xABC:032x}", f"{0xDEF:016x}", True, "SERVER", "ERROR")
+        assert rec.attributes == {"http.request.method": "POST", "tags": ["a", "b"], "n": 3}
+        assert [e.name for e in rec.events] == ["exception"]
+        assert rec.events[0].attributes["lines"] == [1, 2]
+        assert SECRET not in msgspec.json.encode(rec).decode()

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
-from timetracer_otel.exporters.spans import Memo, plain, record_from_readable
+from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
 from timetracer_otel.exporters.storage import Storage, storage_for, write_many
 
 log = logging.getLogger("timetracer_otel")
@@ -163,7 +163,9 @@ class CassetteWriter:
 
     def submit(self, span: ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None) -> None:
         """Enqueue a finished span (with the resource it came with, for spans received over
-        OTLP). Never blocks, never raises; drops (and counts) when full."""
+        OTLP). Never blocks, never raises; drops (and counts) when full. An SDK span is queued
+        as its :func:`~timetracer_otel.exporters.spans.snapshot`, which frees the span's own
+        objects now rather than after the writer has caught up."""
         if self._closed:
             return
         if self._queue.qsize() >= self.max_queue:
@@ -176,6 +178,13 @@ class CassetteWriter:
             return
         if self._thread is None:
             self._start()
+        if isinstance(span, ReadableSpan):
+            try:
+                self._queue.put(snapshot(span))
+            except Exception:  # a span this SDK could not have made: counted, never raised
+                with self._lock:
+                    self.dropped_spans += 1
+            return
         self._queue.put(span if resource is None else (_RESOURCED, span, resource))
 
     def _start(self) -> None:
@@ -211,17 +220,22 @@ class CassetteWriter:
                 self._wake.wait(self.gather_interval)
                 self._wake.clear()
             item = self._queue.get()
-            if isinstance(item, tuple) and item and item[0] is _FLUSH:
-                self._drain_drops()
-                if item[2]:
-                    self._safely(self.assembler.flush_process)
-                self._safely(self._write_unwritten)
-                item[1].set()
-                continue
-            if item is _IDLE:
+            resource = None
+            if type(item) is tuple:
+                head = item[0]
+                if head is _FLUSH:
+                    self._drain_drops()
+                    if item[2]:
+                        self._safely(self.assembler.flush_process)
+                    self._safely(self._write_unwritten)
+                    item[1].set()
+                    continue
+                if head is _RESOURCED:  # a span received over OTLP, with its resource
+                    item, resource = item[1], item[2]
+            elif item is _IDLE:
                 self._safely(self.assembler.flush_idle)
                 continue
-            if item is _STOP:
+            elif item is _STOP:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
                 self._safely(self._write_unwritten)
@@ -229,10 +243,7 @@ class CassetteWriter:
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
             try:
-                if isinstance(item, tuple) and item and item[0] is _RESOURCED:
-                    self._add(item[1], item[2])
-                else:
-                    self._add(item)
+                self._add(item, resource)
             except Exception:
                 self._failed()
             # Hand the GIL back every half millisecond of work: an app thread waking from I/O
@@ -248,13 +259,18 @@ class CassetteWriter:
         for tid in dropped:
             self.assembler.mark_dropped(tid)
 
-    def _add(self, item: ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None) -> None:
+    def _add(
+        self, item: Snapshot | ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None
+    ) -> None:
         if isinstance(item, ReadableSpan):
-            resource = self._resources.get(id(item.resource))
+            item = snapshot(item)
+        if isinstance(item, tuple):
+            span_resource = item[11]
+            resource = self._resources.get(id(span_resource))
             if resource is None:  # one Resource object per provider: convert it once
-                resource = {k: plain(v) for k, v in item.resource.attributes.items()}
-                self._resources[id(item.resource)] = resource
-                self._resource_refs.append(item.resource)  # keeps the id from being reused
+                resource = {k: plain(v) for k, v in span_resource.attributes.items()}
+                self._resources[id(span_resource)] = resource
+                self._resource_refs.append(span_resource)  # keeps the id from being reused
             now = time.perf_counter()
             if now - self._memo_since > 0.0005:
                 # Attribute sets repeat across the spans of a request: redacted once within a
@@ -263,7 +279,7 @@ class CassetteWriter:
             # A msgpack cassette embeds this process's payload bytes as they are: no decode
             # into trees (and no garbage for the collector, which runs in the app's threads
             # too), no second encode.
-            item = record_from_readable(item, self._memo, raw=self.fmt == "msgpack")
+            item = record_from_snapshot(item, self._memo, raw=self.fmt == "msgpack")
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
