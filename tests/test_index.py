@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
 import pytest
 
 from timetracer_otel.cassette import Cassette, SpanRecord
 from timetracer_otel.index import ReplayIndex
-from timetracer_otel.keys import Call, http_call
+from timetracer_otel.keys import Call, field_diff, http_call
 from timetracer_otel.sql import sql_call
 
 
@@ -186,3 +187,9 @@ def test_sql_keys_are_the_hashes_of_the_call_trees_whichever_path_made_them(
     assert len(seen) == 1
     other_db = sql_call("asyncpg", "SELECT $1", params, database="e", operation="fetch", extra=extra)
     assert other_db.key != call.key and other_db.shape_key != call.shape_key
+
+
+def test_a_miss_diff_does_not_report_tuple_rows_against_recorded_lists() -> None:
+    live = http_call("httpx", "GET", "http://api/u?s=2", [("accept", "*/*")], b"").request
+    recorded = msgspec.msgpack.decode(msgspec.msgpack.encode({**live, "url": "http://api/u?s=1"}))
+    assert field_diff(recorded, live) == ["url: recorded 'http://api/u?s=1', now 'http://api/u?s=2'"]

@@ -234,3 +234,61 @@ def test_packed_fast_path_equals_the_full_redaction_for_other_results(rows: list
     assert got == expected
     assert packed == msgspec.msgpack.encode(expected)
     assert _SECRET.encode() not in packed
+
+
+_names = st.lists(st.text("abcdeiknoprstwy_-", min_size=1, max_size=14), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=_names)
+def test_every_configured_json_name_contains_one_of_the_scan_anchors(names: list[str]) -> None:
+    # The scan before a body is parsed tests the anchors only: a name that contained none of
+    # them would let its field through unredacted.
+    anchors = redaction._anchors(n.encode() for n in names)
+    assert all(any(a in n.encode() for a in anchors) for n in names)
+    assert len(anchors) <= len(set(names))
+
+
+def test_a_response_naming_any_default_secret_field_takes_the_full_redaction() -> None:
+    r = Redactor(env={})
+    assert len(r._json_names) < len(r.json_anywhere.exact)  # fewer scans than names
+    for name in sorted(r.json_anywhere.exact):
+        body = json.dumps({name.upper(): "z9z9z9z9", "n": 1}).encode()
+        tree = {"status": 200, "headers": [["Content-Type", "application/json"]], "chunks": [body]}
+        _, packed = r.response_packed(tree)
+        assert b"z9z9z9z9" not in packed, name
+
+
+_raw_headers = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([b"Authorization", b"Cookie", b"X-API-Key"]),
+                  st.sampled_from([b"Bearer " + _SECRET.encode(), b"a=" + _SECRET.encode(),
+                                   _SECRET.encode()])),
+        st.tuples(st.sampled_from([b"Accept", b"Date", b"traceparent", b"User-Agent"]),
+                  st.sampled_from([b"*/*", b"Tue, 01 Dec", b"\xe9t\xe9", b"00-abc-01"])),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=_raw_headers)
+def test_header_rows_equal_the_header_by_header_redaction_and_cache_no_secret(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    env = {"TIMETRACER_REDACTION_KEY": "k"}  # the same tokens in both redactors
+    r, plain = Redactor(env=env), Redactor(env=env)
+    triples = [(k, k.lower(), v) for k, v in headers]
+    skip = frozenset({b"traceparent"})
+    expected = plain.headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+                             if k.lower() not in skip)
+    for _ in range(2):  # the second time from the cache
+        assert r.header_rows(triples, skip) == expected
+    assert _SECRET not in repr(r._header_rows)
+
+
+def test_header_rows_of_values_that_change_on_every_call_stay_bounded() -> None:
+    r = Redactor(env={})
+    for i in range(10_000):
+        r.header_rows([(b"Date", b"date", f"Tue, {i}".encode())])
+    assert all(len(cache) <= 4096 for cache in r._header_rows.values())

@@ -45,15 +45,20 @@ class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
             yield chunk
 
 
+def _triples(headers: httpx.Headers) -> Any:
+    """The ``(name, lowercased name, value)`` bytes httpx keeps, read once (its public ``raw``
+    builds a list of pairs on every access)."""
+    triples = getattr(headers, "_list", None)
+    if type(triples) is list:
+        return triples
+    return [(k, k.lower(), v) for k, v in headers.raw]
+
+
 def _call(request: httpx.Request) -> Call:
     r = STATE.redactor
 
     def headers() -> list[tuple[str, str]]:
-        return r.headers(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in request.headers.raw
-            if k.lower() not in _PROPAGATION_RAW
-        )
+        return r.header_rows(_triples(request.headers), _PROPAGATION_RAW)
 
     return http_call("httpx", request.method, r.url(str(request.url)), headers, request.content)
 
@@ -62,12 +67,7 @@ def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
     ext = response.extensions
     return {
         "status": response.status_code,
-        "headers": [
-            [k, v]
-            for k, v in STATE.redactor.headers(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw
-            )
-        ],
+        "headers": STATE.redactor.header_rows(_triples(response.headers)),
         "chunks": chunks,
         "http_version": ext.get("http_version", b"HTTP/1.1").decode("latin-1"),
         "reason": ext.get("reason_phrase", b"").decode("latin-1"),

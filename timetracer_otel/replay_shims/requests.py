@@ -56,9 +56,10 @@ def _body(request: requests.PreparedRequest) -> bytes:
 def _call(request: requests.PreparedRequest) -> Call:
     r = STATE.redactor
 
-    def headers() -> list[tuple[str, str]]:  # built only when the stored request is needed
-        return r.headers((k, v if isinstance(v, str) else v.decode("latin-1"))
-                         for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS)
+    def headers() -> list[list[str]]:  # built only when the stored request is needed
+        return [[k, v] for k, v in r.headers(
+            (k, v if isinstance(v, str) else v.decode("latin-1"))
+            for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS)]
 
     return http_call(
         "requests", request.method or "GET", r.url(request.url or ""), headers, _body(request)
