@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from timetracer_otel.cassette import Event, SpanRecord, reject_ext
@@ -219,24 +220,30 @@ def snapshot(span: ReadableSpan) -> Snapshot:
     about 9 objects per recorded call into the oldest generation; with this tuple, under 2."""
     try:  # the SDK's ReadableSpan: its fields, without a property call for each
         ctx, parent, events = span._context, span._parent, span._events
-        name, kind, start, end = span._name, span._kind, span._start_time, span._end_time
-        status, attributes, resource = span._status, span._attributes._dict, span._resource  # type: ignore[union-attr]
-    except AttributeError:  # another ReadableSpan implementation: its public view
-        ctx, parent, events = span.context, span.parent, span.events
-        name, kind, start, end = span.name, span.kind, span.start_time, span.end_time
-        status, attributes, resource = span.status, span_attributes(span), span.resource
-    events = getattr(events, "_dq", events)  # the deque beneath the SDK's BoundedList
-    # SpanContext is a tuple (trace id, span id, is remote, ...); its properties read the same
-    # items through a Python call each.
-    if type(ctx) is SpanContext and (parent is None or type(parent) is SpanContext):
-        return (ctx[0], ctx[1], None if parent is None else parent[1],
-                parent is not None and parent[2], name, kind, start or 0, end or 0, status,
-                tuple(events) if events else (), attributes, resource)
+        # SpanContext is a tuple (trace id, span id, is remote, ...); its properties read the
+        # same items through a Python call each.
+        if type(ctx) is SpanContext and type(events) is BoundedList and (
+                parent is None or type(parent) is SpanContext):
+            dq = events._dq  # type: ignore[attr-defined]
+            return (ctx[0], ctx[1], None if parent is None else parent[1],
+                    parent is not None and parent[2], span._name, span._kind,
+                    span._start_time or 0, span._end_time or 0, span._status,
+                    tuple(dq) if dq else (), span._attributes._dict,  # type: ignore[union-attr]
+                    span._resource)
+    except AttributeError:
+        pass
+    return _public_snapshot(span)
+
+
+def _public_snapshot(span: ReadableSpan) -> Snapshot:
+    """:func:`snapshot` of a span from another implementation, through its public view."""
+    ctx, parent = span.context, span.parent
     if ctx is None:
-        raise ValueError(f"span {name!r} has no span context")
+        raise ValueError(f"span {span.name!r} has no span context")
     return (ctx.trace_id, ctx.span_id, None if parent is None else parent.span_id,
-            parent is not None and parent.is_remote, name, kind, start or 0, end or 0, status,
-            tuple(events) if events else (), attributes, resource)
+            parent is not None and parent.is_remote, span.name, span.kind,
+            span.start_time or 0, span.end_time or 0, span.status, tuple(span.events),
+            span_attributes(span), span.resource)
 
 
 def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = False) -> SpanRecord:

@@ -137,7 +137,7 @@ class CassetteWriter:
         self._resources: dict[int, dict[str, Any]] = {}
         self._resource_refs: list[Any] = []
         self._memo: Memo = {}
-        self._memo_since = 0.0
+        self._memo_left = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Encoded cassettes not yet on disk: written together when the queue runs empty, when
         # this many are waiting, or when the oldest has waited max_batch_delay seconds.
@@ -271,11 +271,14 @@ class CassetteWriter:
                 resource = {k: plain(v) for k, v in span_resource.attributes.items()}
                 self._resources[id(span_resource)] = resource
                 self._resource_refs.append(span_resource)  # keeps the id from being reused
-            now = time.perf_counter()
-            if now - self._memo_since > 0.0005:
-                # Attribute sets repeat across the spans of a request: redacted once within a
-                # half millisecond of work, afresh after (the redactor learns new secrets).
-                self._memo, self._memo_since = {}, now
+            self._memo_left -= 1
+            if self._memo_left < 0:
+                # Attribute sets repeat across spans and requests: each is redacted once (an
+                # entry is used only while the redactor has learned no secret since, see
+                # spans._redact) and the memo starts afresh every few thousand spans, so sets
+                # that stopped coming make room. By count, not by time: the same spans are
+                # converted the same way on any machine (under callgrind too).
+                self._memo, self._memo_left = {}, 4096
             # A msgpack cassette embeds this process's payload bytes as they are: no decode
             # into trees (and no garbage for the collector, which runs in the app's threads
             # too), no second encode.
