@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import itertools
 import logging
 import os
 import platform
@@ -150,6 +151,10 @@ class CassetteWriter:
         # Seconds the thread lets spans gather once it has caught up (see _loop).
         self.gather_interval = 0.05
         self._wake = threading.Event()
+        # Cassette ids: a random half per writer and a counter, not 8 random bytes each time
+        # (os.urandom is a system call, one more wait for the GIL per cassette).
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count()
         self._lock = threading.Lock()
         self._dropped_traces: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -340,7 +345,7 @@ class CassetteWriter:
     def build(self, batch: TraceBatch) -> Cassette:
         spans = sorted(batch.spans, key=lambda s: s.start_ns)
         return Cassette(
-            id=secrets.token_hex(8),
+            id=f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}",
             name=cassette_name(batch),
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
             resource=dict(batch.resource or self._resource),
