@@ -152,6 +152,12 @@ class Bench:
             r = self.add(sc, "record overhead per call, request-thread CPU", "µs/call",
                          out["overhead_cpu_us"], target="<= 30 µs/call")
             r.met = med(out["overhead_cpu_us"]) <= 30
+            full = out.get("full_collections", {})
+            self.add(sc, "garbage collection in the window, OTel only", "µs/call", out["otel_gc_us"],
+                     note=f"{full.get('otel', 0)} full collections in {self.o.runs} blocks")
+            self.add(sc, "garbage collection in the window, record", "µs/call", out["record_gc_us"],
+                     note=f"{full.get('record', 0)} full collections in {self.o.runs} blocks; "
+                          "any thread (writer included)")
             io = out["io"]
             r = self.add(sc, "file I/O on the request thread while recording", "count",
                          [float(io["record_syscw"] + io["record_opens"])],

@@ -12,6 +12,7 @@ cost is reported apart from ours.
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 import threading
@@ -85,6 +86,21 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
             io_state["opens"] += 1
 
     sys.addaudithook(audit)
+    # Garbage collection inside the timed window, whichever thread triggered it: seconds and
+    # full (oldest-generation) collections. Spans the writer still holds when the collector
+    # runs are promoted, and the app pays for them in full collections.
+    gc_state = {"active": False, "t0": 0.0, "s": 0.0, "full": 0}
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if not gc_state["active"]:
+            return
+        if phase == "start":
+            gc_state["t0"] = time.perf_counter()
+        else:
+            gc_state["s"] += time.perf_counter() - gc_state["t0"]
+            gc_state["full"] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
 
     def run(count: int) -> None:
         for j in range(count // 10):
@@ -104,19 +120,27 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         io_state["opens"] = 0
         w0 = _syscw()
         io_state["active"] = True
+        gc_state.update(active=True, s=0.0, full=0)
         c0 = time.thread_time()
         t0 = time.perf_counter()
         run(calls)
         us = (time.perf_counter() - t0) * 1e6 / calls
         cpu = (time.thread_time() - c0) * 1e6 / calls
-        io_state["active"] = False
+        io_state["active"] = gc_state["active"] = False
+        gc_us.append(gc_state["s"] * 1e6 / calls)
+        gc_full.append(int(gc_state["full"]))
         return us, cpu, _syscw() - w0, io_state["opens"]
+
+    gc_us: list[float] = []
+    gc_full: list[int] = []
 
     block()  # warm-up: connections, imports
     with timetracer_otel.record(dir=tmp / "warm", libraries=["httpx"]):
         block()
     res: dict[str, list[float]] = {k: [] for k in (
-        "otel_us", "record_us", "overhead_us", "otel_cpu_us", "record_cpu_us", "overhead_cpu_us")}
+        "otel_us", "record_us", "overhead_us", "otel_cpu_us", "record_cpu_us", "overhead_cpu_us",
+        "otel_gc_us", "record_gc_us")}
+    full_collections = {"otel": 0, "record": 0}
     io = {"otel_syscw": 0, "record_syscw": 0, "otel_opens": 0, "record_opens": 0}
     written = 0
     for r in range(args["runs"]):
@@ -130,6 +154,8 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
                     us, cpu, w, o = block()
                 written += len(rec.paths)
             got[which] = (us, cpu)
+            res[f"{which}_gc_us"].append(gc_us[-1])
+            full_collections[which] += gc_full[-1]
             io[f"{which}_syscw"] += w
             io[f"{which}_opens"] += o
         res["otel_us"].append(got["otel"][0])
@@ -138,7 +164,7 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         res["otel_cpu_us"].append(got["otel"][1])
         res["record_cpu_us"].append(got["record"][1])
         res["overhead_cpu_us"].append(got["record"][1] - got["otel"][1])
-    return {**res, "io": io,
+    return {**res, "io": io, "full_collections": full_collections,
             "cassettes_written": written, "calls_per_block": calls,
             "network": args.get("network", "live")}
 

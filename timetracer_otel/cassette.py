@@ -486,22 +486,28 @@ def atomic_write_many(
     One result per item, in order: the path written, or the :class:`CassetteError` that kept
     it from being written (its temp file removed). Never raises for one file's failure.
     """
-    results: list[Path | CassetteError] = []
+    done = write_files([(os.fspath(path), data) for path, data in items])
+    return [r if isinstance(r, CassetteError) else Path(r) for r in done]
+
+
+def write_files(items: Sequence[tuple[str, bytes]]) -> list[str | CassetteError]:
+    """:func:`atomic_write_many` on path strings, returning them (no ``Path`` per file: the
+    cassette writer's thread calls this for every batch)."""
+    results: list[str | CassetteError] = []
     staged: list[_Staged] = []
     new_dirs: set[str] = set()
     checked: set[str] = set()  # one stat per directory and batch, not one per file
     try:
-        for i, (path, data) in enumerate(items):
-            p = Path(path)
+        for i, (p, data) in enumerate(items):
             results.append(p)
             try:
-                parent = os.fspath(p.parent)
+                parent = os.path.dirname(p) or "."
                 if parent not in checked:
                     if not os.path.isdir(parent):
                         os.makedirs(parent, exist_ok=True)
                         new_dirs.add(parent)
                     checked.add(parent)
-                fd, tmp = _temp_file(parent, p.name)
+                fd, tmp = _temp_file(parent, os.path.basename(p))
             except OSError as exc:
                 results[i] = CassetteError(
                     f"cannot write {p} ({exc.strerror or exc}); choose a writable directory."
@@ -572,7 +578,7 @@ class _Staged:
 
     __slots__ = ("error", "fd", "index", "parent", "path", "tmp")
 
-    def __init__(self, index: int, path: Path, parent: str, tmp: str, fd: int) -> None:
+    def __init__(self, index: int, path: str, parent: str, tmp: str, fd: int) -> None:
         self.index = index
         self.path = path
         self.parent = parent

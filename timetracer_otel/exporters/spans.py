@@ -148,7 +148,7 @@ def _payload_of(payloads: Mapping[str, Any], raw: bool = False) -> dict[str, Any
     }
 
 
-def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
+def _redact(attrs: dict[str, Any], memo: Memo | None, copy: bool = True) -> dict[str, Any]:
     """``Redactor.attributes(attrs)``; an attribute set seen before in the same batch (client
     spans repeat theirs: method, server address, port...) is redacted once. The key is the
     msgpack encoding, so ``1``, ``1.0``, ``True`` and ``"1"`` never share an entry; an entry is
@@ -170,19 +170,19 @@ def _redact(attrs: dict[str, Any], memo: Memo | None) -> dict[str, Any]:
         if hit is not None or len(memo) < 256:
             # The generation after: redacting may have learned a secret.
             memo[key] = (redactor, redactor.generation, done, lists)
-    # Every record owns its attributes, list values included.
+    # Every record owns its attributes, list values included (``copy=False``: the caller
+    # builds a new dict from this one, so only lists need copying).
     if not lists:
-        return dict(done)
+        return dict(done) if copy else done
     return {k: list(v) if isinstance(v, list) else v for k, v in done.items()}
 
 
-def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> dict[str, Any]:
-    """``Redactor.attributes``, except for a URL attribute that is exactly the URL of the
-    span's own request tree: that string goes into the cassette verbatim as ``request["url"]``
-    anyway (the shim tokenized it when it captured the call), so a second redaction of the
-    attribute cannot keep anything out of the file; it only costs a URL parse per span.
-    Every other attribute, and a URL attribute that differs in any byte (as one from another
-    process's instrumentation may), is redacted in full."""
+def _url_of(attrs: Mapping[str, Any], request: Any) -> str | None:
+    """The URL of the span's own request tree when a URL attribute equals it byte for byte:
+    that string goes into the cassette verbatim as ``request["url"]`` anyway (the shim
+    tokenized it when it captured the call), so a second redaction of the attribute cannot
+    keep anything out of the file; it only costs a URL parse per span. A URL attribute that
+    differs in any byte (as one from another process's instrumentation may) is redacted."""
     url: Any = None
     if type(request) is msgspec.Raw:
         if _URL_ATTRS[0] in attrs or _URL_ATTRS[1] in attrs:
@@ -193,8 +193,18 @@ def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> 
     elif type(request) is dict:
         url = request.get("url")
     if type(url) is not str or (attrs.get(_URL_ATTRS[0]) != url and attrs.get(_URL_ATTRS[1]) != url):
+        return None
+    return url
+
+
+def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> dict[str, Any]:
+    """``Redactor.attributes``, except for a URL attribute that is the URL of the span's own
+    request (see :func:`_url_of`), which is kept as it is."""
+    url = _url_of(attrs, request)
+    if url is None:
         return _redact(attrs, memo)
-    rest = _redact({k: v for k, v in attrs.items() if k not in _URL_ATTRS or v != url}, memo)
+    rest = _redact({k: v for k, v in attrs.items() if k not in _URL_ATTRS or v != url}, memo,
+                   copy=False)
     return {k: rest.get(k, url) for k in attrs}
 
 
@@ -250,8 +260,6 @@ def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = F
     """The SpanRecord of a :func:`snapshot`: as :func:`record_from_parts` makes it, without
     the intermediate dicts."""
     trace_id, span_id, parent_id, remote, name, kind, start, end, status, events, attributes, _ = snap
-    attrs = {k: plain(v) if type(v) is tuple or type(v) is list else v
-             for k, v in attributes.items() if k not in PAYLOAD_ATTRS}
     combined = attributes.get(ATTR_PAYLOAD)
     library = key = shape = label = request = response = error = None
     truncated = False
@@ -269,7 +277,6 @@ def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = F
         log.warning("timetracer-otel: unreadable payload on span %s: %s", name, exc)
         library = key = shape = label = request = response = error = None
         truncated = False
-    attrs = _redacted(attrs, request, memo)
     message = status.description
     recorded_events = [
         Event(name=e.name, time_ns=e.timestamp,
@@ -285,9 +292,24 @@ def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = F
         parent_id=None if parent_id is None else f"{parent_id:016x}", remote_parent=remote,
         name=name, kind=_KIND_NAMES.get(id(kind)) or kind.name, start_ns=start, end_ns=end,
         status=_STATUS_NAMES.get(id(code)) or code.name, status_message=message,
-        attributes=attrs, events=recorded_events, library=library, key=key, shape=shape,
-        label=label, request=request, response=response, error=error, truncated=truncated,
+        attributes=_ordinary(attributes, request, memo), events=recorded_events,
+        library=library, key=key, shape=shape, label=label, request=request,
+        response=response, error=error, truncated=truncated,
     )
+
+
+def _ordinary(attributes: Mapping[str, Any], request: Any, memo: Memo | None) -> dict[str, Any]:
+    """A span's attributes for its record: the payload attributes left out, sequences as
+    lists, redacted (see :func:`_redacted`), in the span's order. One pass when a URL
+    attribute is the request's own URL, the usual case for a client span."""
+    url = _url_of(attributes, request)
+    if url is None:
+        return _redact({k: plain(v) if type(v) is tuple or type(v) is list else v
+                        for k, v in attributes.items() if k not in PAYLOAD_ATTRS}, memo)
+    rest = _redact({k: plain(v) if type(v) is tuple or type(v) is list else v
+                    for k, v in attributes.items()
+                    if k not in PAYLOAD_ATTRS and (k not in _URL_ATTRS or v != url)}, memo, copy=False)
+    return {k: rest.get(k, url) for k in attributes if k not in PAYLOAD_ATTRS}
 
 
 def record_from_readable(

@@ -8,6 +8,7 @@ S3-compatible bucket (``s3://bucket/prefix``), behind one small API.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -16,12 +17,12 @@ from timetracer_otel.cassette import (
     Cassette,
     CassetteHeads,
     atomic_write,
-    atomic_write_many,
     find_cassettes,
     load_cassette,
     load_cassette_for_replay,
     loads,
     loads_for_replay,
+    write_files,
 )
 from timetracer_otel.errors import CassetteError
 
@@ -48,8 +49,8 @@ class LocalStorage:
         :func:`~timetracer_otel.cassette.atomic_write_many`): where each went, or its error."""
         if type(self).write is not LocalStorage.write:  # a subclass decides how one is written
             return [_one(self.write, relpath, data) for relpath, data in items]
-        written = atomic_write_many([(self.root / relpath, data) for relpath, data in items])
-        return [r if isinstance(r, CassetteError) else str(r) for r in written]
+        root = os.fspath(self.root)
+        return list(write_files([(os.path.join(root, relpath), data) for relpath, data in items]))
 
     def check(self) -> None:
         try:

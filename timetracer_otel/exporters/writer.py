@@ -41,6 +41,8 @@ _FLUSH = object()
 _RESOURCED = object()
 _STOP = object()
 _IDLE = object()
+_CONTINUE = object()
+_SNAPSHOT_LEN = 12  # see spans.Snapshot; the queue's other tuples are commands of 3
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -122,6 +124,7 @@ class CassetteWriter:
     ) -> None:
         self.storage = storage_for(location) if isinstance(location, str) else location
         self.fmt = fmt
+        self._raw = fmt == "msgpack"
         self.via = via
         self.max_queue = max_queue
         self.sample_rate = sample_rate
@@ -225,6 +228,10 @@ class CassetteWriter:
                 self._wake.wait(self.gather_interval)
                 self._wake.clear()
             item = self._queue.get()
+            if type(item) is tuple and len(item) == _SNAPSHOT_LEN:  # the bulk: SDK spans
+                item = self._convert_run(item)
+                if item is _CONTINUE:
+                    continue
             resource = None
             if type(item) is tuple:
                 head = item[0]
@@ -264,33 +271,69 @@ class CassetteWriter:
         for tid in dropped:
             self.assembler.mark_dropped(tid)
 
+    def _convert_run(self, item: Any) -> Any:
+        """Convert snapshots one after another while the queue holds nothing else (the
+        per-item checks of the main loop cost a tenth of a conversion); the first item of
+        another kind is returned to the main loop, :data:`_CONTINUE` once the queue is empty
+        or encoded cassettes have waited long enough to be written."""
+        get = self._queue.get_nowait
+        last_yield = time.perf_counter()
+        while True:
+            if self._dropped_traces:  # before the root of a trace that lost spans closes it
+                self._drain_drops()
+            try:
+                self._add_snapshot(item)
+            except Exception:
+                self._failed()
+            now = time.perf_counter()
+            if now - last_yield > 0.0005:
+                # Hand the GIL back every half millisecond of work: an app thread waking from
+                # I/O would otherwise wait up to the 5 ms switch interval behind these
+                # conversions.
+                time.sleep(0)
+                last_yield = now = time.perf_counter()
+            if self._unwritten and now - self._unwritten_since > self.max_batch_delay:
+                return _CONTINUE
+            try:
+                item = get()
+            except queue.Empty:
+                return _CONTINUE
+            if not (type(item) is tuple and len(item) == _SNAPSHOT_LEN):
+                return item
+
     def _add(
         self, item: Snapshot | ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None
     ) -> None:
         if isinstance(item, ReadableSpan):
             item = snapshot(item)
         if isinstance(item, tuple):
-            span_resource = item[11]
-            resource = self._resources.get(id(span_resource))
-            if resource is None:  # one Resource object per provider: convert it once
-                resource = {k: plain(v) for k, v in span_resource.attributes.items()}
-                self._resources[id(span_resource)] = resource
-                self._resource_refs.append(span_resource)  # keeps the id from being reused
-            self._memo_left -= 1
-            if self._memo_left < 0:
-                # Attribute sets repeat across spans and requests: each is redacted once (an
-                # entry is used only while the redactor has learned no secret since, see
-                # spans._redact) and the memo starts afresh every few thousand spans, so sets
-                # that stopped coming make room. By count, not by time: the same spans are
-                # converted the same way on any machine (under callgrind too).
-                self._memo, self._memo_left = {}, 4096
-            # A msgpack cassette embeds this process's payload bytes as they are: no decode
-            # into trees (and no garbage for the collector, which runs in the app's threads
-            # too), no second encode.
-            item = record_from_snapshot(item, self._memo, raw=self.fmt == "msgpack")
+            self._add_snapshot(item)
+            return
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
+
+    def _add_snapshot(self, snap: Snapshot) -> None:
+        span_resource = snap[11]
+        resource = self._resources.get(id(span_resource))
+        if resource is None:  # one Resource object per provider: convert it once
+            resource = {k: plain(v) for k, v in span_resource.attributes.items()}
+            self._resources[id(span_resource)] = resource
+            self._resource_refs.append(span_resource)  # keeps the id from being reused
+            if not self._resource:
+                self._resource = resource
+        self._memo_left -= 1
+        if self._memo_left < 0:
+            # Attribute sets repeat across spans and requests: each is redacted once (an entry
+            # is used only while the redactor has learned no secret since, see spans._redact)
+            # and the memo starts afresh every few thousand spans, so sets that stopped coming
+            # make room. By count, not by time: the same spans are converted the same way on
+            # any machine (under callgrind too).
+            self._memo, self._memo_left = {}, 4096
+        # A msgpack cassette embeds this process's payload bytes as they are: no decode into
+        # trees (and no garbage for the collector, which runs in the app's threads too), no
+        # second encode.
+        self.assembler.add(record_from_snapshot(snap, self._memo, self._raw), resource)
 
     def _safely(self, fn: Callable[[], None]) -> None:
         try:
