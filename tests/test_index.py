@@ -193,3 +193,9 @@ def test_a_miss_diff_does_not_report_tuple_rows_against_recorded_lists() -> None
     live = http_call("httpx", "GET", "http://api/u?s=2", [("accept", "*/*")], b"").request
     recorded = msgspec.msgpack.decode(msgspec.msgpack.encode({**live, "url": "http://api/u?s=1"}))
     assert field_diff(recorded, live) == ["url: recorded 'http://api/u?s=1', now 'http://api/u?s=2'"]
+
+
+def test_header_rows_given_as_any_iterable_are_stored_as_a_list() -> None:
+    call = http_call("httpx", "GET", "http://api/u", lambda: {"accept": "*/*"}.items(), b"")
+    assert call.request["headers"] == [("accept", "*/*")]
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(call.request))["headers"] == [["accept", "*/*"]]

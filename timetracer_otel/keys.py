@@ -169,7 +169,10 @@ def http_call(
         library, method, url, _body_digest(body) if body else "")
 
     def request(h: Headers | Callable[[], Headers] = headers) -> Tree:
-        return {"method": method, "url": url, "headers": h() if callable(h) else h, "body": body}
+        rows = h() if callable(h) else h
+        if not isinstance(rows, list | tuple):  # a generator, dict items...: stored as a list
+            rows = list(rows)
+        return {"method": method, "url": url, "headers": rows, "body": body}
 
     return Call(library, request if callable(headers) else request(), identity, shape, label,
                 key, shape_key)

@@ -124,6 +124,8 @@ def _anchors(names: Iterable[bytes], shortest: int = 4) -> tuple[bytes, ...]:
         (b'_token', b'passw')
     """
     left = set(names)
+    if len(left) > 32:  # the search below grows with the square of the names: scan them all
+        return tuple(sorted(left))
     out: list[bytes] = []
     while left:
         covers: dict[bytes, int] = {}
@@ -670,7 +672,7 @@ class Redactor:
     def scrub(self, tree: Any) -> Any:
         """Every string and bytes leaf of ``tree`` with seen secrets (and DSN/URL passwords in
         text) replaced by their tokens."""
-        if isinstance(tree, dict | list) and not self._may_hold_secrets(tree):
+        if isinstance(tree, dict | list | tuple) and not self._may_hold_secrets(tree):
             return tree  # the common case: one C-speed scan instead of a walk with regexes
         return self._scrub(tree)
 
@@ -681,7 +683,7 @@ class Redactor:
             return self.scrub_bytes(tree)
         if isinstance(tree, dict):
             return {k: self._scrub(v) for k, v in tree.items()}
-        if isinstance(tree, list):
+        if isinstance(tree, list | tuple):  # tuples: shared header rows (header_rows)
             return [self._scrub(x) for x in tree]
         return tree
 

@@ -339,3 +339,36 @@ def test_flush_and_close_cut_the_writers_gathering_wait_short(tmp_path: Path) ->
     assert writer._thread is not None and not writer._thread.is_alive()
     assert [load_cassette(p).spans[0].name for p in writer.written] == \
         ["GET /0", "GET /1", "GET /2", "GET /last"]
+
+
+def test_forked_children_of_one_writer_name_their_process_cassettes_apart(tmp_path: Path) -> None:
+    # A writer made before a fork (gunicorn --preload): each child's lone calls land in its own
+    # process cassette, none replacing another's.
+    writer = CassetteWriter(str(tmp_path))
+    tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+    children = []
+    for n in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            tracer.start_span(f"GET child{n}", kind=SpanKind.CLIENT).end()
+            writer.close()
+            os._exit(0 if len(writer.written) == 1 else 1)
+        children.append(pid)
+    assert all(os.waitpid(pid, 0)[1] == 0 for pid in children)
+    names = sorted(s.name for path in tmp_path.glob("*/*") for s in load_cassette(path).spans)
+    assert names == ["GET child0", "GET child1"]
+
+
+def test_an_empty_library_attribute_keeps_the_span_as_a_plain_one(tmp_path: Path) -> None:
+    from timetracer_otel.replay_shims.base import ATTR_LIBRARY
+
+    writer = CassetteWriter(str(tmp_path))
+    tracer = provider_with(CassetteSpanProcessor(writer=writer)).get_tracer("t")
+    with tracer.start_as_current_span("GET /x", kind=SpanKind.SERVER), \
+            tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        span.set_attribute(ATTR_LIBRARY, "")
+    writer.close()
+    assert writer.errors == 0
+    [path] = writer.written
+    spans = load_cassette(path).spans
+    assert [(s.name, s.library) for s in spans] == [("GET /x", None), ("GET", None)]

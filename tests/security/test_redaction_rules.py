@@ -292,3 +292,49 @@ def test_header_rows_of_values_that_change_on_every_call_stay_bounded() -> None:
     for i in range(10_000):
         r.header_rows([(b"Date", b"date", f"Tue, {i}".encode())])
     assert all(len(cache) <= 4096 for cache in r._header_rows.values())
+
+
+def test_seen_secrets_and_url_passwords_in_httpx_response_headers_are_scrubbed() -> None:
+    import httpx
+
+    from timetracer_otel.replay_shims import httpx as shim
+
+    secret = "sk_live_9f8e7d6c5b4a3f2e1d0c"
+    STATE.redactor.token(secret)  # learned earlier, from an Authorization header say
+    response = httpx.Response(200, content=b"ok", headers={
+        "X-Echo-Key": secret, "Location": "https://bob:hunter2pass@example.com/x"})
+    tree = shim._response_tree(response, [b"ok"])  # header rows are shared tuples
+    _, packed = STATE.redactor.response_packed(tree)
+    assert secret.encode() not in packed and b"hunter2pass" not in packed
+
+
+def test_a_secret_learned_while_a_set_of_attributes_is_redacted_is_not_memoised_past() -> None:
+    from timetracer_otel.exporters import spans
+
+    secret = "tok_7Hq2Lx9Vb3Nc8Zr1Wd5Y"
+    attrs = {"db.statement": f"SELECT * FROM t WHERE sig = '{secret}'", "server.port": 5432}
+    redactor = Redactor(env={})
+    original = Redactor.attributes
+
+    def learning_meanwhile(self: Redactor, a: Any) -> dict[str, Any]:
+        out = original(self, a)
+        self.token(secret)  # an app thread learns it while the writer redacts
+        return out
+
+    memo: spans.Memo = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(STATE, "redactor", redactor)
+        mp.setattr(Redactor, "attributes", learning_meanwhile)
+        spans._redact(dict(attrs), memo)  # this span was converted before the secret was known
+        mp.setattr(Redactor, "attributes", original)
+        later = spans._redact(dict(attrs), memo)
+    assert secret not in later["db.statement"]
+
+
+def test_every_one_of_many_configured_json_names_is_scanned_for() -> None:
+    names = [f"field_{i:03d}_{'x' * (i % 7)}" for i in range(200)]
+    r = Redactor(env={}, json_paths=[f"**.{n}" for n in names])
+    body = json.dumps({names[-1]: "z9z9z9z9"}).encode()
+    _, packed = r.response_packed({"status": 200, "headers": [["Content-Type", "application/json"]],
+                                   "chunks": [body]})
+    assert b"z9z9z9z9" not in packed

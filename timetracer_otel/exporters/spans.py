@@ -165,11 +165,13 @@ def _redact(attrs: dict[str, Any], memo: Memo | None, copy: bool = True) -> dict
     if hit is not None and hit[0] is redactor and hit[1] == redactor.generation:
         done, lists = hit[2], hit[3]
     else:
+        # The generation before redacting: a secret learned meanwhile (by this redaction or
+        # by an app thread) makes the entry stale, and the next span redacts afresh.
+        generation = redactor.generation
         done = redactor.attributes(attrs)
         lists = any(type(v) is list for v in done.values())
         if hit is not None or len(memo) < 256:
-            # The generation after: redacting may have learned a secret.
-            memo[key] = (redactor, redactor.generation, done, lists)
+            memo[key] = (redactor, generation, done, lists)
     # Every record owns its attributes, list values included (``copy=False``: the caller
     # builds a new dict from this one, so only lists need copying).
     if not lists:
@@ -269,10 +271,11 @@ def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = F
             library, key, shape, label, truncated = p.library, p.key, p.shape, p.label, p.truncated
             request, response, error = p.request or None, p.response or None, p.error or None
         elif combined is not None or ATTR_LIBRARY in attributes:
-            got = _payload_of(attributes, raw)
-            library, key, shape, label = got["library"], got["key"], got["shape"], got["label"]
-            request, response, error = got["request"], got["response"], got["error"]
-            truncated = got["truncated"]
+            got = _payload_of(attributes, raw)  # empty for an empty library attribute
+            if got:
+                library, key, shape, label = got["library"], got["key"], got["shape"], got["label"]
+                request, response, error = got["request"], got["response"], got["error"]
+                truncated = got["truncated"]
     except (msgspec.DecodeError, ValueError) as exc:
         log.warning("timetracer-otel: unreadable payload on span %s: %s", name, exc)
         library = key = shape = label = request = response = error = None

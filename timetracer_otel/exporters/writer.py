@@ -156,6 +156,9 @@ class CassetteWriter:
         self._wake = threading.Event()
         # Cassette ids: a random half per writer and a counter, not 8 random bytes each time
         # (os.urandom is a system call, one more wait for the GIL per cassette).
+        # A forked child (gunicorn --preload) makes its own, or two children would name their
+        # process cassettes alike.
+        self._id_pid = os.getpid()
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -387,6 +390,8 @@ class CassetteWriter:
 
     def build(self, batch: TraceBatch) -> Cassette:
         spans = sorted(batch.spans, key=lambda s: s.start_ns)
+        if self._id_pid != os.getpid():
+            self._id_pid, self._id_prefix = os.getpid(), secrets.token_hex(4)
         return Cassette(
             id=f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}",
             name=cassette_name(batch),
