@@ -168,6 +168,15 @@ class Bench:
                               f"{out['cassettes_written']} cassettes written by the writer thread",
                          target="0")
             r.met = io["record_syscw"] == io["otel_syscw"] and io["record_opens"] == 0
+        print("  micro: record overhead, request path alone (writer off)", file=sys.stderr)
+        out = self.worker("micro", {"mode": "record-overhead", "upstream": upstream,
+                                    "runs": 2 * self.o.runs + 1, "calls": 1000, "network": "stub",
+                                    "writer": "off"})
+        if "error" not in out:
+            self.add(sc, "of which the request path alone (writer off: spans go nowhere)",
+                     "µs/call", out["overhead_us"],
+                     note="the rest of the wall overhead is the writer thread's work and its "
+                          "effects on the app's thread (GIL, GC, caches)")
         print("  micro: record overhead (live loopback)", file=sys.stderr)
         out = self.worker("micro", {"mode": "record-overhead", "upstream": upstream,
                                     "runs": self.o.runs, "calls": 300, "network": "live"})

@@ -67,6 +67,13 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
     tracer = _otel()
     replay_shims.install(["httpx"])
     HTTPXClientInstrumentor().instrument()
+    if args.get("writer") == "off":
+        # The request path alone: the shim captures and sets the payload attribute, and the
+        # finished span goes nowhere (no snapshot, no conversion, no cassette). Only to split
+        # the overhead between the app's thread and the writer's; never how users record.
+        from timetracer_otel.exporters.writer import CassetteWriter
+
+        CassetteWriter.submit = lambda self, span, resource=None: None  # type: ignore[method-assign]
     tmp = Path(tempfile.mkdtemp(prefix="bench-micro-"))
     live_client = httpx.Client(base_url=args["upstream"])
     # The same transport stack with the connection pool beneath it answering from memory:
