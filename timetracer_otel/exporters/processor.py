@@ -2,7 +2,8 @@
 
     >>> provider.add_span_processor(CassetteSpanProcessor(dir="cassettes"))
 
-``on_end`` only enqueues the finished span; everything else runs on the writer thread.
+``on_end`` only enqueues a snapshot of the finished span; everything else runs on the writer
+thread.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """CassetteWriter: the background thread that turns finished spans into cassette files.
 
-The request path only enqueues (``submit``: one ``SimpleQueue.put``); conversion, grouping,
+The request path only enqueues (``submit``: a :func:`~timetracer_otel.exporters.spans.snapshot`
+of the span and one ``SimpleQueue.put``); conversion, grouping,
 encoding and the atomic write happen on this thread, under ``suppress_instrumentation`` so
 the writer's own I/O is never traced. Encoded cassettes are written as soon as the queue runs
 empty, several together when spans arrive faster than files can be made durable (their fsyncs
