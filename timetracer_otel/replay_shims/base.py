@@ -251,12 +251,11 @@ class Capture:
             # One attribute for the whole call, set as it ends: a call that never ends (a
             # cancelled task) leaves no half-recorded interaction behind.
             call = self.call
-            kept = _NONE if truncated else msgspec.Raw(packed)  # what payload_attribute makes
-            request = msgspec.Raw(self.request) if self.request else _NONE
-            span.set_attribute(ATTR_PAYLOAD, _pack(Payload(
-                call.library, call.key, call.shape_key, call.label, request,
-                kept if outcome == "response" else _NONE, kept if outcome == "error" else _NONE,
-                truncated)))
+            kept = None if truncated else packed
+            span.set_attribute(ATTR_PAYLOAD, payload_attribute(
+                call.library, call.key, call.shape_key, call.label, self.request,
+                response=kept if outcome == "response" else None,
+                error=kept if outcome == "error" else None, truncated=truncated))
         if STATE.mode is Mode.REPLAY:  # on_miss="record": keep it for the cassette
             self._append(outcome, None if truncated else tree, truncated)
 
