@@ -99,7 +99,7 @@ class _Discard:
 def convert(args: dict[str, Any]) -> dict[str, Any]:
     """The writer's Python work per span (convert, redact, assemble, encode a cassette), on the
     calling thread: what shares the GIL with the app while recording."""
-    from timetracer_otel.exporters.spans import Memo, record_from_readable
+    from timetracer_otel.exporters.spans import Memo, record_from_readable, snapshot
     from timetracer_otel.exporters.writer import CassetteWriter
 
     traces = make_traces(args["traces"])
@@ -110,7 +110,7 @@ def convert(args: dict[str, Any]) -> dict[str, Any]:
         writer = CassetteWriter(_Discard())
         t0 = time.perf_counter()
         for s in spans:
-            writer._add(s)
+            writer._add(snapshot(s))
         writer._write_unwritten()
         per_span.append((time.perf_counter() - t0) / len(spans) * 1e6)
         assert len(writer.written) == len(traces)

@@ -74,32 +74,24 @@ def record_from_attributes(
     raw: bool = False,
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
-    attrs: dict[str, Any] = {}
-    for k, v in attributes.items():
-        if k not in PAYLOAD_ATTRS:
-            attrs[k] = plain(v) if isinstance(v, tuple | list) else v
-    return record_from_parts(base, attrs, attributes, memo, raw)
+    return record_from_parts(base, attributes, attributes, memo, raw)
 
 
 def record_from_parts(
-    base: dict[str, Any], attrs: dict[str, Any], payloads: Mapping[str, Any],
+    base: dict[str, Any], attrs: Mapping[str, Any], payloads: Mapping[str, Any],
     memo: Memo | None = None, raw: bool = False,
 ) -> SpanRecord:
-    """Finish a SpanRecord from the ordinary attributes (``attrs``, taken over) and the payload
-    attributes (``payloads``: any mapping holding them, ordinary ones are not read).
+    """Finish a SpanRecord from the ordinary attributes (``attrs``; payload attributes in it
+    are left out) and the payload attributes (``payloads``: any mapping holding them,
+    ordinary ones are not read).
 
     ``raw``: keep the request, response and error of a :data:`ATTR_PAYLOAD` as the msgpack
     bytes they are (``msgspec.Raw``), for a msgpack cassette that embeds them unchanged. Only
     for payloads this process made; bytes from elsewhere (OTLP) are decoded, which checks them.
     """
-    try:
-        payload = _payload_of(payloads, raw)
-    except (msgspec.DecodeError, ValueError) as exc:
-        log.warning("timetracer-otel: unreadable payload on span %s: %s", base.get("name"), exc)
-        payload = {"library": None, "key": None}
-    # Instrumentations put URLs, headers and exception text on spans: redacted like payloads.
-    attrs = _redacted(attrs, payload.get("request"), memo)
-    return SpanRecord(**STATE.redactor.span_fields(base), attributes=attrs, **payload)
+    fields = _payload_fields(payloads, raw, base.get("name"))
+    return SpanRecord(**STATE.redactor.span_fields(base), attributes=_ordinary(attrs, fields[4], memo),
+                      **dict(zip(_PAYLOAD_FIELDS, fields, strict=True)))
 
 
 _unpack_payload = msgspec.msgpack.Decoder(Payload).decode
@@ -114,38 +106,41 @@ class _RequestUrl(msgspec.Struct):
 _request_url = msgspec.msgpack.Decoder(_RequestUrl, ext_hook=reject_ext).decode
 
 
-def _payload_of(payloads: Mapping[str, Any], raw: bool = False) -> dict[str, Any]:
-    """The SpanRecord payload fields of a span: from :data:`ATTR_PAYLOAD`, or from the separate
-    attributes of earlier releases; empty for a span that carries neither."""
+_PAYLOAD_FIELDS = ("library", "key", "shape", "label", "request", "response", "error", "truncated")
+_NO_PAYLOAD = (None, None, None, None, None, None, None, False)
+PayloadFields = tuple[Any, Any, Any, Any, Any, Any, Any, bool]
+
+
+def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any) -> PayloadFields:
+    """The SpanRecord payload fields of a span (in :data:`_PAYLOAD_FIELDS` order): from
+    :data:`ATTR_PAYLOAD`, or from the separate attributes of earlier releases; all empty for a
+    span that carries neither, or (logged) whose payload cannot be read."""
     combined = payloads.get(ATTR_PAYLOAD)
-    if combined is not None:
-        if isinstance(combined, bytes | bytearray):
-            p, decode = _unpack_payload(combined), _unpack
-        elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
-            p, decode = _unjson_payload(combined), _unjson
-        else:
-            raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
-        if raw and type(combined) is bytes:  # kept encoded (an empty part is an absent one)
-            request, response, error = p.request or None, p.response or None, p.error or None
-        else:
+    try:
+        if combined is not None:
+            if type(combined) is bytes and raw:  # this process's payload, kept encoded
+                p = _unpack_payload(combined)
+                return (p.library, p.key, p.shape, p.label, p.request or None,
+                        p.response or None, p.error or None, p.truncated)
+            if isinstance(combined, bytes | bytearray):
+                p, decode = _unpack_payload(combined), _unpack
+            elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
+                p, decode = _unjson_payload(combined), _unjson
+            else:
+                raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
             request, response, error = (decode(part) if part else None
                                         for part in (p.request, p.response, p.error))
-        return {"library": p.library, "key": p.key, "shape": p.shape, "label": p.label,
-                "request": request, "response": response, "error": error,
-                "truncated": p.truncated}
-    library = payloads.get(ATTR_LIBRARY)
-    if not library:
-        return {}
-    return {
-        "library": str(library),
-        "key": str(payloads.get(ATTR_KEY)),
-        "shape": payloads.get(ATTR_SHAPE),
-        "label": payloads.get(ATTR_LABEL),
-        "request": decode_payload(payloads.get(ATTR_REQUEST)),
-        "response": decode_payload(payloads.get(ATTR_RESPONSE)),
-        "error": decode_payload(payloads.get(ATTR_ERROR)),
-        "truncated": bool(payloads.get(ATTR_TRUNCATED, False)),
-    }
+            return (p.library, p.key, p.shape, p.label, request, response, error, p.truncated)
+        library = payloads.get(ATTR_LIBRARY)
+        if not library:
+            return _NO_PAYLOAD
+        return (str(library), str(payloads.get(ATTR_KEY)), payloads.get(ATTR_SHAPE),
+                payloads.get(ATTR_LABEL), decode_payload(payloads.get(ATTR_REQUEST)),
+                decode_payload(payloads.get(ATTR_RESPONSE)), decode_payload(payloads.get(ATTR_ERROR)),
+                bool(payloads.get(ATTR_TRUNCATED, False)))
+    except (msgspec.DecodeError, ValueError) as exc:
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", name, exc)
+        return _NO_PAYLOAD
 
 
 def _redact(attrs: dict[str, Any], memo: Memo | None, copy: bool = True) -> dict[str, Any]:
@@ -199,17 +194,6 @@ def _url_of(attrs: Mapping[str, Any], request: Any) -> str | None:
     return url
 
 
-def _redacted(attrs: dict[str, Any], request: Any, memo: Memo | None = None) -> dict[str, Any]:
-    """``Redactor.attributes``, except for a URL attribute that is the URL of the span's own
-    request (see :func:`_url_of`), which is kept as it is."""
-    url = _url_of(attrs, request)
-    if url is None:
-        return _redact(attrs, memo)
-    rest = _redact({k: v for k, v in attrs.items() if k not in _URL_ATTRS or v != url}, memo,
-                   copy=False)
-    return {k: rest.get(k, url) for k in attrs}
-
-
 # Enum .name is a descriptor call each time, and hashing a member a Python call too: the
 # names, read once, by the members' identity (members are singletons).
 _KIND_NAMES = {id(k): k.name for k in SpanKind}
@@ -260,26 +244,10 @@ def _public_snapshot(span: ReadableSpan) -> Snapshot:
 
 def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = False) -> SpanRecord:
     """The SpanRecord of a :func:`snapshot`: as :func:`record_from_parts` makes it, without
-    the intermediate dicts."""
+    the intermediate dicts (the writer's per-span path)."""
     trace_id, span_id, parent_id, remote, name, kind, start, end, status, events, attributes, _ = snap
-    combined = attributes.get(ATTR_PAYLOAD)
-    library = key = shape = label = request = response = error = None
-    truncated = False
-    try:
-        if raw and type(combined) is bytes:  # this process's payload, kept encoded
-            p = _unpack_payload(combined)
-            library, key, shape, label, truncated = p.library, p.key, p.shape, p.label, p.truncated
-            request, response, error = p.request or None, p.response or None, p.error or None
-        elif combined is not None or ATTR_LIBRARY in attributes:
-            got = _payload_of(attributes, raw)  # empty for an empty library attribute
-            if got:
-                library, key, shape, label = got["library"], got["key"], got["shape"], got["label"]
-                request, response, error = got["request"], got["response"], got["error"]
-                truncated = got["truncated"]
-    except (msgspec.DecodeError, ValueError) as exc:
-        log.warning("timetracer-otel: unreadable payload on span %s: %s", name, exc)
-        library = key = shape = label = request = response = error = None
-        truncated = False
+    library, key, shape, label, request, response, error, truncated = _payload_fields(
+        attributes, raw, name)
     message = status.description
     recorded_events = [
         Event(name=e.name, time_ns=e.timestamp,
@@ -303,8 +271,8 @@ def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = F
 
 def _ordinary(attributes: Mapping[str, Any], request: Any, memo: Memo | None) -> dict[str, Any]:
     """A span's attributes for its record: the payload attributes left out, sequences as
-    lists, redacted (see :func:`_redacted`), in the span's order. One pass when a URL
-    attribute is the request's own URL, the usual case for a client span."""
+    lists, redacted, in the span's order; a URL attribute that is the request's own URL (see
+    :func:`_url_of`) is kept as it is."""
     url = _url_of(attributes, request)
     if url is None:
         return _redact({k: plain(v) if type(v) is tuple or type(v) is list else v

@@ -38,12 +38,27 @@ from timetracer_otel.exporters.storage import Storage, storage_for, write_many
 
 log = logging.getLogger("timetracer_otel")
 
-_FLUSH = object()
-_RESOURCED = object()
 _STOP = object()
 _IDLE = object()
 _CONTINUE = object()
-_SNAPSHOT_LEN = 12  # see spans.Snapshot; the queue's other tuples are commands of 3
+
+
+class _Flush:
+    """Queue command: write what is pending (and the process batch if asked), then ``done``."""
+
+    __slots__ = ("done", "process")
+
+    def __init__(self, done: threading.Event, process: bool) -> None:
+        self.done, self.process = done, process
+
+
+class _Received:
+    """A span received over OTLP with the resource it came with."""
+
+    __slots__ = ("record", "resource")
+
+    def __init__(self, record: SpanRecord, resource: dict[str, Any]) -> None:
+        self.record, self.resource = record, resource
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -125,7 +140,6 @@ class CassetteWriter:
     ) -> None:
         self.storage = storage_for(location) if isinstance(location, str) else location
         self.fmt = fmt
-        self._raw = fmt == "msgpack"
         self.via = via
         self.max_queue = max_queue
         self.sample_rate = sample_rate
@@ -197,7 +211,7 @@ class CassetteWriter:
                 with self._lock:
                     self.dropped_spans += 1
             return
-        self._queue.put(span if resource is None else (_RESOURCED, span, resource))
+        self._queue.put(span if resource is None else _Received(span, resource))
 
     def _start(self) -> None:
         with self._lock:
@@ -216,7 +230,6 @@ class CassetteWriter:
             self._loop()
 
     def _loop(self) -> None:
-        last_yield = time.perf_counter()
         while True:
             waited = time.perf_counter() - self._unwritten_since
             if self._unwritten and (self._queue.empty() or waited > self.max_batch_delay):
@@ -231,43 +244,22 @@ class CassetteWriter:
                 # 50 ms); flush() and close() cut the wait short.
                 self._wake.wait(self.gather_interval)
                 self._wake.clear()
-            item = self._queue.get()
-            if type(item) is tuple and len(item) == _SNAPSHOT_LEN:  # the bulk: SDK spans
-                item = self._convert_run(item)
-                if item is _CONTINUE:
-                    continue
-            resource = None
-            if type(item) is tuple:
-                head = item[0]
-                if head is _FLUSH:
-                    self._drain_drops()
-                    if item[2]:
-                        self._safely(self.assembler.flush_process)
-                    self._safely(self._write_unwritten)
-                    item[1].set()
-                    continue
-                if head is _RESOURCED:  # a span received over OTLP, with its resource
-                    item, resource = item[1], item[2]
+            item = self._add_run(self._queue.get())
+            if item is _CONTINUE:
+                continue
+            if type(item) is _Flush:
+                self._drain_drops()
+                if item.process:
+                    self._safely(self.assembler.flush_process)
+                self._safely(self._write_unwritten)
+                item.done.set()
             elif item is _IDLE:
                 self._safely(self.assembler.flush_idle)
-                continue
             elif item is _STOP:
                 self._drain_drops()
                 self._safely(self.assembler.close_all)
                 self._safely(self._write_unwritten)
                 return
-            if self._dropped_traces:  # before the root of a trace that lost spans closes it
-                self._drain_drops()
-            try:
-                self._add(item, resource)
-            except Exception:
-                self._failed()
-            # Hand the GIL back every half millisecond of work: an app thread waking from I/O
-            # would otherwise wait up to the 5 ms switch interval behind these conversions.
-            now = time.perf_counter()
-            if now - last_yield > 0.0005:
-                time.sleep(0)
-                last_yield = time.perf_counter()
 
     def _drain_drops(self) -> None:
         with self._lock:
@@ -275,18 +267,26 @@ class CassetteWriter:
         for tid in dropped:
             self.assembler.mark_dropped(tid)
 
-    def _convert_run(self, item: Any) -> Any:
-        """Convert snapshots one after another while the queue holds nothing else (the
-        per-item checks of the main loop cost a tenth of a conversion); the first item of
-        another kind is returned to the main loop, :data:`_CONTINUE` once the queue is empty
-        or encoded cassettes have waited long enough to be written."""
+    def _add_run(self, item: Any) -> Any:
+        """Add spans (snapshots of SDK spans, records received over OTLP) one after another
+        while the queue holds nothing else (the main loop's checks per item would cost a
+        tenth of a conversion). Returns the first command met, or :data:`_CONTINUE` once the
+        queue is empty or encoded cassettes have waited long enough to be written."""
         get = self._queue.get_nowait
         last_yield = time.perf_counter()
         while True:
+            if type(item) is tuple:  # a snapshot: the only tuples in the queue
+                resource = None
+            elif type(item) is _Received:
+                item, resource = item.record, item.resource
+            elif type(item) is SpanRecord:
+                resource = None
+            else:
+                return item
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
             try:
-                self._add_snapshot(item)
+                self._add(item, resource)
             except Exception:
                 self._failed()
             now = time.perf_counter()
@@ -302,42 +302,30 @@ class CassetteWriter:
                 item = get()
             except queue.Empty:
                 return _CONTINUE
-            if not (type(item) is tuple and len(item) == _SNAPSHOT_LEN):
-                return item
 
-    def _add(
-        self, item: Snapshot | ReadableSpan | SpanRecord, resource: dict[str, Any] | None = None
-    ) -> None:
-        if isinstance(item, ReadableSpan):
-            item = snapshot(item)
+    def _add(self, item: Snapshot | SpanRecord, resource: dict[str, Any] | None = None) -> None:
         if isinstance(item, tuple):
-            self._add_snapshot(item)
-            return
+            span_resource = item[11]
+            resource = self._resources.get(id(span_resource))
+            if resource is None:  # one Resource object per provider: convert it once
+                resource = {k: plain(v) for k, v in span_resource.attributes.items()}
+                self._resources[id(span_resource)] = resource
+                self._resource_refs.append(span_resource)  # keeps the id from being reused
+            self._memo_left -= 1
+            if self._memo_left < 0:
+                # Attribute sets repeat across spans and requests: each is redacted once (an
+                # entry is used only while the redactor has learned no secret since, see
+                # spans._redact) and the memo starts afresh every few thousand spans, so sets
+                # that stopped coming make room. By count, not by time: the same spans are
+                # converted the same way on any machine (under callgrind too).
+                self._memo, self._memo_left = {}, 4096
+            # A msgpack cassette embeds this process's payload bytes as they are: no decode
+            # into trees (and no garbage for the collector, which runs in the app's threads
+            # too), no second encode.
+            item = record_from_snapshot(item, self._memo, raw=self.fmt == "msgpack")
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
-
-    def _add_snapshot(self, snap: Snapshot) -> None:
-        span_resource = snap[11]
-        resource = self._resources.get(id(span_resource))
-        if resource is None:  # one Resource object per provider: convert it once
-            resource = {k: plain(v) for k, v in span_resource.attributes.items()}
-            self._resources[id(span_resource)] = resource
-            self._resource_refs.append(span_resource)  # keeps the id from being reused
-            if not self._resource:
-                self._resource = resource
-        self._memo_left -= 1
-        if self._memo_left < 0:
-            # Attribute sets repeat across spans and requests: each is redacted once (an entry
-            # is used only while the redactor has learned no secret since, see spans._redact)
-            # and the memo starts afresh every few thousand spans, so sets that stopped coming
-            # make room. By count, not by time: the same spans are converted the same way on
-            # any machine (under callgrind too).
-            self._memo, self._memo_left = {}, 4096
-        # A msgpack cassette embeds this process's payload bytes as they are: no decode into
-        # trees (and no garbage for the collector, which runs in the app's threads too), no
-        # second encode.
-        self.assembler.add(record_from_snapshot(snap, self._memo, self._raw), resource)
 
     def _safely(self, fn: Callable[[], None]) -> None:
         try:
@@ -415,7 +403,7 @@ class CassetteWriter:
             else:
                 return True
         done = threading.Event()
-        self._queue.put((_FLUSH, done, process))
+        self._queue.put(_Flush(done, process))
         self._wake.set()
         return done.wait(timeout)
 
