@@ -121,7 +121,8 @@ def _body_digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
-# Stored as given: the shims build ``[name, value]`` rows (what the cassette keeps).
+# Stored as given: ``(name, value)`` rows (httpx's are tuples shared across calls, see
+# Redactor.header_rows; a cassette holds them as lists).
 Headers = Sequence[Sequence[str]]
 
 
@@ -152,7 +153,7 @@ def http_call(
 ) -> Call:
     """The :class:`Call` of an HTTP request; headers are stored but do not enter the key.
 
-    ``headers`` (already redacted ``[name, value]`` rows, stored as they are) may be a
+    ``headers`` (already redacted ``(name, value)`` rows, stored as they are) may be a
     function: without a body they are only needed for the stored request, which is then
     built on first use.
     """

@@ -307,9 +307,9 @@ class Redactor:
         # What a JSON body is scanned for before it is parsed: substrings that every configured
         # field name (case-folded) contains one of (see _anchors), tested one by one. One
         # alternation regex of the names was slower: re tries every alternative at every byte.
-        self._json_names = _anchors(n.encode() for n in self.json_anywhere.exact)
+        self._json_anchors = _anchors(n.encode() for n in self.json_anywhere.exact)
         # An HTTP response is scanned once for those, a password and an encoded or form body.
-        self._response_marks = (*_anchors([*self._json_names, b"password"]),
+        self._response_marks = (*_anchors([*self._json_anchors, b"password"]),
                                 b"content-encoding", b"urlencoded")
         self._lock = threading.Lock()
 
@@ -399,10 +399,7 @@ class Redactor:
         if lower in skip:
             return ()  # not cached: skipped headers (trace context) change on every call
         name, text = raw.decode("latin-1"), value.decode("latin-1")
-        hit = self.header_names._memo.get(name)
-        if hit is None:
-            hit = name in self.header_names
-        if hit:
+        if name in self.header_names:
             return (name, self.header(name, text))
         if len(cache) >= 4096:  # values that change on every call (Date) must not pile up
             cache.clear()
@@ -566,11 +563,11 @@ class Redactor:
         # configured names (case-folded, as _NameSet matches) rules most bodies out.
         if self.json_paths or self.json_anywhere.globs:
             return True
-        return self._has_json_name(body.lower())
+        return self._has_json_anchor(body.lower())
 
-    def _has_json_name(self, low: bytes) -> bool:
-        for name in self._json_names:  # noqa: SIM110 - a plain loop, no generator per scan
-            if name in low:
+    def _has_json_anchor(self, low: bytes) -> bool:
+        for anchor in self._json_anchors:  # noqa: SIM110 - a plain loop, no generator per scan
+            if anchor in low:
                 return True
         return False
 

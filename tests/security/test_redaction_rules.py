@@ -251,7 +251,7 @@ def test_every_configured_json_name_contains_one_of_the_scan_anchors(names: list
 
 def test_a_response_naming_any_default_secret_field_takes_the_full_redaction() -> None:
     r = Redactor(env={})
-    assert len(r._json_names) < len(r.json_anywhere.exact)  # fewer scans than names
+    assert len(r._json_anchors) < len(r.json_anywhere.exact)  # fewer scans than names
     for name in sorted(r.json_anywhere.exact):
         body = json.dumps({name.upper(): "z9z9z9z9", "n": 1}).encode()
         tree = {"status": 200, "headers": [["Content-Type", "application/json"]], "chunks": [body]}
