@@ -212,8 +212,8 @@ def snapshot(span: ReadableSpan) -> Snapshot:
     instead of waiting in the writer's queue.
 
     Spans still waiting when the collector runs are promoted to an older generation, and the
-    app pays for them in full collections: with the span itself queued, scenario 1b promoted
-    about 9 objects per recorded call into the oldest generation; with this tuple, under 2."""
+    app pays for them in full collections: with the span itself queued, scenario 1b's record
+    blocks saw 13-14 full collections per 42 blocks; with this tuple, 3 (its GC rows)."""
     try:  # the SDK's ReadableSpan: its fields, without a property call for each
         ctx, parent, events = span._context, span._parent, span._events
         # SpanContext is a tuple (trace id, span id, is remote, ...); its properties read the
