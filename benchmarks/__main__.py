@@ -160,12 +160,17 @@ class Bench:
             self.add(sc, "garbage collection in the window, record", "µs/call", out["record_gc_us"],
                      note=f"{full.get('record', 0)} full collections in {len(out['record_gc_us'])} blocks; "
                           "any thread (writer included)")
+            if out.get("writer_process_cpu_us"):
+                self.add(sc, "cassette writer process CPU per call (the other core)", "µs/call",
+                         out["writer_process_cpu_us"],
+                         note="converts, redacts, encodes and writes beside the app, not in its "
+                              "process (TIMETRACER_WRITER=process, the default)")
             io = out["io"]
             r = self.add(sc, "file I/O on the request thread while recording", "count",
                          [float(io["record_syscw"] + io["record_opens"])],
                          note=f"write syscalls {io['record_syscw']} (OTel-only blocks "
                               f"{io['otel_syscw']}), file opens {io['record_opens']}; "
-                              f"{out['cassettes_written']} cassettes written by the writer thread",
+                              f"{out['cassettes_written']} cassettes written by the writer",
                          target="0")
             r.met = io["record_syscw"] == io["otel_syscw"] and io["record_opens"] == 0
         print("  micro: record overhead, request path alone (writer off)", file=sys.stderr)
@@ -175,8 +180,9 @@ class Bench:
         if "error" not in out:
             self.add(sc, "of which the request path alone (writer off: spans go nowhere)",
                      "µs/call", out["overhead_us"],
-                     note="the rest of the wall overhead is the writer thread's work and its "
-                          "effects on the app's thread (GIL, GC, caches)")
+                     note="the rest of the wall overhead is the writer thread's work (handing "
+                          "spans to the writer process) and its effects on the app's thread "
+                          "(GIL, GC, caches)")
         print("  micro: record overhead (live loopback)", file=sys.stderr)
         out = self.worker("micro", {"mode": "record-overhead", "upstream": upstream,
                                     "runs": self.o.runs, "calls": 300, "network": "live"})
@@ -236,8 +242,12 @@ class Bench:
                      [b["main"]])
             self.add(sc, f"{mode}: instructions per call, request thread", "instructions/call",
                      [m["main"]], note=f"{m['total'] - m['main']:,.0f} more on other threads")
+            if m.get("child"):
+                self.add(sc, f"{mode}: instructions per call, cassette writer process",
+                         "instructions/call", [m["child"]],
+                         note="another process, on the other core: converts, encodes, writes")
             base_us = self._baseline_us(base_row)
-            for which, what in (("main", "request thread"), ("total", "writer thread included")):
+            for which, what in (("main", "request thread"), ("total", "app process, all threads")):
                 if which == "total" and mode == "replay":
                     continue  # replay has no writer thread
                 delta = m[which] - b[which]
@@ -281,7 +291,10 @@ class Bench:
             self.raw["instructions"][f"db-{driver}"] = {"otel": b, "record": m}
             self.add(sc, f"{driver} query, OTel only: instructions, request thread",
                      "instructions/query", [b["main"]], note="this process only, not the server")
-            for which, what in (("main", "request thread"), ("total", "writer thread included")):
+            if m.get("child"):
+                self.add(sc, f"{driver} record: instructions per query, cassette writer process",
+                         "instructions/query", [m["child"]], note="another process, on the other core")
+            for which, what in (("main", "request thread"), ("total", "app process, all threads")):
                 delta = m[which] - b[which]
                 if rate is None:
                     self.add(sc, f"{driver} record overhead, {what}", "instructions/query", [delta],

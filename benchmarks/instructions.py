@@ -52,6 +52,12 @@ def _settle() -> None:
     gc.freeze()
 
 
+def _written(rec: Any) -> None:
+    """Wait for the writer process, however long it takes under valgrind (its start-up
+    alone outlasts the recording's 30 s flush there): every span it was sent is counted."""
+    assert rec.writer.flush(timeout=3600, process=True), "the writer did not finish"
+
+
 def _recorded(cassette: str) -> Any:
     from timetracer_otel.cassette import load_cassette
 
@@ -131,9 +137,12 @@ def http_record(args: dict[str, Any]) -> dict[str, Any]:
     _settle()
     if args["mode"] == "record":
         with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-rec-"),
-                                    libraries=["httpx"]):
+                                    libraries=["httpx"]) as rec:
+            calls(10)  # the writer's thread and process start in both counts
             calls(args["calls"])
+            _written(rec)
     else:
+        calls(10)
         calls(args["calls"])
     return {}
 
@@ -156,9 +165,12 @@ def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
     asyncio.run(requests(WARM))
     _settle()
     if args["mode"] == "inbound-record":
-        with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-in-")):
+        with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-in-")) as rec:
+            asyncio.run(requests(1))  # the writer's thread and process start in both counts
             asyncio.run(requests(args["calls"]))
+            _written(rec)
     else:
+        asyncio.run(requests(1))
         asyncio.run(requests(args["calls"]))
     return {}
 
@@ -191,19 +203,23 @@ def db_record(args: dict[str, Any]) -> dict[str, Any]:
                 await conn.close()
 
             with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-db-"),
-                                        libraries=[driver]) if recording else _nothing():
+                                        libraries=[driver]) if recording else _nothing() as rec:
                 asyncio.run(main())
+                if recording:
+                    _written(rec)
         else:
             import psycopg
 
             with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-db-"),
-                                        libraries=[driver]) if recording else _nothing(), \
+                                        libraries=[driver]) if recording else _nothing() as rec, \
                     psycopg.connect(dsn) as conn:
                 for _ in range(WARM):
                     conn.execute(SQL).fetchall()
                 _settle()
                 for _ in range(args["calls"]):
                     conn.execute(SQL).fetchall()
+                if recording:
+                    _written(rec)
     finally:
         drop_database(db)
     return {}
@@ -256,29 +272,38 @@ def available() -> bool:
 
 def count(args: dict[str, Any]) -> dict[str, int]:
     """Instructions executed by one worker process running ``args`` under callgrind: in all,
-    and on its main thread (the request path; the writer thread runs beside it)."""
+    on its main thread (the request path; the writer thread runs beside it), and in the
+    processes it starts (``child``: the cassette writer's process, on the other core)."""
     import json
     import os
 
     from benchmarks.common import ROOT
 
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
-        out = Path(tmp) / "cg.out"
-        cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+        out = Path(tmp) / "cg.%p.out"
+        cmd = ["valgrind", "--tool=callgrind", "--separate-threads=yes", "--trace-children=yes",
                f"--callgrind-out-file={out}",
                sys.executable, "-m", "benchmarks.instructions", json.dumps(args)]
         # One hash seed for every run: with a random one, dict and set layouts (and so the
         # instructions of each lookup) differ between the two runs whose difference is taken.
         env = dict(os.environ, PYTHONHASHSEED="0",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        found = re.search(r"Collected : (\d+)", proc.stderr)
-        main = Path(f"{out}-01")
-        totals = re.search(r"^totals: (\d+)", main.read_text(), re.M) if main.exists() else None
-        if proc.returncode != 0 or found is None or totals is None:
-            tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _, stderr = proc.communicate(timeout=1800)
+        # One file per thread of each process: cg.<pid>.out-<thread>.
+        per_pid: dict[int, dict[int, int]] = {}
+        for f in Path(tmp).glob("cg.*.out-*"):
+            found = re.search(r"^totals: (\d+)", f.read_text(), re.M)
+            if found is not None:
+                pid, thread = re.fullmatch(r"cg\.(\d+)\.out-(\d+)", f.name).groups()  # type: ignore[union-attr]
+                per_pid.setdefault(int(pid), {})[int(thread)] = int(found[1])
+        own = per_pid.pop(proc.pid, {})
+        if proc.returncode != 0 or 1 not in own:
+            tail = " | ".join(stderr.strip().splitlines()[-5:])
             raise RuntimeError(f"callgrind run {args['mode']} failed (exit {proc.returncode}): {tail}")
-        return {"total": int(found[1]), "main": int(totals[1])}
+        return {"total": sum(own.values()), "main": own[1],
+                "child": sum(sum(threads.values()) for threads in per_pid.values())}
 
 
 def per_call(args: dict[str, Any], calls: int) -> dict[str, float]:

@@ -138,3 +138,24 @@ def test_a_child_ended_by_a_signal_exits_128_plus_the_signal(tmp_path: Path) -> 
     kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
     result = cli("record", "--dir", str(tmp_path), "--", sys.executable, "-c", kill_self)
     assert result.returncode == 128 + 15
+
+
+def test_record_waits_for_the_cassettes_of_an_app_killed_before_it_flushed(
+    serve: Any, tmp_path: Path
+) -> None:
+    # SIGKILL (or uvicorn re-raising SIGTERM) ends the app with no atexit, no flush: the
+    # writer process finishes the trace it was sent, and `record` counts it once it is done.
+    server = serve(app)
+    script = textwrap.dedent("""
+        import os, signal, time, httpx
+        httpx.get(os.environ["UPSTREAM_URL"] + "/items", params={"page": "1"})
+        time.sleep(1.0)  # the batch span processor's 50 ms, then the writer's
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = dict(os.environ, UPSTREAM_URL=server.url, OTEL_BSP_SCHEDULE_DELAY="50")
+    result = cli("record", "--dir", str(tmp_path), "--", sys.executable, "-c", script, env=env)
+    assert result.returncode == 128 + 9
+    assert "recorded 1 cassette(s)" in result.stderr, result.stderr
+    [path] = find_cassettes(tmp_path)
+    [span] = load_cassette(path).spans
+    assert span.library == "httpx" and span.response is not None and span.response["status"] == 200

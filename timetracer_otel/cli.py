@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,7 @@ from timetracer_otel.cassette import (
 )
 from timetracer_otel.config import OnMiss, Settings
 from timetracer_otel.errors import TimetracerError
+from timetracer_otel.exporters.sink import HOLD_FD_ENV
 from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
 
@@ -67,12 +70,26 @@ def _instrument_command(cmd: Sequence[str]) -> list[str]:
     return [exe, *cmd]
 
 
-def _run(cmd: Sequence[str], env: dict[str, str]) -> int:
+def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> int:
     """Run the instrumented command, passing SIGTERM/SIGINT on so it can flush its cassettes;
-    a child ended by a signal exits 128 + signal, as a shell reports it."""
+    a child ended by a signal exits 128 + signal, as a shell reports it.
+
+    ``hold``: also wait (up to :data:`HOLD_TIMEOUT` seconds) for the processes writing the
+    command's cassettes (see :mod:`~timetracer_otel.exporters.sink`), which finish on their
+    own when the command dies without flushing (uvicorn re-raises SIGTERM after its shutdown:
+    no atexit runs). They hold one end of a pipe this process reads to its end."""
     if not cmd:
         raise click.UsageError("give the command to run after --, e.g. -- python app.py")
-    child = subprocess.Popen(_instrument_command(cmd), env=env)
+    read_end = write_end = None
+    if hold:
+        read_end, write_end = os.pipe()
+        env = {**env, HOLD_FD_ENV: str(write_end)}
+    try:
+        child = subprocess.Popen(_instrument_command(cmd), env=env,
+                                 pass_fds=() if write_end is None else (write_end,))
+    finally:
+        if write_end is not None:
+            os.close(write_end)
 
     def forward(signum: int, frame: object) -> None:
         child.send_signal(signum)
@@ -80,10 +97,21 @@ def _run(cmd: Sequence[str], env: dict[str, str]) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = child.wait()
+        if read_end is not None:
+            deadline = time.monotonic() + HOLD_TIMEOUT
+            while (wait := deadline - time.monotonic()) > 0 and select.select([read_end], [], [], wait)[0]:
+                if not os.read(read_end, 4096):
+                    break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if read_end is not None:
+            os.close(read_end)
     return 128 - code if code < 0 else code
+
+
+# Seconds `record` waits, after the command ends, for its cassette writer processes.
+HOLD_TIMEOUT = 60.0
 
 
 def _exporter_list(current: str | None, add: str) -> str:
@@ -118,7 +146,7 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
     env.setdefault("OTEL_LOGS_EXPORTER", "none")
     if fmt:
         env["TIMETRACER_FORMAT"] = fmt
-    code = _run(cmd, env)
+    code = _run(cmd, env, hold=True)
     new = [p for p in _listing(directory) if p not in before]
     click.echo(f"timetracer-otel: recorded {len(new)} cassette(s) in {directory}", err=True)
     for p in new[:20]:

@@ -31,6 +31,14 @@ class Mode(Choice):
     REPLAY = "replay"
 
 
+class WriterKind(Choice):
+    """Where cassettes are converted and written: a child process (the app's interpreter lock
+    stays with the app), or a thread of the app's process."""
+
+    PROCESS = "process"
+    THREAD = "thread"
+
+
 class OnMiss(Choice):
     """What a replay does with a call it has no recording for."""
 
@@ -69,6 +77,7 @@ class Settings:
     strict: bool = False
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
+    writer: WriterKind = WriterKind.PROCESS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,4 +101,6 @@ class Settings:
             strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
             max_payload_bytes=int(_float(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024)),
             report=env.get("TIMETRACER_REPORT") or None,
+            writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "process") or "process",
+                                    "TIMETRACER_WRITER"),
         )

@@ -23,6 +23,7 @@ import fnmatch
 import gzip
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -350,6 +351,44 @@ class Redactor:
                 self._seen.popitem(last=False)
             self._scrub_patterns = None
             self.generation += 1
+
+    # --- handing the redactor to the cassette writer's process --------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration, key and learned secrets; caches and the lock are made afresh."""
+        state = dict(self.__dict__)
+        with self._lock:
+            state["_seen"] = OrderedDict(self._seen)
+        for name in ("_lock", "_url_memo", "_header_rows", "_scrub_patterns"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._url_memo = {}
+        self._header_rows = {}
+        self._scrub_patterns = None
+
+    def learned_since(self, generation: int) -> tuple[int, list[tuple[str, str]]]:
+        """The secrets learned after ``generation`` (oldest first, as ``(value, token)``) and
+        the generation they bring a copy to; all that are kept if some were evicted since."""
+        with self._lock:
+            count = min(self.generation - generation, len(self._seen))
+            newest = list(itertools.islice(reversed(self._seen.items()), max(count, 0)))
+            return self.generation, newest[::-1]
+
+    def learn(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Take secrets another copy of this redactor learned (see :meth:`learned_since`)."""
+        with self._lock:
+            for value, tok in pairs:
+                if value in self._seen:
+                    continue
+                self._seen[value] = tok
+                while len(self._seen) > _SEEN_LIMIT:
+                    self._seen.popitem(last=False)
+                self._scrub_patterns = None
+                self.generation += 1
 
     def _any_token(self, value: Any) -> str:
         if isinstance(value, str | bytes):

@@ -79,6 +79,7 @@ def test_a_full_queue_drops_and_marks_the_cassette_incomplete(tmp_path: Path) ->
         writer.max_queue = 100  # room again before the root ends: it arrives, its child did not
     assert writer.stats()["dropped_spans"] == 1
     assert processor.force_flush()
+    assert writer.stats()["dropped_spans"] == 1  # counted once, not again as its trace closes
     [path] = writer.written
     cassette = load_cassette(path)
     assert [s.name for s in cassette.spans] == ["req"] and cassette.complete is False

@@ -54,8 +54,10 @@ class TraceAssembler:
         self.dropped_spans = 0
         self.late_spans = 0
 
-    def mark_dropped(self, trace_id: str) -> None:
-        self.dropped_spans += 1
+    def mark_dropped(self, trace_id: str, *, count: bool = True) -> None:
+        """``trace_id`` lost a span: its cassette will say ``complete: false``. ``count``: add
+        it to :attr:`dropped_spans` (not for spans the caller counted when it dropped them)."""
+        self.dropped_spans += count
         self.dropped[trace_id] = None
         while len(self.dropped) > 10 * self.max_open_traces:
             self.dropped.popitem(last=False)

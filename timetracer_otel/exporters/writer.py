@@ -3,7 +3,10 @@
 The request path only enqueues (``submit``: a :func:`~timetracer_otel.exporters.spans.snapshot`
 of the span and one ``SimpleQueue.put``); conversion, grouping,
 encoding and the atomic write happen on this thread, under ``suppress_instrumentation`` so
-the writer's own I/O is never traced. Encoded cassettes are written as soon as the queue runs
+the writer's own I/O is never traced. In an app's process (``isolate``, the default there)
+this thread only passes the snapshots on to a child process that runs the same writer (see
+:mod:`~timetracer_otel.exporters.sink`), so the conversion does not hold the app's
+interpreter lock. Encoded cassettes are written as soon as the queue runs
 empty, several together when spans arrive faster than files can be made durable (their fsyncs
 overlap; each file is still renamed only after its own fsync). Failures are counted and
 logged, never raised.
@@ -17,6 +20,7 @@ import importlib.metadata
 import itertools
 import logging
 import os
+import pickle
 import platform
 import queue
 import re
@@ -28,13 +32,23 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
+from timetracer_otel.exporters.sink import (
+    MAX_FRAME_SPANS,
+    REPLY_TIMEOUT,
+    SinkError,
+    SinkProcess,
+    wire,
+)
+from timetracer_otel.exporters.sink import available as sink_available
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
-from timetracer_otel.exporters.storage import Storage, storage_for, write_many
+from timetracer_otel.exporters.storage import LocalStorage, Storage, storage_for, write_many
+from timetracer_otel.replay_shims.base import STATE
 
 log = logging.getLogger("timetracer_otel")
 
@@ -46,10 +60,10 @@ _CONTINUE = object()
 class _Flush:
     """Queue command: write what is pending (and the process batch if asked), then ``done``."""
 
-    __slots__ = ("done", "process")
+    __slots__ = ("done", "process", "timeout")
 
-    def __init__(self, done: threading.Event, process: bool) -> None:
-        self.done, self.process = done, process
+    def __init__(self, done: threading.Event, process: bool, timeout: float) -> None:
+        self.done, self.process, self.timeout = done, process, timeout
 
 
 class _Received:
@@ -62,11 +76,13 @@ class _Received:
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def cassette_name(batch: TraceBatch) -> str:
-    """``POST /orders/{id}`` → ``POST__orders_id``; the process batch → the script's name."""
+def cassette_name(batch: TraceBatch, argv0: str | None = None) -> str:
+    """``POST /orders/{id}`` → ``POST__orders_id``; the process batch → the script's name
+    (``argv0``, this process's ``sys.argv[0]`` unless given)."""
     root = batch.root
     if root is None:
-        argv0 = sys.argv[0] if sys.argv else ""
+        if argv0 is None:
+            argv0 = sys.argv[0] if sys.argv else ""
         script = os.path.basename(argv0) if argv0 not in ("", "-", "-c") else "process"
         return _SAFE.sub("_", script.removesuffix(".py")).strip("_") or "process"
     a = root.attributes
@@ -97,6 +113,23 @@ def _tool_version() -> str:
         return importlib.metadata.version("timetracer-otel")
     except importlib.metadata.PackageNotFoundError:
         return "0"
+
+
+_encode_frame = msgspec.msgpack.Encoder().encode
+
+
+def _can_isolate(isolate: bool | None, storage: Storage, via: str,
+                 on_written: Callable[[str, Cassette], None] | None) -> bool:
+    """Whether a writer hands its spans to a child process: asked for (``TIMETRACER_WRITER``,
+    ``process`` unless set to ``thread``), in an app's process (not the Collector's receiver,
+    which is no app), to a local directory the child can open by name, with no
+    ``on_written`` callback (it runs where the cassette is), and with an interpreter to start."""
+    if isolate is None:
+        from timetracer_otel.config import Settings, WriterKind
+
+        isolate = Settings.from_env().writer is WriterKind.PROCESS
+    return (isolate and via != "collector" and type(storage) is LocalStorage
+            and on_written is None and sink_available())
 
 
 def is_error_trace(batch: TraceBatch) -> bool:
@@ -137,6 +170,7 @@ class CassetteWriter:
         sample_rate: float = 1.0,
         errors_only: bool = False,
         on_written: Callable[[str, Cassette], None] | None = None,
+        isolate: bool | None = None,
     ) -> None:
         self.storage = storage_for(location) if isinstance(location, str) else location
         self.fmt = fmt
@@ -184,6 +218,17 @@ class CassetteWriter:
             version=_tool_version(), via=via, python=platform.python_version(),
             libraries=_libraries(),
         )
+        # The process batch's name: this script's (a child writer is told the app's).
+        self.script: str | None = None
+        # Isolated: the writer thread passes snapshots to a child process (started by the
+        # thread, off the request path) and the child converts and writes them.
+        self.isolate = _can_isolate(isolate, self.storage, via, on_written)
+        self._sink: SinkProcess | None = None
+        self._outbox: list[Snapshot] = []
+        self._sent_resources: dict[int, Any] = {}
+        self._sent_redactor: Any = None
+        self._sent_generation = 0
+        self._remote = {"dropped_spans": 0, "late_spans": 0, "errors": 0, "skipped": 0}
 
     # -- request path ----------------------------------------------------------------------
 
@@ -227,6 +272,8 @@ class CassetteWriter:
         # The whole thread runs suppressed (the context is this thread's own), so nothing the
         # writer does is traced, without entering and leaving the context for every span.
         with suppress_instrumentation():
+            if self.isolate:
+                self._open_sink()
             self._loop()
 
     def _loop(self) -> None:
@@ -245,10 +292,14 @@ class CassetteWriter:
                 self._wake.wait(self.gather_interval)
                 self._wake.clear()
             item = self._add_run(self._queue.get())
+            if self._outbox:
+                self._ship()
             if item is _CONTINUE:
                 continue
             if type(item) is _Flush:
                 self._drain_drops()
+                if self._sink is not None:
+                    self._ask_sink("flush", item.process, timeout=max(REPLY_TIMEOUT, item.timeout))
                 if item.process:
                     self._safely(self.assembler.flush_process)
                 self._safely(self._write_unwritten)
@@ -257,6 +308,11 @@ class CassetteWriter:
                 self._safely(self.assembler.flush_idle)
             elif item is _STOP:
                 self._drain_drops()
+                if self._sink is not None:
+                    self._ask_sink("close")
+                    if self._sink is not None:
+                        self._sink.close()
+                        self._sink = None
                 self._safely(self.assembler.close_all)
                 self._safely(self._write_unwritten)
                 return
@@ -264,8 +320,16 @@ class CassetteWriter:
     def _drain_drops(self) -> None:
         with self._lock:
             dropped, self._dropped_traces = self._dropped_traces, set()
-        for tid in dropped:
-            self.assembler.mark_dropped(tid)
+        if dropped and self._sink is not None:
+            self._ship()  # after the spans that came before the drops, as in this process
+            if self._sink is not None:
+                try:
+                    self._sink.send("drop", list(dropped))
+                    return
+                except SinkError as exc:
+                    self._sink_failed(exc)
+        for tid in dropped:  # each counted in dropped_spans as it was dropped
+            self.assembler.mark_dropped(tid, count=False)
 
     def _add_run(self, item: Any) -> Any:
         """Add spans (snapshots of SDK spans, records received over OTLP) one after another
@@ -298,12 +362,17 @@ class CassetteWriter:
                 last_yield = now = time.perf_counter()
             if self._unwritten and now - self._unwritten_since > self.max_batch_delay:
                 return _CONTINUE
+            if len(self._outbox) >= MAX_FRAME_SPANS:
+                return _CONTINUE
             try:
                 item = get()
             except queue.Empty:
                 return _CONTINUE
 
     def _add(self, item: Snapshot | SpanRecord, resource: dict[str, Any] | None = None) -> None:
+        if self._sink is not None and type(item) is tuple:
+            self._outbox.append(item)  # converted by the child
+            return
         if isinstance(item, tuple):
             span_resource = item[11]
             resource = self._resources.get(id(span_resource))
@@ -326,6 +395,104 @@ class CassetteWriter:
         if resource is not None and not self._resource:
             self._resource = resource
         self.assembler.add(item, resource)
+
+    # -- the child process (isolate) ----------------------------------------------------------
+
+    def _open_sink(self) -> None:
+        root = self.storage.root if isinstance(self.storage, LocalStorage) else None
+        try:
+            self._sink = SinkProcess({
+                "location": os.path.abspath(root) if root is not None else "",
+                "fmt": self.fmt, "via": self.via, "max_queue": self.max_queue,
+                "max_open_traces": self.assembler.max_open_traces,
+                "quiet_ns": self.assembler.quiet_ns, "sample_rate": self.sample_rate,
+                "errors_only": self.errors_only,
+                "script": self.script if self.script is not None else (sys.argv[0] if sys.argv else ""),
+                "recorder": msgspec.to_builtins(self._recorder),
+            })
+        except (OSError, SinkError) as exc:
+            log.warning("timetracer-otel: cannot start the cassette writer process (%s); "
+                        "writing cassettes in this process", exc)
+            self.isolate = False
+
+    def _ship(self) -> None:
+        """Send the snapshots gathered in the outbox to the child, after what they need there:
+        resources it has not seen, and the redactor's secrets learned since the last frame."""
+        sink, spans, self._outbox = self._sink, self._outbox, []
+        if sink is None:
+            for snap in spans:  # the child is gone: converted here
+                try:
+                    self._add(snap)
+                except Exception:
+                    self._failed()
+            return
+        try:
+            redactor = STATE.redactor
+            if redactor is not self._sent_redactor:
+                generation, _ = redactor.learned_since(redactor.generation)
+                sink.send("redactor", pickle.dumps(redactor))
+                self._sent_redactor, self._sent_generation = redactor, generation
+            elif redactor.generation != self._sent_generation:
+                self._sent_generation, learned = redactor.learned_since(self._sent_generation)
+                sink.send("learn", learned)
+            frame = []
+            for snap in spans:
+                resource = snap[11]
+                rid = id(resource)
+                if rid not in self._sent_resources:
+                    sink.send("resource", rid, {k: plain(v) for k, v in resource.attributes.items()})
+                    self._sent_resources[rid] = resource  # kept: its id is never reused
+                frame.append(wire(snap, rid))
+            try:
+                body = _encode_frame(("spans", frame))
+            except (TypeError, ValueError, OverflowError):
+                body = _encode_frame(("spans", self._encodable(frame, spans)))
+            sink.send_encoded(body)
+        except SinkError as exc:
+            self._sink_failed(exc)
+            self._outbox = spans + self._outbox
+            self._ship()
+
+    def _encodable(self, frame: list[Any], spans: list[Snapshot]) -> list[Any]:
+        """The frame without the spans msgpack cannot carry (an integer attribute beyond 64
+        bits...): each is counted and logged, and its trace's cassette says ``complete:
+        false``."""
+        kept = []
+        for w, snap in zip(frame, spans, strict=True):
+            try:
+                _encode_frame(w)
+                kept.append(w)
+            except (TypeError, ValueError, OverflowError) as exc:
+                log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
+                with self._lock:
+                    self.dropped_spans += 1
+                    self._dropped_traces.add(f"{snap[0]:032x}")
+        return kept
+
+    def _ask_sink(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> None:
+        """Ask the child to flush or close, and take its answer: the cassettes it wrote since
+        the last one, and its counters."""
+        assert self._sink is not None
+        try:
+            written, stats = self._sink.ask(*message, timeout=timeout)
+        except SinkError as exc:
+            self._sink_failed(exc)
+            return
+        self.written.extend(written)
+        for name in ("errors", "skipped"):
+            setattr(self, name, getattr(self, name) + stats[name] - self._remote[name])
+        self._remote = {k: stats[k] for k in self._remote}
+
+    def _sink_failed(self, exc: BaseException) -> None:
+        sink, self._sink = self._sink, None
+        self.isolate = False
+        self.errors += 1
+        log.warning("timetracer-otel: %s; spans sent to it since its last answer may be lost, "
+                    "the rest are written by this process", exc)
+        if sink is not None:
+            with contextlib.suppress(Exception):
+                sink.proc.kill()
+                sink.close()
 
     def _safely(self, fn: Callable[[], None]) -> None:
         try:
@@ -383,7 +550,7 @@ class CassetteWriter:
             self._id_pid, self._id_prefix = os.getpid(), secrets.token_hex(4)
         return Cassette(
             id=f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}",
-            name=cassette_name(batch),
+            name=cassette_name(batch, self.script),
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
             resource=dict(batch.resource or self._resource),
             recorder=self._recorder,
@@ -403,7 +570,7 @@ class CassetteWriter:
             else:
                 return True
         done = threading.Event()
-        self._queue.put(_Flush(done, process))
+        self._queue.put(_Flush(done, process, timeout))
         self._wake.set()
         return done.wait(timeout)
 
@@ -431,11 +598,13 @@ class CassetteWriter:
         self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
+        """Counters, the child's included (as of its last answer) when isolated."""
         return {
             "written": len(self.written),
-            "dropped_spans": self.dropped_spans + self.assembler.dropped_spans,
+            "dropped_spans": self.dropped_spans + self.assembler.dropped_spans
+            + self._remote["dropped_spans"],
             # Spans that ended after their trace was written and carried nothing to replay.
-            "late_spans": self.assembler.late_spans,
+            "late_spans": self.assembler.late_spans + self._remote["late_spans"],
             "errors": self.errors,
             "skipped": self.skipped,
         }

@@ -1,0 +1,190 @@
+"""The isolated writer: spans converted and written by a child process, as a thread would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from timetracer_otel.cassette import Cassette, load_cassette
+from timetracer_otel.errors import ConfigError
+from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter
+from timetracer_otel.redaction import Redactor
+from timetracer_otel.replay_shims.base import ATTR_PAYLOAD, STATE, payload_attribute
+
+
+def _tracer(writer: CassetteWriter) -> Any:
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop", "k": ("a", "b")}))
+    provider.add_span_processor(CassetteSpanProcessor(writer=writer))
+    return provider.get_tracer("t")
+
+
+def _trace(tracer: Any, n: int) -> None:
+    """A server span with a recorded client call, an event and an error status; then a lone
+    client call (the per-process cassette)."""
+    with tracer.start_as_current_span(f"GET /orders/{n}", kind=SpanKind.SERVER,
+                                      attributes={"http.route": "/orders/{id}", "n": n}) as root:
+        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as client:
+            client.set_attribute("url.full", f"http://127.0.0.1:9/items?i={n}")
+            client.set_attribute("tags", ("x", "y"))
+            client.set_attribute(ATTR_PAYLOAD, payload_attribute(
+                "httpx", f"httpx:{n}", "httpx:shape", "GET /items",
+                b"\x81\xa3url\xa0", response=b"\x81\xa6status\xcc\xc8"))
+            client.add_event("retry", {"attempt": 2, "codes": (500, 503)})
+        root.set_status(Status(StatusCode.ERROR, "upstream failed"))
+    tracer.start_span("lone", kind=SpanKind.CLIENT).end()
+
+
+def _strip(c: Cassette) -> Any:
+    # Ids, times and trace ids differ between any two writers and providers; the rest is the
+    # recording, types included.
+    resource = {k: v for k, v in c.resource.items() if k != "service.instance.id"}
+    return (c.name, c.complete, resource, c.recorder, [
+        (s.name, s.kind, s.status, s.status_message, s.attributes,
+         [(e.name, e.attributes) for e in s.events], s.library, s.key,
+         s.shape, s.label, s.request, s.response, s.error, s.truncated,
+         s.parent_id is None, s.end_ns - s.start_ns >= 0)
+        for s in c.spans])
+
+
+def _by_name(paths: list[str]) -> dict[str, Any]:
+    return {load_cassette(p).name: _strip(load_cassette(p)) for p in paths}
+
+
+def test_a_child_process_writes_what_a_thread_writes(tmp_path: Path) -> None:
+    isolated = CassetteWriter(str(tmp_path / "child"), isolate=True)
+    threaded = CassetteWriter(str(tmp_path / "thread"), isolate=False)
+    assert isolated.isolate and not threaded.isolate
+    for writer in (isolated, threaded):
+        tracer = _tracer(writer)
+        for n in range(3):
+            _trace(tracer, n)
+        writer.flush(process=True)
+    sink = isolated._sink
+    assert sink is not None and sink.proc.poll() is None  # the child wrote them
+    for writer in (isolated, threaded):
+        writer.close()
+    assert sink.proc.returncode == 0
+    assert isolated.stats() == threaded.stats() == {
+        "written": 4, "dropped_spans": 0, "late_spans": 0, "errors": 0, "skipped": 0}
+    child = sorted(_strip(load_cassette(p)) for p in isolated.written)
+    thread = sorted(_strip(load_cassette(p)) for p in threaded.written)
+    assert child == thread
+    assert sorted(c[0] for c in child)[:3] == ["GET__orders_0", "GET__orders_1", "GET__orders_2"]
+    [server, *_] = [load_cassette(p) for p in isolated.written if "orders" in p]
+    root, client = server.spans
+    assert root.status == "ERROR" and root.status_message == "upstream failed"
+    assert client.attributes["tags"] == ["x", "y"]
+    assert client.events[0].name == "retry" and client.events[0].attributes == {
+        "attempt": 2, "codes": [500, 503]}
+    assert client.response == {"status": 200} and server.resource["k"] == ["a", "b"]
+
+
+def test_a_secret_the_app_learns_later_is_scrubbed_by_the_child(tmp_path: Path) -> None:
+    saved = STATE.redactor
+    STATE.redactor = Redactor(key=b"k" * 32)
+    try:
+        writer = CassetteWriter(str(tmp_path), isolate=True)
+        tracer = _tracer(writer)
+        tracer.start_span("first", kind=SpanKind.CLIENT).end()
+        writer.flush()
+        assert writer._sink is not None  # the child has this redactor, without the secret
+        secret = "s3cr3t-Token-0123456789abcdef"
+        token = STATE.redactor.token(secret)  # learned by an app thread (an auth header)
+        tracer.start_span("second", kind=SpanKind.CLIENT,
+                          attributes={"note": f"retrying with {secret}"}).end()
+        writer.close()
+    finally:
+        STATE.redactor = saved
+    [path] = writer.written
+    second = next(s for s in load_cassette(path).spans if s.name == "second")
+    assert second.attributes["note"] == f"retrying with {token}"
+    assert secret.encode() not in Path(path).read_bytes()
+
+
+def test_a_dead_child_is_replaced_by_the_writer_thread(tmp_path: Path, caplog: Any) -> None:
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    tracer = _tracer(writer)
+    _trace(tracer, 1)
+    writer.flush()
+    sink = writer._sink
+    assert sink is not None
+    os.kill(sink.proc.pid, signal.SIGKILL)
+    sink.proc.wait()
+    _trace(tracer, 2)  # never raises into the app
+    writer.flush(process=True)
+    writer.close()
+    assert writer._sink is None and not writer.isolate
+    assert writer.stats()["errors"] >= 1
+    assert "cassette writer process is gone" in caplog.text
+    names = sorted(s.name for p in writer.written for s in load_cassette(p).spans)
+    assert "GET /orders/2" in names and "GET /orders/1" in names
+
+
+def test_a_span_msgpack_cannot_carry_is_dropped_and_its_trace_marked(tmp_path: Path) -> None:
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    tracer = _tracer(writer)
+    with tracer.start_as_current_span("GET /big", kind=SpanKind.SERVER):
+        tracer.start_span("huge", kind=SpanKind.CLIENT, attributes={"n": 2**70}).end()
+        tracer.start_span("fine", kind=SpanKind.CLIENT).end()
+    writer.close()
+    [path] = writer.written
+    cassette = load_cassette(path)
+    assert [s.name for s in cassette.spans] == ["GET /big", "fine"]
+    assert cassette.complete is False and writer.stats()["dropped_spans"] == 1
+
+
+def test_writer_kind_comes_from_the_environment(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("TIMETRACER_WRITER", "thread")
+    assert not CassetteWriter(str(tmp_path)).isolate
+    monkeypatch.setenv("TIMETRACER_WRITER", "process")
+    assert CassetteWriter(str(tmp_path)).isolate
+    assert not CassetteWriter(str(tmp_path), via="collector").isolate  # no app to spare
+    assert not CassetteWriter(str(tmp_path), on_written=lambda p, c: None).isolate
+    monkeypatch.setenv("TIMETRACER_WRITER", "fork")
+    with pytest.raises(ConfigError, match="TIMETRACER_WRITER='fork' is not valid"):
+        CassetteWriter(str(tmp_path))
+
+
+def test_cassettes_survive_the_app_being_killed(tmp_path: Path) -> None:
+    # The app records a trace and dies without flushing (SIGKILL, an OOM kill): the child
+    # reads to the end of the pipe and writes every trace it was sent.
+    app = textwrap.dedent(f"""
+        import os, signal, time
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.trace import SpanKind
+        from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter
+        writer = CassetteWriter({str(tmp_path)!r}, isolate=True)
+        provider = TracerProvider()
+        provider.add_span_processor(CassetteSpanProcessor(writer=writer))
+        tracer = provider.get_tracer("t")
+        with tracer.start_as_current_span("GET /killed", kind=SpanKind.SERVER):
+            tracer.start_span("call", kind=SpanKind.CLIENT).end()
+        while writer._sink is None or writer._queue.qsize() or writer._outbox:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the frame is in the pipe
+        print(writer._sink.proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", app], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child = int(proc.stdout.split()[0])
+    for _ in range(500):  # the orphaned child finishes on its own
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        import time
+
+        time.sleep(0.02)
+    [path] = list(tmp_path.glob("*/*.msgpack"))
+    assert [s.name for s in load_cassette(path).spans] == ["GET /killed", "call"]

@@ -1,0 +1,304 @@
+"""The cassette writer's own process: spans leave the app's process as soon as they end.
+
+CPython runs one thread at a time per process. A writer thread converting, redacting and
+encoding spans in the app's process takes the interpreter from the app for as long as that
+work lasts, whatever the number of cores: scenario 1b measured that work (about 20 µs of a
+recorded call's overhead on a 2-core VM) as large as the request path's own. So an in-app
+:class:`~timetracer_otel.exporters.writer.CassetteWriter` hands each finished span's snapshot,
+msgpack-encoded in batches, to a child process over a pipe, and that child runs an ordinary
+in-process writer: the same conversion, grouping, redaction and atomic writes, on the other
+core. The app's writer thread only encodes tuples (in C) and writes to the pipe (without the
+interpreter lock).
+
+Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
+
+- ``open config``: the writer's settings; first, once.
+- ``redactor pickle`` / ``learn [[value, token]...]``: the app's redactor, then the secrets it
+  learns later, sent before the spans they may have to be scrubbed from.
+- ``resource id attributes``: a provider's resource, once, before its first span.
+- ``spans [wire...]``: snapshots (see :func:`wire`), in the order the spans ended.
+- ``drop [trace id...]``: traces that lost spans to a full queue.
+- ``flush process`` / ``close``: answered with ``[written paths since the last answer,
+  stats]``; ``close`` then ends the child.
+
+The child ignores the terminal's signals (its own session) and finishes what it was sent if
+the app dies: a pipe at end of file closes the writer, which writes every open trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import msgspec
+from opentelemetry.trace import SpanKind, StatusCode
+
+log = logging.getLogger("timetracer_otel")
+
+# Set in the child's environment: a writer there never starts a child of its own.
+CHILD_ENV = "TIMETRACER_WRITER_CHILD"
+# A pipe's write end that `timetracer-otel record` gave the command: each child holds it too,
+# and `record` reads the pipe to its end, so it counts cassettes once every child is done.
+HOLD_FD_ENV = "TIMETRACER_HOLD_FD"
+_HEADER = struct.Struct(">I")
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+_LOW = (1 << 64) - 1
+_KIND_VALUES = {id(k): k.value for k in SpanKind}
+_CODE_VALUES = {id(c): c.value for c in StatusCode}
+
+# Spans per frame at most (the writer thread sends what it has when its queue runs empty).
+MAX_FRAME_SPANS = 512
+# Seconds to wait for the child to answer a flush before it is taken for dead.
+REPLY_TIMEOUT = 120.0
+# Started with -I (no PYTHONPATH, no user site, no sitecustomize: opentelemetry-instrument's
+# would instrument the child and make it record itself), with the parent's sys.path instead.
+_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from timetracer_otel.exporters.sink import main; main()"
+)
+
+
+class SinkError(Exception):
+    """The child cannot take more: it exited, or stopped answering."""
+
+
+def available() -> bool:
+    """A child can be started: an interpreter to start (not an embedding host such as uWSGI,
+    whose ``sys.executable`` is not Python), and this is not a child already."""
+    exe = os.path.basename(sys.executable or "")
+    return exe.startswith(("python", "pypy")) and not os.environ.get(CHILD_ENV)
+
+
+def wire(snap: tuple[Any, ...], rid: int) -> tuple[Any, ...]:
+    """A snapshot as msgpack can carry it: the 128-bit trace id in two halves, kind and status
+    as their values, events as tuples, the resource by the id the child knows it by."""
+    status, events = snap[8], snap[9]
+    code = status.status_code
+    trace_id = snap[0]
+    return (
+        trace_id >> 64, trace_id & _LOW, snap[1], snap[2], snap[3], snap[4],
+        _KIND_VALUES.get(id(snap[5])) or snap[5].value, snap[6], snap[7],
+        _CODE_VALUES.get(id(code)) or code.value, status.description,
+        [(e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in events]
+        if events else None,
+        snap[10], rid,
+    )
+
+
+# --- parent side -----------------------------------------------------------------------------
+
+
+class SinkProcess:
+    """The parent's handle on one child: send frames, ask and wait for answers. Used by one
+    thread (the writer's); every failure raises :class:`SinkError`."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        env = dict(os.environ)
+        env[CHILD_ENV] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
+            start_new_session=True, pass_fds=_held(),
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        self.pid = os.getpid()
+        try:  # room for bursts, so the writer thread waits on the child less often (Linux)
+            import fcntl
+
+            fcntl.fcntl(self._in, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except (ImportError, OSError):
+            pass
+        self.send("open", dict(config))
+
+    def send(self, *message: Any) -> None:
+        self.send_encoded(_encode(message))
+
+    def send_encoded(self, body: bytes) -> None:
+        data = memoryview(_HEADER.pack(len(body)) + body)
+        try:
+            while data:
+                data = data[os.write(self._in, data):]
+        except OSError as exc:
+            raise SinkError(f"the cassette writer process is gone ({self._exit()})") from exc
+
+    def ask(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> Any:
+        self.send(*message)
+        try:
+            reply = _read_frame(self._out, timeout)
+        except OSError as exc:
+            raise SinkError(f"no answer from the cassette writer process ({exc})") from exc
+        if reply is None:
+            raise SinkError(f"the cassette writer process is gone ({self._exit()})")
+        return _decode(reply)
+
+    def _exit(self) -> str:
+        code = self.proc.poll()
+        return "still running" if code is None else f"exit code {code}"
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the child end (its input at end of file), then reap it; kill it if it hangs."""
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _held() -> tuple[int, ...]:
+    try:
+        fd = int(os.environ.get(HOLD_FD_ENV, ""))
+        os.fstat(fd)
+    except (ValueError, OSError):
+        return ()
+    return (fd,)
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise OSError(f"timed out after waiting for {n - left} of {n} bytes")
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int, timeout: float | None = None) -> bytes | None:
+    """The next frame's body; None at end of file."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    head = _read_exact(fd, _HEADER.size, deadline)
+    if head is None:
+        return None
+    body = _read_exact(fd, _HEADER.unpack(head)[0], deadline)
+    if body is None:
+        return None
+    return body
+
+
+# --- child side ------------------------------------------------------------------------------
+
+_KINDS = {k.value: k for k in SpanKind}
+_CODES = {c.value: c for c in StatusCode}
+
+
+class _Status(NamedTuple):
+    status_code: StatusCode
+    description: str | None
+
+
+class _Event(NamedTuple):
+    name: str
+    timestamp: int
+    attributes: dict[str, Any] | None
+
+
+class _Resource:
+    __slots__ = ("attributes",)
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+
+
+def _snapshot(w: list[Any], resources: dict[int, _Resource],
+              statuses: dict[tuple[int, str | None], _Status]) -> tuple[Any, ...]:
+    """The snapshot :func:`wire` was made from, with stand-ins for the SDK's objects (the
+    conversion reads only their fields)."""
+    hi, lo, span_id, parent_id, remote, name, kind, start, end, code, desc, events, attrs, rid = w
+    status = statuses.get((code, desc))
+    if status is None:
+        status = statuses[(code, desc)] = _Status(_CODES[code], desc)
+    return ((hi << 64) | lo, span_id, parent_id, remote, name, _KINDS[kind], start, end, status,
+            tuple(_Event(*e) for e in events) if events else (), attrs, resources[rid])
+
+
+def main() -> None:
+    """The child: read frames from stdin until ``close`` or end of file, answer on stdout."""
+    from timetracer_otel.cassette import Recorder
+    from timetracer_otel.exporters.writer import CassetteWriter
+    from timetracer_otel.replay_shims.base import STATE
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answers = os.dup(1)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the answers
+    sys.stdout = sys.stderr
+    resources: dict[int, _Resource] = {}
+    statuses: dict[tuple[int, str | None], _Status] = {}
+    writer: CassetteWriter | None = None
+
+    def answer() -> None:
+        assert writer is not None
+        written, writer.written = writer.written, []  # reported once: the child keeps none
+        body = _encode((written, writer.stats()))
+        data = memoryview(_HEADER.pack(len(body)) + body)
+        while data:
+            data = data[os.write(answers, data):]
+
+    while True:
+        frame = _read_frame(0)
+        if frame is None:  # the app is gone: write what it sent
+            if writer is not None:
+                writer.close()
+            return
+        tag, *rest = _decode(frame)
+        if tag == "spans":
+            assert writer is not None
+            q = writer._queue
+            while q.qsize() > writer.max_queue:  # the pipe, then the app's queue, wait
+                time.sleep(0.001)
+            if writer._thread is None:
+                writer._start()
+            for w in rest[0]:
+                q.put(_snapshot(w, resources, statuses))
+        elif tag == "resource":
+            resources[rest[0]] = _Resource(rest[1])
+        elif tag == "learn":
+            STATE.redactor.learn(rest[0])
+        elif tag == "redactor":
+            STATE.redactor = pickle.loads(rest[0])
+        elif tag == "drop":
+            assert writer is not None
+            with writer._lock:
+                writer._dropped_traces.update(rest[0])
+        elif tag == "flush":
+            assert writer is not None
+            writer.flush(process=rest[0])
+            answer()
+        elif tag == "close":
+            assert writer is not None
+            writer.close()
+            answer()
+            return
+        elif tag == "open":
+            config = rest[0]
+            writer = CassetteWriter(
+                config["location"], fmt=config["fmt"], via=config["via"],
+                max_queue=config["max_queue"], max_open_traces=config["max_open_traces"],
+                quiet_ns=config["quiet_ns"], sample_rate=config["sample_rate"],
+                errors_only=config["errors_only"], isolate=False,
+            )
+            writer.script = config["script"]
+            writer._recorder = msgspec.convert(config["recorder"], Recorder)
