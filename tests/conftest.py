@@ -78,9 +78,11 @@ def _timetracer_off() -> Iterator[None]:
     """Every test starts and ends with the shims switched off."""
     STATE.mode = Mode.OFF
     STATE.index = None
+    STATE.defer = False
     yield
     STATE.mode = Mode.OFF
     STATE.index = None
+    STATE.defer = False
 
 
 def run(coro: Any) -> Any:

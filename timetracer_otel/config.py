@@ -78,6 +78,9 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
     writer: WriterKind = WriterKind.PROCESS
+    # Payloads on the spans even while a timetracer writer in this process takes them (for a
+    # Collector running `timetracer-otel collect` beside a local recording).
+    span_payloads: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,4 +106,5 @@ class Settings:
             report=env.get("TIMETRACER_REPORT") or None,
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "process") or "process",
                                     "TIMETRACER_WRITER"),
+            span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

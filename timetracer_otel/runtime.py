@@ -160,8 +160,9 @@ class Recording(_Activation):
             errors_only=self.settings.errors_only,
         )
         with _lock:
-            self._saved = (STATE.mode,)
+            self._saved = (STATE.mode, STATE.defer)
             STATE.mode = Mode.RECORD
+            STATE.defer = not self.settings.span_payloads  # shims may leave calls to this writer
             _dispatch_for(provider).writer = self.writer
 
     def _exit(self) -> None:
@@ -169,7 +170,7 @@ class Recording(_Activation):
         if isinstance(provider, TracerProvider):
             provider.force_flush()  # spans still queued in the app's own batch processors
         with _lock:
-            (STATE.mode,) = self._saved
+            STATE.mode, STATE.defer = self._saved
             d = _dispatch.get(id(provider))
             if d is not None and d.writer is self.writer:
                 d.writer = None

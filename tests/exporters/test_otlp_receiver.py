@@ -77,10 +77,14 @@ def job(c: httpx.Client) -> list[Any]:
     return [c.get("/items", params={"page": 1}).json(), c.post("/echo", content=b"\x00ab\xff").content]
 
 
-def record_job(base: str, tmp_path: Path) -> tuple[Any, list[ReadableSpan], list[str]]:
+def record_job(
+    base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, list[ReadableSpan], list[str]]:
     tracer = trace.get_tracer("test")
     tap = _tap()
     tap.spans = []
+    # The tapped spans stand for what an app exports to a Collector: payloads on the spans.
+    monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "1")
     with (timetracer_otel.record(dir=tmp_path / "inproc") as rec, tracer.start_as_current_span("job"),
           httpx.Client(base_url=base) as c):
         live = job(c)
@@ -112,10 +116,10 @@ def wait_for_files(directory: Path, n: int, timeout: float = 10.0) -> list[Path]
 
 
 def test_collected_cassette_equals_the_in_process_one_and_replays(
-    serve: Any, tmp_path: Path, receiver: OTLPReceiver
+    serve: Any, tmp_path: Path, receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = serve(app)
-    live, spans, paths = record_job(server.url, tmp_path)
+    live, spans, paths = record_job(server.url, tmp_path, monkeypatch)
     assert len(paths) == 1 and len(spans) == 3
     inproc = load_cassette(paths[0])
 

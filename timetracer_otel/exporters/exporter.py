@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from timetracer_otel.config import Settings
 from timetracer_otel.exporters.writer import CassetteWriter
+from timetracer_otel.replay_shims.base import STATE
 
 log = logging.getLogger("timetracer_otel")
 
@@ -28,6 +29,7 @@ class CassetteSpanExporter(SpanExporter):
             sample_rate=s.sample_rate,
             errors_only=s.errors_only,
         )
+        STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -39,6 +41,7 @@ class CassetteSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
+        STATE.defer = False
         self.writer.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

@@ -15,6 +15,7 @@ from timetracer_otel.cassette import Format
 from timetracer_otel.config import Settings
 from timetracer_otel.exporters.storage import Storage
 from timetracer_otel.exporters.writer import CassetteWriter
+from timetracer_otel.replay_shims.base import STATE
 
 
 class CassetteSpanProcessor(SpanProcessor):
@@ -35,6 +36,7 @@ class CassetteSpanProcessor(SpanProcessor):
             errors_only=s.errors_only,
         )
         self.enabled = True
+        STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -44,6 +46,7 @@ class CassetteSpanProcessor(SpanProcessor):
             self.writer.submit(span)
 
     def shutdown(self) -> None:
+        STATE.defer = False
         self.writer.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

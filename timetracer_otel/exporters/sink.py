@@ -92,7 +92,7 @@ def wire(snap: tuple[Any, ...], rid: int) -> tuple[Any, ...]:
         _CODE_VALUES.get(id(code)) or code.value, status.description,
         [(e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in events]
         if events else None,
-        snap[10], rid,
+        snap[10], rid, snap[12],
     )
 
 
@@ -227,12 +227,13 @@ def _snapshot(w: list[Any], resources: dict[int, _Resource],
               statuses: dict[tuple[int, str | None], _Status]) -> tuple[Any, ...]:
     """The snapshot :func:`wire` was made from, with stand-ins for the SDK's objects (the
     conversion reads only their fields)."""
-    hi, lo, span_id, parent_id, remote, name, kind, start, end, code, desc, events, attrs, rid = w
+    hi, lo, span_id, parent_id, remote, name, kind, start, end, code, desc, events, attrs, rid, \
+        deferred = w
     status = statuses.get((code, desc))
     if status is None:
         status = statuses[(code, desc)] = _Status(_CODES[code], desc)
     return ((hi << 64) | lo, span_id, parent_id, remote, name, _KINDS[kind], start, end, status,
-            tuple(_Event(*e) for e in events) if events else (), attrs, resources[rid])
+            tuple(_Event(*e) for e in events) if events else (), attrs, resources[rid], deferred)
 
 
 def main() -> None:
@@ -301,4 +302,5 @@ def main() -> None:
                 errors_only=config["errors_only"], isolate=False,
             )
             writer.script = config["script"]
+            STATE.max_payload_bytes = config["max_payload_bytes"]
             writer._recorder = msgspec.convert(config["recorder"], Recorder)

@@ -27,9 +27,12 @@ from timetracer_otel.replay_shims.base import (
     ATTR_RESPONSE,
     ATTR_SHAPE,
     ATTR_TRUNCATED,
+    DEFERRED,
     PAYLOAD_ATTRS,
     STATE,
     Payload,
+    deferred_of,
+    deferred_payload,
     span_attributes,
 )
 
@@ -111,11 +114,18 @@ _NO_PAYLOAD = (None, None, None, None, None, None, None, False)
 PayloadFields = tuple[Any, Any, Any, Any, Any, Any, Any, bool]
 
 
-def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any) -> PayloadFields:
-    """The SpanRecord payload fields of a span (in :data:`_PAYLOAD_FIELDS` order): from
-    :data:`ATTR_PAYLOAD`, or from the separate attributes of earlier releases; all empty for a
-    span that carries neither, or (logged) whose payload cannot be read."""
-    combined = payloads.get(ATTR_PAYLOAD)
+def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
+                    deferred: Any = None) -> PayloadFields:
+    """The SpanRecord payload fields of a span (in :data:`_PAYLOAD_FIELDS` order): from its
+    deferred call (built now, see ``base.defer``), from :data:`ATTR_PAYLOAD`, or from the
+    separate attributes of earlier releases; all empty for a span that carries none, or
+    (logged) whose payload cannot be read or built."""
+    try:
+        combined = payloads.get(ATTR_PAYLOAD) if deferred is None else deferred_payload(deferred)
+    except Exception as exc:  # a builder's failure loses this call, never the trace
+        log.warning("timetracer-otel: the recorded call on span %s could not be encoded: %r",
+                    name, exc)
+        return _NO_PAYLOAD
     try:
         if combined is not None:
             if type(combined) is bytes and raw:  # this process's payload, kept encoded
@@ -201,9 +211,9 @@ _STATUS_NAMES = {id(c): c.name for c in StatusCode}
 
 # What the writer reads of a finished SDK span: trace id, span id, parent span id (or None),
 # parent is remote, name, kind, start ns, end ns, status, events, attributes (the dict beneath
-# the SDK's proxy), resource.
+# the SDK's proxy), resource, deferred call (see base.defer) or None.
 Snapshot = tuple[int, int, "int | None", bool, str, SpanKind, int, int, Any, tuple[Any, ...],
-                 Mapping[str, Any], Any]
+                 Mapping[str, Any], Any, Any]
 
 
 def snapshot(span: ReadableSpan) -> Snapshot:
@@ -225,7 +235,7 @@ def snapshot(span: ReadableSpan) -> Snapshot:
                     parent is not None and parent[2], span._name, span._kind,
                     span._start_time or 0, span._end_time or 0, span._status,
                     tuple(dq) if dq else (), span._attributes._dict,  # type: ignore[union-attr]
-                    span._resource)
+                    span._resource, span._attributes.__dict__.get(DEFERRED))
     except AttributeError:
         pass
     return _public_snapshot(span)
@@ -239,15 +249,16 @@ def _public_snapshot(span: ReadableSpan) -> Snapshot:
     return (ctx.trace_id, ctx.span_id, None if parent is None else parent.span_id,
             parent is not None and parent.is_remote, span.name, span.kind,
             span.start_time or 0, span.end_time or 0, span.status, tuple(span.events),
-            span_attributes(span), span.resource)
+            span_attributes(span), span.resource, deferred_of(span))
 
 
 def record_from_snapshot(snap: Snapshot, memo: Memo | None = None, raw: bool = False) -> SpanRecord:
     """The SpanRecord of a :func:`snapshot`: as :func:`record_from_parts` makes it, without
     the intermediate dicts (the writer's per-span path)."""
-    trace_id, span_id, parent_id, remote, name, kind, start, end, status, events, attributes, _ = snap
+    trace_id, span_id, parent_id, remote, name, kind, start, end, status, events, attributes, _, \
+        deferred = snap
     library, key, shape, label, request, response, error, truncated = _payload_fields(
-        attributes, raw, name)
+        attributes, raw, name, deferred)
     message = status.description
     recorded_events = [
         Event(name=e.name, time_ns=e.timestamp,

@@ -409,6 +409,7 @@ class CassetteWriter:
                 "errors_only": self.errors_only,
                 "script": self.script if self.script is not None else (sys.argv[0] if sys.argv else ""),
                 "recorder": msgspec.to_builtins(self._recorder),
+                "max_payload_bytes": STATE.max_payload_bytes,
             })
         except (OSError, SinkError) as exc:
             log.warning("timetracer-otel: cannot start the cassette writer process (%s); "

@@ -120,6 +120,10 @@ class State:
     live: frozenset[str] = frozenset()
     mock: frozenset[str] = frozenset()
     max_payload_bytes: int = 16 * 1024 * 1024
+    # A timetracer writer takes this process's spans (record(), the timetracer exporter or
+    # processor): shims that can, hand it their calls as captured (see defer()) instead of
+    # redacting and encoding them on the request path.
+    defer: bool = False
     redactor: Redactor = field(default_factory=default_redactor)
     # Interactions recorded live during a replay (on_miss="record"), to append to a cassette.
     appended: list[SpanRecord] = field(default_factory=list)
@@ -201,13 +205,75 @@ def _dependency_span(scope: str) -> Span | None:
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
         if sc is not None and sc.name.startswith(scope) and span is not _TAKEN.get() \
-                and ATTR_PAYLOAD not in span_attributes(span):
+                and ATTR_PAYLOAD not in span_attributes(span) and deferred_of(span) is None:
             return span
     return None
 
 
 # The instrumentation span a running capture has claimed (its payload is set only as it ends).
 _TAKEN: ContextVar[Span | None] = ContextVar("timetracer_taken_span", default=None)
+
+
+# --- deferred capture --------------------------------------------------------------------------
+#
+# Under a timetracer writer (STATE.defer) a shim may leave a recorded call as it captured it:
+# ``(library, args)``, plain values only (str, bytes, numbers, lists, dicts), kept beside the
+# span's attributes: as the DEFERRED instance attribute of the SDK's attribute container, which
+# the ReadableSpan the SDK hands to processors shares with the live span (the span's own
+# instance attributes are not copied there). The writer, in its own process where it has one,
+# calls the library's builder on ``args`` as the span is converted, which returns exactly the
+# ATTR_PAYLOAD bytes the shim would have set: same redaction (the app's redactor and the
+# secrets it learned), same keys, same encoding. The request path then only copies references,
+# and the values are never on a span attribute, so no other exporter of the app sees them,
+# redacted or not.
+
+DEFERRED = "_timetracer_deferred"
+# library -> builder(args) -> the call's ATTR_PAYLOAD bytes. A shim registers its own on import.
+BUILDERS: dict[str, Callable[[Any], bytes]] = {}
+
+
+def deferrable_span(scope: str) -> Span | None:
+    """The instrumentation span to leave this call on, when it can be deferred: recording
+    under a timetracer writer, not suppressed, the instrumentation's span free for it, and an
+    SDK span (another implementation gets the payload attribute)."""
+    st = STATE
+    if not st.defer or st.mode is not Mode.RECORD or _suppressed(otel_context.get_current()):
+        return None
+    span = _dependency_span(scope)
+    if span is None or not hasattr(getattr(span, "_attributes", None), "__dict__"):
+        return None
+    return span
+
+
+def defer(span: Span, library: str, args: Any) -> None:
+    """Leave a captured call beside ``span``'s attributes for the writer (see :data:`BUILDERS`)."""
+    span._attributes.__dict__[DEFERRED] = (library, args)  # type: ignore[attr-defined]
+
+
+def deferred_of(span: Any) -> Any:
+    """The call a shim left with ``span`` (see :func:`defer`), or None."""
+    return getattr(getattr(span, "_attributes", None), DEFERRED, None)
+
+
+def deferred_payload(deferred: Any) -> bytes:
+    """The ATTR_PAYLOAD bytes of a deferred call (raises what its builder raises)."""
+    library, args = deferred
+    build = BUILDERS.get(library)
+    if build is None:  # the writer's process imports the shim when it first needs it
+        importlib.import_module(f"timetracer_otel.replay_shims.{library}")
+        build = BUILDERS[library]
+    return build(args)
+
+
+def finished_payload(call: Call, request: bytes, outcome: str, packed: bytes) -> bytes:
+    """The ATTR_PAYLOAD bytes of a finished call: its packed request, and its packed
+    ``response`` or ``error`` (left out, and ``truncated`` set, past the payload limit)."""
+    truncated = len(packed) > STATE.max_payload_bytes
+    kept = None if truncated else packed
+    return payload_attribute(
+        call.library, call.key, call.shape_key, call.label, request,
+        response=kept if outcome == "response" else None,
+        error=kept if outcome == "error" else None, truncated=truncated)
 
 
 class Capture:
@@ -245,18 +311,13 @@ class Capture:
         self._finish("error", tree, _pack(tree))
 
     def _finish(self, outcome: str, tree: Tree, packed: bytes) -> None:
-        truncated = len(packed) > STATE.max_payload_bytes
         span = self.span
         if span.is_recording():
             # One attribute for the whole call, set as it ends: a call that never ends (a
             # cancelled task) leaves no half-recorded interaction behind.
-            call = self.call
-            kept = None if truncated else packed
-            span.set_attribute(ATTR_PAYLOAD, payload_attribute(
-                call.library, call.key, call.shape_key, call.label, self.request,
-                response=kept if outcome == "response" else None,
-                error=kept if outcome == "error" else None, truncated=truncated))
+            span.set_attribute(ATTR_PAYLOAD, finished_payload(self.call, self.request, outcome, packed))
         if STATE.mode is Mode.REPLAY:  # on_miss="record": keep it for the cassette
+            truncated = len(packed) > STATE.max_payload_bytes
             self._append(outcome, None if truncated else tree, truncated)
 
     def _append(self, outcome: str, tree: Tree, truncated: bool) -> None:

@@ -4,11 +4,16 @@ The OTel instrumentation wraps the same two methods; this shim sits beneath its 
 its span is current. Record reads the raw response stream (chunk boundaries kept, content
 still encoded) and hands the client an equivalent in-memory stream; replay returns an
 ``httpx.Response`` built from those bytes, or raises the recorded ``httpx`` exception.
+
+Under a timetracer writer the call is left on its span as captured (method, URL, header
+triples, body, status, chunks: references, no copies of bodies) and :func:`_payload_of` makes
+its payload in the writer (see ``base.defer``); otherwise :class:`~.base.Capture` makes it on
+the request path. Both build the trees with the same functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -18,11 +23,18 @@ from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
+    _TAKEN,
+    BUILDERS,
     LIVE,
     STATE,
     Shim,
+    _pack,
     capture,
     decide,
+    defer,
+    deferrable_span,
+    error_tree,
+    finished_payload,
     instantiate,
     rebuild_error,
 )
@@ -54,24 +66,73 @@ def _triples(headers: httpx.Headers) -> Any:
     return [(k, k.lower(), v) for k, v in headers.raw]
 
 
-def _call(request: httpx.Request) -> Call:
+def _as_triples(triples: Sequence[Any]) -> Sequence[Any]:
+    """Header triples as tuples (a deferred call's come back from msgpack as lists)."""
+    if triples and type(triples[0]) is not tuple:
+        return [tuple(t) for t in triples]
+    return triples
+
+
+def _call_of(method: str, url: str, triples: Sequence[Any], body: bytes) -> Call:
     r = STATE.redactor
 
     def headers() -> list[tuple[str, str]]:
-        return r.header_rows(_triples(request.headers), _PROPAGATION_RAW)
+        return r.header_rows(_as_triples(triples), _PROPAGATION_RAW)
 
-    return http_call("httpx", request.method, r.url(str(request.url)), headers, request.content)
+    return http_call("httpx", method, r.url(url), headers, body)
+
+
+def _call(request: httpx.Request) -> Call:
+    return _call_of(request.method, str(request.url), _triples(request.headers), request.content)
+
+
+def _response_tree_of(status: int, triples: Sequence[Any], chunks: list[bytes],
+                      http_version: bytes, reason: bytes) -> Tree:
+    return {
+        "status": status,
+        "headers": STATE.redactor.header_rows(_as_triples(triples)),
+        "chunks": chunks,
+        "http_version": http_version.decode("latin-1"),
+        "reason": reason.decode("latin-1"),
+    }
 
 
 def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
     ext = response.extensions
-    return {
-        "status": response.status_code,
-        "headers": STATE.redactor.header_rows(_triples(response.headers)),
-        "chunks": chunks,
-        "http_version": ext.get("http_version", b"HTTP/1.1").decode("latin-1"),
-        "reason": ext.get("reason_phrase", b"").decode("latin-1"),
-    }
+    return _response_tree_of(response.status_code, _triples(response.headers), chunks,
+                             ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""))
+
+
+# --- deferred record (see base.defer) ----------------------------------------------------------
+
+
+def _captured(request: httpx.Request, response: httpx.Response | None, chunks: list[bytes],
+              error: Tree) -> tuple[Any, ...]:
+    """The call as :func:`_payload_of` takes it. Header lists are copied (the app may still
+    change its Headers); bodies and chunks are immutable bytes, referenced."""
+    if response is None:
+        return (request.method, str(request.url), list(_triples(request.headers)),
+                request.content, None, None, None, None, None, error)
+    ext = response.extensions
+    return (request.method, str(request.url), list(_triples(request.headers)), request.content,
+            response.status_code, list(_triples(response.headers)), chunks,
+            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), None)
+
+
+def _payload_of(args: Sequence[Any]) -> bytes:
+    """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
+    request built (and its secrets learned) first, then the response scrubbed and packed."""
+    method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error = args
+    call = _call_of(method, url, req_triples, body)
+    request = _pack(call.request)
+    if error is not None:
+        return finished_payload(call, request, "error", _pack(STATE.redactor.scrub(error)))
+    _, packed = STATE.redactor.response_packed(
+        _response_tree_of(status, resp_triples, chunks, http_version, reason))
+    return finished_payload(call, request, "response", packed)
+
+
+BUILDERS["httpx"] = _payload_of
 
 
 def _error_attrs(exc: BaseException) -> Tree:
@@ -109,6 +170,26 @@ def _sync_handler(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return original(self, request)  # type: ignore[no-any-return]
         request.read()
+        span = deferrable_span(SCOPE)
+        if span is not None:
+            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
+            try:
+                try:
+                    live: httpx.Response = original(self, request)
+                    stream = live.stream
+                    assert isinstance(stream, httpx.SyncByteStream)
+                    try:
+                        chunks = [bytes(c) for c in stream]
+                    finally:
+                        stream.close()
+                except Exception as exc:
+                    defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
+                    raise
+                defer(span, "httpx", _captured(request, live, chunks, None))
+            finally:
+                _TAKEN.reset(token)
+            live.stream = _Chunks(chunks)
+            return live
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
@@ -141,6 +222,26 @@ def _async_handler(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, request)  # type: ignore[no-any-return]
         await request.aread()
+        span = deferrable_span(SCOPE)
+        if span is not None:
+            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
+            try:
+                try:
+                    live: httpx.Response = await original(self, request)
+                    astream = live.stream
+                    assert isinstance(astream, httpx.AsyncByteStream)
+                    try:
+                        chunks = [bytes(c) async for c in astream]
+                    finally:
+                        await astream.aclose()
+                except Exception as exc:
+                    defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
+                    raise
+                defer(span, "httpx", _captured(request, live, chunks, None))
+            finally:
+                _TAKEN.reset(token)
+            live.stream = _Chunks(chunks)
+            return live
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
