@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 import timetracer_otel
 from tests.conftest import unreachable_port
+from tests.deferral import recorded_both_ways
 from tests.upstream_app import app
 from timetracer_otel.errors import ReplayMissError
 
@@ -159,57 +159,16 @@ def test_suppressed_instrumentation_stays_live_in_record_and_replay(serve: Any, 
     assert rep.report.ok and rep.report.exact == 1 and not rep.report.unused
 
 
-class _AttributeTap(SpanProcessor):
-    """A span processor beside the recorder's, standing for any other exporter of the app."""
-
-    def __init__(self) -> None:
-        self.attributes: list[dict[str, Any]] | None = None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.attributes is not None:
-            self.attributes.append(dict(span.attributes or {}))
-
-
-_TAP = _AttributeTap()
-
-
-def _timeless(response: Any) -> Any:
-    """A recorded response without what the clock put in it: the Date header, gzip's mtime."""
-    if response is None:
-        return None
-    import gzip
-
-    from timetracer_otel.codec import as_bytes
-
-    headers = [h for h in response["headers"] if h[0].lower() != "date"]
-    chunks = response["chunks"]
-    if ["content-encoding", "gzip"] in headers:
-        chunks = [gzip.decompress(b"".join(as_bytes(c) for c in chunks))]
-    return {**response, "headers": headers, "chunks": chunks}
-
-
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    # Under a timetracer writer the shim leaves each call as captured and the writer (in its
-    # own process) builds the payload; with TIMETRACER_SPAN_PAYLOADS=1 the shim builds it on
-    # the request path and puts it on the span. Both must give the same interactions: keys,
-    # redacted headers and tokens, bodies, chunks, errors, types.
-    from timetracer_otel.cassette import load_cassette
-    from timetracer_otel.replay_shims.base import ATTR_PAYLOAD
-    from timetracer_otel.runtime import sdk_provider
-
     server = serve(app)
-    provider = sdk_provider()
-    if not getattr(provider, "_test_attribute_tap", False):
-        provider.add_span_processor(_TAP)
-        provider._test_attribute_tap = True  # type: ignore[attr-defined]
-    secret = "Bearer s3cr3t-0123456789abcdef"
     down = f"http://127.0.0.1:{unreachable_port()}/down"
 
     def job() -> None:
-        with httpx.Client(base_url=server.url, headers={"Authorization": secret}) as c:
+        headers = {"Authorization": "Bearer s3cr3t-0123456789abcdef"}
+        with httpx.Client(base_url=server.url, headers=headers) as c:
             c.post("/echo", json={"user": "ann", "password": "hunter2-hunter2"})
             c.get("/blob")
             c.get("/multi")  # Set-Cookie: a secret in the response headers
@@ -219,22 +178,4 @@ def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
         with pytest.raises(httpx.ConnectError):
             httpx.get(down)
 
-    recorded = {}
-    for deferred in (True, False):
-        monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "" if deferred else "1")
-        _TAP.attributes = []
-        with timetracer_otel.record(dir=tmp_path / str(deferred), format=fmt) as rec:  # type: ignore[arg-type]
-            job()
-        seen, _TAP.attributes = _TAP.attributes, None
-        on_spans = [a for a in seen if ATTR_PAYLOAD in a]
-        assert len(on_spans) == (0 if deferred else 6)  # deferred: no other exporter sees them
-        interactions = [s for p in rec.paths for s in load_cassette(p).interactions]
-        recorded[deferred] = sorted(
-            ((s.library, s.key, s.shape, s.label, s.request, _timeless(s.response), s.error,
-              s.truncated) for s in interactions), key=repr)
-    assert len(recorded[True]) == 6
-    assert recorded[True] == recorded[False]
-    for a, b in zip(recorded[True], recorded[False], strict=True):
-        assert [type(x) for x in a] == [type(x) for x in b]
-    text = repr(recorded[True])
-    assert "s3cr3t" not in text and "hunter2" not in text and "redacted:" in text
+    recorded_both_ways(job, 6, tmp_path, monkeypatch, fmt)

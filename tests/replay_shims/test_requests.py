@@ -11,6 +11,7 @@ import requests
 
 import timetracer_otel
 from tests.conftest import unreachable_port
+from tests.deferral import recorded_both_ways
 from tests.upstream_app import app
 
 
@@ -72,3 +73,24 @@ def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path,
     assert type(live) is expected and type(replayed) is expected
     assert str(replayed) == str(live)
     assert replayed.request is not None and replayed.request.url == url
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    server = serve(app)
+    down = f"http://127.0.0.1:{unreachable_port()}/down"
+
+    def job() -> None:
+        with requests.Session() as s:
+            s.headers["Authorization"] = "Bearer s3cr3t-0123456789abcdef"
+            s.post(f"{server.url}/echo", json={"user": "ann", "password": "hunter2-hunter2"})
+            s.get(f"{server.url}/blob")
+            s.get(f"{server.url}/multi")  # Set-Cookie: a secret in the response headers
+            s.get(f"{server.url}/gzip")
+            s.put(f"{server.url}/echo", data=io.BytesIO(b"uploaded"))  # a file body, read once
+        with pytest.raises(requests.ConnectionError):
+            requests.get(down)
+
+    recorded_both_ways(job, 6, tmp_path, monkeypatch, fmt)

@@ -4,11 +4,16 @@ Record reads the urllib3 response's raw bytes (still content-encoded) and swaps 
 equivalent in-memory urllib3 response, so requests decodes and extracts cookies as usual.
 Replay builds the same urllib3 response from the cassette and lets ``build_response`` make the
 ``requests.Response``; recorded errors come back as their ``requests.exceptions`` class.
+
+Under a timetracer writer the call is left on its span as captured and :func:`_payload_of`
+makes its payload in the writer (see ``base.defer``), with the same functions the
+request-path :class:`~.base.Capture` uses.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from http.client import HTTPMessage
 from typing import Any
 
@@ -22,11 +27,18 @@ from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
+    _TAKEN,
+    BUILDERS,
     LIVE,
     STATE,
     Shim,
+    _pack,
     capture,
     decide,
+    defer,
+    deferrable_span,
+    error_tree,
+    finished_payload,
     instantiate,
     rebuild_error,
 )
@@ -53,17 +65,48 @@ def _body(request: requests.PreparedRequest) -> bytes:
     return data
 
 
-def _call(request: requests.PreparedRequest) -> Call:
+def _call_of(method: str | None, url: str | None, pairs: Iterable[Sequence[Any]],
+             body: bytes) -> Call:
     r = STATE.redactor
 
     def headers() -> list[list[str]]:  # built only when the stored request is needed
         return [[k, v] for k, v in r.headers(
             (k, v if isinstance(v, str) else v.decode("latin-1"))
-            for k, v in request.headers.items() if k.lower() not in PROPAGATION_HEADERS)]
+            for k, v in pairs if k.lower() not in PROPAGATION_HEADERS)]
 
-    return http_call(
-        "requests", request.method or "GET", r.url(request.url or ""), headers, _body(request)
-    )
+    return http_call("requests", method or "GET", r.url(url or ""), headers, body)
+
+
+def _call(request: requests.PreparedRequest) -> Call:
+    body = _body(request)  # first: an upload read here changes the headers
+    return _call_of(request.method, request.url, request.headers.items(), body)
+
+
+def _response_tree_of(status: int, reason: str | None, version: int,
+                      headers: Iterable[Sequence[Any]], body: bytes) -> Tree:
+    return {
+        "status": status,
+        "reason": reason,
+        "version": version,
+        "headers": [list(h) for h in STATE.redactor.headers(headers)],  # type: ignore[arg-type]
+        "body": body,
+    }
+
+
+def _payload_of(args: Sequence[Any]) -> bytes:
+    """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
+    request built (and its secrets learned) first, then the response scrubbed and packed."""
+    method, url, pairs, body, status, reason, version, headers, content, error = args
+    call = _call_of(method, url, pairs, body)
+    request = _pack(call.request)
+    if error is not None:
+        return finished_payload(call, request, "error", _pack(STATE.redactor.scrub(error)))
+    _, packed = STATE.redactor.response_packed(
+        _response_tree_of(status, reason, version, headers, content))
+    return finished_payload(call, request, "response", packed)
+
+
+BUILDERS["requests"] = _payload_of
 
 
 def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str, str]], body: bytes,
@@ -115,6 +158,26 @@ def _handler(original: Any) -> Any:
     ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+        dep = deferrable_span(SCOPE)
+        if dep is not None:  # left to the writer (see base.defer)
+            body = _body(request)
+            sent = (request.method, request.url, list(request.headers.items()), body)
+            token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
+            try:
+                try:
+                    response: requests.Response = original(self, request, *args, **kwargs)
+                    live = response.raw
+                    content = live.read(decode_content=False)
+                    live.release_conn()
+                except Exception as exc:
+                    defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
+                    raise
+                headers = list(live.headers.items())
+                defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
+                                        content, None))
+            finally:
+                _TAKEN.reset(token)
+            return _swapped(request, response, headers, content)
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
@@ -129,27 +192,28 @@ def _handler(original: Any) -> Any:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
         with capture(call, SCOPE) as cap:
             try:
-                response: requests.Response = original(self, request, *args, **kwargs)
+                response = original(self, request, *args, **kwargs)
                 live = response.raw
-                body = live.read(decode_content=False)
+                content = live.read(decode_content=False)
                 live.release_conn()
             except Exception as exc:
                 cap.fail(exc)
                 raise
             headers = list(live.headers.items())
-            cap.ok({
-                "status": live.status,
-                "reason": live.reason,
-                "version": live.version,
-                "headers": [list(h) for h in STATE.redactor.headers(headers)],
-                "body": body,
-            })
-        replacement = _raw(live.status, live.reason, live.version, headers, body, request)
-        replacement._original_response = live._original_response
-        response.raw = replacement
-        return response
+            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
+        return _swapped(request, response, headers, content)
 
     return send
+
+
+def _swapped(request: requests.PreparedRequest, response: requests.Response,
+             headers: list[tuple[str, str]], content: bytes) -> requests.Response:
+    """``response`` reading the recorded bytes from memory (the live ones were read)."""
+    live = response.raw
+    replacement = _raw(live.status, live.reason, live.version, headers, content, request)
+    replacement._original_response = live._original_response
+    response.raw = replacement
+    return response
 
 
 class RequestsShim(Shim):

@@ -1,0 +1,79 @@
+"""Recording the same job with calls left to the writer and with payloads on the spans."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+import timetracer_otel
+from timetracer_otel.cassette import load_cassette
+from timetracer_otel.codec import as_bytes
+from timetracer_otel.replay_shims.base import ATTR_PAYLOAD
+from timetracer_otel.runtime import sdk_provider
+
+
+class _AttributeTap(SpanProcessor):
+    """A span processor beside the recorder's, standing for any other exporter of the app."""
+
+    def __init__(self) -> None:
+        self.attributes: list[dict[str, Any]] | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.attributes is not None:
+            self.attributes.append(dict(span.attributes or {}))
+
+
+_TAP = _AttributeTap()
+
+
+def _timeless(response: Any) -> Any:
+    """A recorded response without what the clock put in it: the Date header, gzip's mtime."""
+    if response is None:
+        return None
+    headers = [h for h in response["headers"] if h[0].lower() != "date"]
+    if "chunks" not in response:  # requests keeps the body whole
+        body = as_bytes(response["body"])
+        if ["content-encoding", "gzip"] in headers or ["Content-Encoding", "gzip"] in headers:
+            body = gzip.decompress(body)
+        return {**response, "headers": headers, "body": body}
+    chunks = response["chunks"]
+    if ["content-encoding", "gzip"] in headers:
+        chunks = [gzip.decompress(b"".join(as_bytes(c) for c in chunks))]
+    return {**response, "headers": headers, "chunks": chunks}
+
+
+def recorded_both_ways(job: Callable[[], None], calls: int, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch, fmt: str) -> list[Any]:
+    """Record ``job`` twice: with each call left to the writer, which builds its payload in its
+    own process (the default), and with TIMETRACER_SPAN_PAYLOADS=1, where the shim builds it on
+    the request path and puts it on the span. Assert both give the same ``calls`` interactions
+    (keys, redacted headers and tokens, bodies, errors, and their types), and that no other
+    processor sees a payload on the spans in the first way; return them."""
+    provider = sdk_provider()
+    if not getattr(provider, "_test_attribute_tap", False):
+        provider.add_span_processor(_TAP)
+        provider._test_attribute_tap = True  # type: ignore[attr-defined]
+    recorded = {}
+    for deferred in (True, False):
+        monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "" if deferred else "1")
+        _TAP.attributes = []
+        with timetracer_otel.record(dir=tmp_path / str(deferred), format=fmt) as rec:  # type: ignore[arg-type]
+            job()
+        seen, _TAP.attributes = _TAP.attributes, None
+        assert len([a for a in seen if ATTR_PAYLOAD in a]) == (0 if deferred else calls)
+        interactions = [s for p in rec.paths for s in load_cassette(p).interactions]
+        recorded[deferred] = sorted(
+            ((s.library, s.key, s.shape, s.label, s.request, _timeless(s.response), s.error,
+              s.truncated) for s in interactions), key=repr)
+    assert len(recorded[True]) == calls
+    assert recorded[True] == recorded[False]
+    for a, b in zip(recorded[True], recorded[False], strict=True):
+        assert [type(x) for x in a] == [type(x) for x in b]
+    text = repr(recorded[True])
+    assert "s3cr3t" not in text and "hunter2" not in text and "redacted:" in text
+    return recorded[True]
