@@ -96,7 +96,7 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
     stub_client = httpx.Client(base_url=args["upstream"], transport=stub_transport)
     client = stub_client if args.get("network") == "stub" else live_client
     calls: int = args["calls"]
-    lead = min(calls, 300)
+    lead = args.get("lead", min(calls, 300))
     main = threading.get_ident()
     io_state = {"active": False, "opens": 0}
 
@@ -134,13 +134,11 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         The window is taken in steady state: ``lead`` untimed calls first, so that a recording
         writer enters the window with the backlog it leaves behind at its end. Its work on
         the calls before the window then stands in for its work on the calls still queued
-        after it, which a window starting from an idle writer would leave out."""
+        after it, which a window starting from an idle writer would leave out; and an
+        OTel-only block's lead lets the writer finish the previous record block's backlog."""
         run(lead)
         sink = getattr(writer, "_sink", None)
         child = sink.proc.pid if sink is not None else None
-        if child is not None:  # its start-up (imports) stays out of the window, then the lead again
-            writer.flush()
-            run(lead)
         k0 = _cpu_ns(child)
         io_state["opens"] = 0
         w0 = _syscw()
@@ -163,25 +161,39 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
     # CPU of the cassette writer's process in the window, per call (on the other core).
     child_us: list[float] = []
 
+    # One recording for the whole run, switched on for record blocks and off for OTel-only
+    # ones exactly as record() switches it (the mode, and the writer taking the provider's
+    # spans); starting a writer (and its process) for every block put that start-up, and its
+    # CPU on the other core, next to every window.
+    from timetracer_otel.config import Mode
+    from timetracer_otel.replay_shims.base import STATE
+    from timetracer_otel.runtime import _dispatch_for, sdk_provider
+
+    recording = timetracer_otel.record(dir=tmp / "rec", libraries=["httpx"])
+    recording.__enter__()
+    writer = recording.writer
+    dispatch = _dispatch_for(sdk_provider())
+
+    def switch(on: bool) -> None:
+        STATE.mode = Mode.RECORD if on else Mode.OFF
+        dispatch.writer = writer if on else None
+
+    switch(False)
     block()  # warm-up: connections, imports
-    with timetracer_otel.record(dir=tmp / "warm", libraries=["httpx"]):
-        block()
+    switch(True)
+    block(writer)
+    writer.flush()  # the writer's process has started: its imports stay out of every window
     res: dict[str, list[float]] = {k: [] for k in (
         "otel_us", "record_us", "overhead_us", "otel_cpu_us", "record_cpu_us", "overhead_cpu_us",
         "otel_gc_us", "record_gc_us")}
     full_collections = {"otel": 0, "record": 0}
     io = {"otel_syscw": 0, "record_syscw": 0, "otel_opens": 0, "record_opens": 0}
-    written = 0
     for r in range(args["runs"]):
         order = ("otel", "record") if r % 2 == 0 else ("record", "otel")
         got: dict[str, tuple[float, float]] = {}
         for which in order:
-            if which == "otel":
-                us, cpu, w, o = block()
-            else:
-                with timetracer_otel.record(dir=tmp / f"r{r}", libraries=["httpx"]) as rec:
-                    us, cpu, w, o = block(rec.writer)
-                written += len(rec.paths)
+            switch(which == "record")
+            us, cpu, w, o = block(writer if which == "record" else None)
             got[which] = (us, cpu)
             res[f"{which}_gc_us"].append(gc_us[-1])
             full_collections[which] += gc_full[-1]
@@ -193,6 +205,9 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         res["otel_cpu_us"].append(got["otel"][1])
         res["record_cpu_us"].append(got["record"][1])
         res["overhead_cpu_us"].append(got["record"][1] - got["otel"][1])
+    switch(True)
+    recording.__exit__(None, None, None)
+    written = len(recording.paths)
     return {**res, "writer_process_cpu_us": child_us, "io": io,
             "full_collections": full_collections,
             "cassettes_written": written, "calls_per_block": calls,

@@ -33,8 +33,10 @@ class Mode(Choice):
 
 class WriterKind(Choice):
     """Where cassettes are converted and written: a child process (the app's interpreter lock
-    stays with the app), or a thread of the app's process."""
+    stays with the app), a thread of the app's process, or ``auto``: the process where this one
+    may use two CPUs or more."""
 
+    AUTO = "auto"
     PROCESS = "process"
     THREAD = "thread"
 
@@ -77,7 +79,7 @@ class Settings:
     strict: bool = False
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
-    writer: WriterKind = WriterKind.PROCESS
+    writer: WriterKind = WriterKind.AUTO
     # Payloads on the spans even while a timetracer writer in this process takes them (for a
     # Collector running `timetracer-otel collect` beside a local recording).
     span_payloads: bool = False
@@ -104,7 +106,7 @@ class Settings:
             strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
             max_payload_bytes=int(_float(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024)),
             report=env.get("TIMETRACER_REPORT") or None,
-            writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "process") or "process",
+            writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),
             span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

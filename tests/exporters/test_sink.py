@@ -144,10 +144,17 @@ def test_a_span_msgpack_cannot_carry_is_dropped_and_its_trace_marked(tmp_path: P
 
 
 def test_writer_kind_comes_from_the_environment(tmp_path: Path, monkeypatch: Any) -> None:
+    from timetracer_otel.exporters import sink
+
     monkeypatch.setenv("TIMETRACER_WRITER", "thread")
     assert not CassetteWriter(str(tmp_path)).isolate
     monkeypatch.setenv("TIMETRACER_WRITER", "process")
     assert CassetteWriter(str(tmp_path)).isolate
+    monkeypatch.delenv("TIMETRACER_WRITER")  # auto: a process where there are two CPUs
+    for n, isolated in ((1, False), (2, True)):
+        monkeypatch.setattr(sink, "cpus", lambda n=n: n)
+        assert CassetteWriter(str(tmp_path)).isolate is isolated
+    monkeypatch.setenv("TIMETRACER_WRITER", "process")
     assert not CassetteWriter(str(tmp_path), via="collector").isolate  # no app to spare
     assert not CassetteWriter(str(tmp_path), on_written=lambda p, c: None).isolate
     monkeypatch.setenv("TIMETRACER_WRITER", "fork")
@@ -188,3 +195,22 @@ def test_cassettes_survive_the_app_being_killed(tmp_path: Path) -> None:
         time.sleep(0.02)
     [path] = list(tmp_path.glob("*/*.msgpack"))
     assert [s.name for s in load_cassette(path).spans] == ["GET /killed", "call"]
+
+
+def test_one_cpu_keeps_the_writer_in_the_app_process(tmp_path: Path) -> None:
+    # A container limited to one CPU: a writer process would spend the app's own CPU quota.
+    from timetracer_otel.exporters.sink import cpus
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("100000 100000\n")
+    assert cpus(str(v2)) == 1.0
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpus(str(v2)) == len(os.sched_getaffinity(0))
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus(str(v1)) == min(1.5, len(os.sched_getaffinity(0)))
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus(str(v1)) == len(os.sched_getaffinity(0))

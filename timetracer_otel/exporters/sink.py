@@ -74,10 +74,36 @@ class SinkError(Exception):
 
 
 def available() -> bool:
-    """A child can be started: an interpreter to start (not an embedding host such as uWSGI,
-    whose ``sys.executable`` is not Python), and this is not a child already."""
+    """A child can be started: there is an interpreter to start (not an embedding host such as
+    uWSGI, whose ``sys.executable`` is not Python), and this is not a child already."""
     exe = os.path.basename(sys.executable or "")
     return exe.startswith(("python", "pypy")) and not os.environ.get(CHILD_ENV)
+
+
+def cpus(root: str = "/sys/fs/cgroup") -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's
+    ``--cpus`` / Kubernetes CPU limit), v2 or v1."""
+    try:
+        count: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = None
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:  # v2: "max 100000" or "150000 100000"
+            limit, period = f.read().split()[:2]
+            if limit != "max":
+                quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+                limit_us = int(f.read())
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+                period_us = int(f.read())
+            if limit_us > 0 and period_us > 0:
+                quota = limit_us / period_us
+        except (OSError, ValueError):
+            pass
+    return min(count, quota) if quota is not None else count
 
 
 def wire(snap: tuple[Any, ...], rid: int) -> tuple[Any, ...]:
@@ -237,7 +263,11 @@ def _snapshot(w: list[Any], resources: dict[int, _Resource],
 
 
 def main() -> None:
-    """The child: read frames from stdin until ``close`` or end of file, answer on stdout."""
+    """The child: read frames from stdin until ``close`` or end of file, answer on stdout.
+
+    One thread: each span is converted as its frame is read (while it converts, the pipe
+    and then the app's queue hold what comes next, so memory stays bounded), and encoded
+    cassettes are written whenever no frame is waiting."""
     from timetracer_otel.cassette import Recorder
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
@@ -259,21 +289,18 @@ def main() -> None:
             data = data[os.write(answers, data):]
 
     while True:
+        if writer is not None and writer._unwritten and not select.select([0], [], [], 0)[0]:
+            writer.flush_now(False)  # caught up: write what is encoded
         frame = _read_frame(0)
         if frame is None:  # the app is gone: write what it sent
             if writer is not None:
-                writer.close()
+                writer.close_now()
             return
         tag, *rest = _decode(frame)
         if tag == "spans":
             assert writer is not None
-            q = writer._queue
-            while q.qsize() > writer.max_queue:  # the pipe, then the app's queue, wait
-                time.sleep(0.001)
-            if writer._thread is None:
-                writer._start()
             for w in rest[0]:
-                q.put(_snapshot(w, resources, statuses))
+                writer.add_now(_snapshot(w, resources, statuses))
         elif tag == "resource":
             resources[rest[0]] = _Resource(rest[1])
         elif tag == "learn":
@@ -282,15 +309,14 @@ def main() -> None:
             STATE.redactor = pickle.loads(rest[0])
         elif tag == "drop":
             assert writer is not None
-            with writer._lock:
-                writer._dropped_traces.update(rest[0])
+            writer._dropped_traces.update(rest[0])
         elif tag == "flush":
             assert writer is not None
-            writer.flush(process=rest[0])
+            writer.flush_now(rest[0])
             answer()
         elif tag == "close":
             assert writer is not None
-            writer.close()
+            writer.close_now()
             answer()
             return
         elif tag == "open":

@@ -37,6 +37,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
+from timetracer_otel.exporters import sink
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
 from timetracer_otel.exporters.sink import (
     MAX_FRAME_SPANS,
@@ -45,7 +46,6 @@ from timetracer_otel.exporters.sink import (
     SinkProcess,
     wire,
 )
-from timetracer_otel.exporters.sink import available as sink_available
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
 from timetracer_otel.exporters.storage import LocalStorage, Storage, storage_for, write_many
 from timetracer_otel.replay_shims.base import STATE
@@ -120,16 +120,19 @@ _encode_frame = msgspec.msgpack.Encoder().encode
 
 def _can_isolate(isolate: bool | None, storage: Storage, via: str,
                  on_written: Callable[[str, Cassette], None] | None) -> bool:
-    """Whether a writer hands its spans to a child process: asked for (``TIMETRACER_WRITER``,
-    ``process`` unless set to ``thread``), in an app's process (not the Collector's receiver,
-    which is no app), to a local directory the child can open by name, with no
-    ``on_written`` callback (it runs where the cassette is), and with an interpreter to start."""
+    """Whether a writer hands its spans to a child process: asked for (``isolate``, else
+    ``TIMETRACER_WRITER``: ``process``, or ``auto`` where this process may use two CPUs or
+    more; with one, the child's work would come out of the app's own CPU time), in an app's
+    process (not the Collector's receiver, which is no app), to a local directory the child
+    can open by name, with no ``on_written`` callback (it runs where the cassette is), and
+    with an interpreter to start."""
     if isolate is None:
         from timetracer_otel.config import Settings, WriterKind
 
-        isolate = Settings.from_env().writer is WriterKind.PROCESS
+        kind = Settings.from_env().writer
+        isolate = kind is WriterKind.PROCESS or (kind is WriterKind.AUTO and sink.cpus() >= 2)
     return (isolate and via != "collector" and type(storage) is LocalStorage
-            and on_written is None and sink_available())
+            and on_written is None and sink.available())
 
 
 def is_error_trace(batch: TraceBatch) -> bool:
@@ -297,25 +300,44 @@ class CassetteWriter:
             if item is _CONTINUE:
                 continue
             if type(item) is _Flush:
-                self._drain_drops()
-                if self._sink is not None:
-                    self._ask_sink("flush", item.process, timeout=max(REPLY_TIMEOUT, item.timeout))
-                if item.process:
-                    self._safely(self.assembler.flush_process)
-                self._safely(self._write_unwritten)
+                self.flush_now(item.process, max(REPLY_TIMEOUT, item.timeout))
                 item.done.set()
             elif item is _IDLE:
                 self._safely(self.assembler.flush_idle)
             elif item is _STOP:
-                self._drain_drops()
-                if self._sink is not None:
-                    self._ask_sink("close")
-                    if self._sink is not None:
-                        self._sink.close()
-                        self._sink = None
-                self._safely(self.assembler.close_all)
-                self._safely(self._write_unwritten)
+                self.close_now()
                 return
+
+    # The commands, run on the thread that owns the writer (its own, or a child's only one).
+
+    def flush_now(self, process: bool, timeout: float = REPLY_TIMEOUT) -> None:
+        """Write every trace closed so far (and the process batch if ``process``)."""
+        self._drain_drops()
+        if self._sink is not None:
+            self._ask_sink("flush", process, timeout=timeout)
+        if process:
+            self._safely(self.assembler.flush_process)
+        self._safely(self._write_unwritten)
+
+    def close_now(self) -> None:
+        """Write everything, open traces included (they say ``complete: false``)."""
+        self._drain_drops()
+        if self._sink is not None:
+            self._ask_sink("close")
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
+        self._safely(self.assembler.close_all)
+        self._safely(self._write_unwritten)
+
+    def add_now(self, item: Snapshot) -> None:
+        """Convert and add one span (as the writer thread does); failures are counted."""
+        if self._dropped_traces:  # before the root of a trace that lost spans closes it
+            self._drain_drops()
+        try:
+            self._add(item)
+        except Exception:
+            self._failed()
 
     def _drain_drops(self) -> None:
         with self._lock:
@@ -447,18 +469,20 @@ class CassetteWriter:
             try:
                 body = _encode_frame(("spans", frame))
             except (TypeError, ValueError, OverflowError):
-                body = _encode_frame(("spans", self._encodable(frame, spans)))
+                frame, lost = self._encodable(frame, spans)
+                sink.send("drop", lost)  # before the frame: its roots close those traces
+                body = _encode_frame(("spans", frame))
             sink.send_encoded(body)
         except SinkError as exc:
             self._sink_failed(exc)
             self._outbox = spans + self._outbox
             self._ship()
 
-    def _encodable(self, frame: list[Any], spans: list[Snapshot]) -> list[Any]:
+    def _encodable(self, frame: list[Any], spans: list[Snapshot]) -> tuple[list[Any], list[str]]:
         """The frame without the spans msgpack cannot carry (an integer attribute beyond 64
-        bits...): each is counted and logged, and its trace's cassette says ``complete:
-        false``."""
-        kept = []
+        bits...), and their trace ids: each is counted and logged, and its trace's cassette
+        will say ``complete: false``."""
+        kept, lost = [], []
         for w, snap in zip(frame, spans, strict=True):
             try:
                 _encode_frame(w)
@@ -467,8 +491,8 @@ class CassetteWriter:
                 log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
                 with self._lock:
                     self.dropped_spans += 1
-                    self._dropped_traces.add(f"{snap[0]:032x}")
-        return kept
+                lost.append(f"{snap[0]:032x}")
+        return kept, lost
 
     def _ask_sink(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> None:
         """Ask the child to flush or close, and take its answer: the cassettes it wrote since
