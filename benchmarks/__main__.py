@@ -160,6 +160,11 @@ class Bench:
             self.add(sc, "garbage collection in the window, record", "µs/call", out["record_gc_us"],
                      note=f"{full.get('record', 0)} full collections in {len(out['record_gc_us'])} blocks; "
                           "any thread (writer included)")
+            if out.get("writer_thread_cpu_us"):
+                self.add(sc, "writer thread CPU per call (in the app's process)", "µs/call",
+                         out["writer_thread_cpu_us"],
+                         note="holds the app's GIL while it runs: hands spans to the writer "
+                              "process (or, as a thread writer, converts and writes them)")
             if out.get("writer_process_cpu_us"):
                 self.add(sc, "cassette writer process CPU per call (the other core)", "µs/call",
                          out["writer_process_cpu_us"],

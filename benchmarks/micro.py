@@ -140,6 +140,9 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         sink = getattr(writer, "_sink", None)
         child = sink.proc.pid if sink is not None else None
         k0 = _cpu_ns(child)
+        thread = getattr(writer, "_thread", None)
+        clock = time.pthread_getcpuclockid(thread.ident) if thread and thread.ident else None
+        w_cpu0 = time.clock_gettime(clock) if clock is not None else 0.0
         io_state["opens"] = 0
         w0 = _syscw()
         io_state["active"] = True
@@ -152,14 +155,18 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
         io_state["active"] = gc_state["active"] = False
         if child is not None:
             child_us.append((_cpu_ns(child) - k0) / 1e3 / calls)
+        if clock is not None:
+            writer_us.append((time.clock_gettime(clock) - w_cpu0) * 1e6 / calls)
         gc_us.append(gc_state["s"] * 1e6 / calls)
         gc_full.append(int(gc_state["full"]))
         return us, cpu, _syscw() - w0, io_state["opens"]
 
     gc_us: list[float] = []
     gc_full: list[int] = []
-    # CPU of the cassette writer's process in the window, per call (on the other core).
+    # CPU of the cassette writer's process in the window, per call (on the other core), and
+    # of the app's writer thread (which holds the app's GIL while it runs).
     child_us: list[float] = []
+    writer_us: list[float] = []
 
     # One recording for the whole run, switched on for record blocks and off for OTel-only
     # ones exactly as record() switches it (the mode, and the writer taking the provider's
@@ -208,7 +215,7 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
     switch(True)
     recording.__exit__(None, None, None)
     written = len(recording.paths)
-    return {**res, "writer_process_cpu_us": child_us, "io": io,
+    return {**res, "writer_process_cpu_us": child_us, "writer_thread_cpu_us": writer_us, "io": io,
             "full_collections": full_collections,
             "cassettes_written": written, "calls_per_block": calls,
             "network": args.get("network", "live")}

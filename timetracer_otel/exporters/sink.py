@@ -16,7 +16,8 @@ Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
 - ``redactor pickle`` / ``learn [[value, token]...]``: the app's redactor, then the secrets it
   learns later, sent before the spans they may have to be scrubbed from.
 - ``resource id attributes``: a provider's resource, once, before its first span.
-- ``spans [wire...]``: snapshots (see :func:`wire`), in the order the spans ended.
+- ``spans [wire...]``: snapshots (see :func:`wire`), in the order the spans ended; each is
+  encoded by the app thread that ended the span, and a frame joins them (:func:`spans_frame`).
 - ``drop [trace id...]``: traces that lost spans to a full queue.
 - ``flush process`` / ``close``: answered with ``[written paths since the last answer,
   stats]``; ``close`` then ends the child.
@@ -120,6 +121,23 @@ def wire(snap: tuple[Any, ...], rid: int) -> tuple[Any, ...]:
         if events else None,
         snap[10], rid, snap[12],
     )
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_SPANS = _encode("spans")
+
+
+def spans_frame(encoded: list[bytes]) -> bytes:
+    """The body of a ``spans`` frame from spans each encoded alone (msgpack: an array of two,
+    the tag, and an array of them)."""
+    return b"\x92" + _SPANS + _array_header(len(encoded)) + b"".join(encoded)
 
 
 # --- parent side -----------------------------------------------------------------------------
@@ -249,8 +267,14 @@ class _Resource:
         self.attributes = attributes
 
 
-def _snapshot(w: list[Any], resources: dict[int, _Resource],
-              statuses: dict[tuple[int, str | None], _Status]) -> tuple[Any, ...]:
+def rebuild_snapshot(data: bytes, resources: Mapping[int, Any],
+                     statuses: dict[Any, Any]) -> tuple[Any, ...]:
+    """One encoded span (:func:`wire`) back as a snapshot, where the child is gone."""
+    return _snapshot(_decode(data), resources, statuses)
+
+
+def _snapshot(w: list[Any], resources: Mapping[int, Any],
+              statuses: dict[Any, Any]) -> tuple[Any, ...]:
     """The snapshot :func:`wire` was made from, with stand-ins for the SDK's objects (the
     conversion reads only their fields)."""
     hi, lo, span_id, parent_id, remote, name, kind, start, end, code, desc, events, attrs, rid, \

@@ -44,6 +44,8 @@ from timetracer_otel.exporters.sink import (
     REPLY_TIMEOUT,
     SinkError,
     SinkProcess,
+    rebuild_snapshot,
+    spans_frame,
     wire,
 )
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
@@ -64,6 +66,15 @@ class _Flush:
 
     def __init__(self, done: threading.Event, process: bool, timeout: float) -> None:
         self.done, self.process, self.timeout = done, process, timeout
+
+
+class _Resource:
+    """A provider's resource, queued before the first span of it for the writer process."""
+
+    __slots__ = ("resource",)
+
+    def __init__(self, resource: Any) -> None:
+        self.resource = resource
 
 
 class _Received:
@@ -227,8 +238,11 @@ class CassetteWriter:
         # thread, off the request path) and the child converts and writes them.
         self.isolate = _can_isolate(isolate, self.storage, via, on_written)
         self._sink: SinkProcess | None = None
-        self._outbox: list[Snapshot] = []
-        self._sent_resources: dict[int, Any] = {}
+        self._outbox: list[bytes] = []  # spans encoded for the writer process
+        # Resources by id, kept so that no id is reused; the ones the child knows.
+        self._resources_by_id: dict[int, Any] = {}
+        self._announced: set[int] = set()
+        self._statuses: dict[Any, Any] = {}
         self._sent_redactor: Any = None
         self._sent_generation = 0
         self._remote = {"dropped_spans": 0, "late_spans": 0, "errors": 0, "skipped": 0}
@@ -254,10 +268,29 @@ class CassetteWriter:
             self._start()
         if isinstance(span, ReadableSpan):
             try:
-                self._queue.put(snapshot(span))
+                snap = snapshot(span)
             except Exception:  # a span this SDK could not have made: counted, never raised
                 with self._lock:
                     self.dropped_spans += 1
+                return
+            if not self.isolate:
+                self._queue.put(snap)
+                return
+            # For the writer process: encoded here, where the span's objects are still in
+            # this core's cache (the writer thread, on the other core, spent 8-13 µs per call
+            # reading them cold), and queued as one bytes object the collector never scans.
+            res = snap[11]
+            rid = id(res)
+            if rid not in self._resources_by_id:  # announced before its first span, then kept
+                self._queue.put(_Resource(res))
+                self._resources_by_id[rid] = res
+            try:
+                self._queue.put(_encode_frame(wire(snap, rid)))
+            except (TypeError, ValueError, OverflowError) as exc:
+                log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
+                with self._lock:  # msgpack cannot carry it (an integer beyond 64 bits...)
+                    self.dropped_spans += 1
+                    self._dropped_traces.add(f"{snap[0]:032x}")
             return
         self._queue.put(span if resource is None else _Received(span, resource))
 
@@ -361,20 +394,24 @@ class CassetteWriter:
         get = self._queue.get_nowait
         last_yield = time.perf_counter()
         while True:
-            if type(item) is tuple:  # a snapshot: the only tuples in the queue
+            if type(item) is tuple or type(item) is bytes:  # a snapshot, encoded or not
                 resource = None
             elif type(item) is _Received:
                 item, resource = item.record, item.resource
             elif type(item) is SpanRecord:
                 resource = None
+            elif type(item) is _Resource:
+                self._announce(item.resource)
+                item = None
             else:
                 return item
             if self._dropped_traces:  # before the root of a trace that lost spans closes it
                 self._drain_drops()
-            try:
-                self._add(item, resource)
-            except Exception:
-                self._failed()
+            if item is not None:
+                try:
+                    self._add(item, resource)
+                except Exception:
+                    self._failed()
             now = time.perf_counter()
             if now - last_yield > 0.0005:
                 # Hand the GIL back every half millisecond of work: an app thread waking from
@@ -391,10 +428,13 @@ class CassetteWriter:
             except queue.Empty:
                 return _CONTINUE
 
-    def _add(self, item: Snapshot | SpanRecord, resource: dict[str, Any] | None = None) -> None:
-        if self._sink is not None and type(item) is tuple:
-            self._outbox.append(item)  # converted by the child
-            return
+    def _add(self, item: bytes | Snapshot | SpanRecord,
+             resource: dict[str, Any] | None = None) -> None:
+        if isinstance(item, bytes):  # encoded for the writer process
+            if self._sink is not None:
+                self._outbox.append(item)
+                return
+            item = self._unwire(item)  # it is gone: converted here
         if isinstance(item, tuple):
             span_resource = item[11]
             resource = self._resources.get(id(span_resource))
@@ -438,14 +478,27 @@ class CassetteWriter:
                         "writing cassettes in this process", exc)
             self.isolate = False
 
+    def _announce(self, resource: Any) -> None:
+        """Tell the child a resource's attributes, once, before the first span of it."""
+        if self._sink is None or id(resource) in self._announced:
+            return
+        self._ship()  # the spans before it, as they came
+        if self._sink is not None:
+            try:
+                self._sink.send("resource", id(resource),
+                                {k: plain(v) for k, v in resource.attributes.items()})
+                self._announced.add(id(resource))
+            except SinkError as exc:
+                self._sink_failed(exc)
+
     def _ship(self) -> None:
-        """Send the snapshots gathered in the outbox to the child, after what they need there:
-        resources it has not seen, and the redactor's secrets learned since the last frame."""
+        """Send the spans gathered in the outbox (each already encoded) to the child, after
+        the redactor's secrets learned since the last frame."""
         sink, spans, self._outbox = self._sink, self._outbox, []
         if sink is None:
-            for snap in spans:  # the child is gone: converted here
+            for item in spans:  # the child is gone: converted here
                 try:
-                    self._add(snap)
+                    self._add(item)
                 except Exception:
                     self._failed()
             return
@@ -458,41 +511,15 @@ class CassetteWriter:
             elif redactor.generation != self._sent_generation:
                 self._sent_generation, learned = redactor.learned_since(self._sent_generation)
                 sink.send("learn", learned)
-            frame = []
-            for snap in spans:
-                resource = snap[11]
-                rid = id(resource)
-                if rid not in self._sent_resources:
-                    sink.send("resource", rid, {k: plain(v) for k, v in resource.attributes.items()})
-                    self._sent_resources[rid] = resource  # kept: its id is never reused
-                frame.append(wire(snap, rid))
-            try:
-                body = _encode_frame(("spans", frame))
-            except (TypeError, ValueError, OverflowError):
-                frame, lost = self._encodable(frame, spans)
-                sink.send("drop", lost)  # before the frame: its roots close those traces
-                body = _encode_frame(("spans", frame))
-            sink.send_encoded(body)
+            sink.send_encoded(spans_frame(spans))
         except SinkError as exc:
             self._sink_failed(exc)
             self._outbox = spans + self._outbox
             self._ship()
 
-    def _encodable(self, frame: list[Any], spans: list[Snapshot]) -> tuple[list[Any], list[str]]:
-        """The frame without the spans msgpack cannot carry (an integer attribute beyond 64
-        bits...), and their trace ids: each is counted and logged, and its trace's cassette
-        will say ``complete: false``."""
-        kept, lost = [], []
-        for w, snap in zip(frame, spans, strict=True):
-            try:
-                _encode_frame(w)
-                kept.append(w)
-            except (TypeError, ValueError, OverflowError) as exc:
-                log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
-                with self._lock:
-                    self.dropped_spans += 1
-                lost.append(f"{snap[0]:032x}")
-        return kept, lost
+    def _unwire(self, data: bytes) -> Snapshot:
+        """An encoded span back as a snapshot, for this process to convert."""
+        return rebuild_snapshot(data, self._resources_by_id, self._statuses)
 
     def _ask_sink(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> None:
         """Ask the child to flush or close, and take its answer: the cassettes it wrote since
