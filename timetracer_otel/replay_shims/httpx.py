@@ -170,7 +170,7 @@ def _sync_handler(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return original(self, request)  # type: ignore[no-any-return]
         request.read()
-        span = deferrable_span(SCOPE)
+        span = deferrable_span(SCOPE) if STATE.defer else None
         if span is not None:
             token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
             try:
@@ -222,7 +222,7 @@ def _async_handler(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, request)  # type: ignore[no-any-return]
         await request.aread()
-        span = deferrable_span(SCOPE)
+        span = deferrable_span(SCOPE) if STATE.defer else None
         if span is not None:
             token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
             try:

@@ -158,7 +158,7 @@ def _handler(original: Any) -> Any:
     ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
-        dep = deferrable_span(SCOPE)
+        dep = deferrable_span(SCOPE) if STATE.defer else None
         if dep is not None:  # left to the writer (see base.defer)
             body = _body(request)
             sent = (request.method, request.url, list(request.headers.items()), body)
