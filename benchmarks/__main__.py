@@ -434,8 +434,9 @@ class Bench:
                      note=f"{out['cassettes_written']}/{out['expected']} cassettes, 11 spans each")
         out = self.worker("exporter", {"mode": "convert", **args})
         if "error" not in out:
-            self.add(sc, "writer's Python work per span (no disk; in the writer process, or the app's thread writer)",
-                     "µs/span", out["us_per_span"], note="convert, redact, assemble, encode")
+            self.add(sc, "writer's Python work per span (no disk)", "µs/span", out["us_per_span"],
+                     note="convert, redact, assemble, encode: in the writer process, or on the "
+                          "app's writer thread with TIMETRACER_WRITER=thread")
             self.add(sc, "of which span to SpanRecord (record_from_readable)", "µs/span",
                      out["conversion_us_per_span"], note="attributes split, decoded, redacted")
         out = self.worker("exporter", {"mode": "receiver", **args})

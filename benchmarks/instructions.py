@@ -23,7 +23,9 @@ Modes (one process each):
   scenario 5's traces, per span.
 
 Callgrind runs threads one at a time and counts each apart: the main thread is the request
-path; the total adds the writer thread's work and the cassette writes at the end.
+path; the total adds the app's writer thread. ``--trace-children=yes`` counts the writer
+process apart (``child``): it runs on the other core, so it is reported beside the app's
+counts, not in them. A recording waits for that process however long valgrind makes it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Per-call costs behind scenario 1 (issue 2's targets), each in its own process.
 
 ``record-overhead``: httpx calls to the upstream inside a server span, alternating blocks of
-OTel-only (shims installed, mode off) and ``record()``; per round the difference per call.
+OTel-only (shims installed, mode off) and recorded calls (one ``record()`` switched on and off
+per block); per round the difference per call.
 On the request thread it also counts write syscalls (``/proc/thread-self/io`` ``syscw``) and
 file opens (an audit hook), in both kinds of block, to show recording adds no file I/O there.
 
