@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import operator
 import os
 import re
 import secrets
@@ -107,6 +108,7 @@ def _looks_secret(value: str) -> bool:
     return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
 
 _SEEN_LIMIT = 512
+_lower_of = operator.itemgetter(1)
 # scheme://user:password@host in free text (error messages, log lines).
 _URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@\s'\"]+)(?=@)")
 # Span attributes holding URLs or query strings, and the prefixes of captured header attributes.
@@ -146,6 +148,7 @@ class _NameSet:
     def __init__(self, names: Iterable[str]) -> None:
         lowered = [n.lower() for n in names]
         self.exact = frozenset(n for n in lowered if not any(c in n for c in _GLOB_CHARS))
+        self.exact_bytes = frozenset(n.encode("latin-1", "replace") for n in self.exact)
         self.globs = tuple(dict.fromkeys(n for n in lowered if n not in self.exact))
         self._memo: dict[str, bool] = {}
 
@@ -444,6 +447,30 @@ class Redactor:
             cache.clear()
         row = cache[triple] = (name, text)
         return row
+
+    def learn_headers(self, triples: Iterable[tuple[bytes, bytes, bytes]]) -> None:
+        """Tokenize the secret values among raw header triples (see :meth:`header_rows`), for
+        their secrets to be known and scrubbed later; the rows themselves are not built.
+        Without glob rules, headers with no secret name cost one pass in C."""
+        names = self.header_names
+        if not names.globs:
+            if names.exact_bytes.isdisjoint(map(_lower_of, triples)):  # one pass, in C
+                return
+            for raw, lower, value in triples:
+                if lower in names.exact_bytes:
+                    self.header(raw.decode("latin-1"), value.decode("latin-1"))
+            return
+        for raw, _, value in triples:
+            name = raw.decode("latin-1")
+            if name in names:
+                self.header(name, value.decode("latin-1"))
+
+    def learn_header_pairs(self, pairs: Iterable[tuple[str, str | bytes]]) -> None:
+        """:meth:`learn_headers` for ``(name, value)`` text pairs (bytes values as latin-1)."""
+        names = self.header_names
+        for name, value in pairs:
+            if name in names:
+                self.header(name, value if isinstance(value, str) else value.decode("latin-1"))
 
     def header(self, name: str, value: str) -> str:
         if name not in self.header_names:

@@ -94,3 +94,16 @@ def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
             requests.get(down)
 
     recorded_both_ways(job, 6, tmp_path, monkeypatch, fmt)
+
+
+def test_secrets_of_a_call_left_to_the_writer_are_known_in_the_app(serve: Any, tmp_path: Path) -> None:
+    from timetracer_otel.replay_shims.base import STATE
+
+    server = serve(app)
+    secret = "s3cr3t-0123456789abcdef"
+    with timetracer_otel.record(dir=tmp_path):
+        assert STATE.defer
+        requests.get(f"{server.url}/multi", headers={"Authorization": f"Bearer {secret}"})
+        text = STATE.redactor.scrub(f"db said {secret}; cookie s3cr3t-cookie")
+    assert secret not in text and "s3cr3t-cookie" not in text
+    assert text.count("redacted:") == 2

@@ -109,14 +109,22 @@ def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
 def _captured(request: httpx.Request, response: httpx.Response | None, chunks: list[bytes],
               error: Tree) -> tuple[Any, ...]:
     """The call as :func:`_payload_of` takes it. Header lists are copied (the app may still
-    change its Headers); bodies and chunks are immutable bytes, referenced."""
+    change its Headers); bodies and chunks are immutable bytes, referenced.
+
+    The app's redactor learns the secrets in the headers here, so the payloads other shims
+    encode in the app are scrubbed of them too."""
+    r = STATE.redactor
+    sent = list(_triples(request.headers))
+    r.learn_headers(sent)
     if response is None:
-        return (request.method, str(request.url), list(_triples(request.headers)),
-                request.content, None, None, None, None, None, error)
+        return (request.method, str(request.url), sent, request.content,
+                None, None, None, None, None, error)
+    received = list(_triples(response.headers))
+    r.learn_headers(received)
     ext = response.extensions
-    return (request.method, str(request.url), list(_triples(request.headers)), request.content,
-            response.status_code, list(_triples(response.headers)), chunks,
-            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), None)
+    return (request.method, str(request.url), sent, request.content, response.status_code,
+            received, chunks, ext.get("http_version", b"HTTP/1.1"),
+            ext.get("reason_phrase", b""), None)
 
 
 def _payload_of(args: Sequence[Any]) -> bytes:

@@ -65,16 +65,18 @@ def _body(request: requests.PreparedRequest) -> bytes:
     return data
 
 
+def _request_headers(pairs: Iterable[Sequence[Any]]) -> list[list[str]]:
+    """A request's headers as stored: redacted, without the trace context."""
+    return [[k, v] for k, v in STATE.redactor.headers(
+        (k, v if isinstance(v, str) else v.decode("latin-1"))
+        for k, v in pairs if k.lower() not in PROPAGATION_HEADERS)]
+
+
 def _call_of(method: str | None, url: str | None, pairs: Iterable[Sequence[Any]],
              body: bytes) -> Call:
-    r = STATE.redactor
-
-    def headers() -> list[list[str]]:  # built only when the stored request is needed
-        return [[k, v] for k, v in r.headers(
-            (k, v if isinstance(v, str) else v.decode("latin-1"))
-            for k, v in pairs if k.lower() not in PROPAGATION_HEADERS)]
-
-    return http_call("requests", method or "GET", r.url(url or ""), headers, body)
+    # Headers built only when the stored request is needed.
+    return http_call("requests", method or "GET", STATE.redactor.url(url or ""),
+                     lambda: _request_headers(pairs), body)
 
 
 def _call(request: requests.PreparedRequest) -> Call:
@@ -162,6 +164,8 @@ def _handler(original: Any) -> Any:
         if dep is not None:  # left to the writer (see base.defer)
             body = _body(request)
             sent = (request.method, request.url, list(request.headers.items()), body)
+            # The app's redactor learns their secrets (scrubbed from other shims' payloads).
+            STATE.redactor.learn_header_pairs(sent[2])
             token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
             try:
                 try:
@@ -173,6 +177,7 @@ def _handler(original: Any) -> Any:
                     defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
                     raise
                 headers = list(live.headers.items())
+                STATE.redactor.learn_header_pairs(headers)  # as the request's, above
                 defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
                                         content, None))
             finally:
