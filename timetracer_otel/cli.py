@@ -97,15 +97,19 @@ def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = child.wait()
-        if read_end is not None:
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if read_end is not None:
+        # The command is gone: Ctrl-C now stops this wait (what is written stays written).
+        try:
             deadline = time.monotonic() + HOLD_TIMEOUT
             while (wait := deadline - time.monotonic()) > 0 and select.select([read_end], [], [], wait)[0]:
                 if not os.read(read_end, 4096):
                     break
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if read_end is not None:
+        except KeyboardInterrupt:
+            pass
+        finally:
             os.close(read_end)
     return 128 - code if code < 0 else code
 

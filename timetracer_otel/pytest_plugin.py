@@ -49,7 +49,13 @@ from timetracer_otel.config import Choice, Mode, OnMiss, Settings
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
 from timetracer_otel.index import ReplayReport
-from timetracer_otel.replay_shims.base import ATTR_LIBRARY, ATTR_PAYLOAD, STATE, span_attributes
+from timetracer_otel.replay_shims.base import (
+    ATTR_LIBRARY,
+    ATTR_PAYLOAD,
+    STATE,
+    deferred_of,
+    span_attributes,
+)
 from timetracer_otel.runtime import Replaying, sdk_provider
 
 
@@ -103,7 +109,7 @@ class _SpanCollector(SpanProcessor):
         # Only a list append here (atomic under the GIL); conversion waits for the test's end.
         if target is not None:
             attrs = span_attributes(span)
-            if ATTR_PAYLOAD in attrs or ATTR_LIBRARY in attrs:
+            if ATTR_PAYLOAD in attrs or ATTR_LIBRARY in attrs or deferred_of(span) is not None:
                 target.append(span)
 
     def shutdown(self) -> None:

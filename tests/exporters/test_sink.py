@@ -214,3 +214,52 @@ def test_one_cpu_keeps_the_writer_in_the_app_process(tmp_path: Path) -> None:
     assert cpus(str(v1)) == min(1.5, len(os.sched_getaffinity(0)))
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cpus(str(v1)) == len(os.sched_getaffinity(0))
+
+
+def test_what_the_child_cannot_take_is_written_by_the_thread(tmp_path: Path, caplog: Any) -> None:
+    # A resource value msgpack cannot carry, and a redactor subclass the child may not be able
+    # to import: the writer thread falls back to writing in this process, and never stops.
+    class MyRedactor(Redactor):
+        pass
+
+    provider = TracerProvider(resource=Resource.create({"build.id": 2**70}))
+    writer = CassetteWriter(str(tmp_path / "resource"), isolate=True)
+    provider.add_span_processor(CassetteSpanProcessor(writer=writer))
+    provider.get_tracer("t").start_span("GET /r", kind=SpanKind.SERVER).end()
+    assert writer.flush()  # that cassette cannot be encoded in any writer: counted
+    _tracer(writer).start_span("GET /after", kind=SpanKind.SERVER).end()
+    assert writer.flush()
+    writer.close()
+    assert [load_cassette(p).name for p in writer.written] == ["GET__after"]
+    assert not writer.isolate and writer.errors == 2
+
+    saved = STATE.redactor
+    STATE.redactor = MyRedactor(key=b"k" * 32)
+    try:
+        writer = CassetteWriter(str(tmp_path / "redactor"), isolate=True)
+        _tracer(writer).start_span("GET /s", kind=SpanKind.SERVER).end()
+        assert writer.flush()
+        writer.close()
+    finally:
+        STATE.redactor = saved
+    assert [load_cassette(p).name for p in writer.written] == ["GET__s"]
+    assert "not a Redactor" in caplog.text
+
+
+def test_a_trace_the_dead_child_held_part_of_is_written_incomplete(tmp_path: Path) -> None:
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    tracer = _tracer(writer)
+    with tracer.start_as_current_span("GET /half", kind=SpanKind.SERVER):
+        tracer.start_span("call", kind=SpanKind.CLIENT).end()
+        writer.flush()  # the client span is in the child, its trace still open there
+        sink = writer._sink
+        assert sink is not None
+        os.kill(sink.proc.pid, signal.SIGKILL)
+        sink.proc.wait()
+    writer.flush()  # the writer thread finds the child gone
+    _trace(tracer, 3)  # a trace that begins after that: complete
+    writer.close()
+    cassettes = {load_cassette(p).name: load_cassette(p) for p in writer.written}
+    assert [s.name for s in cassettes["GET__half"].spans] == ["GET /half"]
+    assert cassettes["GET__half"].complete is False
+    assert cassettes["GET__orders_3"].complete is True

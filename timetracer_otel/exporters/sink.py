@@ -34,6 +34,7 @@ import os
 import pickle
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -151,7 +152,8 @@ class SinkProcess:
         env = dict(os.environ)
         env[CHILD_ENV] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path)],
+            [sys.executable, "-I", "-c", _BOOT,
+             json.dumps([os.fspath(p) for p in sys.path if isinstance(p, str | os.PathLike)])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
             start_new_session=True, pass_fds=_held(),
         )
@@ -210,7 +212,8 @@ class SinkProcess:
 def _held() -> tuple[int, ...]:
     try:
         fd = int(os.environ.get(HOLD_FD_ENV, ""))
-        os.fstat(fd)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # another file took that number since
+            return ()
     except (ValueError, OSError):
         return ()
     return (fd,)
@@ -320,37 +323,53 @@ def main() -> None:
             if writer is not None:
                 writer.close_now()
             return
-        tag, *rest = _decode(frame)
-        if tag == "spans":
-            assert writer is not None
-            for w in rest[0]:
-                writer.add_now(_snapshot(w, resources, statuses))
-        elif tag == "resource":
-            resources[rest[0]] = _Resource(rest[1])
-        elif tag == "learn":
-            STATE.redactor.learn(rest[0])
-        elif tag == "redactor":
-            STATE.redactor = pickle.loads(rest[0])
-        elif tag == "drop":
-            assert writer is not None
-            writer._dropped_traces.update(rest[0])
-        elif tag == "flush":
-            assert writer is not None
-            writer.flush_now(rest[0])
-            answer()
-        elif tag == "close":
-            assert writer is not None
-            writer.close_now()
-            answer()
-            return
-        elif tag == "open":
-            config = rest[0]
-            writer = CassetteWriter(
-                config["location"], fmt=config["fmt"], via=config["via"],
-                max_queue=config["max_queue"], max_open_traces=config["max_open_traces"],
-                quiet_ns=config["quiet_ns"], sample_rate=config["sample_rate"],
-                errors_only=config["errors_only"], isolate=False,
-            )
-            writer.script = config["script"]
-            STATE.max_payload_bytes = config["max_payload_bytes"]
-            writer._recorder = msgspec.convert(config["recorder"], Recorder)
+        tag = None
+        try:
+            tag, *rest = _decode(frame)
+            if tag == "spans":
+                assert writer is not None
+                for w in rest[0]:
+                    try:
+                        snap = _snapshot(w, resources, statuses)
+                    except Exception:  # a span this child cannot read: counted, the rest go on
+                        writer._failed()
+                        continue
+                    writer.add_now(snap)
+            elif tag == "resource":
+                resources[rest[0]] = _Resource(rest[1])
+            elif tag == "learn":
+                STATE.redactor.learn(rest[0])
+            elif tag == "redactor":
+                STATE.redactor = pickle.loads(rest[0])
+            elif tag == "drop":
+                assert writer is not None
+                writer._dropped_traces.update(rest[0])
+            elif tag == "flush":
+                assert writer is not None
+                writer.flush_now(rest[0])
+                answer()
+            elif tag == "close":
+                assert writer is not None
+                writer.close_now()
+                answer()
+                return
+            elif tag == "open":
+                config = rest[0]
+                writer = CassetteWriter(
+                    config["location"], fmt=config["fmt"], via=config["via"],
+                    max_queue=config["max_queue"], max_open_traces=config["max_open_traces"],
+                    quiet_ns=config["quiet_ns"], sample_rate=config["sample_rate"],
+                    errors_only=config["errors_only"], isolate=False,
+                )
+                writer.script = config["script"]
+                STATE.max_payload_bytes = config["max_payload_bytes"]
+                writer._recorder = msgspec.convert(config["recorder"], Recorder)
+        except Exception:  # one bad frame costs its spans, never the others
+            log.warning("timetracer-otel: the cassette writer process failed on a frame",
+                        exc_info=True)
+            if writer is not None:
+                writer.errors += 1
+                if tag in ("flush", "close"):  # the app waits for an answer
+                    answer()
+                    if tag == "close":
+                        return

@@ -50,6 +50,7 @@ from timetracer_otel.exporters.sink import (
 )
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
 from timetracer_otel.exporters.storage import LocalStorage, Storage, storage_for, write_many
+from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import STATE
 
 log = logging.getLogger("timetracer_otel")
@@ -238,6 +239,7 @@ class CassetteWriter:
         # thread, off the request path) and the child converts and writes them.
         self.isolate = _can_isolate(isolate, self.storage, via, on_written)
         self._sink: SinkProcess | None = None
+        self._sink_failed_ns = 0
         self._outbox: list[bytes] = []  # spans encoded for the writer process
         # Resources by id, kept so that no id is reused; the ones the child knows.
         self._resources_by_id: dict[int, Any] = {}
@@ -290,7 +292,8 @@ class CassetteWriter:
                 log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
                 with self._lock:  # msgpack cannot carry it (an integer beyond 64 bits...)
                     self.dropped_spans += 1
-                    self._dropped_traces.add(f"{snap[0]:032x}")
+                    if len(self._dropped_traces) < 10_000:
+                        self._dropped_traces.add(f"{snap[0]:032x}")
             return
         self._queue.put(span if resource is None else _Received(span, resource))
 
@@ -473,7 +476,7 @@ class CassetteWriter:
                 "recorder": msgspec.to_builtins(self._recorder),
                 "max_payload_bytes": STATE.max_payload_bytes,
             })
-        except (OSError, SinkError) as exc:
+        except Exception as exc:  # never the writer thread's end: it writes them itself
             log.warning("timetracer-otel: cannot start the cassette writer process (%s); "
                         "writing cassettes in this process", exc)
             self.isolate = False
@@ -488,7 +491,7 @@ class CassetteWriter:
                 self._sink.send("resource", id(resource),
                                 {k: plain(v) for k, v in resource.attributes.items()})
                 self._announced.add(id(resource))
-            except SinkError as exc:
+            except Exception as exc:  # gone, or a value msgpack cannot carry: written here
                 self._sink_failed(exc)
 
     def _ship(self) -> None:
@@ -504,6 +507,10 @@ class CassetteWriter:
             return
         try:
             redactor = STATE.redactor
+            if type(redactor) is not Redactor:
+                # A subclass may not exist in the child (defined in __main__), or importing
+                # it there would run the app's module: this process redacts with it.
+                raise SinkError(f"the redactor is a {type(redactor).__name__}, not a Redactor")
             if redactor is not self._sent_redactor:
                 generation, _ = redactor.learned_since(redactor.generation)
                 sink.send("redactor", pickle.dumps(redactor))
@@ -512,7 +519,7 @@ class CassetteWriter:
                 self._sent_generation, learned = redactor.learned_since(self._sent_generation)
                 sink.send("learn", learned)
             sink.send_encoded(spans_frame(spans))
-        except SinkError as exc:
+        except Exception as exc:  # gone, or it cannot take this: written here from now on
             self._sink_failed(exc)
             self._outbox = spans + self._outbox
             self._ship()
@@ -539,6 +546,9 @@ class CassetteWriter:
         sink, self._sink = self._sink, None
         self.isolate = False
         self.errors += 1
+        # Spans the child held are lost with it: a trace begun before now may lack some, so
+        # its cassette (and the process batch) will say complete: false.
+        self._sink_failed_ns = time.time_ns()
         log.warning("timetracer-otel: %s; spans sent to it since its last answer may be lost, "
                     "the rest are written by this process", exc)
         if sink is not None:
@@ -600,13 +610,15 @@ class CassetteWriter:
         spans = sorted(batch.spans, key=lambda s: s.start_ns)
         if self._id_pid != os.getpid():
             self._id_pid, self._id_prefix = os.getpid(), secrets.token_hex(4)
+        complete = batch.complete and not (
+            self._sink_failed_ns and (batch.root is None or batch.root.start_ns < self._sink_failed_ns))
         return Cassette(
             id=f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}",
             name=cassette_name(batch, self.script),
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
             resource=dict(batch.resource or self._resource),
             recorder=self._recorder,
-            complete=batch.complete,
+            complete=complete,
             root=batch.root.span_id if batch.root is not None else None,
             spans=spans,
         )

@@ -111,20 +111,23 @@ def _captured(request: httpx.Request, response: httpx.Response | None, chunks: l
     """The call as :func:`_payload_of` takes it. Header lists are copied (the app may still
     change its Headers); bodies and chunks are immutable bytes, referenced.
 
-    The app's redactor learns the secrets in the headers here, so the payloads other shims
-    encode in the app are scrubbed of them too."""
+    The app's redactor learns the secrets of the request here (headers, URL, configured body
+    fields) and of the response headers, as a capture on the request path would, so the
+    payloads other shims encode in the app are scrubbed of them too."""
     r = STATE.redactor
+    url, content = str(request.url), request.content
     sent = list(_triples(request.headers))
     r.learn_headers(sent)
+    r.url(url)  # memoised per URL
+    if content:
+        r.body(r.header_rows(sent, _PROPAGATION_RAW), content)
     if response is None:
-        return (request.method, str(request.url), sent, request.content,
-                None, None, None, None, None, error)
+        return (request.method, url, sent, content, None, None, None, None, None, error)
     received = list(_triples(response.headers))
     r.learn_headers(received)
     ext = response.extensions
-    return (request.method, str(request.url), sent, request.content, response.status_code,
-            received, chunks, ext.get("http_version", b"HTTP/1.1"),
-            ext.get("reason_phrase", b""), None)
+    return (request.method, url, sent, content, response.status_code, received, chunks,
+            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), None)
 
 
 def _payload_of(args: Sequence[Any]) -> bytes:

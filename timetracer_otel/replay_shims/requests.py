@@ -164,8 +164,12 @@ def _handler(original: Any) -> Any:
         if dep is not None:  # left to the writer (see base.defer)
             body = _body(request)
             sent = (request.method, request.url, list(request.headers.items()), body)
-            # The app's redactor learns their secrets (scrubbed from other shims' payloads).
+            # The app's redactor learns the request's secrets (headers, URL, configured body
+            # fields), as a capture here would: other shims' payloads are scrubbed of them.
             STATE.redactor.learn_header_pairs(sent[2])
+            STATE.redactor.url(request.url or "")
+            if body:
+                STATE.redactor.body(_request_headers(sent[2]), body)
             token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
             try:
                 try:
