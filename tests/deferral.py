@@ -77,3 +77,22 @@ def recorded_both_ways(job: Callable[[], None], calls: int, tmp_path: Path,
     text = repr(recorded[True])
     assert "s3cr3t" not in text and "hunter2" not in text and "redacted:" in text
     return recorded[True]
+
+
+def secrets_learned_in_the_app(get: Callable[..., Any], post: Callable[..., Any], base: str,
+                               tmp_path: Path) -> None:
+    """The writer process redacts calls left to it; the app's redactor must still learn the
+    secrets in their headers, URL and body (and the response's Set-Cookie), so payloads other
+    shims encode in the app are scrubbed of them. ``get``/``post`` are the client's own."""
+    from timetracer_otel.replay_shims.base import STATE
+
+    secret, qtoken, password = "s3cr3t-0123456789abcdef", "qt0ken-98765432", "hunter2-hunter2"
+    with timetracer_otel.record(dir=tmp_path):
+        assert STATE.defer
+        get(f"{base}/multi", headers={"Authorization": f"Bearer {secret}"})
+        post(f"{base}/echo?token={qtoken}", json={"password": password},
+             headers={"Authorization": f"Bearer {secret}"})
+        text = STATE.redactor.scrub(f"db said {secret} {qtoken} {password}; cookie s3cr3t-cookie")
+    for value in (secret, qtoken, password, "s3cr3t-cookie"):
+        assert value not in text
+    assert text.count("redacted:") == 4
