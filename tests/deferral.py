@@ -47,13 +47,18 @@ def _timeless(response: Any) -> Any:
     return {**response, "headers": headers, "chunks": chunks}
 
 
-def recorded_both_ways(job: Callable[[], None], calls: int, tmp_path: Path,
+def recorded_both_ways(job: Callable[[str, str], None], base: str, calls: int, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch, fmt: str) -> list[Any]:
-    """Record ``job`` twice: with each call left to the writer, which builds its payload in its
-    own process (the default), and with TIMETRACER_SPAN_PAYLOADS=1, where the shim builds it on
-    the request path and puts it on the span. Assert both give the same ``calls`` interactions
-    (keys, redacted headers and tokens, bodies, errors, and their types), and that no other
-    processor sees a payload on the spans in the first way; return them."""
+    """Record ``job(base, down)`` (``down``: a URL where nothing listens) twice: with each call
+    left to the writer, which builds its payload in the writer process (forced, whatever the
+    CPUs), and with TIMETRACER_SPAN_PAYLOADS=1, where the shim builds it on the request path
+    and puts it on the span. Assert both give the same ``calls`` interactions (keys, redacted
+    headers and tokens, bodies, errors, and their types), and that no other processor sees a
+    payload on the spans in the first way; return them."""
+    from tests.conftest import unreachable_port
+
+    down = f"http://127.0.0.1:{unreachable_port()}/down"
+    monkeypatch.setenv("TIMETRACER_WRITER", "process")
     provider = sdk_provider()
     if not getattr(provider, "_test_attribute_tap", False):
         provider.add_span_processor(_TAP)
@@ -63,7 +68,8 @@ def recorded_both_ways(job: Callable[[], None], calls: int, tmp_path: Path,
         monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "" if deferred else "1")
         _TAP.attributes = []
         with timetracer_otel.record(dir=tmp_path / str(deferred), format=fmt) as rec:  # type: ignore[arg-type]
-            job()
+            assert rec.writer is not None and rec.writer.isolate
+            job(base, down)
         seen, _TAP.attributes = _TAP.attributes, None
         assert len([a for a in seen if ATTR_PAYLOAD in a]) == (0 if deferred else calls)
         interactions = [s for p in rec.paths for s in load_cassette(p).interactions]

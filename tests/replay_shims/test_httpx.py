@@ -87,7 +87,6 @@ def test_async_calls_and_concurrent_gather(serve: Any, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["connect", "timeout"])
 def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path, kind: str) -> None:
     server = serve(app)
-    from tests.conftest import unreachable_port
 
     url = f"http://127.0.0.1:{unreachable_port()}/x" if kind == "connect" else f"{server.url}/slow"
     expected = httpx.ConnectError if kind == "connect" else httpx.ReadTimeout
@@ -163,12 +162,9 @@ def test_suppressed_instrumentation_stays_live_in_record_and_replay(serve: Any, 
 def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    server = serve(app)
-    down = f"http://127.0.0.1:{unreachable_port()}/down"
-
-    def job() -> None:
+    def job(base: str, down: str) -> None:
         headers = {"Authorization": "Bearer s3cr3t-0123456789abcdef"}
-        with httpx.Client(base_url=server.url, headers=headers) as c:
+        with httpx.Client(base_url=base, headers=headers) as c:
             c.post("/echo", json={"user": "ann", "password": "hunter2-hunter2"})
             c.get("/blob")
             c.get("/multi")  # Set-Cookie: a secret in the response headers
@@ -178,7 +174,7 @@ def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
         with pytest.raises(httpx.ConnectError):
             httpx.get(down)
 
-    recorded_both_ways(job, 6, tmp_path, monkeypatch, fmt)
+    recorded_both_ways(job, serve(app).url, 6, tmp_path, monkeypatch, fmt)
 
 
 def test_secrets_of_a_call_left_to_the_writer_are_known_in_the_app(serve: Any, tmp_path: Path) -> None:

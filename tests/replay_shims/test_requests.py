@@ -79,21 +79,18 @@ def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path,
 def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    server = serve(app)
-    down = f"http://127.0.0.1:{unreachable_port()}/down"
-
-    def job() -> None:
+    def job(base: str, down: str) -> None:
         with requests.Session() as s:
             s.headers["Authorization"] = "Bearer s3cr3t-0123456789abcdef"
-            s.post(f"{server.url}/echo", json={"user": "ann", "password": "hunter2-hunter2"})
-            s.get(f"{server.url}/blob")
-            s.get(f"{server.url}/multi")  # Set-Cookie: a secret in the response headers
-            s.get(f"{server.url}/gzip")
-            s.put(f"{server.url}/echo", data=io.BytesIO(b"uploaded"))  # a file body, read once
+            s.post(f"{base}/echo", json={"user": "ann", "password": "hunter2-hunter2"})
+            s.get(f"{base}/blob")
+            s.get(f"{base}/multi")  # Set-Cookie: a secret in the response headers
+            s.get(f"{base}/gzip")
+            s.put(f"{base}/echo", data=io.BytesIO(b"uploaded"))  # a file body, read once
         with pytest.raises(requests.ConnectionError):
             requests.get(down)
 
-    recorded_both_ways(job, 6, tmp_path, monkeypatch, fmt)
+    recorded_both_ways(job, serve(app).url, 6, tmp_path, monkeypatch, fmt)
 
 
 def test_secrets_of_a_call_left_to_the_writer_are_known_in_the_app(serve: Any, tmp_path: Path) -> None:

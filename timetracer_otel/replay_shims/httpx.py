@@ -23,18 +23,17 @@ from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
-    _TAKEN,
     BUILDERS,
     LIVE,
     STATE,
+    Capture,
+    Later,
     Shim,
-    _pack,
+    built_payload,
     capture,
+    capture_later,
     decide,
-    defer,
-    deferrable_span,
     error_tree,
-    finished_payload,
     instantiate,
     rebuild_error,
 )
@@ -134,13 +133,8 @@ def _payload_of(args: Sequence[Any]) -> bytes:
     """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
     method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error = args
-    call = _call_of(method, url, req_triples, body)
-    request = _pack(call.request)
-    if error is not None:
-        return finished_payload(call, request, "error", _pack(STATE.redactor.scrub(error)))
-    _, packed = STATE.redactor.response_packed(
-        _response_tree_of(status, resp_triples, chunks, http_version, reason))
-    return finished_payload(call, request, "response", packed)
+    return built_payload(_call_of(method, url, req_triples, body), error, lambda: _response_tree_of(
+        status, resp_triples, chunks, http_version, reason))
 
 
 BUILDERS["httpx"] = _payload_of
@@ -176,38 +170,47 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     )
 
 
+def _start(request: httpx.Request) -> Any:
+    """How this call goes: a :class:`~.base.Later` (left to the writer), a
+    :class:`~.base.Capture` (recorded here), or the replayed response, or None (live)."""
+    later = capture_later(SCOPE) if STATE.defer else None
+    if later is not None:
+        return later
+    call = _call(request)
+    action = decide(call)
+    if isinstance(action, Match):
+        return _replayed(action, request)
+    if action is LIVE:
+        return None
+    return capture(call, SCOPE)
+
+
+def _failed(cap: Capture | Later, request: httpx.Request, exc: BaseException) -> None:
+    if isinstance(cap, Later):
+        cap.leave("httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
+    else:
+        cap.fail(exc, _error_attrs(exc))
+
+
+def _answered(cap: Capture | Later, request: httpx.Request, response: httpx.Response,
+              chunks: list[bytes]) -> None:
+    if isinstance(cap, Later):
+        cap.leave("httpx", _captured(request, response, chunks, None))
+    else:
+        cap.ok(_response_tree(response, chunks))
+
+
 def _sync_handler(original: Any) -> Any:
     def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request)  # type: ignore[no-any-return]
         request.read()
-        span = deferrable_span(SCOPE) if STATE.defer else None
-        if span is not None:
-            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
-            try:
-                try:
-                    live: httpx.Response = original(self, request)
-                    stream = live.stream
-                    assert isinstance(stream, httpx.SyncByteStream)
-                    try:
-                        chunks = [bytes(c) for c in stream]
-                    finally:
-                        stream.close()
-                except Exception as exc:
-                    defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
-                    raise
-                defer(span, "httpx", _captured(request, live, chunks, None))
-            finally:
-                _TAKEN.reset(token)
-            live.stream = _Chunks(chunks)
-            return live
-        call = _call(request)
-        action = decide(call)
-        if isinstance(action, Match):
-            return _replayed(action, request)
-        if action is LIVE:
+        cap = _start(request)
+        if cap is None:
             return original(self, request)  # type: ignore[no-any-return]
-        with capture(call, SCOPE) as cap:
+        if isinstance(cap, httpx.Response):
+            return cap
+        with cap:
             try:
                 response: httpx.Response = original(self, request)
                 stream = response.stream
@@ -217,9 +220,9 @@ def _sync_handler(original: Any) -> Any:
                 finally:
                     stream.close()
             except Exception as exc:
-                cap.fail(exc, _error_attrs(exc))
+                _failed(cap, request, exc)
                 raise
-            cap.ok(_response_tree(response, chunks))
+            _answered(cap, request, response, chunks)
         response.stream = _Chunks(chunks)
         return response
 
@@ -233,33 +236,12 @@ def _async_handler(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, request)  # type: ignore[no-any-return]
         await request.aread()
-        span = deferrable_span(SCOPE) if STATE.defer else None
-        if span is not None:
-            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
-            try:
-                try:
-                    live: httpx.Response = await original(self, request)
-                    astream = live.stream
-                    assert isinstance(astream, httpx.AsyncByteStream)
-                    try:
-                        chunks = [bytes(c) async for c in astream]
-                    finally:
-                        await astream.aclose()
-                except Exception as exc:
-                    defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
-                    raise
-                defer(span, "httpx", _captured(request, live, chunks, None))
-            finally:
-                _TAKEN.reset(token)
-            live.stream = _Chunks(chunks)
-            return live
-        call = _call(request)
-        action = decide(call)
-        if isinstance(action, Match):
-            return _replayed(action, request)
-        if action is LIVE:
+        cap = _start(request)
+        if cap is None:
             return await original(self, request)  # type: ignore[no-any-return]
-        with capture(call, SCOPE) as cap:
+        if isinstance(cap, httpx.Response):
+            return cap
+        with cap:
             try:
                 response: httpx.Response = await original(self, request)
                 astream = response.stream
@@ -269,9 +251,9 @@ def _async_handler(original: Any) -> Any:
                 finally:
                     await astream.aclose()
             except Exception as exc:
-                cap.fail(exc, _error_attrs(exc))
+                _failed(cap, request, exc)
                 raise
-            cap.ok(_response_tree(response, chunks))
+            _answered(cap, request, response, chunks)
         response.stream = _Chunks(chunks)
         return response
 

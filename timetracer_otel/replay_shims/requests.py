@@ -27,18 +27,17 @@ from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
-    _TAKEN,
     BUILDERS,
     LIVE,
     STATE,
+    Capture,
+    Later,
     Shim,
-    _pack,
+    built_payload,
     capture,
+    capture_later,
     decide,
-    defer,
-    deferrable_span,
     error_tree,
-    finished_payload,
     instantiate,
     rebuild_error,
 )
@@ -99,13 +98,8 @@ def _payload_of(args: Sequence[Any]) -> bytes:
     """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
     method, url, pairs, body, status, reason, version, headers, content, error = args
-    call = _call_of(method, url, pairs, body)
-    request = _pack(call.request)
-    if error is not None:
-        return finished_payload(call, request, "error", _pack(STATE.redactor.scrub(error)))
-    _, packed = STATE.redactor.response_packed(
-        _response_tree_of(status, reason, version, headers, content))
-    return finished_payload(call, request, "response", packed)
+    return built_payload(_call_of(method, url, pairs, body), error, lambda: _response_tree_of(
+        status, reason, version, headers, content))
 
 
 BUILDERS["requests"] = _payload_of
@@ -160,8 +154,9 @@ def _handler(original: Any) -> Any:
     ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
-        dep = deferrable_span(SCOPE) if STATE.defer else None
-        if dep is not None:  # left to the writer (see base.defer)
+        cap: Capture | Later | None = capture_later(SCOPE) if STATE.defer else None
+        sent: tuple[Any, ...] = ()
+        if cap is not None:  # left to the writer (see base.defer)
             body = _body(request)
             sent = (request.method, request.url, list(request.headers.items()), body)
             # The app's redactor learns the request's secrets (headers, URL, configured body
@@ -170,46 +165,39 @@ def _handler(original: Any) -> Any:
             STATE.redactor.url(request.url or "")
             if body:
                 STATE.redactor.body(_request_headers(sent[2]), body)
-            token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
+        else:
+            call = _call(request)
+            action = decide(call)
+            if isinstance(action, Match):
+                span = action.span
+                if span.error is not None:
+                    raise rebuild_error(span.error, _build_exc(request))
+                r = span.response
+                raw = _raw(r["status"], r["reason"], r["version"],
+                           [tuple(h) for h in r["headers"]], as_bytes(r["body"]), request)
+                return self.build_response(request, raw)
+            if action is LIVE:
+                return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+            cap = capture(call, SCOPE)
+        with cap:
             try:
-                try:
-                    response: requests.Response = original(self, request, *args, **kwargs)
-                    live = response.raw
-                    content = live.read(decode_content=False)
-                    live.release_conn()
-                except Exception as exc:
-                    defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
-                    raise
-                headers = list(live.headers.items())
-                STATE.redactor.learn_header_pairs(headers)  # as the request's, above
-                defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
-                                        content, None))
-            finally:
-                _TAKEN.reset(token)
-            return _swapped(request, response, headers, content)
-        call = _call(request)
-        action = decide(call)
-        if isinstance(action, Match):
-            span = action.span
-            if span.error is not None:
-                raise rebuild_error(span.error, _build_exc(request))
-            r = span.response
-            raw = _raw(r["status"], r["reason"], r["version"], [tuple(h) for h in r["headers"]],
-                       as_bytes(r["body"]), request)
-            return self.build_response(request, raw)
-        if action is LIVE:
-            return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
-        with capture(call, SCOPE) as cap:
-            try:
-                response = original(self, request, *args, **kwargs)
+                response: requests.Response = original(self, request, *args, **kwargs)
                 live = response.raw
                 content = live.read(decode_content=False)
                 live.release_conn()
             except Exception as exc:
-                cap.fail(exc)
+                if isinstance(cap, Later):
+                    cap.leave("requests", (*sent, None, None, None, None, None, error_tree(exc)))
+                else:
+                    cap.fail(exc)
                 raise
             headers = list(live.headers.items())
-            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
+            if isinstance(cap, Later):
+                STATE.redactor.learn_header_pairs(headers)  # as the request's, above
+                cap.leave("requests", (*sent, live.status, live.reason, live.version, headers,
+                                       content, None))
+            else:
+                cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
         return _swapped(request, response, headers, content)
 
     return send
