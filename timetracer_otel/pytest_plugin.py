@@ -49,13 +49,7 @@ from timetracer_otel.config import Choice, Mode, OnMiss, Settings
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
 from timetracer_otel.index import ReplayReport
-from timetracer_otel.replay_shims.base import (
-    ATTR_LIBRARY,
-    ATTR_PAYLOAD,
-    STATE,
-    deferred_of,
-    span_attributes,
-)
+from timetracer_otel.replay_shims.base import STATE, carries_call
 from timetracer_otel.runtime import Replaying, sdk_provider
 
 
@@ -107,10 +101,8 @@ class _SpanCollector(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         target = self.target
         # Only a list append here (atomic under the GIL); conversion waits for the test's end.
-        if target is not None:
-            attrs = span_attributes(span)
-            if ATTR_PAYLOAD in attrs or ATTR_LIBRARY in attrs or deferred_of(span) is not None:
-                target.append(span)
+        if target is not None and carries_call(span):
+            target.append(span)
 
     def shutdown(self) -> None:
         pass

@@ -230,3 +230,36 @@ def test_modes_strictness_hybrid_blocking_xdist_anyio(
     assert "NetworkBlockedError: Connect to 192.0.2.1:80 blocked by --timetracer-block-network" in out
     assert "ERROR at teardown of test_outside_swallowed" in out
     assert "connects blocked by --timetracer-block-network: 192.0.2.1:80" in out
+
+
+def test_calls_left_to_a_writer_in_the_same_process_are_recorded(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test suite that also builds a timetracer processor (its own record() or exporter)
+    # turns on deferred capture for the whole process: the plugin must still keep the calls.
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    pytester.makeconftest("""
+        from timetracer_otel.exporters import CassetteSpanProcessor
+        from timetracer_otel.replay_shims.base import STATE
+
+        processor = CassetteSpanProcessor(dir="other-cassettes")  # sets STATE.defer
+        assert STATE.defer
+    """)
+    pytester.makepyfile(test_sample="""
+        import os
+        import httpx
+        import pytest
+
+        @pytest.mark.timetracer
+        def test_call():
+            body = httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/deferred", params={"q": "1"}).json()
+            assert body == {"path": "/deferred", "query": "q=1"}
+    """)
+    run(pytester, "--timetracer-record-mode=all").assert_outcomes(passed=1)
+    [interaction] = cassettes(pytester.path)["test_call.json"].interactions
+    assert interaction.library == "httpx" and interaction.response["status"] == 200
+    HITS.clear()
+    run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network").assert_outcomes(
+        passed=1)
+    assert HITS == []  # answered from the cassette

@@ -160,7 +160,6 @@ class SinkProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
-        self.pid = os.getpid()
         try:  # room for bursts, so the writer thread waits on the child less often (Linux)
             import fcntl
 

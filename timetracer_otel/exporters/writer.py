@@ -202,8 +202,10 @@ class CassetteWriter:
         self.errors = 0
         self.skipped = 0
         self._resource: dict[str, Any] = {}  # the first seen: for batches that carry none
+        # Resources by id: converted (this process), and the objects, kept so no id is reused
+        # (the request thread adds those it announces to the writer process).
         self._resources: dict[int, dict[str, Any]] = {}
-        self._resource_refs: list[Any] = []
+        self._resources_by_id: dict[int, Any] = {}
         self._memo: Memo = {}
         self._memo_left = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -241,9 +243,7 @@ class CassetteWriter:
         self._sink: SinkProcess | None = None
         self._sink_failed_ns = 0
         self._outbox: list[bytes] = []  # spans encoded for the writer process
-        # Resources by id, kept so that no id is reused; the ones the child knows.
-        self._resources_by_id: dict[int, Any] = {}
-        self._announced: set[int] = set()
+        self._announced: set[int] = set()  # the resource ids the writer process knows
         self._statuses: dict[Any, Any] = {}
         self._sent_redactor: Any = None
         self._sent_generation = 0
@@ -444,7 +444,7 @@ class CassetteWriter:
             if resource is None:  # one Resource object per provider: convert it once
                 resource = {k: plain(v) for k, v in span_resource.attributes.items()}
                 self._resources[id(span_resource)] = resource
-                self._resource_refs.append(span_resource)  # keeps the id from being reused
+                self._resources_by_id.setdefault(id(span_resource), span_resource)
             self._memo_left -= 1
             if self._memo_left < 0:
                 # Attribute sets repeat across spans and requests: each is redacted once (an

@@ -205,9 +205,16 @@ def _dependency_span(scope: str) -> Span | None:
     if span.is_recording():
         sc = getattr(span, "instrumentation_scope", None)
         if sc is not None and sc.name.startswith(scope) and span is not _TAKEN.get() \
-                and ATTR_PAYLOAD not in span_attributes(span) and deferred_of(span) is None:
+                and not carries_call(span):
             return span
     return None
+
+
+def carries_call(span: Any) -> bool:
+    """Whether ``span`` holds a recorded call: a payload attribute (of this release or an
+    earlier one) or a call left to the writer (see :func:`defer`)."""
+    attrs = span_attributes(span)
+    return ATTR_PAYLOAD in attrs or ATTR_LIBRARY in attrs or deferred_of(span) is not None
 
 
 # The instrumentation span a running capture has claimed (its payload is set only as it ends).
