@@ -97,7 +97,7 @@ def record_overhead(args: dict[str, Any]) -> dict[str, Any]:
     stub_client = httpx.Client(base_url=args["upstream"], transport=stub_transport)
     client = stub_client if args.get("network") == "stub" else live_client
     calls: int = args["calls"]
-    lead = args.get("lead", min(calls, 300))
+    lead = min(calls, 300)
     main = threading.get_ident()
     io_state = {"active": False, "opens": 0}
 
