@@ -257,36 +257,6 @@ def defer(span: Span, library: str, args: Any) -> None:
     span._attributes.__dict__[DEFERRED] = (library, args)  # type: ignore[attr-defined]
 
 
-class Later:
-    """A live call to be left to the writer: like a :class:`Capture`, it claims the
-    instrumentation's span until the call ends; the shim then hands :meth:`leave` what it
-    captured (its builder's ``args``)."""
-
-    __slots__ = ("span", "token")
-
-    def __init__(self, span: Span) -> None:
-        self.span = span
-        self.token: Token[Span | None] | None = None
-
-    def __enter__(self) -> Later:
-        self.token = _TAKEN.set(self.span)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.token is not None:
-            _TAKEN.reset(self.token)
-
-    def leave(self, library: str, args: Any) -> None:
-        defer(self.span, library, args)
-
-
-def capture_later(scope: str) -> Later | None:
-    """A :class:`Later` for this call when it can be left to the writer (see
-    :func:`deferrable_span`), else None: the shim captures it with :func:`capture`."""
-    span = deferrable_span(scope)
-    return None if span is None else Later(span)
-
-
 def built_payload(call: Call, error: Tree, response: Callable[[], Tree]) -> bytes:
     """A builder's result, as :class:`Capture` makes it: the request packed first (its
     secrets learned), then the error scrubbed, or the response tree (built only then)

@@ -27,16 +27,16 @@ from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
+    _TAKEN,
     BUILDERS,
     LIVE,
     STATE,
-    Capture,
-    Later,
     Shim,
     built_payload,
     capture,
-    capture_later,
     decide,
+    defer,
+    deferrable_span,
     error_tree,
     instantiate,
     rebuild_error,
@@ -154,9 +154,8 @@ def _handler(original: Any) -> Any:
     ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
-        cap: Capture | Later | None = capture_later(SCOPE) if STATE.defer else None
-        sent: tuple[Any, ...] = ()
-        if cap is not None:  # left to the writer (see base.defer)
+        dep = deferrable_span(SCOPE) if STATE.defer else None
+        if dep is not None:  # left to the writer (see base.defer)
             body = _body(request)
             sent = (request.method, request.url, list(request.headers.items()), body)
             # The app's redactor learns the request's secrets (headers, URL, configured body
@@ -165,42 +164,54 @@ def _handler(original: Any) -> Any:
             STATE.redactor.url(request.url or "")
             if body:
                 STATE.redactor.body(_request_headers(sent[2]), body)
-        else:
-            call = _call(request)
-            action = decide(call)
-            if isinstance(action, Match):
-                span = action.span
-                if span.error is not None:
-                    raise rebuild_error(span.error, _build_exc(request))
-                r = span.response
-                raw = _raw(r["status"], r["reason"], r["version"],
-                           [tuple(h) for h in r["headers"]], as_bytes(r["body"]), request)
-                return self.build_response(request, raw)
-            if action is LIVE:
-                return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
-            cap = capture(call, SCOPE)
-        with cap:
+            token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
             try:
-                response: requests.Response = original(self, request, *args, **kwargs)
-                live = response.raw
-                content = live.read(decode_content=False)
-                live.release_conn()
+                try:
+                    response: requests.Response = original(self, request, *args, **kwargs)
+                    live, content = _read(response)
+                except Exception as exc:
+                    defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
+                    raise
+                headers = list(live.headers.items())
+                STATE.redactor.learn_header_pairs(headers)  # as the request's, above
+                defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
+                                        content, None))
+            finally:
+                _TAKEN.reset(token)
+            return _swapped(request, response, headers, content)
+        call = _call(request)
+        action = decide(call)
+        if isinstance(action, Match):
+            span = action.span
+            if span.error is not None:
+                raise rebuild_error(span.error, _build_exc(request))
+            r = span.response
+            raw = _raw(r["status"], r["reason"], r["version"], [tuple(h) for h in r["headers"]],
+                       as_bytes(r["body"]), request)
+            return self.build_response(request, raw)
+        if action is LIVE:
+            return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+        with capture(call, SCOPE) as cap:
+            try:
+                response = original(self, request, *args, **kwargs)
+                live, content = _read(response)
             except Exception as exc:
-                if isinstance(cap, Later):
-                    cap.leave("requests", (*sent, None, None, None, None, None, error_tree(exc)))
-                else:
-                    cap.fail(exc)
+                cap.fail(exc)
                 raise
             headers = list(live.headers.items())
-            if isinstance(cap, Later):
-                STATE.redactor.learn_header_pairs(headers)  # as the request's, above
-                cap.leave("requests", (*sent, live.status, live.reason, live.version, headers,
-                                       content, None))
-            else:
-                cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
+            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
         return _swapped(request, response, headers, content)
 
     return send
+
+
+def _read(response: requests.Response) -> tuple[HTTPResponse, bytes]:
+    """The urllib3 response and its raw bytes (still content-encoded); the connection goes
+    back to the pool."""
+    live = response.raw
+    content = live.read(decode_content=False)
+    live.release_conn()
+    return live, content
 
 
 def _swapped(request: requests.PreparedRequest, response: requests.Response,
