@@ -263,3 +263,44 @@ def test_a_trace_the_dead_child_held_part_of_is_written_incomplete(tmp_path: Pat
     assert [s.name for s in cassettes["GET__half"].spans] == ["GET /half"]
     assert cassettes["GET__half"].complete is False
     assert cassettes["GET__orders_3"].complete is True
+
+
+def test_a_span_read_straight_from_the_sdk_wires_as_its_snapshot_does() -> None:
+    """The request path's wired() reads the SDK's fields directly; each span must come out as
+    wire(snapshot(span)) makes it, kinds and statuses of value 0 included."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from timetracer_otel.exporters.sink import wire, wired
+    from timetracer_otel.exporters.spans import snapshot
+    from timetracer_otel.replay_shims.base import defer
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    remote = SpanContext(2**100 + 7, 99, is_remote=True, trace_flags=TraceFlags(1))
+    from opentelemetry import trace as api
+
+    with tracer.start_as_current_span("internal"):  # kind INTERNAL and status UNSET: value 0
+        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT,
+                                          attributes={"url.full": "http://h/x", "n": 3}) as span:
+            span.add_event("retry", {"attempt": 2})
+            span.add_event("bare")
+            defer(span, "httpx", ("GET", "http://h/x", [(b"a", b"a", b"1")], b""))
+            span.set_status(Status(StatusCode.ERROR, "boom"))
+    with tracer.start_as_current_span("consume", context=api.set_span_in_context(
+            api.NonRecordingSpan(remote)), kind=SpanKind.CONSUMER) as consumer:
+        consumer.set_status(Status(StatusCode.OK))
+    spans = list(exporter.get_finished_spans())
+    # A span another library made through the public constructor (a plain attribute dict).
+    spans.append(ReadableSpan("made", context=SpanContext(5, 6, False), attributes={"a": 1},
+                              kind=SpanKind.PRODUCER, start_time=1, end_time=2))
+    assert len(spans) == 4
+    for span in spans:
+        assert wired(span, 17) == wire(snapshot(span), 17)
+    assert [wired(s, 0)[6] for s in spans] == [SpanKind.CLIENT.value, SpanKind.INTERNAL.value,
+                                               SpanKind.CONSUMER.value, SpanKind.PRODUCER.value]
+    assert wired(spans[0], 0)[14] == ("httpx", ("GET", "http://h/x", [(b"a", b"a", b"1")], b""))

@@ -92,3 +92,50 @@ def test_a_call_nested_in_a_running_call_gets_a_span_of_its_own(traced: Traced) 
                                                       "chunks": [b"outer"]}
     assert _payload(own_inner)["key"] == inner.key and own_inner.name == inner.label
     assert _payload(own_again)["response"] == {"status": 204, "headers": [], "chunks": []}
+
+
+def test_the_direct_deferrable_span_checks_agree_with_the_public_ones(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deferrable_span reads the SDK's fields directly; every case must answer as OTel's public
+    calls (_public_deferrable) do."""
+    from opentelemetry import context as otel_context
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    from timetracer_otel.config import Mode
+
+    assert base._CURRENT is not None  # the default runtime context: the direct path is in use
+    monkeypatch.setattr(base.STATE, "mode", Mode.RECORD)
+    monkeypatch.setattr(base.STATE, "defer", True)
+    other = TracerProvider().get_tracer("opentelemetry.instrumentation.requests")
+    answers: list[tuple[str, object, object]] = []
+
+    def check(case: str) -> None:
+        answers.append((case, base.deferrable_span(SCOPE), base._public_deferrable(SCOPE)))
+
+    check("no span")
+    with traced.instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        check("a fresh span of the scope")
+        with suppress_instrumentation():
+            check("suppressed")
+        token = base._TAKEN.set(span)
+        check("claimed by a running call")
+        base._TAKEN.reset(token)
+        with other.start_as_current_span("GET", kind=SpanKind.CLIENT):
+            check("another library's span")
+        base.defer(span, "httpx", ("GET",))
+        check("already carries a deferred call")
+    with traced.instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT) as span:
+        span.set_attribute(base.ATTR_PAYLOAD, b"x")
+        check("already carries a payload")
+    span = traced.instrumentation.start_span("GET", kind=SpanKind.CLIENT)
+    span.end()
+    ctx = otel_context.attach(base.trace.set_span_in_context(span))
+    try:
+        check("ended")
+    finally:
+        otel_context.detach(ctx)
+    assert [(case, direct is public) for case, direct, public in answers] == [
+        (case, True) for case, _, _ in answers]
+    found = {case for case, direct, _ in answers if direct is not None}
+    assert found == {"a fresh span of the scope"}

@@ -46,7 +46,7 @@ from timetracer_otel.exporters.sink import (
     SinkProcess,
     rebuild_snapshot,
     spans_frame,
-    wire,
+    wired,
 )
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
 from timetracer_otel.exporters.storage import LocalStorage, Storage, storage_for, write_many
@@ -269,31 +269,31 @@ class CassetteWriter:
         if self._thread is None:
             self._start()
         if isinstance(span, ReadableSpan):
-            try:
-                snap = snapshot(span)
-            except Exception:  # a span this SDK could not have made: counted, never raised
-                with self._lock:
-                    self.dropped_spans += 1
-                return
             if not self.isolate:
-                self._queue.put(snap)
+                try:
+                    self._queue.put(snapshot(span))
+                except Exception:  # a span this SDK could not have made: counted, never raised
+                    with self._lock:
+                        self.dropped_spans += 1
                 return
             # For the writer process: encoded here, where the span's objects are still in
             # this core's cache (the writer thread, on the other core, spent 8-13 µs per call
             # reading them cold), and queued as one bytes object the collector never scans.
-            res = snap[11]
-            rid = id(res)
-            if rid not in self._resources_by_id:  # announced before its first span, then kept
-                self._queue.put(_Resource(res))
-                self._resources_by_id[rid] = res
             try:
-                self._queue.put(_encode_frame(wire(snap, rid)))
-            except (TypeError, ValueError, OverflowError) as exc:
-                log.warning("timetracer-otel: span %r cannot be recorded: %s", snap[4], exc)
-                with self._lock:  # msgpack cannot carry it (an integer beyond 64 bits...)
+                res = getattr(span, "_resource", None) or span.resource
+                rid = id(res)
+                if rid not in self._resources_by_id:  # announced before its first span, then kept
+                    self._queue.put(_Resource(res))
+                    self._resources_by_id[rid] = res
+                self._queue.put(_encode_frame(wired(span, rid)))
+            except Exception as exc:  # msgpack cannot carry it (an integer beyond 64 bits...)
+                log.warning("timetracer-otel: span %r cannot be recorded: %s",
+                            getattr(span, "name", None), exc)
+                with self._lock:
                     self.dropped_spans += 1
                     if len(self._dropped_traces) < 10_000:
-                        self._dropped_traces.add(f"{snap[0]:032x}")
+                        with contextlib.suppress(Exception):
+                            self._dropped_traces.add(f"{span.context.trace_id:032x}")
             return
         self._queue.put(span if resource is None else _Received(span, resource))
 

@@ -146,14 +146,43 @@ RECORD = Action.RECORD
 
 
 try:  # the keys is_instrumentation_enabled() reads, read from one context lookup per call
-    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
+    from opentelemetry.instrumentation.utils import (
+        _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as _SUPPRESS_KEY_PLAIN,
+    )
 
     def _suppressed(ctx: otel_context.Context) -> bool:
-        return bool(ctx.get(_SUPPRESS_INSTRUMENTATION_KEY) or ctx.get(_SUPPRESS_INSTRUMENTATION_KEY_PLAIN))
+        return bool(ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN))
 except ImportError:  # pragma: no cover - an OTel release that moved them
     def _suppressed(ctx: otel_context.Context) -> bool:
         return not is_instrumentation_enabled()
+
+
+def _current_context_var() -> ContextVar[otel_context.Context] | None:
+    """The ContextVar OTel's default runtime context keeps the current context in, when that
+    is the runtime context in use and this release keeps it there (else None: the public
+    calls are used)."""
+    try:
+        from opentelemetry.context import _RUNTIME_CONTEXT, _SUPPRESS_INSTRUMENTATION_KEY
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+        from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
+        from opentelemetry.trace.propagation import _SPAN_KEY
+    except ImportError:  # pragma: no cover - an OTel release that moved them
+        return None
+    var = getattr(_RUNTIME_CONTEXT, "_current_context", None)
+    if type(_RUNTIME_CONTEXT) is not ContextVarsRuntimeContext or type(var) is not ContextVar \
+            or not (_SPAN_KEY and _SUPPRESS_INSTRUMENTATION_KEY and _SUPPRESS_INSTRUMENTATION_KEY_PLAIN):
+        return None
+    return var
+
+
+_CURRENT = _current_context_var()
+try:  # the class of the spans the SDK's tracers make
+    from opentelemetry.sdk.trace import _Span as _SdkSpan
+    from opentelemetry.trace.propagation import _SPAN_KEY
+except ImportError:  # pragma: no cover - an SDK release that renamed it
+    _CURRENT = None
+_NO_DICT: dict[str, Any] = {}
 
 
 def decide(call: Call) -> Match | Action:
@@ -242,9 +271,38 @@ BUILDERS: dict[str, Callable[[Any], bytes]] = {}
 def deferrable_span(scope: str) -> Span | None:
     """The instrumentation span to leave this call on, when it can be deferred: recording
     under a timetracer writer, not suppressed, the instrumentation's span free for it, and an
-    SDK span (another implementation gets the payload attribute)."""
+    SDK span (another implementation gets the payload attribute).
+
+    With OTel's default (contextvars) runtime context and an SDK span, every check reads the
+    objects' fields directly: :func:`_dependency_span`'s public calls (the current context
+    twice, ``is_recording``, two properties, :func:`carries_call`) are ~15 Python calls on
+    each recorded call."""
     st = STATE
-    if not st.defer or st.mode is not Mode.RECORD or _suppressed(otel_context.get_current()):
+    if not st.defer or st.mode is not Mode.RECORD:
+        return None
+    if _CURRENT is None:
+        return _public_deferrable(scope)
+    ctx = _CURRENT.get()
+    if ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN):
+        return None
+    span: Any = ctx.get(_SPAN_KEY)
+    if type(span) is not _SdkSpan:  # another span class: the public checks
+        return _public_deferrable(scope)
+    if span._end_time is not None or span is _TAKEN.get():
+        return None
+    sc = span._instrumentation_scope
+    attributes = span._attributes
+    inner = getattr(attributes, "_dict", None)
+    if sc is None or not sc._name.startswith(scope) or type(inner) is not dict \
+            or ATTR_PAYLOAD in inner or ATTR_LIBRARY in inner \
+            or DEFERRED in getattr(attributes, "__dict__", _NO_DICT):
+        return None
+    return span
+
+
+def _public_deferrable(scope: str) -> Span | None:
+    """:func:`deferrable_span`'s checks through OTel's public calls."""
+    if _suppressed(otel_context.get_current()):
         return None
     span = _dependency_span(scope)
     if span is None or not hasattr(getattr(span, "_attributes", None), "__dict__"):
