@@ -268,6 +268,7 @@ def test_a_trace_the_dead_child_held_part_of_is_written_incomplete(tmp_path: Pat
 def test_a_span_read_straight_from_the_sdk_wires_as_its_snapshot_does() -> None:
     """The request path's wired() reads the SDK's fields directly; each span must come out as
     wire(snapshot(span)) makes it, kinds and statuses of value 0 included."""
+    from opentelemetry import trace as api
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -282,15 +283,13 @@ def test_a_span_read_straight_from_the_sdk_wires_as_its_snapshot_does() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("t")
     remote = SpanContext(2**100 + 7, 99, is_remote=True, trace_flags=TraceFlags(1))
-    from opentelemetry import trace as api
-
-    with tracer.start_as_current_span("internal"):  # kind INTERNAL and status UNSET: value 0
-        with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT,
-                                          attributes={"url.full": "http://h/x", "n": 3}) as span:
-            span.add_event("retry", {"attempt": 2})
-            span.add_event("bare")
-            defer(span, "httpx", ("GET", "http://h/x", [(b"a", b"a", b"1")], b""))
-            span.set_status(Status(StatusCode.ERROR, "boom"))
+    # The outer span: kind INTERNAL and status UNSET, both of value 0.
+    with tracer.start_as_current_span("internal"), tracer.start_as_current_span(
+            "GET", kind=SpanKind.CLIENT, attributes={"url.full": "http://h/x", "n": 3}) as span:
+        span.add_event("retry", {"attempt": 2})
+        span.add_event("bare")
+        defer(span, "httpx", ("GET", "http://h/x", [(b"a", b"a", b"1")], b""))
+        span.set_status(Status(StatusCode.ERROR, "boom"))
     with tracer.start_as_current_span("consume", context=api.set_span_in_context(
             api.NonRecordingSpan(remote)), kind=SpanKind.CONSUMER) as consumer:
         consumer.set_status(Status(StatusCode.OK))

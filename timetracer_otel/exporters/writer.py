@@ -1,15 +1,17 @@
 """CassetteWriter: the background thread that turns finished spans into cassette files.
 
 The request path only enqueues (``submit``: a :func:`~timetracer_otel.exporters.spans.snapshot`
-of the span and one ``SimpleQueue.put``); conversion, grouping,
-encoding and the atomic write happen on this thread, under ``suppress_instrumentation`` so
-the writer's own I/O is never traced. In an app's process (``isolate``, the default there)
-this thread only passes the snapshots on to a child process that runs the same writer (see
+of the span, or for a writer process the span encoded by
+:func:`~timetracer_otel.exporters.sink.wired`, and one ``SimpleQueue.put``); conversion,
+grouping, encoding and the atomic write happen on this thread, under
+``suppress_instrumentation`` so the writer's own I/O is never traced. In an app's process
+(``isolate``, the default there with two CPUs or more) this thread only passes the encoded
+spans on to a child process that runs the same writer (see
 :mod:`~timetracer_otel.exporters.sink`), so the conversion does not hold the app's
-interpreter lock. Encoded cassettes are written as soon as the queue runs
-empty, several together when spans arrive faster than files can be made durable (their fsyncs
-overlap; each file is still renamed only after its own fsync). Failures are counted and
-logged, never raised.
+interpreter lock. Encoded cassettes are written as soon as the queue runs empty (the child:
+in rounds, see ``sink.BATCH_DELAY``), several together when spans arrive faster than files
+can be made durable (their fsyncs overlap; each file is still renamed only after its own
+fsync). Failures are counted and logged, never raised.
 """
 
 from __future__ import annotations
