@@ -297,9 +297,81 @@ def test_a_span_read_straight_from_the_sdk_wires_as_its_snapshot_does() -> None:
     # A span another library made through the public constructor (a plain attribute dict).
     spans.append(ReadableSpan("made", context=SpanContext(5, 6, False), attributes={"a": 1},
                               kind=SpanKind.PRODUCER, start_time=1, end_time=2))
+    class Minimal(ReadableSpan):  # another implementation: its own fields, no _events
+        def __init__(self, inner: ReadableSpan) -> None:
+            for f in ("_name", "_context", "_parent", "_kind", "_status", "_attributes",
+                      "_resource", "_start_time", "_end_time"):
+                setattr(self, f, getattr(inner, f))
+            self._inner = inner
+
+        @property
+        def events(self) -> Any:
+            return self._inner.events
+
     assert len(spans) == 4
-    for span in spans:
-        assert wired(span, 17) == wire(snapshot(span), 17)
+    assert wired(Minimal(spans[0]), 17) == wire(snapshot(spans[0]), 17)
+    for finished in spans:
+        assert wired(finished, 17) == wire(snapshot(finished), 17)
     assert [wired(s, 0)[6] for s in spans] == [SpanKind.CLIENT.value, SpanKind.INTERNAL.value,
                                                SpanKind.CONSUMER.value, SpanKind.PRODUCER.value]
     assert wired(spans[0], 0)[14] == ("httpx", ("GET", "http://h/x", [(b"a", b"a", b"1")], b""))
+
+
+def test_a_quiet_apps_cassettes_reach_disk_without_a_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The child holds encoded cassettes for a round only while frames keep coming: once the
+    app is quiet they are written, so a child that cannot outlive the app (the app as PID 1
+    of a container) does not take them with it. Here a round could wait a minute; the files
+    must appear long before, with no flush."""
+    import time
+
+    from timetracer_otel.exporters import sink
+
+    boot = sink._BOOT.replace(
+        "from timetracer_otel.exporters.sink import main; main()",
+        "from timetracer_otel.exporters import sink; sink.BATCH_DELAY = 60.0; sink.main()")
+    assert boot != sink._BOOT
+    monkeypatch.setattr(sink, "_BOOT", boot)
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    tracer = _tracer(writer)
+    for n in range(3):
+        with tracer.start_as_current_span(f"GET /orders/{n}", kind=SpanKind.SERVER,
+                                          attributes={"http.route": "/orders/{id}"}):
+            tracer.start_span("GET", kind=SpanKind.CLIENT).end()
+    deadline = time.monotonic() + 20
+    found: list[Path] = []
+    while time.monotonic() < deadline and len(found) < 3:
+        time.sleep(0.05)
+        found = list(tmp_path.rglob("GET__orders*"))
+    try:
+        assert len(found) == 3, f"{len(found)} of 3 cassettes on disk without a flush"
+        assert sorted(load_cassette(p).name for p in found) == [
+            "GET__orders_0", "GET__orders_1", "GET__orders_2"]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_span_that_cannot_be_taken_is_counted_never_raised(tmp_path: Path, isolate: bool) -> None:
+    """A span without a context (another implementation's), at a full queue or not: counted
+    as dropped, nothing raised into the app; a span of a trace that lost one marks it."""
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    full = CassetteWriter(str(tmp_path / "full"), isolate=isolate, max_queue=0)
+    full.submit(ReadableSpan("no context"))
+    assert full.stats()["dropped_spans"] == 1
+    full.close()
+    writer = CassetteWriter(str(tmp_path / "w"), isolate=isolate)
+    tracer = _tracer(writer)
+    with tracer.start_as_current_span("GET /orders/1", kind=SpanKind.SERVER,
+                                      attributes={"http.route": "/orders/{id}"}):
+        broken = tracer.start_span("GET", kind=SpanKind.CLIENT)
+        broken._events = None  # neither path can read it
+        broken.end()
+    writer.submit(ReadableSpan("no context"))
+    writer.flush()
+    writer.close()
+    assert writer.stats()["dropped_spans"] == 2
+    [path] = writer.written
+    assert load_cassette(path).complete is False

@@ -138,22 +138,23 @@ def wired(span: Any, rid: int) -> tuple[Any, ...]:
         ctx, parent, status, attributes = span._context, span._parent, span._status, span._attributes
         kind = _KIND_VALUES.get(id(span._kind))
         code = _CODE_VALUES.get(id(status.status_code))
-    except AttributeError:
-        return wire(snapshot(span), rid)
-    inner = getattr(attributes, "_dict", None)
-    if type(ctx) is not SpanContext or (parent is not None and type(parent) is not SpanContext) \
-            or type(span._events) is not BoundedList or kind is None or code is None \
-            or type(inner) is not dict:
-        return wire(snapshot(span), rid)
-    trace_id, events = ctx[0], span._events._dq  # type: ignore[attr-defined]
-    return (
-        trace_id >> 64, trace_id & _LOW, ctx[1], None if parent is None else parent[1],
-        parent is not None and parent[2], span._name, kind, span._start_time or 0,
-        span._end_time or 0, code, status.description,
-        [(e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in events]
-        if events else None,
-        inner, rid, attributes.__dict__.get(DEFERRED),
-    )
+        inner = getattr(attributes, "_dict", None)
+        events = span._events
+        if type(ctx) is SpanContext and (parent is None or type(parent) is SpanContext) \
+                and type(events) is BoundedList and kind is not None and code is not None \
+                and type(inner) is dict:
+            trace_id, dq = ctx[0], events._dq  # type: ignore[attr-defined]
+            return (
+                trace_id >> 64, trace_id & _LOW, ctx[1], None if parent is None else parent[1],
+                parent is not None and parent[2], span._name, kind, span._start_time or 0,
+                span._end_time or 0, code, status.description,
+                [(e.name, e.timestamp, dict(e.attributes) if e.attributes else None) for e in dq]
+                if dq else None,
+                inner, rid, attributes.__dict__.get(DEFERRED),
+            )
+    except AttributeError:  # not the SDK's own span: its public view
+        pass
+    return wire(snapshot(span), rid)
 
 
 def _array_header(n: int) -> bytes:
@@ -279,14 +280,18 @@ def _read_frame(fd: int, timeout: float | None = None) -> bytes | None:
 
 # --- child side ------------------------------------------------------------------------------
 
-# The child writes its encoded cassettes in rounds: when the oldest has waited this long, or
-# when this many are waiting (or on flush, close, or the app's end). Each round's fsyncs are
-# made together, and on a VM every round's disk flush also costs the app's own core (its
-# interrupts, the filesystem's journal thread): with a round whenever no frame was waiting
-# (~20 a second at 1b's rate) a recorded httpx call cost the request thread 5-7 µs more CPU
-# than with the spans never shipped to the child; with these rounds, within noise of it (1b's
-# loop, 15 rounds each way). A cassette reaches its name about BATCH_DELAY after its trace
-# ends unless the app flushes.
+# The child writes its encoded cassettes in rounds: once no frame has come for IDLE_GRACE
+# (longer than the app's writer thread gathers spans, so a steady stream of frames is not
+# idle), or while frames keep coming, when the oldest has waited BATCH_DELAY or MAX_BATCH
+# are waiting (and on flush, close, or the app's end). Each round's fsyncs are made together,
+# and on a VM every round's disk flush also costs the app's own core (its interrupts, the
+# filesystem's journal thread): with a round whenever no frame was waiting (~20 a second at
+# 1b's rate) a recorded httpx call cost the request thread 5-7 µs more CPU than with the
+# spans never shipped to the child; with 0.5 s rounds, within noise of it (1b's loop, 15
+# rounds each way). The idle grace bounds what dies with the child when it cannot outlive
+# the app (the app as PID 1 of a container, a cgroup kill): a quiet app's cassettes are on
+# disk IDLE_GRACE after the writer thread sends them.
+IDLE_GRACE = 0.1
 BATCH_DELAY = 0.5
 MAX_BATCH = 256
 
@@ -359,10 +364,11 @@ def main() -> None:
 
     while True:
         if writer is not None and writer._unwritten:
-            # A round once the oldest encoded cassette has waited BATCH_DELAY (_emit writes
-            # one at MAX_BATCH), not whenever no frame is waiting.
+            # A round once no frame has come for IDLE_GRACE, or once the oldest encoded
+            # cassette has waited BATCH_DELAY while frames kept coming (_emit writes one at
+            # MAX_BATCH).
             wait = writer.max_batch_delay - (time.perf_counter() - writer._unwritten_since)
-            if wait <= 0 or not select.select([0], [], [], wait)[0]:
+            if wait <= 0 or not select.select([0], [], [], min(wait, IDLE_GRACE))[0]:
                 writer.flush_now(False)
         frame = _read_frame(0)
         if frame is None:  # the app is gone: write what it sent

@@ -261,12 +261,7 @@ class CassetteWriter:
         if self._closed:
             return
         if self._queue.qsize() >= self.max_queue:
-            tid = (f"{span.context.trace_id:032x}" if isinstance(span, ReadableSpan)
-                   else span.trace_id)
-            with self._lock:
-                self.dropped_spans += 1
-                if len(self._dropped_traces) < 10_000:
-                    self._dropped_traces.add(tid)
+            self._drop(span)
             return
         if self._thread is None:
             self._start()
@@ -275,8 +270,7 @@ class CassetteWriter:
                 try:
                     self._queue.put(snapshot(span))
                 except Exception:  # a span this SDK could not have made: counted, never raised
-                    with self._lock:
-                        self.dropped_spans += 1
+                    self._drop(span)
                 return
             # For the writer process: encoded here, where the span's objects are still in
             # this core's cache (the writer thread, on the other core, spent 8-13 µs per call
@@ -291,13 +285,22 @@ class CassetteWriter:
             except Exception as exc:  # msgpack cannot carry it (an integer beyond 64 bits...)
                 log.warning("timetracer-otel: span %r cannot be recorded: %s",
                             getattr(span, "name", None), exc)
-                with self._lock:
-                    self.dropped_spans += 1
-                    if len(self._dropped_traces) < 10_000:
-                        with contextlib.suppress(Exception):
-                            self._dropped_traces.add(f"{span.context.trace_id:032x}")
+                self._drop(span)
             return
         self._queue.put(span if resource is None else _Received(span, resource))
+
+    def _drop(self, span: ReadableSpan | SpanRecord) -> None:
+        """Count a span that will not be written, and mark its trace (its cassette says
+        ``complete: false``); never raises, whatever the span lacks."""
+        try:
+            tid = (f"{span.context.trace_id:032x}" if isinstance(span, ReadableSpan)
+                   else span.trace_id)
+        except Exception:  # no trace id to mark: counted only
+            tid = None
+        with self._lock:
+            self.dropped_spans += 1
+            if tid is not None and len(self._dropped_traces) < 10_000:
+                self._dropped_traces.add(tid)
 
     def _start(self) -> None:
         with self._lock:
