@@ -66,9 +66,10 @@ def _triples(headers: httpx.Headers) -> Any:
 
 
 def _as_triples(triples: Sequence[Any]) -> Sequence[Any]:
-    """Header triples as tuples (a deferred call's come back from msgpack as lists)."""
+    """Header triples as tuples (a deferred call's come back from msgpack as lists; ``map``
+    converts them without a Python frame per header)."""
     if triples and type(triples[0]) is not tuple:
-        return [tuple(t) for t in triples]
+        return list(map(tuple, triples))
     return triples
 
 
