@@ -43,17 +43,34 @@ _PROPAGATION_RAW = frozenset(h.encode() for h in PROPAGATION_HEADERS)
 
 
 class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
-    """The recorded body, yielded in the chunks the live server sent."""
+    """The recorded body, yielded in the chunks the live server sent.
+
+    Plain iterators, not generators: asyncio registers every async generator that starts
+    (a weak set entry and a finalizer hook, ~50 bytecodes per recorded call)."""
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = chunks
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self.chunks
+        return iter(self.chunks)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _AsyncChunks(iter(self.chunks))
+
+
+class _AsyncChunks:
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+
+    def __aiter__(self) -> _AsyncChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
         for chunk in self.chunks:
-            yield chunk
+            return chunk
+        raise StopAsyncIteration
 
 
 def _triples(headers: httpx.Headers) -> Any:
