@@ -94,11 +94,16 @@ def payload_attribute(
     response: bytes | None = None, error: bytes | None = None, truncated: bool = False,
 ) -> bytes:
     """The encoded :class:`Payload` of one call, from the msgpack of its trees."""
-    return _pack(Payload(
+    return _pack(_payload(library, key, shape, label, request, response, error, truncated))
+
+
+def _payload(library: str, key: str, shape: str, label: str, request: bytes,
+             response: bytes | None, error: bytes | None, truncated: bool) -> Payload:
+    return Payload(
         library, key, shape, label, msgspec.Raw(request) if request else _NONE,
         msgspec.Raw(response) if response else _NONE,
         msgspec.Raw(error) if error else _NONE, truncated,
-    ))
+    )
 
 
 def span_attributes(span: Any) -> Any:
@@ -264,8 +269,9 @@ _TAKEN: ContextVar[Span | None] = ContextVar("timetracer_taken_span", default=No
 # redacted or not.
 
 DEFERRED = "_timetracer_deferred"
-# library -> builder(args) -> the call's ATTR_PAYLOAD bytes. A shim registers its own on import.
-BUILDERS: dict[str, Callable[[Any], bytes]] = {}
+# library -> builder(args) -> the call's Payload (encoded, the ATTR_PAYLOAD bytes a capture sets).
+# A shim registers its own on import.
+BUILDERS: dict[str, Callable[[Any], Payload]] = {}
 
 
 def deferrable_span(scope: str) -> Span | None:
@@ -315,14 +321,15 @@ def defer(span: Span, library: str, args: Any) -> None:
     span._attributes.__dict__[DEFERRED] = (library, args)  # type: ignore[attr-defined]
 
 
-def built_payload(call: Call, error: Tree, response: Callable[[], Tree]) -> bytes:
-    """A builder's result, as :class:`Capture` makes it: the request packed first (its
-    secrets learned), then the error scrubbed, or the response tree (built only then)
-    scrubbed and packed."""
+def built_payload(call: Call, error: Tree, response: Callable[[], Tree]) -> Payload:
+    """A builder's result, as :class:`Capture` makes it (the :class:`Payload` whose encoding
+    it sets; the writer takes its fields as they are, with no encoding and decoding in
+    between): the request packed first (its secrets learned), then the error scrubbed, or
+    the response tree (built only then) scrubbed and packed."""
     request = _pack(call.request)
     if error is not None:
-        return finished_payload(call, request, "error", _pack(STATE.redactor.scrub(error)))
-    return finished_payload(call, request, "response", STATE.redactor.response_packed(response())[1])
+        return finished_struct(call, request, "error", _pack(STATE.redactor.scrub(error)))
+    return finished_struct(call, request, "response", STATE.redactor.response_packed(response())[1])
 
 
 def deferred_of(span: Any) -> Any:
@@ -330,8 +337,9 @@ def deferred_of(span: Any) -> Any:
     return getattr(getattr(span, "_attributes", None), DEFERRED, None)
 
 
-def deferred_payload(deferred: Any) -> bytes:
-    """The ATTR_PAYLOAD bytes of a deferred call (raises what its builder raises)."""
+def deferred_payload(deferred: Any) -> Payload:
+    """The :class:`Payload` of a deferred call, whose encoding is the ATTR_PAYLOAD bytes a
+    capture would have set (raises what its builder raises)."""
     library, args = deferred
     build = BUILDERS.get(library)
     if build is None:  # the writer's process imports the shim when it first needs it
@@ -341,14 +349,18 @@ def deferred_payload(deferred: Any) -> bytes:
 
 
 def finished_payload(call: Call, request: bytes, outcome: str, packed: bytes) -> bytes:
-    """The ATTR_PAYLOAD bytes of a finished call: its packed request, and its packed
+    """The ATTR_PAYLOAD bytes of a finished call (the encoding of :func:`finished_struct`)."""
+    return _pack(finished_struct(call, request, outcome, packed))
+
+
+def finished_struct(call: Call, request: bytes, outcome: str, packed: bytes) -> Payload:
+    """The :class:`Payload` of a finished call: its packed request, and its packed
     ``response`` or ``error`` (left out, and ``truncated`` set, past the payload limit)."""
     truncated = len(packed) > STATE.max_payload_bytes
     kept = None if truncated else packed
-    return payload_attribute(
-        call.library, call.key, call.shape_key, call.label, request,
-        response=kept if outcome == "response" else None,
-        error=kept if outcome == "error" else None, truncated=truncated)
+    return _payload(call.library, call.key, call.shape_key, call.label, request,
+                    kept if outcome == "response" else None,
+                    kept if outcome == "error" else None, truncated)
 
 
 class Capture:

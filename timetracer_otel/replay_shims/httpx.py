@@ -27,6 +27,7 @@ from timetracer_otel.replay_shims.base import (
     BUILDERS,
     LIVE,
     STATE,
+    Payload,
     Shim,
     built_payload,
     capture,
@@ -147,8 +148,8 @@ def _captured(request: httpx.Request, response: httpx.Response | None, chunks: l
             ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), None)
 
 
-def _payload_of(args: Sequence[Any]) -> bytes:
-    """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
+def _payload_of(args: Sequence[Any]) -> Payload:
+    """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
     method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error = args
     return built_payload(_call_of(method, url, req_triples, body), error, lambda: _response_tree_of(

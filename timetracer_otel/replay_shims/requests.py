@@ -31,6 +31,7 @@ from timetracer_otel.replay_shims.base import (
     BUILDERS,
     LIVE,
     STATE,
+    Payload,
     Shim,
     built_payload,
     capture,
@@ -94,8 +95,8 @@ def _response_tree_of(status: int, reason: str | None, version: int,
     }
 
 
-def _payload_of(args: Sequence[Any]) -> bytes:
-    """A deferred call's payload, as :class:`~.base.Capture` would have put it on the span:
+def _payload_of(args: Sequence[Any]) -> Payload:
+    """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
     method, url, pairs, body, status, reason, version, headers, content, error = args
     return built_payload(_call_of(method, url, pairs, body), error, lambda: _response_tree_of(
