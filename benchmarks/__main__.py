@@ -285,6 +285,17 @@ class Bench:
         self.raw["instructions"]["convert"] = conv
         self.add(sc, "writer: span to SpanRecord (record_from_readable), per span", "instructions/span",
                  [conv["main"]], note="scenario 5's traces, one batch memo")
+        try:
+            calls_conv = instructions.per_call({"mode": "convert-calls", "recorded": calls}, calls)
+        except RuntimeError as exc:
+            self.notes.append(str(exc))
+            return
+        self.raw["instructions"]["convert-calls"] = calls_conv
+        self.add(sc, "writer process: a recorded httpx call to its cassette, per call",
+                 "instructions/call", [calls_conv["main"]],
+                 note="1b's calls as the request path encodes them: decoded, payload built, "
+                      "converted, assembled, encoded, written (tmpfs); the writer process's "
+                      "share of each recorded call")
 
     def _instr_db(self, sc: str, got: dict[str, dict[str, float]], queries: int) -> None:
         """Scenario 4's query in instructions. The client's instructions are a small part of

@@ -21,6 +21,10 @@ Modes (one process each):
   this process is counted, not the server's work.
 - ``convert``: the writer's span -> SpanRecord conversion (``record_from_readable``) of
   scenario 5's traces, per span.
+- ``convert-calls``: the writer process's whole work on 1b's recorded httpx calls, from the
+  spans as the request path encodes them to cassettes on tmpfs, per call, on one thread
+  (the writer process's own count in ``record`` depends on how its work is batched, which
+  valgrind's timing moves).
 
 Callgrind runs threads one at a time and counts each apart: the main thread is the request
 path; the total adds the app's writer thread. ``--trace-children=yes`` counts the writer
@@ -250,10 +254,62 @@ def convert_spans(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def convert_calls(args: dict[str, Any]) -> dict[str, Any]:
+    """The writer process's work on recorded httpx calls (1b's loop, each call left to the
+    writer): the spans as the app's request path encodes them for it, then decoded, built,
+    converted, assembled and encoded into cassettes as its loop does (files on tmpfs where
+    there is one). Both runs record the same calls; only the number converted differs, and
+    nothing here runs on another thread, so the count does not move between runs."""
+    import httpx
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.trace import SpanKind
+
+    import timetracer_otel
+    from benchmarks.micro import _otel, _StubPool
+    from timetracer_otel import replay_shims
+    from timetracer_otel.exporters import sink
+    from timetracer_otel.exporters.writer import CassetteWriter, _encode_frame
+
+    tracer = _otel()
+    replay_shims.install(["httpx"])
+    HTTPXClientInstrumentor().instrument()
+    transport = httpx.HTTPTransport()
+    transport._pool = _StubPool(b'{"i": 3, "name": "item-3"}')  # type: ignore[assignment]
+    client = httpx.Client(base_url="http://127.0.0.1:9", transport=transport)
+    frames: list[bytes] = []
+    resources: dict[int, Any] = {}
+
+    def keep(self: Any, span: Any, resource: Any = None) -> None:  # the request path's encoding
+        resources.setdefault(id(span.resource), sink._Resource(dict(span.resource.attributes)))
+        frames.append(_encode_frame(sink.wired(span, id(span.resource))))
+
+    total = WARM + args["recorded"]  # the same in both runs (calls <= recorded)
+    with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-conv-"),
+                                libraries=["httpx"]) as rec:
+        rec.writer.submit = keep.__get__(rec.writer)  # type: ignore[method-assign]
+        for j in range(total // 10):
+            with tracer.start_as_current_span("GET /fanout", kind=SpanKind.SERVER):
+                for i in range(10):
+                    client.get("/items", params={"i": i + j % 7})
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    writer = CassetteWriter(tempfile.mkdtemp(prefix="bench-instr-conv-", dir=shm), isolate=False)
+    statuses: dict[Any, Any] = {}
+    per_call = len(frames) / total  # spans per call (the server span of every 10 included)
+    warm, end = round(WARM * per_call), round((WARM + args["calls"]) * per_call)
+    for f in frames[:warm]:
+        writer.add_now(sink._snapshot(sink._decode(f), resources, statuses))
+    _settle()
+    for f in frames[warm:end]:
+        writer.add_now(sink._snapshot(sink._decode(f), resources, statuses))
+    return {}
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
     mode = args["mode"]
     if mode == "convert":
         return convert_spans(args)
+    if mode == "convert-calls":
+        return convert_calls(args)
     if mode == "prepare":
         return prepare(args)
     if mode in ("mock", "replay"):
