@@ -128,24 +128,18 @@ def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
         return _NO_PAYLOAD
     try:
         if combined is not None:
-            if type(combined) is Payload:  # built here from a deferred call: its parts as they are
-                p = combined
-                if raw:
-                    return (p.library, p.key, p.shape, p.label, p.request or None,
-                            p.response or None, p.error or None, p.truncated)
-                request, response, error = (_unpack(part) if part else None
-                                            for part in (p.request, p.response, p.error))
-                return (p.library, p.key, p.shape, p.label, request, response, error, p.truncated)
-            if type(combined) is bytes and raw:  # this process's payload, kept encoded
-                p = _unpack_payload(combined)
-                return (p.library, p.key, p.shape, p.label, p.request or None,
-                        p.response or None, p.error or None, p.truncated)
-            if isinstance(combined, bytes | bytearray):
+            if type(combined) is Payload:  # built here from a deferred call
+                p, decode = combined, _unpack
+            elif isinstance(combined, bytes | bytearray):
                 p, decode = _unpack_payload(combined), _unpack
             elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
                 p, decode = _unjson_payload(combined), _unjson
             else:
                 raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
+            if raw and (type(combined) is Payload or type(combined) is bytes):
+                # This process's payload in a msgpack cassette: its parts kept as they are.
+                return (p.library, p.key, p.shape, p.label, p.request or None,
+                        p.response or None, p.error or None, p.truncated)
             request, response, error = (decode(part) if part else None
                                         for part in (p.request, p.response, p.error))
             return (p.library, p.key, p.shape, p.label, request, response, error, p.truncated)

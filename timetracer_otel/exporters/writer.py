@@ -245,7 +245,6 @@ class CassetteWriter:
         self._sink: SinkProcess | None = None
         self._sink_failed_ns = 0
         self._outbox: list[bytes] = []  # spans encoded for the writer process
-        self._announced: set[int] = set()  # the resource ids the writer process knows
         self._statuses: dict[Any, Any] = {}
         self._sent_redactor: Any = None
         self._sent_generation = 0
@@ -489,15 +488,15 @@ class CassetteWriter:
             self.isolate = False
 
     def _announce(self, resource: Any) -> None:
-        """Tell the child a resource's attributes, once, before the first span of it."""
-        if self._sink is None or id(resource) in self._announced:
+        """Tell the child a resource's attributes before the first span of it (``submit``
+        queues each resource once)."""
+        if self._sink is None:
             return
         self._ship()  # the spans before it, as they came
         if self._sink is not None:
             try:
                 self._sink.send("resource", id(resource),
                                 {k: plain(v) for k, v in resource.attributes.items()})
-                self._announced.add(id(resource))
             except Exception as exc:  # gone, or a value msgpack cannot carry: written here
                 self._sink_failed(exc)
 

@@ -159,34 +159,27 @@ try:  # the keys is_instrumentation_enabled() reads, read from one context looku
     def _suppressed(ctx: otel_context.Context) -> bool:
         return bool(ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN))
 except ImportError:  # pragma: no cover - an OTel release that moved them
+    _SUPPRESS_KEY = _SUPPRESS_KEY_PLAIN = None  # type: ignore[assignment]
+
     def _suppressed(ctx: otel_context.Context) -> bool:
         return not is_instrumentation_enabled()
 
 
-def _current_context_var() -> ContextVar[otel_context.Context] | None:
-    """The ContextVar OTel's default runtime context keeps the current context in, when that
-    is the runtime context in use and this release keeps it there (else None: the public
-    calls are used)."""
-    try:
-        from opentelemetry.context import _RUNTIME_CONTEXT, _SUPPRESS_INSTRUMENTATION_KEY
-        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-        from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
-        from opentelemetry.trace.propagation import _SPAN_KEY
-    except ImportError:  # pragma: no cover - an OTel release that moved them
-        return None
-    var = getattr(_RUNTIME_CONTEXT, "_current_context", None)
-    if type(_RUNTIME_CONTEXT) is not ContextVarsRuntimeContext or type(var) is not ContextVar \
-            or not (_SPAN_KEY and _SUPPRESS_INSTRUMENTATION_KEY and _SUPPRESS_INSTRUMENTATION_KEY_PLAIN):
-        return None
-    return var
-
-
-_CURRENT = _current_context_var()
-try:  # the class of the spans the SDK's tracers make
+# OTel's default runtime context keeps the current context in one ContextVar: read directly
+# (with the SDK's span class) by deferrable_span, else None and the public calls are used.
+_CURRENT: ContextVar[otel_context.Context] | None = None
+try:
+    from opentelemetry.context import _RUNTIME_CONTEXT
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
     from opentelemetry.sdk.trace import _Span as _SdkSpan
     from opentelemetry.trace.propagation import _SPAN_KEY
-except ImportError:  # pragma: no cover - an SDK release that renamed it
-    _CURRENT = None
+
+    _var = getattr(_RUNTIME_CONTEXT, "_current_context", None)
+    if type(_RUNTIME_CONTEXT) is ContextVarsRuntimeContext and type(_var) is ContextVar \
+            and _SUPPRESS_KEY is not None:
+        _CURRENT = _var
+except ImportError:  # pragma: no cover - an OTel release that moved them
+    pass
 _NO_DICT: dict[str, Any] = {}
 
 

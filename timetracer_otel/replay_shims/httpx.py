@@ -69,9 +69,10 @@ class _AsyncChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        for chunk in self.chunks:
-            return chunk
-        raise StopAsyncIteration
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
 
 def _triples(headers: httpx.Headers) -> Any:
