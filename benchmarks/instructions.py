@@ -117,12 +117,13 @@ def http_replay(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def http_record(args: dict[str, Any]) -> dict[str, Any]:
+def _stub_calls() -> Any:
+    """1b's loop: ``calls(n)`` makes n httpx calls with OTel's httpx instrumentation and the
+    shim installed, the connection pool stubbed beneath the transport, in server spans of 10."""
     import httpx
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.trace import SpanKind
 
-    import timetracer_otel
     from benchmarks.micro import _otel, _StubPool
     from timetracer_otel import replay_shims
 
@@ -139,6 +140,13 @@ def http_record(args: dict[str, Any]) -> dict[str, Any]:
                 for i in range(10):
                     client.get("/items", params={"i": i + j % 7})
 
+    return calls
+
+
+def http_record(args: dict[str, Any]) -> dict[str, Any]:
+    import timetracer_otel
+
+    calls = _stub_calls()
     calls(WARM)  # imports, pools: the same in both counts
     _settle()
     if args["mode"] == "record":
@@ -258,39 +266,27 @@ def convert_calls(args: dict[str, Any]) -> dict[str, Any]:
     """The writer process's work on recorded httpx calls (1b's loop, each call left to the
     writer): the spans as the app's request path encodes them for it, then decoded, built,
     converted, assembled and encoded into cassettes as its loop does (files on tmpfs where
-    there is one). Both runs record the same calls; only the number converted differs, and
-    nothing here runs on another thread, so the count does not move between runs."""
-    import httpx
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-    from opentelemetry.trace import SpanKind
-
+    there is one). Both runs record the same ``recorded`` calls; only the number converted
+    differs, and the conversion runs on this one thread, so the count does not move between
+    runs."""
     import timetracer_otel
-    from benchmarks.micro import _otel, _StubPool
-    from timetracer_otel import replay_shims
     from timetracer_otel.exporters import sink
     from timetracer_otel.exporters.writer import CassetteWriter, _encode_frame
 
-    tracer = _otel()
-    replay_shims.install(["httpx"])
-    HTTPXClientInstrumentor().instrument()
-    transport = httpx.HTTPTransport()
-    transport._pool = _StubPool(b'{"i": 3, "name": "item-3"}')  # type: ignore[assignment]
-    client = httpx.Client(base_url="http://127.0.0.1:9", transport=transport)
+    calls = _stub_calls()
     frames: list[bytes] = []
     resources: dict[int, Any] = {}
 
-    def keep(self: Any, span: Any, resource: Any = None) -> None:  # the request path's encoding
+    def keep(span: Any, resource: Any = None) -> None:  # the request path's encoding
         resources.setdefault(id(span.resource), sink._Resource(dict(span.resource.attributes)))
         frames.append(_encode_frame(sink.wired(span, id(span.resource))))
 
     total = WARM + args["recorded"]  # the same in both runs (calls <= recorded)
     with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-conv-"),
                                 libraries=["httpx"]) as rec:
-        rec.writer.submit = keep.__get__(rec.writer)  # type: ignore[method-assign]
-        for j in range(total // 10):
-            with tracer.start_as_current_span("GET /fanout", kind=SpanKind.SERVER):
-                for i in range(10):
-                    client.get("/items", params={"i": i + j % 7})
+        rec.writer.isolate = False  # no writer process: the spans go to keep()
+        rec.writer.submit = keep  # type: ignore[method-assign]
+        calls(total)
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
     writer = CassetteWriter(tempfile.mkdtemp(prefix="bench-instr-conv-", dir=shm), isolate=False)
     statuses: dict[Any, Any] = {}
