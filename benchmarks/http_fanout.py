@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -93,8 +94,97 @@ async def upstream_hits(upstream: str) -> int:
         return int((await c.get("/hits")).json()["hits"])
 
 
+def _thread_cpu_ns() -> int:
+    """This thread's CPU time in ns, as the scheduler counts it (``time.thread_time`` where
+    ``/proc/thread-self/schedstat`` is missing)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return int(time.thread_time() * 1e9)
+
+
+async def overhead(args: dict[str, Any]) -> dict[str, Any]:
+    """Issue 2's per-call record overhead, end to end and paired: one process, one
+    ``record()``, switched on and off per block exactly as 1b switches it (the mode, and the
+    writer taking the provider's spans), in alternating blocks of ``requests`` timed requests
+    after ``lead`` untimed ones (steady state, as in 1b: a recording writer enters the window
+    with the backlog it leaves at its end, which is flushed after the block, not left to the
+    next OTel-only block). Each round gives one OTel-only and one record block, in
+    alternating order; the differences are per dependency call (a tenth of a
+    request, its inbound span included). A separate process per mode (the other rows) puts
+    the machine's drift between processes, which on this VM moves a request by more than
+    recording costs, into the difference.
+
+    CPU per call in each block: the request thread, the app's other threads (the writer's),
+    the writer process and the upstream (``/proc/<pid>/task/*/schedstat``)."""
+    import timetracer_otel
+    from benchmarks.micro import _cpu_ns
+    from timetracer_otel.config import Mode
+    from timetracer_otel.replay_shims.base import STATE
+    from timetracer_otel.runtime import _dispatch_for, sdk_provider
+
+    app, clients = make_app(args["upstream"])
+    setup_otel(app)
+    n, lead, upstream_pid = args["requests"], args.get("lead", 5), args.get("upstream_pid")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    recording = timetracer_otel.record(dir=tmp / "rec")
+    recording.__enter__()
+    writer = recording.writer
+    assert writer is not None
+    dispatch = _dispatch_for(sdk_provider())
+
+    def switch(on: bool) -> None:
+        STATE.mode = Mode.RECORD if on else Mode.OFF
+        dispatch.writer = writer if on else None
+
+    async def block() -> dict[str, float]:
+        for _ in range(lead):
+            await call(app)
+        sink = getattr(writer, "_sink", None)
+        child = sink.proc.pid if sink is not None else None
+        pid = os.getpid()
+        m0, a0, c0, u0 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await call(app)
+        wall = time.perf_counter() - t0
+        m1, a1, c1, u1 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
+        calls = n * CALLS
+        return {"wall": wall * 1e6 / calls, "request_thread": (m1 - m0) / 1e3 / calls,
+                "other_threads": ((a1 - a0) - (m1 - m0)) / 1e3 / calls,
+                "writer_process": (c1 - c0) / 1e3 / calls,
+                "upstream": (u1 - u0) / 1e3 / calls if upstream_pid else 0.0}
+
+    switch(False)
+    await block()  # warm-up: connections, imports
+    switch(True)
+    await block()
+    writer.flush()  # the writer's process has started: its imports stay out of every window
+    keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream")
+    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "over") for k in keys}
+    for r in range(args["rounds"]):
+        got: dict[str, dict[str, float]] = {}
+        for which in (("otel", "record") if r % 2 == 0 else ("record", "otel")):
+            switch(which == "record")
+            got[which] = await block()
+            if which == "record":
+                # Its backlog written now, not in the next OTel-only block's window.
+                writer.flush()
+        for k in keys:
+            res[f"otel_{k}"].append(got["otel"][k])
+            res[f"record_{k}"].append(got["record"][k])
+            res[f"over_{k}"].append(got["record"][k] - got["otel"][k])
+    switch(True)
+    recording.__exit__(None, None, None)
+    for c in clients:
+        await c.aclose()
+    return {**res, "cassettes_written": len(recording.paths), "requests_per_block": n}
+
+
 async def measure(args: dict[str, Any]) -> dict[str, Any]:
     mode: str = args["mode"]
+    if mode == "tt_overhead":
+        return await overhead(args)
     upstream: str = args["upstream"]
     runs: int = args["runs"]
     n: int = args["requests"]

@@ -16,6 +16,8 @@ Modes (one process each):
 - ``otel`` / ``record``: an httpx call with OTel's httpx instrumentation and the connection pool
   stubbed (as in 1b), inside server spans of 10; ``record`` runs it under ``record()``.
 - ``inbound-otel`` / ``inbound-record``: scenario 6's 1 KB Starlette request, in-process.
+- ``fanout-otel`` / ``fanout-record``: scenario 1's request (a Starlette endpoint making 10
+  async httpx calls to the live upstream at ``upstream``), in-process, per request.
 - ``db-otel`` / ``db-record``: scenario 4's 10-row query on the live loopback PostgreSQL
   (``driver``: asyncpg or psycopg), with OTel's instrumentation, and under ``record()``. Only
   this process is counted, not the server's work.
@@ -189,6 +191,37 @@ def inbound_record(args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def fanout_record(args: dict[str, Any]) -> dict[str, Any]:
+    """Scenario 1's request (a Starlette endpoint making 10 async httpx calls to the live
+    upstream at ``args["upstream"]``), OTel only or under ``record()``; per request."""
+    import asyncio
+
+    import timetracer_otel
+    from benchmarks.http_fanout import call, make_app, setup_otel
+
+    app, _ = make_app(args["upstream"])
+    setup_otel(app)
+
+    async def requests(count: int) -> None:
+        for _ in range(count):
+            await call(app)
+
+    async def main() -> None:
+        await requests(WARM // 10)
+        _settle()
+        if args["mode"] == "fanout-record":
+            with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-fan-")) as rec:
+                await requests(1)  # the writer's thread and process start in both counts
+                await requests(args["calls"])
+                _written(rec)
+        else:
+            await requests(1)
+            await requests(args["calls"])
+
+    asyncio.run(main())
+    return {}
+
+
 def db_record(args: dict[str, Any]) -> dict[str, Any]:
     import asyncio
 
@@ -314,6 +347,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         return inbound_record(args)
     if mode.startswith("db"):
         return db_record(args)
+    if mode.startswith("fanout"):
+        return fanout_record(args)
     return http_record(args)
 
 
