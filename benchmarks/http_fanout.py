@@ -106,20 +106,28 @@ def _thread_cpu_ns() -> int:
 async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     """Issue 2's per-call record overhead, end to end and paired: one process, one
     ``record()``, switched on and off per block exactly as 1b switches it (the mode, and the
-    writer taking the provider's spans), in alternating blocks of ``requests`` timed requests
-    after ``lead`` untimed ones (steady state, as in 1b: a recording writer enters the window
-    with the backlog it leaves at its end, which is flushed after the block, not left to the
-    next OTel-only block). Each round gives one OTel-only and one record block, in
-    alternating order; the differences are per dependency call (a tenth of a
-    request, its inbound span included). A separate process per mode (the other rows) puts
-    the machine's drift between processes, which on this VM moves a request by more than
-    recording costs, into the difference.
+    writer taking the provider's spans), in blocks of ``requests`` timed requests after
+    ``lead`` untimed ones (steady state, as in 1b: a recording writer enters the window with
+    the backlog it leaves at its end, which is flushed after the block, not left to the next
+    block). Each round runs three blocks in a shuffled order: OTel only, record, and record
+    into a second writer whose process reads what it is sent and does nothing with it (the
+    same request path and hand-off without the conversion and the writes; see
+    ``benchmarks.contention``). Differences against the round's OTel-only block are per
+    dependency call (a tenth of a request, its inbound span included). A separate process
+    per mode (the other rows) puts the machine's drift between processes, which on this VM
+    moves a request by more than recording costs, into the difference. The OTel-only blocks
+    run with the shims installed and switched off, as in 1b.
 
     CPU per call in each block: the request thread, the app's other threads (the writer's),
     the writer process and the upstream (``/proc/<pid>/task/*/schedstat``)."""
+    import random
+
     import timetracer_otel
+    from benchmarks.contention import _DISCARDING_BOOT
     from benchmarks.micro import _cpu_ns
     from timetracer_otel.config import Mode
+    from timetracer_otel.exporters import sink
+    from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
     from timetracer_otel.runtime import _dispatch_for, sdk_provider
 
@@ -129,19 +137,21 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     recording = timetracer_otel.record(dir=tmp / "rec")
     recording.__enter__()
-    writer = recording.writer
-    assert writer is not None
     dispatch = _dispatch_for(sdk_provider())
+    writers: dict[str, CassetteWriter | None] = {
+        "otel": None, "record": recording.writer,
+        "discard": CassetteWriter(str(tmp / "discard"), isolate=True),
+    }
 
-    def switch(on: bool) -> None:
-        STATE.mode = Mode.RECORD if on else Mode.OFF
-        dispatch.writer = writer if on else None
+    def switch(which: str) -> None:
+        writer = writers[which]
+        STATE.mode = Mode.OFF if writer is None else Mode.RECORD
+        dispatch.writer = writer
 
-    async def block() -> dict[str, float]:
+    async def block(writer: CassetteWriter | None) -> dict[str, float]:
         for _ in range(lead):
             await call(app)
-        sink = getattr(writer, "_sink", None)
-        child = sink.proc.pid if sink is not None else None
+        child = writer._sink.proc.pid if writer is not None and writer._sink is not None else None
         pid = os.getpid()
         m0, a0, c0, u0 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
         t0 = time.perf_counter()
@@ -149,32 +159,44 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
             await call(app)
         wall = time.perf_counter() - t0
         m1, a1, c1, u1 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
+        if writer is not None:
+            writer.flush()  # its backlog written now, not in the next block's window
         calls = n * CALLS
         return {"wall": wall * 1e6 / calls, "request_thread": (m1 - m0) / 1e3 / calls,
                 "other_threads": ((a1 - a0) - (m1 - m0)) / 1e3 / calls,
                 "writer_process": (c1 - c0) / 1e3 / calls,
                 "upstream": (u1 - u0) / 1e3 / calls if upstream_pid else 0.0}
 
-    switch(False)
-    await block()  # warm-up: connections, imports
-    switch(True)
-    await block()
-    writer.flush()  # the writer's process has started: its imports stay out of every window
+    switch("otel")
+    await block(None)  # warm-up: connections, imports
+    boot, sink._BOOT = sink._BOOT, _DISCARDING_BOOT
+    try:  # both writer processes start (and import) before any window
+        for which in ("discard", "record"):
+            if which == "record":
+                sink._BOOT = boot
+            switch(which)
+            await block(writers[which])
+    finally:
+        sink._BOOT = boot
     keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream")
-    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "over") for k in keys}
+    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "over",
+                                                             "discard_over") for k in keys}
     for r in range(args["rounds"]):
         got: dict[str, dict[str, float]] = {}
-        for which in (("otel", "record") if r % 2 == 0 else ("record", "otel")):
-            switch(which == "record")
-            got[which] = await block()
-            if which == "record":
-                # Its backlog written now, not in the next OTel-only block's window.
-                writer.flush()
+        order = list(writers)
+        random.Random(r).shuffle(order)
+        for which in order:
+            switch(which)
+            got[which] = await block(writers[which])
         for k in keys:
-            res[f"otel_{k}"].append(got["otel"][k])
-            res[f"record_{k}"].append(got["record"][k])
+            for which in writers:
+                res[f"{which}_{k}"].append(got[which][k])
             res[f"over_{k}"].append(got["record"][k] - got["otel"][k])
-    switch(True)
+            res[f"discard_over_{k}"].append(got["discard"][k] - got["otel"][k])
+    switch("record")
+    discarding = writers["discard"]
+    assert discarding is not None
+    discarding.close()
     recording.__exit__(None, None, None)
     for c in clients:
         await c.aclose()

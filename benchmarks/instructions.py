@@ -211,11 +211,13 @@ def fanout_record(args: dict[str, Any]) -> dict[str, Any]:
         _settle()
         if args["mode"] == "fanout-record":
             with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-fan-")) as rec:
-                await requests(1)  # the writer's thread and process start in both counts
+                # In both counts: the writer's thread and process start, and the memos that
+                # serve every later request (header rows, URLs, attribute sets) fill.
+                await requests(args.get("lead", 5))
                 await requests(args["calls"])
                 _written(rec)
         else:
-            await requests(1)
+            await requests(args.get("lead", 5))
             await requests(args["calls"])
 
     asyncio.run(main())
