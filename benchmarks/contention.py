@@ -22,6 +22,7 @@ is set by how much CPU recording spends in all, not by where it spends it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT
@@ -57,6 +60,33 @@ def burn(busy_ms: float, idle_ms: float) -> None:
         time.sleep(idle_ms / 1000)
 
 
+@contextlib.contextmanager
+def discarding_boot() -> Iterator[None]:
+    """Writer processes started inside run :data:`_DISCARDING_BOOT`. A writer's thread starts
+    its process at the writer's first span and reads ``sink._BOOT`` then: start the
+    discarding writer inside, flush it (which waits for its process), and any other outside
+    (swapped around both, the recording's process discarded too)."""
+    from timetracer_otel.exporters import sink
+
+    boot, sink._BOOT = sink._BOOT, _DISCARDING_BOOT
+    try:
+        yield
+    finally:
+        sink._BOOT = boot
+
+
+def check_boots(record: Any, discard: Any) -> None:
+    """Raise unless ``discard``'s writer process runs the discarding boot and ``record``'s the
+    real one (read from each process's command line)."""
+    for name, writer in (("record", record), ("discard", discard)):
+        child = getattr(writer, "_sink", None)
+        if child is None:
+            raise RuntimeError(f"the {name} writer has no writer process")
+        cmdline = Path(f"/proc/{child.proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        if ("add_now = lambda" in cmdline) != (name == "discard"):
+            raise RuntimeError(f"the {name} writer's process runs the wrong boot code")
+
+
 def measure(rounds: int) -> dict[str, list[float]]:
     import httpx
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -67,7 +97,6 @@ def measure(rounds: int) -> dict[str, list[float]]:
     from benchmarks.upstream import Upstream
     from timetracer_otel import replay_shims
     from timetracer_otel.config import Mode
-    from timetracer_otel.exporters import sink
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
     from timetracer_otel.runtime import _dispatch_for, sdk_provider
@@ -96,14 +125,16 @@ def measure(rounds: int) -> dict[str, list[float]]:
                 real = rec.writer
                 dispatch = _dispatch_for(sdk_provider())
                 discarding = CassetteWriter(f"{tmp}/discard", isolate=True)
-                boot, sink._BOOT = sink._BOOT, _DISCARDING_BOOT
-                try:  # both writer processes start (and import) before any window
-                    for writer in (real, discarding):
-                        dispatch.writer = writer
-                        run(LEAD)
-                        writer.flush()
-                finally:
-                    sink._BOOT = boot
+                # Both writer processes start (and import) before any window, each with
+                # its own boot.
+                with discarding_boot():
+                    dispatch.writer = discarding
+                    run(LEAD)
+                    discarding.flush()
+                dispatch.writer = real
+                run(LEAD)
+                real.flush()
+                check_boots(real, discarding)
                 configs: dict[str, tuple[Any, str | None]] = {
                     "OTel only": (None, None),
                     "record": (real, None),

@@ -106,27 +106,31 @@ def _thread_cpu_ns() -> int:
 async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     """Issue 2's per-call record overhead, end to end and paired: one process, one
     ``record()``, switched on and off per block exactly as 1b switches it (the mode, and the
-    writer taking the provider's spans), in blocks of ``requests`` timed requests after
-    ``lead`` untimed ones (steady state, as in 1b: a recording writer enters the window with
-    the backlog it leaves at its end, which is flushed after the block, not left to the next
-    block). Each round runs three blocks in a shuffled order: OTel only, record, and record
-    into a second writer whose process reads what it is sent and does nothing with it (the
-    same request path and hand-off without the conversion and the writes; see
-    ``benchmarks.contention``). Differences against the round's OTel-only block are per
-    dependency call (a tenth of a request, its inbound span included). A separate process
-    per mode (the other rows) puts the machine's drift between processes, which on this VM
-    moves a request by more than recording costs, into the difference. The OTel-only blocks
-    run with the shims installed and switched off, as in 1b.
+    writer taking the provider's spans). Each round runs three blocks in a shuffled order: OTel
+    only, record, and record into a second writer whose process reads what it is sent and
+    does nothing with it (the same request path and hand-off without the conversion and the
+    writes; see ``benchmarks.contention``). Differences against the round's OTel-only block
+    are per dependency call (a tenth of a request, its inbound span included). A separate
+    process per mode (the other rows) puts the machine's drift between processes, which on
+    this VM moves a request by more than recording costs, into the difference. The OTel-only
+    blocks run with the shims installed and switched off, as in 1b.
 
-    CPU per call in each block: the request thread, the app's other threads (the writer's),
+    Steady state: a block times ``requests`` requests after ``lead`` untimed ones, both
+    longer than the writer process's write rounds (``sink.BATCH_DELAY``), so the window holds
+    the conversion and the writes of about as many cassettes as it records (those of the lead
+    stand in for its own, left to the flush after it), as a server recording all the time
+    would; ``written_in_window`` counts the cassettes that reached the disk inside each
+    record window. Each writer is flushed after its block, so no block inherits another's
+    backlog.
+
+    CPU per call in each window: the request thread, the app's other threads (the writer's),
     the writer process and the upstream (``/proc/<pid>/task/*/schedstat``)."""
     import random
 
     import timetracer_otel
-    from benchmarks.contention import _DISCARDING_BOOT
+    from benchmarks.contention import check_boots, discarding_boot
     from benchmarks.micro import _cpu_ns
     from timetracer_otel.config import Mode
-    from timetracer_otel.exporters import sink
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
     from timetracer_otel.runtime import _dispatch_for, sdk_provider
@@ -148,10 +152,16 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
         STATE.mode = Mode.OFF if writer is None else Mode.RECORD
         dispatch.writer = writer
 
+    def on_disk() -> int:
+        return sum(1 for _ in (tmp / "rec").rglob("*.msgpack"))
+
+    written_in_window: list[int] = []
+
     async def block(writer: CassetteWriter | None) -> dict[str, float]:
         for _ in range(lead):
             await call(app)
         child = writer._sink.proc.pid if writer is not None and writer._sink is not None else None
+        files = on_disk() if writer is writers["record"] else 0
         pid = os.getpid()
         m0, a0, c0, u0 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
         t0 = time.perf_counter()
@@ -159,6 +169,8 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
             await call(app)
         wall = time.perf_counter() - t0
         m1, a1, c1, u1 = _thread_cpu_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
+        if writer is writers["record"]:
+            written_in_window.append(on_disk() - files)
         if writer is not None:
             writer.flush()  # its backlog written now, not in the next block's window
         calls = n * CALLS
@@ -169,15 +181,13 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
 
     switch("otel")
     await block(None)  # warm-up: connections, imports
-    boot, sink._BOOT = sink._BOOT, _DISCARDING_BOOT
-    try:  # both writer processes start (and import) before any window
-        for which in ("discard", "record"):
-            if which == "record":
-                sink._BOOT = boot
-            switch(which)
-            await block(writers[which])
-    finally:
-        sink._BOOT = boot
+    # Both writer processes start (and import) before any window, each with its own boot.
+    with discarding_boot():
+        switch("discard")
+        await block(writers["discard"])
+    switch("record")
+    await block(writers["record"])
+    check_boots(writers["record"], writers["discard"])
     keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream")
     res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "over",
                                                              "discard_over") for k in keys}
@@ -200,7 +210,8 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     recording.__exit__(None, None, None)
     for c in clients:
         await c.aclose()
-    return {**res, "cassettes_written": len(recording.paths), "requests_per_block": n}
+    return {**res, "cassettes_written": len(recording.paths), "requests_per_block": n,
+            "lead_requests": lead, "written_in_window": written_in_window[-args["rounds"]:]}
 
 
 async def measure(args: dict[str, Any]) -> dict[str, Any]:
