@@ -83,7 +83,7 @@ def check_boots(record: Any, discard: Any) -> None:
         if child is None:
             raise RuntimeError(f"the {name} writer has no writer process")
         cmdline = Path(f"/proc/{child.proc.pid}/cmdline").read_bytes().decode(errors="replace")
-        if ("add_now = lambda" in cmdline) != (name == "discard"):
+        if (_DISCARDING_BOOT in cmdline) != (name == "discard"):
             raise RuntimeError(f"the {name} writer's process runs the wrong boot code")
 
 

@@ -209,16 +209,15 @@ def fanout_record(args: dict[str, Any]) -> dict[str, Any]:
     async def main() -> None:
         await requests(WARM // 10)
         _settle()
-        if args["mode"] == "fanout-record":
-            with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-fan-")) as rec:
-                # In both counts: the writer's thread and process start, and the memos that
-                # serve every later request (header rows, URLs, attribute sets) fill.
-                await requests(args.get("lead", 5))
-                await requests(args["calls"])
-                _written(rec)
-        else:
+        recording = args["mode"] == "fanout-record"
+        with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-fan-")) \
+                if recording else _nothing() as rec:
+            # In both counts: the writer's thread and process start, and the memos that serve
+            # every later request (header rows, URLs, attribute sets) fill.
             await requests(args.get("lead", 5))
             await requests(args["calls"])
+            if recording:
+                _written(rec)
 
     asyncio.run(main())
     return {}
