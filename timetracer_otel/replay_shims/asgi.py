@@ -9,6 +9,11 @@ the response (the span ends with it) it puts the request and the response onto t
 span as ``timetracer.*`` payload attributes. An exception from the app is stored with its
 type, message and traceback. Secrets are redacted in the stored copy only.
 
+Under a timetracer writer (``base.defer``) the request path only keeps shallow copies of
+the messages and the scope's request fields, teaches the app's redactor the secrets in the
+headers and the query, and leaves them with the server span; :func:`_payload_of` builds the
+same payload in the writer (its own process, where it has one).
+
 In replay mode the same seam reports what the app sent to :mod:`timetracer_otel.inbound`
 (through :data:`PROBE`), so a replay compares the response at the level it was recorded.
 """
@@ -35,10 +40,14 @@ from timetracer_otel.config import Mode
 from timetracer_otel.keys import stable_hash
 from timetracer_otel.replay_shims.base import (
     ATTR_PAYLOAD,
+    BUILDERS,
     STATE,
+    Payload,
     Shim,
+    _payload,
+    defer,
+    deferrable_span,
     error_tree,
-    payload_attribute,
 )
 
 _StarletteMatch: Any
@@ -66,13 +75,18 @@ _capturing: ContextVar[bool] = ContextVar("timetracer_asgi_capturing", default=F
 
 
 class Exchange:
-    """One request/response as seen at the seam: messages in order, and the app's exception."""
+    """One request/response as seen at the seam: messages in order, and the app's exception.
 
-    __slots__ = ("body_hash", "claimed", "error", "finished", "received", "sent", "span",
-                 "tb", "trailers")
+    ``deferred``: the messages are kept as shallow copies (an app may reuse a message dict
+    for its next chunk), made into trees by the writer (see :func:`_payload_of`); otherwise
+    as trees, made as they pass."""
 
-    def __init__(self, span: Span | None = None) -> None:
+    __slots__ = ("claimed", "deferred", "error", "finished", "received", "sent", "span", "tb",
+                 "trailers")
+
+    def __init__(self, span: Span | None = None, deferred: bool = False) -> None:
         self.span = span
+        self.deferred = deferred
         self.received: list[Tree] = []
         self.sent: list[Tree] = []
         self.error: BaseException | None = None
@@ -80,18 +94,13 @@ class Exchange:
         self.trailers = False
         self.finished = False
         self.claimed = False
-        self.body_hash = hashlib.blake2b(digest_size=16)
 
     def on_receive(self, message: Message) -> None:
-        tree = message_tree(message)
-        body = tree.get("body")
-        if body:
-            self.body_hash.update(body)
-        self.received.append(tree)
+        self.received.append(dict(message) if self.deferred else message_tree(message))
 
     def on_send(self, message: Message) -> bool:
         """Keep ``message``; True when it is the one that completes the response."""
-        self.sent.append(message_tree(message))
+        self.sent.append(dict(message) if self.deferred else message_tree(message))
         kind = message.get("type")
         if kind == "http.response.start":
             self.trailers = bool(message.get("trailers", False))
@@ -114,13 +123,14 @@ class Exchange:
 
     @property
     def status(self) -> int | None:
-        for m in self.sent:
-            if m.get("type") == "http.response.start":
-                return int(m["status"])
-        return None
+        return _status(self.sent)
 
-    def response_tree(self) -> Tree:
-        return {"status": self.status, "messages": self.sent}
+
+def _status(sent: list[Tree]) -> int | None:
+    for m in sent:
+        if m.get("type") == "http.response.start":
+            return int(m["status"])
+    return None
 
 
 # --- message and scope trees -----------------------------------------------------------------
@@ -232,8 +242,10 @@ def _match_route(routes: Any, scope: Message) -> str | None:
     return partial
 
 
-def request_tree(scope: Message, ex: Exchange, route: str | None) -> tuple[Tree, list[tuple[str, str]]]:
-    """The stored request, and its (redacted) query pairs for the key."""
+def request_tree(scope: Message, received: list[Tree],
+                 route: str | None) -> tuple[Tree, list[tuple[str, str]]]:
+    """The stored request (``received``: its messages as trees), and its (redacted) query
+    pairs for the key."""
     client, server = scope.get("client"), scope.get("server")
     raw_path = scope.get("raw_path")
     query, pairs = _query(bytes(scope.get("query_string", b"")))
@@ -250,7 +262,7 @@ def request_tree(scope: Message, ex: Exchange, route: str | None) -> tuple[Tree,
         "client": list(client) if client else None,
         "server": list(server) if server else None,
         "route": route,
-        "messages": ex.received,
+        "messages": received,
     }, pairs
 
 
@@ -272,8 +284,14 @@ def _shape_key(method: str, route: str) -> str:
 # --- record: the payload onto the server span ------------------------------------------------
 
 
+# What a deferred request keeps of its scope (the fields request_tree reads).
+_SCOPE_FIELDS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
+                 "root_path", "headers", "client", "server")
+
+
 def _finish(ex: Exchange, scope: Message) -> None:
-    """Put request, response and error on the server span (before it ends); once."""
+    """Put request, response and error on the server span (before it ends), or leave them
+    with it for the writer; once."""
     if ex.finished:
         return
     ex.finished = True
@@ -288,21 +306,64 @@ def _finish(ex: Exchange, scope: Message) -> None:
         route = route_of(scope) or route
         if route:
             span.set_attribute("http.route", route)
-    request, pairs = request_tree(scope, ex, route)
-    body = ex.body_hash.hexdigest() if any(m.get("body") for m in ex.received) else ""
+    error = error_tree(ex.error, {"traceback": ex.tb}) if ex.error is not None else None
+    if ex.deferred:
+        # The app's redactor learns the request's and the response's secrets now, as the
+        # trees would have taught it, so payloads other shims encode in the app lose them too.
+        _learn_headers(scope.get("headers"))
+        for m in ex.sent:
+            if m.get("type") == "http.response.start":
+                _learn_headers(m.get("headers"))
+        _query(bytes(scope.get("query_string", b"")))
+        fields = {k: scope[k] for k in _SCOPE_FIELDS if k in scope}
+        defer(span, LIBRARY, (fields, route, ex.received, ex.sent, error))
+        return
+    span.set_attribute(ATTR_PAYLOAD, _pack(_built(scope, route, ex.received, ex.sent, error)))
+
+
+def _learn_headers(raw: Any) -> None:
+    """The secret values among ASGI headers, tokenized for the redactor to know them; a pass
+    in C when no name can be secret (ASGI names are lowercase bytes)."""
+    if not raw:
+        return
+    names = STATE.redactor.header_names
+    try:
+        if not names.globs and names.exact_bytes.isdisjoint([k.lower() for k, _ in raw]):
+            return
+    except (AttributeError, TypeError, ValueError):  # str or odd names: the full pass
+        pass
+    headers_tree(raw)
+
+
+def _built(scope: Message, route: str | None, received: list[Tree], sent: list[Tree],
+           error: Tree) -> Payload:
+    """The payload of one request: its trees (``received``/``sent``: messages as trees)
+    packed, and its keys."""
+    request, pairs = request_tree(scope, received, route)
+    bodies = [m["body"] for m in received if m.get("body")]
+    body = hashlib.blake2b(b"".join(bodies), digest_size=16).hexdigest() if bodies else ""
     ident, shape_key, label = identity(request, pairs, body)
     parts = {
         "request": _pack(request),
-        "response": _pack(ex.response_tree()) if ex.sent or ex.error is None else None,
-        "error": _pack(error_tree(ex.error, {"traceback": ex.tb})) if ex.error is not None else None,
+        "response": _pack({"status": _status(sent), "messages": sent})
+        if sent or error is None else None,
+        "error": _pack(error) if error is not None else None,
     }
     # A part over the payload limit is left out and the interaction flagged truncated.
     kept = {k: p for k, p in parts.items() if p is not None and len(p) <= STATE.max_payload_bytes}
-    span.set_attribute(ATTR_PAYLOAD, payload_attribute(
-        LIBRARY, stable_hash(LIBRARY, ident), shape_key, label, kept.get("request", _NIL),
-        response=kept.get("response"), error=kept.get("error"),
-        truncated=len(kept) < sum(p is not None for p in parts.values()),
-    ))
+    return _payload(LIBRARY, stable_hash(LIBRARY, ident), shape_key, label,
+                    kept.get("request", _NIL), kept.get("response"), kept.get("error"),
+                    len(kept) < sum(p is not None for p in parts.values()))
+
+
+def _payload_of(args: Any) -> Payload:
+    """A deferred request's Payload (see :func:`_finish`), in the writer."""
+    fields, route, received, sent, error = args
+    return _built(fields, route, [message_tree(m) for m in received],
+                  [message_tree(m) for m in sent], error)
+
+
+BUILDERS[LIBRARY] = _payload_of
 
 
 # Replay: inbound.py sets an Exchange here; the first seam that runs claims and fills it.
@@ -321,10 +382,16 @@ class InboundApp:
             return await self.app(scope, receive, send)
         ex: Exchange | None = None
         if mode is Mode.RECORD:
-            span = trace.get_current_span()
-            # Not recording: the URL is excluded (OTEL_PYTHON_EXCLUDED_URLS) or not sampled.
-            if span.is_recording():
-                ex = Exchange(span)
+            # The middleware calls this app inside its server span, whose scope names the
+            # instrumentation that made the middleware (asgi, starlette, fastapi...): any.
+            deferrable = deferrable_span("") if STATE.defer else None
+            if deferrable is not None:
+                ex = Exchange(deferrable, deferred=True)
+            else:
+                span = trace.get_current_span()
+                # Not recording: the URL is excluded (OTEL_PYTHON_EXCLUDED_URLS) or not sampled.
+                if span.is_recording():
+                    ex = Exchange(span)
         elif mode is Mode.REPLAY:
             ex = PROBE.get()
             if ex is not None and not ex.claimed:
