@@ -41,6 +41,18 @@ class WriterKind(Choice):
     THREAD = "thread"
 
 
+class WriterPriority(Choice):
+    """How the writer process competes for the CPU. ``idle`` (the default): only for time no
+    other task of the machine wants (Linux's SCHED_IDLE; the lowest nice elsewhere), so its
+    conversions and disk flushes never keep the app, or a service beside it, waiting for a
+    core; on a machine that stays saturated it falls behind, and past the writer's queue
+    spans are dropped (counted, their cassettes say ``complete: false``). ``normal``: the
+    app's own priority."""
+
+    IDLE = "idle"
+    NORMAL = "normal"
+
+
 class OnMiss(Choice):
     """What a replay does with a call it has no recording for."""
 
@@ -80,6 +92,7 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
     writer: WriterKind = WriterKind.AUTO
+    writer_priority: WriterPriority = WriterPriority.IDLE
     # Payloads on the spans even while a timetracer writer in this process takes them (for a
     # Collector running `timetracer-otel collect` beside a local recording).
     span_payloads: bool = False
@@ -108,5 +121,8 @@ class Settings:
             report=env.get("TIMETRACER_REPORT") or None,
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),
+            writer_priority=WriterPriority.parse(
+                env.get("TIMETRACER_WRITER_PRIORITY", "idle") or "idle",
+                "TIMETRACER_WRITER_PRIORITY"),
             span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

@@ -162,6 +162,36 @@ def test_writer_kind_comes_from_the_environment(tmp_path: Path, monkeypatch: Any
         CassetteWriter(str(tmp_path))
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or sys.version_info < (3, 11),
+                    reason="Linux scheduling policies; Popen(process_group=) is 3.11+")
+@pytest.mark.parametrize(("setting", "policy"), [("", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_the_writer_process_yields_the_cpu_in_the_apps_session(
+        tmp_path: Path, monkeypatch: Any, setting: str, policy: str) -> None:
+    # In the app's session (one autogroup: a priority set in the child counts against the
+    # app's tasks), its own process group (the terminal's Ctrl-C goes to the app's group),
+    # and by default at idle priority.
+    monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", setting)
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    _trace(_tracer(writer), 1)
+    assert writer.flush(timeout=60, process=True)
+    assert writer._sink is not None
+    child = writer._sink.proc.pid
+    try:
+        assert os.getsid(child) == os.getsid(0)
+        assert os.getpgid(child) == child != os.getpgid(0)
+        assert os.sched_getscheduler(child) == getattr(os, policy)
+    finally:
+        writer.close()
+    assert len(writer.written) == 2  # the trace and the lone call, as at any priority
+
+
+def test_a_wrong_writer_priority_is_a_clear_error(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", "low")
+    with pytest.raises(ConfigError,
+                       match="TIMETRACER_WRITER_PRIORITY='low' is not valid; use one of: idle, normal"):
+        CassetteWriter(str(tmp_path), isolate=True)
+
+
 def test_cassettes_survive_the_app_being_killed(tmp_path: Path) -> None:
     # The app records a trace and dies without flushing (SIGKILL, an OOM kill): the child
     # reads to the end of the pipe and writes every trace it was sent.

@@ -39,6 +39,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan
 
 from timetracer_otel.cassette import SUFFIX, Cassette, Format, Recorder, SpanRecord, dumps
+from timetracer_otel.config import Settings
 from timetracer_otel.exporters import sink
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
 from timetracer_otel.exporters.sink import (
@@ -141,7 +142,7 @@ def _can_isolate(isolate: bool | None, storage: Storage, via: str,
     can open by name, with no ``on_written`` callback (it runs where the cassette is), and
     with an interpreter to start."""
     if isolate is None:
-        from timetracer_otel.config import Settings, WriterKind
+        from timetracer_otel.config import WriterKind
 
         kind = Settings.from_env().writer
         isolate = kind is WriterKind.PROCESS or (kind is WriterKind.AUTO and sink.cpus() >= 2)
@@ -242,6 +243,9 @@ class CassetteWriter:
         # Isolated: the writer thread passes snapshots to a child process (started by the
         # thread, off the request path) and the child converts and writes them.
         self.isolate = _can_isolate(isolate, self.storage, via, on_written)
+        # The writer process's CPU priority (TIMETRACER_WRITER_PRIORITY, read now: a wrong
+        # value is the app's ConfigError, not a writer failure later).
+        self.priority = Settings.from_env().writer_priority.value if self.isolate else "normal"
         self._sink: SinkProcess | None = None
         self._sink_failed_ns = 0
         self._outbox: list[bytes] = []  # spans encoded for the writer process
@@ -481,6 +485,7 @@ class CassetteWriter:
                 "script": self.script if self.script is not None else (sys.argv[0] if sys.argv else ""),
                 "recorder": msgspec.to_builtins(self._recorder),
                 "max_payload_bytes": STATE.max_payload_bytes,
+                "priority": self.priority,
             })
         except Exception as exc:  # never the writer thread's end: it writes them itself
             log.warning("timetracer-otel: cannot start the cassette writer process (%s); "
