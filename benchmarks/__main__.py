@@ -112,9 +112,9 @@ class Bench:
         sc = "1 http fan-out"
         print("  http: record overhead, paired blocks", file=sys.stderr)
         # Blocks of ~1 s after ~0.5 s of lead, so the writer process's write rounds fall in
-        # the windows (steady state, see http_fanout.overhead); three blocks a round, ~5 s.
-        # 31 rounds (at 5 runs): about 2.5 minutes.
-        rounds = 6 * self.o.runs + 1
+        # the windows (steady state, see http_fanout.overhead); four blocks a round, ~6-12 s
+        # by machine. 21 rounds (at 5 runs): 2-4 minutes.
+        rounds = 4 * self.o.runs + 1
         requests, lead = (30, 45) if self.o.quick else (90, 45)
         out = self.worker("http_fanout", {"mode": "tt_overhead", "upstream": upstream,
                                           "upstream_pid": self.upstream_pid, "rounds": rounds,
@@ -126,8 +126,9 @@ class Bench:
         in_window = out["written_in_window"]
         wall = self.add(sc, "record overhead per dependency call, paired blocks", "µs/call",
                         out["over_wall"],
-                        note=f"{rounds} rounds of OTel-only, record and discarding-writer "
-                             f"blocks ({requests} timed requests after {lead}, shuffled) in one "
+                        note=f"{rounds} rounds of OTel-only, record, discarding-writer and "
+                             f"normal-priority-writer blocks ({requests} timed requests after "
+                             f"{lead}, shuffled) in one "
                              "process, shims installed in all; the request's inbound span "
                              f"included; OTel-only call {med(out['otel_wall']):.0f} µs; "
                              "rounds' interquartile range "
@@ -142,11 +143,25 @@ class Bench:
                            ("upstream", "upstream process")):
             self.add(sc, f"  CPU over OTel only: {label}", "µs/call", out[f"over_{key}"],
                      note=f"OTel only: {med(out[f'otel_{key}']):.1f} µs/call")
+        for key, label in (("request_thread_wait", "request thread"), ("upstream_wait", "upstream")):
+            self.add(sc, f"  waiting for a core over OTel only: {label}", "µs/call",
+                     out[f"over_{key}"],
+                     note=f"runnable, not running (schedstat); OTel only: "
+                          f"{med(out[f'otel_{key}']):.1f} µs/call; writer at normal priority: "
+                          f"+{med(out[f'normal_over_{key}']):.1f}")
+        policies = out.get("writer_policies", {})
         self.add(sc, "  same, writer process discards what it is sent", "µs/call",
                  out["discard_over_wall"],
                  note="the same request path and hand-off, no conversion or writes: request "
                       f"thread +{med(out['discard_over_request_thread']):.1f} µs/call CPU, "
                       f"writer process {med(out['discard_over_writer_process']):.1f} µs/call")
+        self.add(sc, "  same, writer process at normal priority", "µs/call",
+                 out["normal_over_wall"],
+                 note="TIMETRACER_WRITER_PRIORITY=normal: request thread "
+                      f"+{med(out['normal_over_request_thread']):.1f} µs/call CPU, writer "
+                      f"process {med(out['normal_writer_process']):.1f} µs/call; policies read "
+                      f"from the system: record {policies.get('record')}, normal "
+                      f"{policies.get('normal')}")
 
     def _ratios(self, m: dict[str, float]) -> None:
         rows = {r.name: r for r in self.rows if r.scenario == "1 http fan-out"}

@@ -97,14 +97,16 @@ async def upstream_hits(upstream: str) -> int:
 async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     """Issue 2's per-call record overhead, end to end and paired: one process, one
     ``record()``, switched on and off per block exactly as 1b switches it (the mode, and the
-    writer taking the provider's spans). Each round runs three blocks in a shuffled order: OTel
-    only, record, and record into a second writer whose process reads what it is sent and
+    writer taking the provider's spans). Each round runs four blocks in a shuffled order: OTel
+    only, record, record into a second writer whose process reads what it is sent and
     does nothing with it (the same request path and hand-off without the conversion and the
-    writes; see ``benchmarks.contention``). Differences against the round's OTel-only block
-    are per dependency call (a tenth of a request, its inbound span included). A separate
-    process per mode (the other rows) puts the machine's drift between processes, which on
-    this VM moves a request by more than recording costs, into the difference. The OTel-only
-    blocks run with the shims installed and switched off, as in 1b.
+    writes; see ``benchmarks.contention``), and record into a third whose process runs at the
+    app's priority (``TIMETRACER_WRITER_PRIORITY=normal``) instead of idle. Differences
+    against the round's OTel-only block are per dependency call (a tenth of a request, its
+    inbound span included). A separate process per mode (the other rows) puts the machine's
+    drift between processes, which on this VM moves a request by more than recording costs,
+    into the difference. The OTel-only blocks run with the shims installed and switched off,
+    as in 1b.
 
     Steady state: a block times ``requests`` requests after ``lead`` untimed ones, both
     longer than the writer process's write rounds (``sink.BATCH_DELAY``), so the window holds
@@ -115,12 +117,14 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     backlog.
 
     CPU per call in each window: the request thread, the app's other threads (the writer's),
-    the writer process and the upstream (``/proc/<pid>/task/*/schedstat``)."""
+    the writer process and the upstream; and the time the request thread and the upstream
+    were runnable but waiting for a core (``/proc/<pid>/task/*/schedstat``)."""
     import random
+    import threading
 
     import timetracer_otel
     from benchmarks.contention import check_boots, discarding_boot
-    from benchmarks.micro import _cpu_ns
+    from benchmarks.micro import _cpu_ns, _wait_ns
     from timetracer_otel.config import Mode
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
@@ -133,9 +137,16 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     recording = timetracer_otel.record(dir=tmp / "rec")
     recording.__enter__()
     dispatch = _dispatch_for(sdk_provider())
+    before = os.environ.get("TIMETRACER_WRITER_PRIORITY")
+    os.environ["TIMETRACER_WRITER_PRIORITY"] = "normal"
+    normal = CassetteWriter(str(tmp / "normal"), isolate=True)
+    if before is None:
+        del os.environ["TIMETRACER_WRITER_PRIORITY"]
+    else:
+        os.environ["TIMETRACER_WRITER_PRIORITY"] = before
     writers: dict[str, CassetteWriter | None] = {
         "otel": None, "record": recording.writer,
-        "discard": CassetteWriter(str(tmp / "discard"), isolate=True),
+        "discard": CassetteWriter(str(tmp / "discard"), isolate=True), "normal": normal,
     }
 
     def switch(which: str) -> None:
@@ -153,13 +164,15 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
             await call(app)
         child = writer._sink.proc.pid if writer is not None and writer._sink is not None else None
         files = on_disk() if writer is writers["record"] else 0
-        pid = os.getpid()
+        pid, tid = os.getpid(), threading.get_native_id()
+        q0, uq0 = _wait_ns(pid, tid), _wait_ns(upstream_pid)
         m0, a0, c0, u0 = time.thread_time_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
         t0 = time.perf_counter()
         for _ in range(n):
             await call(app)
         wall = time.perf_counter() - t0
         m1, a1, c1, u1 = time.thread_time_ns(), _cpu_ns(pid), _cpu_ns(child), _cpu_ns(upstream_pid)
+        q1, uq1 = _wait_ns(pid, tid), _wait_ns(upstream_pid)
         if writer is writers["record"]:
             written_in_window.append(on_disk() - files)
         if writer is not None:
@@ -168,7 +181,9 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
         return {"wall": wall * 1e6 / calls, "request_thread": (m1 - m0) / 1e3 / calls,
                 "other_threads": ((a1 - a0) - (m1 - m0)) / 1e3 / calls,
                 "writer_process": (c1 - c0) / 1e3 / calls,
-                "upstream": (u1 - u0) / 1e3 / calls if upstream_pid else 0.0}
+                "upstream": (u1 - u0) / 1e3 / calls if upstream_pid else 0.0,
+                "request_thread_wait": (q1 - q0) / 1e3 / calls,
+                "upstream_wait": (uq1 - uq0) / 1e3 / calls if upstream_pid else 0.0}
 
     switch("otel")
     await block(None)  # warm-up: connections, imports
@@ -178,10 +193,15 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
         await block(writers["discard"])
     switch("record")
     await block(writers["record"])
+    switch("normal")
+    await block(writers["normal"])
     check_boots(writers["record"], writers["discard"])
-    keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream")
-    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "over",
-                                                             "discard_over") for k in keys}
+    priorities = {w: _policy(writers[w]) for w in ("record", "discard", "normal")}
+    keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream",
+            "request_thread_wait", "upstream_wait")
+    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "normal",
+                                                             "over", "discard_over", "normal_over")
+                                   for k in keys}
     for r in range(args["rounds"]):
         got: dict[str, dict[str, float]] = {}
         order = list(writers)
@@ -194,15 +214,26 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
                 res[f"{which}_{k}"].append(got[which][k])
             res[f"over_{k}"].append(got["record"][k] - got["otel"][k])
             res[f"discard_over_{k}"].append(got["discard"][k] - got["otel"][k])
+            res[f"normal_over_{k}"].append(got["normal"][k] - got["otel"][k])
     switch("record")
-    discarding = writers["discard"]
-    assert discarding is not None
-    discarding.close()
+    for extra in (writers["discard"], writers["normal"]):
+        assert extra is not None
+        extra.close()
     recording.__exit__(None, None, None)
     for c in clients:
         await c.aclose()
     return {**res, "cassettes_written": len(recording.paths), "requests_per_block": n,
-            "lead_requests": lead, "written_in_window": written_in_window[-args["rounds"]:]}
+            "lead_requests": lead, "written_in_window": written_in_window[-args["rounds"]:],
+            "writer_policies": priorities}
+
+
+def _policy(writer: Any) -> str:
+    """The scheduling policy a writer's process runs at, read from the system."""
+    child = writer._sink if writer is not None else None
+    if child is None or not hasattr(os, "sched_getscheduler"):
+        return "unknown"
+    policy = os.sched_getscheduler(child.proc.pid)
+    return "idle" if policy == getattr(os, "SCHED_IDLE", -1) else f"normal (policy {policy})"
 
 
 async def measure(args: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,20 @@ def _cpu_ns(pid: int | None) -> int:
     return total
 
 
+def _wait_ns(pid: int | None, tid: int | None = None) -> int:
+    """Time thread ``tid`` of process ``pid`` (every thread of it without ``tid``) spent
+    runnable but waiting for a core so far, in ns (``schedstat``'s second field); 0 without
+    a process."""
+    total = 0
+    if pid is not None:
+        stats = [Path(f"/proc/{pid}/task/{tid}/schedstat")] if tid is not None \
+            else Path(f"/proc/{pid}/task").glob("*/schedstat")
+        for stat in stats:
+            with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended
+                total += int(stat.read_text().split()[1])
+    return total
+
+
 def _otel() -> Any:
     from opentelemetry import trace
 
