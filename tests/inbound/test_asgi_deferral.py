@@ -14,9 +14,21 @@ from inbound_helpers import Client, shop, upstream_fixture
 
 from tests.conftest import free_port
 from tests.deferral import recorded_both_ways
+from timetracer_otel.codec import as_bytes
 from timetracer_otel.replay_shims.base import STATE
 
 upstream = upstream_fixture
+
+
+async def _raw_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A plain ASGI app whose response start carries a key no recording can keep (as a
+    server extension's file object would be)."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send({"type": "http.response.start", "status": 201, "extension": object(),
+                "headers": [(b"content-type", b"text/plain"), (b"set-cookie", b"sid=s3cr3t-set")]})
+    await send({"type": "http.response.body", "body": bytearray(b"made")})
 SECRET = "s3cr3t-inbound-0123456789"
 QTOKEN = "qt0ken-inbound-98765"
 
@@ -24,7 +36,7 @@ QTOKEN = "qt0ken-inbound-98765"
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_inbound_requests_left_to_the_writer_record_as_on_the_request_path(
         serve: Any, upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
-    port = free_port()  # both recordings' requests carry the same Host
+    port, raw_port = free_port(), free_port()  # both recordings' requests carry the same Host
 
     def job(base: str, down: str) -> None:
         server = serve(OpenTelemetryMiddleware(shop.make_app()), port)
@@ -37,15 +49,24 @@ def test_inbound_requests_left_to_the_writer_record_as_on_the_request_path(
         assert client.get("/stream").content.count(b"data: event") == 5
         assert client.get("/boom").status_code == 500
         assert client.get("/fail").status_code == 503
+        raw = serve(OpenTelemetryMiddleware(_raw_app), raw_port)
+        assert Client(raw.url).get("/raw").content == b"made"
+        raw.stop()
         # The app's redactor learned the request's secrets on the request path, whichever way.
-        scrubbed = STATE.redactor.scrub(f"log: {SECRET} {QTOKEN} s3cr3t-cookie")
-        assert SECRET not in scrubbed and QTOKEN not in scrubbed and "s3cr3t-cookie" not in scrubbed
+        scrubbed = STATE.redactor.scrub(f"log: {SECRET} {QTOKEN} s3cr3t-cookie s3cr3t-set")
+        for secret in (SECRET, QTOKEN, "s3cr3t-cookie", "s3cr3t-set"):
+            assert secret not in scrubbed
         server.stop()
 
-    interactions = recorded_both_ways(job, "", 6, tmp_path, monkeypatch, fmt)
+    interactions = recorded_both_ways(job, "", 7, tmp_path, monkeypatch, fmt)
     inbound = [i for i in interactions if i[0] == "asgi"]
     assert sorted(i[3] for i in inbound) == [
-        "GET /boom", "GET /fail", "GET /stream", "POST /echo", "POST /orders/{id}"]
+        "GET /boom", "GET /fail", "GET /raw", "GET /stream", "POST /echo", "POST /orders/{id}"]
+    raw = next(i for i in inbound if i[3] == "GET /raw")
+    start, body = raw[5]["messages"]
+    assert "extension" not in start and start["status"] == 201
+    assert ["set-cookie", "sid=s3cr3t-set"] not in start["headers"]
+    assert as_bytes(body["body"]) == b"made" and type(as_bytes(body["body"])) is bytes
     order = next(i for i in inbound if i[3] == "POST /orders/{id}")
     headers = dict(order[4]["headers"])
     assert headers["authorization"].startswith("Bearer redacted:")

@@ -77,9 +77,9 @@ _capturing: ContextVar[bool] = ContextVar("timetracer_asgi_capturing", default=F
 class Exchange:
     """One request/response as seen at the seam: messages in order, and the app's exception.
 
-    ``deferred``: the messages are kept as shallow copies (an app may reuse a message dict
-    for its next chunk), made into trees by the writer (see :func:`_payload_of`); otherwise
-    as trees, made as they pass."""
+    ``deferred``: the messages are kept as shallow copies of what :func:`message_tree`
+    reads (an app may reuse a message dict for its next chunk), made into trees by the
+    writer (see :func:`_payload_of`); otherwise as trees, made as they pass."""
 
     __slots__ = ("claimed", "deferred", "error", "finished", "received", "sent", "span", "tb",
                  "trailers")
@@ -96,11 +96,11 @@ class Exchange:
         self.claimed = False
 
     def on_receive(self, message: Message) -> None:
-        self.received.append(dict(message) if self.deferred else message_tree(message))
+        self.received.append(_kept(message) if self.deferred else message_tree(message))
 
     def on_send(self, message: Message) -> bool:
         """Keep ``message``; True when it is the one that completes the response."""
-        self.sent.append(dict(message) if self.deferred else message_tree(message))
+        self.sent.append(_kept(message) if self.deferred else message_tree(message))
         kind = message.get("type")
         if kind == "http.response.start":
             self.trailers = bool(message.get("trailers", False))
@@ -147,6 +147,17 @@ def headers_tree(raw: Any) -> list[list[str]]:
     except AttributeError:  # a server handing str or memoryview
         pairs = [(_latin(k), _latin(v)) for k, v in raw or ()]
     return [[k, v] for k, v in STATE.redactor.headers(pairs)]
+
+
+_KEPT = (bytes, bytearray, memoryview, bool, int, float, str)
+
+
+def _kept(message: Message) -> Tree:
+    """A message's keys that :func:`message_tree` keeps, as they are (no header rows, no
+    redaction): a server extension's object (uvicorn's zero-copy ``file``) would keep the
+    span from being handed to the writer."""
+    return {k: v for k, v in message.items()
+            if k == "headers" or v is None or isinstance(v, _KEPT)}
 
 
 def message_tree(message: Message) -> Tree:
