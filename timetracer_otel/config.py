@@ -42,12 +42,12 @@ class WriterKind(Choice):
 
 
 class WriterPriority(Choice):
-    """How the writer process competes for the CPU. ``idle`` (the default): only for time no
-    other task of the machine wants (Linux's SCHED_IDLE; the lowest nice elsewhere), so its
-    conversions and disk flushes never keep the app, or a service beside it, waiting for a
-    core; on a machine that stays saturated it falls behind, and past the writer's queue
-    spans are dropped (counted, their cassettes say ``complete: false``). ``normal``: the
-    app's own priority."""
+    """How the writer process competes for the CPU. ``normal`` (the default): the app's own
+    priority. ``idle``: only for time no other task of the machine wants (Linux's
+    SCHED_IDLE; the lowest nice elsewhere), so its conversions and disk flushes keep the app,
+    or a service beside it, waiting for a core less; on a machine that stays saturated it
+    falls behind (flushes wait, and past the writer's queue spans are dropped, counted,
+    their cassettes saying ``complete: false``)."""
 
     IDLE = "idle"
     NORMAL = "normal"
@@ -92,7 +92,7 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
     writer: WriterKind = WriterKind.AUTO
-    writer_priority: WriterPriority = WriterPriority.IDLE
+    writer_priority: WriterPriority = WriterPriority.NORMAL
     # Payloads on the spans even while a timetracer writer in this process takes them (for a
     # Collector running `timetracer-otel collect` beside a local recording).
     span_payloads: bool = False
@@ -122,7 +122,7 @@ class Settings:
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),
             writer_priority=WriterPriority.parse(
-                env.get("TIMETRACER_WRITER_PRIORITY", "idle") or "idle",
+                env.get("TIMETRACER_WRITER_PRIORITY", "normal") or "normal",
                 "TIMETRACER_WRITER_PRIORITY"),
             span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

@@ -24,9 +24,9 @@ Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
 
 The child ignores the terminal's signals (its own process group) and finishes what it was
 sent if the app dies: a pipe at end of file closes the writer, which writes every open trace.
-It stays in the app's session: Linux shares CPU time fairly between sessions' autogroups
-first, so a child in a session of its own competed with the app and its neighbours as an
-equal, and no priority set inside it could lower that (see :func:`lower_priority`).
+It has a session of its own, unless it runs at idle priority: Linux shares CPU time fairly
+between sessions' autogroups first, so a priority set inside a child of its own session
+cannot count against the app and its neighbours (see :func:`lower_priority`).
 """
 
 from __future__ import annotations
@@ -187,9 +187,13 @@ class SinkProcess:
     def __init__(self, config: Mapping[str, Any]) -> None:
         env = dict(os.environ)
         env[CHILD_ENV] = "1"
-        # Its own process group (the terminal's signals go to the app's), in the app's session.
-        group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) \
-            else {"start_new_session": True}
+        # A session of its own (no controlling terminal: the terminal's signals, and `stty
+        # tostop`, cannot stop it); at idle priority its own process group in the app's
+        # session instead, where the priority counts against the app's tasks (see
+        # lower_priority).
+        group: dict[str, Any] = {"start_new_session": True}
+        if config.get("priority") == "idle" and sys.version_info >= (3, 11):
+            group = {"process_group": 0}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _BOOT,
              json.dumps([os.fspath(p) for p in sys.path if isinstance(p, str | os.PathLike)])],
@@ -345,16 +349,20 @@ def _snapshot(w: list[Any], resources: Mapping[int, Any],
 def lower_priority(priority: str) -> str:
     """The child's CPU priority (``TIMETRACER_WRITER_PRIORITY``); what was set.
 
-    ``idle``: Linux's SCHED_IDLE, for this thread and the threads it starts (the fsync
-    pool). A task of any other policy waking on a core preempts it at once, and the scheduler
-    places waking tasks on a core that runs only idle tasks as on a free one: the conversions
-    and disk flushes run in the time the app, its upstreams and its neighbours leave. In
-    scenario 1's paired blocks (a Starlette app, its upstream and the writer process on two
-    cores) the time the app's request thread and the upstream spent runnable but waiting for
-    a core went from +36-38 and +50-52 µs per recorded call (a child at normal priority in a
-    session of its own) to +17-25 and +9-15 (three runs of 12 rounds). Elsewhere the lowest
-    nice. The writer thread in the app's process keeps the app's priority: it holds the
-    interpreter lock while it runs."""
+    ``normal`` (the default): the app's. ``idle`` (opt-in): Linux's SCHED_IDLE, for this
+    thread and the threads it starts (the fsync pool). A task of any other policy waking on
+    a core preempts it at once, and the scheduler places waking tasks on a core that runs
+    only idle tasks as on a free one: the conversions and disk flushes run in the time the
+    app, its upstreams and its neighbours leave. In scenario 1's paired blocks (a Starlette
+    app, its upstream and the writer process on two cores) the time the app's request thread
+    and the upstream spent runnable but waiting for a core went from +36-38 and +50-52 µs
+    per recorded call (a child at normal priority in a session of its own) to +17-25 and
+    +9-15 (three runs of 12 rounds). Elsewhere the lowest nice. Not the default: while every
+    core is busy the child gets almost no CPU, so a flush waits (with a busy-looping process
+    per core, 300 traces took 25 s to flush and 800 did not within 30 s, against 0.4-0.5 s
+    at normal priority), and a child in the app's session can be stopped by the terminal
+    (``stty tostop`` and a warning on stderr). The writer thread in the app's process keeps
+    the app's priority: it holds the interpreter lock while it runs."""
     if priority != "idle":
         return "normal"
     try:
@@ -364,7 +372,7 @@ def lower_priority(priority: str) -> str:
         try:
             os.nice(19)
             return "nice 19"
-        except OSError:
+        except (AttributeError, OSError):
             return "normal"
 
 

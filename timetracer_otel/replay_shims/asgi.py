@@ -153,11 +153,21 @@ _KEPT = (bytes, bytearray, memoryview, bool, int, float, str)
 
 
 def _kept(message: Message) -> Tree:
-    """A message's keys that :func:`message_tree` keeps, as they are (no header rows, no
-    redaction): a server extension's object (uvicorn's zero-copy ``file``) would keep the
-    span from being handed to the writer."""
-    return {k: v for k, v in message.items()
-            if k == "headers" or v is None or isinstance(v, _KEPT)}
+    """A message's keys that :func:`message_tree` keeps, copied as they are when sent (no
+    header rows, no redaction): the headers as a list of their pairs (OTel's response
+    propagator appends to the app's list after our seam; ASGI allows any iterable), a
+    bytearray or memoryview body as bytes (an app may reuse its buffer), and no server
+    extension's object (uvicorn's zero-copy ``file``), which would keep the span from being
+    handed to the writer."""
+    out: dict[str, Tree] = {}
+    for k, v in message.items():
+        if k == "headers":
+            out[k] = [tuple(pair) for pair in v or ()]
+        elif isinstance(v, bytearray | memoryview):
+            out[k] = bytes(v)
+        elif v is None or isinstance(v, _KEPT):
+            out[k] = v
+    return out
 
 
 def message_tree(message: Message) -> Tree:
@@ -323,11 +333,15 @@ def _finish(ex: Exchange, scope: Message) -> None:
         # trees would have taught it, so payloads other shims encode in the app lose them too.
         _learn_headers(scope.get("headers"))
         for m in ex.sent:
-            if m.get("type") == "http.response.start":
-                _learn_headers(m.get("headers"))
+            if m.get("headers"):  # the response start's, and trailers'
+                _learn_headers(m["headers"])
         _query(bytes(scope.get("query_string", b"")))
         fields = {k: scope[k] for k in _SCOPE_FIELDS if k in scope}
-        defer(span, LIBRARY, (fields, route, ex.received, ex.sent, error))
+        if "headers" in fields:
+            fields["headers"] = [tuple(pair) for pair in fields["headers"] or ()]
+        # Copies of the lists: a receive() after the response (a disconnect listener) is not
+        # part of this recording, whenever the writer reads them.
+        defer(span, LIBRARY, (fields, route, list(ex.received), list(ex.sent), error))
         return
     span.set_attribute(ATTR_PAYLOAD, _pack(_built(scope, route, ex.received, ex.sent, error)))
 
@@ -339,9 +353,11 @@ def _learn_headers(raw: Any) -> None:
         return
     names = STATE.redactor.header_names
     try:
-        if not names.globs and names.exact_bytes.isdisjoint([k.lower() for k, _ in raw]):
+        lowered = [k.lower() for k, _ in raw]
+        if not names.globs and all(type(k) is bytes for k in lowered) \
+                and names.exact_bytes.isdisjoint(lowered):
             return
-    except (AttributeError, TypeError, ValueError):  # str or odd names: the full pass
+    except (AttributeError, TypeError, ValueError):  # odd names: the full pass
         pass
     headers_tree(raw)
 
