@@ -137,13 +137,8 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     recording = timetracer_otel.record(dir=tmp / "rec")
     recording.__enter__()
     dispatch = _dispatch_for(sdk_provider())
-    before = os.environ.get("TIMETRACER_WRITER_PRIORITY")
-    os.environ["TIMETRACER_WRITER_PRIORITY"] = "idle"
     idle = CassetteWriter(str(tmp / "idle"), isolate=True)
-    if before is None:
-        del os.environ["TIMETRACER_WRITER_PRIORITY"]
-    else:
-        os.environ["TIMETRACER_WRITER_PRIORITY"] = before
+    idle.priority = "idle"  # what TIMETRACER_WRITER_PRIORITY=idle sets; read as its process starts
     writers: dict[str, CassetteWriter | None] = {
         "otel": None, "record": recording.writer,
         "discard": CassetteWriter(str(tmp / "discard"), isolate=True), "idle": idle,

@@ -37,29 +37,29 @@ def _syscw() -> int:
     return -1
 
 
-def _cpu_ns(pid: int | None) -> int:
-    """CPU time of every thread of process ``pid`` so far, in ns (the scheduler's own count,
-    ``/proc/<pid>/task/*/schedstat``); 0 without one."""
-    total = 0
-    if pid is not None:
-        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended
-                total += int(stat.read_text().split()[0])
-    return total
-
-
-def _wait_ns(pid: int | None, tid: int | None = None) -> int:
-    """Time thread ``tid`` of process ``pid`` (every thread of it without ``tid``) spent
-    runnable but waiting for a core so far, in ns (``schedstat``'s second field); 0 without
-    a process."""
+def _schedstat_ns(pid: int | None, field: int, tid: int | None = None) -> int:
+    """Field ``field`` of ``/proc/<pid>/task/<tid>/schedstat`` (0: time on a core, 1: time
+    runnable but waiting for one), in ns so far, summed over every thread of ``pid`` without
+    ``tid``; 0 without a process."""
     total = 0
     if pid is not None:
         stats = [Path(f"/proc/{pid}/task/{tid}/schedstat")] if tid is not None \
             else Path(f"/proc/{pid}/task").glob("*/schedstat")
         for stat in stats:
             with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended
-                total += int(stat.read_text().split()[1])
+                total += int(stat.read_text().split()[field])
     return total
+
+
+def _cpu_ns(pid: int | None) -> int:
+    """CPU time of every thread of process ``pid`` so far, in ns (the scheduler's count)."""
+    return _schedstat_ns(pid, 0)
+
+
+def _wait_ns(pid: int | None, tid: int | None = None) -> int:
+    """Time thread ``tid`` of ``pid`` (every thread without ``tid``) spent runnable but
+    waiting for a core so far, in ns."""
+    return _schedstat_ns(pid, 1, tid)
 
 
 def _otel() -> Any:

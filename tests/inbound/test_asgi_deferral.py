@@ -15,6 +15,7 @@ from inbound_helpers import Client, shop, upstream_fixture
 from tests.conftest import free_port
 from tests.deferral import recorded_both_ways
 from timetracer_otel.codec import as_bytes
+from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import STATE
 
 upstream = upstream_fixture
@@ -55,7 +56,12 @@ def test_inbound_requests_left_to_the_writer_record_as_on_the_request_path(
         response_propagator: Any) -> None:
     port, raw_port = free_port(), free_port()  # both recordings' requests carry the same Host
 
+    key = STATE.redactor.key
+
     def job(base: str, down: str) -> None:
+        # A redactor that knows no secret yet (the same key, so both recordings' tokens
+        # match): the check below then sees only what this recording taught it.
+        monkeypatch.setattr(STATE, "redactor", Redactor(key=key))
         server = serve(OpenTelemetryMiddleware(shop.make_app()), port)
         client = Client(server.url)
         auth = {"authorization": f"Bearer {SECRET}", "cookie": "session=s3cr3t-cookie; theme=dark"}

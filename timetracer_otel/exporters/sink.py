@@ -31,6 +31,7 @@ cannot count against the app and its neighbours (see :func:`lower_priority`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -346,34 +347,26 @@ def _snapshot(w: list[Any], resources: Mapping[int, Any],
             tuple(_Event(*e) for e in events) if events else (), attrs, resources[rid], deferred)
 
 
-def lower_priority(priority: str) -> str:
-    """The child's CPU priority (``TIMETRACER_WRITER_PRIORITY``); what was set.
+def lower_priority(priority: str) -> None:
+    """The child's CPU priority (``TIMETRACER_WRITER_PRIORITY``).
 
     ``normal`` (the default): the app's. ``idle`` (opt-in): Linux's SCHED_IDLE, for this
     thread and the threads it starts (the fsync pool). A task of any other policy waking on
     a core preempts it at once, and the scheduler places waking tasks on a core that runs
     only idle tasks as on a free one: the conversions and disk flushes run in the time the
-    app, its upstreams and its neighbours leave. In scenario 1's paired blocks (a Starlette
-    app, its upstream and the writer process on two cores) the time the app's request thread
-    and the upstream spent runnable but waiting for a core went from +36-38 and +50-52 µs
-    per recorded call (a child at normal priority in a session of its own) to +17-25 and
-    +9-15 (three runs of 12 rounds). Elsewhere the lowest nice. Not the default: while every
-    core is busy the child gets almost no CPU, so a flush waits (with a busy-looping process
-    per core, 300 traces took 25 s to flush and 800 did not within 30 s, against 0.4-0.5 s
-    at normal priority), and a child in the app's session can be stopped by the terminal
-    (``stty tostop`` and a warning on stderr). The writer thread in the app's process keeps
-    the app's priority: it holds the interpreter lock while it runs."""
+    app, its upstreams and its neighbours leave (scenario 1's paired rows measure the waits
+    for a core it saves). Elsewhere the lowest nice. Not the default: while every core is
+    busy the child gets almost no CPU, so flushes wait and spans can be dropped, and a child
+    in the app's session can be stopped by the terminal (``stty tostop`` and a warning on
+    stderr). The writer thread in the app's process keeps the app's priority: it holds the
+    interpreter lock while it runs."""
     if priority != "idle":
-        return "normal"
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "idle"
     except (AttributeError, OSError):
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             os.nice(19)
-            return "nice 19"
-        except (AttributeError, OSError):
-            return "normal"
 
 
 def main() -> None:

@@ -77,9 +77,9 @@ _capturing: ContextVar[bool] = ContextVar("timetracer_asgi_capturing", default=F
 class Exchange:
     """One request/response as seen at the seam: messages in order, and the app's exception.
 
-    ``deferred``: the messages are kept as shallow copies of what :func:`message_tree`
-    reads (an app may reuse a message dict for its next chunk), made into trees by the
-    writer (see :func:`_payload_of`); otherwise as trees, made as they pass."""
+    ``deferred``: the messages are kept with their headers copied as sent (an app may reuse
+    a message dict for its next chunk), made into trees by the writer (see
+    :func:`_payload_of`); otherwise as trees, made as they pass."""
 
     __slots__ = ("claimed", "deferred", "error", "finished", "received", "sent", "span", "tb",
                  "trailers")
@@ -96,11 +96,11 @@ class Exchange:
         self.claimed = False
 
     def on_receive(self, message: Message) -> None:
-        self.received.append(_kept(message) if self.deferred else message_tree(message))
+        self.received.append(message_tree(message, header_pairs if self.deferred else headers_tree))
 
     def on_send(self, message: Message) -> bool:
         """Keep ``message``; True when it is the one that completes the response."""
-        self.sent.append(_kept(message) if self.deferred else message_tree(message))
+        self.sent.append(message_tree(message, header_pairs if self.deferred else headers_tree))
         kind = message.get("type")
         if kind == "http.response.start":
             self.trailers = bool(message.get("trailers", False))
@@ -149,33 +149,24 @@ def headers_tree(raw: Any) -> list[list[str]]:
     return [[k, v] for k, v in STATE.redactor.headers(pairs)]
 
 
-_KEPT = (bytes, bytearray, memoryview, bool, int, float, str)
+def header_pairs(raw: Any) -> list[tuple[Any, Any]]:
+    """ASGI headers copied as they were sent, unredacted (a deferred request's: OTel's
+    response propagator appends to the app's list after our seam, and ASGI allows any
+    iterable, which msgpack may not carry)."""
+    return [tuple(pair) for pair in raw or ()]
 
 
-def _kept(message: Message) -> Tree:
-    """A message's keys that :func:`message_tree` keeps, copied as they are when sent (no
-    header rows, no redaction): the headers as a list of their pairs (OTel's response
-    propagator appends to the app's list after our seam; ASGI allows any iterable), a
-    bytearray or memoryview body as bytes (an app may reuse its buffer), and no server
-    extension's object (uvicorn's zero-copy ``file``), which would keep the span from being
-    handed to the writer."""
-    out: dict[str, Tree] = {}
-    for k, v in message.items():
-        if k == "headers":
-            out[k] = [tuple(pair) for pair in v or ()]
-        elif isinstance(v, bytearray | memoryview):
-            out[k] = bytes(v)
-        elif v is None or isinstance(v, _KEPT):
-            out[k] = v
-    return out
+def message_tree(message: Message, headers: Callable[[Any], Any] = headers_tree) -> Tree:
+    """An ASGI message as a tree, its headers through ``headers``; bodies stay the very bytes
+    objects the app saw (a bytearray or memoryview, which an app may reuse, as bytes), and a
+    server extension's object (uvicorn's zero-copy ``file``) is left out.
 
-
-def message_tree(message: Message) -> Tree:
-    """An ASGI message as a tree; bodies stay the very bytes objects the app saw."""
+    A deferred request keeps ``message_tree(message, header_pairs)`` of each message and
+    the writer makes the tree of that (see :func:`_payload_of`)."""
     out: dict[str, Tree] = {}
     for key, value in message.items():
         if key == "headers":
-            out[key] = headers_tree(value)
+            out[key] = headers(value)
         elif isinstance(value, bytes):
             out[key] = value
         elif isinstance(value, bytearray | memoryview):
@@ -338,7 +329,7 @@ def _finish(ex: Exchange, scope: Message) -> None:
         _query(bytes(scope.get("query_string", b"")))
         fields = {k: scope[k] for k in _SCOPE_FIELDS if k in scope}
         if "headers" in fields:
-            fields["headers"] = [tuple(pair) for pair in fields["headers"] or ()]
+            fields["headers"] = header_pairs(fields["headers"])
         # Copies of the lists: a receive() after the response (a disconnect listener) is not
         # part of this recording, whenever the writer reads them.
         defer(span, LIBRARY, (fields, route, list(ex.received), list(ex.sent), error))
