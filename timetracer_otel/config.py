@@ -42,13 +42,21 @@ class WriterKind(Choice):
 
 
 class WriterPriority(Choice):
-    """How the writer process competes for the CPU. ``normal`` (the default): the app's own
-    priority. ``idle``: only for time no other task of the machine wants (Linux's
-    SCHED_IDLE; the lowest nice elsewhere), so its conversions and disk flushes keep the app,
-    or a service beside it, waiting for a core less; on a machine that stays saturated it
-    falls behind (flushes wait, and past the writer's queue spans are dropped, counted,
-    their cassettes saying ``complete: false``)."""
+    """How the writer process competes for the CPU.
 
+    ``idle``: only for time no other task of the machine wants (Linux's SCHED_IDLE; the
+    lowest nice elsewhere), so its conversions and disk flushes keep the app, or a service
+    beside it, waiting for a core less. Where the app's process may give it its priority
+    back (CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more: root outside a container, and many
+    containers not), it gets it back while a flush or close waits for it, and while its
+    backlog fills half its pipe. Where not, on a machine that stays saturated it falls
+    behind: flushes wait, and past the writer's queue spans are dropped, counted, their
+    cassettes saying ``complete: false``.
+
+    ``normal``: the app's own priority. ``auto`` (the default): ``idle`` where its priority
+    can be given back, else ``normal``."""
+
+    AUTO = "auto"
     IDLE = "idle"
     NORMAL = "normal"
 
@@ -92,7 +100,7 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
     writer: WriterKind = WriterKind.AUTO
-    writer_priority: WriterPriority = WriterPriority.NORMAL
+    writer_priority: WriterPriority = WriterPriority.AUTO
     # Payloads on the spans even while a timetracer writer in this process takes them (for a
     # Collector running `timetracer-otel collect` beside a local recording).
     span_payloads: bool = False
@@ -122,7 +130,7 @@ class Settings:
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),
             writer_priority=WriterPriority.parse(
-                env.get("TIMETRACER_WRITER_PRIORITY", "normal") or "normal",
+                env.get("TIMETRACER_WRITER_PRIORITY", "auto") or "auto",
                 "TIMETRACER_WRITER_PRIORITY"),
             span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

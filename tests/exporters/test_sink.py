@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from timetracer_otel.cassette import Cassette, load_cassette
 from timetracer_otel.errors import ConfigError
-from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter
+from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter, sink
 from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import ATTR_PAYLOAD, STATE, payload_attribute
 
@@ -162,27 +164,40 @@ def test_writer_kind_comes_from_the_environment(tmp_path: Path, monkeypatch: Any
         CassetteWriter(str(tmp_path))
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or sys.version_info < (3, 11),
-                    reason="Linux scheduling policies; Popen(process_group=) is 3.11+")
-@pytest.mark.parametrize("setting", ["", "normal", "idle"])
+_LINUX_POLICIES = pytest.mark.skipif(
+    not sink.idle_policies(), reason="Linux scheduling policies; Popen(process_group=) is 3.11+")
+
+
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of every thread of process ``pid``, read from the system."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@_LINUX_POLICIES
+@pytest.mark.parametrize("setting", ["", "auto", "normal", "idle"])
 def test_the_writer_process_priority_and_session(
         tmp_path: Path, monkeypatch: Any, setting: str) -> None:
-    # By default (normal) the child has a session of its own: no controlling terminal, so
-    # neither the terminal's signals nor `stty tostop` can stop it. At idle priority it has
-    # its own process group in the app's session (one autogroup: the priority then counts
-    # against the app's tasks; Ctrl-C still goes to the app's group only).
+    # At normal priority the child has a session of its own: no controlling terminal, so
+    # the terminal's signals cannot reach it. At idle priority it has its own process group
+    # in the app's session (one autogroup: the priority then counts against the app's tasks;
+    # Ctrl-C still goes to the app's group only) and ignores SIGTTOU (`stty tostop`). By
+    # default (auto) it is idle where this process may give it its priority back.
     monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", setting)
     writer = CassetteWriter(str(tmp_path), isolate=True)
     _trace(_tracer(writer), 1)
     assert writer.flush(timeout=60, process=True)
     assert writer._sink is not None
     child = writer._sink.proc.pid
+    idle = setting == "idle" or (setting in ("", "auto") and sink.can_restore_priority())
     try:
-        if setting == "idle":
+        if idle:
             assert os.getsid(child) == os.getsid(0)
             assert os.getpgid(child) == child != os.getpgid(0)
-            # SCHED_IDLE, or nice 19 where a sandbox refuses the policy.
-            assert os.sched_getscheduler(child) == os.SCHED_IDLE \
+            ignored = int(Path(f"/proc/{child}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+            assert ignored & (1 << (signal.SIGTTOU - 1))
+            # SCHED_IDLE (every thread, the fsync pool's too, once the flush has ended), or
+            # nice 19 where a sandbox refuses the policy.
+            assert _policies(child) == {os.SCHED_IDLE} \
                 or os.getpriority(os.PRIO_PROCESS, child) == 19
         else:
             assert os.getsid(child) == child != os.getsid(0)
@@ -193,10 +208,126 @@ def test_the_writer_process_priority_and_session(
     assert len(writer.written) == 2  # the trace and the lone call, as at any priority
 
 
+def _eventually(pid: int, policy: int, timeout: float = 30) -> bool:
+    """Whether every thread of ``pid`` comes to run at ``policy`` within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while _policies(pid) != {policy} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _policies(pid) == {policy}
+
+
+def _stopped_idle_writer(tmp_path: Path, monkeypatch: Any) -> tuple[CassetteWriter, int]:
+    """An idle writer whose process has started and is stopped (SIGSTOP): what it is sent
+    waits in its pipe, as behind busy cores, and its priority can be read meanwhile (once
+    at idle: a child starved as it started, on a busy machine, is raised for a while)."""
+    monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", "idle")
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    _trace(_tracer(writer), 0)
+    assert writer.flush(timeout=60)
+    assert writer._sink is not None
+    child = writer._sink.proc.pid
+    os.kill(child, signal.SIGSTOP)
+    assert _eventually(child, os.SCHED_IDLE)
+    return writer, child
+
+
+@_LINUX_POLICIES
+@pytest.mark.skipif(not sink.can_restore_priority(),
+                    reason="this process may not give a task its priority back")
+def test_an_idle_writer_gets_the_apps_priority_while_a_flush_waits_for_it(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    writer, child = _stopped_idle_writer(tmp_path, monkeypatch)
+    tracer = _tracer(writer)
+    try:
+        _trace(tracer, 1)
+        done: list[bool] = []
+        flushing = threading.Thread(target=lambda: done.append(writer.flush(timeout=60)))
+        flushing.start()
+        # The flush cannot end while the child is stopped: its threads are raised meanwhile.
+        assert _eventually(child, os.SCHED_OTHER)
+        assert not done
+    finally:
+        os.kill(child, signal.SIGCONT)
+    flushing.join(60)
+    assert done == [True]
+    assert _eventually(child, os.SCHED_IDLE)  # idle again once answered
+    writer.close()
+    names = sorted(load_cassette(p).name for p in writer.written)
+    assert {"GET__orders_0", "GET__orders_1"} <= set(names)  # with the lone calls' cassette
+
+
+@_LINUX_POLICIES
+@pytest.mark.skipif(not sink.can_restore_priority(),
+                    reason="this process may not give a task its priority back")
+def test_an_idle_writer_falling_behind_gets_the_apps_priority_until_it_catches_up(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    writer, child = _stopped_idle_writer(tmp_path, monkeypatch)
+    assert writer._sink is not None
+    pipe = writer._sink._pipe_size
+    tracer = _tracer(writer)
+    big = "x" * 4096
+    try:
+        # Spans until what the stopped child has not read fills half its pipe.
+        deadline = time.monotonic() + 60
+        n = 0
+        while _policies(child) != {os.SCHED_OTHER} and time.monotonic() < deadline:
+            for _ in range(pipe // 4096 // 16):
+                tracer.start_span("filler", attributes={"big": big}).end()
+                n += 1
+            time.sleep(0.06)  # the writer thread ships what gathered
+        assert _policies(child) == {os.SCHED_OTHER}
+        assert n * 4096 >= pipe // 2
+    finally:
+        os.kill(child, signal.SIGCONT)
+    # Caught up (the flush reads it all), then back at idle priority once a frame goes out.
+    assert writer.flush(timeout=60, process=True)
+    tracer.start_span("after").end()
+    assert _eventually(child, os.SCHED_IDLE)
+    writer.close()
+    assert writer.stats()["dropped_spans"] == 0
+
+
+@_LINUX_POLICIES
+@pytest.mark.skipif(not sink.can_restore_priority(),
+                    reason="this process may not give a task its priority back")
+def test_an_idle_writer_starved_by_busy_cores_gets_the_apps_priority_and_writes(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    # One busy process more than this process has CPUs: an idle task would get almost no
+    # time. The quiet app's cassettes must still reach the disk without a flush.
+    monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", "idle")
+    writer = CassetteWriter(str(tmp_path), isolate=True)
+    tracer = _tracer(writer)
+    _trace(tracer, 0)
+    assert writer.flush(timeout=60)
+    assert writer._sink is not None
+    child = writer._sink.proc.pid
+    assert _eventually(child, os.SCHED_IDLE)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)) + 1)]
+    try:
+        time.sleep(0.2)
+        for n in (1, 2):
+            with tracer.start_as_current_span(f"GET /orders/{n}", kind=SpanKind.SERVER,
+                                              attributes={"http.route": "/orders/{id}"}):
+                tracer.start_span("GET", kind=SpanKind.CLIENT).end()
+        assert _eventually(child, os.SCHED_OTHER, timeout=20)
+        deadline = time.monotonic() + 20
+        found: list[Path] = []
+        while time.monotonic() < deadline and len(found) < 3:
+            time.sleep(0.05)
+            found = list(tmp_path.rglob("GET__orders*"))
+        assert len(found) == 3, f"{len(found)} of 3 cassettes on disk without a flush"
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    writer.close()
+
+
 def test_a_wrong_writer_priority_is_a_clear_error(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", "low")
     with pytest.raises(ConfigError,
-                       match="TIMETRACER_WRITER_PRIORITY='low' is not valid; use one of: idle, normal"):
+                       match="TIMETRACER_WRITER_PRIORITY='low' is not valid; use one of: auto, idle, normal"):
         CassetteWriter(str(tmp_path), isolate=True)
 
 
@@ -207,7 +338,7 @@ def test_cassettes_survive_the_app_being_killed(tmp_path: Path) -> None:
         import os, signal, time
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.trace import SpanKind
-        from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter
+        from timetracer_otel.exporters import CassetteSpanProcessor, CassetteWriter, sink
         writer = CassetteWriter({str(tmp_path)!r}, isolate=True)
         provider = TracerProvider()
         provider.add_span_processor(CassetteSpanProcessor(writer=writer))

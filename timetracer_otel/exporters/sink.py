@@ -24,7 +24,8 @@ Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
 
 The child ignores the terminal's signals (its own process group) and finishes what it was
 sent if the app dies: a pipe at end of file closes the writer, which writes every open trace.
-It has a session of its own, unless it runs at idle priority: Linux shares CPU time fairly
+It has a session of its own, unless it runs at idle priority (``TIMETRACER_WRITER_PRIORITY``;
+by default wherever the app may give it its priority back): Linux shares CPU time fairly
 between sessions' autogroups first, so a priority set inside a child of its own session
 cannot count against the app and its neighbours (see :func:`lower_priority`).
 """
@@ -43,8 +44,9 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import msgspec
@@ -189,12 +191,24 @@ class SinkProcess:
     def __init__(self, config: Mapping[str, Any]) -> None:
         env = dict(os.environ)
         env[CHILD_ENV] = "1"
-        # A session of its own (no controlling terminal: the terminal's signals, and `stty
-        # tostop`, cannot stop it); at idle priority its own process group in the app's
-        # session instead, where the priority counts against the app's tasks (see
-        # lower_priority).
+        config = dict(config)
+        # idle where asked for, or by default where the child's priority can be given back
+        # while the app waits for it (see boosted); normal otherwise.
+        self.restorable = idle_policies() and can_restore_priority()
+        asked = config.get("priority", "normal")
+        idle = asked == "idle" or (asked == "auto" and self.restorable)
+        config["priority"] = "idle" if idle else "normal"
+        self.idle = idle and idle_policies()
+        self._boosts = 0  # flush/close waits and a full backlog, each holding the priority up
+        self._backlog_boost = False
+        self._closing = False
+        self._lock = threading.Lock()  # the writer thread and the watch below both boost
+        # A session of its own (no controlling terminal: the terminal's signals cannot reach
+        # it). At idle priority its own process group in the app's session instead, where
+        # the priority counts against the app's tasks (see lower_priority); it ignores
+        # SIGTTOU there, so `stty tostop` cannot stop it when it logs a warning.
         group: dict[str, Any] = {"start_new_session": True}
-        if config.get("priority") == "idle" and sys.version_info >= (3, 11):
+        if idle and sys.version_info >= (3, 11):
             group = {"process_group": 0}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _BOOT,
@@ -203,20 +217,29 @@ class SinkProcess:
             pass_fds=_held(), **group,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        if idle:
+            lower_priority(self.proc.pid)
+            if self.idle and self.restorable:
+                threading.Thread(target=self._watch, name="timetracer-writer-watch",
+                                 daemon=True).start()
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
+        self._pipe_size = 1 << 16
         try:  # room for bursts, so the writer thread waits on the child less often (Linux)
             import fcntl
 
             fcntl.fcntl(self._in, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+            self._pipe_size = fcntl.fcntl(self._in, getattr(fcntl, "F_GETPIPE_SZ", 1032))
         except (ImportError, OSError):
             pass
-        self.send("open", dict(config))
+        self.send("open", config)
 
     def send(self, *message: Any) -> None:
         self.send_encoded(_encode(message))
 
     def send_encoded(self, body: bytes) -> None:
+        if self.restorable and self.idle:
+            self._watch_backlog()
         data = memoryview(_HEADER.pack(len(body)) + body)
         try:
             while data:
@@ -225,14 +248,86 @@ class SinkProcess:
             raise SinkError(f"the cassette writer process is gone ({self._exit()})") from exc
 
     def ask(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> Any:
-        self.send(*message)
+        if message[0] == "close":  # raised for good: the app waits for its exit too
+            self._closing = True
+        with self.boosted():  # the app waits for the answer: no longer only spare CPU time
+            self.send(*message)
+            try:
+                reply = _read_frame(self._out, timeout)
+            except OSError as exc:
+                raise SinkError(f"no answer from the cassette writer process ({exc})") from exc
+            if reply is None:
+                raise SinkError(f"the cassette writer process is gone ({self._exit()})")
+            return _decode(reply)
+
+    @contextlib.contextmanager
+    def boosted(self) -> Iterator[None]:
+        """The child at the app's priority inside (an idle child whose priority can be given
+        back; otherwise nothing changes), at idle again after the last boost ends."""
+        self._boost(True)
         try:
-            reply = _read_frame(self._out, timeout)
-        except OSError as exc:
-            raise SinkError(f"no answer from the cassette writer process ({exc})") from exc
-        if reply is None:
-            raise SinkError(f"the cassette writer process is gone ({self._exit()})")
-        return _decode(reply)
+            yield
+        finally:
+            self._boost(False)
+
+    def _boost(self, up: bool) -> None:
+        with self._lock:
+            self._boosts += 1 if up else -1
+            if self._boosts == (1 if up else 0):
+                self._set_policy(normal=up)
+
+    def _watch(self) -> None:
+        """While the idle child lives: boost it for STARVED_BOOST seconds whenever it was
+        runnable but not running for half of a WATCH_INTERVAL (every core kept busy by
+        others), so what it holds reaches the disk in bounded time, flushed or not; then try
+        idle again. One small read of its schedstat per interval, on this thread."""
+        last = _wait_ns(self.proc.pid)
+        starved_until: float | None = None
+        while last is not None and not self._closing and self.proc.poll() is None:
+            time.sleep(WATCH_INTERVAL)
+            wait = _wait_ns(self.proc.pid)
+            if wait is None:
+                break
+            now = time.monotonic()
+            if wait - last >= WATCH_INTERVAL * 0.5e9:
+                if starved_until is None:
+                    self._boost(True)
+                starved_until = now + STARVED_BOOST
+            elif starved_until is not None and now >= starved_until:
+                starved_until = None
+                self._boost(False)
+            last = wait
+
+    def _watch_backlog(self) -> None:
+        """Boost the child while what it has not read yet fills half its pipe (it is falling
+        behind: the app's queue fills next), until it has read all but an eighth."""
+        try:
+            import fcntl
+            import termios
+
+            waiting = struct.unpack("i", fcntl.ioctl(self._in, termios.FIONREAD, b"\0" * 4))[0]
+        except (ImportError, OSError):
+            return
+        if not self._backlog_boost and waiting >= self._pipe_size // 2:
+            self._backlog_boost = True
+            self._boost(True)
+        elif self._backlog_boost and waiting <= self._pipe_size // 8:
+            self._backlog_boost = False
+            self._boost(False)
+
+    def _set_policy(self, normal: bool) -> None:
+        """Every thread of an idle child to SCHED_OTHER (``normal``) or back to SCHED_IDLE;
+        failures (the child gone, the right withdrawn) leave it as it is."""
+        if not (self.idle and self.restorable) or (self._closing and not normal):
+            return
+        policy = os.SCHED_OTHER if normal else os.SCHED_IDLE
+        try:
+            tids = os.listdir(f"/proc/{self.proc.pid}/task")
+        except OSError:
+            tids = [str(self.proc.pid)]
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
 
     def _exit(self) -> str:
         code = self.proc.poll()
@@ -251,6 +346,51 @@ class SinkProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+# An idle child's starvation watch (see SinkProcess._watch): seconds between looks, and how
+# long a starved child keeps the app's priority before it tries idle again.
+WATCH_INTERVAL = 0.1
+STARVED_BOOST = 1.0
+
+
+def _wait_ns(pid: int) -> int | None:
+    """Nanoseconds process ``pid``'s main thread has been runnable but not running (its
+    schedstat's second field); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def idle_policies() -> bool:
+    """This system has Linux's SCHED_IDLE, and Popen can start the child in a process group
+    of the app's session (Python 3.11+)."""
+    return hasattr(os, "SCHED_IDLE") and hasattr(os, "sched_setscheduler") \
+        and sys.version_info >= (3, 11)
+
+
+def can_restore_priority() -> bool:
+    """Whether this process may move a task of its own from SCHED_IDLE back to SCHED_OTHER:
+    the kernel asks for CAP_SYS_NICE or an RLIMIT_NICE allowing the task's nice value, as for
+    lowering a nice value. Tried on a thread started for it, which then ends."""
+    if not idle_policies():
+        return False
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="timetracer-priority-probe", daemon=True)
+    thread.start()
+    thread.join()
+    return answer == [True]
 
 
 def _held() -> tuple[int, ...]:
@@ -348,26 +488,27 @@ def _snapshot(w: list[Any], resources: Mapping[int, Any],
             tuple(_Event(*e) for e in events) if events else (), attrs, resources[rid], deferred)
 
 
-def lower_priority(priority: str) -> None:
-    """The child's CPU priority (``TIMETRACER_WRITER_PRIORITY``).
+def lower_priority(pid: int) -> None:
+    """An idle child's CPU priority (``TIMETRACER_WRITER_PRIORITY``), set by the parent as
+    the child starts, before it reads anything (set by the child, it could undo a boost the
+    parent had already given it).
 
-    ``normal`` (the default): the app's. ``idle`` (opt-in): Linux's SCHED_IDLE, for this
-    thread and the threads it starts (the fsync pool). A task of any other policy waking on
-    a core preempts it at once, and the scheduler places waking tasks on a core that runs
-    only idle tasks as on a free one: the conversions and disk flushes run in the time the
-    app, its upstreams and its neighbours leave (scenario 1's paired rows measure the waits
-    for a core it saves). Elsewhere the lowest nice. Not the default: while every core is
-    busy the child gets almost no CPU, so flushes wait and spans can be dropped, and a child
-    in the app's session can be stopped by the terminal (``stty tostop`` and a warning on
-    stderr). The writer thread in the app's process keeps the app's priority: it holds the
-    interpreter lock while it runs."""
-    if priority != "idle":
-        return
+    Linux's SCHED_IDLE, for the child's main thread and the threads it starts (the fsync
+    pool). A task of any other policy waking on a core preempts it at
+    once, and the scheduler places waking tasks on a core that runs only idle tasks as on a
+    free one: the conversions and disk flushes run in the time the app, its upstreams and
+    its neighbours leave (scenario 1's paired rows measure the waits for a core it saves).
+    While every core stays busy it gets almost no CPU, so the parent gives it the app's
+    priority back while the app waits for it (:meth:`SinkProcess.boosted`) and while its
+    backlog fills half its pipe, where the system lets it (:func:`can_restore_priority`),
+    and the child takes it back itself once the app is gone. Elsewhere the lowest nice,
+    which nothing gives back. The writer thread in the app's process keeps the app's
+    priority: it holds the interpreter lock while it runs."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         with contextlib.suppress(AttributeError, OSError):
-            os.nice(19)
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
 
 
 # The child's cyclic garbage collector: what it imported is frozen (never traversed again)
@@ -384,6 +525,17 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
+def restore_priority() -> None:
+    """This process's threads back to SCHED_OTHER, where it may (see
+    :func:`can_restore_priority`); nothing otherwise."""
+    if not idle_policies():
+        return
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        with contextlib.suppress(OSError, ValueError):
+            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+
+
 def main() -> None:
     """The child: read frames from stdin until ``close`` or end of file, answer on stdout.
 
@@ -395,6 +547,8 @@ def main() -> None:
     from timetracer_otel.replay_shims.base import STATE
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGTTOU"):  # in the app's session (idle): `stty tostop` cannot stop it
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     _tune_gc()
     answers = os.dup(1)
     os.dup2(2, 1)  # anything printed goes to stderr, never into the answers
@@ -420,8 +574,9 @@ def main() -> None:
             if wait <= 0 or not select.select([0], [], [], min(wait, IDLE_GRACE))[0]:
                 writer.flush_now(False)
         frame = _read_frame(0)
-        if frame is None:  # the app is gone: write what it sent
+        if frame is None:  # the app is gone: write what it sent, no longer at idle priority
             if writer is not None:
+                restore_priority()
                 writer.close_now()
             return
         tag = None
@@ -465,7 +620,6 @@ def main() -> None:
                 writer.script = config["script"]
                 writer.max_batch_delay, writer.max_batch = BATCH_DELAY, MAX_BATCH
                 STATE.max_payload_bytes = config["max_payload_bytes"]
-                lower_priority(config.get("priority", "normal"))
                 writer._recorder = msgspec.convert(config["recorder"], Recorder)
         except Exception:  # one bad frame costs its spans, never the others
             log.warning("timetracer-otel: the cassette writer process failed on a frame",
