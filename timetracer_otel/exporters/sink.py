@@ -202,7 +202,11 @@ class SinkProcess:
         self._boosts = 0  # flush/close waits and a full backlog, each holding the priority up
         self._backlog_boost = False
         self._closing = False
-        self._lock = threading.Lock()  # the writer thread and the watch below both boost
+        # The starvation watch (see check_starved): the last look at the child's wait for a
+        # core, when a frame last went out, and until when a starved child stays raised.
+        self._look: tuple[float, int] | None = None
+        self._last_send = 0.0
+        self._starved_until: float | None = None
         # A session of its own (no controlling terminal: the terminal's signals cannot reach
         # it). At idle priority its own process group in the app's session instead, where
         # the priority counts against the app's tasks (see lower_priority); it ignores
@@ -219,9 +223,6 @@ class SinkProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         if idle:
             lower_priority(self.proc.pid)
-            if self.idle and self.restorable:
-                threading.Thread(target=self._watch, name="timetracer-writer-watch",
-                                 daemon=True).start()
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
         self._pipe_size = 1 << 16
@@ -239,7 +240,9 @@ class SinkProcess:
 
     def send_encoded(self, body: bytes) -> None:
         if self.restorable and self.idle:
+            self._last_send = time.monotonic()
             self._watch_backlog()
+            self.check_starved()
         data = memoryview(_HEADER.pack(len(body)) + body)
         try:
             while data:
@@ -271,32 +274,40 @@ class SinkProcess:
             self._boost(False)
 
     def _boost(self, up: bool) -> None:
-        with self._lock:
-            self._boosts += 1 if up else -1
-            if self._boosts == (1 if up else 0):
-                self._set_policy(normal=up)
+        self._boosts += 1 if up else -1
+        if self._boosts == (1 if up else 0):
+            self._set_policy(normal=up)
 
-    def _watch(self) -> None:
-        """While the idle child lives: boost it for STARVED_BOOST seconds whenever it was
-        runnable but not running for half of a WATCH_INTERVAL (every core kept busy by
-        others), so what it holds reaches the disk in bounded time, flushed or not; then try
-        idle again. One small read of its schedstat per interval, on this thread."""
-        last = _wait_ns(self.proc.pid)
-        starved_until: float | None = None
-        while last is not None and not self._closing and self.proc.poll() is None:
-            time.sleep(WATCH_INTERVAL)
-            wait = _wait_ns(self.proc.pid)
-            if wait is None:
-                break
-            now = time.monotonic()
-            if wait - last >= WATCH_INTERVAL * 0.5e9:
-                if starved_until is None:
-                    self._boost(True)
-                starved_until = now + STARVED_BOOST
-            elif starved_until is not None and now >= starved_until:
-                starved_until = None
-                self._boost(False)
-            last = wait
+    def watching(self) -> bool:
+        """Whether the writer thread should look at the child every WATCH_INTERVAL even with
+        nothing to send: an idle child that was sent a frame in the last QUIET_WATCH seconds
+        (it may still be working on it), or that is raised for starvation."""
+        return self.idle and self.restorable and (
+            time.monotonic() - self._last_send < QUIET_WATCH or self._starved_until is not None)
+
+    def check_starved(self) -> None:
+        """One look (at most every WATCH_INTERVAL; the writer thread calls this as it sends,
+        and while :meth:`watching` when it has nothing to send): an idle child that was
+        runnable but not running for half the time since the last look (every core kept busy
+        by others) gets the app's priority for STARVED_BOOST seconds, so what it holds
+        reaches the disk in bounded time, flushed or not; then it tries idle again. One small
+        read of its schedstat per look."""
+        if not (self.idle and self.restorable):
+            return
+        now = time.monotonic()
+        if self._look is not None and now - self._look[0] < WATCH_INTERVAL:
+            return
+        wait = _wait_ns(self.proc.pid)
+        if wait is None:
+            return
+        if self._look is not None and wait - self._look[1] >= (now - self._look[0]) * 0.5e9:
+            if self._starved_until is None:
+                self._boost(True)
+            self._starved_until = now + STARVED_BOOST
+        elif self._starved_until is not None and now >= self._starved_until:
+            self._starved_until = None
+            self._boost(False)
+        self._look = (now, wait)
 
     def _watch_backlog(self) -> None:
         """Boost the child while what it has not read yet fills half its pipe (it is falling
@@ -348,10 +359,12 @@ class SinkProcess:
             self.proc.wait()
 
 
-# An idle child's starvation watch (see SinkProcess._watch): seconds between looks, and how
-# long a starved child keeps the app's priority before it tries idle again.
+# An idle child's starvation watch (see SinkProcess.check_starved): seconds between looks,
+# how long a starved child keeps the app's priority before it tries idle again, and how long
+# after the last frame sent the writer thread keeps looking while it has nothing to send.
 WATCH_INTERVAL = 0.1
 STARVED_BOOST = 1.0
+QUIET_WATCH = 5.0
 
 
 def _wait_ns(pid: int) -> int | None:

@@ -338,7 +338,7 @@ class CassetteWriter:
                 # 50 ms); flush() and close() cut the wait short.
                 self._wake.wait(self.gather_interval)
                 self._wake.clear()
-            item = self._add_run(self._queue.get())
+            item = self._add_run(self._next())
             if self._outbox:
                 self._ship()
             if item is _CONTINUE:
@@ -351,6 +351,18 @@ class CassetteWriter:
             elif item is _STOP:
                 self.close_now()
                 return
+
+    def _next(self) -> Any:
+        """The next queued item; while an idle writer process may still be working on what
+        it was sent, a look at whether it is starved every ``sink.WATCH_INTERVAL`` until
+        something comes (see ``SinkProcess.check_starved``)."""
+        while self._sink is not None and self._sink.watching():
+            try:
+                return self._queue.get(timeout=sink.WATCH_INTERVAL)
+            except queue.Empty:
+                if self._sink is not None:
+                    self._sink.check_starved()
+        return self._queue.get()
 
     # The commands, run on the thread that owns the writer (its own, or a child's only one).
 
