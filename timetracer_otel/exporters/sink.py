@@ -24,8 +24,8 @@ Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
 
 The child ignores the terminal's signals (its own process group) and finishes what it was
 sent if the app dies: a pipe at end of file closes the writer, which writes every open trace.
-It has a session of its own, unless it runs at idle priority (``TIMETRACER_WRITER_PRIORITY``;
-by default wherever the app may give it its priority back): Linux shares CPU time fairly
+It has a session of its own, unless it runs at idle priority (``TIMETRACER_WRITER_PRIORITY=idle``,
+or ``auto`` where the app may give it its priority back): Linux shares CPU time fairly
 between sessions' autogroups first, so a priority set inside a child of its own session
 cannot count against the app and its neighbours (see :func:`lower_priority`).
 """
