@@ -168,6 +168,11 @@ _LINUX_POLICIES = pytest.mark.skipif(
     not sink.idle_policies(), reason="Linux scheduling policies; Popen(process_group=) is 3.11+")
 
 
+_RESTORABLE = pytest.mark.skipif(
+    not sink.idle_policies() or not sink.can_restore_priority(),
+    reason="this process may not give a task its priority back")
+
+
 def _policies(pid: int) -> set[int]:
     """The scheduling policies of every thread of process ``pid``, read from the system."""
     return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
@@ -231,9 +236,7 @@ def _stopped_idle_writer(tmp_path: Path, monkeypatch: Any) -> tuple[CassetteWrit
     return writer, child
 
 
-@_LINUX_POLICIES
-@pytest.mark.skipif(not sink.can_restore_priority(),
-                    reason="this process may not give a task its priority back")
+@_RESTORABLE
 def test_an_idle_writer_gets_the_apps_priority_while_a_flush_waits_for_it(
         tmp_path: Path, monkeypatch: Any) -> None:
     writer, child = _stopped_idle_writer(tmp_path, monkeypatch)
@@ -256,9 +259,7 @@ def test_an_idle_writer_gets_the_apps_priority_while_a_flush_waits_for_it(
     assert {"GET__orders_0", "GET__orders_1"} <= set(names)  # with the lone calls' cassette
 
 
-@_LINUX_POLICIES
-@pytest.mark.skipif(not sink.can_restore_priority(),
-                    reason="this process may not give a task its priority back")
+@_RESTORABLE
 def test_an_idle_writer_falling_behind_gets_the_apps_priority_until_it_catches_up(
         tmp_path: Path, monkeypatch: Any) -> None:
     writer, child = _stopped_idle_writer(tmp_path, monkeypatch)
@@ -287,9 +288,7 @@ def test_an_idle_writer_falling_behind_gets_the_apps_priority_until_it_catches_u
     assert writer.stats()["dropped_spans"] == 0
 
 
-@_LINUX_POLICIES
-@pytest.mark.skipif(not sink.can_restore_priority(),
-                    reason="this process may not give a task its priority back")
+@_RESTORABLE
 def test_an_idle_writer_starved_by_busy_cores_gets_the_apps_priority_and_writes(
         tmp_path: Path, monkeypatch: Any) -> None:
     # One busy process more than this process has CPUs: an idle task would get almost no
