@@ -192,10 +192,10 @@ class SinkProcess:
         env = dict(os.environ)
         env[CHILD_ENV] = "1"
         config = dict(config)
-        # idle where asked for, or by default where the child's priority can be given back
+        # idle where asked for, or with auto where the child's priority can be given back
         # while the app waits for it (see boosted); normal otherwise.
-        self.restorable = idle_policies() and can_restore_priority()
         asked = config.get("priority", "normal")
+        self.restorable = asked in ("idle", "auto") and idle_policies() and can_restore_priority()
         idle = asked == "idle" or (asked == "auto" and self.restorable)
         config["priority"] = "idle" if idle else "normal"
         self.idle = idle and idle_policies()
@@ -512,9 +512,10 @@ def lower_priority(pid: int) -> None:
     free one: the conversions and disk flushes run in the time the app, its upstreams and
     its neighbours leave (scenario 1's paired rows measure the waits for a core it saves).
     While every core stays busy it gets almost no CPU, so the parent gives it the app's
-    priority back while the app waits for it (:meth:`SinkProcess.boosted`) and while its
-    backlog fills half its pipe, where the system lets it (:func:`can_restore_priority`),
-    and the child takes it back itself once the app is gone. Elsewhere the lowest nice,
+    priority back while the app waits for it (:meth:`SinkProcess.boosted`), while its
+    backlog fills half its pipe and while it is starved (:meth:`SinkProcess.check_starved`),
+    where the system lets it (:func:`can_restore_priority`), and the child takes it back
+    itself once the app is gone. Elsewhere the lowest nice,
     which nothing gives back. The writer thread in the app's process keeps the app's
     priority: it holds the interpreter lock while it runs."""
     try:
