@@ -47,11 +47,11 @@ class WriterPriority(Choice):
     ``idle``: only for time no other task of the machine wants (Linux's SCHED_IDLE; the
     lowest nice elsewhere), so its conversions and disk flushes keep the app, or a service
     beside it, waiting for a core less. Where the app's process may give it its priority
-    back (CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more: root outside a container, and many
-    containers not), it gets it back while a flush or close waits for it, and while its
-    backlog fills half its pipe. Where not, on a machine that stays saturated it falls
-    behind: flushes wait, and past the writer's queue spans are dropped, counted, their
-    cassettes saying ``complete: false``.
+    back (CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more: root outside a container has it,
+    Docker's default capabilities leave it out), it gets it back while a flush or close
+    waits for it, while its backlog fills half its pipe, and while it is starved. Where
+    not, on a machine that stays saturated it falls behind: flushes wait, and past the
+    writer's queue spans are dropped, counted, their cassettes saying ``complete: false``.
 
     ``normal`` (the default): the app's own priority. ``auto``: ``idle`` where its priority
     can be given back, else ``normal``.

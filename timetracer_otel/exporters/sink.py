@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import msgspec
@@ -192,21 +192,22 @@ class SinkProcess:
         env = dict(os.environ)
         env[CHILD_ENV] = "1"
         config = dict(config)
-        # idle where asked for, or with auto where the child's priority can be given back
-        # while the app waits for it (see boosted); normal otherwise.
+        # idle where asked for, or with auto where the child's priority can be given back;
+        # normal otherwise.
         asked = config.get("priority", "normal")
-        self.restorable = asked in ("idle", "auto") and idle_policies() and can_restore_priority()
-        idle = asked == "idle" or (asked == "auto" and self.restorable)
+        restorable = asked in ("idle", "auto") and can_restore_priority()
+        idle = asked == "idle" or (asked == "auto" and restorable)
         config["priority"] = "idle" if idle else "normal"
-        self.idle = idle and idle_policies()
-        self._boosts = 0  # flush/close waits and a full backlog, each holding the priority up
-        self._backlog_boost = False
-        self._closing = False
-        # The starvation watch (see check_starved): the last look at the child's wait for a
-        # core, when a frame last went out, and until when a starved child stays raised.
+        # An idle child this process may raise to its own priority (see _update): while the
+        # app waits for an answer (and for good once it asked the child to close), while the
+        # child is behind (its unread backlog), and while it is starved (check_starved).
+        self.raisable = idle and restorable
+        self._raised = self._asking = self._closing = self._behind = False
+        self._starved_until: float | None = None
+        # The starvation watch: the last look at the child's wait for a core, and when a
+        # frame last went out.
         self._look: tuple[float, int] | None = None
         self._last_send = 0.0
-        self._starved_until: float | None = None
         # A session of its own (no controlling terminal: the terminal's signals cannot reach
         # it). At idle priority its own process group in the app's session instead, where
         # the priority counts against the app's tasks (see lower_priority); it ignores
@@ -239,7 +240,7 @@ class SinkProcess:
         self.send_encoded(_encode(message))
 
     def send_encoded(self, body: bytes) -> None:
-        if self.restorable and self.idle:
+        if self.raisable:
             self._last_send = time.monotonic()
             self._watch_backlog()
             self.check_starved()
@@ -251,9 +252,10 @@ class SinkProcess:
             raise SinkError(f"the cassette writer process is gone ({self._exit()})") from exc
 
     def ask(self, *message: Any, timeout: float = REPLY_TIMEOUT) -> Any:
-        if message[0] == "close":  # raised for good: the app waits for its exit too
-            self._closing = True
-        with self.boosted():  # the app waits for the answer: no longer only spare CPU time
+        # The app waits for the answer: the child no longer runs on spare CPU time only.
+        self._asking, self._closing = True, self._closing or message[0] == "close"
+        self._update()
+        try:
             self.send(*message)
             try:
                 reply = _read_frame(self._out, timeout)
@@ -262,27 +264,24 @@ class SinkProcess:
             if reply is None:
                 raise SinkError(f"the cassette writer process is gone ({self._exit()})")
             return _decode(reply)
-
-    @contextlib.contextmanager
-    def boosted(self) -> Iterator[None]:
-        """The child at the app's priority inside (an idle child whose priority can be given
-        back; otherwise nothing changes), at idle again after the last boost ends."""
-        self._boost(True)
-        try:
-            yield
         finally:
-            self._boost(False)
+            self._asking = False
+            self._update()
 
-    def _boost(self, up: bool) -> None:
-        self._boosts += 1 if up else -1
-        if self._boosts == (1 if up else 0):
-            self._set_policy(normal=up)
+    def _update(self) -> None:
+        """A raisable child at the app's priority while any reason holds, at idle otherwise."""
+        if not self.raisable:
+            return
+        raised = self._asking or self._closing or self._behind or self._starved_until is not None
+        if raised != self._raised:
+            self._raised = raised
+            set_policy(self.proc.pid, os.SCHED_OTHER if raised else os.SCHED_IDLE)
 
     def watching(self) -> bool:
         """Whether the writer thread should look at the child every WATCH_INTERVAL even with
         nothing to send: an idle child that was sent a frame in the last QUIET_WATCH seconds
         (it may still be working on it), or that is raised for starvation."""
-        return self.idle and self.restorable and (
+        return self.raisable and (
             time.monotonic() - self._last_send < QUIET_WATCH or self._starved_until is not None)
 
     def check_starved(self) -> None:
@@ -292,7 +291,7 @@ class SinkProcess:
         by others) gets the app's priority for STARVED_BOOST seconds, so what it holds
         reaches the disk in bounded time, flushed or not; then it tries idle again. One small
         read of its schedstat per look."""
-        if not (self.idle and self.restorable):
+        if not self.raisable:
             return
         now = time.monotonic()
         if self._look is not None and now - self._look[0] < WATCH_INTERVAL:
@@ -301,13 +300,11 @@ class SinkProcess:
         if wait is None:
             return
         if self._look is not None and wait - self._look[1] >= (now - self._look[0]) * 0.5e9:
-            if self._starved_until is None:
-                self._boost(True)
             self._starved_until = now + STARVED_BOOST
         elif self._starved_until is not None and now >= self._starved_until:
             self._starved_until = None
-            self._boost(False)
         self._look = (now, wait)
+        self._update()
 
     def _watch_backlog(self) -> None:
         """Boost the child while what it has not read yet fills half its pipe (it is falling
@@ -319,26 +316,11 @@ class SinkProcess:
             waiting = struct.unpack("i", fcntl.ioctl(self._in, termios.FIONREAD, b"\0" * 4))[0]
         except (ImportError, OSError):
             return
-        if not self._backlog_boost and waiting >= self._pipe_size // 2:
-            self._backlog_boost = True
-            self._boost(True)
-        elif self._backlog_boost and waiting <= self._pipe_size // 8:
-            self._backlog_boost = False
-            self._boost(False)
-
-    def _set_policy(self, normal: bool) -> None:
-        """Every thread of an idle child to SCHED_OTHER (``normal``) or back to SCHED_IDLE;
-        failures (the child gone, the right withdrawn) leave it as it is."""
-        if not (self.idle and self.restorable) or (self._closing and not normal):
-            return
-        policy = os.SCHED_OTHER if normal else os.SCHED_IDLE
-        try:
-            tids = os.listdir(f"/proc/{self.proc.pid}/task")
-        except OSError:
-            tids = [str(self.proc.pid)]
-        for tid in tids:
-            with contextlib.suppress(OSError, ValueError):
-                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+        if waiting >= self._pipe_size // 2:
+            self._behind = True
+        elif waiting <= self._pipe_size // 8:
+            self._behind = False
+        self._update()
 
     def _exit(self) -> str:
         code = self.proc.poll()
@@ -375,6 +357,18 @@ def _wait_ns(pid: int) -> int | None:
             return int(f.read().split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def set_policy(pid: int, policy: int) -> None:
+    """Every thread of process ``pid`` to scheduling ``policy``; a thread that cannot be
+    changed (gone, or the right withdrawn) is left as it is."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = [str(pid)]
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
 
 
 def idle_policies() -> bool:
@@ -512,7 +506,7 @@ def lower_priority(pid: int) -> None:
     free one: the conversions and disk flushes run in the time the app, its upstreams and
     its neighbours leave (scenario 1's paired rows measure the waits for a core it saves).
     While every core stays busy it gets almost no CPU, so the parent gives it the app's
-    priority back while the app waits for it (:meth:`SinkProcess.boosted`), while its
+    priority back while the app waits for it (:meth:`SinkProcess.ask`), while its
     backlog fills half its pipe and while it is starved (:meth:`SinkProcess.check_starved`),
     where the system lets it (:func:`can_restore_priority`), and the child takes it back
     itself once the app is gone. Elsewhere the lowest nice,
@@ -540,14 +534,11 @@ def _tune_gc() -> None:
 
 
 def restore_priority() -> None:
-    """This process's threads back to SCHED_OTHER, where it may (see
+    """This idle process's threads back to SCHED_OTHER, where it may (see
     :func:`can_restore_priority`); nothing otherwise."""
-    if not idle_policies():
-        return
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
-        with contextlib.suppress(OSError, ValueError):
-            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
-                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+    with contextlib.suppress(AttributeError, OSError):
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            set_policy(os.getpid(), os.SCHED_OTHER)
 
 
 def main() -> None:

@@ -356,12 +356,12 @@ class CassetteWriter:
         """The next queued item; while an idle writer process may still be working on what
         it was sent, a look at whether it is starved every ``sink.WATCH_INTERVAL`` until
         something comes (see ``SinkProcess.check_starved``)."""
-        while self._sink is not None and self._sink.watching():
+        child = self._sink
+        while child is not None and child.watching():
             try:
                 return self._queue.get(timeout=sink.WATCH_INTERVAL)
             except queue.Empty:
-                if self._sink is not None:
-                    self._sink.check_starved()
+                child.check_starved()
         return self._queue.get()
 
     # The commands, run on the thread that owns the writer (its own, or a child's only one).
