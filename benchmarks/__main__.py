@@ -127,7 +127,7 @@ class Bench:
         wall = self.add(sc, "record overhead per dependency call, paired blocks", "µs/call",
                         out["over_wall"],
                         note=f"{rounds} rounds of OTel-only, record, discarding-writer and "
-                             f"idle-priority-writer blocks ({requests} timed requests after "
+                             f"normal-priority-writer blocks ({requests} timed requests after "
                              f"{lead}, shuffled) in one "
                              "process, shims installed in all; the request's inbound span "
                              f"included; OTel-only call {med(out['otel_wall']):.0f} µs; "
@@ -147,21 +147,21 @@ class Bench:
             self.add(sc, f"  waiting for a core over OTel only: {label}", "µs/call",
                      out[f"over_{key}"],
                      note=f"runnable, not running (schedstat); OTel only: "
-                          f"{med(out[f'otel_{key}']):.1f} µs/call; writer at idle priority: "
-                          f"+{med(out[f'idle_over_{key}']):.1f}")
+                          f"{med(out[f'otel_{key}']):.1f} µs/call; writer at normal priority: "
+                          f"+{med(out[f'normal_over_{key}']):.1f}")
         policies = out.get("writer_policies", {})
         self.add(sc, "  same, writer process discards what it is sent", "µs/call",
                  out["discard_over_wall"],
                  note="the same request path and hand-off, no conversion or writes: request "
                       f"thread +{med(out['discard_over_request_thread']):.1f} µs/call CPU, "
                       f"writer process {med(out['discard_over_writer_process']):.1f} µs/call")
-        self.add(sc, "  same, writer process at idle priority", "µs/call",
-                 out["idle_over_wall"],
-                 note="TIMETRACER_WRITER_PRIORITY=idle: request thread "
-                      f"+{med(out['idle_over_request_thread']):.1f} µs/call CPU, writer "
-                      f"process {med(out['idle_writer_process']):.1f} µs/call; policies read "
-                      f"from the system: record {policies.get('record')}, idle "
-                      f"{policies.get('idle')}")
+        self.add(sc, "  same, writer process at normal priority", "µs/call",
+                 out["normal_over_wall"],
+                 note="TIMETRACER_WRITER_PRIORITY=normal: request thread "
+                      f"+{med(out['normal_over_request_thread']):.1f} µs/call CPU, writer "
+                      f"process {med(out['normal_writer_process']):.1f} µs/call; policies read "
+                      f"from the system: record {policies.get('record')}, normal "
+                      f"{policies.get('normal')}")
 
     def _ratios(self, m: dict[str, float]) -> None:
         rows = {r.name: r for r in self.rows if r.scenario == "1 http fan-out"}

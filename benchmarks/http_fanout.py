@@ -101,7 +101,8 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     only, record, record into a second writer whose process reads what it is sent and
     does nothing with it (the same request path and hand-off without the conversion and the
     writes; see ``benchmarks.contention``), and record into a third whose process runs at
-    idle priority (``TIMETRACER_WRITER_PRIORITY=idle``) instead of the app's. Differences
+    the app's priority (``TIMETRACER_WRITER_PRIORITY=normal``) whatever the default (``auto``:
+    idle where its priority can be given back, which the record block shows). Differences
     against the round's OTel-only block are per dependency call (a tenth of a request, its
     inbound span included). A separate process per mode (the other rows) puts the machine's
     drift between processes, which on this VM moves a request by more than recording costs,
@@ -137,11 +138,11 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     recording = timetracer_otel.record(dir=tmp / "rec")
     recording.__enter__()
     dispatch = _dispatch_for(sdk_provider())
-    idle = CassetteWriter(str(tmp / "idle"), isolate=True)
-    idle.priority = "idle"  # what TIMETRACER_WRITER_PRIORITY=idle sets; read as its process starts
+    normal = CassetteWriter(str(tmp / "normal"), isolate=True)
+    normal.priority = "normal"  # what TIMETRACER_WRITER_PRIORITY=normal sets; read as it starts
     writers: dict[str, CassetteWriter | None] = {
         "otel": None, "record": recording.writer,
-        "discard": CassetteWriter(str(tmp / "discard"), isolate=True), "idle": idle,
+        "discard": CassetteWriter(str(tmp / "discard"), isolate=True), "normal": normal,
     }
 
     def switch(which: str) -> None:
@@ -188,14 +189,14 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
         await block(writers["discard"])
     switch("record")
     await block(writers["record"])
-    switch("idle")
-    await block(writers["idle"])
+    switch("normal")
+    await block(writers["normal"])
     check_boots(writers["record"], writers["discard"])
-    priorities = {w: _policy(writers[w]) for w in ("record", "discard", "idle")}
+    priorities = {w: _policy(writers[w]) for w in ("record", "discard", "normal")}
     keys = ("wall", "request_thread", "other_threads", "writer_process", "upstream",
             "request_thread_wait", "upstream_wait")
-    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "idle",
-                                                             "over", "discard_over", "idle_over")
+    res: dict[str, list[float]] = {f"{w}_{k}": [] for w in ("otel", "record", "discard", "normal",
+                                                             "over", "discard_over", "normal_over")
                                    for k in keys}
     for r in range(args["rounds"]):
         got: dict[str, dict[str, float]] = {}
@@ -209,9 +210,9 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
                 res[f"{which}_{k}"].append(got[which][k])
             res[f"over_{k}"].append(got["record"][k] - got["otel"][k])
             res[f"discard_over_{k}"].append(got["discard"][k] - got["otel"][k])
-            res[f"idle_over_{k}"].append(got["idle"][k] - got["otel"][k])
+            res[f"normal_over_{k}"].append(got["normal"][k] - got["otel"][k])
     switch("record")
-    for extra in (writers["discard"], writers["idle"]):
+    for extra in (writers["discard"], writers["normal"]):
         assert extra is not None
         extra.close()
     recording.__exit__(None, None, None)

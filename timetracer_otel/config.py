@@ -53,12 +53,14 @@ class WriterPriority(Choice):
     not, on a machine that stays saturated it falls behind: flushes wait, and past the
     writer's queue spans are dropped, counted, their cassettes saying ``complete: false``.
 
-    ``normal`` (the default): the app's own priority. ``auto``: ``idle`` where its priority
-    can be given back, else ``normal``.
+    ``normal``: the app's own priority, in a session of its own. ``auto`` (the default):
+    ``idle`` where its priority can be given back, else ``normal``: an idle writer that can
+    never be given its priority back could fall behind for good on a saturated machine.
 
-    Idle is not the default: in a loop that keeps every core busy (scenario 4's queries
-    against a local PostgreSQL), an idle writer falls behind and then catches up in bursts
-    at the app's priority, which cost the app more than a normal writer's steady share."""
+    Scenario 1's paired rows measure what idle saves: the app and its upstream wait for a
+    core less. A saturating query loop (scenario 4, in steady state) showed no difference
+    between the two beyond the runs' spread; an earlier reading that idle cost such loops
+    more came from a window that ended before the writer process had booted."""
 
     AUTO = "auto"
     IDLE = "idle"
@@ -104,7 +106,7 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     report: str | None = None
     writer: WriterKind = WriterKind.AUTO
-    writer_priority: WriterPriority = WriterPriority.NORMAL
+    writer_priority: WriterPriority = WriterPriority.AUTO
     # Payloads on the spans even while a timetracer writer in this process takes them (for a
     # Collector running `timetracer-otel collect` beside a local recording).
     span_payloads: bool = False
@@ -134,7 +136,7 @@ class Settings:
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),
             writer_priority=WriterPriority.parse(
-                env.get("TIMETRACER_WRITER_PRIORITY", "normal") or "normal",
+                env.get("TIMETRACER_WRITER_PRIORITY", "auto") or "auto",
                 "TIMETRACER_WRITER_PRIORITY"),
             span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
         )

@@ -186,14 +186,14 @@ def test_the_writer_process_priority_and_session(
     # the terminal's signals cannot reach it. At idle priority it has its own process group
     # in the app's session (one autogroup: the priority then counts against the app's tasks;
     # Ctrl-C still goes to the app's group only) and ignores SIGTTOU (`stty tostop`). The
-    # default is normal; auto is idle where this process may give it its priority back.
+    # default is auto: idle where this process may give it its priority back, else normal.
     monkeypatch.setenv("TIMETRACER_WRITER_PRIORITY", setting)
     writer = CassetteWriter(str(tmp_path), isolate=True)
     _trace(_tracer(writer), 1)
     assert writer.flush(timeout=60, process=True)
     assert writer._sink is not None
     child = writer._sink.proc.pid
-    idle = setting == "idle" or (setting == "auto" and sink.can_restore_priority())
+    idle = setting == "idle" or (setting in ("", "auto") and sink.can_restore_priority())
     try:
         if idle:
             assert os.getsid(child) == os.getsid(0)

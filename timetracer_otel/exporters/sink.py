@@ -24,10 +24,11 @@ Parent → child, length-prefixed msgpack frames (``[tag, ...]``):
 
 The child ignores the terminal's signals (its own process group) and finishes what it was
 sent if the app dies: a pipe at end of file closes the writer, which writes every open trace.
-It has a session of its own, unless it runs at idle priority (``TIMETRACER_WRITER_PRIORITY=idle``,
-or ``auto`` where the app may give it its priority back): Linux shares CPU time fairly
-between sessions' autogroups first, so a priority set inside a child of its own session
-cannot count against the app and its neighbours (see :func:`lower_priority`).
+It has a session of its own, unless it runs at idle priority (``TIMETRACER_WRITER_PRIORITY``
+``auto``, the default, where the app may give it its priority back, or ``idle``): Linux
+shares CPU time fairly between sessions' autogroups first, so a priority set inside a child
+of its own session cannot count against the app and its neighbours (see
+:func:`lower_priority`).
 """
 
 from __future__ import annotations
