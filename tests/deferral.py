@@ -36,9 +36,9 @@ _TAP = _AttributeTap()
 def _timeless(response: Any) -> Any:
     """A recorded response without what the clock put in it: the Date header, gzip's mtime
     (an inbound response, the app's own ASGI messages, has neither); and without the server
-    process a database connection was given (asyncpg's ``connect``)."""
-    if isinstance(response, dict) and "pid" in response:
-        return {**response, "pid": None}
+    process a database connection was given (the ``connect`` answers of asyncpg and psycopg)."""
+    if isinstance(response, dict) and ("pid" in response or "backend_pid" in response):
+        return {k: None if k in ("pid", "backend_pid") else v for k, v in response.items()}
     if response is None or "headers" not in response:
         return response
     headers = [h for h in response["headers"] if h[0].lower() != "date"]

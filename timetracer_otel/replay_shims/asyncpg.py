@@ -38,13 +38,13 @@ from timetracer_otel.replay_shims.base import (
     BUILDERS,
     LIVE,
     STATE,
-    Payload,
     Shim,
-    built_payload,
     capture,
     decide,
     defer,
     deferrable_span,
+    deferred_builder,
+    deferred_call,
     error_tree,
     rebuild_error,
 )
@@ -453,16 +453,16 @@ async def _run(
             try:
                 out = await invoke()
             except StopAsyncIteration:
-                defer(span, LIBRARY, _captured(call, {"tx": conn._protocol.is_in_transaction(),
+                defer(span, LIBRARY, deferred_call(call, {"tx": conn._protocol.is_in_transaction(),
                                                       "stop": True}, None))
                 raise
             except Exception as exc:
-                defer(span, LIBRARY, _captured(call, None, error_tree(exc, _error_attrs(exc, conn))))
+                defer(span, LIBRARY, deferred_call(call, None, error_tree(exc, _error_attrs(exc, conn))))
                 raise
             tree = _result_tree(kind, out, conn, query, record_class)
             if on_record is not None:
                 on_record(tree)
-            defer(span, LIBRARY, _captured(call, tree, None))
+            defer(span, LIBRARY, deferred_call(call, tree, None))
         finally:
             _TAKEN.reset(token)
         return out
@@ -482,23 +482,9 @@ async def _run(
     return out
 
 
-def _captured(call: Call, response: Tree, error: Tree) -> tuple[Any, ...]:
-    """A finished query as :func:`_payload_of` takes it: the call's trees (its request only
-    where it is not its identity, which :func:`~timetracer_otel.sql.sql_call` makes one
-    tree), its keys where already known (the writer computes them otherwise), and the result
-    or error tree. Trees are what msgpack carries unchanged; each is new to this call or
-    never mutated."""
-    request = call.request
-    return (call.identity, None if request is call.identity else request, call.shape,
-            call.label, call._key, call._shape_key, response, error)
-
-
-def _payload_of(args: Any) -> Payload:
-    """A deferred query's Payload, as :class:`~.base.Capture` makes it (see base.BUILDERS)."""
-    identity, request, shape, label, key, shape_key, response, error = args
-    call = Call(LIBRARY, identity if request is None else request, identity, shape, label, key,
-                shape_key)
-    return built_payload(call, error, lambda: response)
+# A deferred query's Payload, as :class:`~.base.Capture` makes it: its result tree as the
+# request path built it.
+_payload_of = deferred_builder(LIBRARY, lambda tree: tree)
 
 
 BUILDERS[LIBRARY] = _payload_of

@@ -325,6 +325,30 @@ def built_payload(call: Call, error: Tree, response: Callable[[], Tree]) -> Payl
     return finished_struct(call, request, "response", STATE.redactor.response_packed(response())[1])
 
 
+def deferred_call(call: Call, response: Any, error: Tree) -> tuple[Any, ...]:
+    """A finished call of a shim that keys it with :class:`Call` trees (the SQL shims), as
+    :func:`deferred_builder`'s builder takes it: the call's trees (its request only where it
+    is not its identity, which :func:`~timetracer_otel.sql.sql_call` makes one tree), its
+    keys where already known (the writer computes them otherwise), the shim's form of the
+    response (see ``deferred_builder``) and the error tree. All of it is what msgpack carries
+    unchanged, and each part is new to this call or never mutated."""
+    request = call.request
+    return (call.identity, None if request is call.identity else request, call.shape,
+            call.label, call._key, call._shape_key, response, error)
+
+
+def deferred_builder(library: str, response_tree: Callable[[Any], Tree]) -> Callable[[Any], Payload]:
+    """The builder (see :data:`BUILDERS`) of :func:`deferred_call`'s tuples: the Payload a
+    :class:`Capture` makes, the response tree made by ``response_tree`` from the shim's form."""
+    def build(args: Any) -> Payload:
+        identity, request, shape, label, key, shape_key, response, error = args
+        call = Call(library, identity if request is None else request, identity, shape, label,
+                    key, shape_key)
+        return built_payload(call, error, lambda: response_tree(response))
+
+    return build
+
+
 def deferred_of(span: Any) -> Any:
     """The call a shim left with ``span`` (see :func:`defer`), or None."""
     return getattr(getattr(span, "_attributes", None), DEFERRED, None)

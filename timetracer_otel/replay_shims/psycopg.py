@@ -44,11 +44,18 @@ from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
+    _TAKEN,
+    BUILDERS,
     LIVE,
     STATE,
     Shim,
     capture,
     decide,
+    defer,
+    deferrable_span,
+    deferred_builder,
+    deferred_call,
+    error_tree,
     rebuild_error,
 )
 from timetracer_otel.sql import sql_call
@@ -176,6 +183,16 @@ class RecordedResult:
             diag = {int(f): v for f in pq.DiagnosticField if (v := res.error_field(f)) is not None}
         return cls(int(res.status), res.command_status, res.command_tuples, fields, rows,
                    message, diag)
+
+    def parts(self) -> tuple[Any, ...]:
+        """The copy as plain values (msgpack carries them), for :meth:`from_parts`."""
+        return (self.status, self.command_status, self.command_tuples, self._fields, self._rows,
+                self.error_message, list(self._diag.items()))
+
+    @classmethod
+    def from_parts(cls, parts: Any) -> RecordedResult:
+        status, command_status, command_tuples, fields, rows, message, diag = parts
+        return cls(status, command_status, command_tuples, fields, rows, message, dict(diag))
 
     def to_tree(self, enc: str) -> Tree:
         """Text cells, names and tags as text (reviewable JSON cassettes), binary cells as bytes."""
@@ -483,23 +500,39 @@ def _connect_call(params: dict[str, Any]) -> Call:
 
 def _cursor_tree(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Tree:
     """The cursor's outcome as recorded; with ``swap`` the cursor then reads the copies."""
-    enc = cur._encoding
+    return _outcome_tree(_cursor_outcome(cur, results, swap=swap))
+
+
+def _cursor_outcome(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Any:
+    """What :func:`_cursor_tree` records, read from the cursor (the results copied, the
+    cursor swapped onto the copies with ``swap``), as plain values: the request path's part
+    of a call left to the writer, which makes the tree (:func:`_outcome_tree`) later."""
     copies = [RecordedResult.capture(r) for r in (cur._results if results is None else results)]
     if swap and copies:
         rowcount, status = cur._rowcount, cur._statusmessage
         cur._results = copies
         cur._select_current_result(cur._iresult)
         cur._rowcount, cur._statusmessage = rowcount, status
+    pgconn = cur._conn.pgconn
+    return (cur._encoding, [c.parts() for c in copies], cur._rowcount, cur._statusmessage,
+            int(pgconn.transaction_status), _session_change(pgconn))
+
+
+def _outcome_tree(outcome: Any) -> Tree:
+    enc, results, rowcount, status, tx, change = outcome
     tree: dict[str, Any] = {
-        "results": [c.to_tree(enc) for c in copies],
-        "rowcount": cur._rowcount,
-        "status": _text(cur._statusmessage, enc),
-        "tx": int(cur._conn.pgconn.transaction_status),
+        "results": [RecordedResult.from_parts(r).to_tree(enc) for r in results],
+        "rowcount": rowcount,
+        "status": _text(status, enc),
+        "tx": tx,
     }
-    change = _session_change(cur._conn.pgconn)
     if change:
         tree["session"] = change
     return tree
+
+
+# A deferred execute's Payload, as :class:`~.base.Capture` makes it.
+BUILDERS[LIBRARY] = deferred_builder(LIBRARY, _outcome_tree)
 
 
 def _error_attrs(cur: Any, exc: BaseException) -> Tree:
@@ -559,6 +592,22 @@ def _execute_gen(original: Any) -> Any:
             return None
         if action is LIVE:
             return (yield from original(self, query, params, prepare=prepare, binary=binary))
+        span = deferrable_span(SCOPE) if STATE.defer else None
+        if span is not None:
+            # Left to the writer (see base.defer): the request path copies the results, as a
+            # capture does; the trees, packing and scrubbing are the writer's.
+            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
+            try:
+                try:
+                    yield from original(self, query, params, prepare=prepare, binary=binary)
+                except Exception as exc:
+                    defer(span, LIBRARY, deferred_call(
+                        call, None, error_tree(exc, _error_attrs(self, exc))))
+                    raise
+                defer(span, LIBRARY, deferred_call(call, _cursor_outcome(self, swap=True), None))
+            finally:
+                _TAKEN.reset(token)
+            return None
         with capture(call, SCOPE) as cap:
             try:
                 yield from original(self, query, params, prepare=prepare, binary=binary)
