@@ -208,7 +208,7 @@ class SinkProcess:
         # The starvation watch: the last look at the child's wait for a core, and when a
         # frame last went out.
         self._look: tuple[float, int] | None = None
-        self._last_send = 0.0
+        self._last_send = self._last_watch = 0.0
         # A session of its own (no controlling terminal: the terminal's signals cannot reach
         # it). At idle priority its own process group in the app's session instead, where
         # the priority counts against the app's tasks (see lower_priority); it ignores
@@ -242,9 +242,16 @@ class SinkProcess:
 
     def send_encoded(self, body: bytes) -> None:
         if self.raisable:
-            self._last_send = time.monotonic()
-            self._watch_backlog()
-            self.check_starved()
+            # The watch at most every BACKLOG_INTERVAL, or for a frame that is a large part
+            # of the pipe, not for every frame: the writer thread sends as soon as its queue
+            # runs empty, often a span at a time, and each look is an ioctl and its Python
+            # on the thread that takes the app's interpreter lock.
+            now = time.monotonic()
+            self._last_send = now
+            if now - self._last_watch >= BACKLOG_INTERVAL or len(body) >= self._pipe_size >> 4:
+                self._last_watch = now
+                self._watch_backlog()
+                self.check_starved()
         data = memoryview(_HEADER.pack(len(body)) + body)
         try:
             while data:
@@ -348,6 +355,9 @@ class SinkProcess:
 WATCH_INTERVAL = 0.1
 STARVED_BOOST = 1.0
 QUIET_WATCH = 5.0
+# Seconds between looks at an idle child's unread backlog as frames go out (half its 1 MiB
+# pipe takes far longer to fill).
+BACKLOG_INTERVAL = 0.01
 
 
 def _wait_ns(pid: int) -> int | None:
