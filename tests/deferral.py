@@ -127,3 +127,49 @@ def secrets_learned_in_the_app(get: Callable[..., Any], post: Callable[..., Any]
     for value in (secret, qtoken, password, "s3cr3t-cookie"):
         assert value not in text
     assert text.count("redacted:") == 4
+
+
+def built_here(monkeypatch: pytest.MonkeyPatch, library: str) -> list[str]:
+    """The labels of the calls whose payloads ``library``'s builder makes in this process from
+    now on (a writer thread's; a writer process imports its own builders)."""
+    from timetracer_otel.replay_shims.base import BUILDERS
+
+    build, built = BUILDERS[library], []
+
+    def builder(args: Any) -> Any:
+        payload = build(args)
+        built.append(payload.label)
+        return payload
+
+    monkeypatch.setitem(BUILDERS, library, builder)
+    return built
+
+
+def interactions_of(job: Callable[[str, str], None], base: str, tmp_path: Path) -> int:
+    """The interactions one recording of ``job(base, "")`` holds."""
+    with timetracer_otel.record(dir=tmp_path / "count") as rec:
+        job(base, "")
+    return sum(len(load_cassette(p).interactions) for p in rec.paths)
+
+
+def left_to_writer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, writer: str, library: str,
+                   label: str, job: Callable[[int], Any], live_port: int) -> tuple[Any, Any]:
+    """``job(port)`` recorded against ``live_port`` with the writer ``writer`` ("thread" or
+    "process") and replayed strictly against a port where nothing listens; asserts the replay
+    used every recorded call, and that ``library``'s calls (one labelled ``label...``) were
+    built by the writer thread here, or not in this process by a writer process. Returns the
+    live and the replayed results."""
+    from tests.conftest import unreachable_port
+
+    monkeypatch.setenv("TIMETRACER_WRITER", writer)
+    built = built_here(monkeypatch, library)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(live_port)
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(unreachable_port())
+    assert rep.report.ok
+    if writer == "thread":  # the writer thread built the calls' payloads in this process
+        assert any(x.startswith(label) for x in built)
+    else:  # the writer's process did: this process's builder never ran
+        assert built == [] and rec.writer is not None and rec.writer.isolate
+    return live, replayed

@@ -15,11 +15,10 @@ import pytest
 
 import timetracer_otel
 from tests.conftest import PG_PORT, unreachable_port
-from tests.deferral import recorded_both_ways
+from tests.deferral import interactions_of, left_to_writer, recorded_both_ways
 from tests.replay_shims.test_asyncpg_types import _setup, dsn, typed
 from tests.replay_shims.test_asyncpg_types import job as every_type_job
 from tests.upstream_app import app
-from timetracer_otel.replay_shims import asyncpg as asyncpg_shim
 
 # A secret the app's redactor learns from a header, then finds in a row the server returns
 # (sent upper-cased, so the parameter itself does not carry it).
@@ -47,7 +46,7 @@ def test_queries_left_to_the_writer_record_what_the_span_attribute_records(
         # Put the database back as it was, so the second recording sees what the first did.
         asyncio.run(_reset(pg_database))
 
-    calls = _count_calls(job, serve(app).url, tmp_path)
+    calls = interactions_of(job, serve(app).url, tmp_path)
     # Still captured on the request path: opening a connection and preparing a statement, and
     # fetchmany, which OTel's instrumentation leaves without a span (the shim makes its own).
     recorded = recorded_both_ways(job, serve(app).url, calls, tmp_path, monkeypatch, fmt,
@@ -66,39 +65,17 @@ async def _reset(db: str) -> None:
         await conn.close()
 
 
-def _count_calls(job: Any, base: str, tmp_path: Path) -> int:
-    """The interactions one run of ``job`` records (recorded once more by the test)."""
-    with timetracer_otel.record(dir=tmp_path / "count") as rec:
-        job(base, "")
-    return sum(len(timetracer_otel.load_cassette(p).interactions) for p in rec.paths)
-
-
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_deferred_queries_replay_offline_with_equal_values_and_types(
     pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
     """Every column type, errors, cursors and transactions, recorded with the queries left to
     the writer (its thread here, or its process), replay equal in value and type."""
-    monkeypatch.setenv("TIMETRACER_WRITER", writer)
     asyncio.run(_setup(pg_database))
-    built: list[str] = []
-
-    def builder(args: Any) -> Any:
-        payload = asyncpg_shim._payload_of(args)
-        built.append(payload.label)
-        return payload
-
-    monkeypatch.setitem(asyncpg_shim.BUILDERS, "asyncpg", builder)
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        live = asyncio.run(every_type_job(PG_PORT, pg_database))
-    with timetracer_otel.replay(rec.paths, strict=True) as rep:
-        replayed = asyncio.run(every_type_job(unreachable_port(), pg_database))
-    assert rep.report.ok
+    live, replayed = left_to_writer(
+        monkeypatch, tmp_path, writer, "asyncpg", "fetch SELECT * FROM everything",
+        lambda port: asyncio.run(every_type_job(port, pg_database)), PG_PORT)
     assert replayed == live
-    if writer == "thread":  # the writer thread built the queries' payloads in this process
-        assert any(label.startswith("fetch SELECT * FROM everything") for label in built)
-    else:  # the writer's process did: this process's builder never ran
-        assert built == [] and rec.writer is not None and rec.writer.isolate
 
 
 def test_columns_mixing_nulls_and_typed_values_replay_cell_by_cell(

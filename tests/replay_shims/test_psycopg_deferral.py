@@ -10,12 +10,10 @@ import httpx
 import psycopg
 import pytest
 
-import timetracer_otel
-from tests.conftest import PG_HOST, PG_PORT, unreachable_port
-from tests.deferral import recorded_both_ways
+from tests.conftest import PG_HOST, PG_PORT
+from tests.deferral import interactions_of, left_to_writer, recorded_both_ways
 from tests.replay_shims.test_psycopg_types import _rows, _setup, _typed
 from tests.upstream_app import app
-from timetracer_otel.replay_shims import psycopg as psycopg_shim
 
 # A secret the app's redactor learns from a header, then finds in a row the server returns
 # (sent upper-cased, so the parameter itself does not carry it).
@@ -48,9 +46,7 @@ def test_executes_left_to_the_writer_record_what_the_span_attribute_records(
         httpx.get(f"{base}/blob", headers={"Authorization": f"Bearer {SECRET}"})
         assert _job(pg_database, secret=True)[2] == (SECRET,)
 
-    with timetracer_otel.record(dir=tmp_path / "count") as rec:
-        job(serve(app).url, "")
-    calls = sum(len(timetracer_otel.load_cassette(p).interactions) for p in rec.paths)
+    calls = interactions_of(job, serve(app).url, tmp_path)
     # Still captured on the request path: opening a connection.
     recorded = recorded_both_ways(job, serve(app).url, calls, tmp_path, monkeypatch, fmt,
                                   captured=("connect ",))
@@ -67,27 +63,10 @@ def test_deferred_executes_replay_offline_with_equal_values_and_types(
 ) -> None:
     """Every column type in text and binary, and an error, recorded with the executes left to
     the writer (its thread here, or its process), replay equal in value and type."""
-    monkeypatch.setenv("TIMETRACER_WRITER", writer)
     _setup(pg_database)
-    built: list[str] = []
-    build = psycopg_shim.BUILDERS["psycopg"]
-
-    def builder(args: Any) -> Any:
-        payload = build(args)
-        built.append(payload.label)
-        return payload
-
-    monkeypatch.setitem(psycopg_shim.BUILDERS, "psycopg", builder)
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        live = _job(pg_database)
-    with timetracer_otel.replay(rec.paths, strict=True) as rep:
-        replayed = _job(pg_database, unreachable_port())
-    assert rep.report.ok
+    live, replayed = left_to_writer(monkeypatch, tmp_path, writer, "psycopg",
+                                    "execute SELECT * FROM everything",
+                                    lambda port: _job(pg_database, port), PG_PORT)
     assert [[{k: _typed(v) for k, v in row.items()} for row in rows] for rows in replayed[:2]] \
         == [[{k: _typed(v) for k, v in row.items()} for row in rows] for rows in live[:2]]
     assert replayed[2:] == live[2:]
-    if writer == "thread":  # the writer thread built the executes' payloads in this process
-        assert any(label.startswith("execute SELECT * FROM everything") for label in built)
-    else:  # the writer's process did: this process's builder never ran
-        assert built == [] and rec.writer is not None and rec.writer.isolate
-
