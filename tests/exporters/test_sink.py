@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -321,6 +322,37 @@ def test_an_idle_writer_starved_by_busy_cores_gets_the_apps_priority_and_writes(
             p.kill()
             p.wait()
     writer.close()
+
+
+@_RESTORABLE
+def test_an_idle_writer_process_takes_its_priority_back_for_every_thread() -> None:
+    # What the child does at end of input (the app gone, nobody left to raise it): every
+    # thread of its process, the one calling and the others, back to SCHED_OTHER. Run in a
+    # process of its own, whose threads are all lowered first.
+    code = textwrap.dedent("""
+        import json, os, threading
+        from timetracer_otel.exporters import sink
+        idle = os.sched_param(0)
+        lowered, done = threading.Event(), threading.Event()
+        def other():
+            os.sched_setscheduler(0, os.SCHED_IDLE, idle)
+            lowered.set()
+            done.wait()
+        t = threading.Thread(target=other)
+        t.start()
+        lowered.wait()
+        os.sched_setscheduler(0, os.SCHED_IDLE, idle)
+        def policies():
+            return sorted({os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")})
+        before = policies()
+        sink.restore_priority()
+        print(json.dumps([before, policies()]))
+        done.set()
+        t.join()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert json.loads(out) == [[os.SCHED_IDLE], [os.SCHED_OTHER]]
 
 
 def test_a_wrong_writer_priority_is_a_clear_error(tmp_path: Path, monkeypatch: Any) -> None:
