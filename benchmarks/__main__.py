@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -36,6 +37,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def med(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of the rounds' values: the order
+    statistics ``[x(j), x(n-j+1)]`` with the largest ``j`` for which a Binomial(n, 1/2)
+    count stays below ``j`` with probability at most (1 - confidence) / 2; it covers the
+    median with at least ``confidence`` whatever the distribution. None with too few values
+    (fewer than 6 for 95%). For 21 rounds: the 6th and 16th values."""
+    xs, n = sorted(values), len(values)
+    tail, cdf, j = (1 - confidence) / 2, 0.0, 0
+    for i in range(n):
+        cdf += math.comb(n, i) / 2**n
+        if cdf > tail:
+            break
+        j = i + 1
+    return (xs[j - 1], xs[n - j]) if j else None
+
+
+def within(row: Row, values: list[float], limit: float) -> None:
+    """A paired row's target, met only when the whole 95% interval of its median is within
+    ``limit``: on a shared VM a median alone lands under a limit by luck (session 19's 00:06
+    run read +25.6 µs with its rounds' interquartile range at -120..145)."""
+    interval = median_interval(values)
+    row.met = interval is not None and interval[1] <= limit
+    if interval is not None:
+        text = f"95% interval of the median {interval[0]:.1f}..{interval[1]:.1f}"
+        row.note = f"{row.note}; {text}" if row.note else text
 
 
 class Bench:
@@ -136,7 +164,8 @@ class Bench:
                                  out["over_wall"], n=4)[::2])
                              + f" µs; cassettes written inside a record window: "
                                f"{min(in_window)}-{max(in_window)} (steady state)")
-        wall.target, wall.met = "<= 30 µs", med(out["over_wall"]) <= 30
+        wall.target = "<= 30 µs"
+        within(wall, out["over_wall"], 30)
         for key, label in (("request_thread", "request thread"),
                            ("other_threads", "app's other threads (the writer's)"),
                            ("writer_process", "writer process (the other core)"),
@@ -217,10 +246,10 @@ class Bench:
             self.add(sc, "httpx call, record (pool stubbed, no network)", "µs/call", out["record_us"])
             r = self.add(sc, "record overhead per call, wall", "µs/call", out["overhead_us"],
                          target="<= 30 µs/call")
-            r.met = med(out["overhead_us"]) <= 30
+            within(r, out["overhead_us"], 30)
             r = self.add(sc, "record overhead per call, request-thread CPU", "µs/call",
                          out["overhead_cpu_us"], target="<= 30 µs/call")
-            r.met = med(out["overhead_cpu_us"]) <= 30
+            within(r, out["overhead_cpu_us"], 30)
             full = out.get("full_collections", {})
             self.add(sc, "garbage collection in the window, OTel only", "µs/call", out["otel_gc_us"],
                      note=f"{full.get('otel', 0)} full collections in {len(out['otel_gc_us'])} blocks")
