@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from timetracer_otel.codec import from_tree, to_tree
+from timetracer_otel.codec import from_tree, from_trees, to_tree
 from timetracer_otel.errors import ReplayUnsupportedError
 
 
@@ -134,6 +134,23 @@ values = st.recursive(
 def test_round_trip_keeps_value_and_type(fmt: str, value: Any) -> None:
     back = through(value, fmt)
     assert same(value, back), (value, back)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(column=st.one_of(
+    st.lists(values, max_size=6),
+    # A typed column as a driver returns it: one type, NULLs beside.
+    st.lists(st.one_of(st.none(), st.decimals(allow_nan=True)), max_size=8),
+    st.lists(st.one_of(st.none(), st.uuids(), st.datetimes(timezones=tzinfos)), max_size=8),
+))
+def test_a_column_decodes_as_its_cells_do(column: list[Any]) -> None:
+    # from_trees finds one tag's decoder for a whole column; every cell must come back as
+    # from_tree alone rebuilds it, in value and type.
+    trees = [to_tree(v) for v in column]
+    together, alone = from_trees(trees), [from_tree(t) for t in trees]
+    assert len(together) == len(alone)
+    assert all(same(a, b) for a, b in zip(together, alone, strict=True)), (together, alone)
+    assert all(same(v, b) for v, b in zip(column, together, strict=True))
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])

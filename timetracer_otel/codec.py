@@ -22,7 +22,7 @@ import importlib
 import ipaddress
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -339,6 +339,20 @@ def to_tree(value: Any) -> Tree:
             plain = _PLAIN.get(base)  # leaves must be exact types for msgspec (quoted_name...)
             return _ENCODERS[base](plain(value) if plain is not None else value)
     return {"$unsupported": [f"{cls.__module__}.{cls.__qualname__}", repr(value)[:200]]}
+
+
+def from_trees(values: Iterable[Tree]) -> list[Any]:
+    """``[from_tree(v) for v in values]``, for a column of cells that share one tag (a
+    numeric, uuid or timestamp column, NULLs beside): that tag's decoder is found once, from
+    the first tagged cell, and applied to each cell that carries it; any other cell goes
+    through :func:`from_tree`."""
+    values = list(values)
+    tag = next((next(iter(v)) for v in values if type(v) is dict and len(v) == 1), None)
+    dec = _DECODERS.get(tag) if tag is not None and tag.startswith("$") else None
+    if dec is None:
+        return [from_tree(v) for v in values]
+    return [dec(v[tag]) if type(v) is dict and len(v) == 1 and tag in v else from_tree(v)
+            for v in values]
 
 
 def from_tree(tree: Tree) -> Any:

@@ -28,7 +28,15 @@ from asyncpg.protocol.protocol import _create_record
 from asyncpg.protocol.record import RecordDescriptor
 from asyncpg.types import Attribute, Type
 
-from timetracer_otel.codec import Tree, as_bytes, exact_encoder, from_tree, register, to_tree
+from timetracer_otel.codec import (
+    Tree,
+    as_bytes,
+    exact_encoder,
+    from_tree,
+    from_trees,
+    register,
+    to_tree,
+)
 from timetracer_otel.config import Mode
 from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
@@ -384,14 +392,26 @@ def _records(tree: Tree, record_class: Any) -> list[Any]:
         )
     cols = tree.get("cols") or ()
     mapping = {name: i for i, name in enumerate(cols)}
-    rows = [
-        tuple([v if type(v) is not dict and type(v) is not list else from_tree(v) for v in row])
-        for row in tree["rows"]
-    ]
+    rows = _row_tuples(tree["rows"])
     if custom:
         desc = RecordDescriptor(mapping, tuple(mapping))
         return [_custom_record(record_class, desc, row) for row in rows]
     return [_create_record(mapping, row) for row in rows]
+
+
+def _row_tuples(rows: list[list[Any]]) -> list[tuple[Any, ...]]:
+    """Recorded rows as tuples of values, the reverse of :func:`_rows_tree`: column by
+    column in C, the codec only on a column holding a coded cell (a dict or a list)."""
+    columns: list[Any] = []
+    decoded = False
+    for column in zip(*rows, strict=True):
+        types = set(map(type, column))
+        if dict in types or list in types:
+            decoded = True
+            columns.append(from_trees(column))
+        else:
+            columns.append(column)
+    return list(zip(*columns, strict=True)) if decoded else list(map(tuple, rows))
 
 
 def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
