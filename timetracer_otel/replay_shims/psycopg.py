@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import getpass
+import itertools
 import os
 import weakref
 from collections.abc import Iterable
@@ -86,6 +87,9 @@ _NOWHERE = "/nonexistent/timetracer-replay"
 
 
 # --- the recorded PGresult -----------------------------------------------------------------
+
+
+_STR_ONLY = frozenset({str})
 
 
 def _text(raw: bytes | None, enc: str) -> Tree:
@@ -217,8 +221,13 @@ class RecordedResult:
             rows = [[None if v is None else as_bytes(v) if binary[c] else _raw(v, enc)
                      for c, v in enumerate(row)] for row in tree.get("rows", ())]
         else:  # text results, the usual case: str cells encoded inline, a call for the rest
-            rows = [[v.encode(enc) if type(v) is str else _raw(v, enc) for v in row]
-                    for row in tree.get("rows", ())]
+            recorded = tree.get("rows", ())
+            if _STR_ONLY.issuperset(map(type, itertools.chain.from_iterable(recorded))):
+                # Every cell text (no NULL, no undecodable bytes): encoded in C, row by row.
+                rows = [list(map(str.encode, row, itertools.repeat(enc))) for row in recorded]
+            else:
+                rows = [[v.encode(enc) if type(v) is str else _raw(v, enc) for v in row]
+                        for row in recorded]
         diag = {int(k): _raw(v, enc) or b"" for k, v in (tree.get("diag") or {}).items()}
         return cls(tree["status"], _raw(tree.get("cmd"), enc), tree.get("tuples"), fields, rows,
                    _raw(tree.get("message"), enc) or b"", diag)
