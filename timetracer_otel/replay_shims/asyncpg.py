@@ -261,7 +261,8 @@ def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
     Column by column, in C: a column holds one PostgreSQL type, so its Python types are read
     with one ``set(map(type, ...))`` and only a column with a value the codec must encode is
     mapped (NULLs, and a custom codec, can put other types beside that one). A per-cell test
-    in Python cost ~60% of a recorded 10-row fetch of three columns on the request path."""
+    in Python was a third of what recording a 10-row fetch of three columns added to the
+    request path (674 of 2,017 bytecodes)."""
     if not rows:
         tree["rows"] = []
         return tree
