@@ -3,6 +3,7 @@ would have put on the span, in value and in type, and it replays offline."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ def _job(db: str, port: int = PG_PORT, secret: bool = False) -> list[Any]:
         with pytest.raises(psycopg.errors.UndefinedTable) as info:
             conn.execute("SELECT * FROM no_such_table")
         out.append((type(info.value), info.value.sqlstate))
+        conn.rollback()
+        conn.execute("CREATE TEMP TABLE seen (i int)")
+        cur = conn.cursor()
+        cur.executemany("INSERT INTO seen (i) VALUES (%s) RETURNING i, (i * 1.5)::numeric",
+                        [(1,), (2,)], returning=True)
+        returned = []
+        while True:
+            returned.append(cur.fetchone())
+            if not cur.nextset():
+                break
+        out.append([(type(i), i, type(x), x) for i, x in returned])
     return out
 
 
@@ -47,7 +59,7 @@ def test_executes_left_to_the_writer_record_what_the_span_attribute_records(
         assert _job(pg_database, secret=True)[2] == (SECRET,)
 
     calls = interactions_of(job, serve(app).url, tmp_path)
-    # Still captured on the request path: opening a connection.
+    # Still captured on the request path: opening a connection (executemany is left too).
     recorded = recorded_both_ways(job, serve(app).url, calls, tmp_path, monkeypatch, fmt,
                                   captured=("connect ",))
     assert {r[0] for r in recorded} == {"httpx", "psycopg"}
@@ -70,3 +82,5 @@ def test_deferred_executes_replay_offline_with_equal_values_and_types(
     assert [[{k: _typed(v) for k, v in row.items()} for row in rows] for rows in replayed[:2]] \
         == [[{k: _typed(v) for k, v in row.items()} for row in rows] for rows in live[:2]]
     assert replayed[2:] == live[2:]
+    # What the server returned for executemany(..., returning=True), one result per row.
+    assert live[4] == [(int, 1, Decimal, Decimal("1.5")), (int, 2, Decimal, Decimal("3.0"))]

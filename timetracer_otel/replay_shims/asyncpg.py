@@ -42,24 +42,20 @@ from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
-    _TAKEN,
-    BUILDERS,
     LIVE,
     STATE,
+    Deferrable,
     Shim,
     capture,
     decide,
-    defer,
-    deferrable_span,
-    deferred_builder,
-    deferred_call,
-    error_tree,
     rebuild_error,
 )
 from timetracer_otel.sql import sql_call
 
 SCOPE = "opentelemetry.instrumentation.asyncpg"
 LIBRARY = "asyncpg"
+# Queries, recorded with their result trees (see base.Deferrable).
+_recording = Deferrable(LIBRARY, SCOPE)
 # Server parameters a replayed connection reports through ``get_settings()``.
 _SERVER_PARAMS = (
     "server_version", "server_encoding", "client_encoding", "DateStyle", "IntervalStyle",
@@ -464,30 +460,7 @@ async def _run(
         )
     if action is LIVE:
         return await invoke()
-    span = deferrable_span(SCOPE) if STATE.defer else None
-    if span is not None:
-        # Left to the writer (see base.defer): the request path builds the call's key trees
-        # and the result tree, as a capture does; packing, scrubbing and the payload are the
-        # writer's, in its own process where it has one.
-        token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
-        try:
-            try:
-                out = await invoke()
-            except StopAsyncIteration:
-                defer(span, LIBRARY, deferred_call(call, {"tx": conn._protocol.is_in_transaction(),
-                                                      "stop": True}, None))
-                raise
-            except Exception as exc:
-                defer(span, LIBRARY, deferred_call(call, None, error_tree(exc, _error_attrs(exc, conn))))
-                raise
-            tree = _result_tree(kind, out, conn, query, record_class)
-            if on_record is not None:
-                on_record(tree)
-            defer(span, LIBRARY, deferred_call(call, tree, None))
-        finally:
-            _TAKEN.reset(token)
-        return out
-    with capture(call, SCOPE) as cap:
+    with _recording(call) as cap:  # left to the writer where it can be (base.Deferrable)
         try:
             out = await invoke()
         except StopAsyncIteration:
@@ -501,14 +474,6 @@ async def _run(
             on_record(tree)
         cap.ok(tree)
     return out
-
-
-# A deferred query's Payload, as :class:`~.base.Capture` makes it: its result tree as the
-# request path built it.
-_payload_of = deferred_builder(LIBRARY, lambda tree: tree)
-
-
-BUILDERS[LIBRARY] = _payload_of
 
 
 def _many(args: Any) -> list[Any]:
@@ -570,7 +535,7 @@ def _prepare(original: Any) -> Any:
             return prepared_stmt.PreparedStatement(self, query, state)
         if action is LIVE:
             return await original(self, query, **kwargs)
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 stmt = await original(self, query, **kwargs)
             except Exception as exc:

@@ -383,10 +383,12 @@ def finished_struct(call: Call, request: bytes, outcome: str, packed: bytes) -> 
 class Capture:
     """Puts one live call's request and outcome onto its span (and the replay log)."""
 
-    __slots__ = ("call", "own", "request", "span", "start_ns", "token")
+    __slots__ = ("call", "own", "request", "span", "start_ns", "token", "tree_of")
 
-    def __init__(self, call: Call, scope: str) -> None:
+    def __init__(self, call: Call, scope: str,
+                 tree_of: Callable[[Any], Tree] | None = None) -> None:
         self.call = call
+        self.tree_of = tree_of  # the shim's form of an outcome -> its response tree
         # Packed (and its secrets seen by the redactor) before the response is scrubbed.
         self.request = _pack(call.request)
         span = _dependency_span(scope)
@@ -407,7 +409,9 @@ class Capture:
         if self.own:
             self.span.end()
 
-    def ok(self, response: Tree) -> None:
+    def ok(self, response: Any) -> None:
+        if self.tree_of is not None:
+            response = self.tree_of(response)
         self._finish("response", *STATE.redactor.response_packed(response))
 
     def fail(self, exc: BaseException, attrs: Tree = None) -> None:
@@ -451,6 +455,56 @@ def capture(call: Call, scope: str) -> Capture:
     cap:`` and end with ``cap.ok(tree)`` or ``cap.fail(exc)``, which put the payload on the
     span (a span of our own ends with the block)."""
     return Capture(call, scope)
+
+
+class Left:
+    """A :class:`Capture`'s counterpart for a call left to the writer (see :func:`defer`):
+    ``ok`` and ``fail`` leave the shim's form of the outcome beside the span, and the
+    writer's builder (:func:`deferred_builder`) makes the payload a Capture would have set."""
+
+    __slots__ = ("call", "library", "span", "token")
+
+    def __init__(self, call: Call, span: Span, library: str) -> None:
+        self.call, self.span, self.library = call, span, library
+        self.token: Token[Span | None] | None = None
+
+    def __enter__(self) -> Left:
+        self.token = _TAKEN.set(self.span)  # claimed until the call ends, as a capture does
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _TAKEN.reset(self.token)
+
+    def ok(self, response: Any) -> None:
+        defer(self.span, self.library, deferred_call(self.call, response, None))
+
+    def fail(self, exc: BaseException, attrs: Tree = None) -> None:
+        defer(self.span, self.library, deferred_call(self.call, None, error_tree(exc, attrs)))
+
+
+class Deferrable:
+    """The recording side of a shim whose calls can be left to the writer (the SQL shims):
+    ``with recording(call) as cap:`` gives a :class:`Left` when the call runs in an
+    instrumentation span it can be left on (:func:`deferrable_span`), a :class:`Capture`
+    otherwise; both end with ``cap.ok(form)`` or ``cap.fail(exc, attrs)``. ``tree_of`` turns
+    the shim's form of an outcome into its response tree (the form is the tree itself when
+    None); the writer's builder for ``library`` applies it too, so both ways record alike."""
+
+    def __init__(self, library: str, scope: str,
+                 tree_of: Callable[[Any], Tree] | None = None) -> None:
+        self.library, self.scope, self.tree_of = library, scope, tree_of
+        BUILDERS[library] = deferred_builder(library, tree_of or _itself)
+
+    def __call__(self, call: Call) -> Capture | Left:
+        span = deferrable_span(self.scope) if STATE.defer else None
+        if span is not None:
+            return Left(call, span, self.library)
+        return Capture(call, self.scope, self.tree_of)
+
+
+def _itself(tree: Tree) -> Tree:
+    return tree
 
 
 # --- errors ----------------------------------------------------------------------------------

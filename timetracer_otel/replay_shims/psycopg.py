@@ -45,18 +45,12 @@ from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
-    _TAKEN,
-    BUILDERS,
     LIVE,
     STATE,
+    Deferrable,
     Shim,
     capture,
     decide,
-    defer,
-    deferrable_span,
-    deferred_builder,
-    deferred_call,
-    error_tree,
     rebuild_error,
 )
 from timetracer_otel.sql import sql_call
@@ -507,15 +501,10 @@ def _connect_call(params: dict[str, Any]) -> Call:
 # --- record and replay of one cursor call ------------------------------------------------------
 
 
-def _cursor_tree(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Tree:
-    """The cursor's outcome as recorded; with ``swap`` the cursor then reads the copies."""
-    return _outcome_tree(_cursor_outcome(cur, results, swap=swap))
-
-
 def _cursor_outcome(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Any:
-    """What :func:`_cursor_tree` records, read from the cursor (the results copied, the
-    cursor swapped onto the copies with ``swap``), as plain values: the request path's part
-    of a call left to the writer, which makes the tree (:func:`_outcome_tree`) later."""
+    """The cursor's outcome, read from it (its results copied; with ``swap`` the cursor then
+    reads the copies), as plain values: what the request path keeps of a cursor call, whose
+    tree :func:`_outcome_tree` makes, in the writer for a call left to it."""
     copies = [RecordedResult.capture(r) for r in (cur._results if results is None else results)]
     if swap and copies:
         rowcount, status = cur._rowcount, cur._statusmessage
@@ -540,8 +529,9 @@ def _outcome_tree(outcome: Any) -> Tree:
     return tree
 
 
-# A deferred execute's Payload, as :class:`~.base.Capture` makes it.
-BUILDERS[LIBRARY] = deferred_builder(LIBRARY, _outcome_tree)
+# Cursor calls, recorded as their outcomes (see base.Deferrable): left to the writer where
+# they can be, the tree made there.
+_recording = Deferrable(LIBRARY, SCOPE, _outcome_tree)
 
 
 def _error_attrs(cur: Any, exc: BaseException) -> Tree:
@@ -601,29 +591,13 @@ def _execute_gen(original: Any) -> Any:
             return None
         if action is LIVE:
             return (yield from original(self, query, params, prepare=prepare, binary=binary))
-        span = deferrable_span(SCOPE) if STATE.defer else None
-        if span is not None:
-            # Left to the writer (see base.defer): the request path copies the results, as a
-            # capture does; the trees, packing and scrubbing are the writer's.
-            token = _TAKEN.set(span)  # claimed until the call ends, as a capture does
-            try:
-                try:
-                    yield from original(self, query, params, prepare=prepare, binary=binary)
-                except Exception as exc:
-                    defer(span, LIBRARY, deferred_call(
-                        call, None, error_tree(exc, _error_attrs(self, exc))))
-                    raise
-                defer(span, LIBRARY, deferred_call(call, _cursor_outcome(self, swap=True), None))
-            finally:
-                _TAKEN.reset(token)
-            return None
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 yield from original(self, query, params, prepare=prepare, binary=binary)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self, swap=True))
+            cap.ok(_cursor_outcome(self, swap=True))
         return None
 
     return _execute_gen
@@ -654,13 +628,13 @@ def _executemany(original: Any) -> Any:
             return None
         if action is LIVE:
             return original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 original(self, query, params_seq, returning=returning)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self, swap=True))
+            cap.ok(_cursor_outcome(self, swap=True))
         return None
 
     return executemany
@@ -680,13 +654,13 @@ def _aexecutemany(original: Any) -> Any:
             return None
         if action is LIVE:
             return await original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 await original(self, query, params_seq, returning=returning)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self, swap=True))
+            cap.ok(_cursor_outcome(self, swap=True))
         return None
 
     return executemany
@@ -725,13 +699,13 @@ def _declare_gen(original: Any) -> Any:
             return None
         if action is LIVE:
             return (yield from original(self, query, params, binary))
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 yield from original(self, query, params, binary)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self))
+            cap.ok(_cursor_outcome(self))
         return None
 
     return _declare_gen
@@ -755,13 +729,13 @@ def _fetch_gen(original: Any) -> Any:
             return self._tx.load_rows(0, res.ntuples, self._make_row)
         if action is LIVE:
             return (yield from original(self, num))
-        with capture(call, SCOPE) as cap:
+        with _recording(call) as cap:
             try:
                 rows = yield from original(self, num)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_tree(self, [self.pgresult]))
+            cap.ok(_cursor_outcome(self, [self.pgresult]))
         return rows
 
     return _fetch_gen
