@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -118,3 +119,22 @@ def pg_database() -> Iterator[str]:
 def unreachable_port() -> int:
     """A loopback port where nothing listens: replay tests point their clients here."""
     return free_port()
+
+
+@contextlib.contextmanager
+def connects_refused() -> Iterator[list[Any]]:
+    """Inside, every socket connect is refused (as nothing listening would) and its address
+    kept: a replay that answers from its cassette leaves the list empty, one that went to the
+    network does not, even where a live call would fail the same way."""
+    attempts: list[Any] = []
+    original = socket.socket.connect
+
+    def refuse(self: socket.socket, address: Any) -> None:
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused (by the test: replay must not connect)")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign]
+    try:
+        yield attempts
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]

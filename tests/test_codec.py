@@ -48,6 +48,14 @@ def same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(k in b and same(v, b[k]) for k, v in a.items()) and all(
             type(k1) is type(k2) for k1, k2 in zip(a, b, strict=True)
         )
+    if isinstance(a, set | frozenset):  # {True} == {1}: match members by type and value
+        unmatched = list(b)
+        for x in a:
+            i = next((i for i, y in enumerate(unmatched) if same(x, y)), None)
+            if i is None:
+                return False
+            del unmatched[i]
+        return not unmatched
     return bool(a == b)
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 
 import timetracer_otel
-from tests.conftest import unreachable_port
+from tests.conftest import connects_refused, unreachable_port
 from tests.deferral import recorded_both_ways, secrets_learned_in_the_app
 from tests.upstream_app import app
 from timetracer_otel.errors import ReplayMissError
@@ -99,8 +100,11 @@ def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path,
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = job()
     server.stop()
-    with timetracer_otel.replay(rec.paths):
+    # A live call to the dead port would raise the same class and message: the proof that
+    # the cassette answered is that nothing connected and the report counts the match.
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
         replayed = job()
+    assert attempts == [] and rep.report.exact == 1 and not rep.report.misses
     assert type(live) is expected and type(replayed) is expected
     assert str(replayed) == str(live)
     assert isinstance(replayed, httpx.RequestError) and replayed.request.url == url
@@ -136,9 +140,12 @@ def test_live_libraries_stay_live_in_replay(serve: Any, tmp_path: Path) -> None:
     server = serve(app)
     with timetracer_otel.record(dir=tmp_path) as rec:
         first = httpx.get(f"{server.url}/items").json()["n"]
-    with timetracer_otel.replay(rec.paths, live=["httpx"]):
+        recorded = requests.get(f"{server.url}/items").json()["n"]
+    with timetracer_otel.replay(rec.paths, live=["httpx"]) as rep:
         again = httpx.get(f"{server.url}/items").json()["n"]
-    assert again > first  # the real server answered, with its counter moved on
+        replayed = requests.get(f"{server.url}/items").json()["n"]
+    assert again > recorded > first  # the real server answered httpx, its counter moved on
+    assert replayed == recorded and rep.report.exact == 1  # while requests was replayed
 
 
 def test_suppressed_instrumentation_stays_live_in_record_and_replay(serve: Any, tmp_path: Path) -> None:

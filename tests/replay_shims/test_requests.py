@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import timetracer_otel
-from tests.conftest import unreachable_port
+from tests.conftest import connects_refused, unreachable_port
 from tests.deferral import recorded_both_ways, secrets_learned_in_the_app
 from tests.upstream_app import app
 
@@ -68,8 +68,11 @@ def test_recorded_exceptions_replay_with_their_class(serve: Any, tmp_path: Path,
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = job()
     server.stop()
-    with timetracer_otel.replay(rec.paths):
+    # A live call to the dead port would raise the same class and message: the proof that
+    # the cassette answered is that nothing connected and the report counts the match.
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
         replayed = job()
+    assert attempts == [] and rep.report.exact == 1 and not rep.report.misses
     assert type(live) is expected and type(replayed) is expected
     assert str(replayed) == str(live)
     assert replayed.request is not None and replayed.request.url == url
