@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 import timetracer_otel
 from tests.upstream_app import app
+from timetracer_otel.cassette import load_cassette
+from timetracer_otel.config import Settings
+from timetracer_otel.errors import ConfigError, ReplayUnsupportedError
 
 
 def test_decorators_on_sync_and_async_functions(serve: Any, tmp_path: Path) -> None:
@@ -101,3 +105,33 @@ def test_shims_sit_beneath_an_instrumentor_that_ran_first(serve: Any, tmp_path: 
         tmp_path,
     )
     assert out.split() == ["1", "httpx", "GET"]
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_the_payload_limit_from_the_environment_truncates_and_replay_refuses(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    # A small limit: the /blob answer (256 bytes) is stored truncated, the small /items one
+    # whole; replaying the truncated call says so instead of answering with half a body.
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "200")
+    monkeypatch.setenv("TIMETRACER_WRITER", writer)
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        small = httpx.get(f"{server.url}/items", params={"page": 1}).content
+        httpx.get(f"{server.url}/blob")
+    interactions = {i.label.split("?")[0].rsplit("/", 1)[-1]: i
+                    for i in load_cassette(rec.paths[0]).interactions}
+    assert interactions["items"].truncated is False and interactions["blob"].truncated is True
+    assert interactions["blob"].response is None
+    server.stop()
+    with timetracer_otel.replay(rec.paths):
+        assert httpx.get(f"{server.url}/items", params={"page": 1}).content == small
+        with pytest.raises(ReplayUnsupportedError, match="TIMETRACER_MAX_PAYLOAD_BYTES"):
+            httpx.get(f"{server.url}/blob")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-1", "0", "2.5", "many"])
+def test_a_bad_payload_limit_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", value)
+    with pytest.raises(ConfigError, match="TIMETRACER_MAX_PAYLOAD_BYTES"):
+        Settings.from_env()

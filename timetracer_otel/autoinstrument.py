@@ -216,6 +216,7 @@ def pre_instrument() -> None:
         return
     if settings.mode is Mode.RECORD:
         replay_shims.install()
+        STATE.max_payload_bytes = settings.max_payload_bytes
         STATE.mode = Mode.RECORD
         _strip_other_exporters(os.environ)
         return

@@ -51,9 +51,12 @@ def max_cassette_bytes() -> int:
     if not raw:
         return MAX_CASSETTE_BYTES
     try:
-        return int(raw)
+        limit = int(raw)
     except ValueError:
-        raise ConfigError(f"TIMETRACER_MAX_CASSETTE_BYTES={raw!r} is not a whole number of bytes.") from None
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"TIMETRACER_MAX_CASSETTE_BYTES={raw!r} is not a positive whole number of bytes.")
+    return limit
 
 
 class Event(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,9 +85,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not a finite number.")
+    return value
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    """A positive whole number of bytes (``1e6`` allowed, as it always was)."""
+    value = _float(env, name, default)
+    if value < 1 or value != int(value):
+        raise ConfigError(f"{name}={env.get(name)!r} must be a positive whole number of bytes.")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +143,7 @@ class Settings:
             sample_rate=rate,
             errors_only=env.get("TIMETRACER_ERRORS_ONLY", "").lower() in ("1", "true", "yes"),
             strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
-            max_payload_bytes=int(_float(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024)),
+            max_payload_bytes=_size(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024),
             report=env.get("TIMETRACER_REPORT") or None,
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
                                     "TIMETRACER_WRITER"),

@@ -152,6 +152,7 @@ class Recording(_Activation):
         storage.check()
         provider = sdk_provider(self.service_name)
         replay_shims.instrument(self.libraries)
+        STATE.max_payload_bytes = self.settings.max_payload_bytes  # before the writer sends it on
         self.writer = CassetteWriter(
             storage,
             fmt=self.format,

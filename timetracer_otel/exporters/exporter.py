@@ -30,6 +30,7 @@ class CassetteSpanExporter(SpanExporter):
             errors_only=s.errors_only,
         )
         STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
+        STATE.max_payload_bytes = s.max_payload_bytes
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:

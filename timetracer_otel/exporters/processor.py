@@ -37,6 +37,7 @@ class CassetteSpanProcessor(SpanProcessor):
         )
         self.enabled = True
         STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
+        STATE.max_payload_bytes = s.max_payload_bytes
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
