@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, set_span_in_context
 
+import timetracer_otel
+from tests.upstream_app import app
 from timetracer_otel.cassette import atomic_write_many, load_cassette
 from timetracer_otel.errors import CassetteError
 from timetracer_otel.exporters import CassetteSpanExporter, CassetteSpanProcessor, CassetteWriter
@@ -373,3 +379,42 @@ def test_an_empty_library_attribute_keeps_the_span_as_a_plain_one(tmp_path: Path
     [path] = writer.written
     spans = load_cassette(path).spans
     assert [(s.name, s.library) for s in spans] == [("GET /x", None), ("GET", None)]
+
+
+
+class _PaddedIds(RandomIdGenerator):
+    """64-bit trace ids padded to 128 bits, as B3 and Zipkin propagators give them."""
+
+    def generate_trace_id(self) -> int:
+        return random.getrandbits(64)
+
+
+def test_traces_whose_ids_share_their_first_half_each_keep_their_cassette(tmp_path: Path) -> None:
+    processor = CassetteSpanProcessor(str(tmp_path))
+    provider = TracerProvider(id_generator=_PaddedIds())
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    for _ in range(3):  # three traces whose ids share their first 16 hex digits (all zeros)
+        with tracer.start_as_current_span("GET /orders", kind=SpanKind.SERVER):
+            pass
+    processor.shutdown()
+    written = processor.writer.written
+    assert len(set(written)) == 3
+    assert sorted(str(p) for p in tmp_path.rglob("*.msgpack")) == sorted(written)
+
+
+def test_two_local_roots_of_one_trace_each_keep_their_cassette(serve: Any, tmp_path: Path) -> None:
+    # A service calling itself: two server spans continue one remote parent, each with a call.
+    server = serve(app)
+    remote = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=True,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        tracer = trace.get_tracer("t")
+        for page in (1, 2):
+            with tracer.start_as_current_span("GET /orders", kind=SpanKind.SERVER,
+                                              context=set_span_in_context(NonRecordingSpan(remote))):
+                httpx.get(f"{server.url}/items", params={"page": page})
+    assert len(rec.paths) == len(set(rec.paths)) == 2
+    assert sorted(str(p) for p in tmp_path.rglob("*.msgpack")) == sorted(rec.paths)
+    labels = sorted(load_cassette(p).interactions[0].label for p in rec.paths)
+    assert labels == [f"GET {server.url}/items?page=1", f"GET {server.url}/items?page=2"]

@@ -601,7 +601,11 @@ class CassetteWriter:
             return
         cassette = self.build(batch)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        trace_part = batch.trace_id[:16] if batch.root is not None else cassette.id
+        # The whole trace id and the local root's span id: one trace can have several local
+        # roots here (a service calling itself), and 64-bit ids padded to 128 bits (B3,
+        # Zipkin) share their first half, so a shorter name let one cassette replace another.
+        trace_part = (f"{batch.trace_id}_{batch.root.span_id}" if batch.root is not None
+                      else cassette.id)
         relpath = f"{day}/{cassette.name}__{trace_part}{SUFFIX[self.fmt]}"
         data = dumps(cassette, self.fmt)
         if not self._unwritten:
