@@ -74,7 +74,7 @@ def test_a_swallowed_replay_miss_still_fails_the_replay(recorded: tuple[Path, Pa
 
 
 def test_show_ls_and_convert(recorded: tuple[Path, Path, dict[str, str]], tmp_path: Path) -> None:
-    cassettes, _, _ = recorded
+    cassettes, script, env = recorded
     [path] = find_cassettes(cassettes)
     shown = cli("show", str(path))
     assert shown.returncode == 0 and "httpx" in shown.stdout and "/items?page=1" in shown.stdout
@@ -86,6 +86,10 @@ def test_show_ls_and_convert(recorded: tuple[Path, Path, dict[str, str]], tmp_pa
     a, b = load_cassette(path), load_cassette(out_json)
     assert out_json.read_bytes().lstrip().startswith(b"{")
     assert [s.key for s in a.spans] == [s.key for s in b.spans]
+    # The converted cassette still answers the job offline, with the same bytes.
+    replayed = cli("replay", "--cassette", str(out_json), "--", sys.executable, str(script), "1", env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == "200 1 bytes\n" and "1 exact, 0 by shape, 0 missed" in replayed.stderr
     as_json = cli("show", "--json", str(path))
     assert msgspec.json.decode(as_json.stdout)["spans"][0]["library"] == "httpx"
 
@@ -98,7 +102,7 @@ def _one_line_exit_2(result: subprocess.CompletedProcess[str], *needles: str) ->
         assert needle in err, err
 
 
-@pytest.mark.parametrize("command", ["show", "convert", "replay"])
+@pytest.mark.parametrize("command", ["show", "convert", "replay", "ls"])
 def test_bad_cassettes_are_one_line_exit_2(command: str, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.msgpack"
     corrupt.write_bytes(b"\x85\xa7version\x01garbage")
@@ -111,6 +115,8 @@ def test_bad_cassettes_are_one_line_exit_2(command: str, tmp_path: Path) -> None
             return cli("show", str(path))
         if command == "convert":
             return cli("convert", str(path), str(tmp_path / "out.json"))
+        if command == "ls":  # one file named: its error is the answer, not a table row
+            return cli("ls", str(path))
         return cli("replay", "--cassette", str(path), "--", sys.executable, "-c", "print('never runs')")
 
     _one_line_exit_2(run(corrupt), "corrupt.msgpack", "corrupt")
@@ -129,9 +135,20 @@ def test_unwritable_directory_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_unknown_environment_values_are_one_line_exit_2(tmp_path: Path) -> None:
     env = dict(os.environ, TIMETRACER_ON_MISS="sometimes")
     result = cli("record", "--dir", str(tmp_path), "--", sys.executable, "-c", "print(1)", env=env)
-    assert result.returncode == 2
-    expected = "TIMETRACER_ON_MISS='sometimes' is not valid; use one of: error, passthrough, record."
-    assert expected in result.stderr
+    _one_line_exit_2(
+        result, "TIMETRACER_ON_MISS='sometimes' is not valid; use one of: error, passthrough, record.")
+
+
+def test_ls_prints_cassette_text_as_text_not_markup(recorded: Recorded, tmp_path: Path) -> None:
+    cassettes, _, _ = recorded
+    [path] = find_cassettes(cassettes)
+    odd = tmp_path / "odd" / "[" / "red] and [bold]x.msgpack"  # the path reads '[/red] and [bold]x'
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(path.read_bytes())
+    listed = subprocess.run([*CLI, "ls", str(tmp_path / "odd")], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, COLUMNS="300"))
+    assert listed.returncode == 0, listed.stderr
+    assert "[/red] and [bold]x.msgpack" in listed.stdout
 
 
 def test_a_child_ended_by_a_signal_exits_128_plus_the_signal(tmp_path: Path) -> None:

@@ -250,18 +250,23 @@ def ls(directory: str) -> None:
     """List the cassettes below DIRECTORY with their calls and completeness."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("cassette", "created", "spans", "calls", "libraries", "complete", "bytes")
-    for name, data in read_sources(directory):  # local or s3://
+    sources = read_sources(directory)  # local or s3://
+    for name, data in sources:
         try:
             c = loads(data, name)
         except TimetracerError as exc:
-            table.add_row(name, "-", "-", "-", "-", f"[red]{exc}[/]", str(len(data)))
+            if len(sources) == 1 and name == directory:  # the one file asked for: bad input
+                raise
+            table.add_row(Text(name), "-", "-", "-", "-", Text(str(exc), style="red"), str(len(data)))
             continue
         libs = sorted({s.library for s in c.interactions if s.library})
+        # Names, dates and libraries are the cassette's text, never markup.
         table.add_row(
-            name, c.created[:19], str(len(c.spans)), str(len(c.interactions)),
-            ",".join(libs), "yes" if c.complete else "[yellow]no[/]", str(len(data)),
+            Text(name), Text(c.created[:19]), str(len(c.spans)), str(len(c.interactions)),
+            Text(",".join(libs)), "yes" if c.complete else Text("no", style="yellow"), str(len(data)),
         )
     Console().print(table)
 
