@@ -176,3 +176,37 @@ def test_record_waits_for_the_cassettes_of_an_app_killed_before_it_flushed(
     [path] = find_cassettes(tmp_path)
     [span] = load_cassette(path).spans
     assert span.library == "httpx" and span.response is not None and span.response["status"] == 200
+
+
+@pytest.mark.parametrize("command", ["record", "replay"])
+def test_a_command_that_does_not_exist_is_one_line_exit_2(
+    command: str, recorded: Recorded, tmp_path: Path
+) -> None:
+    cassettes, _, _ = recorded
+    where = ["--dir", str(tmp_path / "out")] if command == "record" else ["--cassette", str(cassettes)]
+    result = cli(command, *where, "--", str(tmp_path / "no-such-program"), "arg")
+    _one_line_exit_2(result, "no-such-program: command not found")
+
+
+def test_convert_refuses_special_files_and_suffixes_it_cannot_read(
+    recorded: Recorded, tmp_path: Path
+) -> None:
+    cassettes, _, _ = recorded
+    [path] = find_cassettes(cassettes)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.json"
+    target.write_text("kept")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    for dest in (fifo, link, tmp_path):  # the rename would replace each of them
+        _one_line_exit_2(cli("convert", str(path), str(dest)), "is not a regular file")
+    assert fifo.is_fifo() and link.is_symlink() and target.read_text() == "kept"
+    _one_line_exit_2(cli("convert", str(path), str(tmp_path / "out.yaml")), "'.yaml'", ".json or .msgpack")
+    assert not (tmp_path / "out.yaml").exists()
+    upper = tmp_path / "OUT.JSON"
+    assert cli("convert", str(path), str(upper)).returncode == 0
+    assert upper.read_bytes().lstrip().startswith(b"{")
+    explicit = tmp_path / "out.yaml"
+    assert cli("convert", "--format", "json", str(path), str(explicit)).returncode == 0
+    assert load_cassette(explicit).interactions[0].key == load_cassette(path).interactions[0].key

@@ -468,12 +468,19 @@ def _read(p: Path) -> bytes:
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
 
-    Temp file in the same directory, fsync, rename, then fsync the directory.
+    Temp file in the same directory, fsync, rename, then fsync the directory. A device, a
+    pipe, a directory or a symbolic link at ``path`` is refused: the rename would replace it.
     """
+    _replaceable(Path(path))
     [result] = atomic_write_many([(path, data)])
     if isinstance(result, CassetteError):
         raise result
     return result
+
+
+def _replaceable(p: Path) -> None:
+    if p.is_symlink() or (p.exists() and not p.is_file()):
+        raise CassetteError(f"{p} exists and is not a regular file; give a file path to write to.")
 
 
 def atomic_write_many(
@@ -692,8 +699,15 @@ _FSYNC_POOL = _FsyncPool(8)
 def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None) -> Path:
     """Encode and atomically write ``cassette``; the format defaults from the file suffix."""
     p = Path(path)
+    _replaceable(p)
     if fmt is None:
-        fmt = "json" if p.suffix == ".json" else "msgpack"
+        suffix = p.suffix.lower()
+        if suffix not in (".json", ".msgpack"):
+            raise CassetteError(
+                f"{p}: the format cannot be told from the suffix {p.suffix or '(none)'!r}; "
+                "name the file .json or .msgpack, or give the format."
+            )
+        fmt = "json" if suffix == ".json" else "msgpack"
     return atomic_write(p, dumps(cassette, fmt))
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from timetracer_otel.cassette import (
     save_cassette,
 )
 from timetracer_otel.config import OnMiss, Settings
-from timetracer_otel.errors import TimetracerError
+from timetracer_otel.errors import ConfigError, TimetracerError
 from timetracer_otel.exporters.sink import HOLD_FD_ENV
 from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
@@ -59,14 +59,17 @@ def main() -> None:
     """Record a request and every dependency call it makes; replay it anywhere."""
 
 
-def _instrument_command(cmd: Sequence[str]) -> list[str]:
-    """``opentelemetry-instrument CMD...``, found next to this interpreter first."""
+def _instrument_command(cmd: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``opentelemetry-instrument CMD...``, found next to this interpreter first; a command
+    the child's PATH does not have is bad input here, not a traceback from the launcher."""
     local = Path(sys.executable).with_name("opentelemetry-instrument")
     exe = str(local) if local.exists() else shutil.which("opentelemetry-instrument")
     if exe is None:
-        raise click.ClickException(
+        raise ConfigError(
             "opentelemetry-instrument is not installed; pip install 'timetracer-otel[all]'."
         )
+    if shutil.which(cmd[0], path=env.get("PATH", os.defpath)) is None:
+        raise ConfigError(f"{cmd[0]}: command not found (or not executable); check the command after --.")
     return [exe, *cmd]
 
 
@@ -85,7 +88,7 @@ def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> int:
         read_end, write_end = os.pipe()
         env = {**env, HOLD_FD_ENV: str(write_end)}
     try:
-        child = subprocess.Popen(_instrument_command(cmd), env=env,
+        child = subprocess.Popen(_instrument_command(cmd, env), env=env,
                                  pass_fds=() if write_end is None else (write_end,))
     finally:
         if write_end is not None:
