@@ -95,6 +95,25 @@ def test_a_setup_that_would_skip_instrumentation_stops_with_one_sentence(script:
         "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf or pip install opentelemetry-exporter-otlp-proto-grpc."]
 
 
+
+@pytest.mark.parametrize(("setting", "needle"), [
+    ({"TIMETRACER_MODE": "bogus"}, "TIMETRACER_MODE='bogus' is not valid"),
+    ({"TIMETRACER_MODE": "record", "TIMETRACER_SAMPLE_RATE": "x"}, "TIMETRACER_SAMPLE_RATE='x'"),
+    ({"TIMETRACER_MODE": "record", "TIMETRACER_MAX_PAYLOAD_BYTES": "inf"}, "not a finite number"),
+    ({"TIMETRACER_MODE": "record", "TIMETRACER_REDACT": "bogus"}, "TIMETRACER_REDACT rule 'bogus'"),
+    ({"OTEL_TRACES_EXPORTER": "timetracer", "TIMETRACER_FORMAT": "yaml"}, "TIMETRACER_FORMAT='yaml'"),
+])
+def test_a_bad_setting_stops_the_launcher_before_the_app_runs(
+    script: Path, tmp_path: Path, setting: dict[str, str], needle: str
+) -> None:
+    # In the program, a bad value failed OTel's configurator: a traceback, then the app ran
+    # unrecorded with exit 0.
+    env = clean_env(TIMETRACER_DIR=str(tmp_path / "c"), UPSTREAM_URL="http://127.0.0.1:1", **setting)
+    out = instrumented(script, env)
+    assert out.returncode == 2 and out.stdout == ""
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("timetracer-otel: ") and needle in line
+
 def test_record_and_replay_under_plain_opentelemetry_instrument(
     serve: Any, script: Path, tmp_path: Path
 ) -> None:

@@ -210,3 +210,19 @@ def test_convert_refuses_special_files_and_suffixes_it_cannot_read(
     explicit = tmp_path / "out.yaml"
     assert cli("convert", "--format", "json", str(path), str(explicit)).returncode == 0
     assert load_cassette(explicit).interactions[0].key == load_cassette(path).interactions[0].key
+
+
+
+def test_bad_redaction_rules_stop_recording_but_not_reading(recorded: Recorded, tmp_path: Path) -> None:
+    # The rules were read on import: every command, --help included, printed a traceback.
+    cassettes, script, _ = recorded
+    [path] = find_cassettes(cassettes)
+    env = dict(os.environ, TIMETRACER_REDACT="bogus")
+    assert cli("--help", env=env).returncode == 0
+    shown = cli("show", str(path), env=env)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr
+    for command in ("record", "replay"):
+        where = ["--dir", str(tmp_path / "out")] if command == "record" else ["--cassette", str(cassettes)]
+        result = cli(command, *where, "--", sys.executable, str(script), "1", env=env)
+        _one_line_exit_2(result, "TIMETRACER_REDACT rule 'bogus' has no kind")
+    assert not (tmp_path / "out").exists()

@@ -79,9 +79,20 @@ def launcher_defaults(env: MutableMapping[str, str] | None = None) -> list[str]:
         >>> launcher_defaults(env)
         ['OTEL_TRACES_EXPORTER=none', 'OTEL_METRICS_EXPORTER=none', 'OTEL_LOGS_EXPORTER=none']
     """
+    launcher = env is None
     env = os.environ if env is None else env
     mode = (env.get("TIMETRACER_MODE") or "off").strip().lower()
     ours = EXPORTER_NAME in _names(env.get(_EXPORTER_VARS["traces"]))
+    if launcher and (mode != "off" or ours):
+        # Every TIMETRACER_* value, before the program starts: in the program, a bad one
+        # fails OTel's configurator, which logs a traceback and runs the app unrecorded.
+        from timetracer_otel.config import Settings
+        from timetracer_otel.errors import TimetracerError
+
+        try:
+            Settings.from_env()
+        except TimetracerError as exc:
+            _fail(str(exc))
     if mode not in ("record", "replay") and not ours:
         return []
     changed: list[str] = []

@@ -125,7 +125,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        if env is None:
+            from timetracer_otel.redaction import default_redactor
+
+            default_redactor()  # the redaction rules of the environment: a bad one stops here
+            env = os.environ
         fmt = env.get("TIMETRACER_FORMAT", "msgpack").strip().lower() or "msgpack"
         if fmt not in ("msgpack", "json"):
             raise ConfigError(f"TIMETRACER_FORMAT={fmt!r} is not valid; use one of: msgpack, json.")

@@ -35,7 +35,7 @@ from opentelemetry.trace import Span, SpanKind
 from timetracer_otel.cassette import SpanRecord
 from timetracer_otel.codec import Tree, from_tree, to_tree
 from timetracer_otel.config import Mode, OnMiss
-from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
+from timetracer_otel.errors import ConfigError, ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.index import Match, ReplayIndex
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, default_redactor
@@ -129,13 +129,33 @@ class State:
     # processor): shims that can, hand it their calls as captured (see defer()) instead of
     # redacting and encoding them on the request path.
     defer: bool = False
-    redactor: Redactor = field(default_factory=default_redactor)
+    redactor: Redactor = field(default_factory=lambda: _startup_redactor())
     # Interactions recorded live during a replay (on_miss="record"), to append to a cassette.
     appended: list[SpanRecord] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def is_live(self, library: str) -> bool:
         return library in self.live or bool(self.mock and library not in self.mock)
+
+
+class _Unreadable:
+    """Stands in for the redactor while the environment's rules (TIMETRACER_REDACT...) cannot
+    be read: importing timetracer_otel still works (``--help``, ``show``), every entry point
+    that records or replays stops with the ConfigError (``Settings.from_env`` asks for the
+    redactor), and anything that reaches it anyway fails instead of storing unredacted data."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self._error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise self._error
+
+
+def _startup_redactor() -> Redactor:
+    try:
+        return default_redactor()
+    except ConfigError as exc:
+        return _Unreadable(exc)  # type: ignore[return-value]
 
 
 STATE = State()
