@@ -31,7 +31,7 @@ from timetracer_otel.cassette import (
     save_cassette,
 )
 from timetracer_otel.config import OnMiss, Settings
-from timetracer_otel.errors import ConfigError, TimetracerError
+from timetracer_otel.errors import ConfigError, TimetracerError, without_passwords
 from timetracer_otel.exporters.sink import HOLD_FD_ENV
 from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
@@ -47,7 +47,7 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TimetracerError as exc:
-            click.echo(f"timetracer-otel: {exc}", err=True)
+            click.echo(f"timetracer-otel: {without_passwords(str(exc))}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

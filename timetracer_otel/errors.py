@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+# scheme://user:password@ in a message (an endpoint URL quoted by botocore, a DSN): the
+# password goes, the rest stays.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/:@\s\"']*):[^/@\s\"']*@")
+
+
+def without_passwords(text: str) -> str:
+    """``text`` with the passwords of the URLs in it replaced by ``***``.
+
+    >>> without_passwords('Could not connect to "http://user:s3cret@host:9/b"')
+    'Could not connect to "http://user:***@host:9/b"'
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
 
 class TimetracerError(Exception):
     """Base class of every error this package raises on purpose."""

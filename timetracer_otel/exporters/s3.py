@@ -16,7 +16,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
+from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError, without_passwords
 
 SUFFIXES = (".msgpack", ".json")
 
@@ -35,8 +35,9 @@ def _reason(exc: BaseException) -> str:
     response: Any = getattr(exc, "response", None)
     if isinstance(response, dict):
         err = response.get("Error") or {}
-        return f"{err.get('Code', '?')}: {err.get('Message', '') or 'no message'}".rstrip(": ")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return without_passwords(
+            f"{err.get('Code', '?')}: {err.get('Message', '') or 'no message'}".rstrip(": "))
+    return without_passwords(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
 
 
 class S3Storage:
