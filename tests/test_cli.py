@@ -226,3 +226,24 @@ def test_bad_redaction_rules_stop_recording_but_not_reading(recorded: Recorded, 
         result = cli(command, *where, "--", sys.executable, str(script), "1", env=env)
         _one_line_exit_2(result, "TIMETRACER_REDACT rule 'bogus' has no kind")
     assert not (tmp_path / "out").exists()
+
+
+def test_record_fails_when_its_cassettes_could_not_be_written(serve: Any, tmp_path: Path) -> None:
+    # The directory is checked at the start; here the app replaces it with a file before its
+    # cassette is written (as a disk filling up would make the write fail): exit 0 said all
+    # was well.
+    server = serve(app)
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import os, shutil, httpx
+        httpx.get(os.environ["UPSTREAM_URL"] + "/items")
+        shutil.rmtree(os.environ["TIMETRACER_DIR"])
+        open(os.environ["TIMETRACER_DIR"], "w").close()
+        print("app done")
+    """))
+    env = dict(os.environ, UPSTREAM_URL=server.url)
+    out = cli("record", "--dir", str(tmp_path / "c"), "--", sys.executable, str(script), env=env)
+    assert out.stdout == "app done\n"
+    assert out.returncode == 2, out.stderr
+    assert "recorded 0 cassette(s)" in out.stderr
+    assert "the cassette writer failed 1 time(s), so cassettes may be missing" in out.stderr

@@ -32,7 +32,7 @@ from timetracer_otel.cassette import (
 )
 from timetracer_otel.config import OnMiss, Settings
 from timetracer_otel.errors import ConfigError, TimetracerError, without_passwords
-from timetracer_otel.exporters.sink import HOLD_FD_ENV
+from timetracer_otel.exporters.sink import FAILURE_MARK, HOLD_FD_ENV
 from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
 
@@ -73,14 +73,17 @@ def _instrument_command(cmd: Sequence[str], env: Mapping[str, str]) -> list[str]
     return [exe, *cmd]
 
 
-def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> int:
+def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> tuple[int, int]:
     """Run the instrumented command, passing SIGTERM/SIGINT on so it can flush its cassettes;
     a child ended by a signal exits 128 + signal, as a shell reports it.
 
     ``hold``: also wait (up to :data:`HOLD_TIMEOUT` seconds) for the processes writing the
     command's cassettes (see :mod:`~timetracer_otel.exporters.sink`), which finish on their
     own when the command dies without flushing (uvicorn re-raises SIGTERM after its shutdown:
-    no atexit runs). They hold one end of a pipe this process reads to its end."""
+    no atexit runs). They hold one end of a pipe this process reads to its end, and write a
+    mark on it for each failure that may have lost a cassette.
+
+    Returns the exit code and the number of those failures."""
     if not cmd:
         raise click.UsageError("give the command to run after --, e.g. -- python app.py")
     read_end = write_end = None
@@ -103,18 +106,21 @@ def _run(cmd: Sequence[str], env: dict[str, str], hold: bool = False) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    failures = 0
     if read_end is not None:
         # The command is gone: Ctrl-C now stops this wait (what is written stays written).
         try:
             deadline = time.monotonic() + HOLD_TIMEOUT
             while (wait := deadline - time.monotonic()) > 0 and select.select([read_end], [], [], wait)[0]:
-                if not os.read(read_end, 4096):
+                data = os.read(read_end, 4096)
+                if not data:
                     break
+                failures += data.count(FAILURE_MARK)
         except KeyboardInterrupt:
             pass
         finally:
             os.close(read_end)
-    return 128 - code if code < 0 else code
+    return (128 - code if code < 0 else code), failures
 
 
 # Seconds `record` waits, after the command ends, for its cassette writer processes.
@@ -153,11 +159,16 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
     env.setdefault("OTEL_LOGS_EXPORTER", "none")
     if fmt:
         env["TIMETRACER_FORMAT"] = fmt
-    code = _run(cmd, env, hold=True)
+    code, failures = _run(cmd, env, hold=True)
     new = [p for p in _listing(directory) if p not in before]
     click.echo(f"timetracer-otel: recorded {len(new)} cassette(s) in {directory}", err=True)
     for p in new[:20]:
         click.echo(f"  {p}", err=True)
+    if failures:
+        # Cassettes may be missing: a job recording fixtures must not pass on as if none were.
+        click.echo(f"timetracer-otel: the cassette writer failed {failures} time(s), so cassettes "
+                   f"may be missing from {directory}; see its warnings above (a full disk?).", err=True)
+        sys.exit(code or 2)
     sys.exit(code)
 
 
@@ -228,7 +239,7 @@ def replay(
     if live:
         env["TIMETRACER_LIVE_PLUGINS"] = live
     try:
-        code = _run(cmd, env)
+        code, _ = _run(cmd, env)
         report = _read_report(report_path)
     finally:
         os.unlink(report_path)

@@ -421,6 +421,19 @@ def _held() -> tuple[int, ...]:
     return (fd,)
 
 
+# Written to the held pipe (see HOLD_FD_ENV) for each failure that may have lost a cassette:
+# `timetracer-otel record` counts them, and exits 2 where the command itself succeeded.
+FAILURE_MARK = b"!"
+
+
+def report_failure() -> None:
+    """Tell `timetracer-otel record`, when it started this process, that a cassette may be
+    lost (a full disk, a storage error); nothing otherwise. Never raises."""
+    for fd in _held():
+        with contextlib.suppress(OSError):
+            os.write(fd, FAILURE_MARK)
+
+
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
     chunks, left = [], n
     while left:

@@ -587,6 +587,7 @@ class CassetteWriter:
 
     def _failed(self, exc: BaseException | None = None) -> None:
         self.errors += 1
+        sink.report_failure()
         log.warning("timetracer-otel: cassette writer failed (%d so far)", self.errors,
                     exc_info=exc or True)
 
