@@ -122,6 +122,9 @@ def test_bad_cassettes_are_one_line_exit_2(command: str, tmp_path: Path) -> None
     _one_line_exit_2(run(corrupt), "corrupt.msgpack", "corrupt")
     _one_line_exit_2(run(future), "version 99", "upgrade")
     _one_line_exit_2(run(missing), "missing.msgpack")
+    fifo = tmp_path / "fifo.msgpack"  # opening it for reading used to wait for a writer forever
+    os.mkfifo(fifo)
+    _one_line_exit_2(run(fifo), "fifo.msgpack is not a regular file")
     assert not (tmp_path / "out.json").exists()  # nothing half-written
 
 
@@ -247,3 +250,18 @@ def test_record_fails_when_its_cassettes_could_not_be_written(serve: Any, tmp_pa
     assert out.returncode == 2, out.stderr
     assert "recorded 0 cassette(s)" in out.stderr
     assert "the cassette writer failed 1 time(s), so cassettes may be missing" in out.stderr
+
+
+def test_replay_refuses_an_empty_directory_and_misspelt_libraries(recorded: Recorded, tmp_path: Path) -> None:
+    cassettes, script, env = recorded
+    run = [sys.executable, str(script), "1"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_exit_2(cli("replay", "--cassette", str(empty), "--", *run, env=env), "holds no cassettes")
+    _one_line_exit_2(cli("replay", "--cassette", str(cassettes), "--live", "htpx", "--", *run, env=env),
+                     "--live names 'htpx'", "httpx")
+    mock_typo = dict(env, TIMETRACER_MOCK_PLUGINS="httpx,reqests")
+    _one_line_exit_2(cli("replay", "--cassette", str(cassettes), "--", *run, env=mock_typo),
+                     "TIMETRACER_MOCK_PLUGINS names 'reqests'")
+    ok = cli("replay", "--cassette", str(cassettes), "--live", "requests", "--", *run, env=env)
+    assert ok.returncode == 0 and ok.stdout == "200 1 bytes\n", ok.stderr

@@ -446,8 +446,11 @@ def load_cassette_for_replay(path: str | os.PathLike[str]) -> Cassette | Cassett
 def _read(p: Path) -> bytes:
     limit = max_cassette_bytes()
     try:
-        with open(p, "rb") as fh:
+        # Non-blocking: opening a FIFO for reading would wait for a writer forever.
+        with open(os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
             st = os.fstat(fh.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(21, "Is a directory")
             if not stat.S_ISREG(st.st_mode):
                 raise CassetteError(f"{p} is not a regular file; pass a cassette file.")
             if st.st_size > limit:
@@ -716,6 +719,8 @@ def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.exists() and not p.is_dir():
+        raise CassetteError(f"{p} is not a regular file; pass a cassette file or a directory.")
     if p.is_dir():
         return sorted(
             f

@@ -30,8 +30,8 @@ from timetracer_otel.cassette import (
     loads,
     save_cassette,
 )
-from timetracer_otel.config import OnMiss, Settings
-from timetracer_otel.errors import ConfigError, TimetracerError, without_passwords
+from timetracer_otel.config import OnMiss, Settings, library_names
+from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError, without_passwords
 from timetracer_otel.exporters.sink import FAILURE_MARK, HOLD_FD_ENV
 from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
 from timetracer_otel.index import ReplayIndex, ReplayReport
@@ -220,6 +220,10 @@ def replay(
 
         sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
     Settings.from_env()
+    if live:
+        library_names(live, "--live")
+    if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)
+        raise CassetteError(f"{source} holds no cassettes (.msgpack or .json files); check the path.")
     ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read
     env = dict(os.environ)
     fd, report_path = tempfile.mkstemp(prefix="timetracer-report-", suffix=".json")

@@ -80,6 +80,20 @@ def _names(value: str | None) -> frozenset[str]:
     return frozenset(n.strip().lower() for n in (value or "").split(",") if n.strip())
 
 
+def library_names(value: str | None, source: str) -> frozenset[str]:
+    """Comma-separated library names (``TIMETRACER_LIVE_PLUGINS``, ``--live``), each one a
+    library timetracer-otel has a shim for: a misspelt name would leave that library replayed
+    (or live) with no word said."""
+    from timetracer_otel.replay_shims import REGISTRY
+
+    names = _names(value)
+    unknown = sorted(names - set(REGISTRY))
+    if unknown:
+        raise ConfigError(f"{source} names {', '.join(map(repr, unknown))}, which timetracer-otel "
+                          f"does not record; use some of: {', '.join(sorted(REGISTRY))}.")
+    return names
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -142,8 +156,8 @@ class Settings:
             cassette=env.get("TIMETRACER_CASSETTE") or None,
             format=fmt,
             on_miss=OnMiss.parse(env.get("TIMETRACER_ON_MISS", "error") or "error", "TIMETRACER_ON_MISS"),
-            live=_names(env.get("TIMETRACER_LIVE_PLUGINS")),
-            mock=_names(env.get("TIMETRACER_MOCK_PLUGINS")),
+            live=library_names(env.get("TIMETRACER_LIVE_PLUGINS"), "TIMETRACER_LIVE_PLUGINS"),
+            mock=library_names(env.get("TIMETRACER_MOCK_PLUGINS"), "TIMETRACER_MOCK_PLUGINS"),
             sample_rate=rate,
             errors_only=env.get("TIMETRACER_ERRORS_ONLY", "").lower() in ("1", "true", "yes"),
             strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
