@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from tests.upstream_app import app
-from timetracer_otel.cassette import find_cassettes, load_cassette
+from timetracer_otel.cassette import find_cassettes, load_cassette, save_cassette
 
 CLI = [sys.executable, "-m", "timetracer_otel.cli"]
 
@@ -265,3 +265,19 @@ def test_replay_refuses_an_empty_directory_and_misspelt_libraries(recorded: Reco
                      "TIMETRACER_MOCK_PLUGINS names 'reqests'")
     ok = cli("replay", "--cassette", str(cassettes), "--live", "requests", "--", *run, env=env)
     assert ok.returncode == 0 and ok.stdout == "200 1 bytes\n", ok.stderr
+
+
+def test_a_cassette_and_its_json_conversion_have_no_differences(recorded: Recorded, tmp_path: Path) -> None:
+    # JSON stores an HTTP body as base64 text: diff called every call 'different outcome'.
+    cassettes, _, _ = recorded
+    [path] = find_cassettes(cassettes)
+    as_json = tmp_path / "c.json"
+    assert cli("convert", str(path), str(as_json)).returncode == 0
+    same = cli("diff", str(path), str(as_json))
+    assert same.returncode == 0 and "no differences" in same.stdout, same.stdout
+    changed = load_cassette(as_json)
+    [call] = changed.interactions
+    call.response["chunks"] = [b"another body"]
+    save_cassette(changed, tmp_path / "changed.json")
+    differ = cli("diff", str(path), str(tmp_path / "changed.json"))
+    assert differ.returncode == 1 and "different outcome" in differ.stdout, differ.stdout

@@ -17,6 +17,7 @@ command-line faces of this module.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import os
 import re
@@ -526,10 +527,24 @@ def _request_body(req: Tree | None) -> bytes:
 
 
 def _plain(tree: Tree) -> Tree:
-    """Drop volatile header values from a dependency response before comparing."""
+    """A dependency response as compared: volatile header values dropped, and raw bytes (an
+    HTTP body) in the form a JSON cassette stores them, so a cassette and its conversion to
+    the other encoding compare equal."""
     if isinstance(tree, dict) and isinstance(tree.get("headers"), list):
         tree = dict(tree)
         tree["headers"] = [h for h in tree["headers"] if str(h[0]).lower() not in VOLATILE_HEADERS]
+    return _json_form(tree)
+
+
+def _json_form(tree: Tree) -> Tree:
+    """``tree`` with bytes as their base64 text (JSON's form of raw bytes; typed values keep
+    their codec tags in both encodings)."""
+    if isinstance(tree, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(tree)).decode("ascii")
+    if isinstance(tree, dict):
+        return {k: _json_form(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_json_form(v) for v in tree]
     return tree
 
 
@@ -559,7 +574,7 @@ def cassette_diff(a: Cassette, b: Cassette) -> list[str]:
         if twins:
             other = twins.pop(0)
             d = field_diff(_plain(s.response), _plain(other.response), "response", limit=6)
-            d += field_diff(s.error, other.error, "error", limit=4)
+            d += field_diff(_json_form(s.error), _json_form(other.error), "error", limit=4)
             if d:
                 out.append(f"call {s.label}: same request, different outcome")
                 out.extend(f"    {x}" for x in d)
@@ -573,7 +588,8 @@ def cassette_diff(a: Cassette, b: Cassette) -> list[str]:
             continue
         left_b.remove(near)
         out.append(f"call changed: {s.label} -> {near.label}")
-        out.extend(f"    {x}" for x in field_diff(s.request, near.request, "request", limit=6))
+        out.extend(f"    {x}" for x in field_diff(_json_form(s.request), _json_form(near.request),
+                                                  "request", limit=6))
     out.extend(f"call only in B: {s.label}" for s in sorted(left_b, key=lambda s: s.start_ns))
     return out
 
