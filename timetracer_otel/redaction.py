@@ -100,10 +100,14 @@ _MIN_SCRUB_LEN = 8
 _LONG_SCRUB_LEN = 20
 
 
-def _looks_secret(value: str) -> bool:
+def _looks_secret(value: str, sure: bool = False) -> bool:
+    """Whether a redacted value is also scrubbed from free text later. ``sure``: it came
+    from where only secrets go (a password, credentials, a secret JSON field, a rule of the
+    user's), so its length decides; otherwise (a cookie, a query parameter named like a key)
+    it must also look like one."""
     if len(value) < _MIN_SCRUB_LEN or any(c.isspace() for c in value):
         return False
-    if len(value) >= _LONG_SCRUB_LEN:
+    if sure or len(value) >= _LONG_SCRUB_LEN:
         return True
     return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
 
@@ -329,16 +333,18 @@ class Redactor:
 
     # --- tokens ----------------------------------------------------------------------------
 
-    def token(self, value: str | bytes) -> str:
-        """``redacted:<16 hex>`` for ``value``; a token passes through unchanged."""
+    def token(self, value: str | bytes, sure: bool = True) -> str:
+        """``redacted:<16 hex>`` for ``value``; a token passes through unchanged. ``sure``:
+        ``value`` is a secret for certain, not only by the name of where it was (a cookie, a
+        query parameter), for scrubbing it from free text later (see :func:`_looks_secret`)."""
         if isinstance(value, str) and _TOKEN_RE.fullmatch(value):
             return value
         data = value.encode() if isinstance(value, str) else value
         tok = TOKEN_PREFIX + hmac.new(self.key, data, hashlib.sha256).hexdigest()[:16]
-        self._remember(value, tok)
+        self._remember(value, tok, sure)
         return tok
 
-    def _remember(self, value: str | bytes, tok: str) -> None:
+    def _remember(self, value: str | bytes, tok: str, sure: bool = False) -> None:
         # Secrets seen once are scrubbed from free text later (an error message quoting the
         # URL, an upstream echoing the header back), whatever field they turn up in.
         if isinstance(value, bytes):
@@ -346,7 +352,7 @@ class Redactor:
                 value = value.decode()
             except UnicodeDecodeError:
                 return
-        if not _looks_secret(value) or value in self._seen:
+        if not _looks_secret(value, sure) or value in self._seen:
             return
         with self._lock:
             self._seen[value] = tok
@@ -486,9 +492,14 @@ class Redactor:
             return f"{scheme} {self.token(credentials)}"  # "Bearer <token>": the scheme stays
         return self.token(value)
 
+    def _param(self, name: str, value: str) -> str:
+        """A query parameter's value, a token if ``name`` is a secret parameter's (named like a
+        key: scrubbed from free text later only if it also looks like a secret)."""
+        return self.token(value, sure=False) if name in self.param_names else value
+
     def _cookie(self, pair: str) -> str:
         name, sep, value = pair.partition("=")
-        return f"{name}={self.token(value)}" if sep else self.token(pair)
+        return f"{name}={self.token(value, sure=False)}" if sep else self.token(pair, sure=False)
 
     def url(self, url: str) -> str:
         """``url`` with its password and secret query parameters replaced by tokens."""
@@ -514,7 +525,7 @@ class Redactor:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if not any(k in self.param_names for k, _ in pairs) and netloc == parts.netloc:
             return url
-        query = urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs], safe=":")
+        query = urlencode([(k, self._param(k, v)) for k, v in pairs], safe=":")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     def dsn(self, dsn: str) -> str:
@@ -528,7 +539,7 @@ class Redactor:
         pairs = parse_qsl(query, keep_blank_values=True)
         if not any(k in self.param_names for k, _ in pairs):
             return query
-        return urlencode([(k, self.token(v) if k in self.param_names else v) for k, v in pairs], safe=":")
+        return urlencode([(k, self._param(k, v)) for k, v in pairs], safe=":")
 
     # --- bodies (JSON, forms), responses and errors -----------------------------------------
 
@@ -769,7 +780,7 @@ class Redactor:
             if "?" in text:
                 text = re.sub(
                     r"([?&])([^=&\s'\"]+)=([^&\s'\"#]*)",
-                    lambda m: f"{m[1]}{m[2]}={self.token(m[3])}" if m[2] in self.param_names else m[0],
+                    lambda m: f"{m[1]}{m[2]}={self._param(m[2], m[3])}" if m[2] in self.param_names else m[0],
                     text,
                 )
         if "password" in text.lower():
