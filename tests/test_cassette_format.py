@@ -206,3 +206,12 @@ def test_a_resealed_cassette_with_a_damaged_payload_fails_cleanly(tmp_path: Path
     call = Call("httpx", span.request, {}, {}, "GET http://x/", _key=span.key, _shape_key=span.shape)
     with pytest.raises(CassetteError, match=r"hostile\.msgpack: the recorded payload .* is corrupt"):
         index.take(call)
+
+
+@pytest.mark.parametrize("version", ["1", 1.5, True, None])
+def test_a_version_that_is_not_a_number_says_so_instead_of_asking_for_an_upgrade(version: object) -> None:
+    raw = msgspec.json.decode(dumps(sample(), "json"))
+    raw["version"] = version
+    with pytest.raises(CassetteError, match="version") as info:
+        loads(msgspec.json.encode(raw), "edited.json")
+    assert "upgrade" not in str(info.value) and "record it again" in str(info.value)

@@ -421,6 +421,12 @@ def _peek_version(data: bytes, fmt: Format) -> Any:
 
 
 def _version_error(source: str, version: Any) -> CassetteError:
+    if not isinstance(version, int) or isinstance(version, bool):
+        return CassetteError(
+            f"{source} has cassette version {version!r}, which is not a version number (this "
+            f"timetracer-otel reads version {VERSION}); the file was not written by "
+            "timetracer-otel or was edited: record it again or restore it."
+        )
     return CassetteError(
         f"{source} has cassette version {version!r}, but this timetracer-otel reads version "
         f"{VERSION}; upgrade timetracer-otel or record it again."
@@ -550,7 +556,8 @@ def write_files(items: Sequence[tuple[str, bytes]]) -> list[str | CassetteError]
                     item.fail(exc)
             if item.error is not None:
                 results[item.index] = CassetteError(
-                    f"cannot write {item.path} ({item.error.strerror or item.error})."
+                    f"cannot write {item.path} ({item.error.strerror or item.error}); free space "
+                    "there or choose another path."
                 )
         # The renames, and a directory made for them, are durable once their directories are.
         for d in sorted(synced) + sorted({os.path.dirname(d) for d in new_dirs & synced}):
