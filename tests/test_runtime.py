@@ -135,3 +135,14 @@ def test_a_bad_payload_limit_is_a_config_error(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", value)
     with pytest.raises(ConfigError, match="TIMETRACER_MAX_PAYLOAD_BYTES"):
         Settings.from_env()
+
+
+
+@pytest.mark.parametrize("var", ["TIMETRACER_STRICT", "TIMETRACER_ERRORS_ONLY", "TIMETRACER_SPAN_PAYLOADS"])
+def test_yes_no_settings_refuse_other_words(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    monkeypatch.setenv(var, "maybe")  # used to mean no, silently
+    with pytest.raises(ConfigError, match=f"{var}='maybe' is not valid"):
+        Settings.from_env()
+    for word, value in (("Yes", True), ("on", True), ("0", False), ("", False)):
+        monkeypatch.setenv(var, word)
+        assert getattr(Settings.from_env(), var.removeprefix("TIMETRACER_").lower()) is value

@@ -94,6 +94,20 @@ def library_names(value: str | None, source: str) -> frozenset[str]:
     return names
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A yes/no setting; anything else is an error, not a silent no."""
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name}={env.get(name)!r} is not valid; use 1/true/yes or 0/false/no.")
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -159,8 +173,8 @@ class Settings:
             live=library_names(env.get("TIMETRACER_LIVE_PLUGINS"), "TIMETRACER_LIVE_PLUGINS"),
             mock=library_names(env.get("TIMETRACER_MOCK_PLUGINS"), "TIMETRACER_MOCK_PLUGINS"),
             sample_rate=rate,
-            errors_only=env.get("TIMETRACER_ERRORS_ONLY", "").lower() in ("1", "true", "yes"),
-            strict=env.get("TIMETRACER_STRICT", "").lower() in ("1", "true", "yes"),
+            errors_only=_flag(env, "TIMETRACER_ERRORS_ONLY"),
+            strict=_flag(env, "TIMETRACER_STRICT"),
             max_payload_bytes=_size(env, "TIMETRACER_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024),
             report=env.get("TIMETRACER_REPORT") or None,
             writer=WriterKind.parse(env.get("TIMETRACER_WRITER", "auto") or "auto",
@@ -168,5 +182,5 @@ class Settings:
             writer_priority=WriterPriority.parse(
                 env.get("TIMETRACER_WRITER_PRIORITY", "auto") or "auto",
                 "TIMETRACER_WRITER_PRIORITY"),
-            span_payloads=env.get("TIMETRACER_SPAN_PAYLOADS", "").lower() in ("1", "true", "yes"),
+            span_payloads=_flag(env, "TIMETRACER_SPAN_PAYLOADS"),
         )
