@@ -40,7 +40,7 @@ def test_identical_calls_replay_in_recorded_order() -> None:
     assert idx.take(count_query()) is None
 
 
-def test_database_name_counts_but_host_does_not() -> None:
+def test_database_name_counts_and_http_query_order_and_headers_do_not() -> None:
     idx = index_of(recorded(count_query("app"), 0, 1))
     assert idx.take(count_query("other")) is None
     a = http_call("httpx", "GET", "http://127.0.0.1:1/x?b=2&a=1", [], b"")
