@@ -146,3 +146,8 @@ def test_yes_no_settings_refuse_other_words(monkeypatch: pytest.MonkeyPatch, var
     for word, value in (("Yes", True), ("on", True), ("0", False), ("", False)):
         monkeypatch.setenv(var, word)
         assert getattr(Settings.from_env(), var.removeprefix("TIMETRACER_").lower()) is value
+
+
+def test_replay_in_code_refuses_a_misspelt_live_library(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="live names 'htpx'"):
+        timetracer_otel.replay(tmp_path, live=["htpx"])

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 
 from timetracer_otel import replay_shims
 from timetracer_otel.cassette import Cassette, Format
-from timetracer_otel.config import Mode, OnMiss, Settings
+from timetracer_otel.config import Mode, OnMiss, Settings, library_names
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.index import ReplayIndex, ReplayReport
@@ -199,7 +199,7 @@ class Replaying(_Activation):
             paths = [cassette] if isinstance(cassette, str | Path) else list(cassette)
             self.index = ReplayIndex.from_paths(paths, strict=strict)
         self.on_miss = on_miss if isinstance(on_miss, OnMiss) else OnMiss.parse(on_miss, "on_miss")
-        self.live = frozenset(live)
+        self.live = library_names(",".join(live), "live")  # a misspelt name is an error
         self.libraries = list(libraries) if libraries is not None else None
         self._saved: tuple[Any, ...] = ()
 
