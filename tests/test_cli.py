@@ -281,3 +281,25 @@ def test_a_cassette_and_its_json_conversion_have_no_differences(recorded: Record
     save_cassette(changed, tmp_path / "changed.json")
     differ = cli("diff", str(path), str(tmp_path / "changed.json"))
     assert differ.returncode == 1 and "different outcome" in differ.stdout, differ.stdout
+
+
+def test_replay_on_miss_record_keeps_the_calls_it_lacked(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, UPSTREAM_URL=server.url)
+    cassettes = tmp_path / "c"
+    job = [sys.executable, str(script), "1"]
+    assert cli("record", "--dir", str(cassettes), "--", *job, env=env).returncode == 0
+    # The second call (page=extra) has no recording: it goes live and joins the directory.
+    grown = cli("replay", "--cassette", str(cassettes), "--on-miss", "record", "--", *job, "x", env=env)
+    assert grown.returncode == 0, grown.stderr
+    assert grown.stdout == "200 1 bytes\n"
+    [added] = [p for p in find_cassettes(cassettes) if p.name.startswith("appended-")]
+    assert f"1 call(s) the cassette lacked were recorded into {added}" in grown.stderr
+    assert [i.label for i in load_cassette(added).interactions] == [f"GET {server.url}/items?page=extra"]
+    server.stop()
+    offline = cli("replay", "--cassette", str(cassettes), "--strict", "--", *job, "x", env=env)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout == "200 1 bytes\n"  # nothing swallowed: both calls answered
+    assert "2 exact, 0 by shape, 0 missed, 0 recorded but unused" in offline.stderr

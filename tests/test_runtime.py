@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import pytest
 
 import timetracer_otel
 from tests.upstream_app import app
+from timetracer_otel import runtime
 from timetracer_otel.cassette import load_cassette
-from timetracer_otel.config import Settings
+from timetracer_otel.config import Mode, Settings
 from timetracer_otel.errors import ConfigError, ReplayUnsupportedError
+from timetracer_otel.replay_shims.base import STATE
 
 
 def test_decorators_on_sync_and_async_functions(serve: Any, tmp_path: Path) -> None:
@@ -151,3 +154,164 @@ def test_yes_no_settings_refuse_other_words(monkeypatch: pytest.MonkeyPatch, var
 def test_replay_in_code_refuses_a_misspelt_live_library(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="live names 'htpx'"):
         timetracer_otel.replay(tmp_path, live=["htpx"])
+
+
+# --- runs that nest, overlap and repeat ----------------------------------------------------
+
+
+def pages(paths: list[str]) -> list[str]:
+    """The page parameter of every recorded call in ``paths``, in recorded order."""
+    calls = sorted((i for p in paths for i in load_cassette(p).interactions), key=lambda i: i.start_ns)
+    return [(i.label or "").rsplit("page=", 1)[-1] for i in calls]
+
+
+def switched_off() -> bool:
+    """STATE as the autouse fixture left it before the test: nothing recording or replaying."""
+    writers = [d.writer for d in runtime._dispatch.values()]
+    return (STATE.mode is Mode.OFF and STATE.index is None and not STATE.defer
+            and writers == [None] * len(writers))
+
+
+def test_a_nested_record_leaves_the_outer_one_recording(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+
+    def get(page: int) -> None:
+        httpx.get(f"{server.url}/items", params={"page": page})
+
+    with timetracer_otel.record(dir=tmp_path / "outer") as outer:
+        get(1)
+        with timetracer_otel.record(dir=tmp_path / "inner") as inner:
+            get(2)
+        get(3)  # the inner exit used to switch recording off for good
+    assert pages(outer.paths) == ["1", "3"] and pages(inner.paths) == ["2"]
+    assert switched_off()
+
+    # A recording inside a replay goes live, and the replay answers again once it ends.
+    server.stop()
+    with timetracer_otel.replay(outer.paths) as rep, pytest.raises(httpx.ConnectError):
+        get(1)
+        with timetracer_otel.record(dir=tmp_path / "live"):
+            get(4)  # live: the server is down
+    assert rep.report.exact == 1 and switched_off()
+
+
+def test_overlapping_runs_in_tasks_each_keep_their_own_calls(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+
+    async def get(client: httpx.AsyncClient, page: int) -> int:
+        return int((await client.get(f"{server.url}/items", params={"page": page})).json()["page"])
+
+    async def job(first: int, begun: asyncio.Event, other_begun: asyncio.Event) -> list[str]:
+        async with httpx.AsyncClient() as client:
+            with timetracer_otel.record(dir=tmp_path / str(first)) as rec:
+                begun.set()
+                await other_begun.wait()  # both recordings are active from here on
+                await get(client, first)
+                await asyncio.sleep(0.02 if first == 1 else 0.1)  # task 1's block ends first
+                await get(client, first + 1)
+        return rec.paths
+
+    async def both() -> list[list[str]]:
+        one, two = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(job(1, one, two), job(10, two, one))
+
+    paths_1, paths_10 = asyncio.run(both())
+    # Each task's calls in its own recording, although the second recording began later and
+    # the first ended while the second still ran.
+    assert pages(paths_1) == ["1", "2"] and pages(paths_10) == ["10", "11"]
+    assert switched_off()
+
+
+def test_a_decorated_replay_runs_again_and_twice_at_once(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+
+    async def ajob(barrier: asyncio.Barrier | None = None) -> list[int]:
+        pages = []
+        async with httpx.AsyncClient() as client:
+            for page in (1, 2):
+                r = await client.get(f"{server.url}/items", params={"page": page})
+                pages.append(int(r.json()["page"]))
+                if barrier is not None:  # each call made while both runs are active
+                    await barrier.wait()
+        return pages
+
+    rec = timetracer_otel.record(dir=tmp_path)
+    assert asyncio.run(rec(ajob)()) == [1, 2]
+    server.stop()
+
+    rep = timetracer_otel.replay(rec.paths)
+    replayed = rep(ajob)
+    assert asyncio.run(replayed()) == [1, 2]
+    assert asyncio.run(replayed()) == [1, 2]  # the second run replays the cassette afresh
+
+    async def twice() -> list[list[int]]:
+        barrier = asyncio.Barrier(2)
+        return await asyncio.gather(replayed(barrier), replayed(barrier))
+
+    assert asyncio.run(twice()) == [[1, 2], [1, 2]]  # each run answered from its own copy
+    assert rep.report.summary() == "replay: 2 exact, 0 by shape, 0 missed, 0 recorded but unused"
+    assert switched_off()
+
+    with rep:  # a `with` block used again
+        assert httpx.get(f"{server.url}/items", params={"page": 1}).json()["page"] == "1"
+    with rep:
+        assert httpx.get(f"{server.url}/items", params={"page": 1}).json()["page"] == "1"
+    assert switched_off()
+
+
+def test_generators_cannot_be_decorated(tmp_path: Path) -> None:
+    def gen() -> Iterator[int]:
+        yield 1
+
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+
+    for fn in (gen, agen):
+        with pytest.raises(TypeError, match=r"is a generator function.*use a `with` block inside it"):
+            timetracer_otel.record(dir=tmp_path)(fn)
+        with pytest.raises(TypeError, match="is a generator function"):
+            timetracer_otel.replay(tmp_path)(fn)
+
+
+def test_bad_arguments_in_code_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"format='yaml' is not valid; use one of: msgpack, json\."):
+        timetracer_otel.record(dir=tmp_path, format="yaml")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="libraries names 'httpz'"):
+        timetracer_otel.record(dir=tmp_path, libraries=["httpz"])
+    with pytest.raises(ConfigError, match="libraries names 'httpz'"):
+        timetracer_otel.replay(tmp_path, libraries=["httpz"])
+    with pytest.raises(ConfigError, match="on_miss=None is not valid; use one of: error, passthrough"):
+        timetracer_otel.replay(tmp_path, on_miss=None)  # type: ignore[arg-type]
+    assert timetracer_otel.replay(tmp_path, live="HTTPX").live == frozenset({"httpx"})
+
+
+def test_replay_on_miss_record_keeps_new_calls_in_the_cassette_it_replays(
+    serve: Any, tmp_path: Path
+) -> None:
+    server = serve(app)
+
+    def job(*pages: int) -> list[tuple[type, bytes]]:
+        responses = [httpx.get(f"{server.url}/items", params={"page": p}) for p in pages]
+        return [(type(r.content), r.content) for r in responses]
+
+    with timetracer_otel.record(dir=tmp_path / "dir") as rec:
+        first = job(1)
+    [path] = rec.paths
+    file_copy = tmp_path / "one.msgpack"
+    file_copy.write_bytes(Path(path).read_bytes())
+    # The upstream counts its requests ("n"): a live answer differs from every other one.
+    with timetracer_otel.replay(file_copy, on_miss="record") as to_file:
+        to_file_answers = job(1, 2)  # page 2 goes live
+    with timetracer_otel.replay(tmp_path / "dir", on_miss="record") as to_dir:
+        to_dir_answers = job(1, 3)
+    assert to_file_answers[0] == first[0] == to_dir_answers[0]
+    assert to_file.written == [str(file_copy)] and len(to_file.appended) == 1
+    [added] = to_dir.written
+    assert Path(added).parent == tmp_path / "dir" and Path(added).name.startswith("appended-")
+    server.stop()
+    with timetracer_otel.replay(file_copy, strict=True) as rep:
+        assert job(1, 2) == to_file_answers
+    assert rep.report.summary() == "replay: 2 exact, 0 by shape, 0 missed, 0 recorded but unused"
+    with timetracer_otel.replay(tmp_path / "dir", strict=True) as rep:
+        assert job(1, 3) == to_dir_answers
+    assert rep.report.summary() == "replay: 2 exact, 0 by shape, 0 missed, 0 recorded but unused"

@@ -213,7 +213,7 @@ def _strip_other_exporters(env: MutableMapping[str, str]) -> int:
 def pre_instrument() -> None:
     """The ``opentelemetry_pre_instrument`` entry point: shims first, per ``TIMETRACER_MODE``."""
     from timetracer_otel import replay_shims
-    from timetracer_otel.config import Mode, Settings
+    from timetracer_otel.config import Mode, OnMiss, Settings
     from timetracer_otel.errors import TimetracerError
     from timetracer_otel.index import ReplayIndex
     from timetracer_otel.replay_shims.base import STATE
@@ -244,6 +244,26 @@ def pre_instrument() -> None:
     STATE.mock = settings.mock
     STATE.mode = Mode.REPLAY
     atexit.register(_write_report, index, settings.report)
+    if settings.on_miss is OnMiss.RECORD:
+        atexit.register(_keep_appended, source)
+
+
+def _keep_appended(source: str) -> None:
+    """``on_miss=record``: the calls the cassette lacked join it (see ``add_interactions``)."""
+    from timetracer_otel.cassette import add_interactions
+    from timetracer_otel.errors import TimetracerError
+    from timetracer_otel.replay_shims.base import STATE
+
+    appended = STATE.appended
+    if not isinstance(appended, list) or not appended:
+        return
+    try:
+        path = add_interactions(source, appended, "replay")
+    except TimetracerError as exc:
+        sys.stderr.write(f"timetracer-otel: {exc}\n")
+        return
+    sys.stderr.write(f"timetracer-otel: {len(appended)} call(s) the cassette lacked were recorded "
+                     f"into {path}\n")
 
 
 def _write_report(index: Any, path: str | None) -> None:

@@ -721,6 +721,39 @@ def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format 
     return atomic_write(p, dumps(cassette, fmt))
 
 
+def recorder(via: str) -> Recorder:
+    """This tool's version and Python's, for a cassette written outside the span writer."""
+    import importlib.metadata
+    import platform
+
+    try:
+        version = importlib.metadata.version("timetracer-otel")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return Recorder(version=version, via=via, python=platform.python_version())
+
+
+def add_interactions(source: str | os.PathLike[str], spans: Sequence[SpanRecord], via: str) -> Path:
+    """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
+    ``source`` finds them: a cassette file gets them added (rewritten atomically), a directory
+    a new cassette beside the others. Returns the file written."""
+    import datetime as dt
+
+    p = Path(source)
+    if p.is_file():
+        cassette = load_cassette(p)
+        cassette.spans = [*cassette.spans, *spans]
+        return save_cassette(cassette, p)
+    if p.is_dir():
+        now = dt.datetime.now(dt.timezone.utc)
+        token = os.urandom(4).hex()
+        cassette = Cassette(id=token, name="appended", created=now.isoformat(),
+                            recorder=recorder(via), spans=list(spans))
+        return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}.msgpack")
+    raise CassetteError(f"{source} is not a local cassette file or directory, so the "
+                        f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
+
+
 def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:
     """The cassette files at ``path``: the file itself, or every cassette below a directory."""
     p = Path(path)
@@ -732,6 +765,6 @@ def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:
         return sorted(
             f
             for f in p.rglob("*")
-            if f.is_file() and f.suffix in (".msgpack", ".json") and not f.name.startswith(".")
+            if f.is_file() and f.suffix.lower() in (".msgpack", ".json") and not f.name.startswith(".")
         )
     raise CassetteError(f"{p}: no such cassette or directory; check the path.")

@@ -219,7 +219,9 @@ def replay(
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
-    Settings.from_env()
+    settings = Settings.from_env()
+    # A miss fails the replay when it is an error; passthrough and record let it go live.
+    misses_fail = (OnMiss(on_miss) if on_miss else settings.on_miss) is OnMiss.ERROR
     if live:
         library_names(live, "--live")
     if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)
@@ -249,7 +251,7 @@ def replay(
         os.unlink(report_path)
     if report is not None:
         click.echo(f"timetracer-otel: {report.render()}", err=True)
-        if code == 0 and not report.ok:
+        if code == 0 and not report.ok and misses_fail:
             code = 1
     sys.exit(code)
 

@@ -20,6 +20,8 @@ class Choice(str, enum.Enum):
     @classmethod
     def parse(cls: type[_C], value: str, what: str) -> _C:
         try:
+            if not isinstance(value, str):  # in code, None or a number: the same one line
+                raise ValueError(value)
             return cls(value.strip().lower())
         except ValueError:
             valid = ", ".join(m.value for m in cls)

@@ -33,6 +33,7 @@ import msgspec
 
 from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
 from timetracer_otel.codec import Tree, as_bytes
+from timetracer_otel.config import OnMiss
 from timetracer_otel.errors import (
     CassetteError,
     ConfigError,
@@ -387,7 +388,7 @@ async def replay_asgi_async(
         diff.extend(notes)
         notes = []
     return InboundResult(
-        ok=not diff and report.ok,
+        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR),  # a miss let go live
         label=_label(span),
         diff=diff,
         report=report,

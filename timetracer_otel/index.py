@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from timetracer_otel.cassette import Cassette, CassetteHeads, SpanHead, SpanRecord, gc_paused
 from timetracer_otel.keys import Call, field_diff
@@ -103,6 +104,15 @@ class ReplayReport:
         return "\n".join(lines)
 
 
+class Answers(Protocol):
+    """What a replay shim asks of the cassettes: a :class:`ReplayIndex`, or what routes each
+    call to one (``replay()`` blocks running at once)."""
+
+    def take(self, call: Call) -> Match | None: ...
+
+    def miss_message(self, call: Call, *, hint: str = "") -> str: ...
+
+
 class ReplayIndex:
     """Recorded interactions grouped by key and by shape, each group a FIFO in start order."""
 
@@ -110,6 +120,7 @@ class ReplayIndex:
         self, sources: Sequence[tuple[str, Cassette | CassetteHeads]], *, strict: bool = False
     ) -> None:
         self.strict = strict
+        self._sources = list(sources)
         self.sources = [name for name, _ in sources]
         self._by_key: dict[str, _Fifo] = {}
         self._by_shape: dict[str, _Fifo] = {}
@@ -133,10 +144,9 @@ class ReplayIndex:
 
         return cls([item for p in paths for item in load_replay_sources(p)], strict=strict)
 
-    def extend(self, spans: Iterable[SpanRecord], source: str) -> None:
-        """Append interactions after everything already indexed (e.g. newly recorded ones)."""
-        for span in spans:
-            self._add(span, source)
+    def fresh(self) -> ReplayIndex:
+        """A new index of the same cassettes with nothing used yet, for replaying them again."""
+        return ReplayIndex(self._sources, strict=self.strict)
 
     def _add(self, span: SpanRecord | SpanHead, source: str) -> None:
         if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing

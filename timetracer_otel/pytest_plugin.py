@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib
-import importlib.metadata
 import ipaddress
-import platform
 import re
 import secrets
 import socket
@@ -39,13 +36,13 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from timetracer_otel import replay_shims
 from timetracer_otel.cassette import (
     Cassette,
-    Recorder,
     SpanRecord,
     find_cassettes,
     load_cassette,
+    recorder,
     save_cassette,
 )
-from timetracer_otel.config import Choice, Mode, OnMiss, Settings
+from timetracer_otel.config import Choice, Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
 from timetracer_otel.index import ReplayReport
@@ -77,7 +74,10 @@ def cassette_filename(test_id: str, suffix: str = ".json") -> str:
     >>> cassette_filename("TestApi::test_get[a/b]")
     'TestApi.test_get[a_b]-2ce4c46784.json'
     """
-    text = test_id.replace("::", ".")
+    # "::" becomes "." only before the parameters: a parametrize id may hold both "::" and ".",
+    # and "[a::b]" must not share "[a.b]"'s file (its ":" makes it take the hash instead).
+    head, bracket, params = test_id.partition("[")
+    text = head.replace("::", ".") + bracket + params
     safe = _UNSAFE.sub("_", text)
     if safe != text or len(safe) > _MAX_NAME:
         digest = hashlib.blake2b(test_id.encode(), digest_size=5).hexdigest()
@@ -250,9 +250,7 @@ class ActiveCassette:
             return sorted((s for s in records if s.library not in live), key=lambda s: s.start_ns)
         unused = {id(s) for s in self.unused}
         recorded = self.cassette.interactions if self.cassette is not None else []
-        appended = getattr(self._replaying, "appended", None)  # set once the replay has ended
-        if appended is None:
-            appended = STATE.appended if self._replaying is not None else []
+        appended = self._replaying.appended if self._replaying is not None else []
         return [s for s in recorded if id(s) not in unused] + list(appended)
 
     @property
@@ -306,9 +304,7 @@ class ActiveCassette:
             if errors:
                 return [f"{len(errors)} recorded call(s) could not be converted for {self.path} "
                         f"(the cassette was not written): {errors[0]}"]
-            if passed:
-                self._write(records)
-            return []
+            return self._write(records) if passed else []
         rep = self._replaying
         if rep is None:
             return []
@@ -321,9 +317,9 @@ class ActiveCassette:
             # The test passed, so the code swallowed the ReplayMissError: still a failure.
             problems.append(f"{len(report.misses)} call(s) had no recording in {self.path}:")
             problems.extend(f"  - {label}" for label in report.misses)
-        if self.record_mode is RecordMode.NEW_EPISODES and rep.appended:
+        if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
             assert self.cassette is not None
-            self._write([*self.cassette.spans, *rep.appended])
+            problems += self._write([*self.cassette.spans, *rep.appended])
         elif report.unused and self.record_mode is RecordMode.NONE and not self.options.allow_unused:
             problems.append(
                 f"{len(report.unused)} recorded call(s) in {self.path} were not made "
@@ -333,18 +329,23 @@ class ActiveCassette:
             problems.extend(f"  - {label}" for label, _ in report.unused)
         return problems
 
-    def _write(self, spans: list[SpanRecord]) -> None:
+    def _write(self, spans: list[SpanRecord]) -> list[str]:
+        """Write the cassette; a write that fails is the test's one-line failure."""
         live = self.options.live
         kept = sorted((s for s in spans if s.library not in live), key=lambda s: s.start_ns)
         cassette = Cassette(
             id=secrets.token_hex(8),
             name=self.test_id,
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
-            recorder=_recorder(),
+            recorder=recorder("pytest"),
             spans=kept,
         )
-        save_cassette(cassette, self.path)
+        try:
+            save_cassette(cassette, self.path)
+        except CassetteError as exc:
+            return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True
+        return []
 
 
 def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
@@ -355,14 +356,6 @@ def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
         except Exception as exc:  # a call missing from the cassette must not pass silently
             errors.append(f"{span.name}: {type(exc).__name__}: {exc}")
     return [r for r in records if r.library], errors
-
-
-def _recorder() -> Recorder:
-    try:
-        version = importlib.metadata.version("timetracer-otel")
-    except importlib.metadata.PackageNotFoundError:
-        version = "0"
-    return Recorder(version=version, via="pytest", python=platform.python_version())
 
 
 # --- the plugin ----------------------------------------------------------------------------
@@ -464,6 +457,7 @@ class TimetracerPlugin:
             self.collector = _SpanCollector()
             sdk_provider("pytest").add_span_processor(self.collector)
             replay_shims.instrument()
+            STATE.max_payload_bytes = self.settings.max_payload_bytes
         return self.collector
 
     def asgi_app(self) -> Any:
@@ -510,11 +504,16 @@ class TimetracerPlugin:
         live = kwargs.get("live", ())
         if isinstance(live, str):
             live = [live]
+        path = self.cassette_path(item, kwargs.get("path"))
+        if path.suffix.lower() not in (".json", ".msgpack"):  # found now, not after the test
+            raise ConfigError(f"@pytest.mark.timetracer(path={kwargs.get('path')!r}): a cassette "
+                              "file ends in .json or .msgpack; rename it.")
         return CassetteOptions(
-            path=self.cassette_path(item, kwargs.get("path")),
+            path=path,
             record_mode=self.record_mode,
             on_miss=OnMiss.parse(str(kwargs.get("on_miss", self.settings.on_miss.value)), "on_miss"),
-            live=frozenset(str(n).lower() for n in live) | self.settings.live,
+            live=library_names(",".join(map(str, live)), "@pytest.mark.timetracer(live=...)")
+            | self.settings.live,
             strict=bool(kwargs.get("strict", self.settings.strict)),
             allow_unused=bool(kwargs.get("allow_unused", self.allow_unused)),
         )

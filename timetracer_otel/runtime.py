@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,21 +29,24 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from timetracer_otel import replay_shims
-from timetracer_otel.cassette import Cassette, Format
+from timetracer_otel.cassette import FORMATS, Cassette, Format, SpanRecord, add_interactions
 from timetracer_otel.config import Mode, OnMiss, Settings, library_names
+from timetracer_otel.errors import ConfigError, ReplayMissError
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
-from timetracer_otel.index import ReplayIndex, ReplayReport
-from timetracer_otel.replay_shims.base import STATE
+from timetracer_otel.index import Answers, Match, ReplayIndex, ReplayReport
+from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import STATE, Keeps
 
 F = TypeVar("F", bound=Callable[..., Any])
 _A = TypeVar("_A", bound="_Activation")
+_F = TypeVar("_F", bound="_Frame")
 _lock = threading.Lock()
 
 
 class _Dispatch(SpanProcessor):
     """One processor per provider (the SDK cannot remove processors); it forwards finished
-    spans to whichever recording is active."""
+    spans to the recording of the task or thread they end in, else to the latest one."""
 
     def __init__(self) -> None:
         self.writer: CassetteWriter | None = None
@@ -50,8 +56,12 @@ class _Dispatch(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         writer = self.writer
-        if writer is not None:
-            writer.submit(span)
+        if writer is None:
+            return
+        run = _here.get()  # a span ended in another recording's task goes to that recording
+        if type(run) is _Recording and run.active and run.dispatch is self:
+            writer = run.writer
+        writer.submit(span)
 
     def shutdown(self) -> None:
         if self.writer is not None:
@@ -87,11 +97,121 @@ def _dispatch_for(provider: TracerProvider) -> _Dispatch:
     return d
 
 
+@dataclass(slots=True)
+class _Switch:
+    """The part of :data:`STATE` that ``record()`` and ``replay()`` set, and the writer each
+    provider's dispatch hands finished spans to."""
+
+    mode: Mode
+    defer: bool
+    max_payload_bytes: int
+    index: Answers | None
+    on_miss: OnMiss
+    live: frozenset[str]
+    appended: Keeps
+    writers: dict[_Dispatch, CassetteWriter | None] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls) -> _Switch:
+        return cls(STATE.mode, STATE.defer, STATE.max_payload_bytes, STATE.index, STATE.on_miss,
+                   STATE.live, STATE.appended)
+
+    def copy(self) -> _Switch:
+        return replace(self, writers=dict(self.writers))
+
+    def write(self) -> None:
+        STATE.mode, STATE.defer, STATE.max_payload_bytes = self.mode, self.defer, self.max_payload_bytes
+        STATE.index, STATE.on_miss, STATE.live = self.index, self.on_miss, self.live
+        STATE.appended = self.appended
+        for dispatch, writer in self.writers.items():
+            dispatch.writer = writer
+
+
+class _Frame:
+    """One run of a ``record()`` or ``replay()`` (a ``with`` block, a decorated call): what it
+    sets while it is active."""
+
+    active = False
+    token: Token[Any] | None = None
+
+    def fold(self, switch: _Switch) -> None:
+        raise NotImplementedError
+
+
+# The runs active now, in the order they began. STATE is always the state from before the
+# first of them with each one's settings laid over it in that order: the latest run sets the
+# mode while it lasts, runs may end in any order (nested blocks, tasks, threads, a decorated
+# function running twice at once) and leave the others in force, and the last to end restores
+# what was there before. Cassette lookups and finished spans go to the run of the task or
+# thread they happen in (a context variable), else to the latest run.
+_active: list[_Frame] = []
+_base: _Switch | None = None
+_here: ContextVar[_Frame | None] = ContextVar("timetracer_run", default=None)
+
+
+def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
+    global _base
+    with _lock:
+        if _base is None:
+            _base = _Switch.read()
+        if dispatch is not None and dispatch not in _base.writers:
+            _base.writers[dispatch] = dispatch.writer
+        _active.append(frame)
+        frame.active = True
+        _apply(_base)
+    frame.token = _here.set(frame)
+
+
+def _deactivate(frame: _Frame) -> None:
+    global _base
+    if frame.token is not None:
+        with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
+            _here.reset(frame.token)
+        frame.token = None
+    with _lock:
+        if not frame.active or _base is None:
+            return
+        frame.active = False
+        _active.remove(frame)
+        _apply(_base)
+        if not _active:
+            _base = None
+
+
+def _apply(base: _Switch) -> None:
+    switch = base.copy()
+    for frame in _active:
+        frame.fold(switch)
+    switch.write()
+
+
+def _latest(kind: type[_F]) -> _F | None:
+    for frame in reversed(_active):
+        if isinstance(frame, kind):
+            return frame
+    return None
+
+
+def _run_here(kind: type[_F]) -> _F | None:
+    """The active run of ``kind`` this task or thread is in, else the latest one."""
+    frame = _here.get()
+    if isinstance(frame, kind) and frame.active:
+        return frame
+    return _latest(kind)
+
+
 class _Activation:
-    """Context manager and decorator (sync or async functions) sharing enter/exit."""
+    """Context manager and decorator (sync or async functions) sharing enter/exit.
+
+    Each entry (each ``with``, each call of a decorated function) is its own :class:`_Frame`,
+    so a decorated function may run again, or twice at once, and re-entering ``with`` works.
+    """
+
+    def __init__(self) -> None:
+        self._frames: list[_Frame] = []  # entered by ``with`` and not yet left
 
     def __enter__(self: _A) -> _A:
-        self._enter()
+        self._frames.append(self._begin())
         return self
 
     def __exit__(
@@ -100,34 +220,68 @@ class _Activation:
         exc: BaseException | None = None,
         tb: TracebackType | None = None,
     ) -> None:
-        self._exit()
+        # The frame this task or thread entered (``with`` blocks of one object may overlap in
+        # separate tasks); else the latest.
+        frame = _here.get()
+        if frame is None or frame not in self._frames:
+            if not self._frames:
+                return
+            frame = self._frames[-1]
+        self._frames.remove(frame)
+        self._end(frame)
 
-    def _enter(self) -> None:
+    def _begin(self) -> _Frame:
         raise NotImplementedError
 
-    def _exit(self) -> None:
+    def _end(self, frame: _Frame) -> None:
         raise NotImplementedError
 
     def __call__(self, fn: F) -> F:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"{getattr(fn, '__qualname__', fn)!r} is a generator function, and a decorator "
+                "cannot tell when it is finished; use a `with` block inside it instead."
+            )
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self:
+                frame = self._begin()
+                try:
                     return await fn(*args, **kwargs)
+                finally:
+                    self._end(frame)
 
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self:
+            frame = self._begin()
+            try:
                 return fn(*args, **kwargs)
+            finally:
+                self._end(frame)
 
         return wrapper  # type: ignore[return-value]
 
 
+@dataclass(slots=True, eq=False)
+class _Recording(_Frame):
+    writer: CassetteWriter
+    dispatch: _Dispatch
+    defer: bool
+    max_payload_bytes: int
+
+    def fold(self, switch: _Switch) -> None:
+        switch.mode = Mode.RECORD
+        switch.defer = self.defer  # shims may leave calls to this writer
+        switch.max_payload_bytes = self.max_payload_bytes
+        switch.writers[self.dispatch] = self.writer
+
+
 class Recording(_Activation):
-    """An active recording; ``paths`` lists the cassettes written once it has ended."""
+    """An active recording; ``paths`` lists the cassettes written once it has ended (for a
+    decorator or a re-used block, those of every run so far)."""
 
     def __init__(
         self,
@@ -137,52 +291,96 @@ class Recording(_Activation):
         libraries: Iterable[str] | None = None,
         service_name: str | None = None,
     ) -> None:
+        super().__init__()
         s = Settings.from_env()
         self.dir = str(dir) if dir is not None else s.dir
+        if format is not None and format not in FORMATS:
+            raise ConfigError(f"format={format!r} is not valid; use one of: {', '.join(FORMATS)}.")
         self.format: Format = format or s.format  # type: ignore[assignment]
-        self.libraries = list(libraries) if libraries is not None else None
+        self.libraries = _libraries(libraries, "libraries")
         self.service_name = service_name
         self.settings = s
         self.paths: list[str] = []  # not the cassettes themselves: memory stays bounded
-        self.writer: CassetteWriter | None = None
-        self._saved: tuple[Any, ...] = ()
+        self.writer: CassetteWriter | None = None  # the latest run's
 
-    def _enter(self) -> None:
+    def _begin(self) -> _Frame:
         storage = storage_for(self.dir)
         storage.check()
         provider = sdk_provider(self.service_name)
         replay_shims.instrument(self.libraries)
-        STATE.max_payload_bytes = self.settings.max_payload_bytes  # before the writer sends it on
-        self.writer = CassetteWriter(
+        # Before the writer exists: it sends the limit on to its process.
+        STATE.max_payload_bytes = self.settings.max_payload_bytes
+        writer = CassetteWriter(
             storage,
             fmt=self.format,
             via="processor",
             sample_rate=self.settings.sample_rate,
             errors_only=self.settings.errors_only,
         )
-        with _lock:
-            self._saved = (STATE.mode, STATE.defer)
-            STATE.mode = Mode.RECORD
-            STATE.defer = not self.settings.span_payloads  # shims may leave calls to this writer
-            _dispatch_for(provider).writer = self.writer
+        self.writer = writer
+        frame = _Recording(writer, _dispatch_for(provider), not self.settings.span_payloads,
+                           self.settings.max_payload_bytes)
+        _activate(frame, frame.dispatch)
+        return frame
 
-    def _exit(self) -> None:
+    def _end(self, frame: _Frame) -> None:
+        assert isinstance(frame, _Recording)
         provider = trace.get_tracer_provider()
         if isinstance(provider, TracerProvider):
             provider.force_flush()  # spans still queued in the app's own batch processors
-        with _lock:
-            STATE.mode, STATE.defer = self._saved
-            d = _dispatch.get(id(provider))
-            if d is not None and d.writer is self.writer:
-                d.writer = None
-        assert self.writer is not None
-        self.writer.flush(process=True)
-        self.writer.close()
-        self.paths = list(self.writer.written)
+        _deactivate(frame)
+        frame.writer.flush(process=True)
+        frame.writer.close()
+        self.paths.extend(frame.writer.written)
+
+
+@dataclass(slots=True, eq=False)
+class _Replaying(_Frame):
+    index: ReplayIndex
+    on_miss: OnMiss
+    live: frozenset[str]
+    appended: list[SpanRecord]
+
+    def fold(self, switch: _Switch) -> None:
+        switch.mode = Mode.REPLAY
+        switch.index, switch.on_miss, switch.live = _ROUTED, self.on_miss, self.live
+        switch.appended = _ROUTED
+
+
+class _Routed:
+    """:data:`STATE`'s index and list of appended calls while ``replay()`` runs: each call is
+    answered from (and recorded into) the run of its own task or thread, so two runs at once
+    (a decorated coroutine gathered twice) each replay the whole cassette."""
+
+    def _run(self) -> _Replaying:
+        run = _run_here(_Replaying)
+        if run is None:  # a shim that read STATE.index just before the last run ended
+            raise ReplayMissError("Replay has ended; no cassette is loaded.")
+        return run
+
+    def take(self, call: Call) -> Match | None:
+        return self._run().index.take(call)
+
+    def miss_message(self, call: Call, *, hint: str = "") -> str:
+        return self._run().index.miss_message(call, hint=hint)
+
+    def append(self, record: SpanRecord, /) -> None:
+        self._run().appended.append(record)
+
+
+_ROUTED = _Routed()
 
 
 class Replaying(_Activation):
-    """An active replay; ``report`` tells what matched, by shape, missed and went unused."""
+    """An active replay; ``report`` tells what matched, by shape, missed and went unused, and
+    ``appended`` holds the calls that went live and were recorded (``on_miss="record"``), both
+    for the latest run. Every run (each ``with``, each call of a decorated function) replays
+    the whole cassette afresh.
+
+    Replaying from one local file or directory, the appended calls are kept there when the run
+    ends (added to the file, or a new cassette in the directory; ``written`` lists them), so
+    the next replay answers them too. From several paths or a loaded Cassette they stay in
+    ``appended`` only."""
 
     def __init__(
         self,
@@ -193,34 +391,54 @@ class Replaying(_Activation):
         live: Iterable[str] = (),
         libraries: Iterable[str] | None = None,
     ) -> None:
+        super().__init__()
+        self._source: str | Path | None = None  # where on_miss="record" keeps what it records
         if isinstance(cassette, Cassette):
             self.index = ReplayIndex([("<cassette>", cassette)], strict=strict)
         else:
             paths = [cassette] if isinstance(cassette, str | Path) else list(cassette)
             self.index = ReplayIndex.from_paths(paths, strict=strict)
+            if len(paths) == 1:
+                self._source = paths[0]
         self.on_miss = on_miss if isinstance(on_miss, OnMiss) else OnMiss.parse(on_miss, "on_miss")
-        self.live = library_names(",".join(live), "live")  # a misspelt name is an error
-        self.libraries = list(libraries) if libraries is not None else None
-        self._saved: tuple[Any, ...] = ()
+        self.live = frozenset(_libraries(live, "live") or ())  # a misspelt name is an error
+        self.libraries = _libraries(libraries, "libraries")
+        self.appended: list[SpanRecord] = []
+        self.written: list[str] = []  # cassettes the appended calls were kept in
+        self._fresh = True  # the index has not been replayed from yet
 
     @property
     def report(self) -> ReplayReport:
         return self.index.report()
 
-    def _enter(self) -> None:
+    def _begin(self) -> _Frame:
         replay_shims.instrument(self.libraries)
-        with _lock:
-            self._saved = (STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended)
-            STATE.mode = Mode.REPLAY
-            STATE.index = self.index
-            STATE.on_miss = self.on_miss
-            STATE.live = self.live
-            STATE.appended = []
+        if not self._fresh:
+            self.index = self.index.fresh()
+        self._fresh = False
+        self.appended = []
+        frame = _Replaying(self.index, self.on_miss, self.live, self.appended)
+        _activate(frame)
+        return frame
 
-    def _exit(self) -> None:
-        with _lock:
-            self.appended = STATE.appended
-            STATE.mode, STATE.index, STATE.on_miss, STATE.live, STATE.appended = self._saved
+    def _end(self, frame: _Frame) -> None:
+        _deactivate(frame)
+        assert isinstance(frame, _Replaying)
+        if frame.appended and self._source is not None and not str(self._source).startswith("s3://"):
+            # on_miss="record" from one local path: kept where its next replay finds them.
+            self.written.append(str(add_interactions(self._source, frame.appended, "processor")))
+
+
+def _libraries(value: Iterable[str] | None, what: str) -> list[str] | None:
+    """Library names given in code, checked as the environment's are: a misspelt one would
+    leave that library recorded, replayed or live with no word said."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{what}={value!r} is not valid; give library names as strings.")
+    library_names(",".join(names), what)
+    return [n.strip().lower() for n in names if n.strip()]
 
 
 def record(
@@ -250,7 +468,8 @@ def replay(
     several of them, or a loaded :class:`Cassette`).
 
     ``on_miss``: ``"error"`` raises ReplayMissError, ``"passthrough"`` calls the real
-    dependency, ``"record"`` calls it and keeps the interaction in ``appended``.
+    dependency, ``"record"`` calls it and keeps the interaction in ``appended`` and, replaying
+    from one local file or directory, in that cassette (see :class:`Replaying`).
     ``strict`` turns off shape matching; ``live`` names libraries that stay live.
     """
     return Replaying(cassette, on_miss=on_miss, strict=strict, live=live, libraries=libraries)

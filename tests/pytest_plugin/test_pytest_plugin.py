@@ -263,3 +263,96 @@ def test_calls_left_to_a_writer_in_the_same_process_are_recorded(
     run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network").assert_outcomes(
         passed=1)
     assert HITS == []  # answered from the cassette
+
+
+def test_on_miss_record_appends_what_the_cassette_lacks(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The marker's on_miss="record" under the default `once` mode: the replayed call is
+    # answered from the cassette, the new one goes live and joins the cassette.
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    pytester.makepyfile(test_sample="""
+        import os
+        import httpx
+        import pytest
+
+        @pytest.mark.timetracer(on_miss="record")
+        def test_calls():
+            for n in range(int(os.environ["CALLS"])):
+                assert httpx.get(os.environ["SAMPLE_UPSTREAM"] + f"/n/{n}").json()["path"] == f"/n/{n}"
+    """)
+    monkeypatch.setenv("CALLS", "1")
+    run(pytester).assert_outcomes(passed=1)
+    path = pytester.path / "cassettes" / "test_sample" / "test_calls.json"
+    assert labels(path) == [f"GET {server.url}/n/0"]
+    HITS.clear()
+    monkeypatch.setenv("CALLS", "2")
+    run(pytester).assert_outcomes(passed=1)
+    assert HITS == ["/n/1"]  # only the call the cassette lacked went live
+    assert labels(path) == [f"GET {server.url}/n/0", f"GET {server.url}/n/1"]
+    HITS.clear()
+    run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network").assert_outcomes(
+        passed=1)
+    assert HITS == []
+
+
+def test_cassettes_that_cannot_be_written_fail_in_one_line(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    (pytester.path / "blocker").write_text("a file where a directory should be")
+    pytester.makepyfile(test_sample="""
+        import os
+        import httpx
+        import pytest
+
+        def call():
+            httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/x")
+
+        @pytest.mark.timetracer("blocker/cassette.json")
+        def test_unwritable():
+            call()
+
+        @pytest.mark.timetracer("cassette.yaml")
+        def test_bad_suffix():
+            call()
+
+        @pytest.mark.timetracer(live=["htpx"])
+        def test_misspelt_live():
+            call()
+    """)
+    HITS.clear()
+    result = run(pytester)
+    result.assert_outcomes(passed=1, errors=3)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_unwritable" in out
+    assert "The cassette of test_sample.py::test_unwritable was not written: " in out
+    assert ("@pytest.mark.timetracer(path='cassette.yaml'): a cassette file ends in .json or "
+            ".msgpack; rename it.") in out
+    assert "@pytest.mark.timetracer(live=...) names 'htpx', which timetracer-otel does not record" in out
+    assert HITS == ["/x"]  # the two bad markers stopped their tests before they ran
+    assert "Traceback" not in out and "cassette.py:" not in out  # one line each, not a traceback
+
+
+def test_the_payload_limit_applies_to_test_cassettes(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "300")
+    pytester.makepyfile(test_sample="""
+        import os
+        import httpx
+        import pytest
+
+        @pytest.mark.timetracer
+        def test_sizes():
+            httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/small")
+            httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/large", params={"q": "x" * 400})
+    """)
+    run(pytester).assert_outcomes(passed=1)
+    small, large = cassettes(pytester.path)["test_sizes.json"].interactions
+    assert (small.truncated, large.truncated) == (False, True)
+    assert large.response is None and small.response is not None

@@ -16,6 +16,10 @@ def test_cassette_filename_is_readable_unique_and_bounded() -> None:
     # Replaced characters get a hash suffix, so "a/b" and "a_b" never share a file.
     slash, underscore = cassette_filename("test[a/b]"), cassette_filename("test[a_b]")
     assert slash.startswith("test[a_b]-") and underscore == "test[a_b].json"
+    # A parameter id may hold "::" and "." both: "[a::b]" and "[a.b]" are different tests.
+    colons, dot = cassette_filename("test[a::b]"), cassette_filename("test[a.b]")
+    assert dot == "test[a.b].json" and colons.startswith("test[a__b]-") and colons != dot
+    assert cassette_filename("C::test[x::y]") != cassette_filename("C::test[x.y]")
     long_a, long_b = cassette_filename("t" * 300 + "a"), cassette_filename("t" * 300 + "b")
     assert long_a != long_b and len(long_a) <= 100
     assert cassette_filename("t" * 300 + "a") == long_a  # deterministic

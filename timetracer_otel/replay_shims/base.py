@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 from opentelemetry import context as otel_context
@@ -36,7 +36,7 @@ from timetracer_otel.cassette import SpanRecord
 from timetracer_otel.codec import Tree, from_tree, to_tree
 from timetracer_otel.config import Mode, OnMiss
 from timetracer_otel.errors import ConfigError, ReplayMissError, ReplayUnsupportedError
-from timetracer_otel.index import Match, ReplayIndex
+from timetracer_otel.index import Answers, Match
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, default_redactor
 
@@ -115,12 +115,19 @@ def span_attributes(span: Any) -> Any:
     return inner if type(inner) is dict else (getattr(span, "attributes", None) or {})
 
 
+class Keeps(Protocol):
+    """Where calls recorded live during a replay go: a list, or what routes each to the list
+    of the ``replay()`` block it ran in."""
+
+    def append(self, record: SpanRecord, /) -> None: ...
+
+
 @dataclass
 class State:
     """The process-wide switch every shim reads on each call."""
 
     mode: Mode = Mode.OFF
-    index: ReplayIndex | None = None
+    index: Answers | None = None
     on_miss: OnMiss = OnMiss.ERROR
     live: frozenset[str] = frozenset()
     mock: frozenset[str] = frozenset()
@@ -131,7 +138,7 @@ class State:
     defer: bool = False
     redactor: Redactor = field(default_factory=lambda: _startup_redactor())
     # Interactions recorded live during a replay (on_miss="record"), to append to a cassette.
-    appended: list[SpanRecord] = field(default_factory=list)
+    appended: Keeps = field(default_factory=lambda: list[SpanRecord]())
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def is_live(self, library: str) -> bool:
