@@ -16,9 +16,9 @@ import pytest
 import timetracer_otel
 from tests.upstream_app import app
 from timetracer_otel import runtime
-from timetracer_otel.cassette import load_cassette
+from timetracer_otel.cassette import Cassette, load_cassette, save_cassette
 from timetracer_otel.config import Mode, Settings
-from timetracer_otel.errors import ConfigError, ReplayUnsupportedError
+from timetracer_otel.errors import CassetteError, ConfigError, ReplayUnsupportedError
 from timetracer_otel.replay_shims.base import STATE
 
 
@@ -198,22 +198,27 @@ def test_a_nested_record_leaves_the_outer_one_recording(serve: Any, tmp_path: Pa
 def test_overlapping_runs_in_tasks_each_keep_their_own_calls(serve: Any, tmp_path: Path) -> None:
     server = serve(app)
 
-    async def get(client: httpx.AsyncClient, page: int) -> int:
-        return int((await client.get(f"{server.url}/items", params={"page": page})).json()["page"])
+    async def get(client: httpx.AsyncClient, page: int) -> None:
+        await client.get(f"{server.url}/items", params={"page": page})
 
-    async def job(first: int, begun: asyncio.Event, other_begun: asyncio.Event) -> list[str]:
+    async def job(first: int, both: asyncio.Barrier, one_ended: asyncio.Event) -> list[str]:
         async with httpx.AsyncClient() as client:
             with timetracer_otel.record(dir=tmp_path / str(first)) as rec:
-                begun.set()
-                await other_begun.wait()  # both recordings are active from here on
+                await both.wait()  # both recordings are active from here on
                 await get(client, first)
-                await asyncio.sleep(0.02 if first == 1 else 0.1)  # task 1's block ends first
-                await get(client, first + 1)
+                await both.wait()
+                if first == 1:
+                    await get(client, first + 1)
+                else:
+                    await one_ended.wait()  # the first recording has ended: this one goes on
+                    await get(client, first + 1)
+            if first == 1:
+                one_ended.set()
         return rec.paths
 
     async def both() -> list[list[str]]:
-        one, two = asyncio.Event(), asyncio.Event()
-        return await asyncio.gather(job(1, one, two), job(10, two, one))
+        barrier, one_ended = asyncio.Barrier(2), asyncio.Event()
+        return await asyncio.gather(job(1, barrier, one_ended), job(10, barrier, one_ended))
 
     paths_1, paths_10 = asyncio.run(both())
     # Each task's calls in its own recording, although the second recording began later and
@@ -315,3 +320,97 @@ def test_replay_on_miss_record_keeps_new_calls_in_the_cassette_it_replays(
     with timetracer_otel.replay(tmp_path / "dir", strict=True) as rep:
         assert job(1, 3) == to_dir_answers
     assert rep.report.summary() == "replay: 2 exact, 0 by shape, 0 missed, 0 recorded but unused"
+
+
+def test_a_reused_replay_on_miss_record_adds_a_new_call_once(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        httpx.get(f"{server.url}/items", params={"page": 1})
+    [path] = rec.paths
+
+    @timetracer_otel.replay(path, on_miss="record")
+    def job() -> None:
+        for page in (1, 2):
+            httpx.get(f"{server.url}/items", params={"page": page})
+
+    for _ in range(3):
+        job()  # the first run records page 2; the next ones replay it
+    assert [i.label.rsplit("=", 1)[-1] for i in load_cassette(path).interactions] == ["1", "2"]
+
+
+def test_a_run_ends_even_when_its_end_raises(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Interrupted(SpanProcessor):
+        armed = False
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            if self.armed:
+                raise KeyboardInterrupt  # Ctrl-C while the app's processors flush
+            return True
+
+    stop = Interrupted()
+    runtime.sdk_provider().add_span_processor(stop)
+    rec = timetracer_otel.record(dir=tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt), rec:  # the block's end raises
+            stop.armed = True
+    finally:
+        stop.armed = False
+    assert switched_off() and rec.writer is not None and rec.writer._closed  # flushed and closed
+
+    assert switched_off()
+
+
+def test_a_failure_to_keep_appended_calls_does_not_hide_the_blocks_error(
+    serve: Any, tmp_path: Path
+) -> None:
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        httpx.get(f"{server.url}/items", params={"page": 1})
+    [path] = rec.paths
+
+    class AppError(Exception):
+        pass
+
+    def job() -> None:
+        httpx.get(f"{server.url}/items", params={"page": 2})  # missing: goes live, appended
+        Path(path).unlink()  # nowhere left to keep it
+
+    Path(tmp_path / "copy").write_bytes(Path(path).read_bytes())
+    with pytest.raises(AppError), timetracer_otel.replay(path, on_miss="record", strict=True):
+        job()
+        raise AppError  # the app's own error is what the caller sees
+    Path(path).write_bytes(Path(tmp_path / "copy").read_bytes())
+    with pytest.raises(CassetteError, match="is not a local cassette file or directory"), \
+            timetracer_otel.replay(path, on_miss="record", strict=True):
+        job()  # without an error of its own, the lost calls are the error
+    assert switched_off()
+
+
+def _empty_cassette(tmp_path: Path) -> Path:
+    return save_cassette(Cassette(id="e", name="empty", created="2026-11-28T00:00:00+00:00"),
+                         tmp_path / "empty.msgpack")
+
+
+def test_what_others_set_during_a_run_outlasts_it(tmp_path: Path) -> None:
+    from timetracer_otel.exporters import CassetteSpanProcessor
+
+    with timetracer_otel.replay(_empty_cassette(tmp_path)):
+        processor = CassetteSpanProcessor(dir=str(tmp_path / "out"))  # defers for the process
+    assert STATE.defer and STATE.mode is Mode.OFF  # the run's end used to put defer back
+    processor.shutdown()
+    assert not STATE.defer
+
+
+def test_a_held_mode_nests_with_runs_like_one_of_them(tmp_path: Path) -> None:
+    # The pytest plugin's recording: a fixture's replay is active, the plugin records the
+    # test, and the test's own record() ends inside it.
+    with timetracer_otel.replay(_empty_cassette(tmp_path)):
+        held = runtime.hold_mode(Mode.RECORD)
+        with timetracer_otel.record(dir=tmp_path / "own"):
+            pass
+        assert STATE.mode is Mode.RECORD  # still the plugin's recording
+        runtime.release(held)
+        assert STATE.mode is Mode.REPLAY
+    assert switched_off()

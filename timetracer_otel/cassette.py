@@ -271,9 +271,10 @@ def _decoded(cassette: Cassette) -> Cassette:
     return msgspec.structs.replace(cassette, spans=spans)
 
 
-def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
+def dumps(cassette: Cassette, fmt: Format = "msgpack", *, encrypt: bool | None = None) -> bytes:
     """Encode ``cassette`` (with a fresh checksum) as msgpack or indented JSON; encrypted when
-    ``TIMETRACER_ENCRYPTION_KEY`` is set."""
+    ``TIMETRACER_ENCRYPTION_KEY`` is set (``encrypt=False``: never; ``True``: with that key,
+    which must be set)."""
     if fmt == "json":
         cassette = _decoded(cassette)
         cassette = msgspec.structs.replace(cassette, checksum=_checksum(cassette))
@@ -283,7 +284,9 @@ def dumps(cassette: Cassette, fmt: Format = "msgpack") -> bytes:
         data = _seal_bytes(_MSGPACK_ENCODER.encode(cassette))
     else:
         raise CassetteError(f"Unknown cassette format {fmt!r}; use one of: {', '.join(FORMATS)}.")
-    key = crypto.env_key()
+    key = crypto.env_key() if encrypt is not False else None
+    if encrypt and key is None:
+        raise ConfigError(f"Set {crypto.ENV_KEY} to write the encrypted cassette {cassette.name!r}.")
     return crypto.encrypt(data, key) if key is not None else data
 
 
@@ -710,15 +713,30 @@ def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format 
     """Encode and atomically write ``cassette``; the format defaults from the file suffix."""
     p = Path(path)
     _replaceable(p)
-    if fmt is None:
-        suffix = p.suffix.lower()
-        if suffix not in (".json", ".msgpack"):
-            raise CassetteError(
-                f"{p}: the format cannot be told from the suffix {p.suffix or '(none)'!r}; "
-                "name the file .json or .msgpack, or give the format."
-            )
-        fmt = "json" if suffix == ".json" else "msgpack"
-    return atomic_write(p, dumps(cassette, fmt))
+    return atomic_write(p, dumps(cassette, fmt or _format_of(p)))
+
+
+def _format_of(p: Path) -> Format:
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".msgpack"):
+        raise CassetteError(
+            f"{p}: the format cannot be told from the suffix {p.suffix or '(none)'!r}; "
+            "name the file .json or .msgpack, or give the format."
+        )
+    return "json" if suffix == ".json" else "msgpack"
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (flock on its descriptor) between processes."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def recorder(via: str) -> Recorder:
@@ -741,9 +759,14 @@ def add_interactions(source: str | os.PathLike[str], spans: Sequence[SpanRecord]
 
     p = Path(source)
     if p.is_file():
-        cassette = load_cassette(p)
-        cassette.spans = [*cassette.spans, *spans]
-        return save_cassette(cassette, p)
+        fmt = _format_of(p)
+        with _locked(p.parent):  # read, add, replace: one process or thread at a time
+            raw = _read(p)
+            cassette = loads(raw, str(p))
+            cassette.spans = [*cassette.spans, *spans]
+            # Encrypted only if it was: a plaintext cassette stays readable without the key.
+            data = dumps(cassette, fmt, encrypt=crypto.is_encrypted(raw))
+            return atomic_write(p, data)
     if p.is_dir():
         now = dt.datetime.now(dt.timezone.utc)
         token = os.urandom(4).hex()

@@ -311,12 +311,14 @@ def _miss_messages(exc: BaseException | None) -> list[str]:
     return out
 
 
-def _compare(span: SpanRecord, run: _Run, report: ReplayReport, ignore: Iterable[str]) -> list[str]:
+def _compare(
+    span: SpanRecord, run: _Run, report: ReplayReport, ignore: Iterable[str], *, misses_fail: bool = True
+) -> list[str]:
     diff: list[str] = []
     misses = _miss_messages(run.error) or _miss_messages(run.raised)
     for text in misses:
         diff.extend(f"dependency {line}" if i == 0 else line for i, line in enumerate(text.splitlines()))
-    if not misses:
+    if not misses and misses_fail:  # on_miss passthrough / record: a miss went live, as asked
         diff.extend(f"dependency miss: {label}" for label in report.misses)
     if run.timed_out:
         diff.append("the app did not finish within the replay timeout")
@@ -382,13 +384,13 @@ async def replay_asgi_async(
     with rep:
         run = await _drive(app, span.request, timeout)
     report = rep.report
-    diff = _compare(span, run, report, ignore_headers)
+    diff = _compare(span, run, report, ignore_headers, misses_fail=rep.on_miss is OnMiss.ERROR)
     notes = [f"recorded call not made: {label}" for label, _ in report.unused]
     if strict and notes:
         diff.extend(notes)
         notes = []
     return InboundResult(
-        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR),  # a miss let go live
+        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR),  # a miss went live, as asked
         label=_label(span),
         diff=diff,
         report=report,

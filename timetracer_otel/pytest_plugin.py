@@ -47,7 +47,7 @@ from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
 from timetracer_otel.index import ReplayReport
 from timetracer_otel.replay_shims.base import STATE, carries_call
-from timetracer_otel.runtime import Replaying, sdk_provider
+from timetracer_otel.runtime import Replaying, hold_mode, release, sdk_provider
 
 
 class RecordMode(Choice):
@@ -230,7 +230,7 @@ class ActiveCassette:
         self.cassette: Cassette | None = None
         self._recorded: list[ReadableSpan] = []
         self._replaying: Replaying | None = None
-        self._saved_mode: Mode | None = None
+        self._mode_run: Any = None  # the recording's run (runtime.hold_mode)
         self.written = False
 
     @property
@@ -279,11 +279,12 @@ class ActiveCassette:
             )
         if mode in (RecordMode.ALL, RecordMode.REWRITE) or not exists:
             self.recording = True
-            self._saved_mode = STATE.mode
-            STATE.mode = Mode.RECORD
+            self._mode_run = hold_mode(Mode.RECORD)
             return
         self.cassette = load_cassette(self.path)
-        on_miss = OnMiss.RECORD if mode is RecordMode.NEW_EPISODES else self.options.on_miss
+        # `none` replays only, whatever the marker says; new_episodes records what it lacks.
+        on_miss = {RecordMode.NONE: OnMiss.ERROR, RecordMode.NEW_EPISODES: OnMiss.RECORD}.get(
+            mode, self.options.on_miss)
         rep = Replaying(self.cassette, on_miss=on_miss, strict=self.options.strict, live=self.options.live)
         # Name the file (not "<cassette>") in miss messages.
         rep.index = type(rep.index)([(str(self.path), self.cassette)], strict=self.options.strict)
@@ -298,8 +299,9 @@ class ActiveCassette:
         """Switch the cassette off; write or check it. Returns the problems that fail the test."""
         if self.recording:
             collector.target = None
-            if self._saved_mode is not None:
-                STATE.mode = self._saved_mode
+            if self._mode_run is not None:
+                release(self._mode_run)
+                self._mode_run = None
             records, errors = _converted(self._recorded)
             if errors:
                 return [f"{len(errors)} recorded call(s) could not be converted for {self.path} "
@@ -320,7 +322,7 @@ class ActiveCassette:
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
             assert self.cassette is not None
             problems += self._write([*self.cassette.spans, *rep.appended])
-        elif report.unused and self.record_mode is RecordMode.NONE and not self.options.allow_unused:
+        if report.unused and self.record_mode is RecordMode.NONE and not self.options.allow_unused:
             problems.append(
                 f"{len(report.unused)} recorded call(s) in {self.path} were not made "
                 "(allow with @pytest.mark.timetracer(allow_unused=True) or the ini option "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
@@ -31,12 +32,14 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from timetracer_otel import replay_shims
 from timetracer_otel.cassette import FORMATS, Cassette, Format, SpanRecord, add_interactions
 from timetracer_otel.config import Mode, OnMiss, Settings, library_names
-from timetracer_otel.errors import ConfigError, ReplayMissError
+from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.index import Answers, Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import STATE, Keeps
+
+log = logging.getLogger("timetracer_otel")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _A = TypeVar("_A", bound="_Activation")
@@ -120,11 +123,28 @@ class _Switch:
         return replace(self, writers=dict(self.writers))
 
     def write(self) -> None:
-        STATE.mode, STATE.defer, STATE.max_payload_bytes = self.mode, self.defer, self.max_payload_bytes
+        # A shim on another thread reads the mode first: switching on, the mode goes last
+        # (never replay without an index); switching off, first.
+        if self.mode is Mode.OFF:
+            STATE.mode = self.mode
+        STATE.defer, STATE.max_payload_bytes = self.defer, self.max_payload_bytes
         STATE.index, STATE.on_miss, STATE.live = self.index, self.on_miss, self.live
         STATE.appended = self.appended
         for dispatch, writer in self.writers.items():
             dispatch.writer = writer
+        STATE.mode = self.mode
+
+    def adopt(self, current: _Switch, written: _Switch) -> None:
+        """Take into this base what others set since ``written`` was written (an exporter
+        turning deferral on, autoinstrument): the runs' values are laid over it, and it is
+        what the last run to end restores."""
+        for name in ("mode", "defer", "max_payload_bytes", "index", "on_miss", "live", "appended"):
+            now = getattr(current, name)
+            if now is not getattr(written, name):
+                setattr(self, name, now)
+        for dispatch, writer in written.writers.items():
+            if dispatch.writer is not writer:
+                self.writers[dispatch] = dispatch.writer
 
 
 class _Frame:
@@ -146,6 +166,7 @@ class _Frame:
 # thread they happen in (a context variable), else to the latest run.
 _active: list[_Frame] = []
 _base: _Switch | None = None
+_written: _Switch | None = None  # what the runs last wrote into STATE
 _here: ContextVar[_Frame | None] = ContextVar("timetracer_run", default=None)
 
 
@@ -163,7 +184,7 @@ def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
 
 
 def _deactivate(frame: _Frame) -> None:
-    global _base
+    global _base, _written
     if frame.token is not None:
         with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
             _here.reset(frame.token)
@@ -175,14 +196,18 @@ def _deactivate(frame: _Frame) -> None:
         _active.remove(frame)
         _apply(_base)
         if not _active:
-            _base = None
+            _base = _written = None
 
 
 def _apply(base: _Switch) -> None:
+    global _written
+    if _written is not None:
+        base.adopt(_Switch.read(), _written)
     switch = base.copy()
     for frame in _active:
         frame.fold(switch)
     switch.write()
+    _written = switch
 
 
 def _latest(kind: type[_F]) -> _F | None:
@@ -226,14 +251,19 @@ class _Activation:
         if frame is None or frame not in self._frames:
             if not self._frames:
                 return
+            if len(self._frames) > 1:
+                log.warning("timetracer-otel: a %s block ended outside the task or thread that "
+                            "began it, with other blocks of it running; ending the latest. Use "
+                            "one object per task (or decorate the function).", type(self).__name__)
             frame = self._frames[-1]
         self._frames.remove(frame)
-        self._end(frame)
+        self._end(frame, exc)
 
     def _begin(self) -> _Frame:
         raise NotImplementedError
 
-    def _end(self, frame: _Frame) -> None:
+    def _end(self, frame: _Frame, exc: BaseException | None) -> None:
+        """End ``frame``; ``exc`` is the exception the block or function raised, if any."""
         raise NotImplementedError
 
     def __call__(self, fn: F) -> F:
@@ -248,9 +278,12 @@ class _Activation:
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 frame = self._begin()
                 try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    self._end(frame)
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._end(frame, exc)
+                    raise
+                self._end(frame, None)
+                return result
 
             return async_wrapper  # type: ignore[return-value]
 
@@ -258,9 +291,12 @@ class _Activation:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             frame = self._begin()
             try:
-                return fn(*args, **kwargs)
-            finally:
-                self._end(frame)
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                self._end(frame, exc)
+                raise
+            self._end(frame, None)
+            return result
 
         return wrapper  # type: ignore[return-value]
 
@@ -308,8 +344,8 @@ class Recording(_Activation):
         storage.check()
         provider = sdk_provider(self.service_name)
         replay_shims.instrument(self.libraries)
-        # Before the writer exists: it sends the limit on to its process.
-        STATE.max_payload_bytes = self.settings.max_payload_bytes
+        # (The limit reaches the writer's process through STATE, read when the first span
+        # starts it: by then this run is active.)
         writer = CassetteWriter(
             storage,
             fmt=self.format,
@@ -323,15 +359,19 @@ class Recording(_Activation):
         _activate(frame, frame.dispatch)
         return frame
 
-    def _end(self, frame: _Frame) -> None:
+    def _end(self, frame: _Frame, exc: BaseException | None) -> None:
         assert isinstance(frame, _Recording)
         provider = trace.get_tracer_provider()
-        if isinstance(provider, TracerProvider):
-            provider.force_flush()  # spans still queued in the app's own batch processors
-        _deactivate(frame)
-        frame.writer.flush(process=True)
-        frame.writer.close()
-        self.paths.extend(frame.writer.written)
+        try:
+            if isinstance(provider, TracerProvider):
+                provider.force_flush()  # spans still queued in the app's own batch processors
+        finally:  # whatever the flush raised (Ctrl-C, an app processor), this run is over
+            _deactivate(frame)
+            try:
+                frame.writer.flush(process=True)
+            finally:
+                frame.writer.close()
+                self.paths.extend(frame.writer.written)
 
 
 @dataclass(slots=True, eq=False)
@@ -352,20 +392,28 @@ class _Routed:
     answered from (and recorded into) the run of its own task or thread, so two runs at once
     (a decorated coroutine gathered twice) each replay the whole cassette."""
 
-    def _run(self) -> _Replaying:
+    def _index(self) -> Answers:
         run = _run_here(_Replaying)
-        if run is None:  # a shim that read STATE.index just before the last run ended
-            raise ReplayMissError("Replay has ended; no cassette is loaded.")
-        return run
+        if run is not None:
+            return run.index
+        base = _base  # a shim that read STATE.index just as the last run ended: what was before
+        if base is not None and base.index is not None and base.index is not self:
+            return base.index
+        raise ReplayMissError("The replay() block has ended; no cassette is loaded.")
 
     def take(self, call: Call) -> Match | None:
-        return self._run().index.take(call)
+        return self._index().take(call)
 
     def miss_message(self, call: Call, *, hint: str = "") -> str:
-        return self._run().index.miss_message(call, hint=hint)
+        return self._index().miss_message(call, hint=hint)
 
     def append(self, record: SpanRecord, /) -> None:
-        self._run().appended.append(record)
+        run = _run_here(_Replaying)
+        base = _base
+        if run is not None:
+            run.appended.append(record)
+        elif base is not None and base.appended is not self:
+            base.appended.append(record)
 
 
 _ROUTED = _Routed()
@@ -413,7 +461,10 @@ class Replaying(_Activation):
 
     def _begin(self) -> _Frame:
         replay_shims.instrument(self.libraries)
-        if not self._fresh:
+        if self.written and self._source is not None:
+            # A run kept new calls in the cassette: the next one replays them too.
+            self.index = ReplayIndex.from_paths([self._source], strict=self.index.strict)
+        elif not self._fresh:
             self.index = self.index.fresh()
         self._fresh = False
         self.appended = []
@@ -421,12 +472,40 @@ class Replaying(_Activation):
         _activate(frame)
         return frame
 
-    def _end(self, frame: _Frame) -> None:
+    def _end(self, frame: _Frame, exc: BaseException | None) -> None:
         _deactivate(frame)
         assert isinstance(frame, _Replaying)
-        if frame.appended and self._source is not None and not str(self._source).startswith("s3://"):
-            # on_miss="record" from one local path: kept where its next replay finds them.
+        if not frame.appended or self._source is None or str(self._source).startswith("s3://"):
+            return
+        # on_miss="record" from one local path: kept where its next replay finds them.
+        try:
             self.written.append(str(add_interactions(self._source, frame.appended, "processor")))
+        except CassetteError as error:
+            if exc is None:
+                raise
+            # The block's own exception goes on; this one must not replace it.
+            log.warning("timetracer-otel: %s", error)
+
+
+@dataclass(slots=True, eq=False)
+class _Moded(_Frame):
+    mode: Mode
+
+    def fold(self, switch: _Switch) -> None:
+        switch.mode = self.mode
+
+
+def hold_mode(mode: Mode) -> _Frame:
+    """A run that only sets the mode, for a recorder that takes the spans itself (the pytest
+    plugin): it nests and overlaps with ``record()``/``replay()`` runs like one of them.
+    End it with :func:`release`."""
+    frame = _Moded(mode)
+    _activate(frame)
+    return frame
+
+
+def release(frame: _Frame) -> None:
+    _deactivate(frame)
 
 
 def _libraries(value: Iterable[str] | None, what: str) -> list[str] | None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -51,6 +52,19 @@ def test_order_records_request_response_and_upstream(tmp_path: Path, serve: Any,
     assert result.report.exact == 1 and result.report.misses == []
     # The bare app (no OTel middleware) compares at the outer level, also a match.
     assert replay_asgi(cassette, shop.make_app()).ok
+
+
+def test_a_miss_let_go_live_is_not_a_difference(tmp_path: Path, serve: Any, upstream: Any) -> None:
+    cassette = _only(_record(tmp_path, serve, lambda c: c.post("/orders/7", json={"sku": "A1", "qty": 3})))
+    root = inbound_span(cassette)
+    # Without its upstream call: the replay misses it, and passthrough sends it live (the
+    # upstream is still up, so the answer is the same).
+    bare = msgspec.structs.replace(cassette, spans=[s for s in cassette.spans if not s.library or s is root])
+    passed = replay_asgi(bare, OpenTelemetryMiddleware(shop.make_app()), on_miss="passthrough")
+    assert passed.ok, passed.diff
+    assert passed.status == 200 and len(passed.report.misses) == 1
+    failed = replay_asgi(bare, OpenTelemetryMiddleware(shop.make_app()))  # on_miss="error"
+    assert not failed.ok and failed.diff[0].startswith("dependency No recorded httpx call matches")
 
 
 def test_changed_handler_names_the_field(tmp_path: Path, serve: Any, upstream: Any,

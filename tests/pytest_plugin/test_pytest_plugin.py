@@ -295,6 +295,12 @@ def test_on_miss_record_appends_what_the_cassette_lacks(
     run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network").assert_outcomes(
         passed=1)
     assert HITS == []
+    # `none` replays only, whatever the marker says: the call it lacks fails the test and the
+    # cassette stays as it was.
+    monkeypatch.setenv("CALLS", "3")
+    before = path.read_bytes()
+    run(pytester, "--timetracer-record-mode=none").assert_outcomes(failed=1)
+    assert HITS == [] and path.read_bytes() == before
 
 
 def test_cassettes_that_cannot_be_written_fail_in_one_line(

@@ -11,7 +11,15 @@ import pytest
 
 from timetracer_otel import cassette as cassette_mod
 from timetracer_otel import crypto
-from timetracer_otel.cassette import Cassette, SpanRecord, dumps, load_cassette, loads, save_cassette
+from timetracer_otel.cassette import (
+    Cassette,
+    SpanRecord,
+    add_interactions,
+    dumps,
+    load_cassette,
+    loads,
+    save_cassette,
+)
 from timetracer_otel.errors import CassetteError, ConfigError
 
 KEY_HEX = "11" * 32
@@ -177,3 +185,42 @@ def test_base64_keys_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("TIMETRACER_ENCRYPTION_KEY", base64.urlsafe_b64encode(b"\xfb" * 32).decode())
     assert loads(dumps(sample())).id == "c1"
+
+
+def _call(n: int) -> SpanRecord:
+    return SpanRecord(trace_id=f"{n:032x}", span_id=f"{n:016x}", name="GET", library="httpx",
+                      key=f"httpx:{n}", label=f"GET http://x/{n}", start_ns=n, response={"status": 200})
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_adding_calls_keeps_the_files_encryption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 fmt: str) -> None:
+    plain = save_cassette(sample(), tmp_path / f"plain.{fmt}")
+    monkeypatch.setenv("TIMETRACER_ENCRYPTION_KEY", KEY_HEX)
+    sealed = save_cassette(sample(), tmp_path / f"sealed.{fmt}")
+    for path in (plain, sealed):
+        add_interactions(path, [_call(1)], "replay")
+    assert not crypto.is_encrypted(plain.read_bytes())  # still readable without the key
+    assert crypto.is_encrypted(sealed.read_bytes())
+    monkeypatch.delenv("TIMETRACER_ENCRYPTION_KEY")
+    assert [s.label for s in load_cassette(plain).interactions] == ["GET http://x/", "GET http://x/1"]
+
+
+def _add_many(path: str, first: int) -> None:
+    for n in range(first, first + 20):
+        add_interactions(path, [_call(n)], "replay")
+
+
+def test_processes_adding_calls_at_once_lose_none(tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = save_cassette(sample(), tmp_path / "shared.msgpack")
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_add_many, args=(str(path), first)) for first in (100, 200)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    keys = sorted(s.key or "" for s in load_cassette(path).interactions)
+    assert keys == sorted(["httpx:k"] + [f"httpx:{n}" for n in (*range(100, 120), *range(200, 220))])
