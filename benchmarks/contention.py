@@ -99,7 +99,7 @@ def measure(rounds: int) -> dict[str, list[float]]:
     from timetracer_otel.config import Mode
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
-    from timetracer_otel.runtime import _dispatch_for, sdk_provider
+    from timetracer_otel.runtime import _dispatch_for, _here, sdk_provider
 
     tracer = _otel()
     replay_shims.install(["httpx"])
@@ -123,6 +123,7 @@ def measure(rounds: int) -> dict[str, list[float]]:
 
             with timetracer_otel.record(dir=f"{tmp}/rec", libraries=["httpx"]) as rec:
                 real = rec.writer
+                _here.set(None)  # the writer set on the dispatch takes the spans, not the run's
                 dispatch = _dispatch_for(sdk_provider())
                 discarding = CassetteWriter(f"{tmp}/discard", isolate=True)
                 # Both writer processes start (and import) before any window, each with

@@ -129,7 +129,7 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     from timetracer_otel.config import Mode
     from timetracer_otel.exporters.writer import CassetteWriter
     from timetracer_otel.replay_shims.base import STATE
-    from timetracer_otel.runtime import _dispatch_for, sdk_provider
+    from timetracer_otel.runtime import _dispatch_for, _here, sdk_provider
 
     app, clients = make_app(args["upstream"])
     setup_otel(app)
@@ -137,6 +137,9 @@ async def overhead(args: dict[str, Any]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     recording = timetracer_otel.record(dir=tmp / "rec")
     recording.__enter__()
+    # switch() hands spans to each writer through the dispatch: the recording's run must not
+    # claim the spans of this task for its own writer (runtime routes them by context).
+    _here.set(None)
     dispatch = _dispatch_for(sdk_provider())
     normal = CassetteWriter(str(tmp / "normal"), isolate=True)
     normal.priority = "normal"  # what TIMETRACER_WRITER_PRIORITY=normal sets; read as it starts
