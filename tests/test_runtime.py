@@ -291,7 +291,7 @@ def test_bad_arguments_in_code_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_replay_on_miss_record_keeps_new_calls_in_the_cassette_it_replays(
-    serve: Any, tmp_path: Path
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = serve(app)
 
@@ -307,12 +307,14 @@ def test_replay_on_miss_record_keeps_new_calls_in_the_cassette_it_replays(
     # The upstream counts its requests ("n"): a live answer differs from every other one.
     with timetracer_otel.replay(file_copy, on_miss="record") as to_file:
         to_file_answers = job(1, 2)  # page 2 goes live
+    monkeypatch.setenv("TIMETRACER_FORMAT", "json")  # a directory's new cassette: this format
     with timetracer_otel.replay(tmp_path / "dir", on_miss="record") as to_dir:
         to_dir_answers = job(1, 3)
     assert to_file_answers[0] == first[0] == to_dir_answers[0]
     assert to_file.written == [str(file_copy)] and len(to_file.appended) == 1
     [added] = to_dir.written
     assert Path(added).parent == tmp_path / "dir" and Path(added).name.startswith("appended-")
+    assert Path(added).suffix == ".json" and Path(added).read_bytes().lstrip().startswith(b"{")
     server.stop()
     with timetracer_otel.replay(file_copy, strict=True) as rep:
         assert job(1, 2) == to_file_answers

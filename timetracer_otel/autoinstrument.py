@@ -245,10 +245,10 @@ def pre_instrument() -> None:
     STATE.mode = Mode.REPLAY
     atexit.register(_write_report, index, settings.report)
     if settings.on_miss is OnMiss.RECORD:
-        atexit.register(_keep_appended, source)
+        atexit.register(_keep_appended, source, settings.format)
 
 
-def _keep_appended(source: str) -> None:
+def _keep_appended(source: str, fmt: Any) -> None:
     """``on_miss=record``: the calls the cassette lacked join it (see ``add_interactions``)."""
     from timetracer_otel.cassette import add_interactions
     from timetracer_otel.errors import TimetracerError
@@ -258,7 +258,7 @@ def _keep_appended(source: str) -> None:
     if not isinstance(appended, list) or not appended:
         return
     try:
-        path = add_interactions(source, appended, "replay")
+        path = add_interactions(source, appended, "replay", fmt)
     except TimetracerError as exc:
         sys.stderr.write(f"timetracer-otel: {exc}\n")
         return

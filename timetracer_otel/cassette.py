@@ -751,10 +751,13 @@ def recorder(via: str) -> Recorder:
     return Recorder(version=version, via=via, python=platform.python_version())
 
 
-def add_interactions(source: str | os.PathLike[str], spans: Sequence[SpanRecord], via: str) -> Path:
+def add_interactions(
+    source: str | os.PathLike[str], spans: Sequence[SpanRecord], via: str, fmt: Format = "msgpack"
+) -> Path:
     """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
-    ``source`` finds them: a cassette file gets them added (rewritten atomically), a directory
-    a new cassette beside the others. Returns the file written."""
+    ``source`` finds them: a cassette file gets them added (rewritten atomically, in its own
+    format and encryption), a directory a new cassette in ``fmt`` beside the others. Returns
+    the file written."""
     import datetime as dt
 
     p = Path(source)
@@ -772,7 +775,7 @@ def add_interactions(source: str | os.PathLike[str], spans: Sequence[SpanRecord]
         token = os.urandom(4).hex()
         cassette = Cassette(id=token, name="appended", created=now.isoformat(),
                             recorder=recorder(via), spans=list(spans))
-        return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}.msgpack")
+        return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}")
     raise CassetteError(f"{source} is not a local cassette file or directory, so the "
                         f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
 

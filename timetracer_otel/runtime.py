@@ -479,7 +479,9 @@ class Replaying(_Activation):
             return
         # on_miss="record" from one local path: kept where its next replay finds them.
         try:
-            self.written.append(str(add_interactions(self._source, frame.appended, "processor")))
+            fmt = Settings.from_env().format
+            self.written.append(str(add_interactions(self._source, frame.appended, "processor",
+                                                     fmt)))  # type: ignore[arg-type]
         except CassetteError as error:
             if exc is None:
                 raise
