@@ -303,3 +303,28 @@ def test_replay_on_miss_record_keeps_the_calls_it_lacked(serve: Any, tmp_path: P
     assert offline.returncode == 0, offline.stderr
     assert offline.stdout == "200 1 bytes\n"  # nothing swallowed: both calls answered
     assert "2 exact, 0 by shape, 0 missed, 0 recorded but unused" in offline.stderr
+
+
+def test_replay_on_miss_record_fails_when_it_cannot_keep_the_calls(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT + "\nimport pathlib; pathlib.Path(os.environ['DOOMED']).unlink()\n")
+    cassettes = tmp_path / "c"
+    env = dict(os.environ, UPSTREAM_URL=server.url, DOOMED=str(tmp_path / "spare"))
+    (tmp_path / "spare").touch()
+    assert cli("record", "--dir", str(cassettes), "--", sys.executable, str(script), "1",
+               env=env).returncode == 0
+    [cassette] = find_cassettes(cassettes)
+    link = tmp_path / "link.msgpack"
+    link.symlink_to(cassette)  # kept through a link: the cassette itself gets the call
+    (tmp_path / "spare").touch()
+    kept = cli("replay", "--cassette", str(link), "--on-miss", "record", "--", sys.executable,
+               str(script), "1", "x", env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert link.is_symlink() and len(load_cassette(cassette).interactions) == 2
+    # The app deletes the cassette it replays: the call it recorded live has nowhere to go.
+    lost = cli("replay", "--cassette", str(cassette), "--on-miss", "record", "--strict", "--",
+               sys.executable, str(script), "2", env=dict(env, DOOMED=str(cassette)))
+    assert lost.returncode == 2, lost.stderr
+    assert "not kept: " in lost.stderr and "is not a local cassette file or directory" in lost.stderr
+    assert "Traceback" not in lost.stderr

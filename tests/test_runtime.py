@@ -361,6 +361,40 @@ def test_a_run_ends_even_when_its_end_raises(tmp_path: Path) -> None:
         stop.armed = False
     assert switched_off() and rec.writer is not None and rec.writer._closed  # flushed and closed
 
+
+def test_a_run_interrupted_while_it_begins_never_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = runtime._Switch.write
+    calls = []
+
+    def interrupted(self: Any) -> None:
+        calls.append(self.mode)
+        if len(calls) == 1:
+            STATE.mode = self.mode  # half of it written, then Ctrl-C
+            raise KeyboardInterrupt
+        write(self)
+
+    monkeypatch.setattr(runtime._Switch, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        timetracer_otel.replay(_empty_cassette(tmp_path)).__enter__()
+    assert calls == [Mode.REPLAY, Mode.OFF] and runtime._active == []
+    with timetracer_otel.replay(_empty_cassette(tmp_path)):
+        pass
+    assert switched_off()
+
+
+def test_runs_ended_out_of_order_leave_calls_to_the_latest(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    first, middle, last = (timetracer_otel.record(dir=tmp_path / name) for name in ("f", "m", "l"))
+    first.__enter__()
+    middle.__enter__()
+    last.__enter__()
+    middle.__exit__()  # out of order, in the same context
+    httpx.get(f"{server.url}/items", params={"page": 1})
+    last.__exit__()
+    first.__exit__()
+    assert (pages(first.paths), pages(middle.paths), pages(last.paths)) == ([], [], ["1"])
     assert switched_off()
 
 
@@ -398,11 +432,13 @@ def _empty_cassette(tmp_path: Path) -> Path:
 def test_what_others_set_during_a_run_outlasts_it(tmp_path: Path) -> None:
     from timetracer_otel.exporters import CassetteSpanProcessor
 
-    with timetracer_otel.replay(_empty_cassette(tmp_path)):
-        processor = CassetteSpanProcessor(dir=str(tmp_path / "out"))  # defers for the process
-    assert STATE.defer and STATE.mode is Mode.OFF  # the run's end used to put defer back
-    processor.shutdown()
-    assert not STATE.defer
+    for run in (timetracer_otel.replay(_empty_cassette(tmp_path)),
+                timetracer_otel.record(dir=tmp_path / "rec")):  # (a recording defers too)
+        with run:
+            processor = CassetteSpanProcessor(dir=str(tmp_path / "out"))  # defers for the process
+        assert STATE.defer and STATE.mode is Mode.OFF  # the run's end used to put defer back
+        processor.shutdown()
+        assert not STATE.defer
 
 
 def test_a_held_mode_nests_with_runs_like_one_of_them(tmp_path: Path) -> None:
@@ -416,3 +452,32 @@ def test_a_held_mode_nests_with_runs_like_one_of_them(tmp_path: Path) -> None:
         runtime.release(held)
         assert STATE.mode is Mode.REPLAY
     assert switched_off()
+
+
+def test_runs_that_lacked_the_same_call_keep_it_once(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        httpx.get(f"{server.url}/items", params={"page": 1})
+    [path] = rec.paths
+
+    async def job(barrier: asyncio.Barrier) -> None:
+        async with httpx.AsyncClient() as client:
+            for page in (1, 2):
+                await client.get(f"{server.url}/items", params={"page": page})
+                await barrier.wait()
+
+    replayed = timetracer_otel.replay(path, on_miss="record", strict=True)(job)
+
+    async def twice() -> None:
+        barrier = asyncio.Barrier(2)
+        await asyncio.gather(replayed(barrier), replayed(barrier))
+
+    asyncio.run(twice())  # both runs lacked page 2 and recorded it live
+    # Two replays of one file, the second loaded before the first kept its call.
+    one = timetracer_otel.replay(path, on_miss="record", strict=True)
+    other = timetracer_otel.replay(path, on_miss="record", strict=True)
+    for rep in (one, other):
+        with rep:
+            httpx.get(f"{server.url}/items", params={"page": 3})
+    labels = [i.label.rsplit("=", 1)[-1] for i in load_cassette(path).interactions]
+    assert labels == ["1", "2", "3"] and len(one.written) == 1 and other.written == []

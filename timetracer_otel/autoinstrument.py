@@ -245,10 +245,10 @@ def pre_instrument() -> None:
     STATE.mode = Mode.REPLAY
     atexit.register(_write_report, index, settings.report)
     if settings.on_miss is OnMiss.RECORD:
-        atexit.register(_keep_appended, source, settings.format)
+        atexit.register(_keep_appended, source, settings.format, index.key_counts())
 
 
-def _keep_appended(source: str, fmt: Any) -> None:
+def _keep_appended(source: str, fmt: Any, known: dict[str, int]) -> None:
     """``on_miss=record``: the calls the cassette lacked join it (see ``add_interactions``)."""
     from timetracer_otel.cassette import add_interactions
     from timetracer_otel.errors import TimetracerError
@@ -258,18 +258,27 @@ def _keep_appended(source: str, fmt: Any) -> None:
     if not isinstance(appended, list) or not appended:
         return
     try:
-        path = add_interactions(source, appended, "replay", fmt)
+        path = add_interactions(source, appended, "replay", fmt, known)
     except TimetracerError as exc:
+        _UNKEPT.append(str(exc))  # in the report: `replay` exits 2 (it runs before that)
         sys.stderr.write(f"timetracer-otel: {exc}\n")
+        return
+    if path is None:
+        sys.stderr.write("timetracer-otel: the calls the cassette lacked were already added to it "
+                         "by another process\n")
         return
     sys.stderr.write(f"timetracer-otel: {len(appended)} call(s) the cassette lacked were recorded "
                      f"into {path}\n")
+
+
+_UNKEPT: list[str] = []
 
 
 def _write_report(index: Any, path: str | None) -> None:
     import msgspec
 
     report = index.report()
+    report.unkept = list(_UNKEPT)
     if path:
         with open(path, "wb") as fh:
             fh.write(msgspec.json.encode(report))

@@ -26,7 +26,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -709,11 +709,21 @@ class _FsyncPool:
 _FSYNC_POOL = _FsyncPool(8)
 
 
-def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None) -> Path:
-    """Encode and atomically write ``cassette``; the format defaults from the file suffix."""
+def save_cassette(
+    cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None, *,
+    encrypt: bool | None = None,
+) -> Path:
+    """Encode and atomically write ``cassette``; the format defaults from the file suffix,
+    encryption from ``TIMETRACER_ENCRYPTION_KEY`` (see :func:`dumps`)."""
     p = Path(path)
     _replaceable(p)
-    return atomic_write(p, dumps(cassette, fmt or _format_of(p)))
+    return atomic_write(p, dumps(cassette, fmt or _format_of(p), encrypt=encrypt))
+
+
+def is_encrypted_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the cassette at ``path`` is encrypted (read from its first bytes)."""
+    with open(path, "rb") as fh:
+        return crypto.is_encrypted(fh.read(64))
 
 
 def _format_of(p: Path) -> Format:
@@ -752,32 +762,71 @@ def recorder(via: str) -> Recorder:
 
 
 def add_interactions(
-    source: str | os.PathLike[str], spans: Sequence[SpanRecord], via: str, fmt: Format = "msgpack"
-) -> Path:
+    source: str | os.PathLike[str],
+    spans: Sequence[SpanRecord],
+    via: str,
+    fmt: Format = "msgpack",
+    known: Mapping[str, int] | None = None,
+) -> Path | None:
     """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
     ``source`` finds them: a cassette file gets them added (rewritten atomically, in its own
     format and encryption), a directory a new cassette in ``fmt`` beside the others. Returns
-    the file written."""
+    the file written, or None when there was nothing left to add.
+
+    ``known``: how many interactions of each key the replay loaded from ``source``. Calls
+    that others added since (another run of the same replay, another process) are not added
+    again: two runs that both lacked a call leave it in the cassette once.
+    """
     import datetime as dt
 
     p = Path(source)
     if p.is_file():
+        p = p.resolve()  # a link to a cassette: the cassette itself gets the calls
         fmt = _format_of(p)
         with _locked(p.parent):  # read, add, replace: one process or thread at a time
             raw = _read(p)
             cassette = loads(raw, str(p))
-            cassette.spans = [*cassette.spans, *spans]
+            new = _not_added_yet(spans, known, cassette.interactions)
+            if not new:
+                return None
+            cassette.spans = [*cassette.spans, *new]
             # Encrypted only if it was: a plaintext cassette stays readable without the key.
             data = dumps(cassette, fmt, encrypt=crypto.is_encrypted(raw))
             return atomic_write(p, data)
     if p.is_dir():
-        now = dt.datetime.now(dt.timezone.utc)
-        token = os.urandom(4).hex()
-        cassette = Cassette(id=token, name="appended", created=now.isoformat(),
-                            recorder=recorder(via), spans=list(spans))
-        return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}")
+        with _locked(p):
+            there = [s for f in find_cassettes(p) for s in load_cassette(f).interactions] \
+                if known is not None else []
+            new = _not_added_yet(spans, known, there)
+            if not new:
+                return None
+            now = dt.datetime.now(dt.timezone.utc)
+            token = os.urandom(4).hex()
+            cassette = Cassette(id=token, name="appended", created=now.isoformat(),
+                                recorder=recorder(via), spans=new)
+            return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}")
     raise CassetteError(f"{source} is not a local cassette file or directory, so the "
                         f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
+
+
+def _not_added_yet(
+    spans: Sequence[SpanRecord], known: Mapping[str, int] | None, there: Sequence[SpanRecord]
+) -> list[SpanRecord]:
+    """``spans`` less, per key, as many as were added to ``there`` since ``known`` was read."""
+    if known is None:
+        return list(spans)
+    extra: dict[str | None, int] = {}
+    for span in there:
+        extra[span.key] = extra.get(span.key, 0) + 1
+    for key, count in known.items():
+        extra[key] = extra.get(key, 0) - count
+    new = []
+    for span in spans:
+        if extra.get(span.key, 0) > 0:
+            extra[span.key] -= 1  # someone added this one already
+        else:
+            new.append(span)
+    return new
 
 
 def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:

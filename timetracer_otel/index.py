@@ -83,6 +83,8 @@ class ReplayReport:
     shape_matches: list[ShapeMatch] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
     unused: list[tuple[str, str]] = field(default_factory=list)  # (label, source)
+    # on_miss="record": why calls recorded live could not be kept in the cassette.
+    unkept: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +103,7 @@ class ReplayReport:
             lines.extend(f"      {d}" for d in sm.diff)
         lines.extend(f"  miss: {m}" for m in self.misses)
         lines.extend(f"  unused: {label} ({src})" for label, src in self.unused)
+        lines.extend(f"  not kept: {why}" for why in self.unkept)
         return "\n".join(lines)
 
 
@@ -143,6 +146,14 @@ class ReplayIndex:
         from timetracer_otel.exporters.storage import load_replay_sources  # exporters import us
 
         return cls([item for p in paths for item in load_replay_sources(p)], strict=strict)
+
+    def key_counts(self) -> dict[str, int]:
+        """How many interactions of each key the index holds (used or not)."""
+        counts: dict[str, int] = {}
+        for entry in self._entries:
+            key = entry.span.key or ""
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def fresh(self) -> ReplayIndex:
         """A new index of the same cassettes with nothing used yet, for replaying them again."""

@@ -18,6 +18,7 @@ fixtures are torn down, so their cleanup calls belong to the test too.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -38,6 +39,7 @@ from timetracer_otel.cassette import (
     Cassette,
     SpanRecord,
     find_cassettes,
+    is_encrypted_file,
     load_cassette,
     recorder,
     save_cassette,
@@ -68,7 +70,7 @@ _MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 
 
-def cassette_filename(test_id: str, suffix: str = ".json") -> str:
+def cassette_filename(test_id: str, suffix: str = ".json", *, before_2026_11_28: bool = False) -> str:
     """A file name for a test id: readable, and unique even when characters were replaced.
 
     >>> cassette_filename("TestApi::test_get[a/b]")
@@ -78,6 +80,8 @@ def cassette_filename(test_id: str, suffix: str = ".json") -> str:
     # and "[a::b]" must not share "[a.b]"'s file (its ":" makes it take the hash instead).
     head, bracket, params = test_id.partition("[")
     text = head.replace("::", ".") + bracket + params
+    if before_2026_11_28:  # the earlier rule, for cassettes already recorded under it
+        text = test_id.replace("::", ".")
     safe = _UNSAFE.sub("_", text)
     if safe != text or len(safe) > _MAX_NAME:
         digest = hashlib.blake2b(test_id.encode(), digest_size=5).hexdigest()
@@ -231,6 +235,7 @@ class ActiveCassette:
         self._recorded: list[ReadableSpan] = []
         self._replaying: Replaying | None = None
         self._mode_run: Any = None  # the recording's run (runtime.hold_mode)
+        self._encrypted: bool | None = None  # of the cassette replayed; None: as the key says
         self.written = False
 
     @property
@@ -282,6 +287,7 @@ class ActiveCassette:
             self._mode_run = hold_mode(Mode.RECORD)
             return
         self.cassette = load_cassette(self.path)
+        self._encrypted = is_encrypted_file(self.path)  # a rewrite keeps it as it was
         # `none` replays only, whatever the marker says; new_episodes records what it lacks.
         on_miss = {RecordMode.NONE: OnMiss.ERROR, RecordMode.NEW_EPISODES: OnMiss.RECORD}.get(
             mode, self.options.on_miss)
@@ -343,7 +349,7 @@ class ActiveCassette:
             spans=kept,
         )
         try:
-            save_cassette(cassette, self.path)
+            save_cassette(cassette, self.path, encrypt=self._encrypted)
         except CassetteError as exc:
             return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True
@@ -459,7 +465,7 @@ class TimetracerPlugin:
             self.collector = _SpanCollector()
             sdk_provider("pytest").add_span_processor(self.collector)
             replay_shims.instrument()
-            STATE.max_payload_bytes = self.settings.max_payload_bytes
+            STATE.put(max_payload_bytes=self.settings.max_payload_bytes)
         return self.collector
 
     def asgi_app(self) -> Any:
@@ -528,13 +534,22 @@ class TimetracerPlugin:
             return p if p.is_absolute() else module_dir / p
         test_id = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
         if not self.cassette_dir:
-            return module_dir / "cassettes" / item.path.stem / cassette_filename(test_id)
-        base = self.config.rootpath / self.cassette_dir
-        try:
-            module = item.path.with_suffix("").relative_to(self.config.rootpath)
-        except ValueError:
-            module = Path(item.path.stem)
-        return base / module / cassette_filename(test_id)
+            directory = module_dir / "cassettes" / item.path.stem
+        else:
+            try:
+                module = item.path.with_suffix("").relative_to(self.config.rootpath)
+            except ValueError:
+                module = Path(item.path.stem)
+            directory = self.config.rootpath / self.cassette_dir / module
+        path = directory / cassette_filename(test_id)
+        earlier = directory / cassette_filename(test_id, before_2026_11_28=True)
+        if earlier != path and not path.exists() and earlier.is_file():
+            # Recorded before "::" in a parameter id changed the name: still this test's
+            # cassette if it says so (another test may own that name now).
+            with contextlib.suppress(TimetracerError):
+                if load_cassette(earlier).name == item.nodeid:
+                    return earlier
+        return path
 
     # The innermost wrapper: still before every fixture (the runner sets them up inside all
     # wrappers), and a failure here leaves the other plugins' wrappers consistent.

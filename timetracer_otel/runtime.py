@@ -37,6 +37,7 @@ from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.index import Answers, Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims import base as base_module
 from timetracer_otel.replay_shims.base import STATE, Keeps
 
 log = logging.getLogger("timetracer_otel")
@@ -179,15 +180,24 @@ def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
             _base.writers[dispatch] = dispatch.writer
         _active.append(frame)
         frame.active = True
-        _apply(_base)
+        try:
+            _apply(_base)
+        except BaseException:  # interrupted (Ctrl-C) while switching: this run never began
+            _active.remove(frame)
+            frame.active = False
+            _apply(_base, adopt=False)  # STATE holds half of it: nothing there is another's
+            raise
     frame.token = _here.set(frame)
 
 
 def _deactivate(frame: _Frame) -> None:
     global _base, _written
     if frame.token is not None:
-        with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
-            _here.reset(frame.token)
+        # Only if this run is still the context's: after runs ended out of order, resetting
+        # would bring back a run begun before this one that may still be running.
+        if _here.get() is frame:
+            with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
+                _here.reset(frame.token)
         frame.token = None
     with _lock:
         if not frame.active or _base is None:
@@ -199,9 +209,24 @@ def _deactivate(frame: _Frame) -> None:
             _base = _written = None
 
 
-def _apply(base: _Switch) -> None:
+def _put(values: dict[str, Any]) -> None:
+    """``STATE.put``: outside values go into the base the runs are laid over."""
+    with _lock:
+        if _base is None:
+            for name, value in values.items():
+                setattr(STATE, name, value)
+            return
+        for name, value in values.items():
+            setattr(_base if name in _Switch.__slots__ else STATE, name, value)
+        _apply(_base)
+
+
+base_module._put_hook = _put
+
+
+def _apply(base: _Switch, *, adopt: bool = True) -> None:
     global _written
-    if _written is not None:
+    if _written is not None and adopt:
         base.adopt(_Switch.read(), _written)
     switch = base.copy()
     for frame in _active:
@@ -479,9 +504,11 @@ class Replaying(_Activation):
             return
         # on_miss="record" from one local path: kept where its next replay finds them.
         try:
-            fmt = Settings.from_env().format
-            self.written.append(str(add_interactions(self._source, frame.appended, "processor",
-                                                     fmt)))  # type: ignore[arg-type]
+            fmt: Any = Settings.from_env().format
+            path = add_interactions(self._source, frame.appended, "processor", fmt,
+                                    known=frame.index.key_counts())
+            if path is not None:  # (None: another run of this replay kept them already)
+                self.written.append(str(path))
         except CassetteError as error:
             if exc is None:
                 raise

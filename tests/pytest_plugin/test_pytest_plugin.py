@@ -301,6 +301,11 @@ def test_on_miss_record_appends_what_the_cassette_lacks(
     before = path.read_bytes()
     run(pytester, "--timetracer-record-mode=none").assert_outcomes(failed=1)
     assert HITS == [] and path.read_bytes() == before
+    # With a key set, a plaintext cassette that gains a call stays plaintext.
+    monkeypatch.setenv("TIMETRACER_ENCRYPTION_KEY", "11" * 32)
+    run(pytester).assert_outcomes(passed=1)
+    assert HITS == ["/n/2"] and path.read_bytes().startswith(b"{")
+    assert labels(path)[-1] == f"GET {server.url}/n/2"
 
 
 def test_cassettes_that_cannot_be_written_fail_in_one_line(
@@ -362,3 +367,29 @@ def test_the_payload_limit_applies_to_test_cassettes(
     small, large = cassettes(pytester.path)["test_sizes.json"].interactions
     assert (small.truncated, large.truncated) == (False, True)
     assert large.response is None and small.response is not None
+
+
+def test_cassettes_named_by_the_earlier_rule_are_still_found(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    pytester.makepyfile(test_sample="""
+        import os
+        import httpx
+        import pytest
+
+        @pytest.mark.timetracer
+        @pytest.mark.parametrize("host", ["::1"])
+        def test_connect(host):
+            httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/c")
+    """)
+    run(pytester).assert_outcomes(passed=1)
+    base = pytester.path / "cassettes" / "test_sample"
+    [current] = base.iterdir()
+    assert current.name.startswith("test_connect[__1]-")  # "::" in a parameter: the hash suffix
+    # A cassette recorded before that rule, under the name it had then, still replays.
+    current.rename(base / "test_connect[.1].json")
+    HITS.clear()
+    run(pytester, "--timetracer-record-mode=none").assert_outcomes(passed=1)
+    assert HITS == [] and [p.name for p in base.iterdir()] == ["test_connect[.1].json"]

@@ -20,6 +20,7 @@ def test_cassette_filename_is_readable_unique_and_bounded() -> None:
     colons, dot = cassette_filename("test[a::b]"), cassette_filename("test[a.b]")
     assert dot == "test[a.b].json" and colons.startswith("test[a__b]-") and colons != dot
     assert cassette_filename("C::test[x::y]") != cassette_filename("C::test[x.y]")
+    assert cassette_filename("C::test[::1]", before_2026_11_28=True) == "C.test[.1].json"
     long_a, long_b = cassette_filename("t" * 300 + "a"), cassette_filename("t" * 300 + "b")
     assert long_a != long_b and len(long_a) <= 100
     assert cassette_filename("t" * 300 + "a") == long_a  # deterministic

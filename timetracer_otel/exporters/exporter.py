@@ -29,8 +29,8 @@ class CassetteSpanExporter(SpanExporter):
             sample_rate=s.sample_rate,
             errors_only=s.errors_only,
         )
-        STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
-        STATE.max_payload_bytes = s.max_payload_bytes
+        # This writer takes the spans: shims may leave calls to it.
+        STATE.put(defer=not s.span_payloads, max_payload_bytes=s.max_payload_bytes)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -42,7 +42,7 @@ class CassetteSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        STATE.defer = False
+        STATE.put(defer=False)
         self.writer.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

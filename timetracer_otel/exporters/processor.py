@@ -36,8 +36,8 @@ class CassetteSpanProcessor(SpanProcessor):
             errors_only=s.errors_only,
         )
         self.enabled = True
-        STATE.defer = not s.span_payloads  # this writer takes the spans: shims may leave calls to it
-        STATE.max_payload_bytes = s.max_payload_bytes
+        # This writer takes the spans: shims may leave calls to it.
+        STATE.put(defer=not s.span_payloads, max_payload_bytes=s.max_payload_bytes)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -47,7 +47,7 @@ class CassetteSpanProcessor(SpanProcessor):
             self.writer.submit(span)
 
     def shutdown(self) -> None:
-        STATE.defer = False
+        STATE.put(defer=False)
         self.writer.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

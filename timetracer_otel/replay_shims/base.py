@@ -144,6 +144,20 @@ class State:
     def is_live(self, library: str) -> bool:
         return library in self.live or bool(self.mock and library not in self.mock)
 
+    def put(self, **values: Any) -> None:
+        """Set fields from outside ``record()``/``replay()`` runs (an exporter, the pytest
+        plugin): while runs are active, the runs' own values stay in force and these become
+        what the last run to end restores (see ``runtime``)."""
+        if _put_hook is not None:
+            _put_hook(values)
+        else:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+
+# Set by timetracer_otel.runtime, which keeps what runs lay over STATE.
+_put_hook: Callable[[dict[str, Any]], None] | None = None
+
 
 class _Unreadable:
     """Stands in for the redactor while the environment's rules (TIMETRACER_REDACT...) cannot
