@@ -7,6 +7,7 @@ import http.client
 import importlib.util
 import json
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -265,18 +266,22 @@ def test_calls_left_to_a_writer_in_the_same_process_are_recorded(
     assert HITS == []  # answered from the cassette
 
 
+def sample_project(pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch,
+                   tests: str) -> Any:
+    """``test_sample.py`` holding ``tests`` after the imports they all use, with the upstream
+    running and its URL in ``SAMPLE_UPSTREAM``; returns the server."""
+    server = serve(upstream)
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    pytester.makepyfile(test_sample="import os\nimport httpx\nimport pytest\n\n" + textwrap.dedent(tests))
+    return server
+
+
 def test_on_miss_record_appends_what_the_cassette_lacks(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The marker's on_miss="record" under the default `once` mode: the replayed call is
     # answered from the cassette, the new one goes live and joins the cassette.
-    server = serve(upstream)
-    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
-    pytester.makepyfile(test_sample="""
-        import os
-        import httpx
-        import pytest
-
+    server = sample_project(pytester, serve, monkeypatch, """
         @pytest.mark.timetracer(on_miss="record")
         def test_calls():
             for n in range(int(os.environ["CALLS"])):
@@ -311,14 +316,8 @@ def test_on_miss_record_appends_what_the_cassette_lacks(
 def test_cassettes_that_cannot_be_written_fail_in_one_line(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = serve(upstream)
-    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
     (pytester.path / "blocker").write_text("a file where a directory should be")
-    pytester.makepyfile(test_sample="""
-        import os
-        import httpx
-        import pytest
-
+    sample_project(pytester, serve, monkeypatch, """
         def call():
             httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/x")
 
@@ -350,14 +349,8 @@ def test_cassettes_that_cannot_be_written_fail_in_one_line(
 def test_the_payload_limit_applies_to_test_cassettes(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = serve(upstream)
-    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
     monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "300")
-    pytester.makepyfile(test_sample="""
-        import os
-        import httpx
-        import pytest
-
+    sample_project(pytester, serve, monkeypatch, """
         @pytest.mark.timetracer
         def test_sizes():
             httpx.get(os.environ["SAMPLE_UPSTREAM"] + "/small")
@@ -372,13 +365,7 @@ def test_the_payload_limit_applies_to_test_cassettes(
 def test_cassettes_named_by_the_earlier_rule_are_still_found(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = serve(upstream)
-    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
-    pytester.makepyfile(test_sample="""
-        import os
-        import httpx
-        import pytest
-
+    sample_project(pytester, serve, monkeypatch, """
         @pytest.mark.timetracer
         @pytest.mark.parametrize("host", ["::1"])
         def test_connect(host):
