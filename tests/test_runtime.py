@@ -18,7 +18,7 @@ from tests.upstream_app import app
 from timetracer_otel import runtime
 from timetracer_otel.cassette import Cassette, load_cassette, save_cassette
 from timetracer_otel.config import Mode, Settings
-from timetracer_otel.errors import CassetteError, ConfigError, ReplayUnsupportedError
+from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.replay_shims.base import STATE
 
 
@@ -481,3 +481,33 @@ def test_runs_that_lacked_the_same_call_keep_it_once(serve: Any, tmp_path: Path)
             httpx.get(f"{server.url}/items", params={"page": 3})
     labels = [i.label.rsplit("=", 1)[-1] for i in load_cassette(path).interactions]
     assert labels == ["1", "2", "3"] and len(one.written) == 1 and other.written == []
+
+
+def test_overlapping_replays_each_keep_their_own_on_miss_and_live(serve: Any, tmp_path: Path) -> None:
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = httpx.get(f"{server.url}/items", params={"page": 1}).json()
+    [path] = rec.paths
+
+    async def job(rep: Any, page: int, all_begun: asyncio.Barrier) -> Any:
+        with rep:
+            await all_begun.wait()  # every run is active from here on; the last begun is `live`
+            async with httpx.AsyncClient() as client:
+                try:
+                    return (await client.get(f"{server.url}/items", params={"page": page})).json()
+                except ReplayMissError:
+                    return "miss"
+
+    async def together() -> list[Any]:
+        barrier = asyncio.Barrier(3)
+        return await asyncio.gather(
+            job(timetracer_otel.replay(path, strict=True), 99, barrier),
+            job(timetracer_otel.replay(path, strict=True, on_miss="passthrough"), 98, barrier),
+            job(timetracer_otel.replay(path, live=["httpx"]), 1, barrier),
+        )
+
+    strict, passthrough, live = asyncio.run(together())
+    assert strict == "miss"  # its own on_miss="error", although later runs let misses go live
+    assert passthrough["page"] == "98"  # went live, as its run allows
+    assert live["page"] == "1" and live != recorded  # httpx stayed live in its run: a new count
+    assert switched_off()

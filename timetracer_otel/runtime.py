@@ -224,6 +224,16 @@ def _put(values: dict[str, Any]) -> None:
 base_module._put_hook = _put
 
 
+def _policy() -> tuple[OnMiss, frozenset[str]]:
+    """``STATE.policy``: the replay run of this task or thread decides misses and live
+    libraries, as it answers the calls."""
+    run = _run_here(_Replaying)
+    return (run.on_miss, run.live) if run is not None else (STATE.on_miss, STATE.live)
+
+
+base_module._run_policy = _policy
+
+
 def _apply(base: _Switch, *, adopt: bool = True) -> None:
     global _written
     if _written is not None and adopt:

@@ -141,8 +141,15 @@ class State:
     appended: Keeps = field(default_factory=lambda: list[SpanRecord]())
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def is_live(self, library: str) -> bool:
-        return library in self.live or bool(self.mock and library not in self.mock)
+    def policy(self) -> tuple[OnMiss, frozenset[str]]:
+        """``on_miss`` and ``live`` for a call made now: those of the ``replay()`` run of this
+        task or thread while runs are active (see ``runtime``), else these fields."""
+        return _run_policy() if _run_policy is not None else (self.on_miss, self.live)
+
+    def is_live(self, library: str, live: frozenset[str] | None = None) -> bool:
+        if live is None:
+            live = self.policy()[1]
+        return library in live or bool(self.mock and library not in self.mock)
 
     def put(self, **values: Any) -> None:
         """Set fields from outside ``record()``/``replay()`` runs (an exporter, the pytest
@@ -157,6 +164,7 @@ class State:
 
 # Set by timetracer_otel.runtime, which keeps what runs lay over STATE.
 _put_hook: Callable[[dict[str, Any]], None] | None = None
+_run_policy: Callable[[], tuple[OnMiss, frozenset[str]]] | None = None
 
 
 class _Unreadable:
@@ -234,11 +242,14 @@ def decide(call: Call) -> Match | Action:
         return LIVE  # suppressed: an exporter's or the writer's own I/O (S3, OTLP) is not the app's
     if st.mode is Mode.RECORD:
         return RECORD
-    if st.mode is not Mode.REPLAY or ((st.live or st.mock) and st.is_live(call.library)):
+    if st.mode is not Mode.REPLAY:
+        return LIVE
+    on_miss, live = st.policy()
+    if (live or st.mock) and st.is_live(call.library, live):
         return LIVE
     if st.index is None:
         raise ReplayMissError("Replay is on but no cassette is loaded.", library=call.library)
-    if st.on_miss is OnMiss.RECORD:
+    if on_miss is OnMiss.RECORD:
         # Build the stored request even for a call answered from the cassette: redacting it
         # teaches the redactor its secrets (an Authorization header...), so a later call
         # recorded live whose response echoes one is scrubbed before it is kept.
@@ -254,10 +265,10 @@ def decide(call: Call) -> Match | Action:
         if span.is_recording():
             span.set_attribute(ATTR_REPLAY, "exact" if match.exact else "shape")
         return match
-    if st.on_miss is OnMiss.ERROR:
+    if on_miss is OnMiss.ERROR:
         raise ReplayMissError(st.index.miss_message(call), library=call.library, key=call.key)
     st.index.miss_message(call)  # still counted in the report
-    return LIVE if st.on_miss is OnMiss.PASSTHROUGH else RECORD
+    return LIVE if on_miss is OnMiss.PASSTHROUGH else RECORD
 
 
 # --- record side -----------------------------------------------------------------------------

@@ -763,19 +763,20 @@ def _connect_gen(original: Any) -> Any:
         call = _connect_call(params)
         db = call.identity["db"]
         if STATE.mode is Mode.REPLAY:
-            if STATE.is_live(LIBRARY):
+            on_miss, live = STATE.policy()
+            if STATE.is_live(LIBRARY, live):
                 return (yield from func(cls, conninfo))
             match = STATE.index.take(call) if STATE.index is not None else None
             # With no recorded connect, a replay still connects (fewer or more pool
             # connections than recorded are fine) unless misses may go live.
-            if match is not None or STATE.on_miss is OnMiss.ERROR:
+            if match is not None or on_miss is OnMiss.ERROR:
                 if match is not None and match.span.error is not None:
                     raise rebuild_error(match.span.error)
                 session = match.span.response if match is not None else None
                 session = session or _last_session.get(db) or _DEFAULT_SESSION
                 _last_session[db] = session
                 return cls(ReplayPGconn(params, session))
-            if STATE.on_miss is OnMiss.PASSTHROUGH:
+            if on_miss is OnMiss.PASSTHROUGH:
                 return (yield from func(cls, conninfo))
         with capture(call, SCOPE) as cap:
             try:
