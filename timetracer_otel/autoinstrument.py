@@ -259,7 +259,7 @@ def _keep_appended(source: str, fmt: Any, known: dict[str, int]) -> None:
         return
     try:
         path = add_interactions(source, appended, "replay", fmt, known)
-    except TimetracerError as exc:
+    except (TimetracerError, OSError) as exc:
         _UNKEPT.append(str(exc))  # in the report: `replay` exits 2 (it runs before that)
         sys.stderr.write(f"timetracer-otel: {exc}\n")
         return

@@ -795,8 +795,7 @@ def add_interactions(
             return atomic_write(p, data)
     if p.is_dir():
         with _locked(p):
-            there = [s for f in find_cassettes(p) for s in load_cassette(f).interactions] \
-                if known is not None else []
+            there = _readable_heads(p) if known is not None else []
             new = _not_added_yet(spans, known, there)
             if not new:
                 return None
@@ -809,8 +808,19 @@ def add_interactions(
                         f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
 
 
+def _readable_heads(directory: Path) -> list[SpanRecord | SpanHead]:
+    """The interactions of every readable cassette below ``directory``, payloads left encoded
+    (only their keys are counted); one that cannot be read adds nothing to count."""
+    heads: list[SpanRecord | SpanHead] = []
+    for f in find_cassettes(directory):
+        with contextlib.suppress(CassetteError):
+            heads.extend(load_cassette_for_replay(f).interactions)
+    return heads
+
+
 def _not_added_yet(
-    spans: Sequence[SpanRecord], known: Mapping[str, int] | None, there: Sequence[SpanRecord]
+    spans: Sequence[SpanRecord], known: Mapping[str, int] | None,
+    there: Sequence[SpanRecord | SpanHead],
 ) -> list[SpanRecord]:
     """``spans`` less, per key, as many as were added to ``there`` since ``known`` was read."""
     if known is None:

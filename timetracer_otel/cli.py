@@ -253,8 +253,8 @@ def replay(
         click.echo(f"timetracer-otel: {report.render()}", err=True)
         if code == 0 and not report.ok and misses_fail:
             code = 1
-        if report.unkept:  # calls recorded live and lost, as a cassette that failed to write
-            code = 2
+        if report.unkept:  # calls recorded live and lost: as `record` does for cassettes
+            code = code or 2
     sys.exit(code)
 
 
