@@ -29,10 +29,13 @@ import logging
 import os
 import sys
 from collections.abc import MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+if TYPE_CHECKING:
+    from timetracer_otel.config import Format
 
 log = logging.getLogger("timetracer_otel")
 
@@ -248,7 +251,7 @@ def pre_instrument() -> None:
         atexit.register(_keep_appended, source, settings.format, index.key_counts())
 
 
-def _keep_appended(source: str, fmt: Any, known: dict[str, int]) -> None:
+def _keep_appended(source: str, fmt: Format, known: dict[str, int]) -> None:
     """``on_miss=record``: the calls the cassette lacked join it (see ``add_interactions``)."""
     from timetracer_otel.cassette import add_interactions
     from timetracer_otel.errors import TimetracerError

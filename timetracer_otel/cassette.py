@@ -28,15 +28,15 @@ import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
-from timetracer_otel import crypto
+from timetracer_otel import config, crypto
 from timetracer_otel.errors import CassetteError, ConfigError
 
 VERSION = 1
-Format = Literal["msgpack", "json"]
+Format = config.Format
 FORMATS: tuple[Format, ...] = ("msgpack", "json")
 SUFFIX: dict[Format, str] = {"msgpack": ".msgpack", "json": ".json"}
 
@@ -709,21 +709,11 @@ class _FsyncPool:
 _FSYNC_POOL = _FsyncPool(8)
 
 
-def save_cassette(
-    cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None, *,
-    encrypt: bool | None = None,
-) -> Path:
-    """Encode and atomically write ``cassette``; the format defaults from the file suffix,
-    encryption from ``TIMETRACER_ENCRYPTION_KEY`` (see :func:`dumps`)."""
+def save_cassette(cassette: Cassette, path: str | os.PathLike[str], fmt: Format | None = None) -> Path:
+    """Encode and atomically write ``cassette``; the format defaults from the file suffix."""
     p = Path(path)
     _replaceable(p)
-    return atomic_write(p, dumps(cassette, fmt or _format_of(p), encrypt=encrypt))
-
-
-def is_encrypted_file(path: str | os.PathLike[str]) -> bool:
-    """Whether the cassette at ``path`` is encrypted (read from its first bytes)."""
-    with open(path, "rb") as fh:
-        return crypto.is_encrypted(fh.read(64))
+    return atomic_write(p, dumps(cassette, fmt or _format_of(p)))
 
 
 def _format_of(p: Path) -> Format:

@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from timetracer_otel.errors import ConfigError
 
@@ -131,6 +131,9 @@ def _size(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+Format = Literal["msgpack", "json"]  # the cassette encodings
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the environment can set. ``Settings.from_env()`` reads ``os.environ``."""
@@ -138,7 +141,7 @@ class Settings:
     mode: Mode = Mode.OFF
     dir: str = "./cassettes"
     cassette: str | None = None
-    format: str = "msgpack"
+    format: Format = "msgpack"
     on_miss: OnMiss = OnMiss.ERROR
     live: frozenset[str] = field(default_factory=frozenset)
     mock: frozenset[str] = field(default_factory=frozenset)
@@ -170,7 +173,7 @@ class Settings:
             mode=Mode.parse(env.get("TIMETRACER_MODE", "off") or "off", "TIMETRACER_MODE"),
             dir=env.get("TIMETRACER_DIR") or "./cassettes",
             cassette=env.get("TIMETRACER_CASSETTE") or None,
-            format=fmt,
+            format="json" if fmt == "json" else "msgpack",
             on_miss=OnMiss.parse(env.get("TIMETRACER_ON_MISS", "error") or "error", "TIMETRACER_ON_MISS"),
             live=library_names(env.get("TIMETRACER_LIVE_PLUGINS"), "TIMETRACER_LIVE_PLUGINS"),
             mock=library_names(env.get("TIMETRACER_MOCK_PLUGINS"), "TIMETRACER_MOCK_PLUGINS"),

@@ -379,8 +379,7 @@ async def replay_asgi_async(
         )
     # The inbound span is what is being replayed, never an answer to a dependency call.
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
-    rep = replay(calls, on_miss=on_miss, strict=strict)
-    rep.index = ReplayIndex([(source, calls)], strict=strict)
+    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
     with rep:
         run = await _drive(app, span.request, timeout)
     report = rep.report

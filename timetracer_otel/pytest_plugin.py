@@ -38,8 +38,8 @@ from timetracer_otel import replay_shims
 from timetracer_otel.cassette import (
     Cassette,
     SpanRecord,
+    add_interactions,
     find_cassettes,
-    is_encrypted_file,
     load_cassette,
     recorder,
     save_cassette,
@@ -47,7 +47,7 @@ from timetracer_otel.cassette import (
 from timetracer_otel.config import Choice, Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
-from timetracer_otel.index import ReplayReport
+from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.replay_shims.base import STATE, carries_call
 from timetracer_otel.runtime import Replaying, hold_mode, release, sdk_provider
 
@@ -235,7 +235,6 @@ class ActiveCassette:
         self._recorded: list[ReadableSpan] = []
         self._replaying: Replaying | None = None
         self._mode_run: Any = None  # the recording's run (runtime.hold_mode)
-        self._encrypted: bool | None = None  # of the cassette replayed; None: as the key says
         self.written = False
 
     @property
@@ -287,13 +286,12 @@ class ActiveCassette:
             self._mode_run = hold_mode(Mode.RECORD)
             return
         self.cassette = load_cassette(self.path)
-        self._encrypted = is_encrypted_file(self.path)  # a rewrite keeps it as it was
         # `none` replays only, whatever the marker says; new_episodes records what it lacks.
         on_miss = {RecordMode.NONE: OnMiss.ERROR, RecordMode.NEW_EPISODES: OnMiss.RECORD}.get(
             mode, self.options.on_miss)
-        rep = Replaying(self.cassette, on_miss=on_miss, strict=self.options.strict, live=self.options.live)
-        # Name the file (not "<cassette>") in miss messages.
-        rep.index = type(rep.index)([(str(self.path), self.cassette)], strict=self.options.strict)
+        # Indexed under the file's name, which miss messages then show.
+        index = ReplayIndex([(str(self.path), self.cassette)], strict=self.options.strict)
+        rep = Replaying(index, on_miss=on_miss, live=self.options.live)
         rep.__enter__()
         self._replaying = rep
 
@@ -326,8 +324,12 @@ class ActiveCassette:
             problems.append(f"{len(report.misses)} call(s) had no recording in {self.path}:")
             problems.extend(f"  - {label}" for label in report.misses)
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
-            assert self.cassette is not None
-            problems += self._write([*self.cassette.spans, *rep.appended])
+            try:
+                add_interactions(self.path, rep.appended, "pytest", known=rep.index.key_counts())
+                self.written = True
+            except CassetteError as exc:
+                problems.append(f"The calls {self.test_id} recorded were not added to {self.path}: "
+                                f"{exc}")
         if report.unused and self.record_mode is RecordMode.NONE and not self.options.allow_unused:
             problems.append(
                 f"{len(report.unused)} recorded call(s) in {self.path} were not made "
@@ -349,7 +351,7 @@ class ActiveCassette:
             spans=kept,
         )
         try:
-            save_cassette(cassette, self.path, encrypt=self._encrypted)
+            save_cassette(cassette, self.path)
         except CassetteError as exc:
             return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True

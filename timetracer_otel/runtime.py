@@ -104,21 +104,19 @@ def _dispatch_for(provider: TracerProvider) -> _Dispatch:
 @dataclass(slots=True)
 class _Switch:
     """The part of :data:`STATE` that ``record()`` and ``replay()`` set, and the writer each
-    provider's dispatch hands finished spans to."""
+    provider's dispatch hands finished spans to. (A replay run's ``on_miss`` and ``live`` are
+    not here: ``STATE.policy()`` asks the run of the call's own task, see :func:`_policy`.)"""
 
     mode: Mode
     defer: bool
     max_payload_bytes: int
     index: Answers | None
-    on_miss: OnMiss
-    live: frozenset[str]
     appended: Keeps
     writers: dict[_Dispatch, CassetteWriter | None] = field(default_factory=dict)
 
     @classmethod
     def read(cls) -> _Switch:
-        return cls(STATE.mode, STATE.defer, STATE.max_payload_bytes, STATE.index, STATE.on_miss,
-                   STATE.live, STATE.appended)
+        return cls(STATE.mode, STATE.defer, STATE.max_payload_bytes, STATE.index, STATE.appended)
 
     def copy(self) -> _Switch:
         return replace(self, writers=dict(self.writers))
@@ -129,23 +127,10 @@ class _Switch:
         if self.mode is Mode.OFF:
             STATE.mode = self.mode
         STATE.defer, STATE.max_payload_bytes = self.defer, self.max_payload_bytes
-        STATE.index, STATE.on_miss, STATE.live = self.index, self.on_miss, self.live
-        STATE.appended = self.appended
+        STATE.index, STATE.appended = self.index, self.appended
         for dispatch, writer in self.writers.items():
             dispatch.writer = writer
         STATE.mode = self.mode
-
-    def adopt(self, current: _Switch, written: _Switch) -> None:
-        """Take into this base what others set since ``written`` was written (an exporter
-        turning deferral on, autoinstrument): the runs' values are laid over it, and it is
-        what the last run to end restores."""
-        for name in ("mode", "defer", "max_payload_bytes", "index", "on_miss", "live", "appended"):
-            now = getattr(current, name)
-            if now is not getattr(written, name):
-                setattr(self, name, now)
-        for dispatch, writer in written.writers.items():
-            if dispatch.writer is not writer:
-                self.writers[dispatch] = dispatch.writer
 
 
 class _Frame:
@@ -164,10 +149,10 @@ class _Frame:
 # mode while it lasts, runs may end in any order (nested blocks, tasks, threads, a decorated
 # function running twice at once) and leave the others in force, and the last to end restores
 # what was there before. Cassette lookups and finished spans go to the run of the task or
-# thread they happen in (a context variable), else to the latest run.
+# thread they happen in (a context variable), else to the latest run. Code outside the runs
+# that sets these fields while runs are active goes through STATE.put (see _put).
 _active: list[_Frame] = []
 _base: _Switch | None = None
-_written: _Switch | None = None  # what the runs last wrote into STATE
 _here: ContextVar[_Frame | None] = ContextVar("timetracer_run", default=None)
 
 
@@ -185,13 +170,13 @@ def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
         except BaseException:  # interrupted (Ctrl-C) while switching: this run never began
             _active.remove(frame)
             frame.active = False
-            _apply(_base, adopt=False)  # STATE holds half of it: nothing there is another's
+            _apply(_base)
             raise
     frame.token = _here.set(frame)
 
 
 def _deactivate(frame: _Frame) -> None:
-    global _base, _written
+    global _base
     if frame.token is not None:
         # Only if this run is still the context's: after runs ended out of order, resetting
         # would bring back a run begun before this one that may still be running.
@@ -206,7 +191,7 @@ def _deactivate(frame: _Frame) -> None:
         _active.remove(frame)
         _apply(_base)
         if not _active:
-            _base = _written = None
+            _base = None
 
 
 def _put(values: dict[str, Any]) -> None:
@@ -234,15 +219,11 @@ def _policy() -> tuple[OnMiss, frozenset[str]]:
 base_module._run_policy = _policy
 
 
-def _apply(base: _Switch, *, adopt: bool = True) -> None:
-    global _written
-    if _written is not None and adopt:
-        base.adopt(_Switch.read(), _written)
+def _apply(base: _Switch) -> None:
     switch = base.copy()
     for frame in _active:
         frame.fold(switch)
     switch.write()
-    _written = switch
 
 
 def _latest(kind: type[_F]) -> _F | None:
@@ -367,7 +348,7 @@ class Recording(_Activation):
         self.dir = str(dir) if dir is not None else s.dir
         if format is not None and format not in FORMATS:
             raise ConfigError(f"format={format!r} is not valid; use one of: {', '.join(FORMATS)}.")
-        self.format: Format = format or s.format  # type: ignore[assignment]
+        self.format: Format = format or s.format
         self.libraries = _libraries(libraries, "libraries")
         self.service_name = service_name
         self.settings = s
@@ -418,8 +399,7 @@ class _Replaying(_Frame):
 
     def fold(self, switch: _Switch) -> None:
         switch.mode = Mode.REPLAY
-        switch.index, switch.on_miss, switch.live = _ROUTED, self.on_miss, self.live
-        switch.appended = _ROUTED
+        switch.index = switch.appended = _ROUTED
 
 
 class _Routed:
@@ -467,7 +447,7 @@ class Replaying(_Activation):
 
     def __init__(
         self,
-        cassette: str | Path | Sequence[str | Path] | Cassette,
+        cassette: str | Path | Sequence[str | Path] | Cassette | ReplayIndex,
         *,
         on_miss: str | OnMiss = OnMiss.ERROR,
         strict: bool = False,
@@ -476,7 +456,9 @@ class Replaying(_Activation):
     ) -> None:
         super().__init__()
         self._source: str | Path | None = None  # where on_miss="record" keeps what it records
-        if isinstance(cassette, Cassette):
+        if isinstance(cassette, ReplayIndex):  # built by the caller (named sources); its strictness
+            self.index = cassette
+        elif isinstance(cassette, Cassette):
             self.index = ReplayIndex([("<cassette>", cassette)], strict=strict)
         else:
             paths = [cassette] if isinstance(cassette, str | Path) else list(cassette)
@@ -514,8 +496,8 @@ class Replaying(_Activation):
             return
         # on_miss="record" from one local path: kept where its next replay finds them.
         try:
-            fmt: Any = Settings.from_env().format
-            path = add_interactions(self._source, frame.appended, "processor", fmt,
+            path = add_interactions(self._source, frame.appended, "processor",
+                                    Settings.from_env().format,
                                     known=frame.index.key_counts())
             if path is not None:  # (None: another run of this replay kept them already)
                 self.written.append(str(path))
@@ -575,7 +557,7 @@ def record(
 
 
 def replay(
-    cassette: str | Path | Sequence[str | Path] | Cassette,
+    cassette: str | Path | Sequence[str | Path] | Cassette | ReplayIndex,
     *,
     on_miss: str | OnMiss = OnMiss.ERROR,
     strict: bool = False,
@@ -583,7 +565,8 @@ def replay(
     libraries: Iterable[str] | None = None,
 ) -> Replaying:
     """Answer every dependency call inside the block from ``cassette`` (a file, a directory,
-    several of them, or a loaded :class:`Cassette`).
+    several of them, a loaded :class:`Cassette`, or a :class:`ReplayIndex` of them, whose
+    own ``strict`` then applies).
 
     ``on_miss``: ``"error"`` raises ReplayMissError, ``"passthrough"`` calls the real
     dependency, ``"record"`` calls it and keeps the interaction in ``appended`` and, replaying

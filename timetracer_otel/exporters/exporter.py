@@ -24,7 +24,7 @@ class CassetteSpanExporter(SpanExporter):
         s = settings or Settings.from_env()
         self.writer = CassetteWriter(
             dir or s.dir,
-            fmt=s.format,  # type: ignore[arg-type]
+            fmt=s.format,
             via="exporter",
             sample_rate=s.sample_rate,
             errors_only=s.errors_only,

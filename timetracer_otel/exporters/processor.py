@@ -30,7 +30,7 @@ class CassetteSpanProcessor(SpanProcessor):
         s = settings or Settings.from_env()
         self.writer = writer or CassetteWriter(
             dir if dir is not None else s.dir,
-            fmt=format or s.format,  # type: ignore[arg-type]
+            fmt=format or s.format,
             via="processor",
             sample_rate=s.sample_rate,
             errors_only=s.errors_only,
