@@ -384,6 +384,61 @@ def test_a_run_interrupted_while_it_begins_never_began(
     assert switched_off()
 
 
+def test_a_run_interrupted_while_it_ends_still_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = runtime._Switch.write
+    calls = []
+
+    def interrupted(self: Any) -> None:
+        calls.append(self.mode)
+        if self.mode is Mode.OFF and calls.count(Mode.OFF) == 1:
+            STATE.mode = self.mode  # half of it written, then Ctrl-C
+            raise KeyboardInterrupt
+        write(self)
+
+    monkeypatch.setattr(runtime._Switch, "write", interrupted)
+    rec = timetracer_otel.record(dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt), rec:
+        pass
+    assert calls == [Mode.RECORD, Mode.OFF, Mode.OFF]
+    assert switched_off() and runtime._active == [] and runtime._base is None
+
+
+def test_a_signal_handler_putting_state_while_a_run_switches_does_not_deadlock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A handler (provider.shutdown() on SIGTERM, say) runs on the thread that is switching,
+    # between two of its bytecodes: here, inside the switch's write.
+    import threading
+
+    write = runtime._Switch.write
+    handled = []
+
+    def signalled(self: Any) -> None:
+        if not handled:
+            handled.append(self.mode)
+            STATE.put(max_payload_bytes=1234)
+        write(self)
+
+    monkeypatch.setattr(runtime._Switch, "write", signalled)
+    limit = STATE.max_payload_bytes
+    during = []
+    try:
+        def job() -> None:
+            with timetracer_otel.replay(_empty_cassette(tmp_path)):
+                during.append(STATE.max_payload_bytes)  # put once the begin was complete
+
+        worker = threading.Thread(target=job, daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "STATE.put from inside a switch deadlocked"
+        assert handled == [Mode.REPLAY] and during == [1234] and switched_off()
+        assert STATE.max_payload_bytes == 1234  # outlasts the run, as any outside put does
+    finally:
+        STATE.max_payload_bytes = limit
+
+
 def test_runs_ended_out_of_order_leave_calls_to_the_latest(serve: Any, tmp_path: Path) -> None:
     server = serve(app)
     first, middle, last = (timetracer_otel.record(dir=tmp_path / name) for name in ("f", "m", "l"))

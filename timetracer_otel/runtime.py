@@ -45,7 +45,36 @@ log = logging.getLogger("timetracer_otel")
 F = TypeVar("F", bound=Callable[..., Any])
 _A = TypeVar("_A", bound="_Activation")
 _F = TypeVar("_F", bound="_Frame")
-_lock = threading.Lock()
+
+
+class _Guard:
+    """The lock around every change of the runs and of :data:`STATE` they set.
+
+    Re-entrant, so a signal handler that calls ``STATE.put`` (``provider.shutdown()`` on
+    SIGTERM) on the thread that is switching cannot deadlock it: the handler's values wait in
+    ``pending`` and are put when the switch it interrupted is complete."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.depth = 0  # how deep the thread holding the lock is in it
+        self.pending: list[dict[str, Any]] = []
+
+    def __enter__(self) -> int:
+        self.lock.acquire()
+        self.depth += 1
+        return self.depth
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.depth == 1:
+                while self.pending:
+                    _put_now(self.pending.pop(0))
+        finally:
+            self.depth -= 1
+            self.lock.release()
+
+
+_lock = _Guard()
 
 
 class _Dispatch(SpanProcessor):
@@ -167,43 +196,57 @@ def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
         frame.active = True
         try:
             _apply(_base)
+            frame.token = _here.set(frame)
         except BaseException:  # interrupted (Ctrl-C) while switching: this run never began
             _active.remove(frame)
             frame.active = False
             _apply(_base)
             raise
-    frame.token = _here.set(frame)
 
 
 def _deactivate(frame: _Frame) -> None:
     global _base
-    if frame.token is not None:
-        # Only if this run is still the context's: after runs ended out of order, resetting
-        # would bring back a run begun before this one that may still be running.
-        if _here.get() is frame:
-            with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
-                _here.reset(frame.token)
-        frame.token = None
-    with _lock:
-        if not frame.active or _base is None:
-            return
-        frame.active = False
-        _active.remove(frame)
-        _apply(_base)
-        if not _active:
-            _base = None
+    try:
+        if frame.token is not None:
+            # Only if this run is still the context's: after runs ended out of order, resetting
+            # would bring back a run begun before this one that may still be running.
+            if _here.get() is frame:
+                with contextlib.suppress(ValueError):  # ended in another context: inactive anyway
+                    _here.reset(frame.token)
+            frame.token = None
+    finally:  # interrupted or not, the run ends
+        with _lock:
+            if frame.active and _base is not None:
+                _active.remove(frame)
+                frame.active = False
+                try:
+                    _apply(_base)
+                except BaseException:  # interrupted (Ctrl-C) while switching back: finish it first
+                    _apply(_base)
+                    raise
+                finally:
+                    if not _active:
+                        _base = None
 
 
 def _put(values: dict[str, Any]) -> None:
-    """``STATE.put``: outside values go into the base the runs are laid over."""
-    with _lock:
-        if _base is None:
-            for name, value in values.items():
-                setattr(STATE, name, value)
-            return
+    """``STATE.put``: outside values go into the base the runs are laid over; from a signal
+    handler that interrupted a switch on this thread, once that switch is complete."""
+    with _lock as depth:
+        if depth > 1:
+            _lock.pending.append(values)
+        else:
+            _put_now(values)
+
+
+def _put_now(values: dict[str, Any]) -> None:
+    if _base is None:
         for name, value in values.items():
-            setattr(_base if name in _Switch.__slots__ else STATE, name, value)
-        _apply(_base)
+            setattr(STATE, name, value)
+        return
+    for name, value in values.items():
+        setattr(_base if name in _Switch.__slots__ else STATE, name, value)
+    _apply(_base)
 
 
 base_module._put_hook = _put
