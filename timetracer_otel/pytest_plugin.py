@@ -213,6 +213,9 @@ class CassetteOptions:
     live: frozenset[str] = frozenset()
     strict: bool = False
     allow_unused: bool = False
+    # This test's cassette under the name an earlier release gave it, when only that one
+    # exists: replayed (and added to) there; a full recording goes to ``path`` and removes it.
+    earlier: Path | None = None
 
 
 class ActiveCassette:
@@ -272,9 +275,14 @@ class ActiveCassette:
     # -- lifecycle (driven by the plugin's setup and teardown hooks) -----------------------
 
     def start(self) -> None:
-        mode, exists = self.record_mode, self.path.is_file()
-        if mode is RecordMode.REWRITE and exists:
-            self.path.unlink()
+        mode, earlier = self.record_mode, self.options.earlier
+        if earlier is not None and mode not in (RecordMode.ALL, RecordMode.REWRITE):
+            self.path = earlier
+        exists = self.path.is_file()
+        if mode is RecordMode.REWRITE:
+            for old in (self.path, earlier):
+                if old is not None and old.is_file():
+                    old.unlink()
             exists = False
         if mode is RecordMode.NONE and not exists:
             raise CassetteError(
@@ -355,7 +363,16 @@ class ActiveCassette:
         except CassetteError as exc:
             return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True
+        earlier = self.options.earlier
+        if earlier is not None and earlier != self.path:  # recorded again: under the current name
+            with contextlib.suppress(FileNotFoundError):
+                earlier.unlink()
         return []
+
+
+def _test_id(item: pytest.Item) -> str:
+    """The test's id within its module (its node id without the file's path)."""
+    return item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
 
 
 def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
@@ -515,6 +532,7 @@ class TimetracerPlugin:
         if isinstance(live, str):
             live = [live]
         path = self.cassette_path(item, kwargs.get("path"))
+        earlier = None if kwargs.get("path") else self.earlier_cassette(item, path)
         if path.suffix.lower() not in (".json", ".msgpack"):  # found now, not after the test
             raise ConfigError(f"@pytest.mark.timetracer(path={kwargs.get('path')!r}): a cassette "
                               "file ends in .json or .msgpack; rename it.")
@@ -526,6 +544,7 @@ class TimetracerPlugin:
             | self.settings.live,
             strict=bool(kwargs.get("strict", self.settings.strict)),
             allow_unused=bool(kwargs.get("allow_unused", self.allow_unused)),
+            earlier=earlier,
         )
 
     def cassette_path(self, item: pytest.Item, explicit: Any = None) -> Path:
@@ -534,7 +553,7 @@ class TimetracerPlugin:
         if explicit:
             p = Path(explicit)
             return p if p.is_absolute() else module_dir / p
-        test_id = item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+        test_id = _test_id(item)
         if not self.cassette_dir:
             directory = module_dir / "cassettes" / item.path.stem
         else:
@@ -543,15 +562,23 @@ class TimetracerPlugin:
             except ValueError:
                 module = Path(item.path.stem)
             directory = self.config.rootpath / self.cassette_dir / module
-        path = directory / cassette_filename(test_id)
-        earlier = directory / cassette_filename(test_id, before_2026_11_28=True)
-        if earlier != path and not path.exists() and earlier.is_file():
-            # Recorded before "::" in a parameter id changed the name: still this test's
-            # cassette if it says so (another test may own that name now).
-            with contextlib.suppress(TimetracerError):
-                if load_cassette(earlier).name == item.nodeid:
-                    return earlier
-        return path
+        return directory / cassette_filename(test_id)
+
+    @staticmethod
+    def earlier_cassette(item: pytest.Item, path: Path) -> Path | None:
+        """This test's cassette under the name it had before "::" in a parameter id changed
+        the rule, when only that file exists and it names this test (another test may own
+        that name now). Compared without the module's path, which depends on the rootdir."""
+        test_id = _test_id(item)
+        earlier = path.with_name(cassette_filename(test_id, path.suffix,
+                                                   before_2026_11_28=True))
+        if earlier == path or path.exists() or not earlier.is_file():
+            return None
+        with contextlib.suppress(TimetracerError):
+            name = load_cassette(earlier).name
+            if (name.split("::", 1)[1] if "::" in name else name) == test_id:
+                return earlier
+        return None
 
     # The innermost wrapper: still before every fixture (the runner sets them up inside all
     # wrappers), and a failure here leaves the other plugins' wrappers consistent.

@@ -15,7 +15,7 @@ import pytest
 from conftest import unreachable_port
 
 import timetracer_otel
-from timetracer_otel.cassette import Cassette, load_cassette
+from timetracer_otel.cassette import Cassette, load_cassette, save_cassette
 
 pytest_plugins = ["pytester"]
 
@@ -375,8 +375,21 @@ def test_cassettes_named_by_the_earlier_rule_are_still_found(
     base = pytester.path / "cassettes" / "test_sample"
     [current] = base.iterdir()
     assert current.name.startswith("test_connect[__1]-")  # "::" in a parameter: the hash suffix
-    # A cassette recorded before that rule, under the name it had then, still replays.
-    current.rename(base / "test_connect[.1].json")
+    # A cassette recorded before that rule, under the name it had then, still replays, even
+    # when it was recorded from another rootdir (its node id had another module path).
+    earlier = base / "test_connect[.1].json"
+    cassette = load_cassette(current)
+    current.unlink()
+    cassette.name = "tests/" + cassette.name
+    save_cassette(cassette, earlier)
     HITS.clear()
     run(pytester, "--timetracer-record-mode=none").assert_outcomes(passed=1)
-    assert HITS == [] and [p.name for p in base.iterdir()] == ["test_connect[.1].json"]
+    assert HITS == [] and [p.name for p in base.iterdir()] == [earlier.name]
+    # Recorded again, it moves to the current name.
+    for mode in ("all", "rewrite"):
+        if mode == "rewrite":
+            current.rename(earlier)
+        HITS.clear()
+        run(pytester, f"--timetracer-record-mode={mode}").assert_outcomes(passed=1)
+        assert HITS == ["/c"] and [p.name for p in base.iterdir()] == [current.name]
+        assert load_cassette(current).name == "test_sample.py::test_connect[::1]"
