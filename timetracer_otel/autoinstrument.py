@@ -253,8 +253,8 @@ def pre_instrument() -> None:
 
 def _keep_appended(source: str, fmt: Format, known: dict[str, int]) -> None:
     """``on_miss=record``: the calls the cassette lacked join it (see ``add_interactions``)."""
-    from timetracer_otel.cassette import add_interactions
     from timetracer_otel.errors import TimetracerError
+    from timetracer_otel.exporters.storage import add_interactions
     from timetracer_otel.replay_shims.base import STATE
 
     appended = STATE.appended

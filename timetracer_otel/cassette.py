@@ -26,7 +26,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -761,54 +761,68 @@ def add_interactions(
     """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
     ``source`` finds them: a cassette file gets them added (rewritten atomically, in its own
     format and encryption), a directory a new cassette in ``fmt`` beside the others. Returns
-    the file written, or None when there was nothing left to add.
+    the file written, or None when there was nothing left to add. (``s3://`` sources:
+    ``exporters.storage.add_interactions``.)
 
     ``known``: how many interactions of each key the replay loaded from ``source``. Calls
     that others added since (another run of the same replay, another process) are not added
     again: two runs that both lacked a call leave it in the cassette once.
     """
-    import datetime as dt
-
     p = Path(source)
     if p.is_file():
         p = p.resolve()  # a link to a cassette: the cassette itself gets the calls
-        fmt = _format_of(p)
         with _locked(p.parent):  # read, add, replace: one process or thread at a time
-            raw = _read(p)
-            cassette = loads(raw, str(p))
-            new = _not_added_yet(spans, known, cassette.interactions)
-            if not new:
-                return None
-            cassette.spans = [*cassette.spans, *new]
-            # Encrypted only if it was: a plaintext cassette stays readable without the key.
-            data = dumps(cassette, fmt, encrypt=crypto.is_encrypted(raw))
-            return atomic_write(p, data)
+            data = with_interactions(_read(p), str(p), _format_of(p), spans, known)
+            return None if data is None else atomic_write(p, data)
     if p.is_dir():
         with _locked(p):
-            there = _readable_heads(p) if known is not None else []
-            new = _not_added_yet(spans, known, there)
+            there = _readable_heads(find_cassettes(p)) if known is not None else []
+            new = not_added_yet(spans, known, there)
             if not new:
                 return None
-            now = dt.datetime.now(dt.timezone.utc)
-            token = os.urandom(4).hex()
-            cassette = Cassette(id=token, name="appended", created=now.isoformat(),
-                                recorder=recorder(via), spans=new)
-            return save_cassette(cassette, p / f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}")
+            cassette, name = appended_cassette(new, via, fmt)
+            return save_cassette(cassette, p / name)
     raise CassetteError(f"{source} is not a local cassette file or directory, so the "
                         f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
 
 
-def _readable_heads(directory: Path) -> list[SpanRecord | SpanHead]:
-    """The interactions of every readable cassette below ``directory``, payloads left encoded
-    (only their keys are counted); one that cannot be read adds nothing to count."""
+def with_interactions(raw: bytes, source: str, fmt: Format, spans: Sequence[SpanRecord],
+                      known: Mapping[str, int] | None) -> bytes | None:
+    """The cassette ``raw`` (read from ``source``) with ``spans`` added, less those others
+    added since ``known`` was read (see :func:`add_interactions`), encoded in ``fmt`` and
+    encrypted only if it was; None when nothing is left to add."""
+    cassette = loads(raw, source)
+    new = not_added_yet(spans, known, cassette.interactions)
+    if not new:
+        return None
+    cassette.spans = [*cassette.spans, *new]
+    # Encrypted only if it was: a plaintext cassette stays readable without the key.
+    return dumps(cassette, fmt, encrypt=crypto.is_encrypted(raw))
+
+
+def appended_cassette(spans: Sequence[SpanRecord], via: str, fmt: Format) -> tuple[Cassette, str]:
+    """A cassette of calls recorded live during a replay, to put beside the replayed ones,
+    and its file name (``appended-<time>-<id>`` in ``fmt``)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    token = os.urandom(4).hex()
+    cassette = Cassette(id=token, name="appended", created=now.isoformat(),
+                        recorder=recorder(via), spans=list(spans))
+    return cassette, f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}"
+
+
+def _readable_heads(files: Iterable[Path]) -> list[SpanRecord | SpanHead]:
+    """The interactions of every readable cassette of ``files``, payloads left encoded (only
+    their keys are counted); one that cannot be read adds nothing to count."""
     heads: list[SpanRecord | SpanHead] = []
-    for f in find_cassettes(directory):
+    for f in files:
         with contextlib.suppress(CassetteError):
             heads.extend(load_cassette_for_replay(f).interactions)
     return heads
 
 
-def _not_added_yet(
+def not_added_yet(
     spans: Sequence[SpanRecord], known: Mapping[str, int] | None,
     there: Sequence[SpanRecord | SpanHead],
 ) -> list[SpanRecord]:

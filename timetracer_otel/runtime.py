@@ -30,10 +30,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from timetracer_otel import replay_shims
-from timetracer_otel.cassette import FORMATS, Cassette, Format, SpanRecord, add_interactions
+from timetracer_otel.cassette import FORMATS, Cassette, Format, SpanRecord
 from timetracer_otel.config import Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError
-from timetracer_otel.exporters.storage import storage_for
+from timetracer_otel.exporters.storage import add_interactions, storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.index import Answers, Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
@@ -483,9 +483,9 @@ class Replaying(_Activation):
     for the latest run. Every run (each ``with``, each call of a decorated function) replays
     the whole cassette afresh.
 
-    Replaying from one local file or directory, the appended calls are kept there when the run
-    ends (added to the file, or a new cassette in the directory; ``written`` lists them), so
-    the next replay answers them too. From several paths or a loaded Cassette they stay in
+    Replaying from one file or directory (local or ``s3://``), the appended calls are kept
+    there when the run ends (added to the file, or a new cassette in the directory; ``written``
+    lists them), so the next replay answers them too. From several paths or a loaded Cassette they stay in
     ``appended`` only."""
 
     def __init__(
@@ -535,15 +535,15 @@ class Replaying(_Activation):
     def _end(self, frame: _Frame, exc: BaseException | None) -> None:
         _deactivate(frame)
         assert isinstance(frame, _Replaying)
-        if not frame.appended or self._source is None or str(self._source).startswith("s3://"):
+        if not frame.appended or self._source is None:
             return
-        # on_miss="record" from one local path: kept where its next replay finds them.
+        # on_miss="record" from one path (local or s3://): kept where its next replay finds them.
         try:
             path = add_interactions(self._source, frame.appended, "processor",
                                     Settings.from_env().format,
                                     known=frame.index.key_counts())
             if path is not None:  # (None: another run of this replay kept them already)
-                self.written.append(str(path))
+                self.written.append(path)
         except CassetteError as error:
             if exc is None:
                 raise
@@ -613,7 +613,7 @@ def replay(
 
     ``on_miss``: ``"error"`` raises ReplayMissError, ``"passthrough"`` calls the real
     dependency, ``"record"`` calls it and keeps the interaction in ``appended`` and, replaying
-    from one local file or directory, in that cassette (see :class:`Replaying`).
+    from one file or directory (local or ``s3://``), in that cassette (see :class:`Replaying`).
     ``strict`` turns off shape matching; ``live`` names libraries that stay live.
     """
     return Replaying(cassette, on_miss=on_miss, strict=strict, live=live, libraries=libraries)

@@ -18,11 +18,17 @@ from click.testing import CliRunner
 
 import timetracer_otel
 from tests.upstream_app import app
-from timetracer_otel.cassette import Cassette
+from timetracer_otel.cassette import Cassette, loads
 from timetracer_otel.cli import main
 from timetracer_otel.errors import CassetteError
 from timetracer_otel.exporters.s3 import S3Storage
-from timetracer_otel.exporters.storage import load_sources, read_sources, storage_for
+from timetracer_otel.exporters.storage import (
+    add_interactions,
+    load_one,
+    load_sources,
+    read_sources,
+    storage_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,82 @@ def test_s3_errors_are_one_sentence(bucket: str) -> None:
         f"timetracer-otel: s3://{bucket}/empty: no cassettes there; check the bucket and prefix.")
     result = CliRunner().invoke(main, ["show", f"s3://{bucket}/none.msgpack"])
     assert result.exit_code == 2 and "no such cassette" in result.output
+
+
+def test_replay_on_miss_record_keeps_new_calls_in_the_s3_object(
+    serve: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    server = serve(app)
+    with timetracer_otel.record(dir=f"s3://{bucket}/obj") as rec, \
+            httpx.Client(base_url=server.url) as c:
+        first = c.get("/items", params={"page": 1}).json()
+    (url,) = rec.paths
+    with timetracer_otel.replay(url, on_miss="record", strict=True) as rep, \
+            httpx.Client(base_url=server.url) as c:
+        assert c.get("/items", params={"page": 1}).json() == first  # from the object
+        echoed = c.post("/echo", content=b"new\x00").content  # lacking: live, then kept
+    assert rep.written == [url] and [s.library for s in rep.appended] == ["httpx"]
+    # Another writer replaces the object between a read and the conditional write: the
+    # write fails, the object is read again, and neither writer's calls are lost.
+    storage = S3Storage(url)
+    read_tagged = S3Storage.read_tagged
+    raced: list[str] = []
+
+    def read_then_race(self: S3Storage, name: str) -> tuple[bytes, str]:
+        got = read_tagged(self, name)
+        if not raced:
+            raced.append(name)
+            assert add_interactions(url, [_labelled(rep.appended[0], "other")], "replay") == url
+        return got
+
+    with monkeypatch.context() as patched:
+        patched.setattr(S3Storage, "read_tagged", read_then_race)
+        assert add_interactions(url, [_labelled(rep.appended[0], "ours")], "replay") == url
+    labels = [s.label for s in loads(storage.read(url), url).interactions]
+    assert raced == [url] and labels[-2:] == ["other", "ours"] and len(labels) == 4
+    server.stop()
+    with timetracer_otel.replay(url, strict=True) as again, httpx.Client(base_url=server.url) as c:
+        assert c.get("/items", params={"page": 1}).json() == first
+        replayed = c.post("/echo", content=b"new\x00").content
+    assert replayed == echoed and type(replayed) is bytes and again.report.misses == []
+
+
+def _labelled(span: Any, label: str) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(span, label=label, key=f"{span.key}-{label}")
+
+
+def test_cli_replay_on_miss_record_adds_an_object_to_the_s3_prefix(
+    serve: Any, bucket: str, tmp_path: Path
+) -> None:
+    server = serve(app)
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, httpx\n"
+        "for page in os.environ['PAGES'].split(','):\n"
+        "    print(httpx.get(os.environ['UPSTREAM_URL'] + '/items', params={'page': page}).json())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
+    env.update(UPSTREAM_URL=server.url, PAGES="1")
+    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
+    location = f"s3://{bucket}/cli-append"
+
+    def replay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, "replay", "--cassette", location, *args, "--", sys.executable,
+                               str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+    rec = subprocess.run([*cli, "record", "--dir", location, "--", sys.executable, str(script)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert rec.returncode == 0, rec.stderr
+    env["PAGES"] = "1,2"
+    added = replay("--on-miss", "record")
+    assert added.returncode == 0, added.stderr
+    _, appended = S3Storage(location).list()
+    assert appended.startswith(f"{location}/appended-") and appended.endswith(".msgpack")
+    assert f"1 call(s) the cassette lacked were recorded into {appended}" in added.stderr
+    assert [s.label for s in load_one(appended).interactions] == [f"GET {server.url}/items?page=2"]
+    server.stop()
+    again = replay()  # on_miss=error, upstream down: both pages from the prefix
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == added.stdout and "'page': '2'" in again.stdout

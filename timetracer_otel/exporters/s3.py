@@ -123,6 +123,34 @@ class S3Storage:
                     raise CassetteError(f"{url}: no such cassette; check the path.") from None
                 raise CassetteError(f"cannot read {url} ({_reason(exc)}).") from None
 
+    def read_tagged(self, url: str) -> tuple[bytes, str]:
+        """The bytes of the object at ``url`` and their ETag, for :meth:`replace`."""
+        bucket, key = parse_s3_url(url)
+        with suppress_instrumentation():
+            try:
+                got = self.client.get_object(Bucket=bucket, Key=key)
+                data: bytes = got["Body"].read()
+                return data, str(got["ETag"])
+            except Exception as exc:
+                raise CassetteError(f"cannot read {url} ({_reason(exc)}).") from None
+
+    def replace(self, url: str, data: bytes, etag: str) -> bool:
+        """Overwrite the object at ``url`` only if it is still the one read with ``etag``
+        (a conditional write); False when another writer replaced it meanwhile. A store that
+        ignores ``If-Match`` keeps the last write."""
+        bucket, key = parse_s3_url(url)
+        with suppress_instrumentation():
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+                return True
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise CassetteError(
+                    f"cannot write {url} ({_reason(exc)}); check the bucket and credentials."
+                ) from None
+
     def exists(self, url: str) -> bool:
         bucket, key = parse_s3_url(url)
         with suppress_instrumentation():

@@ -8,22 +8,31 @@ S3-compatible bucket (``s3://bucket/prefix``), behind one small API.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from timetracer_otel.cassette import (
     Cassette,
     CassetteHeads,
+    Format,
+    SpanHead,
+    SpanRecord,
+    appended_cassette,
     atomic_write,
+    dumps,
     find_cassettes,
     load_cassette,
     load_cassette_for_replay,
     loads,
     loads_for_replay,
+    not_added_yet,
+    with_interactions,
     write_files,
 )
+from timetracer_otel.cassette import add_interactions as add_local_interactions
 from timetracer_otel.errors import CassetteError
 
 
@@ -157,3 +166,48 @@ def load_one(location: str | Path) -> Cassette:
     from timetracer_otel.exporters.s3 import S3Storage
 
     return loads(S3Storage(str(location)).read(str(location)), str(location))
+
+
+# Another writer replaced the object between our read and our conditional write: read again.
+_REPLACE_TRIES = 5
+
+
+def add_interactions(
+    source: str | os.PathLike[str],
+    spans: Sequence[SpanRecord],
+    via: str,
+    fmt: Format = "msgpack",
+    known: Mapping[str, int] | None = None,
+) -> str | None:
+    """:func:`cassette.add_interactions` for local paths and ``s3://`` ones: an object gets
+    the calls added (read, then a conditional write that fails if another writer replaced it
+    meanwhile, then read again), a prefix a new ``appended-...`` object. Returns where they
+    went, or None when there was nothing left to add."""
+    text = os.fspath(source)
+    if not is_remote(text):
+        path = add_local_interactions(text, spans, via, fmt, known)
+        return None if path is None else str(path)
+    from timetracer_otel.exporters.s3 import SUFFIXES, S3Storage
+
+    storage = S3Storage(text)
+    if text.endswith(SUFFIXES) and storage.exists(text):
+        object_fmt: Format = "json" if text.lower().endswith(".json") else "msgpack"
+        for _ in range(_REPLACE_TRIES):
+            raw, etag = storage.read_tagged(text)
+            data = with_interactions(raw, text, object_fmt, spans, known)
+            if data is None:
+                return None
+            if storage.replace(text, data, etag):
+                return text
+        raise CassetteError(f"{text} kept being replaced by other writers, so the {len(spans)} "
+                            "call(s) recorded live were not kept; replay again to record them.")
+    there: list[SpanRecord | SpanHead] = []
+    if known is not None:
+        for name in storage.list():
+            with contextlib.suppress(CassetteError):  # one that cannot be read adds nothing
+                there.extend(loads_for_replay(storage.read(name), name).interactions)
+    new = not_added_yet(spans, known, there)
+    if not new:
+        return None
+    cassette, name = appended_cassette(new, via, fmt)
+    return storage.write(name, dumps(cassette, fmt))
