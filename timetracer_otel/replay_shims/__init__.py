@@ -22,6 +22,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "requests": ("requests", "timetracer_otel.replay_shims.requests:RequestsShim"),
     "asyncpg": ("asyncpg", "timetracer_otel.replay_shims.asyncpg:AsyncpgShim"),
     "psycopg": ("psycopg", "timetracer_otel.replay_shims.psycopg:PsycopgShim"),
+    "redis": ("redis", "timetracer_otel.replay_shims.redis:RedisShim"),
     "asgi": ("opentelemetry.instrumentation.asgi", "timetracer_otel.replay_shims.asgi:AsgiShim"),
 }
 
