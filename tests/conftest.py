@@ -138,3 +138,32 @@ def connects_refused() -> Iterator[list[Any]]:
         yield attempts
     finally:
         socket.socket.connect = original  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:  # a missing service fails, naming it
+        pytest.fail("the moto S3 server is needed: pip install 'moto[server]'")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in aws.items():
+        monkeypatch.setenv(k, v)
+    import uuid
+
+    import boto3
+
+    name = f"tt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

@@ -6,12 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from click.testing import CliRunner
@@ -29,31 +26,6 @@ from timetracer_otel.exporters.storage import (
     read_sources,
     storage_for,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:  # a missing service fails, naming it
-        pytest.fail("the moto S3 server is needed: pip install 'moto[server]'")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_endpoint,
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in aws.items():
-        monkeypatch.setenv(k, v)
-    name = f"tt-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def job(c: httpx.Client) -> list[Any]:

@@ -23,6 +23,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "asyncpg": ("asyncpg", "timetracer_otel.replay_shims.asyncpg:AsyncpgShim"),
     "psycopg": ("psycopg", "timetracer_otel.replay_shims.psycopg:PsycopgShim"),
     "redis": ("redis", "timetracer_otel.replay_shims.redis:RedisShim"),
+    "botocore": ("botocore", "timetracer_otel.replay_shims.botocore:BotocoreShim"),
     "asgi": ("opentelemetry.instrumentation.asgi", "timetracer_otel.replay_shims.asgi:AsgiShim"),
 }
 

@@ -1,0 +1,168 @@
+"""boto3/botocore against a real moto server on 127.0.0.1: S3, DynamoDB and Secrets Manager
+calls recorded, then replayed with every socket connect refused and no credentials; values
+compared with their types (StreamingBody, tz-aware datetimes, ClientError codes)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+from botocore.config import Config
+from botocore.response import StreamingBody
+
+import timetracer_otel
+from tests.conftest import connects_refused, unreachable_port
+from timetracer_otel.cassette import load_cassette
+
+_NO_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def typed(value: Any) -> Any:
+    """``value`` with the type of every part beside it; a StreamingBody as its type and bytes,
+    response metadata (request ids, dates of the run) left out."""
+    if isinstance(value, dict):
+        return ("dict", sorted((k, typed(v)) for k, v in value.items() if k != "ResponseMetadata"))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(v) for v in value])
+    if isinstance(value, StreamingBody):
+        return (type(value).__name__, value.read())
+    if isinstance(value, dt.datetime):
+        return ("datetime", value.isoformat(), type(value.tzinfo).__name__)
+    return (type(value).__name__, repr(value))
+
+
+def s3_job(bucket: str) -> list[Any]:
+    s3 = boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
+    out: list[Any] = [
+        s3.put_object(Bucket=bucket, Key="a/1.bin", Body=b"\x00\xffdata" * 300,
+                      ContentType="application/octet-stream")["ETag"],
+        s3.get_object(Bucket=bucket, Key="a/1.bin"),
+        s3.head_object(Bucket=bucket, Key="a/1.bin")["LastModified"],
+        s3.list_objects_v2(Bucket=bucket, Prefix="a/"),
+    ]
+    try:
+        s3.get_object(Bucket=bucket, Key="missing")
+    except botocore.exceptions.ClientError as exc:
+        out.append((type(exc).__name__, exc.response["Error"]["Code"], str(exc)))
+    try:
+        s3.head_object(Bucket=bucket, Key="missing")
+    except botocore.exceptions.ClientError as exc:
+        out.append((exc.response["Error"]["Code"], exc.response["ResponseMetadata"]["HTTPStatusCode"]))
+    return out
+
+
+def test_s3_calls_replay_with_their_types_offline(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = s3_job(bucket)
+    live_typed = typed(live)
+    assert isinstance(live[1]["Body"], StreamingBody)
+    assert live[4][:2] == ("NoSuchKey", "NoSuchKey") and live[5] == ("404", 404)
+    for name in _NO_CREDENTIALS:  # replay signs nothing: no credentials needed
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = s3_job(bucket)
+    assert attempts == []
+    assert typed(replayed) == live_typed
+    assert replayed[2].tzinfo is not None and type(replayed[2]) is dt.datetime
+    assert rep.report.misses == [] and rep.report.unused == [] and rep.report.exact == 6
+    (path,) = rec.paths
+    calls = load_cassette(path).interactions
+    assert [c.label.split()[0] for c in calls] == [
+        "s3.PutObject", "s3.GetObject", "s3.HeadObject", "s3.ListObjectsV2", "s3.GetObject",
+        "s3.HeadObject"]
+    assert {c.library for c in calls} == {"botocore"}
+    assert calls[0].attributes.get("rpc.system") == "aws-api"  # on the instrumentation's span
+
+
+def test_dynamodb_items_and_secrets(bucket: str, tmp_path: Path) -> None:
+    # (`bucket` sets up the moto endpoint and test credentials.)
+    table = f"t{uuid.uuid4().hex[:8]}"
+    secret_value = "hunter2-" + uuid.uuid4().hex
+
+    def job() -> list[Any]:
+        ddb = boto3.resource("dynamodb")
+        sm = boto3.client("secretsmanager")
+        out: list[Any] = []
+        if os.environ.get("CREATE") == "1":
+            ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                             BillingMode="PAY_PER_REQUEST")
+            sm.create_secret(Name=table, SecretString=secret_value)
+        t = ddb.Table(table)
+        t.put_item(Item={"id": "1", "price": Decimal("12.50"), "tags": {"a", "b"}, "raw": b"\x01"})
+        out.append(t.get_item(Key={"id": "1"})["Item"])
+        out.append(sm.get_secret_value(SecretId=table)["SecretString"])
+        return out
+
+    os.environ["CREATE"] = "1"
+    try:
+        with timetracer_otel.record(dir=tmp_path) as rec:
+            live = job()
+    finally:
+        os.environ.pop("CREATE")
+    assert live[0]["price"] == Decimal("12.50") and live[1] == secret_value
+    (path,) = rec.paths
+    assert secret_value.encode() not in Path(path).read_bytes()  # redacted before it is kept
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = job()
+    assert attempts == []
+    assert typed(replayed[0]) == typed(live[0])  # Decimal, set, Binary as live
+    assert replayed[1].startswith("redacted:")  # the secret itself never reached the cassette
+
+
+def test_a_connection_error_replays_as_the_same_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    url = f"http://127.0.0.1:{unreachable_port()}"
+
+    def call() -> Any:
+        s3 = boto3.client("s3", endpoint_url=url,
+                          config=Config(retries={"total_max_attempts": 1}, connect_timeout=1))
+        return s3.get_object(Bucket="b", Key="k")
+
+    with timetracer_otel.record(dir=tmp_path) as rec, \
+            pytest.raises(botocore.exceptions.EndpointConnectionError) as live:
+        call()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths), \
+            pytest.raises(botocore.exceptions.EndpointConnectionError) as replayed:
+        call()
+    assert attempts == [] and str(replayed.value) == str(live.value)
+
+
+def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, boto3\n"
+        "s3 = boto3.client('s3')\n"
+        "b = os.environ['BUCKET']\n"
+        "s3.put_object(Bucket=b, Key='k', Body=b'hello')\n"
+        "print(s3.get_object(Bucket=b, Key='k')['Body'].read(), "
+        "sorted(o['Key'] for o in s3.list_objects_v2(Bucket=b)['Contents']))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
+    env["BUCKET"] = bucket
+    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
+    rec = subprocess.run([*cli, "record", "--dir", str(tmp_path / "c"), "--", sys.executable,
+                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert rec.returncode == 0, rec.stderr
+    assert rec.stdout == "b'hello' ['k']\n"
+    for name in _NO_CREDENTIALS:
+        env.pop(name, None)
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing there
+    rep = subprocess.run([*cli, "replay", "--cassette", str(tmp_path / "c"), "--", sys.executable,
+                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stdout == rec.stdout
