@@ -569,9 +569,51 @@ class Bench:
                              note="the least any replay beneath the instrumentation can cost")
                 x = med(out["live_us"]) / med(out["floor_us"])
                 r.ratio = f"at most {x:.1f}x faster than live"
-        for lib in ("botocore", "pymongo"):
-            self.add(sc, f"{lib} replay vs live", "µs/call", None,
-                     note=f"no {lib} shim exists in timetracer_otel/replay_shims yet")
+        self.kv()
+        self.add(sc, "pymongo replay vs live", "µs/call", None,
+                 note="no pymongo shim exists in timetracer_otel/replay_shims yet")
+
+    def kv(self) -> None:
+        """Scenario 4b (``kv.py``): Redis and AWS calls, live, recorded, replayed; for Redis,
+        upstream timetracer's fidelity and speed beside ours."""
+        sc = "4b redis and AWS"
+        for lib, unit, what in (("redis", "µs/command", "Redis 127.0.0.1:6379"),
+                                ("botocore", "µs/call", "S3 on a moto server")):
+            print(f"  kv: {lib}", file=sys.stderr)
+            out = self.worker("kv", {"lib": lib, "ops": 200 if lib == "redis" else 100,
+                                     "runs": self.o.runs})
+            if "error" in out:
+                continue
+            self.add(sc, f"{lib} live, {what} (OTel only)", unit, out["live_us"])
+            self.add(sc, f"{lib} record", unit, out["record_us"])
+            over = [a - b for a, b in zip(out["record_us"], out["live_us"], strict=True)]
+            self.add(sc, f"{lib} record overhead", unit, over)
+            equal = out["replay_equal"]
+            ok = all(equal) if isinstance(equal, list) else bool(equal)
+            r = self.add(sc, f"{lib} replay (server unreachable)", unit, out["replay_us"],
+                         note="values and types equal the recording" if ok
+                         else f"VALUES DIFFER from the recording: {equal}")
+            r.ratio = f"{med(out['live_us']) / med(out['replay_us']):.1f}x faster than live"
+            if isinstance(equal, list):
+                self.add(sc, f"timetracer-otel {lib}: commands replayed with the live value and type",
+                         f"of {len(equal)} commands", [float(sum(equal))],
+                         note=", ".join(out["commands"]))
+        if not have(UPSTREAM_TT):
+            self.add(sc, "upstream timetracer 1.6.0 redis", "µs/command", None, note=MISSING_BENCH)
+            return
+        print("  kv: redis upstream", file=sys.stderr)
+        out = self.worker("kv", {"lib": "redis_upstream", "ops": 200, "runs": self.o.runs})
+        if "error" in out:
+            return
+        fidelity: dict[str, str] = out["fidelity"]
+        kept = sum(v == "equal" for v in fidelity.values())
+        lost = "; ".join(f"{k}: {v}" for k, v in fidelity.items() if v != "equal")
+        self.add(sc, "upstream timetracer 1.6.0 redis: commands replayed with the live value and "
+                 "type", f"of {len(fidelity)} commands", [float(kept)], note=lost)
+        self.add(sc, "upstream timetracer 1.6.0 redis record (GET, INCR; no OTel)", "µs/command",
+                 out["record_us"])
+        self.add(sc, "upstream timetracer 1.6.0 redis replay (GET, INCR)", "µs/command",
+                 out["replay_us"])
 
     # -- scenario 5 --------------------------------------------------------------------------
 

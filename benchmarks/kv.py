@@ -1,0 +1,291 @@
+"""Scenario 4b: Redis (the machine's server on 127.0.0.1:6379) and AWS (a moto server in its own
+process on 127.0.0.1) through redis-py and boto3.
+
+Per library, in one process: live calls with OTel only, the same under ``record()``, and
+replayed with the server unreachable (AWS: with no credentials either), each mode timing its
+calls after untimed ones; every replayed value is compared with the live one, type included.
+For Redis, upstream timetracer 1.6.0 (``enable_redis()``, its own session API, no OTel)
+records and replays the same commands one cassette each, and the same comparison counts
+which of them it gives back as they were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import worker_main
+from benchmarks.micro import _otel
+
+LEAD = 50
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def typed(value: Any) -> Any:
+    """``value`` with the type of every part beside it (sets and dicts sorted); botocore's
+    response metadata (request ids, dates of the run) left out, a body read."""
+    if isinstance(value, dict):
+        return ("dict", sorted((repr(typed(k)), typed(v)) for k, v in value.items()
+                               if k != "ResponseMetadata"))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(v) for v in value])
+    if isinstance(value, set | frozenset):
+        return (type(value).__name__, sorted(repr(typed(v)) for v in value))
+    if hasattr(value, "read") and hasattr(value, "iter_chunks"):  # a botocore StreamingBody
+        return (type(value).__name__, value.read())
+    if isinstance(value, dt.datetime):
+        return ("datetime", value.isoformat(), type(value.tzinfo).__name__)
+    return (type(value).__name__, repr(value))
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+PREFIX = f"bench:{uuid.uuid4().hex[:8]}:"
+# One of each reply shape a service reads: bytes, a hash, an int, scores, a set, a miss.
+COMMANDS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("GET", lambda r: r.get(PREFIX + "k")),
+    ("HGETALL", lambda r: r.hgetall(PREFIX + "h")),
+    ("INCR", lambda r: r.incr(PREFIX + "n")),
+    ("ZRANGE WITHSCORES", lambda r: r.zrange(PREFIX + "z", 0, -1, withscores=True)),
+    ("SMEMBERS", lambda r: r.smembers(PREFIX + "s")),
+    ("GET (missing)", lambda r: r.get(PREFIX + "missing")),
+]
+
+
+def _redis_data() -> None:
+    import redis
+
+    r = redis.Redis(port=6379)
+    r.set(PREFIX + "k", b"\x00\xffvalue")
+    r.hset(PREFIX + "h", mapping={"a": 1, "b": "text"})
+    r.zadd(PREFIX + "z", {"m1": 1.5, "m2": 2})
+    r.sadd(PREFIX + "s", "x", "y")
+    r.close()
+
+
+def _redis_cleanup() -> None:
+    import redis
+
+    r = redis.Redis(port=6379)
+    keys = r.keys(PREFIX + "*")
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def redis_ours(args: dict[str, Any]) -> dict[str, Any]:
+    import redis
+
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+
+    _otel()
+    replay_shims.instrument(["redis"])
+    _redis_data()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    ops: int = args["ops"]
+    res: dict[str, list[float]] = {"live_us": [], "record_us": [], "replay_us": []}
+    seen: dict[str, Any] = {}
+
+    def measure(port: int, count: int) -> tuple[float, list[Any]]:
+        r = redis.Redis(port=port)
+        out: list[Any] = []
+        t0 = time.perf_counter()
+        for _ in range(count):
+            out = [fn(r) for _, fn in COMMANDS]
+        us = (time.perf_counter() - t0) * 1e6 / (count * len(COMMANDS))
+        r.close()
+        return us, out
+
+    try:
+        measure(6379, LEAD)
+        for n in range(args["runs"]):
+            us, seen["live"] = measure(6379, ops)
+            res["live_us"].append(us)
+            with timetracer_otel.record(dir=tmp / f"r{n}", libraries=["redis"]) as rec:
+                measure(6379, 1)  # the writer process boots before the window (see db.py)
+                rec.writer.flush(60)
+                measure(6379, LEAD)
+                us, seen["record"] = measure(6379, ops)
+            res["record_us"].append(us)
+            port = dead_port()
+            with timetracer_otel.replay(rec.paths, libraries=["redis"]) as rep:
+                measure(port, 1 + LEAD)
+                us, seen["replay"] = measure(port, ops)
+            res["replay_us"].append(us)
+            assert rep.report.ok, rep.report.render()
+    finally:
+        _redis_cleanup()
+    # The INCR counter moves on between live and record; the replay answers what was recorded.
+    equal = [typed(a) == typed(b) for a, b in zip(seen["record"], seen["replay"], strict=True)]
+    return {**res, "commands": [name for name, _ in COMMANDS], "replay_equal": equal}
+
+
+def redis_upstream(args: dict[str, Any]) -> dict[str, Any]:
+    import redis
+    from timetracer.cassette.io import read_cassette, write_cassette
+    from timetracer.config import TraceConfig
+    from timetracer.context import reset_session, set_session
+    from timetracer.plugins import enable_redis
+    from timetracer.session import ReplaySession, TraceSession
+
+    enable_redis()
+    _redis_data()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-redis-upstream-"))
+    ops: int = args["ops"]
+    r = redis.Redis(port=6379)
+    fidelity: dict[str, str] = {}
+    record_us: list[float] = []
+    replay_us: list[float] = []
+    try:
+        for name, fn in COMMANDS:  # one cassette per command: one that cannot be written is one miss
+            config = TraceConfig(mode="record", cassette_dir=str(tmp / name.split()[0]))
+            session = TraceSession(config=config)
+            token = set_session(session)
+            try:
+                live = fn(r)
+            finally:
+                reset_session(token)
+            try:
+                path = write_cassette(session, config)
+            except Exception as exc:
+                fidelity[name] = f"cassette not written: {type(exc).__name__}"
+                continue
+            replay = ReplaySession(cassette=read_cassette(path), cassette_path=path)
+            token = set_session(replay)
+            try:
+                got = fn(redis.Redis(port=dead_port()))
+            except Exception as exc:
+                fidelity[name] = f"replay raised {type(exc).__name__}"
+                continue
+            finally:
+                reset_session(token)
+            fidelity[name] = "equal" if typed(got) == typed(live) else \
+                f"{type(live).__name__} {live!r:.40} became {type(got).__name__} {got!r:.40}"
+        # Speed, on the commands it records: GET and INCR, OTel-free, one session per block.
+        timed = [fn for name, fn in COMMANDS if name in ("GET", "INCR")]
+        for n in range(args["runs"]):
+            config = TraceConfig(mode="record", cassette_dir=str(tmp / f"t{n}"))
+            session = TraceSession(config=config)
+            token = set_session(session)
+            t0 = time.perf_counter()
+            for _ in range(ops):
+                for fn in timed:
+                    fn(r)
+            record_us.append((time.perf_counter() - t0) * 1e6 / (ops * len(timed)))
+            reset_session(token)
+            path = write_cassette(session, config)
+            replay = ReplaySession(cassette=read_cassette(path), cassette_path=path)
+            token = set_session(replay)
+            dead = redis.Redis(port=dead_port())
+            t0 = time.perf_counter()
+            for _ in range(ops):
+                for fn in timed:
+                    fn(dead)
+            replay_us.append((time.perf_counter() - t0) * 1e6 / (ops * len(timed)))
+            reset_session(token)
+    finally:
+        r.close()
+        _redis_cleanup()
+    return {"fidelity": fidelity, "record_us": record_us, "replay_us": replay_us}
+
+
+# --- AWS -----------------------------------------------------------------------------------------
+
+
+def _moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = dead_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the moto server did not start")
+
+
+def botocore_ours(args: dict[str, Any]) -> dict[str, Any]:
+    import boto3
+    from botocore.config import Config
+
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+
+    _otel()
+    replay_shims.instrument(["botocore"])
+    proc, endpoint = _moto()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    ops: int = args["ops"]
+    res: dict[str, list[float]] = {"live_us": [], "record_us": [], "replay_us": []}
+    seen: dict[str, Any] = {}
+    config = Config(retries={"total_max_attempts": 1})
+
+    def measure(url: str, count: int) -> tuple[float, list[Any]]:
+        s3 = boto3.client("s3", endpoint_url=url, config=config)
+        out: list[Any] = []
+        t0 = time.perf_counter()
+        for _ in range(count):
+            got = s3.get_object(Bucket=bucket, Key="obj")
+            out = [got, got["Body"].read(), s3.head_object(Bucket=bucket, Key="obj")]
+        us = (time.perf_counter() - t0) * 1e6 / (count * 2)
+        out[0] = {k: v for k, v in out[0].items() if k != "Body"}
+        return us, out
+
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, config=config)
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="obj", Body=os.urandom(4096))
+        measure(endpoint, 10)
+        for n in range(args["runs"]):
+            us, seen["live"] = measure(endpoint, ops)
+            res["live_us"].append(us)
+            with timetracer_otel.record(dir=Path(tempfile.mkdtemp()) / f"r{n}",
+                                        libraries=["botocore"]) as rec:
+                measure(endpoint, 1)
+                rec.writer.flush(60)
+                us, seen["record"] = measure(endpoint, ops)
+            res["record_us"].append(us)
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                os.environ.pop(name)
+            try:
+                with timetracer_otel.replay(rec.paths, libraries=["botocore"]) as rep:
+                    gone = f"http://127.0.0.1:{dead_port()}"
+                    measure(gone, 1)
+                    us, seen["replay"] = measure(gone, ops)
+            finally:
+                os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+            res["replay_us"].append(us)
+            assert rep.report.ok, rep.report.render()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    equal = typed(seen["replay"]) == typed(seen["record"])
+    return {**res, "replay_equal": equal}
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    return {"redis": redis_ours, "redis_upstream": redis_upstream,
+            "botocore": botocore_ours}[args["lib"]](args)
+
+
+if __name__ == "__main__":
+    worker_main(run)
