@@ -27,12 +27,15 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
+
 from timetracer_otel.errors import ReplayUnsupportedError
 
 Tree = Any
 _Encoder = Callable[[Any], Tree]
 _Decoder = Callable[[Tree], Any]
 
+_sort_pack = msgspec.msgpack.Encoder(order="sorted").encode
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -127,6 +130,19 @@ def _enc_int(v: int) -> Tree:
     return v if _INT_MIN <= v <= _INT_MAX else {"$int": str(v)}
 
 
+def _members(v: set[Any] | frozenset[Any]) -> list[Tree]:
+    """A set's members as trees, in the order of their encodings: iteration order follows the
+    string hash seed, so sets (and the replay keys built from them) would differ between
+    processes."""
+    trees = [to_tree(x) for x in v]
+    if len(trees) < 2:
+        return trees
+    try:
+        return sorted(trees, key=_sort_pack)
+    except (TypeError, ValueError, OverflowError):
+        return trees
+
+
 def _enc_dict(v: dict[Any, Any]) -> Tree:
     for k in v:
         if type(k) is not str or k.startswith("$"):
@@ -176,8 +192,8 @@ _ENCODERS: dict[type[Any], _Encoder] = {
     memoryview: lambda v: {"$bytes": v.tobytes()},
     list: lambda v: [to_tree(x) for x in v],
     tuple: lambda v: {"$tuple": [to_tree(x) for x in v]},
-    set: lambda v: {"$set": [to_tree(x) for x in v]},
-    frozenset: lambda v: {"$frozenset": [to_tree(x) for x in v]},
+    set: lambda v: {"$set": _members(v)},
+    frozenset: lambda v: {"$frozenset": _members(v)},
     dict: _enc_dict,
     Decimal: lambda v: {"$decimal": str(v)},
     dt.datetime: _enc_datetime,

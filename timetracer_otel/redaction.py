@@ -615,7 +615,8 @@ class Redactor:
 
     def _plain_body(self, ctype: str, body: bytes) -> bytes:
         mime = ctype.split(";")[0].strip()
-        if (mime == "application/json" or mime.endswith("+json") or mime == "text/json") and (
+        if (mime == "application/json" or mime.endswith("+json") or mime == "text/json"
+                or mime.startswith("application/x-amz-json")) and (
             self._json_may_hit(body)
         ):
             try:

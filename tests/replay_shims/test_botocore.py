@@ -70,6 +70,8 @@ def test_s3_calls_replay_with_their_types_offline(
     assert live[4][:2] == ("NoSuchKey", "NoSuchKey") and live[5] == ("404", 404)
     for name in _NO_CREDENTIALS:  # replay signs nothing: no credentials needed
         monkeypatch.delenv(name, raising=False)
+    # ... and asks no instance metadata service for them (a connect the list would show).
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = s3_job(bucket)
     assert attempts == []
@@ -86,39 +88,59 @@ def test_s3_calls_replay_with_their_types_offline(
 
 
 def test_dynamodb_items_and_secrets(bucket: str, tmp_path: Path) -> None:
-    # (`bucket` sets up the moto endpoint and test credentials.)
+    # (`bucket` sets up the moto endpoint and test credentials.) The secret and the table are
+    # made before the recording: what keeps secrets out is the recording's own redaction.
+    from boto3.dynamodb.conditions import Attr, Key
+
     table = f"t{uuid.uuid4().hex[:8]}"
     secret_value = "hunter2-" + uuid.uuid4().hex
+    ddb = boto3.resource("dynamodb")
+    ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                     AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                     BillingMode="PAY_PER_REQUEST")
+    boto3.client("secretsmanager").create_secret(Name=table, SecretString=secret_value)
 
     def job() -> list[Any]:
-        ddb = boto3.resource("dynamodb")
-        sm = boto3.client("secretsmanager")
-        out: list[Any] = []
-        if os.environ.get("CREATE") == "1":
-            ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-                             BillingMode="PAY_PER_REQUEST")
-            sm.create_secret(Name=table, SecretString=secret_value)
-        t = ddb.Table(table)
-        t.put_item(Item={"id": "1", "price": Decimal("12.50"), "tags": {"a", "b"}, "raw": b"\x01"})
-        out.append(t.get_item(Key={"id": "1"})["Item"])
-        out.append(sm.get_secret_value(SecretId=table)["SecretString"])
-        return out
+        t = boto3.resource("dynamodb").Table(table)
+        secret = boto3.client("secretsmanager").get_secret_value(SecretId=table)["SecretString"]
+        creds = boto3.client("sts").assume_role(RoleArn="arn:aws:iam::123456789012:role/r",
+                                                RoleSessionName="job")["Credentials"]
+        t.put_item(Item={"id": "1", "price": Decimal("12.50"), "tags": {"a", "b", "c", "d"},
+                         "raw": b"\x01", "dsn": f"postgres://app:{secret}@db/app"})
+        return [secret, creds, t.get_item(Key={"id": "1"})["Item"],
+                t.query(KeyConditionExpression=Key("id").eq("1"),
+                        FilterExpression=Attr("price").gt(Decimal(10)))["Items"]]
 
-    os.environ["CREATE"] = "1"
-    try:
-        with timetracer_otel.record(dir=tmp_path) as rec:
-            live = job()
-    finally:
-        os.environ.pop("CREATE")
-    assert live[0]["price"] == Decimal("12.50") and live[1] == secret_value
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[0] == secret_value and live[2]["price"] == Decimal("12.50")
+    assert live[3] == [live[2]]
     (path,) = rec.paths
-    assert secret_value.encode() not in Path(path).read_bytes()  # redacted before it is kept
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+    data = Path(path).read_bytes()
+    for leaked in (secret_value, live[1]["SecretAccessKey"], live[1]["SessionToken"]):
+        assert leaked.encode() not in data  # redacted before it is kept
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = job()
-    assert attempts == []
-    assert typed(replayed[0]) == typed(live[0])  # Decimal, set, Binary as live
-    assert replayed[1].startswith("redacted:")  # the secret itself never reached the cassette
+    assert attempts == [] and rep.report.misses == []
+    assert replayed[0].startswith("redacted:")  # the secret itself never reached the cassette
+    assert replayed[1]["SessionToken"].startswith("redacted:")
+    item = {k: v for k, v in live[2].items() if k != "dsn"}
+    assert typed({k: v for k, v in replayed[2].items() if k != "dsn"}) == typed(item)
+    assert replayed[2]["dsn"] == f"postgres://app:{replayed[0]}@db/app"  # scrubbed, still valid
+    assert typed(replayed[3]) == typed([replayed[2]])  # the conditions found the recording
+
+
+def _set_tree_in_a_process(seed: str) -> str:
+    code = ("import msgspec; from timetracer_otel.codec import to_tree; "
+            "print(msgspec.json.encode(to_tree({'alpha', 'beta', 'gamma', 'delta', 'eps'})).decode())")
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_a_set_parameter_keys_alike_in_every_process() -> None:
+    # DynamoDB string sets go into the key; a set's order follows the process's hash seed.
+    assert _set_tree_in_a_process("1") == _set_tree_in_a_process("2")
 
 
 def test_a_connection_error_replays_as_the_same_error(
@@ -141,6 +163,8 @@ def test_a_connection_error_replays_as_the_same_error(
             pytest.raises(botocore.exceptions.EndpointConnectionError) as replayed:
         call()
     assert attempts == [] and str(replayed.value) == str(live.value)
+    assert replayed.value.kwargs["endpoint_url"] == live.value.kwargs["endpoint_url"]
+    assert sorted(replayed.value.kwargs) == sorted(live.value.kwargs)
 
 
 def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> None:

@@ -165,19 +165,30 @@ def test_passwords_in_commands_never_reach_the_cassette(prefix: str, tmp_path: P
                 out.append(exc)
         return out
 
+    def api(client: redis.Redis, value: str) -> list[Any]:
+        # redis-py's own methods send "CONFIG SET" as one first argument.
+        return [client.config_set("masterauth", value), client.config_get("masterauth")]
+
     old = r.config_get("masterauth")["masterauth"]
     try:
-        with timetracer_otel.record(dir=tmp_path) as rec:
+        with timetracer_otel.record(dir=tmp_path / "raw") as raw:
             live = calls(r)
+        with timetracer_otel.record(dir=tmp_path / "api") as rec_api:
+            live_api = api(r, "other-" + secret)
     finally:
         r.config_set("masterauth", old)
         r.close()
-    (path,) = rec.paths
-    data = Path(path).read_bytes()
-    assert secret.encode() not in data and len(load_cassette(path).interactions) == 3
-    with connects_refused(), timetracer_otel.replay(rec.paths, strict=True) as rep:
+    assert live_api[1] == {"masterauth": "other-" + secret}  # the server's own answer
+    for rec, count in ((raw, 3), (rec_api, 2)):
+        (path,) = rec.paths
+        data = Path(path).read_bytes()
+        assert secret.encode() not in data and len(load_cassette(path).interactions) == count
+    with connects_refused(), timetracer_otel.replay(raw.paths, strict=True) as rep:
         replayed = calls(redis.Redis(port=unreachable_port()))
     assert typed(replayed) == typed(live) and rep.report.exact == 3
+    with connects_refused(), timetracer_otel.replay(rec_api.paths, strict=True):
+        replayed_api = api(redis.Redis(port=unreachable_port()), "other-" + secret)
+    assert replayed_api[0] is True and replayed_api[1]["masterauth"].startswith("redacted:")
 
 
 def test_recorded_and_replayed_through_the_cli(prefix: str, tmp_path: Path) -> None:
@@ -221,4 +232,51 @@ def test_a_watched_transaction_is_refused_in_replay_with_a_clear_error(
     with connects_refused() as attempts, timetracer_otel.replay(cassette), \
             pytest.raises(timetracer_otel.ReplayUnsupportedError, match="WATCHes keys"):
         transfer(redis.Redis(port=unreachable_port()))
+    assert attempts == []
+
+
+def test_a_pipeline_retried_after_a_dropped_connection_replays_its_answer(
+    prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.connection
+
+    admin = redis.Redis(port=REDIS_PORT)
+    admin.mset({prefix + "a": "A", prefix + "b": "B", prefix + "c": "C"})
+    read = redis.connection.AbstractConnection.read_response
+    count = [0]
+
+    def dropped_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        if count[0] == 2:  # the second reply of the first attempt is lost with the connection
+            self.disconnect()
+            raise redis.ConnectionError("connection reset (by the test)")
+        return read(self, *args, **kwargs)
+
+    def job(client: redis.Redis) -> Any:
+        return client.pipeline(transaction=False).get(prefix + "a").get(prefix + "b") \
+            .get(prefix + "c").execute()
+
+    client = redis.Redis(port=REDIS_PORT)
+    client.ping()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", dropped_once)
+        live = job(client)  # redis-py's default Retry sends it again
+        monkeypatch.undo()
+    assert live == [b"A", b"B", b"C"] and count[0] > 3
+    with connects_refused(), timetracer_otel.replay(rec.paths, strict=True):
+        assert job(redis.Redis(port=unreachable_port())) == live
+
+
+def test_replay_refuses_what_it_cannot_answer_without_connecting(prefix: str, tmp_path: Path) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        redis.Redis(port=REDIS_PORT).get(prefix + "k")
+    client = redis.Redis(port=unreachable_port())
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths):
+        with pytest.raises(redis.DataError):  # an argument the encoder refuses, as live
+            client.set(prefix + "k", None)  # type: ignore[arg-type]
+        with pytest.raises(timetracer_otel.ReplayUnsupportedError, match="Pub/Sub"):
+            client.pubsub().subscribe("channel")
+        resp3 = redis.Redis(port=unreachable_port(), protocol=3)
+        with pytest.raises(timetracer_otel.ReplayMissError, match="resp: recorded 2, now 3"):
+            resp3.get(prefix + "k")  # recorded with RESP2: its replies have another form
     assert attempts == []

@@ -11,9 +11,12 @@ and message, checksums validated, retries and waiters as they ran. Replay signs 
 it needs no credentials, and opens no socket.
 
 The key is the service, the operation and its parameters (bytes over 1 KiB by size and hash,
-an upload stream as ``<stream>``); never the endpoint or region. Parameters named like
-secrets (``SecretString``, ``Password``...) become redaction tokens; a response body's secret
-JSON fields are redacted as HTTP bodies are (its checksum headers are dropped then).
+an upload stream as ``<stream>``, a boto3 condition by its expression); never the endpoint or
+region. Secrets never reach the cassette: parameters the service model marks ``sensitive``
+(and those named like secrets) become redaction tokens; the values of sensitive members of
+the parsed response (STS and IAM keys, tokens, SecretString...) are learned and scrubbed from
+the stored bodies, with the body's checksum headers dropped and its length fixed. Replay also
+keeps botocore from asking the instance metadata service for credentials or a region.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from typing import Any
 
 import botocore.client
 import botocore.endpoint
+import botocore.exceptions
 import botocore.signers
+import botocore.utils
 from botocore.awsrequest import AWSResponse
+from opentelemetry import context as otel_context
 
 from timetracer_otel.codec import Tree, as_bytes, to_tree
 from timetracer_otel.config import Mode
@@ -37,9 +43,11 @@ from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
     Shim,
+    _suppressed,
     capture,
     decide,
     error_tree,
+    instantiate,
     rebuild_error,
 )
 
@@ -52,7 +60,7 @@ _DIGEST_OVER = 1024
 
 
 def _param(value: Any) -> Any:
-    """A parameter as the key and the stored request hold it."""
+    """A parameter as the key and the stored request hold it: the same in every process."""
     if isinstance(value, dict):
         return {str(k): _param(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -65,12 +73,58 @@ def _param(value: Any) -> Any:
         return f"<{len(value)} bytes, blake2b {hashlib.blake2b(value, digest_size=16).hexdigest()}>"
     if hasattr(value, "read"):  # an upload stream: reading it here would consume it
         return "<stream>"
-    return to_tree(value)
+    expression = getattr(value, "get_expression", None)
+    if callable(expression):  # a boto3 DynamoDB condition: what it says, not where it lives
+        return {"$condition": _param(expression())}
+    if hasattr(value, "name") and type(value).__module__.startswith("boto3."):
+        return {"$attribute": str(value.name)}  # boto3's Key("id") / Attr("price")
+    tree = to_tree(value)
+    if isinstance(tree, dict) and "$unsupported" in tree:  # its repr may hold an address
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    return tree
+
+
+# Members that hold credentials whether or not the service model marks them sensitive (STS
+# marks SecretAccessKey, not SessionToken), compared in lower case.
+_SECRET_MEMBERS = frozenset({
+    "sessiontoken", "secretaccesskey", "accesstoken", "refreshtoken", "idtoken", "password",
+    "secretstring", "secretbinary", "privatekey", "clientsecret", "authorizationtoken",
+})
+
+
+def _sensitive(shape: Any, value: Any, found: list[Any], secret: bool = False) -> Any:
+    """``value`` with the members ``shape`` marks sensitive (or names like credentials)
+    replaced by redaction tokens; each replaced value is added to ``found``."""
+    if value is None:
+        return value
+    if secret or (shape is not None and shape.metadata.get("sensitive")):
+        found.append(value)
+        r = STATE.redactor
+        return r.token(value) if isinstance(value, str | bytes) else r.token(repr(value))
+    if shape is None:
+        return value
+    kind = shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        members = shape.members
+        return {k: _sensitive(members.get(k), v, found, str(k).lower() in _SECRET_MEMBERS)
+                for k, v in value.items()}
+    if kind == "list" and isinstance(value, list | tuple):
+        return [_sensitive(shape.member, v, found) for v in value]
+    if kind == "map" and isinstance(value, dict):
+        return {k: _sensitive(shape.value, v, found) for k, v in value.items()}
+    return value
 
 
 def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
     service = client.meta.service_model.service_name
-    tree = STATE.redactor.document(_param(params))
+    try:
+        shape = client.meta.service_model.operation_model(operation).input_shape
+    except Exception:  # an operation the model lacks: botocore raises its own error later
+        shape = None
+    if shape is not None and isinstance(params, dict):
+        params = _sensitive(shape, params, [])
+    r = STATE.redactor
+    tree = r.scrub(r.document(_param(params)))  # (scrub: secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
     shape = {"service": service, "operation": operation, "params": sorted(tree)}
     named = [f"{k}={v}" for k, v in tree.items() if isinstance(v, str) and len(v) <= 60][:2]
@@ -111,24 +165,68 @@ class _Exchange:
         send = self.replay[self.next]
         self.next += 1
         if send.get("error") is not None:
-            raise rebuild_error(send["error"])
+            raise rebuild_error(send["error"], _build_error)
         return AWSResponse(send.get("url") or url, send["status"],
                            [(k, v) for k, v in send["headers"]], _Body(as_bytes(send["body"])))
 
 
 _EXCHANGE: ContextVar[_Exchange | None] = ContextVar("timetracer_botocore_exchange", default=None)
-_CHECKSUM_HEADERS = ("content-md5", "x-amz-checksum-")
+# Headers that vouch for a body's bytes: dropped when redaction changed the body.
+_CHECKSUM_HEADERS = ("content-md5", "x-amz-checksum-", "x-amz-crc32")
 
 
 def _kept(response: AWSResponse, body: bytes) -> Tree:
-    """One live response as stored: headers and body redacted as HTTP responses are."""
+    """One live response as stored (its body redacted once the call is over: see _redacted)."""
+    headers = STATE.redactor.headers([(str(k), str(v)) for k, v in response.headers.items()])
+    return {"url": response.url, "status": response.status_code,
+            "headers": [list(h) for h in headers], "body": body}
+
+
+def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
+    """The sends of a finished call as the cassette keeps them: the sensitive members of the
+    parsed result learned, then every body redacted as HTTP bodies are (secret JSON fields,
+    anything learned); a body that changed loses its checksum headers and gets its length."""
+    if isinstance(result, dict):
+        try:
+            shape = client.meta.service_model.operation_model(operation).output_shape
+        except Exception:
+            shape = None
+        _sensitive(shape, result, [])  # (the tokens it makes teach the redactor the values)
     r = STATE.redactor
-    headers = [list(h) for h in r.headers([(str(k), str(v)) for k, v in response.headers.items()])]
-    stored = r.response({"headers": headers, "body": body})
-    if stored["body"] != body:  # redacted: the recorded checksums no longer hold
-        stored["headers"] = [h for h in stored["headers"]
-                             if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
-    return {"url": response.url, "status": response.status_code, **stored}
+    out = []
+    for send in sends:
+        body = send.get("body")
+        if isinstance(body, bytes):
+            new = r.body(send["headers"], body)
+            if new != body:
+                headers = [h for h in send["headers"]
+                           if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
+                send = {**send, "body": new, "headers": [
+                    [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
+                    for h in headers]}
+        out.append(send)
+    return out
+
+
+def _error_of(exc: BaseException) -> Tree:
+    """A send's error as recorded: botocore's errors with their keyword arguments (an
+    exception among them as its text)."""
+    kwargs = getattr(exc, "kwargs", None)
+    if isinstance(exc, botocore.exceptions.BotoCoreError) and isinstance(kwargs, dict):
+        plain = {str(k): v if isinstance(v, str | int | float | bool) or v is None else str(v)
+                 for k, v in kwargs.items()}
+        return error_tree(exc, {"kwargs": plain})
+    return error_tree(exc)
+
+
+def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
+    kwargs = (tree.get("attrs") or {}).get("kwargs")
+    if isinstance(kwargs, dict) and issubclass(cls, botocore.exceptions.BotoCoreError):
+        try:
+            return cls(**kwargs)
+        except Exception:
+            pass
+    return instantiate(cls, tree["message"])
 
 
 def _send(original: Any) -> Any:
@@ -141,7 +239,7 @@ def _send(original: Any) -> Any:
         try:
             response = original(self, request)
         except Exception as exc:
-            exchange.sends.append({"error": error_tree(exc)})
+            exchange.sends.append({"error": _error_of(exc)})
             raise
         body = response.content  # the whole body, once; a streamed one is then read from memory
         response.raw = _Body(body)
@@ -161,6 +259,20 @@ def _sign(original: Any) -> Any:
     return sign
 
 
+def _replaying() -> bool:
+    return STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY) \
+        and not _suppressed(otel_context.get_current())
+
+
+def _assert_enabled(original: Any) -> Any:
+    def _assert_enabled(self: Any) -> Any:
+        if _replaying():  # replay needs no credentials or region from the instance
+            raise self._RETRIES_EXCEEDED_ERROR_CLS()
+        return original(self)
+
+    return _assert_enabled
+
+
 def _make_api_call(original: Any) -> Any:
     def _make_api_call(self: Any, operation_name: str, api_params: dict[str, Any]) -> Any:
         if STATE.mode is Mode.OFF:
@@ -170,7 +282,7 @@ def _make_api_call(original: Any) -> Any:
         if isinstance(action, Match):
             span = action.span
             if span.error is not None:  # it failed before anything was sent
-                raise rebuild_error(span.error)
+                raise rebuild_error(span.error, _build_error)
             token = _EXCHANGE.set(_Exchange(replay=list(span.response["sends"])))
             try:
                 return original(self, operation_name, api_params)
@@ -187,13 +299,13 @@ def _make_api_call(original: Any) -> Any:
                 # A ClientError or a connection error after its sends: replay sends the same
                 # answers and botocore raises it again. Nothing sent: the error itself.
                 if exchange.sends:
-                    cap.ok({"sends": exchange.sends})
+                    cap.ok({"sends": _redacted(self, operation_name, None, exchange.sends)})
                 else:
-                    cap.fail(exc)
+                    cap.fail(exc, _error_of(exc).get("attrs"))
                 raise
             finally:
                 _EXCHANGE.reset(token)
-            cap.ok({"sends": exchange.sends})
+            cap.ok({"sends": _redacted(self, operation_name, result, exchange.sends)})
         return result
 
     return _make_api_call
@@ -209,3 +321,4 @@ class BotocoreShim(Shim):
         self.wrap(botocore.client.BaseClient, "_make_api_call", _make_api_call)
         self.wrap(botocore.endpoint.Endpoint, "_send", _send)
         self.wrap(botocore.signers.RequestSigner, "sign", _sign)
+        self.wrap(botocore.utils.IMDSFetcher, "_assert_enabled", _assert_enabled)

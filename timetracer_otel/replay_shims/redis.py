@@ -13,15 +13,18 @@ that failed before the server answered (``ConnectionError``, ``TimeoutError``) i
 as that error and raised again.
 
 The key is the command as it goes on the wire (every argument through the client's own
-encoder, so ``set("k", 1)`` and ``set(b"k", b"1")`` are one call) and the database number;
-the server's address is not part of it. Secrets in ``AUTH``, ``HELLO ... AUTH``,
+encoder, a first argument like ``"CONFIG SET"`` split into its words as redis-py sends it, so
+``set("k", 1)`` and ``set(b"k", b"1")`` are one call), the database number, the RESP
+protocol and whether the client decodes replies (the recorded replies have that form); the
+server's address is not part of it. Secrets in ``AUTH``, ``HELLO ... AUTH``,
 ``MIGRATE ... AUTH/AUTH2``, ``CONFIG SET requirepass|masterauth`` and ``ACL SETUSER``
-passwords become redaction tokens before they are stored or hashed.
+passwords become redaction tokens before they are stored or hashed, and the values of
+``requirepass``/``masterauth`` in a ``CONFIG GET`` reply are scrubbed.
 
 Not replayed: a pipeline that WATCHes keys or runs scripts (its commands go straight to the
-server through ``immediate_execute_command``) raises :class:`ReplayUnsupportedError` in
-replay, and record leaves it unrecorded; Pub/Sub, cluster clients and client-side caching
-are not covered.
+server through ``immediate_execute_command``), Pub/Sub and cluster clients raise
+:class:`ReplayUnsupportedError` in replay (record leaves them unrecorded); client-side
+caching is not covered.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ SCOPE = "opentelemetry.instrumentation.redis"
 # The errors of a call that never got the server's answer: recorded as the call's error.
 # Any other (a ResponseError, a WatchError) comes from the reads, which replay runs again.
 _UNANSWERED = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _replaying() -> bool:
+    return STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY)
 
 
 # --- the request -----------------------------------------------------------------------------
@@ -101,16 +108,27 @@ def _redacted(args: list[str | bytes]) -> list[str | bytes]:
 
 def _command(client: Any, args: Sequence[Any]) -> list[str | bytes] | None:
     """The command as the wire carries it, redacted; None when the client's encoder refuses
-    an argument (the live call then raises the client's own DataError)."""
+    an argument (a live call then raises the client's own DataError once connected; a replay
+    raises it at once)."""
     encode = client.get_encoder().encode
     try:
-        return _redacted([_arg(a, encode) for a in args])
+        words = [_arg(a, encode) for a in args]
     except (redis.DataError, TypeError, ValueError):
+        if _replaying():
+            raise
         return None
+    first = words[0] if words else None
+    if isinstance(first, str) and " " in first:  # "CONFIG SET": redis-py sends its words apart
+        words[:1] = first.split()
+    return _redacted(words)
 
 
-def _db(client: Any) -> Any:
-    return client.connection_pool.connection_kwargs.get("db", 0)
+def _client(client: Any) -> dict[str, Any]:
+    """What decides a recorded reply's form: database, RESP protocol, decoded or bytes."""
+    kwargs = client.connection_pool.connection_kwargs
+    protocol = kwargs.get("protocol") or 2
+    return {"db": kwargs.get("db", 0), "resp": int(protocol) if str(protocol).isdigit() else 2,
+            "decoded": bool(kwargs.get("decode_responses", False))}
 
 
 def _label(words: Sequence[str | bytes]) -> str:
@@ -119,15 +137,16 @@ def _label(words: Sequence[str | bytes]) -> str:
 
 
 def _command_call(client: Any, command: list[str | bytes]) -> Call:
-    request = {"db": _db(client), "command": command}
-    shape = {"db": request["db"], "command": command[0], "argc": len(command)}
+    on = _client(client)
+    request = {**on, "command": command}
+    shape = {**on, "command": command[0], "argc": len(command)}
     return Call(LIBRARY, request, request, shape, _label(command[:2]))
 
 
 def _pipeline_call(client: Any, commands: list[list[str | bytes]], transaction: bool) -> Call:
-    request = {"db": _db(client), "transaction": transaction, "commands": commands}
-    shape = {"db": request["db"], "transaction": transaction,
-             "commands": [[c[0], len(c)] for c in commands]}
+    on = _client(client)
+    request = {**on, "transaction": transaction, "commands": commands}
+    shape = {**on, "transaction": transaction, "commands": [[c[0], len(c)] for c in commands]}
     label = _label(["MULTI" if transaction else "PIPELINE", *(c[0] for c in commands)])
     return Call(LIBRARY, request, request, shape, label)
 
@@ -161,8 +180,10 @@ def _read_tree(value: Any = None, error: BaseException | None = None) -> Tree:
     return {"value": to_tree(_with_errors_marked(value))}
 
 
-# The reads of the call being recorded in this task or thread (see parse_response).
+# The reads of the call being recorded in this task or thread (see parse_response), and the
+# command when it is a single one.
 _READS: ContextVar[list[Tree] | None] = ContextVar("timetracer_redis_reads", default=None)
+_COMMAND: ContextVar[list[str | bytes] | None] = ContextVar("timetracer_redis_command", default=None)
 
 
 class _Tap:
@@ -180,8 +201,14 @@ class _Tap:
         except redis.ResponseError as exc:
             self._reads.append(_read_tree(error=exc))
             raise
-        self._reads.append(_read_tree(value))
+        self._keep(value)
         return value
+
+    def _keep(self, value: Any) -> None:
+        command = _COMMAND.get()
+        if command is not None:
+            _learn_config_secrets(command, value)
+        self._reads.append(_read_tree(value))
 
 
 class _AsyncTap(_Tap):
@@ -191,7 +218,7 @@ class _AsyncTap(_Tap):
         except redis.ResponseError as exc:
             self._reads.append(_read_tree(error=exc))
             raise
-        self._reads.append(_read_tree(value))
+        self._keep(value)
         return value
 
 
@@ -241,6 +268,26 @@ class _AsyncReplayed(_Replayed):
         pass
 
 
+_SECRET_SETTINGS = frozenset({"requirepass", "masterauth", b"requirepass", b"masterauth"})
+
+
+def _learn_config_secrets(command: list[str | bytes], value: Any) -> None:
+    """A ``CONFIG GET`` reply's passwords, taught to the redactor so the stored reply is
+    scrubbed of them (a flat list in RESP2, a map in RESP3)."""
+    if len(command) < 2 or not isinstance(command[0], str) or command[0].upper() != "CONFIG" \
+            or not isinstance(command[1], str) or command[1].upper() != "GET":
+        return
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = list(zip(value[::2], value[1::2], strict=False))
+    r = STATE.redactor
+    for name, secret in pairs:
+        if name in _SECRET_SETTINGS and isinstance(secret, str | bytes) and secret:
+            r.token(secret)
+
+
 def _recorded_reads(match: Match) -> list[Tree]:
     span = match.span
     if span.error is not None:
@@ -287,7 +334,7 @@ def _execute_command(original: Any) -> Any:
             return original(self, *args, **options)
         reads: list[Tree] = []
         with capture(call, SCOPE) as cap:
-            token = _READS.set(reads)
+            token, named = _READS.set(reads), _COMMAND.set(command)
             try:
                 result = original(self, *args, **options)
             except Exception as exc:
@@ -295,6 +342,7 @@ def _execute_command(original: Any) -> Any:
                 raise
             finally:
                 _READS.reset(token)
+                _COMMAND.reset(named)
             cap.ok({"reads": reads[-1:]})  # a retried command: the attempt that answered
         return result
 
@@ -317,7 +365,7 @@ def _async_execute_command(original: Any) -> Any:
             return await original(self, *args, **options)
         reads: list[Tree] = []
         with capture(call, SCOPE) as cap:
-            token = _READS.set(reads)
+            token, named = _READS.set(reads), _COMMAND.set(command)
             try:
                 result = await original(self, *args, **options)
             except Exception as exc:
@@ -325,6 +373,7 @@ def _async_execute_command(original: Any) -> Any:
                 raise
             finally:
                 _READS.reset(token)
+                _COMMAND.reset(named)
             cap.ok({"reads": reads[-1:]})
         return result
 
@@ -356,15 +405,44 @@ def _is_transaction(pipe: Any) -> bool:
     return flag is True or bool(pipe.explicit_transaction)
 
 
-def _unsupported() -> ReplayUnsupportedError:
+def _unsupported(what: str = "A redis pipeline that WATCHes keys or runs scripts") -> ReplayUnsupportedError:
     return ReplayUnsupportedError(
-        "A redis pipeline that WATCHes keys or runs scripts is not replayed; record and replay "
-        "it with redis kept live (TIMETRACER_LIVE_PLUGINS=redis, or replay(live=['redis']))."
+        f"{what} is not replayed; record and replay it with redis kept live "
+        "(TIMETRACER_LIVE_PLUGINS=redis, or replay(live=['redis']))."
     )
 
 
-def _replaying() -> bool:
-    return STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY)
+def _refused(what: str, is_async: bool) -> Any:
+    """A replacement that refuses ``what`` in replay and calls the original otherwise."""
+    def make(original: Any) -> Any:
+        if is_async:
+            async def refuse_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if _replaying():
+                    raise _unsupported(what)
+                return await original(self, *args, **kwargs)
+
+            return refuse_async
+
+        def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if _replaying():
+                raise _unsupported(what)
+            return original(self, *args, **kwargs)
+
+        return refuse
+
+    return make
+
+
+def _fresh_attempt(original: Any) -> Any:
+    """A pipeline's send-and-read, which redis-py retries on a connection error: each attempt
+    starts its recorded reads afresh (the failed attempt's are not the answer)."""
+    def attempt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reads = _READS.get()
+        if reads is not None:
+            reads.clear()
+        return original(self, *args, **kwargs)
+
+    return attempt
 
 
 def _immediate(original: Any) -> Any:
@@ -468,6 +546,19 @@ class RedisShim(Shim):
         self.wrap(redis.Redis, "parse_response", _parse_response)
         self.wrap(redis.client.Pipeline, "execute", _pipeline_execute)
         self.wrap(redis.client.Pipeline, "immediate_execute_command", _immediate)
+        for cls in (redis.client.Pipeline, redis.asyncio.client.Pipeline):
+            # (an async one returns its coroutine from the original: cleared as it is made)
+            self.wrap(cls, "_execute_transaction", _fresh_attempt)
+            self.wrap(cls, "_execute_pipeline", _fresh_attempt)
+        self.wrap(redis.client.PubSub, "execute_command", _refused("Redis Pub/Sub", False))
+        self.wrap(redis.asyncio.client.PubSub, "execute_command", _refused("Redis Pub/Sub", True))
+        import redis.asyncio.cluster
+        import redis.cluster
+
+        self.wrap(redis.cluster.RedisCluster, "execute_command",
+                  _refused("A Redis Cluster client", False))
+        self.wrap(redis.asyncio.cluster.RedisCluster, "execute_command",
+                  _refused("A Redis Cluster client", True))
         self.wrap(redis.asyncio.Redis, "execute_command", _async_execute_command)
         self.wrap(redis.asyncio.Redis, "parse_response", _async_parse_response)
         self.wrap(redis.asyncio.client.Pipeline, "execute", _async_pipeline_execute)
