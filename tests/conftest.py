@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +171,16 @@ def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"tt-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+def plain_env(**extra: str) -> dict[str, str]:
+    """This process's environment without OpenTelemetry or timetracer settings, plus ``extra``:
+    for a command that must set them up itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
+    return {**env, **extra}
+
+
+def timetracer_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``timetracer-otel ARGS`` (this interpreter's console script), its output captured."""
+    command = [str(Path(sys.executable).parent / "timetracer-otel"), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)

@@ -362,20 +362,27 @@ def test_a_run_ends_even_when_its_end_raises(tmp_path: Path) -> None:
     assert switched_off() and rec.writer is not None and rec.writer._closed  # flushed and closed
 
 
-def test_a_run_interrupted_while_it_begins_never_began(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _interrupted_switch(monkeypatch: pytest.MonkeyPatch, mode: Mode) -> list[Mode]:
+    """Ctrl-C inside the first switch of STATE to ``mode``, half of it written; returns the
+    modes of every switch made."""
     write = runtime._Switch.write
-    calls = []
+    calls: list[Mode] = []
 
     def interrupted(self: Any) -> None:
         calls.append(self.mode)
-        if len(calls) == 1:
+        if self.mode is mode and calls.count(mode) == 1:
             STATE.mode = self.mode  # half of it written, then Ctrl-C
             raise KeyboardInterrupt
         write(self)
 
     monkeypatch.setattr(runtime._Switch, "write", interrupted)
+    return calls
+
+
+def test_a_run_interrupted_while_it_begins_never_began(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _interrupted_switch(monkeypatch, Mode.REPLAY)
     with pytest.raises(KeyboardInterrupt):
         timetracer_otel.replay(_empty_cassette(tmp_path)).__enter__()
     assert calls == [Mode.REPLAY, Mode.OFF] and runtime._active == []
@@ -387,17 +394,7 @@ def test_a_run_interrupted_while_it_begins_never_began(
 def test_a_run_interrupted_while_it_ends_still_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write = runtime._Switch.write
-    calls = []
-
-    def interrupted(self: Any) -> None:
-        calls.append(self.mode)
-        if self.mode is Mode.OFF and calls.count(Mode.OFF) == 1:
-            STATE.mode = self.mode  # half of it written, then Ctrl-C
-            raise KeyboardInterrupt
-        write(self)
-
-    monkeypatch.setattr(runtime._Switch, "write", interrupted)
+    calls = _interrupted_switch(monkeypatch, Mode.OFF)
     rec = timetracer_otel.record(dir=tmp_path)
     with pytest.raises(KeyboardInterrupt), rec:
         pass

@@ -3,7 +3,6 @@ from there, and the writer's own S3 calls never show up as spans or interactions
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import timetracer_otel
+from tests.conftest import plain_env, timetracer_cli
 from tests.upstream_app import app
 from timetracer_otel.cassette import Cassette, loads
 from timetracer_otel.cli import main
@@ -68,18 +68,15 @@ def test_cli_record_and_replay_with_s3_dir(serve: Any, bucket: str, tmp_path: Pa
     script.write_text(
         "import os, httpx\n"
         "print(httpx.get(os.environ['UPSTREAM_URL'] + '/items', params={'page': 9}).json())\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
-    env["UPSTREAM_URL"] = server.url
-    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
+    env = plain_env(UPSTREAM_URL=server.url)
     location = f"s3://{bucket}/cli"
-    rec = subprocess.run([*cli, "record", "--dir", location, "--", sys.executable, str(script)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    rec = timetracer_cli("record", "--dir", location, "--", sys.executable, str(script), env=env)
     assert rec.returncode == 0, rec.stderr
     (url,) = S3Storage(location).list()
     assert f"recorded 1 cassette(s) in {location}" in rec.stderr and url in rec.stderr
     server.stop()
-    rep = subprocess.run([*cli, "replay", "--cassette", location, "--", sys.executable, str(script)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    rep = timetracer_cli("replay", "--cassette", location, "--", sys.executable, str(script),
+                         env=env)
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout == rec.stdout and "'page': '9'" in rep.stdout
 
@@ -150,17 +147,14 @@ def test_cli_replay_on_miss_record_adds_an_object_to_the_s3_prefix(
         "import os, httpx\n"
         "for page in os.environ['PAGES'].split(','):\n"
         "    print(httpx.get(os.environ['UPSTREAM_URL'] + '/items', params={'page': page}).json())\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
-    env.update(UPSTREAM_URL=server.url, PAGES="1")
-    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
+    env = plain_env(UPSTREAM_URL=server.url, PAGES="1")
     location = f"s3://{bucket}/cli-append"
 
     def replay(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*cli, "replay", "--cassette", location, *args, "--", sys.executable,
-                               str(script)], env=env, capture_output=True, text=True, timeout=60)
+        return timetracer_cli("replay", "--cassette", location, *args, "--", sys.executable,
+                              str(script), env=env)
 
-    rec = subprocess.run([*cli, "record", "--dir", location, "--", sys.executable, str(script)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    rec = timetracer_cli("record", "--dir", location, "--", sys.executable, str(script), env=env)
     assert rec.returncode == 0, rec.stderr
     env["PAGES"] = "1,2"
     added = replay("--on-miss", "record")

@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.response import StreamingBody
 
 import timetracer_otel
-from tests.conftest import connects_refused, unreachable_port
+from tests.conftest import connects_refused, plain_env, timetracer_cli, unreachable_port
 from timetracer_otel.cassette import load_cassette
 
 _NO_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -176,17 +176,14 @@ def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> N
         "s3.put_object(Bucket=b, Key='k', Body=b'hello')\n"
         "print(s3.get_object(Bucket=b, Key='k')['Body'].read(), "
         "sorted(o['Key'] for o in s3.list_objects_v2(Bucket=b)['Contents']))\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
-    env["BUCKET"] = bucket
-    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
-    rec = subprocess.run([*cli, "record", "--dir", str(tmp_path / "c"), "--", sys.executable,
-                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    env = plain_env(BUCKET=bucket)
+    run = [sys.executable, str(script)]
+    rec = timetracer_cli("record", "--dir", str(tmp_path / "c"), "--", *run, env=env)
     assert rec.returncode == 0, rec.stderr
     assert rec.stdout == "b'hello' ['k']\n"
     for name in _NO_CREDENTIALS:
         env.pop(name, None)
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing there
-    rep = subprocess.run([*cli, "replay", "--cassette", str(tmp_path / "c"), "--", sys.executable,
-                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    rep = timetracer_cli("replay", "--cassette", str(tmp_path / "c"), "--", *run, env=env)
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout == rec.stdout

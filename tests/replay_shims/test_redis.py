@@ -5,8 +5,6 @@ socket connect refused; values compared with their types."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ import redis
 import redis.asyncio
 
 import timetracer_otel
-from tests.conftest import connects_refused, unreachable_port
+from tests.conftest import connects_refused, plain_env, timetracer_cli, unreachable_port
 from timetracer_otel.cassette import load_cassette
 
 REDIS_PORT = 6379
@@ -198,17 +196,14 @@ def test_recorded_and_replayed_through_the_cli(prefix: str, tmp_path: Path) -> N
         "r = redis.Redis(port=int(os.environ['REDIS_PORT']))\n"
         "p = os.environ['PREFIX']\n"
         "print(r.incr(p + 'n'), r.hgetall(p + 'h'), r.pipeline().incr(p + 'n').get(p + 'n').execute())\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIMETRACER_"))}
-    env.update(REDIS_PORT=str(REDIS_PORT), PREFIX=prefix)
+    env = plain_env(REDIS_PORT=str(REDIS_PORT), PREFIX=prefix)
     redis.Redis(port=REDIS_PORT).hset(prefix + "h", "f", "v")
-    cli = [str(Path(sys.executable).parent / "timetracer-otel")]
-    rec = subprocess.run([*cli, "record", "--dir", str(tmp_path / "c"), "--", sys.executable,
-                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    run = [sys.executable, str(script)]
+    rec = timetracer_cli("record", "--dir", str(tmp_path / "c"), "--", *run, env=env)
     assert rec.returncode == 0, rec.stderr
     assert rec.stdout == "1 {b'f': b'v'} [2, b'2']\n"
     env["REDIS_PORT"] = str(unreachable_port())
-    rep = subprocess.run([*cli, "replay", "--cassette", str(tmp_path / "c"), "--", sys.executable,
-                          str(script)], env=env, capture_output=True, text=True, timeout=60)
+    rep = timetracer_cli("replay", "--cassette", str(tmp_path / "c"), "--", *run, env=env)
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout == rec.stdout
 

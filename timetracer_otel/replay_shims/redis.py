@@ -43,6 +43,7 @@ from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
     LIVE,
+    RECORD,
     STATE,
     Shim,
     capture,
@@ -321,63 +322,73 @@ def _async_parse_response(original: Any) -> Any:
 
 def _execute_command(original: Any) -> Any:
     def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        if STATE.mode is Mode.OFF or not args:
+        plan = _command_plan(self, args)
+        if plan is None or plan[0] is LIVE:
             return original(self, *args, **options)
-        command = _command(self, args)
-        if command is None:
-            return original(self, *args, **options)
-        call = _command_call(self, command)
-        action = decide(call)
+        action, command = plan
         if isinstance(action, Match):
             return self.parse_response(_Replayed(_recorded_reads(action)), args[0], **options)
-        if action is LIVE:
+        with _Recording(action, command):
             return original(self, *args, **options)
-        reads: list[Tree] = []
-        with capture(call, SCOPE) as cap:
-            token, named = _READS.set(reads), _COMMAND.set(command)
-            try:
-                result = original(self, *args, **options)
-            except Exception as exc:
-                _finish(cap, exc, reads[-1:])
-                raise
-            finally:
-                _READS.reset(token)
-                _COMMAND.reset(named)
-            cap.ok({"reads": reads[-1:]})  # a retried command: the attempt that answered
-        return result
 
     return execute_command
 
 
 def _async_execute_command(original: Any) -> Any:
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        if STATE.mode is Mode.OFF or not args:
+        plan = _command_plan(self, args)
+        if plan is None or plan[0] is LIVE:
             return await original(self, *args, **options)
-        command = _command(self, args)
-        if command is None:
-            return await original(self, *args, **options)
-        call = _command_call(self, command)
-        action = decide(call)
+        action, command = plan
         if isinstance(action, Match):
             return await self.parse_response(_AsyncReplayed(_recorded_reads(action)), args[0],
                                              **options)
-        if action is LIVE:
+        with _Recording(action, command):
             return await original(self, *args, **options)
-        reads: list[Tree] = []
-        with capture(call, SCOPE) as cap:
-            token, named = _READS.set(reads), _COMMAND.set(command)
-            try:
-                result = await original(self, *args, **options)
-            except Exception as exc:
-                _finish(cap, exc, reads[-1:])
-                raise
-            finally:
-                _READS.reset(token)
-                _COMMAND.reset(named)
-            cap.ok({"reads": reads[-1:]})
-        return result
 
     return execute_command
+
+
+def _command_plan(client: Any, args: Sequence[Any]) -> tuple[Any, list[str | bytes]] | None:
+    """What to do with a command: None (call it as it is: off, or not encodable), else the
+    decision (a Match, LIVE, or the Call to record) and the command."""
+    if STATE.mode is Mode.OFF or not args:
+        return None
+    command = _command(client, args)
+    if command is None:
+        return None
+    call = _command_call(client, command)
+    action = decide(call)
+    return (call if action is RECORD else action), command
+
+
+class _Recording:
+    """``with _Recording(call):`` around a live call: the reads it makes are kept and put on
+    its span as it ends (see :func:`_finish`); a single command keeps the reads of its last
+    attempt (a retried command reads once per attempt)."""
+
+    def __init__(self, call: Call, command: list[str | bytes] | None = None) -> None:
+        self.cap = capture(call, SCOPE)
+        self.command = command
+        self.reads: list[Tree] = []
+        self.tokens: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> None:
+        self.cap.__enter__()
+        self.tokens = (_READS.set(self.reads), _COMMAND.set(self.command))
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.tokens is not None:
+            _READS.reset(self.tokens[0])
+            _COMMAND.reset(self.tokens[1])
+        reads = self.reads[-1:] if self.command is not None else self.reads
+        try:
+            if exc is None:
+                self.cap.ok({"reads": reads})
+            elif isinstance(exc, Exception):  # (a cancelled call never finished: no payload)
+                _finish(self.cap, exc, reads)
+        finally:
+            self.cap.__exit__(kind, exc, tb)
 
 
 def _finish(cap: Any, exc: BaseException, reads: list[Tree]) -> None:
@@ -405,7 +416,7 @@ def _is_transaction(pipe: Any) -> bool:
     return flag is True or bool(pipe.explicit_transaction)
 
 
-def _unsupported(what: str = "A redis pipeline that WATCHes keys or runs scripts") -> ReplayUnsupportedError:
+def _unsupported(what: str) -> ReplayUnsupportedError:
     return ReplayUnsupportedError(
         f"{what} is not replayed; record and replay it with redis kept live "
         "(TIMETRACER_LIVE_PLUGINS=redis, or replay(live=['redis']))."
@@ -445,68 +456,44 @@ def _fresh_attempt(original: Any) -> Any:
     return attempt
 
 
-def _immediate(original: Any) -> Any:
-    def immediate_execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        if _replaying():
-            raise _unsupported()
-        return original(self, *args, **options)
-
-    return immediate_execute_command
-
-
-def _async_immediate(original: Any) -> Any:
-    async def immediate_execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        if _replaying():
-            raise _unsupported()
-        return await original(self, *args, **options)
-
-    return immediate_execute_command
+def _pipeline_plan(pipe: Any) -> tuple[Any, bool] | None:
+    """What to do with a pipeline's execute: None (as it is: off, empty, WATCHing, scripts, or
+    not encodable), else the decision (see :func:`_command_plan`) and whether it is MULTI."""
+    if STATE.mode is Mode.OFF or not pipe.command_stack or pipe.watching or pipe.scripts:
+        return None
+    commands = _pipeline_commands(pipe)
+    if commands is None:
+        return None
+    transaction = _is_transaction(pipe)
+    call = _pipeline_call(pipe, commands, transaction)
+    action = decide(call)
+    return (call if action is RECORD else action), transaction
 
 
 def _pipeline_execute(original: Any) -> Any:
     def execute(self: Any, raise_on_error: bool = True) -> Any:
-        if STATE.mode is Mode.OFF or not self.command_stack or self.watching or self.scripts:
+        plan = _pipeline_plan(self)
+        if plan is None or plan[0] is LIVE:
             return original(self, raise_on_error)
-        commands = _pipeline_commands(self)
-        if commands is None:
-            return original(self, raise_on_error)
-        transaction = _is_transaction(self)
-        call = _pipeline_call(self, commands, transaction)
-        action = decide(call)
+        action, transaction = plan
         if isinstance(action, Match):
             run = self._execute_transaction if transaction else self._execute_pipeline
             try:
                 return run(_Replayed(_recorded_reads(action)), self.command_stack, raise_on_error)
             finally:
                 self.reset()
-        if action is LIVE:
+        with _Recording(action):
             return original(self, raise_on_error)
-        reads: list[Tree] = []
-        with capture(call, SCOPE) as cap:
-            token = _READS.set(reads)
-            try:
-                result = original(self, raise_on_error)
-            except Exception as exc:
-                _finish(cap, exc, reads)
-                raise
-            finally:
-                _READS.reset(token)
-            cap.ok({"reads": reads})
-        return result
 
     return execute
 
 
 def _async_pipeline_execute(original: Any) -> Any:
     async def execute(self: Any, raise_on_error: bool = True) -> Any:
-        if STATE.mode is Mode.OFF or not self.command_stack or self.watching or self.scripts:
+        plan = _pipeline_plan(self)
+        if plan is None or plan[0] is LIVE:
             return await original(self, raise_on_error)
-        commands = _pipeline_commands(self)
-        if commands is None:
-            return await original(self, raise_on_error)
-        transaction = _is_transaction(self)
-        call = _pipeline_call(self, commands, transaction)
-        action = decide(call)
+        action, transaction = plan
         if isinstance(action, Match):
             run = self._execute_transaction if transaction else self._execute_pipeline
             try:
@@ -514,20 +501,8 @@ def _async_pipeline_execute(original: Any) -> Any:
                                  raise_on_error)
             finally:
                 await self.reset()
-        if action is LIVE:
+        with _Recording(action):
             return await original(self, raise_on_error)
-        reads: list[Tree] = []
-        with capture(call, SCOPE) as cap:
-            token = _READS.set(reads)
-            try:
-                result = await original(self, raise_on_error)
-            except Exception as exc:
-                _finish(cap, exc, reads)
-                raise
-            finally:
-                _READS.reset(token)
-            cap.ok({"reads": reads})
-        return result
 
     return execute
 
@@ -545,7 +520,8 @@ class RedisShim(Shim):
         self.wrap(redis.Redis, "execute_command", _execute_command)
         self.wrap(redis.Redis, "parse_response", _parse_response)
         self.wrap(redis.client.Pipeline, "execute", _pipeline_execute)
-        self.wrap(redis.client.Pipeline, "immediate_execute_command", _immediate)
+        watched = "A redis pipeline that WATCHes keys or runs scripts"
+        self.wrap(redis.client.Pipeline, "immediate_execute_command", _refused(watched, False))
         for cls in (redis.client.Pipeline, redis.asyncio.client.Pipeline):
             # (an async one returns its coroutine from the original: cleared as it is made)
             self.wrap(cls, "_execute_transaction", _fresh_attempt)
@@ -562,4 +538,5 @@ class RedisShim(Shim):
         self.wrap(redis.asyncio.Redis, "execute_command", _async_execute_command)
         self.wrap(redis.asyncio.Redis, "parse_response", _async_parse_response)
         self.wrap(redis.asyncio.client.Pipeline, "execute", _async_pipeline_execute)
-        self.wrap(redis.asyncio.client.Pipeline, "immediate_execute_command", _async_immediate)
+        self.wrap(redis.asyncio.client.Pipeline, "immediate_execute_command",
+                  _refused(watched, True))
