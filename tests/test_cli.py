@@ -326,5 +326,5 @@ def test_replay_on_miss_record_fails_when_it_cannot_keep_the_calls(serve: Any, t
     lost = cli("replay", "--cassette", str(cassette), "--on-miss", "record", "--strict", "--",
                sys.executable, str(script), "2", env=dict(env, DOOMED=str(cassette)))
     assert lost.returncode == 2, lost.stderr
-    assert "not kept: " in lost.stderr and "is not a local cassette file or directory" in lost.stderr
+    assert "not kept: " in lost.stderr and "is not a cassette file or directory" in lost.stderr
     assert "Traceback" not in lost.stderr

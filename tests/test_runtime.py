@@ -470,7 +470,7 @@ def test_a_failure_to_keep_appended_calls_does_not_hide_the_blocks_error(
         job()
         raise AppError  # the app's own error is what the caller sees
     Path(path).write_bytes(Path(tmp_path / "copy").read_bytes())
-    with pytest.raises(CassetteError, match="is not a local cassette file or directory"), \
+    with pytest.raises(CassetteError, match="is not a cassette file or directory"), \
             timetracer_otel.replay(path, on_miss="record", strict=True):
         job()  # without an error of its own, the lost calls are the error
     assert switched_off()

@@ -26,7 +26,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -727,7 +727,7 @@ def _format_of(p: Path) -> Format:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
     """An exclusive lock on ``directory`` (flock on its descriptor) between processes."""
     import fcntl
 
@@ -751,45 +751,22 @@ def recorder(via: str) -> Recorder:
     return Recorder(version=version, via=via, python=platform.python_version())
 
 
-def add_interactions(
-    source: str | os.PathLike[str],
-    spans: Sequence[SpanRecord],
-    via: str,
-    fmt: Format = "msgpack",
-    known: Mapping[str, int] | None = None,
-) -> Path | None:
-    """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
-    ``source`` finds them: a cassette file gets them added (rewritten atomically, in its own
-    format and encryption), a directory a new cassette in ``fmt`` beside the others. Returns
-    the file written, or None when there was nothing left to add. (``s3://`` sources:
-    ``exporters.storage.add_interactions``.)
-
-    ``known``: how many interactions of each key the replay loaded from ``source``. Calls
-    that others added since (another run of the same replay, another process) are not added
-    again: two runs that both lacked a call leave it in the cassette once.
-    """
-    p = Path(source)
-    if p.is_file():
-        p = p.resolve()  # a link to a cassette: the cassette itself gets the calls
-        with _locked(p.parent):  # read, add, replace: one process or thread at a time
-            data = with_interactions(_read(p), str(p), _format_of(p), spans, known)
-            return None if data is None else atomic_write(p, data)
-    if p.is_dir():
-        with _locked(p):
-            there = _readable_heads(find_cassettes(p)) if known is not None else []
-            new = not_added_yet(spans, known, there)
-            if not new:
-                return None
-            cassette, name = appended_cassette(new, via, fmt)
-            return save_cassette(cassette, p / name)
-    raise CassetteError(f"{source} is not a local cassette file or directory, so the "
-                        f"{len(spans)} call(s) recorded live were not kept; replay from a local path.")
+def add_to_file(path: str | os.PathLike[str], spans: Sequence[SpanRecord],
+                known: Mapping[str, int] | None = None) -> Path | None:
+    """Add ``spans`` to the cassette file at ``path`` (see :func:`with_interactions`): read,
+    add and replace under an exclusive lock on its directory, so processes and threads
+    adding at once lose nothing; a link is followed to the cassette itself. Returns the file,
+    or None when nothing was left to add."""
+    p = Path(path).resolve()
+    with locked(p.parent):
+        data = with_interactions(_read(p), str(p), _format_of(p), spans, known)
+        return None if data is None else atomic_write(p, data)
 
 
 def with_interactions(raw: bytes, source: str, fmt: Format, spans: Sequence[SpanRecord],
                       known: Mapping[str, int] | None) -> bytes | None:
     """The cassette ``raw`` (read from ``source``) with ``spans`` added, less those others
-    added since ``known`` was read (see :func:`add_interactions`), encoded in ``fmt`` and
+    added since ``known`` was read (see :func:`not_added_yet`), encoded in ``fmt`` and
     encrypted only if it was; None when nothing is left to add."""
     cassette = loads(raw, source)
     new = not_added_yet(spans, known, cassette.interactions)
@@ -812,21 +789,14 @@ def appended_cassette(spans: Sequence[SpanRecord], via: str, fmt: Format) -> tup
     return cassette, f"appended-{now:%Y%m%dT%H%M%S}-{token}{SUFFIX[fmt]}"
 
 
-def _readable_heads(files: Iterable[Path]) -> list[SpanRecord | SpanHead]:
-    """The interactions of every readable cassette of ``files``, payloads left encoded (only
-    their keys are counted); one that cannot be read adds nothing to count."""
-    heads: list[SpanRecord | SpanHead] = []
-    for f in files:
-        with contextlib.suppress(CassetteError):
-            heads.extend(load_cassette_for_replay(f).interactions)
-    return heads
-
-
 def not_added_yet(
     spans: Sequence[SpanRecord], known: Mapping[str, int] | None,
     there: Sequence[SpanRecord | SpanHead],
 ) -> list[SpanRecord]:
-    """``spans`` less, per key, as many as were added to ``there`` since ``known`` was read."""
+    """``spans`` less, per key, as many as were added to ``there`` since ``known`` was read:
+    ``known`` counts the interactions of each key a replay loaded, so calls that others added
+    since (another run of the same replay, another process) are not added again, and two runs
+    that both lacked a call leave it in the cassette once. Without ``known``, all of them."""
     if known is None:
         return list(spans)
     extra: dict[str | None, int] = {}

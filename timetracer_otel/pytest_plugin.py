@@ -38,7 +38,7 @@ from timetracer_otel import replay_shims
 from timetracer_otel.cassette import (
     Cassette,
     SpanRecord,
-    add_interactions,
+    add_to_file,
     find_cassettes,
     load_cassette,
     recorder,
@@ -333,7 +333,7 @@ class ActiveCassette:
             problems.extend(f"  - {label}" for label in report.misses)
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
             try:
-                add_interactions(self.path, rep.appended, "pytest", known=rep.index.key_counts())
+                add_to_file(self.path, rep.appended, known=rep.index.key_counts())
                 self.written = True
             except CassetteError as exc:
                 problems.append(f"The calls {self.test_id} recorded were not added to {self.path}: "

@@ -14,7 +14,7 @@ from timetracer_otel import crypto
 from timetracer_otel.cassette import (
     Cassette,
     SpanRecord,
-    add_interactions,
+    add_to_file,
     dumps,
     load_cassette,
     loads,
@@ -199,7 +199,7 @@ def test_adding_calls_keeps_the_files_encryption(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("TIMETRACER_ENCRYPTION_KEY", KEY_HEX)
     sealed = save_cassette(sample(), tmp_path / f"sealed.{fmt}")
     for path in (plain, sealed):
-        add_interactions(path, [_call(1)], "replay")
+        add_to_file(path, [_call(1)])
     assert not crypto.is_encrypted(plain.read_bytes())  # still readable without the key
     assert crypto.is_encrypted(sealed.read_bytes())
     monkeypatch.delenv("TIMETRACER_ENCRYPTION_KEY")
@@ -208,7 +208,7 @@ def test_adding_calls_keeps_the_files_encryption(tmp_path: Path, monkeypatch: py
 
 def _add_many(path: str, first: int) -> None:
     for n in range(first, first + 20):
-        add_interactions(path, [_call(n)], "replay")
+        add_to_file(path, [_call(n)])
 
 
 def test_processes_adding_calls_at_once_lose_none(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from timetracer_otel.cassette import (
     Cassette,
@@ -20,6 +20,7 @@ from timetracer_otel.cassette import (
     Format,
     SpanHead,
     SpanRecord,
+    add_to_file,
     appended_cassette,
     atomic_write,
     dumps,
@@ -28,12 +29,15 @@ from timetracer_otel.cassette import (
     load_cassette_for_replay,
     loads,
     loads_for_replay,
+    locked,
     not_added_yet,
     with_interactions,
     write_files,
 )
-from timetracer_otel.cassette import add_interactions as add_local_interactions
 from timetracer_otel.errors import CassetteError
+
+if TYPE_CHECKING:
+    from timetracer_otel.exporters.s3 import S3Storage
 
 
 class Storage(Protocol):
@@ -159,6 +163,15 @@ def load_replay_sources(location: str | Path) -> list[tuple[str, Cassette | Cass
     return [(name, loads_for_replay(data, name)) for name, data in read_sources(location)]
 
 
+def load_replay_source(name: str) -> Cassette | CassetteHeads:
+    """One cassette (a file or an ``s3://`` object) as :func:`load_replay_sources` loads it."""
+    if not is_remote(name):
+        return load_cassette_for_replay(name)
+    from timetracer_otel.exporters.s3 import S3Storage
+
+    return loads_for_replay(S3Storage(name).read(name), name)
+
+
 def load_one(location: str | Path) -> Cassette:
     """The single cassette at ``location`` (a file or an ``s3://`` object)."""
     if not is_remote(location):
@@ -179,35 +192,64 @@ def add_interactions(
     fmt: Format = "msgpack",
     known: Mapping[str, int] | None = None,
 ) -> str | None:
-    """:func:`cassette.add_interactions` for local paths and ``s3://`` ones: an object gets
-    the calls added (read, then a conditional write that fails if another writer replaced it
-    meanwhile, then read again), a prefix a new ``appended-...`` object. Returns where they
-    went, or None when there was nothing left to add."""
+    """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
+    ``source`` finds them. A cassette file gets them added under a lock (``add_to_file``), an
+    ``s3://`` object by a conditional write (read again if another writer replaced it
+    meanwhile); both keep the cassette's own format and encryption. A directory or an
+    ``s3://`` prefix gets a new ``appended-...`` cassette in ``fmt`` beside the others.
+    ``known``: see :func:`~timetracer_otel.cassette.not_added_yet`. Returns where they went,
+    or None when nothing was left to add."""
     text = os.fspath(source)
-    if not is_remote(text):
-        path = add_local_interactions(text, spans, via, fmt, known)
-        return None if path is None else str(path)
-    from timetracer_otel.exporters.s3 import SUFFIXES, S3Storage
+    if is_remote(text):
+        from timetracer_otel.exporters.s3 import SUFFIXES, S3Storage
 
-    storage = S3Storage(text)
-    if text.endswith(SUFFIXES) and storage.exists(text):
-        object_fmt: Format = "json" if text.lower().endswith(".json") else "msgpack"
-        for _ in range(_REPLACE_TRIES):
-            raw, etag = storage.read_tagged(text)
-            data = with_interactions(raw, text, object_fmt, spans, known)
-            if data is None:
-                return None
-            if storage.replace(text, data, etag):
-                return text
-        raise CassetteError(f"{text} kept being replaced by other writers, so the {len(spans)} "
-                            "call(s) recorded live were not kept; replay again to record them.")
+        storage = S3Storage(text)
+        if text.endswith(SUFFIXES) and storage.exists(text):
+            return _add_to_object(storage, text, spans, known)
+        return _add_beside(storage, text, spans, via, fmt, known)
+    p = Path(text)
+    if p.is_file():
+        path = add_to_file(p, spans, known)
+        return None if path is None else str(path)
+    if p.is_dir():
+        with locked(p):
+            return _add_beside(LocalStorage(p), text, spans, via, fmt, known)
+    raise CassetteError(f"{source} is not a cassette file or directory, so the {len(spans)} "
+                        "call(s) recorded live were not kept; replay from one path.")
+
+
+def _add_to_object(storage: S3Storage, url: str, spans: Sequence[SpanRecord],
+                   known: Mapping[str, int] | None) -> str | None:
+    fmt: Format = "json" if url.lower().endswith(".json") else "msgpack"
+    for _ in range(_REPLACE_TRIES):
+        raw, etag = storage.read_tagged(url)
+        data = with_interactions(raw, url, fmt, spans, known)
+        if data is None:
+            return None
+        if storage.replace(url, data, etag):
+            return url
+    raise CassetteError(f"{url} kept being replaced by other writers, so the {len(spans)} "
+                        "call(s) recorded live were not kept; replay again to record them.")
+
+
+def _add_beside(storage: Storage, location: str, spans: Sequence[SpanRecord], via: str,
+                fmt: Format, known: Mapping[str, int] | None) -> str | None:
+    """A new cassette of ``spans`` (less those others added since, counted from the heads of
+    every cassette at ``location`` that can be read) written into ``storage``."""
     there: list[SpanRecord | SpanHead] = []
     if known is not None:
-        for name in storage.list():
+        for name in _names_or_none(location):
             with contextlib.suppress(CassetteError):  # one that cannot be read adds nothing
-                there.extend(loads_for_replay(storage.read(name), name).interactions)
+                there.extend(load_replay_source(name).interactions)
     new = not_added_yet(spans, known, there)
     if not new:
         return None
     cassette, name = appended_cassette(new, via, fmt)
     return storage.write(name, dumps(cassette, fmt))
+
+
+def _names_or_none(location: str) -> list[str]:
+    try:
+        return source_names(location)
+    except CassetteError:  # (an empty prefix)
+        return []
