@@ -275,3 +275,24 @@ def test_replay_refuses_what_it_cannot_answer_without_connecting(prefix: str, tm
         with pytest.raises(timetracer_otel.ReplayMissError, match="resp: recorded 2, now 3"):
             resp3.get(prefix + "k")  # recorded with RESP2: its replies have another form
     assert attempts == []
+
+
+def test_a_recording_short_of_replies_is_a_miss_not_a_reply(prefix: str, tmp_path: Path) -> None:
+    # A pipeline keeps a ResponseError among its results; a recording that lacks a reply must
+    # not pass as one.
+    from timetracer_otel.cassette import save_cassette
+
+    def job(client: redis.Redis) -> Any:
+        return client.pipeline(transaction=False).set(prefix + "a", 1).get(prefix + "a") \
+            .execute(raise_on_error=False)
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(redis.Redis(port=REDIS_PORT)) == [True, b"1"]
+    (path,) = rec.paths
+    cassette = load_cassette(path)
+    (call,) = cassette.interactions
+    call.response["reads"].pop()  # the GET's reply lost
+    save_cassette(cassette, path)
+    with connects_refused(), timetracer_otel.replay(rec.paths, strict=True), \
+            pytest.raises(timetracer_otel.ReplayMissError, match="more replies"):
+        job(redis.Redis(port=unreachable_port()))

@@ -30,7 +30,7 @@ caching is not covered.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 import redis
@@ -38,7 +38,7 @@ import redis.asyncio
 
 from timetracer_otel.codec import Tree, from_tree, register, to_tree
 from timetracer_otel.config import Mode
-from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
@@ -181,17 +181,15 @@ def _read_tree(value: Any = None, error: BaseException | None = None) -> Tree:
     return {"value": to_tree(_with_errors_marked(value))}
 
 
-# The reads of the call being recorded in this task or thread (see parse_response), and the
-# command when it is a single one.
-_READS: ContextVar[list[Tree] | None] = ContextVar("timetracer_redis_reads", default=None)
-_COMMAND: ContextVar[list[str | bytes] | None] = ContextVar("timetracer_redis_command", default=None)
+# The call being recorded in this task or thread (see parse_response).
+_RECORDING: ContextVar[_Recording | None] = ContextVar("timetracer_redis_recording", default=None)
 
 
 class _Tap:
-    """A live connection whose reads are kept."""
+    """A live connection whose reads are kept by the recording."""
 
-    def __init__(self, conn: Any, reads: list[Tree]) -> None:
-        self._conn, self._reads = conn, reads
+    def __init__(self, conn: Any, recording: _Recording) -> None:
+        self._conn, self._recording = conn, recording
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -200,16 +198,10 @@ class _Tap:
         try:
             value = self._conn.read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            self._reads.append(_read_tree(error=exc))
+            self._recording.read(error=exc)
             raise
-        self._keep(value)
+        self._recording.read(value)
         return value
-
-    def _keep(self, value: Any) -> None:
-        command = _COMMAND.get()
-        if command is not None:
-            _learn_config_secrets(command, value)
-        self._reads.append(_read_tree(value))
 
 
 class _AsyncTap(_Tap):
@@ -217,9 +209,9 @@ class _AsyncTap(_Tap):
         try:
             value = await self._conn.read_response(*args, **kwargs)
         except redis.ResponseError as exc:
-            self._reads.append(_read_tree(error=exc))
+            self._recording.read(error=exc)
             raise
-        self._keep(value)
+        self._recording.read(value)
         return value
 
 
@@ -229,13 +221,13 @@ class _Replayed:
     himport_registry = None  # (redis-py 8: no per-connection HIMPORT state to prepare)
 
     def __init__(self, reads: Sequence[Tree]) -> None:
-        self._reads = list(reads)
+        self._reads = reads
         self._next = 0
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if self._next >= len(self._reads):
-            raise redis.ResponseError("timetracer-otel: the recording holds no more replies "
-                                      "for this call; record it again.")
+        if self._next >= len(self._reads):  # (not a ResponseError: a pipeline would keep it)
+            raise ReplayMissError("redis read more replies for this call than the recording "
+                                  "holds; record it again.", library=LIBRARY)
         read = self._reads[self._next]
         self._next += 1
         if read.get("error") is not None:
@@ -302,9 +294,9 @@ def _recorded_reads(match: Match) -> list[Tree]:
 
 def _parse_response(original: Any) -> Any:
     def parse_response(self: Any, connection: Any, command_name: Any, **options: Any) -> Any:
-        reads = _READS.get()
-        if reads is not None and not isinstance(connection, _Tap | _Replayed):
-            connection = _Tap(connection, reads)
+        recording = _RECORDING.get()
+        if recording is not None and not isinstance(connection, _Tap | _Replayed):
+            connection = _Tap(connection, recording)
         return original(self, connection, command_name, **options)
 
     return parse_response
@@ -312,9 +304,9 @@ def _parse_response(original: Any) -> Any:
 
 def _async_parse_response(original: Any) -> Any:
     async def parse_response(self: Any, connection: Any, command_name: Any, **options: Any) -> Any:
-        reads = _READS.get()
-        if reads is not None and not isinstance(connection, _Tap | _Replayed):
-            connection = _AsyncTap(connection, reads)
+        recording = _RECORDING.get()
+        if recording is not None and not isinstance(connection, _Tap | _Replayed):
+            connection = _AsyncTap(connection, recording)
         return await original(self, connection, command_name, **options)
 
     return parse_response
@@ -371,16 +363,21 @@ class _Recording:
         self.cap = capture(call, SCOPE)
         self.command = command
         self.reads: list[Tree] = []
-        self.tokens: tuple[Any, Any] | None = None
+        self.token: Token[_Recording | None] | None = None
+
+    def read(self, value: Any = None, error: BaseException | None = None) -> None:
+        """Keep one read: the value, or the error the server sent."""
+        if error is None and self.command is not None:
+            _learn_config_secrets(self.command, value)
+        self.reads.append(_read_tree(value, error))
 
     def __enter__(self) -> None:
         self.cap.__enter__()
-        self.tokens = (_READS.set(self.reads), _COMMAND.set(self.command))
+        self.token = _RECORDING.set(self)
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if self.tokens is not None:
-            _READS.reset(self.tokens[0])
-            _COMMAND.reset(self.tokens[1])
+        if self.token is not None:
+            _RECORDING.reset(self.token)
         reads = self.reads[-1:] if self.command is not None else self.reads
         try:
             if exc is None:
@@ -448,9 +445,9 @@ def _fresh_attempt(original: Any) -> Any:
     """A pipeline's send-and-read, which redis-py retries on a connection error: each attempt
     starts its recorded reads afresh (the failed attempt's are not the answer)."""
     def attempt(self: Any, *args: Any, **kwargs: Any) -> Any:
-        reads = _READS.get()
-        if reads is not None:
-            reads.clear()
+        recording = _RECORDING.get()
+        if recording is not None:
+            recording.reads.clear()
         return original(self, *args, **kwargs)
 
     return attempt
