@@ -404,6 +404,16 @@ class Redactor:
             return self.token(value)
         return self.token(json.dumps(value, sort_keys=True, default=repr))
 
+    def _leaves_token(self, value: Any) -> Any:
+        """A secret field's value with every leaf a token and its structure kept, so a typed
+        wire format (DynamoDB's ``{"S": ...}``) still parses; a codec-tagged value (one
+        ``$`` key) is one leaf."""
+        if isinstance(value, dict) and not (len(value) == 1 and str(next(iter(value))).startswith("$")):
+            return {k: self._leaves_token(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._leaves_token(v) for v in value]
+        return value if value is None else self._any_token(value)
+
     # --- headers, URLs, DSNs ---------------------------------------------------------------
 
     def headers(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -558,7 +568,7 @@ class Redactor:
     def _anywhere(self, node: Any, names: _NameSet) -> Any:
         if isinstance(node, dict):
             return {
-                k: self._any_token(v) if k in names and v is not None else self._anywhere(v, names)
+                k: self._leaves_token(v) if k in names else self._anywhere(v, names)
                 for k, v in node.items()
             }
         if isinstance(node, list):

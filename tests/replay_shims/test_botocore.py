@@ -106,7 +106,8 @@ def test_dynamodb_items_and_secrets(bucket: str, tmp_path: Path) -> None:
         creds = boto3.client("sts").assume_role(RoleArn="arn:aws:iam::123456789012:role/r",
                                                 RoleSessionName="job")["Credentials"]
         t.put_item(Item={"id": "1", "price": Decimal("12.50"), "tags": {"a", "b", "c", "d"},
-                         "raw": b"\x01", "dsn": f"postgres://app:{secret}@db/app"})
+                         "raw": b"\x01", "dsn": f"postgres://app:{secret}@db/app",
+                         "password": "bcrypt$2b$12$" + table})
         return [secret, creds, t.get_item(Key={"id": "1"})["Item"],
                 t.query(KeyConditionExpression=Key("id").eq("1"),
                         FilterExpression=Attr("price").gt(Decimal(10)))["Items"]]
@@ -124,8 +125,12 @@ def test_dynamodb_items_and_secrets(bucket: str, tmp_path: Path) -> None:
     assert attempts == [] and rep.report.misses == []
     assert replayed[0].startswith("redacted:")  # the secret itself never reached the cassette
     assert replayed[1]["SessionToken"].startswith("redacted:")
-    item = {k: v for k, v in live[2].items() if k != "dsn"}
-    assert typed({k: v for k, v in replayed[2].items() if k != "dsn"}) == typed(item)
+    # A DynamoDB attribute named like a secret: its value a token, its typed form kept.
+    assert replayed[2]["password"].startswith("redacted:")
+    assert b"bcrypt$2b$12$" not in data
+    item = {k: v for k, v in live[2].items() if k not in ("dsn", "password")}
+    assert typed({k: v for k, v in replayed[2].items() if k not in ("dsn", "password")}) \
+        == typed(item)
     assert replayed[2]["dsn"] == f"postgres://app:{replayed[0]}@db/app"  # scrubbed, still valid
     assert typed(replayed[3]) == typed([replayed[2]])  # the conditions found the recording
 
