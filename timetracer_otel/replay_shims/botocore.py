@@ -92,26 +92,70 @@ _SECRET_MEMBERS = frozenset({
 })
 
 
-def _sensitive(shape: Any, value: Any, found: list[Any], secret: bool = False) -> Any:
-    """``value`` with the members ``shape`` marks sensitive (or names like credentials)
-    replaced by redaction tokens; each replaced value is added to ``found``."""
-    if value is None:
+def _sensitive(shape: Any) -> bool:
+    return bool(shape.metadata.get("sensitive"))
+
+
+def _children(shape: Any) -> list[tuple[str, Any]]:
+    kind = shape.type_name
+    if kind == "structure":
+        return list(shape.members.items())
+    if kind == "list":
+        return [("", shape.member)]
+    if kind == "map":
+        return [("", shape.value)]
+    return []
+
+
+# (the service model's shape resolver, shape name) -> whether any part below the shape holds
+# a secret. Most operations hold none, and their values are then not walked. By name: member
+# shapes are built anew as they are read, and recursive shapes (DynamoDB's AttributeValue)
+# would never end by identity.
+_HOLDS_SECRETS: dict[tuple[int, str], tuple[Any, bool]] = {}
+
+
+def _holds_secrets(shape: Any, seen: frozenset[str] = frozenset()) -> bool:
+    resolver = getattr(shape, "_shape_resolver", None)
+    key = (id(resolver), shape.name)
+    known = _HOLDS_SECRETS.get(key)
+    if known is not None and known[0] is resolver:
+        return known[1]
+    if shape.name in seen:  # a recursive shape: decided where it was first met
+        return False
+    below = seen | {shape.name}
+    found = any(_sensitive(child) or name.lower() in _SECRET_MEMBERS
+                or _holds_secrets(child, below) for name, child in _children(shape))
+    if not seen:  # (only a whole answer is kept; one cut at a cycle may be partial)
+        _HOLDS_SECRETS[key] = (resolver, found)
+    return found
+
+
+def _token(value: Any) -> str:
+    r = STATE.redactor
+    return r.token(value) if isinstance(value, str | bytes) else r.token(repr(value))
+
+
+def _without_secrets(shape: Any, value: Any) -> Any:
+    """``value`` with the parts the service model marks sensitive, and structure members named
+    like credentials, replaced by redaction tokens (which also teaches the redactor their
+    values); ``value`` itself when ``shape`` holds none."""
+    if shape is None or value is None:
         return value
-    if secret or (shape is not None and shape.metadata.get("sensitive")):
-        found.append(value)
-        r = STATE.redactor
-        return r.token(value) if isinstance(value, str | bytes) else r.token(repr(value))
-    if shape is None:
+    if _sensitive(shape):
+        return _token(value)
+    if not _holds_secrets(shape):
         return value
     kind = shape.type_name
     if kind == "structure" and isinstance(value, dict):
         members = shape.members
-        return {k: _sensitive(members.get(k), v, found, str(k).lower() in _SECRET_MEMBERS)
+        return {k: v if k not in members or v is None
+                else _token(v) if str(k).lower() in _SECRET_MEMBERS
+                else _without_secrets(members[k], v)
                 for k, v in value.items()}
     if kind == "list" and isinstance(value, list | tuple):
-        return [_sensitive(shape.member, v, found) for v in value]
+        return [_without_secrets(shape.member, v) for v in value]
     if kind == "map" and isinstance(value, dict):
-        return {k: _sensitive(shape.value, v, found) for k, v in value.items()}
+        return {k: _without_secrets(shape.value, v) for k, v in value.items()}
     return value
 
 
@@ -121,8 +165,7 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
         shape = client.meta.service_model.operation_model(operation).input_shape
     except Exception:  # an operation the model lacks: botocore raises its own error later
         shape = None
-    if shape is not None and isinstance(params, dict):
-        params = _sensitive(shape, params, [])
+    params = _without_secrets(shape, params)
     r = STATE.redactor
     tree = r.scrub(r.document(_param(params)))  # (scrub: secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
@@ -183,27 +226,25 @@ def _kept(response: AWSResponse, body: bytes) -> Tree:
 
 
 def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
-    """The sends of a finished call as the cassette keeps them: the sensitive members of the
-    parsed result learned, then every body redacted as HTTP bodies are (secret JSON fields,
-    anything learned); a body that changed loses its checksum headers and gets its length."""
-    if isinstance(result, dict):
-        try:
-            shape = client.meta.service_model.operation_model(operation).output_shape
-        except Exception:
-            shape = None
-        _sensitive(shape, result, [])  # (the tokens it makes teach the redactor the values)
+    """The sends of a finished call as the cassette keeps them: the secret members of the
+    parsed result learned (see :func:`_without_secrets`), then every response redacted as
+    HTTP responses are (``Redactor.response``: secret JSON fields, anything learned, the
+    length fixed); a body that changed loses the headers that vouch for its bytes."""
+    try:
+        shape = client.meta.service_model.operation_model(operation).output_shape
+    except Exception:
+        shape = None
+    _without_secrets(shape, result)  # (only the tokens it makes, which teach the redactor)
     r = STATE.redactor
     out = []
     for send in sends:
         body = send.get("body")
         if isinstance(body, bytes):
-            new = r.body(send["headers"], body)
-            if new != body:
-                headers = [h for h in send["headers"]
-                           if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
-                send = {**send, "body": new, "headers": [
-                    [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
-                    for h in headers]}
+            stored = r.response({"headers": send["headers"], "body": body})
+            if stored["body"] != body:
+                stored["headers"] = [h for h in stored["headers"]
+                                     if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
+            send = {**send, **stored}
         out.append(send)
     return out
 
