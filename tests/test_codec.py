@@ -6,6 +6,9 @@ import datetime as dt
 import enum
 import ipaddress
 import math
+import os
+import subprocess
+import sys
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -219,3 +222,16 @@ def test_asyncpg_types_round_trip() -> None:
         for fmt in ("msgpack", "json"):
             back = through(value, fmt)
             assert type(back) is type(value) and back == value, (value, back)
+
+
+def _set_tree_in_a_process(seed: str) -> str:
+    code = ("import msgspec; from timetracer_otel.codec import to_tree; "
+            "print(msgspec.json.encode(to_tree({'alpha', 'beta', 'gamma', 'delta', 'eps'})).decode())")
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_a_set_parameter_keys_alike_in_every_process() -> None:
+    # Sets go into replay keys (DynamoDB string sets); iteration follows the hash seed.
+    assert _set_tree_in_a_process("1") == _set_tree_in_a_process("2")

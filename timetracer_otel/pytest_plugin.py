@@ -372,7 +372,12 @@ class ActiveCassette:
 
 def _test_id(item: pytest.Item) -> str:
     """The test's id within its module (its node id without the file's path)."""
-    return item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name
+    return _within_module(item.nodeid) if "::" in item.nodeid else item.name
+
+
+def _within_module(node_id: str) -> str:
+    """A node id without the module's path, which depends on the rootdir."""
+    return node_id.split("::", 1)[1] if "::" in node_id else node_id
 
 
 def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
@@ -575,8 +580,7 @@ class TimetracerPlugin:
         if earlier == path or path.exists() or not earlier.is_file():
             return None
         with contextlib.suppress(TimetracerError):
-            name = load_cassette(earlier).name
-            if (name.split("::", 1)[1] if "::" in name else name) == test_id:
+            if _within_module(load_cassette(earlier).name) == test_id:
                 return earlier
         return None
 
