@@ -485,8 +485,8 @@ class Replaying(_Activation):
 
     Replaying from one file or directory (local or ``s3://``), the appended calls are kept
     there when the run ends (added to the file, or a new cassette in the directory; ``written``
-    lists them), so the next replay answers them too. From several paths or a loaded Cassette they stay in
-    ``appended`` only."""
+    lists them), so the next replay answers them too. From several paths or a loaded Cassette
+    they stay in ``appended`` only."""
 
     def __init__(
         self,
