@@ -173,6 +173,33 @@ def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def mongo_port() -> Iterator[int]:
+    """A real MongoDB-wire server (secantusdb, in memory) on 127.0.0.1; stopped afterwards."""
+    server = Path(sys.executable).parent / "secantusd-py"
+    if not server.exists():  # a missing service fails, naming it
+        pytest.fail("the MongoDB-wire server is needed: pip install secantusdb")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(server), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"secantusd-py did not start on 127.0.0.1:{port}")
+        time.sleep(0.1)
+    yield port
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def plain_env(**extra: str) -> dict[str, str]:
     """This process's environment without OpenTelemetry or timetracer settings, plus ``extra``:
     for a command that must set them up itself."""

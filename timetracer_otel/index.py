@@ -115,6 +115,8 @@ class Answers(Protocol):
 
     def miss_message(self, call: Call, *, hint: str = "") -> str: ...
 
+    def first(self, library: str) -> SpanRecord | None: ...
+
 
 class ReplayIndex:
     """Recorded interactions grouped by key and by shape, each group a FIFO in start order."""
@@ -229,6 +231,15 @@ class ReplayIndex:
             f"on_miss='passthrough' / TIMETRACER_LIVE_PLUGINS={call.library}."
         )
         return "\n".join(lines)
+
+    def first(self, library: str) -> SpanRecord | None:
+        """The earliest recorded call of ``library``, used or not (not taken): what a shim
+        needs to know of the recording before its first call (pymongo: the server's kind)."""
+        with self._lock:
+            for entry in self._entries:
+                if entry.span.library == library:
+                    return entry.record()
+        return None
 
     def unused(self) -> list[_Entry]:
         with self._lock:

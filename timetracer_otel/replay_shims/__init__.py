@@ -24,6 +24,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "psycopg": ("psycopg", "timetracer_otel.replay_shims.psycopg:PsycopgShim"),
     "redis": ("redis", "timetracer_otel.replay_shims.redis:RedisShim"),
     "botocore": ("botocore", "timetracer_otel.replay_shims.botocore:BotocoreShim"),
+    "pymongo": ("pymongo", "timetracer_otel.replay_shims.pymongo:PymongoShim"),
     "asgi": ("opentelemetry.instrumentation.asgi", "timetracer_otel.replay_shims.asgi:AsgiShim"),
 }
 

@@ -438,12 +438,13 @@ class Capture:
     __slots__ = ("call", "own", "request", "span", "start_ns", "token", "tree_of")
 
     def __init__(self, call: Call, scope: str,
-                 tree_of: Callable[[Any], Tree] | None = None) -> None:
+                 tree_of: Callable[[Any], Tree] | None = None, span: Span | None = None) -> None:
         self.call = call
         self.tree_of = tree_of  # the shim's form of an outcome -> its response tree
         # Packed (and its secrets seen by the redactor) before the response is scrubbed.
         self.request = _pack(call.request)
-        span = _dependency_span(scope)
+        if span is None:  # (a shim whose instrumentation span is not current names it)
+            span = _dependency_span(scope)
         self.own = span is None
         self.span = _tracer.start_span(call.label, kind=SpanKind.CLIENT) if span is None else span
         self.start_ns = time.time_ns()

@@ -1,0 +1,510 @@
+"""pymongo: every command of ``MongoClient`` and ``AsyncMongoClient``, at the wire.
+
+The OTel instrumentation traces pymongo through a global ``CommandListener``: its span is
+not current during the call, so this shim finds it where the listener keeps it (by request id
+and server address) instead.
+
+All commands go through one pair of ``Connection`` methods (sync and asyncio alike):
+``send_message`` with the encoded OP_MSG and ``receive_message`` for the server's reply. Record
+reads the command out of the message (sections and document sequences decoded as they went on
+the wire) and keeps the reply document (its BSON decoded losslessly: Int64, Decimal128,
+ObjectId, Binary subtypes, naive UTC datetimes, DatetimeMS), its OP_MSG flags and the server's
+``hello`` facts. Replay answers the connection with that reply, BSON-encoded again, so
+pymongo's own decoder, with the client's own codec options (``tz_aware``, ``document_class``,
+``uuidRepresentation``...), builds the values, and its own checks raise ``OperationFailure``,
+``DuplicateKeyError`` or ``BulkWriteError`` from the server's answer as live. A network error
+(``AutoReconnect``, ``NetworkTimeout``) is recorded as that error and raised again.
+
+In replay no connection reaches a server: a new one gets one end of a local socket pair, and its
+``hello`` is answered from the recorded server facts (without ``topologyVersion``, so monitors
+poll instead of streaming, and without ``compression``), so server selection, sessions and
+retryable writes run as they did. Authentication is skipped: a SCRAM exchange cannot be
+replayed (its nonces are fresh), and it is never recorded.
+
+The key is the database and the command without what changes on every run (``lsid``,
+``$clusterTime``, ``txnNumber``, ``$readPreference``, ``maxTimeMS``, ``afterClusterTime``,
+``recoveryToken``), which the stored request leaves out too; the server's address is not
+part of it. Inserted documents carry ids the
+client makes afresh, so an insert usually matches by shape (command and collection), marked
+on its span and counted in the report. ``createUser``/``updateUser`` passwords become tokens.
+
+Not replayed: exhaust cursors (``CursorType.EXHAUST``) raise :class:`ReplayUnsupportedError`;
+a replay cannot pass a single pymongo call through to a server (``on_miss="passthrough"``),
+since its connections were never opened: let pymongo stay live instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import struct
+import weakref
+from datetime import datetime, timezone
+from typing import Any
+
+import bson
+from bson.binary import UuidRepresentation
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
+from opentelemetry import trace
+from pymongo.message import _OpMsg
+
+from timetracer_otel.codec import Tree, from_tree, register, to_tree
+from timetracer_otel.config import Mode
+from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
+from timetracer_otel.index import Match
+from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import (
+    RECORD,
+    STATE,
+    Capture,
+    Shim,
+    decide,
+    rebuild_error,
+)
+
+LIBRARY = "pymongo"
+SCOPE = "opentelemetry.instrumentation.pymongo"
+
+register(DatetimeMS, "bson.DatetimeMS", lambda v: int(v), lambda t: DatetimeMS(t))
+
+# Decoding for the cassette: every BSON type as its own Python type, nothing converted.
+_EXACT: CodecOptions[dict[str, Any]] = CodecOptions(
+    document_class=dict, tz_aware=False, uuid_representation=UuidRepresentation.UNSPECIFIED,
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+)
+
+_HEADER = struct.Struct("<iiii")
+_OP_MSG, _OP_COMPRESSED = 2013, 2012
+_CHECKSUM_PRESENT, _MORE_TO_COME = 1, 2
+
+_HELLO = frozenset({"hello", "ismaster", "isMaster"})
+_AUTH = frozenset({"saslStart", "saslContinue", "authenticate", "getnonce", "copydbgetnonce",
+                   "copydbsaslstart"})
+_WITH_PASSWORD = frozenset({"createUser", "updateUser"})
+# Fields that differ on every run, left out of the key (kept in the stored request).
+_VOLATILE = frozenset({"lsid", "$clusterTime", "txnNumber", "$readPreference", "maxTimeMS",
+                       "recoveryToken", "$db"})
+# What a replayed hello tells the client: the server's kind and limits, as recorded.
+_SERVER_FACTS = ("isWritablePrimary", "ismaster", "secondary", "arbiterOnly", "hidden",
+                 "passive", "setName", "setVersion", "electionId", "hosts", "passives",
+                 "arbiters", "primary", "me", "msg", "maxWireVersion", "minWireVersion",
+                 "maxBsonObjectSize", "maxMessageSizeBytes", "maxWriteBatchSize",
+                 "logicalSessionTimeoutMinutes", "readOnly", "helloOk", "serviceId")
+# A server to answer hello with when the cassette holds no pymongo call at all.
+_STANDALONE: dict[str, Any] = {
+    "isWritablePrimary": True, "ismaster": True, "helloOk": True, "maxWireVersion": 21,
+    "minWireVersion": 0, "maxBsonObjectSize": 16 * 1024 * 1024,
+    "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
+    "logicalSessionTimeoutMinutes": 30, "readOnly": False,
+}
+# Cleanup the app never sees the answer of: acknowledged in replay when not recorded.
+_CLEANUP = frozenset({"endSessions", "killCursors"})
+
+# On a Connection: the call sent and not yet answered (record), or the answer (replay).
+_PENDING = "_timetracer_pending"
+_SERVER = "_timetracer_server"
+_connection_ids = itertools.count(1)
+
+
+def _replaying() -> bool:
+    return STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY)
+
+
+# --- the request -----------------------------------------------------------------------------
+
+
+def _sections(message: bytes | memoryview) -> tuple[int, int, dict[str, Any]] | None:
+    """``(request id, flags, command)`` of an OP_MSG (compressed or not), document sequences
+    folded into the command under their names as the server reads them; None for another op."""
+    view = memoryview(message)
+    _length, request_id, _to, op = _HEADER.unpack_from(view)
+    body: memoryview = view[16:]
+    if op == _OP_COMPRESSED:
+        from pymongo.compression_support import decompress
+
+        op, _size, compressor = struct.unpack_from("<iiB", body)
+        body = memoryview(decompress(body[9:], compressor, 1 << 31))
+    if op != _OP_MSG:
+        return None
+    flags = int.from_bytes(body[:4], "little")
+    end = len(body) - (4 if flags & _CHECKSUM_PRESENT else 0)
+    pos = 4
+    command: dict[str, Any] | None = None
+    sequences: dict[str, list[Any]] = {}
+    while pos < end:
+        kind = body[pos]
+        size = int.from_bytes(body[pos + 1:pos + 5], "little")
+        if kind == 0:
+            command = bson.decode(body[pos + 1:pos + 1 + size], _EXACT)
+        else:
+            section = bytes(body[pos + 5:pos + 1 + size])
+            name, _, docs = section.partition(b"\x00")
+            sequences[name.decode()] = bson.decode_all(docs, _EXACT)
+        pos += 1 + size
+    if command is None:
+        return None
+    command.update(sequences)
+    return request_id, flags, command
+
+
+def _identity(command: dict[str, Any]) -> dict[str, Any]:
+    if "endSessions" in command:  # the ids of the client's own fresh sessions: how many
+        return {"endSessions": len(command["endSessions"] or ())}
+    out = {k: v for k, v in command.items() if k not in _VOLATILE}
+    concern = out.get("readConcern")
+    if isinstance(concern, dict) and "afterClusterTime" in concern:
+        out["readConcern"] = {k: v for k, v in concern.items() if k != "afterClusterTime"}
+    return out
+
+
+def _call(command: dict[str, Any]) -> Call:
+    name = next(iter(command))
+    db = command.get("$db", "admin")
+    if name in _WITH_PASSWORD and isinstance(command.get("pwd"), str):
+        command = {**command, "pwd": STATE.redactor.token(command["pwd"])}
+    target = command[name]
+    if not isinstance(target, str):  # getMore: the cursor id; the collection comes after
+        target = command.get("collection")
+    # Stored as keyed: the session id and cluster time would only add noise to every diff.
+    identity = STATE.redactor.document(to_tree({"db": db, "command": _identity(command)}))
+    shape = {"db": db, "name": name, "on": target if isinstance(target, str) else None}
+    label = f"{db}.{name}" + (f" {target}" if isinstance(target, str) else "")
+    return Call(LIBRARY, identity, identity, shape, label)
+
+
+# --- the reply -------------------------------------------------------------------------------
+
+
+def _server_facts(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: reply[k] for k in _SERVER_FACTS if k in reply}
+
+
+def _reply_tree(reply: _OpMsg, server: dict[str, Any] | None) -> Tree:
+    doc = bson.decode(bytes(reply.payload_document), _EXACT)
+    return {"flags": reply.flags, "reply": STATE.redactor.document(to_tree(doc)),
+            "server": to_tree(server) if server else None}
+
+
+def _recorded_server() -> dict[str, Any]:
+    """The server facts of the first recorded pymongo call, else a standalone server's."""
+    index = STATE.index
+    span = index.first(LIBRARY) if index is not None else None
+    server = (span.response or {}).get("server") if span is not None else None
+    return dict(from_tree(server)) if server else dict(_STANDALONE)
+
+
+def _hello_reply(conn: Any) -> _OpMsg:
+    facts = conn.__dict__.get(_SERVER)
+    if facts is None:
+        facts = conn.__dict__[_SERVER] = _recorded_server()
+    doc = dict(facts)
+    # The client is where this replay connected, not where the recording did.
+    address = f"{conn.address[0]}:{conn.address[1]}"
+    recorded = doc.get("me")
+    if recorded is not None:
+        doc["me"] = address
+        if doc.get("primary") == recorded:
+            doc["primary"] = address
+        for field in ("hosts", "passives", "arbiters"):
+            if isinstance(doc.get(field), list):
+                doc[field] = [address if h == recorded else h for h in doc[field]]
+    doc["localTime"] = datetime.now(timezone.utc)
+    doc["connectionId"] = next(_connection_ids)
+    doc["ok"] = 1.0
+    return _OpMsg(0, bson.encode(doc))
+
+
+def _answered(conn: Any, match: Match) -> _OpMsg:
+    span = match.span
+    if span.error is not None:
+        error = rebuild_error(span.error)
+        conn.close_conn(None)
+        raise error
+    flags = int(span.response.get("flags") or 0)
+    if flags & _MORE_TO_COME:
+        raise ReplayUnsupportedError(
+            f"The recorded pymongo call {span.label} was an exhaust cursor "
+            "(CursorType.EXHAUST), which replay does not support; use a normal cursor.")
+    return _OpMsg(flags, bson.encode(from_tree(span.response["reply"])))
+
+
+def _cleanup_reply(command: dict[str, Any]) -> _OpMsg:
+    doc: dict[str, Any] = {"ok": 1.0}
+    if "killCursors" in command:
+        doc.update(cursorsKilled=list(command.get("cursors") or []), cursorsNotFound=[],
+                   cursorsAlive=[], cursorsUnknown=[])
+    return _OpMsg(0, bson.encode(doc))
+
+
+# --- the OTel span of a call -----------------------------------------------------------------
+
+
+def _listener_span(conn: Any, request_id: int) -> Any:
+    """The instrumentation's span of this command, kept by its CommandListener."""
+    try:
+        from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+    except ImportError:
+        return None
+    tracer = PymongoInstrumentor()._commandtracer_instance
+    spans = getattr(tracer, "_span_dict", None)
+    if not spans:
+        return None
+    return spans.get((request_id, conn.address))
+
+
+# --- the patched methods ---------------------------------------------------------------------
+
+
+class _Sent:
+    """A command sent while recording, waiting for its reply."""
+
+    __slots__ = ("cap", "request_id")
+
+    def __init__(self, request_id: int, cap: Capture | None) -> None:
+        self.request_id, self.cap = request_id, cap
+
+
+def _on_send(conn: Any, message: bytes) -> Any:
+    """What to do with a message: None (send it as it is), a :class:`_Sent` to record,
+    or (replay) the answer to give when the reply is read."""
+    parsed = _sections(message)
+    if parsed is None:
+        return None
+    request_id, flags, command = parsed
+    name = next(iter(command))
+    replaying = _replaying()
+    if name in _HELLO:
+        return ("hello", request_id) if replaying else _Sent(request_id, None)
+    if name in _AUTH or flags & _MORE_TO_COME:  # secrets, or a write nobody answers
+        return ("none", request_id) if replaying else None
+    call = _call(command)
+    span = _listener_span(conn, request_id)
+    if replaying:
+        # Current while deciding, so the match is marked on it (and on no other span).
+        with trace.use_span(span or trace.INVALID_SPAN, end_on_exit=False):
+            try:
+                action = decide(call)
+            except ReplayMissError:
+                if name in _CLEANUP:
+                    return ("cleanup", request_id, command)
+                raise
+        if isinstance(action, Match):
+            return ("match", request_id, action)
+        raise ReplayUnsupportedError(
+            f"{call.label} has no recorded answer and pymongo cannot pass one call through "
+            "to a server during a replay (its connections were never opened); record it, "
+            "or let pymongo stay live (TIMETRACER_LIVE_PLUGINS=pymongo).")
+    action = decide(call)
+    if action is not RECORD:
+        return None
+    return _Sent(request_id, Capture(call, SCOPE, span=span))
+
+
+def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException | None) -> None:
+    cap = sent.cap
+    if cap is None:  # a hello: the server's facts, for the calls that follow
+        if reply is not None:
+            facts = _server_facts(bson.decode(bytes(reply.payload_document), _EXACT))
+            conn.__dict__[_SERVER] = facts
+        return
+    with cap:
+        if error is not None:
+            cap.fail(error)
+        elif reply is not None:
+            cap.ok(_reply_tree(reply, conn.__dict__.get(_SERVER)))
+
+
+def _send_message(original: Any) -> Any:
+    def send_message(self: Any, message: bytes, max_doc_size: int) -> None:
+        if STATE.mode is Mode.OFF:
+            return original(self, message, max_doc_size)  # type: ignore[no-any-return]
+        plan = _on_send(self, message)
+        if type(plan) is tuple:
+            self.__dict__[_PENDING] = plan
+            return None
+        try:
+            original(self, message, max_doc_size)
+        except Exception as exc:
+            if type(plan) is _Sent:
+                _recorded(self, plan, None, exc)
+            raise
+        if type(plan) is _Sent:
+            self.__dict__[_PENDING] = plan
+        return None
+
+    return send_message
+
+
+def _replayed(conn: Any, plan: tuple[Any, ...]) -> _OpMsg:
+    what = plan[0]
+    if what == "hello":
+        return _hello_reply(conn)
+    if what == "match":
+        return _answered(conn, plan[2])
+    if what == "cleanup":
+        return _cleanup_reply(plan[2])
+    return _OpMsg(0, bson.encode({"ok": 1.0}))
+
+
+def _take_pending(conn: Any, request_id: int | None) -> Any:
+    plan = conn.__dict__.pop(_PENDING, None)
+    if plan is None:
+        return None
+    if (plan[1] if type(plan) is tuple else plan.request_id) != request_id:
+        return None
+    return plan
+
+
+def _receive_message(original: Any) -> Any:
+    def receive_message(self: Any, request_id: int | None) -> Any:
+        if STATE.mode is Mode.OFF:
+            return original(self, request_id)
+        plan = _take_pending(self, request_id)
+        if type(plan) is tuple:
+            return _replayed(self, plan)
+        if plan is None:
+            if _replaying():
+                raise ReplayUnsupportedError(
+                    "pymongo read a reply no command asked for (an exhaust cursor or a "
+                    "streaming monitor), which replay does not support.")
+            return original(self, request_id)
+        try:
+            reply = original(self, request_id)
+        except Exception as exc:
+            _recorded(self, plan, None, exc)
+            raise
+        _recorded(self, plan, reply, None)
+        return reply
+
+    return receive_message
+
+
+def _async_send_message(original: Any) -> Any:
+    async def send_message(self: Any, message: bytes, max_doc_size: int) -> None:
+        if STATE.mode is Mode.OFF:
+            return await original(self, message, max_doc_size)  # type: ignore[no-any-return]
+        plan = _on_send(self, message)
+        if type(plan) is tuple:
+            self.__dict__[_PENDING] = plan
+            return None
+        try:
+            await original(self, message, max_doc_size)
+        except Exception as exc:
+            if type(plan) is _Sent:
+                _recorded(self, plan, None, exc)
+            raise
+        if type(plan) is _Sent:
+            self.__dict__[_PENDING] = plan
+        return None
+
+    return send_message
+
+
+def _async_receive_message(original: Any) -> Any:
+    async def receive_message(self: Any, request_id: int | None) -> Any:
+        if STATE.mode is Mode.OFF:
+            return await original(self, request_id)
+        plan = _take_pending(self, request_id)
+        if type(plan) is tuple:
+            return _replayed(self, plan)
+        if plan is None:
+            if _replaying():
+                raise ReplayUnsupportedError(
+                    "pymongo read a reply no command asked for (an exhaust cursor or a "
+                    "streaming monitor), which replay does not support.")
+            return await original(self, request_id)
+        try:
+            reply = await original(self, request_id)
+        except Exception as exc:
+            _recorded(self, plan, None, exc)
+            raise
+        _recorded(self, plan, reply, None)
+        return reply
+
+    return receive_message
+
+
+# --- connections that never reach a server (replay) ------------------------------------------
+
+
+def _local_socket() -> socket.socket:
+    """One end of a socket pair: a real descriptor for pymongo's timeouts, liveness checks and
+    close, its peer kept open as long as it lives (an open peer: never readable, never closed)."""
+    ours, peer = socket.socketpair()
+    weakref.finalize(ours, peer.close)
+    return ours
+
+
+def _socket_interface(original: Any) -> Any:
+    def configured(address: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _replaying():
+            return original(address, options, *args, **kwargs)
+        from pymongo.network_layer import NetworkingInterface
+
+        sock = _local_socket()
+        sock.settimeout(options.socket_timeout)
+        return NetworkingInterface(sock)
+
+    return configured
+
+
+def _protocol_interface(original: Any) -> Any:
+    async def configured(address: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _replaying():
+            return await original(address, options, *args, **kwargs)
+        import asyncio
+
+        from pymongo.network_layer import AsyncNetworkingInterface, PyMongoProtocol
+
+        sock = _local_socket()
+        sock.setblocking(False)
+        timeout = options.socket_timeout
+        pair = await asyncio.get_running_loop().create_connection(
+            lambda: PyMongoProtocol(timeout=timeout), sock=sock)
+        return AsyncNetworkingInterface(pair)
+
+    return configured
+
+
+def _authenticate(original: Any) -> Any:
+    def authenticate(*args: Any, **kwargs: Any) -> Any:
+        if _replaying():
+            return None  # nothing to prove to a server that is not there
+        return original(*args, **kwargs)
+
+    return authenticate
+
+
+def _async_authenticate(original: Any) -> Any:
+    async def authenticate(*args: Any, **kwargs: Any) -> Any:
+        if _replaying():
+            return None
+        return await original(*args, **kwargs)
+
+    return authenticate
+
+
+class PymongoShim(Shim):
+    library = LIBRARY
+    requires = "pymongo"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.pymongo:PymongoInstrumentor"
+
+    def patch(self) -> None:
+        import pymongo.asynchronous.auth
+        import pymongo.asynchronous.pool
+        import pymongo.synchronous.auth
+        import pymongo.synchronous.pool
+
+        self.wrap(pymongo.synchronous.pool.Connection, "send_message", _send_message)
+        self.wrap(pymongo.synchronous.pool.Connection, "receive_message", _receive_message)
+        self.wrap(pymongo.asynchronous.pool.AsyncConnection, "send_message",
+                  _async_send_message)
+        self.wrap(pymongo.asynchronous.pool.AsyncConnection, "receive_message",
+                  _async_receive_message)
+        self.wrap(pymongo.synchronous.pool, "_configured_socket_interface", _socket_interface)
+        self.wrap(pymongo.asynchronous.pool, "_configured_protocol_interface",
+                  _protocol_interface)
+        self.wrap(pymongo.synchronous.auth, "authenticate", _authenticate)
+        self.wrap(pymongo.asynchronous.auth, "authenticate", _async_authenticate)
