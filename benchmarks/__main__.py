@@ -570,17 +570,16 @@ class Bench:
                 x = med(out["live_us"]) / med(out["floor_us"])
                 r.ratio = f"at most {x:.1f}x faster than live"
         self.kv()
-        self.add(sc, "pymongo replay vs live", "µs/call", None,
-                 note="no pymongo shim exists in timetracer_otel/replay_shims yet")
 
     def kv(self) -> None:
         """Scenario 4b (``kv.py``): Redis and AWS calls, live, recorded, replayed; for Redis,
         upstream timetracer's fidelity and speed beside ours."""
-        sc = "4b redis and AWS"
+        sc = "4b redis, MongoDB and AWS"
         for lib, unit, what in (("redis", "µs/command", "Redis 127.0.0.1:6379"),
+                                ("pymongo", "µs/call", "secantusdb on 127.0.0.1"),
                                 ("botocore", "µs/call", "S3 on a moto server")):
             print(f"  kv: {lib}", file=sys.stderr)
-            out = self.worker("kv", {"lib": lib, "ops": 200 if lib == "redis" else 100,
+            out = self.worker("kv", {"lib": lib, "ops": 100 if lib == "botocore" else 200,
                                      "runs": self.o.runs})
             if "error" in out:
                 continue
@@ -595,21 +594,29 @@ class Bench:
                          else f"VALUES DIFFER from the recording: {equal}")
             r.ratio = f"{med(out['live_us']) / med(out['replay_us']):.1f}x faster than live"
             if isinstance(equal, list):
-                self.add(sc, f"timetracer-otel {lib}: commands replayed with the live value and type",
-                         f"of {len(equal)} commands", [float(sum(equal))],
+                self.add(sc, f"timetracer-otel {lib}: calls replayed with the live value and type",
+                         f"of {len(equal)} calls", [float(sum(equal))],
                          note=", ".join(out["commands"]))
         if not have(UPSTREAM_TT):
             self.add(sc, "upstream timetracer 1.6.0 redis", "µs/command", None, note=MISSING_BENCH)
             return
+        print("  kv: pymongo upstream", file=sys.stderr)
+        out = self.worker("kv", {"lib": "pymongo_upstream"})
+        if "error" not in out:
+            fidelity = out["fidelity"]
+            lost = "; ".join(f"{k}: {v}" for k, v in fidelity.items() if v != "equal")
+            self.add(sc, "upstream timetracer 1.6.0 pymongo: calls replayed with the live value "
+                     "and type", f"of {len(fidelity)} calls",
+                     [float(sum(v == "equal" for v in fidelity.values()))], note=lost)
         print("  kv: redis upstream", file=sys.stderr)
         out = self.worker("kv", {"lib": "redis_upstream", "ops": 200, "runs": self.o.runs})
         if "error" in out:
             return
-        fidelity: dict[str, str] = out["fidelity"]
+        fidelity = out["fidelity"]
         kept = sum(v == "equal" for v in fidelity.values())
         lost = "; ".join(f"{k}: {v}" for k, v in fidelity.items() if v != "equal")
-        self.add(sc, "upstream timetracer 1.6.0 redis: commands replayed with the live value and "
-                 "type", f"of {len(fidelity)} commands", [float(kept)], note=lost)
+        self.add(sc, "upstream timetracer 1.6.0 redis: calls replayed with the live value and "
+                 "type", f"of {len(fidelity)} calls", [float(kept)], note=lost)
         self.add(sc, "upstream timetracer 1.6.0 redis record (GET, INCR; no OTel)", "µs/command",
                  out["record_us"])
         self.add(sc, "upstream timetracer 1.6.0 redis replay (GET, INCR)", "µs/command",

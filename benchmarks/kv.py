@@ -1,12 +1,13 @@
-"""Scenario 4b: Redis (the machine's server on 127.0.0.1:6379) and AWS (a moto server in its own
-process on 127.0.0.1) through redis-py and boto3.
+"""Scenario 4b: Redis (the machine's server on 127.0.0.1:6379), MongoDB (a secantusdb server in
+its own process) and AWS (a moto server in its own process), all on 127.0.0.1, through redis-py,
+pymongo and boto3.
 
 Per library, in one process: live calls with OTel only, the same under ``record()``, and
 replayed with the server unreachable (AWS: with no credentials either), each mode timing its
 calls after untimed ones; every replayed value is compared with the live one, type included.
-For Redis, upstream timetracer 1.6.0 (``enable_redis()``, its own session API, no OTel)
-records and replays the same commands one cassette each, and the same comparison counts
-which of them it gives back as they were.
+For Redis and MongoDB, upstream timetracer 1.6.0 (``enable_redis()``/``enable_pymongo()``, its
+own session API, no OTel) records and replays the same calls one cassette each, and the same
+comparison counts which of them it gives back as they were.
 """
 
 from __future__ import annotations
@@ -204,6 +205,152 @@ def redis_upstream(args: dict[str, Any]) -> dict[str, Any]:
     return {"fidelity": fidelity, "record_us": record_us, "replay_us": replay_us}
 
 
+# --- MongoDB -------------------------------------------------------------------------------------
+
+MONGO_DB = f"bench_{uuid.uuid4().hex[:8]}"
+# What a service reads back: a typed document, a page of ten, a count, an aggregate, a miss.
+OPERATIONS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("find_one", lambda c: c[MONGO_DB].items.find_one({"_id": 1})),
+    ("find (10 documents)", lambda c: list(c[MONGO_DB].items.find({"n": {"$lt": 10}}).sort("n", 1))),
+    ("count_documents", lambda c: c[MONGO_DB].items.count_documents({"n": {"$gte": 5}})),
+    ("aggregate", lambda c: list(c[MONGO_DB].items.aggregate(
+        [{"$group": {"_id": None, "total": {"$sum": "$price"}}}]))),
+    ("find_one (missing)", lambda c: c[MONGO_DB].items.find_one({"_id": -1})),
+]
+
+
+def _mongo() -> tuple[subprocess.Popen[bytes], int]:
+    port = dead_port()
+    proc = subprocess.Popen([sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port",
+                             str(port), "--storage-path", ":memory:"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the MongoDB-wire server (secantusdb) did not start")
+
+
+def _mongo_client(port: int) -> Any:
+    import pymongo
+
+    return pymongo.MongoClient(f"mongodb://127.0.0.1:{port}", tz_aware=True,
+                               uuidRepresentation="standard", serverSelectionTimeoutMS=500)
+
+
+def _mongo_data(port: int) -> None:
+    from bson import Decimal128, Int64
+
+    c = _mongo_client(port)
+    c[MONGO_DB].items.insert_many([
+        {"_id": i, "n": i, "price": Decimal128(f"{i}.25"), "big": Int64(2**40 + i),
+         "at": dt.datetime(2024, 1, 1, i, tzinfo=dt.timezone.utc), "uid": uuid.UUID(int=i),
+         "raw": bytes([i, 255])} for i in range(20)])
+    c.close()
+
+
+def pymongo_ours(args: dict[str, Any]) -> dict[str, Any]:
+    import timetracer_otel
+    from timetracer_otel import replay_shims
+
+    _otel()
+    replay_shims.instrument(["pymongo"])
+    proc, port = _mongo()
+    ops: int = args["ops"]
+    res: dict[str, list[float]] = {"live_us": [], "record_us": [], "replay_us": []}
+    seen: dict[str, Any] = {}
+
+    def measure(c: Any, count: int) -> tuple[float, list[Any]]:
+        out: list[Any] = []
+        t0 = time.perf_counter()
+        for _ in range(count):
+            out = [fn(c) for _, fn in OPERATIONS]
+        return (time.perf_counter() - t0) * 1e6 / (count * len(OPERATIONS)), out
+
+    try:
+        _mongo_data(port)
+        for n in range(args["runs"]):
+            live = _mongo_client(port)
+            measure(live, LEAD)
+            us, seen["live"] = measure(live, ops)
+            live.close()
+            res["live_us"].append(us)
+            with timetracer_otel.record(dir=Path(tempfile.mkdtemp()) / f"m{n}",
+                                        libraries=["pymongo"]) as rec:
+                c = _mongo_client(port)  # (the instrumentation traces clients made after it)
+                measure(c, 1)
+                rec.writer.flush(60)
+                measure(c, LEAD)
+                us, seen["record"] = measure(c, ops)
+                c.close()
+            res["record_us"].append(us)
+            with timetracer_otel.replay(rec.paths, libraries=["pymongo"]) as rep:
+                c = _mongo_client(dead_port())
+                measure(c, 1 + LEAD)
+                us, seen["replay"] = measure(c, ops)
+                c.close()
+            res["replay_us"].append(us)
+            assert rep.report.ok, rep.report.render()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    equal = [typed(a) == typed(b) for a, b in zip(seen["live"], seen["replay"], strict=True)]
+    return {**res, "commands": [name for name, _ in OPERATIONS], "replay_equal": equal}
+
+
+def pymongo_upstream(args: dict[str, Any]) -> dict[str, Any]:
+    """Upstream timetracer 1.6.0's pymongo plugin (``enable_pymongo()``, its own session API):
+    each operation recorded into a cassette, then run under a replay session of it with the
+    server unreachable."""
+    from timetracer.cassette.io import read_cassette, write_cassette
+    from timetracer.config import TraceConfig
+    from timetracer.context import reset_session, set_session
+    from timetracer.plugins import enable_pymongo
+    from timetracer.session import ReplaySession, TraceSession
+
+    enable_pymongo()
+    proc, port = _mongo()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mongo-upstream-"))
+    fidelity: dict[str, str] = {}
+    try:
+        _mongo_data(port)
+        c = _mongo_client(port)
+        for name, fn in OPERATIONS:
+            config = TraceConfig(mode="record", cassette_dir=str(tmp / name.split()[0]))
+            session = TraceSession(config=config)
+            token = set_session(session)
+            try:
+                live = fn(c)
+            finally:
+                reset_session(token)
+            try:
+                path = write_cassette(session, config)
+            except Exception as exc:
+                fidelity[name] = f"cassette not written: {type(exc).__name__}"
+                continue
+            replay = ReplaySession(cassette=read_cassette(path), cassette_path=path)
+            token = set_session(replay)
+            dead = _mongo_client(dead_port())
+            try:
+                got = fn(dead)
+            except Exception as exc:
+                fidelity[name] = f"replay raised {type(exc).__name__}"
+                continue
+            finally:
+                reset_session(token)
+                dead.close()
+            fidelity[name] = "equal" if typed(got) == typed(live) else \
+                f"{type(live).__name__} {live!r:.40} became {type(got).__name__} {got!r:.40}"
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {"fidelity": fidelity}
+
+
 # --- AWS -----------------------------------------------------------------------------------------
 
 
@@ -283,8 +430,8 @@ def botocore_ours(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
-    return {"redis": redis_ours, "redis_upstream": redis_upstream,
-            "botocore": botocore_ours}[args["lib"]](args)
+    return {"redis": redis_ours, "redis_upstream": redis_upstream, "botocore": botocore_ours,
+            "pymongo": pymongo_ours, "pymongo_upstream": pymongo_upstream}[args["lib"]](args)
 
 
 if __name__ == "__main__":

@@ -176,12 +176,14 @@ def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="session")
 def mongo_port() -> Iterator[int]:
     """A real MongoDB-wire server (secantusdb, in memory) on 127.0.0.1; stopped afterwards."""
-    server = Path(sys.executable).parent / "secantusd-py"
-    if not server.exists():  # a missing service fails, naming it
+    import importlib.util
+
+    if importlib.util.find_spec("secantus") is None:  # a missing service fails, naming it
         pytest.fail("the MongoDB-wire server is needed: pip install secantusdb")
     port = free_port()
     proc = subprocess.Popen(
-        [str(server), "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:"],
+        [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
+         "--storage-path", ":memory:"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
