@@ -572,15 +572,16 @@ class Bench:
         self.kv()
 
     def kv(self) -> None:
-        """Scenario 4b (``kv.py``): Redis and AWS calls, live, recorded, replayed; for Redis,
-        upstream timetracer's fidelity and speed beside ours."""
-        sc = "4b redis, MongoDB and AWS"
+        """Scenario 4b (``kv.py``): Redis, MongoDB, Celery and AWS calls, live, recorded,
+        replayed; for Redis and MongoDB, upstream timetracer's fidelity beside ours."""
+        sc = "4b redis, MongoDB, Celery and AWS"
         for lib, unit, what in (("redis", "µs/command", "Redis 127.0.0.1:6379"),
                                 ("pymongo", "µs/call", "secantusdb on 127.0.0.1"),
+                                ("celery", "µs/task", "a worker over Redis 127.0.0.1:6379"),
                                 ("botocore", "µs/call", "S3 on a moto server")):
             print(f"  kv: {lib}", file=sys.stderr)
-            out = self.worker("kv", {"lib": lib, "ops": 100 if lib == "botocore" else 200,
-                                     "runs": self.o.runs})
+            ops = {"botocore": 100, "celery": 50}.get(lib, 200)
+            out = self.worker("kv", {"lib": lib, "ops": ops, "runs": self.o.runs})
             if "error" in out:
                 continue
             self.add(sc, f"{lib} live, {what} (OTel only)", unit, out["live_us"])
@@ -589,7 +590,8 @@ class Bench:
             self.add(sc, f"{lib} record overhead", unit, over)
             equal = out["replay_equal"]
             ok = all(equal) if isinstance(equal, list) else bool(equal)
-            r = self.add(sc, f"{lib} replay (server unreachable)", unit, out["replay_us"],
+            gone = "worker stopped" if lib == "celery" else "server unreachable"
+            r = self.add(sc, f"{lib} replay ({gone})", unit, out["replay_us"],
                          note="values and types equal the recording" if ok
                          else f"VALUES DIFFER from the recording: {equal}")
             r.ratio = f"{med(out['live_us']) / med(out['replay_us']):.1f}x faster than live"

@@ -1,6 +1,6 @@
 """Scenario 4b: Redis (the machine's server on 127.0.0.1:6379), MongoDB (a secantusdb server in
-its own process) and AWS (a moto server in its own process), all on 127.0.0.1, through redis-py,
-pymongo and boto3.
+its own process), Celery (a worker process over that Redis) and AWS (a moto server in its own
+process), all on 127.0.0.1, through redis-py, pymongo, Celery and boto3.
 
 Per library, in one process: live calls with OTel only, the same under ``record()``, and
 replayed with the server unreachable (AWS: with no credentials either), each mode timing its
@@ -351,6 +351,65 @@ def pymongo_upstream(args: dict[str, Any]) -> dict[str, Any]:
     return {"fidelity": fidelity}
 
 
+# --- Celery --------------------------------------------------------------------------------------
+
+
+def celery_ours(args: dict[str, Any]) -> dict[str, Any]:
+    """``quote.delay(...).get()`` against a worker process over Redis (OTel only), recorded, and
+    replayed with no broker, backend or worker (every connect would fail: a dead port)."""
+    import redis
+
+    import timetracer_otel
+    from benchmarks.celery_tasks import quote
+    from timetracer_otel import replay_shims
+
+    _otel()
+    replay_shims.instrument(["celery"])
+    admin = redis.Redis(port=6379, db=12)
+    admin.flushdb()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.celery_tasks", "worker", "--pool=solo",
+         "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel=ERROR"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    ops: int = args["ops"]
+    res: dict[str, list[float]] = {"live_us": [], "record_us": [], "replay_us": []}
+    seen: dict[str, Any] = {}
+
+    def measure(count: int) -> tuple[float, list[Any]]:
+        out: list[Any] = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            out.append(quote.delay(f"sku-{i % 7}", i % 5 + 1).get(timeout=30))
+        return (time.perf_counter() - t0) * 1e6 / count, out[-7:]
+
+    recordings = []
+    try:
+        quote.delay("warm", 1).get(timeout=60)  # the worker is up
+        for n in range(args["runs"]):
+            us, seen["live"] = measure(ops)
+            res["live_us"].append(us)
+            with timetracer_otel.record(dir=Path(tempfile.mkdtemp()) / f"c{n}",
+                                        libraries=["celery"]) as rec:
+                measure(1)
+                rec.writer.flush(60)
+                us, seen["record"] = measure(ops)
+            res["record_us"].append(us)
+            recordings.append(rec.paths)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        admin.flushdb()
+    # Replayed with the worker gone: a get() that reached the backend would wait its 30 s out.
+    for paths in recordings:
+        with timetracer_otel.replay(paths, libraries=["celery"]) as rep:
+            measure(1)
+            us, seen["replay"] = measure(ops)
+        res["replay_us"].append(us)
+        assert rep.report.ok, rep.report.render()
+    return {**res, "replay_equal": typed(seen["record"]) == typed(seen["replay"])}
+
+
 # --- AWS -----------------------------------------------------------------------------------------
 
 
@@ -431,7 +490,8 @@ def botocore_ours(args: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
     return {"redis": redis_ours, "redis_upstream": redis_upstream, "botocore": botocore_ours,
-            "pymongo": pymongo_ours, "pymongo_upstream": pymongo_upstream}[args["lib"]](args)
+            "pymongo": pymongo_ours, "pymongo_upstream": pymongo_upstream,
+            "celery": celery_ours}[args["lib"]](args)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ def _listing(directory: str) -> list[str]:
 @click.option("--live", default=None, help="Comma-separated libraries that stay live (hybrid replay).")
 @click.option("--asgi", "asgi_app", default=None,
               help="MODULE:APP to replay the recorded inbound request into.")
+@click.option("--celery", "celery_app", default=None,
+              help="MODULE:APP (a Celery app) to run the recorded task runs again with.")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @_user_errors
 def replay(
@@ -201,20 +203,28 @@ def replay(
     strict: bool,
     live: str | None,
     asgi_app: str | None,
+    celery_app: str | None,
     cmd: tuple[str, ...],
 ) -> None:
     """Run CMD with every dependency answered from the cassette, or re-run a recorded inbound
-    request against an ASGI app.
+    request against an ASGI app, or recorded task runs with a Celery app.
 
     Examples: timetracer-otel replay --cassette cassettes -- python app.py;
-    timetracer-otel replay cassettes/x.msgpack --asgi app:app
+    timetracer-otel replay cassettes/x.msgpack --asgi app:app;
+    timetracer-otel replay cassettes --celery shop.worker:app
     """
     if cassette is not None and path is not None:
         cmd = (path, *cmd)  # with --cassette, every word after -- belongs to the command
         path = None
     source = cassette or path
     if source is None:
-        raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi)")
+        raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi/--celery)")
+    if asgi_app is not None and celery_app is not None:
+        raise click.UsageError("give --asgi or --celery, not both")
+    if celery_app is not None:
+        from timetracer_otel.tasks import replay_task_command
+
+        sys.exit(replay_task_command(source, celery_app, on_miss=on_miss, strict=strict))
     if asgi_app is not None:
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 

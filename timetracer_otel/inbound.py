@@ -75,15 +75,15 @@ class InboundResult:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_app(ref: str) -> Any:
-    """The ASGI app named ``"module:attr"`` (``attr`` may be dotted), imported from the current
-    directory or ``sys.path``.
+def load_app(ref: str, flag: str = "--asgi") -> Any:
+    """The app named ``"module:attr"`` (``attr`` may be dotted), imported from the current
+    directory or ``sys.path``; errors name the option it came from (``flag``).
 
         >>> app = load_app("myservice.main:app")
     """
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"--asgi {ref!r} is not MODULE:APP; write it like myservice.main:app.")
+        raise ConfigError(f"{flag} {ref!r} is not MODULE:APP; write it like myservice.main:app.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -98,9 +98,9 @@ def load_app(ref: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigError(
-                f"module {module_name!r} has no attribute {attr!r}; check --asgi MODULE:APP."
+                f"module {module_name!r} has no attribute {attr!r}; check {flag} MODULE:APP."
             ) from None
-    if not callable(obj):
+    if flag == "--asgi" and not callable(obj):
         raise ConfigError(f"{ref} is not an ASGI app (not callable); point --asgi at the app object.")
     return obj
 

@@ -162,7 +162,7 @@ class ReplayIndex:
         return ReplayIndex(self._sources, strict=self.strict)
 
     def _add(self, span: SpanRecord | SpanHead, source: str) -> None:
-        if span.key is None or span.kind == "SERVER":  # inbound requests answer nothing
+        if span.key is None or span.kind in ("SERVER", "CONSUMER"):  # inbound calls answer nothing
             return
         entry = _Entry(span, source)
         self._entries.append(entry)

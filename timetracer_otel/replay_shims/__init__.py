@@ -25,6 +25,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "redis": ("redis", "timetracer_otel.replay_shims.redis:RedisShim"),
     "botocore": ("botocore", "timetracer_otel.replay_shims.botocore:BotocoreShim"),
     "pymongo": ("pymongo", "timetracer_otel.replay_shims.pymongo:PymongoShim"),
+    "celery": ("celery", "timetracer_otel.replay_shims.celery:CeleryShim"),
     "asgi": ("opentelemetry.instrumentation.asgi", "timetracer_otel.replay_shims.asgi:AsgiShim"),
 }
 

@@ -246,7 +246,9 @@ def _listener_span(conn: Any, request_id: int) -> Any:
         from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
     except ImportError:
         return None
-    tracer = PymongoInstrumentor()._commandtracer_instance
+    # (the instrumentor is a singleton: its instance, once made, is a class attribute)
+    instrumentor = getattr(PymongoInstrumentor, "_instance", None)
+    tracer = getattr(instrumentor, "_commandtracer_instance", None)
     spans = getattr(tracer, "_span_dict", None)
     if not spans:
         return None

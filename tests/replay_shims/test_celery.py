@@ -1,0 +1,195 @@
+"""Celery with a real worker (a ``celery worker`` process) over the machine's Redis on
+127.0.0.1:6379 as broker and result backend: the producer side (sending tasks, reading their
+results) recorded, then replayed with every socket connect refused; a worker recorded through
+the CLI, then each task run replayed again with its dependency (a uvicorn upstream) stopped."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import celery.exceptions
+import pytest
+import redis
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import timetracer_otel
+from tests.conftest import ServerThread, connects_refused, plain_env, timetracer_cli
+from tests.replay_shims import celery_app_changed
+from tests.replay_shims.celery_app import add, app, fail, profile
+from timetracer_otel.cassette import find_cassettes, load_cassette
+from timetracer_otel.tasks import replay_task, task_run_span
+
+ROOT = Path(__file__).resolve().parents[2]
+DB = 14
+
+
+@pytest.fixture
+def clean_broker() -> Iterator[None]:
+    """Database 14 of the real Redis, empty before and after (queued messages, results)."""
+    try:
+        admin = redis.Redis(port=6379, db=DB)
+        admin.flushdb()
+    except redis.ConnectionError as exc:  # fail, naming the service: never skip silently
+        pytest.fail(f"Redis is needed on 127.0.0.1:6379 and is not reachable: {exc}")
+    yield
+    admin.flushdb()
+    admin.close()
+
+
+@pytest.fixture
+def worker(clean_broker: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start a ``celery worker`` process (solo pool) for the tests' app, optionally under
+    ``timetracer-otel record --dir D``; it is ready once it has answered a task."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(record_dir: Path | None = None) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "celery", "-A", "tests.replay_shims.celery_app",
+                   "worker", "--pool=solo", "--without-heartbeat", "--without-gossip",
+                   "--without-mingle", "--loglevel=WARNING"]
+        if record_dir is not None:
+            command = [str(Path(sys.executable).parent / "timetracer-otel"), "record", "--dir",
+                       str(record_dir), "--", *command]
+        proc = subprocess.Popen(command, cwd=ROOT, env=plain_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        try:
+            assert add.delay(0, 0).get(timeout=60) == 0  # ready: it answered
+        except celery.exceptions.TimeoutError:
+            proc.kill()
+            pytest.fail(f"the celery worker did not start:\n{proc.communicate()[0]}")
+        return proc
+
+    yield start
+    for proc in started:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    """A warm shutdown (SIGTERM, as a deploy sends it), its output returned."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
+def typed(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(v) for v in value])
+    if isinstance(value, dict):
+        return ("dict", [(k, typed(v)) for k, v in value.items()])
+    if isinstance(value, BaseException):
+        return (type(value).__name__, str(value))
+    return (type(value).__name__, repr(value))
+
+
+def producer_job() -> list[Any]:
+    """What a web request does with Celery: send tasks, read their results and states."""
+    with trace.get_tracer("tests").start_as_current_span("job"):
+        sum_ = add.delay(2, 3)
+        out: list[Any] = [sum_.get(timeout=30), sum_.state, sum_.successful()]
+        failing = fail.apply_async((7,))
+        try:
+            failing.get(timeout=30)
+        except ValueError as exc:
+            out.append(exc)
+        out += [failing.state, failing.get(timeout=30, propagate=False)]
+        return out
+
+
+def test_sending_tasks_and_reading_results_replay_without_a_broker(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    worker()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = producer_job()
+    assert live[:3] == [5, "SUCCESS", True] and typed(live[3]) == ("ValueError", "bad input 7")
+    assert live[4] == "FAILURE" and type(live[5]) is ValueError
+    # No broker, no result backend, no worker: every connect is refused.
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = producer_job()
+    assert attempts == []
+    assert typed(replayed) == typed(live)
+    assert rep.report.misses == [] and rep.report.unused == []
+    # The sends sit on the instrumentation's producer spans; the broker's own Redis traffic
+    # (kombu's LPUSH...) and the backend's result reads are not in the cassette.
+    spans = [s for p in rec.paths for s in load_cassette(p).spans]
+    sends = [s for s in spans if s.library == "celery" and s.kind == "PRODUCER"]
+    assert [s.name for s in sends] == ["apply_async/tt.add", "apply_async/tt.fail"]
+    assert not [s for s in spans if s.library == "redis"]
+
+
+def test_a_task_sent_differently_is_a_miss(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    worker()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert add.delay(2, 3).get(timeout=30) == 5
+    with connects_refused(), timetracer_otel.replay(rec.paths, strict=True), \
+            pytest.raises(timetracer_otel.ReplayMissError) as miss:
+        add.delay(2, 4)
+    assert "send tt.add" in str(miss.value) and "[2, 3]" in str(miss.value).replace("'", "")
+
+
+@pytest.fixture
+def upstream() -> Iterator[ServerThread]:
+    async def user(request: Request) -> JSONResponse:
+        uid = int(request.path_params["uid"])
+        return JSONResponse({"name": f"user {uid}", "score": 1.25 * uid, "tags": ["b", "a"]})
+
+    server = ServerThread(Starlette(routes=[Route("/users/{uid}", user)])).start()
+    yield server
+    server.stop()
+
+
+def test_a_recorded_worker_runs_its_tasks_again_offline(
+    worker: Callable[..., subprocess.Popen[str]], upstream: ServerThread, tmp_path: Path
+) -> None:
+    cassettes = tmp_path / "worker"
+    proc = worker(record_dir=cassettes)
+    live = [profile.delay(4, upstream.url).get(timeout=30), add.delay(2, 3).get(timeout=30)]
+    with pytest.raises(ValueError, match="bad input 9"):
+        fail.delay(9).get(timeout=30)
+    output = stop(proc)
+    upstream.stop()  # the task's dependency is gone for the replay
+    assert live == [{"id": 4, "name": "User 4", "score": 10.0, "tags": ["a", "b"]}, 5]
+    runs = {}
+    for path in find_cassettes(cassettes):
+        span = task_run_span(load_cassette(path))
+        if span is not None and span.request["args"] != [0, 0]:  # (the readiness probe)
+            runs[span.request["task"]] = path
+    assert sorted(runs) == ["tt.add", "tt.fail", "tt.profile"], output
+    # Each run holds its own dependency calls: the profile run its HTTP call, no Redis.
+    calls = load_cassette(runs["tt.profile"]).interactions
+    assert [(c.library, c.kind) for c in calls] == [("celery", "CONSUMER"), ("httpx", "CLIENT")]
+    with connects_refused() as attempts:
+        results = {name: replay_task(path, app, strict=True) for name, path in runs.items()}
+    assert attempts == []
+    for name, result in results.items():
+        assert result.ok, (name, result.render())
+    assert results["tt.profile"].report.exact == 1
+    # A task whose code changed gives another outcome: the replay says what differs.
+    changed = replay_task(runs["tt.add"], celery_app_changed.app)
+    assert not changed.ok and changed.diff == ["value: recorded 5, now 6"]
+    # The CLI runs every task run of the directory: exit 0 when all match, 1 when one differs.
+    cli = timetracer_cli("replay", str(cassettes), "--celery", "tests.replay_shims.celery_app:app",
+                         env=plain_env(PYTHONPATH=str(ROOT)))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "4 matched, 0 differ" in cli.stdout
+    cli = timetracer_cli("replay", str(runs["tt.add"]), "--celery",
+                         "tests.replay_shims.celery_app_changed:app", env=plain_env(PYTHONPATH=str(ROOT)))
+    assert cli.returncode == 1 and "value: recorded 5, now 6" in cli.stdout
+    cli = timetracer_cli("replay", str(cassettes), "--celery", "no_such_module:app",
+                         env=plain_env(PYTHONPATH=str(ROOT)))
+    assert cli.returncode == 2 and "cannot import 'no_such_module'" in cli.stderr

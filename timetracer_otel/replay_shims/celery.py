@@ -1,0 +1,304 @@
+"""Celery: the tasks an app sends and the results it reads back, and the runs of a worker.
+
+Producer side. The OTel instrumentation's ``apply_async/<task>`` span is current while kombu
+publishes the task message: record keeps the task's name, args and kwargs there (and the
+publish's error, if the broker refused it). Replay answers ``Celery.send_task`` (which
+``delay``/``apply_async`` call) without a broker: the app gets an ``AsyncResult`` of a fresh
+id, or the recorded publish error. Reading the result back (``AsyncResult.get``, and the
+backend lookups behind ``state``/``ready()``/``result``) is recorded as the value, the task's
+exception, or the meta the backend answered, keyed by the task it belongs to (its name, args
+and kwargs when this process sent it, else its id); replay gives the same back, and ``get()``
+raises the task's exception with its own class, as live. While recording, the broker's and the
+result backend's own traffic (kombu's Redis commands, result polling) runs untraced: replay
+never makes it.
+
+Worker side. The instrumentation's ``run/<task>`` span, current while the task runs, gets the
+task's name, args and kwargs and its return value (or exception): a worker's recording holds
+one cassette per task run, with every dependency call the task made.
+:func:`timetracer_otel.tasks.replay_task` (CLI: ``timetracer-otel replay CASSETTE --celery
+MODULE:APP``) runs that task again in-process, every dependency answered from the cassette,
+and compares its outcome with the recorded one.
+
+Values are stored with the typed codec (what the task serializer carried: JSON or pickle).
+Not covered: chords (their header results are joined through the backend), ``GroupResult``
+saved on the backend, ``AsyncResult.forget``/``revoke``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from timetracer_otel.codec import Tree, from_tree, to_tree
+from timetracer_otel.config import Mode
+from timetracer_otel.index import Match
+from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims.base import (
+    RECORD,
+    STATE,
+    Shim,
+    capture,
+    decide,
+    error_tree,
+    rebuild_error,
+)
+
+LIBRARY = "celery"
+SCOPE = "opentelemetry.instrumentation.celery"
+
+# The task each id this process sent belongs to: a result read later is keyed by its task.
+_SENT: OrderedDict[str, Tree] = OrderedDict()
+_SENT_MAX = 10_000
+
+
+def _replaying() -> bool:
+    return STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY)
+
+
+def _task(name: str, args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> Tree:
+    return STATE.redactor.document(to_tree(
+        {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})}))
+
+
+def _label(kind: str, name: str) -> str:
+    return f"{kind} {name}"
+
+
+def task_call(kind: str, name: str, args: Sequence[Any] | None,
+              kwargs: dict[str, Any] | None) -> Call:
+    """The :class:`Call` of sending (``kind`` "send") or running ("run") a task."""
+    task = _task(name, args, kwargs)
+    identity = {"kind": kind, **task}
+    return Call(LIBRARY, identity, identity, {"kind": kind, "task": name}, _label(kind, name))
+
+
+def _sent(task_id: str, task: Tree) -> None:
+    _SENT[task_id] = task
+    while len(_SENT) > _SENT_MAX:
+        _SENT.popitem(last=False)
+
+
+def _result_call(result: Any, what: str) -> Call:
+    task = _SENT.get(result.id)
+    name = task["task"] if isinstance(task, dict) else getattr(result, "name", None) or "?"
+    identity = {"kind": what, "of": task if task is not None else {"id": result.id}}
+    return Call(LIBRARY, identity, identity, {"kind": what, "task": name},
+                _label(what, str(name)))
+
+
+def _outcome(value: Any) -> Tree:
+    """A value a task returned, or the exception a result holds in its place."""
+    if isinstance(value, BaseException):
+        return {"exception": error_tree(value)}
+    return {"value": to_tree(value)}
+
+
+def _value(tree: Tree) -> Any:
+    if tree.get("exception") is not None:
+        return rebuild_error(tree["exception"])
+    return from_tree(tree.get("value"))
+
+
+def _meta_tree(meta: dict[str, Any] | None) -> Tree:
+    if not meta:
+        return None
+    return {"status": meta.get("status"), "result": _outcome(meta.get("result")),
+            "traceback": meta.get("traceback"), "date_done": to_tree(meta.get("date_done"))}
+
+
+def _meta(result: Any, tree: Tree) -> dict[str, Any] | None:
+    if tree is None:
+        return None
+    return {"task_id": result.id, "status": tree["status"], "result": _value(tree["result"]),
+            "traceback": tree.get("traceback"), "children": [],
+            "date_done": from_tree(tree.get("date_done"))}
+
+
+def _decided(call: Call) -> Match | Any:
+    # Not on the app's current span (the request's): this call has no span of its own here.
+    with trace.use_span(trace.INVALID_SPAN, end_on_exit=False):
+        return decide(call)
+
+
+def _answer(match: Match) -> Tree:
+    span = match.span
+    if span.error is not None:
+        raise rebuild_error(span.error)
+    tree: Tree = span.response
+    return tree
+
+
+# --- sending ---------------------------------------------------------------------------------
+
+
+def _send_task(original: Any) -> Any:
+    def send_task(self: Any, name: str, args: Any = None, kwargs: Any = None,
+                  *more: Any, **options: Any) -> Any:
+        if not _replaying() or more:
+            return original(self, name, args, kwargs, *more, **options)
+        call = task_call("send", name, args, kwargs)
+        action = _decided(call)
+        if not isinstance(action, Match):
+            return original(self, name, args, kwargs, **options)  # passthrough: the broker
+        _answer(action)  # the recorded publish error, raised
+        task_id = options.get("task_id") or str(uuid.uuid4())
+        _sent(task_id, _task(name, args, kwargs))
+        result = (options.get("result_cls") or self.AsyncResult)(task_id)
+        task_type = options.get("task_type") or self.tasks.get(name)
+        ignore = options.get("ignore_result")
+        result.ignored = bool(getattr(task_type, "ignore_result", False) if ignore is None
+                              else ignore)
+        return result
+
+    return send_task
+
+
+def _publish(original: Any) -> Any:
+    def publish(self: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        headers = kwargs.get("headers") or {}
+        name, task_id = headers.get("task"), headers.get("id")
+        if STATE.mode is not Mode.RECORD or name is None or task_id is None \
+                or not isinstance(body, tuple) or len(body) < 2:
+            return original(self, body, *args, **kwargs)
+        call = task_call("send", name, body[0], body[1])
+        if decide(call) is not RECORD:
+            return original(self, body, *args, **kwargs)
+        _sent(task_id, _task(name, body[0], body[1]))
+        with capture(call, SCOPE) as cap:
+            try:
+                with suppress_instrumentation():  # the broker's own traffic: replay never sends
+                    out = original(self, body, *args, **kwargs)
+            except Exception as exc:
+                cap.fail(exc)
+                raise
+            cap.ok({"sent": True})
+            return out
+
+    return publish
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def _get(original: Any) -> Any:
+    def get(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.OFF or getattr(self, "ignored", False):
+            return original(self, *args, **kwargs)
+        call = _result_call(self, "result")
+        if _replaying():
+            action = _decided(call)
+            if not isinstance(action, Match):
+                return original(self, *args, **kwargs)
+            tree = _answer(action)
+            meta = _meta(self, tree.get("meta"))
+            if meta is not None:
+                self._cache = meta
+            value = _value(tree["outcome"])
+            if tree["outcome"].get("raised"):  # as the live get() did (the task's error, a timeout)
+                raise value
+            return value
+        if decide(call) is not RECORD:
+            return original(self, *args, **kwargs)
+        with capture(call, SCOPE) as cap, suppress_instrumentation():
+            try:
+                value = original(self, *args, **kwargs)
+            except Exception as exc:
+                outcome = {**_outcome(exc), "raised": True}
+                cap.ok({"outcome": outcome, "meta": _meta_tree(self._cache)})
+                raise
+            cap.ok({"outcome": _outcome(value), "meta": _meta_tree(self._cache)})
+            return value
+
+    return get
+
+
+def _get_task_meta(original: Any) -> Any:
+    def get_task_meta(self: Any) -> Any:
+        # (inside a recorded get(), whose backend reads run untraced, decide() says LIVE)
+        if STATE.mode is Mode.OFF or self._cache is not None:
+            return original(self)
+        call = _result_call(self, "meta")
+        if _replaying():
+            action = _decided(call)
+            if not isinstance(action, Match):
+                return original(self)
+            meta = _meta(self, _answer(action)["meta"])
+            if meta is not None and meta["status"] in self.backend.READY_STATES:
+                return self._set_cache(meta)
+            return meta
+        if decide(call) is not RECORD:
+            return original(self)
+        with capture(call, SCOPE) as cap, suppress_instrumentation():
+            meta = original(self)
+            cap.ok({"meta": _meta_tree(meta)})
+            return meta
+
+    return get_task_meta
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+
+def _untraced(original: Any) -> Any:
+    """The result backend storing a task's outcome: untraced while recording (a replayed run
+    stores nothing, so these calls are not the task's)."""
+    def store_result(*args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.RECORD:
+            with suppress_instrumentation():
+                return original(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    return store_result
+
+
+def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args: Any = None,
+                kwargs: Any = None, retval: Any = None, state: Any = None, **_: Any) -> None:
+    """A task run ends: its request and outcome onto the instrumentation's ``run/`` span
+    (this receiver is connected before the instrumentation's, so that span is still current)."""
+    if STATE.mode is not Mode.RECORD or task is None:
+        return
+    try:
+        call = task_call("run", task.name, args, kwargs)
+        if decide(call) is not RECORD:
+            return
+        with capture(call, SCOPE) as cap:
+            cap.ok({"state": state, "outcome": _outcome(retval)})
+    except Exception:  # recording never breaks the worker
+        import logging
+
+        logging.getLogger("timetracer_otel").warning(
+            "timetracer-otel: could not record the run of %s", getattr(task, "name", task),
+            exc_info=True)
+
+
+class CeleryShim(Shim):
+    library = LIBRARY
+    requires = "celery"
+    scope = SCOPE
+    instrumentor = "opentelemetry.instrumentation.celery:CeleryInstrumentor"
+
+    def patch(self) -> None:
+        import celery.app.base
+        import celery.backends.base
+        import celery.result
+        import kombu.messaging
+        from celery import signals
+
+        self.wrap(celery.app.base.Celery, "send_task", _send_task)
+        self.wrap(kombu.messaging.Producer, "publish", _publish)
+        self.wrap(celery.result.AsyncResult, "get", _get)
+        self.wrap(celery.result.AsyncResult, "_get_task_meta", _get_task_meta)
+        self.wrap(celery.backends.base.Backend, "store_result", _untraced)
+        signals.task_postrun.connect(_on_postrun, weak=False)
+
+    def uninstall(self) -> None:
+        from celery import signals
+
+        signals.task_postrun.disconnect(_on_postrun)
+        super().uninstall()
+

@@ -1,0 +1,163 @@
+"""Replaying a recorded task run (Celery) as a regression test.
+
+A worker recording holds one cassette per task run: the instrumentation's ``run/<task>`` span
+with the task's name, args, kwargs and outcome, and beneath it every dependency call the task
+made. :func:`replay_task` runs the same task again in this process (``Task.apply``), with every
+dependency answered from that cassette, and compares its outcome (state, return value with its
+types, or exception class and message) with the recorded one::
+
+    >>> result = replay_task("cassettes/2026-11-29/run_shop.tasks.charge__4bf9....msgpack", app)
+    >>> assert result.ok, "\\n".join(result.diff)
+
+``timetracer-otel replay CASSETTES --celery MODULE:APP`` does it for every task-run cassette
+of a file or directory: exit 0 when all match, 1 when one differs, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
+from timetracer_otel.codec import Tree, from_tree, to_tree
+from timetracer_otel.config import OnMiss
+from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError, TimetracerError
+from timetracer_otel.inbound import _load, _miss_messages, load_app
+from timetracer_otel.index import ReplayIndex, ReplayReport
+from timetracer_otel.keys import field_diff
+from timetracer_otel.runtime import replay
+
+
+@dataclass
+class TaskResult:
+    """The outcome of running one recorded task again: ``ok`` when its outcome matches the
+    recording and no dependency call missed."""
+
+    ok: bool
+    label: str
+    diff: list[str]
+    report: ReplayReport
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        head = f"{'ok  ' if self.ok else 'DIFF'} {self.label}  ({self.report.summary()})"
+        return "\n".join([head, *(f"    {d}" for d in self.diff), *(f"    note: {n}" for n in self.notes)])
+
+
+def task_run_span(cassette: Cassette) -> SpanRecord | None:
+    """The span that carries a recorded task run (the cassette's root, normally)."""
+    for span in cassette.spans:
+        if span.library == "celery" and span.kind == "CONSUMER" and span.request is not None:
+            return span
+    return None
+
+
+def _outcome_tree(value: Any) -> Tree:
+    from timetracer_otel.replay_shims.base import error_tree
+
+    if isinstance(value, BaseException):
+        return {"exception": error_tree(value)}
+    return {"value": to_tree(value)}
+
+
+def _error_text(tree: Tree) -> str:
+    return "no exception" if tree is None else f"{tree['type']}: {tree['message']}"
+
+
+def _compare(span: SpanRecord, state: str, value: Any, report: ReplayReport,
+             misses_fail: bool) -> list[str]:
+    diff: list[str] = []
+    misses = _miss_messages(value) if isinstance(value, BaseException) else []
+    for text in misses:
+        diff.extend(f"dependency {line}" if i == 0 else line for i, line in enumerate(text.splitlines()))
+    if misses:
+        return diff
+    if misses_fail:
+        diff.extend(f"dependency miss: {label}" for label in report.misses)
+    response = span.response or {}
+    if response.get("state") != state:
+        diff.append(f"state: recorded {response.get('state')}, now {state}")
+    recorded = response.get("outcome") or {}
+    now = _outcome_tree(value)
+    if "exception" in recorded or "exception" in now:
+        old, new = recorded.get("exception"), now.get("exception")
+        if old is None or new is None or old["type"] != new["type"] or old["message"] != new["message"]:
+            diff.append(f"exception: recorded {_error_text(old)}, now {_error_text(new)}")
+        return diff
+    lines = field_diff(recorded.get("value"), now.get("value"), "value")
+    diff.extend(lines)
+    return diff
+
+
+def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
+                strict: bool = False) -> TaskResult:
+    """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
+    dependency answered from the cassette, and compare the outcome with the recorded one."""
+    loaded, source = _load(cassette)
+    span = task_run_span(loaded)
+    if span is None:
+        raise CassetteError(
+            f"{source} holds no recorded task run; record a worker (e.g. timetracer-otel record "
+            "-- celery -A app worker --pool=solo)."
+        )
+    request = span.request
+    name = request["task"]
+    task = app.tasks.get(name)
+    if task is None:
+        raise ConfigError(f"the Celery app {getattr(app, 'main', app)!r} has no task {name!r}; "
+                          "point --celery at the app that defines it.")
+    args, kwargs = from_tree(request["args"]), from_tree(request["kwargs"])
+    calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
+    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
+    with rep:
+        eager = task.apply(args=args, kwargs=kwargs)
+    state, value = eager.state, eager.result
+    report = rep.report
+    diff = _compare(span, state, value, report, misses_fail=rep.on_miss is OnMiss.ERROR)
+    notes = [f"recorded call not made: {label}" for label, _ in report.unused]
+    if strict and notes:
+        diff.extend(notes)
+        notes = []
+    ok = not diff and (report.ok or rep.on_miss is not OnMiss.ERROR)
+    return TaskResult(ok=ok, label=f"{name} [trace {span.trace_id[:8]}]", diff=diff,
+                      report=report, source=source, notes=notes)
+
+
+def replay_task_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
+    """``timetracer-otel replay PATH --celery MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
+    try:
+        files = find_cassettes(source)
+        cassettes = [(str(f), load_cassette(f)) for f in files]
+        app = load_app(app_ref, "--celery")
+    except TimetracerError as exc:
+        click.echo(f"timetracer-otel: {exc}", err=True)
+        return 2
+    runs = [(p, c) for p, c in cassettes if task_run_span(c) is not None]
+    if not runs:
+        click.echo(f"timetracer-otel: {source} holds no recorded task run; record a worker "
+                   "first.", err=True)
+        return 2
+    failed = 0
+    for path, cassette in runs:
+        try:
+            result = replay_task(cassette, app, on_miss=on_miss or "error", strict=strict)
+        except ReplayMissError as exc:  # raised outside the task (cannot normally happen)
+            failed += 1
+            click.echo(f"DIFF {path}: {exc}")
+            continue
+        except TimetracerError as exc:
+            click.echo(f"timetracer-otel: {path}: {exc}", err=True)
+            return 2
+        result.source = path
+        failed += not result.ok
+        if not result.ok or len(runs) <= 50:
+            click.echo(result.render())
+    skipped = len(cassettes) - len(runs)
+    tail = f", {skipped} without a task run skipped" if skipped else ""
+    click.echo(f"timetracer-otel: {len(runs) - failed} matched, {failed} differ{tail}")
+    return 1 if failed else 0
