@@ -190,6 +190,37 @@ def test_a_lost_connection_replays_as_the_same_error(
     assert attempts == [] and typed(replayed) == typed(live)
 
 
+def test_an_srv_name_replays_without_dns(
+    mongo_port: int, db_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Production connects through ``mongodb+srv://``: a replay resolves the name to the
+    recorded replica set without asking DNS, and discovers it as the recording did."""
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        c = client(mongo_port)
+        c[db_name].items.insert_one({"_id": 1, "n": Decimal128("2.50")})
+        live = c[db_name].items.find_one({"_id": 1})
+        c.close()
+    import dns.resolver
+
+    asked: list[Any] = []
+
+    def no_dns(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args)
+        raise dns.resolver.NXDOMAIN()
+
+    monkeypatch.setattr(dns.resolver, "resolve", no_dns)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        c = MongoClient("mongodb+srv://cluster0.shop.example.com/?tls=false",
+                        serverSelectionTimeoutMS=5000, uuidRepresentation="standard")
+        c[db_name].items.insert_one({"_id": 1, "n": Decimal128("2.50")})
+        replayed = c[db_name].items.find_one({"_id": 1})
+        kind = c.topology_description.topology_type_name
+        c.close()
+    assert asked == [] and attempts == []
+    assert typed(replayed) == typed(live) and kind == "ReplicaSetWithPrimary"
+    assert rep.report.misses == [] and rep.report.unused == []
+
+
 def test_a_call_not_recorded_is_a_miss_naming_it(
     mongo_port: int, db_name: str, tmp_path: Path
 ) -> None:

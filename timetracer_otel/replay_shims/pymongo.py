@@ -18,7 +18,8 @@ pymongo's own decoder, with the client's own codec options (``tz_aware``, ``docu
 In replay no connection reaches a server: a new one gets one end of a local socket pair, and its
 ``hello`` is answered from the recorded server facts (without ``topologyVersion``, so monitors
 poll instead of streaming, and without ``compression``), so server selection, sessions and
-retryable writes run as they did. Authentication is skipped: a SCRAM exchange cannot be
+retryable writes run as they did; a ``mongodb+srv://`` name resolves to the recorded replica
+set's members without asking DNS. Authentication is skipped: a SCRAM exchange cannot be
 replayed (its nonces are fresh), and it is never recorded.
 
 The key is the database and the command without what changes on every run (``lsid``,
@@ -35,6 +36,7 @@ since its connections were never opened: let pymongo stay live instead.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import socket
 import struct
@@ -199,16 +201,14 @@ def _hello_reply(conn: Any) -> _OpMsg:
     if facts is None:
         facts = conn.__dict__[_SERVER] = _recorded_server()
     doc = dict(facts)
-    # The client is where this replay connected, not where the recording did.
+    # The recorded member answers as recorded, so the client discovers the replica set (its
+    # hosts, its primary) as it did, whatever seed this replay was given; another member of
+    # that set answers as a secondary of it.
     address = f"{conn.address[0]}:{conn.address[1]}"
-    recorded = doc.get("me")
-    if recorded is not None:
-        doc["me"] = address
-        if doc.get("primary") == recorded:
-            doc["primary"] = address
-        for field in ("hosts", "passives", "arbiters"):
-            if isinstance(doc.get(field), list):
-                doc[field] = [address if h == recorded else h for h in doc[field]]
+    me = doc.get("me")
+    members = [*(doc.get("hosts") or ()), *(doc.get("passives") or ())]
+    if me is not None and address != me and address in members:
+        doc.update(me=address, isWritablePrimary=False, ismaster=False, secondary=True)
     doc["localTime"] = datetime.now(timezone.utc)
     doc["connectionId"] = next(_connection_ids)
     doc["ok"] = 1.0
@@ -469,6 +469,43 @@ def _protocol_interface(original: Any) -> Any:
     return configured
 
 
+def _recorded_hosts(fqdn: str) -> list[tuple[str, int]]:
+    """A ``mongodb+srv://`` name's hosts in replay: the recorded replica set's members (no DNS)."""
+    hosts = _recorded_server().get("hosts") or []
+    out = []
+    for host in hosts:
+        name, _, port = str(host).rpartition(":")
+        out.append((name.strip("[]"), int(port or 27017)))
+    return out or [(fqdn, 27017)]
+
+
+def _srv(original: Any, answer: Any) -> Any:
+    def resolved(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _replaying():
+            return answer(self._SrvResolver__fqdn)
+        return original(self, *args, **kwargs)
+
+    return resolved
+
+
+def _async_srv(original: Any, answer: Any) -> Any:
+    async def resolved(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _replaying():
+            return answer(self._SrvResolver__fqdn)
+        return await original(self, *args, **kwargs)
+
+    return resolved
+
+
+# What a replay answers for a mongodb+srv:// name instead of asking DNS: no TXT options, the
+# recorded members as its SRV hosts (with a minute's TTL for the SRV monitor).
+_SRV_ANSWERS: dict[str, Any] = {
+    "get_options": lambda fqdn: None,
+    "get_hosts": _recorded_hosts,
+    "get_hosts_and_min_ttl": lambda fqdn: (_recorded_hosts(fqdn), 60),
+}
+
+
 def _authenticate(original: Any) -> Any:
     def authenticate(*args: Any, **kwargs: Any) -> Any:
         if _replaying():
@@ -510,3 +547,13 @@ class PymongoShim(Shim):
                   _protocol_interface)
         self.wrap(pymongo.synchronous.auth, "authenticate", _authenticate)
         self.wrap(pymongo.asynchronous.auth, "authenticate", _async_authenticate)
+        try:  # (mongodb+srv:// needs dnspython)
+            import pymongo.asynchronous.srv_resolver
+            import pymongo.synchronous.srv_resolver
+        except ImportError:
+            return
+        for name, answer in _SRV_ANSWERS.items():
+            self.wrap(pymongo.synchronous.srv_resolver._SrvResolver, name,
+                      functools.partial(_srv, answer=answer))
+            self.wrap(pymongo.asynchronous.srv_resolver._SrvResolver, name,
+                      functools.partial(_async_srv, answer=answer))
