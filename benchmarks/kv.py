@@ -136,6 +136,46 @@ def redis_ours(args: dict[str, Any]) -> dict[str, Any]:
     return {**res, "commands": [name for name, _ in COMMANDS], "replay_equal": equal}
 
 
+def upstream_fidelity(calls: list[tuple[str, Callable[[Any], Any]]], live: Any,
+                      dead: Callable[[], Any], tmp: Path) -> dict[str, str]:
+    """Upstream timetracer 1.6.0 (its plugins enabled, its session API, no OTel): each call
+    recorded into a cassette of its own (one that cannot be written is one miss), then run under
+    a replay session of it with a client of ``dead()`` (nothing listening); per call, "equal"
+    when the replayed value has the live value and type, else what became of it."""
+    from timetracer.cassette.io import read_cassette, write_cassette
+    from timetracer.config import TraceConfig
+    from timetracer.context import reset_session, set_session
+    from timetracer.session import ReplaySession, TraceSession
+
+    fidelity: dict[str, str] = {}
+    for name, fn in calls:
+        config = TraceConfig(mode="record", cassette_dir=str(tmp / name.split()[0]))
+        session = TraceSession(config=config)
+        token = set_session(session)
+        try:
+            value = fn(live)
+        finally:
+            reset_session(token)
+        try:
+            path = write_cassette(session, config)
+        except Exception as exc:
+            fidelity[name] = f"cassette not written: {type(exc).__name__}"
+            continue
+        token = set_session(ReplaySession(cassette=read_cassette(path), cassette_path=path))
+        client = dead()
+        try:
+            got = fn(client)
+        except Exception as exc:
+            fidelity[name] = f"replay raised {type(exc).__name__}"
+            continue
+        finally:
+            reset_session(token)
+            client.close()
+        fidelity[name] = "equal" if typed(got) == typed(value) else \
+            f"{type(value).__name__} {value!r:.40} became {type(got).__name__} {got!r:.40}"
+    return fidelity
+
+
 def redis_upstream(args: dict[str, Any]) -> dict[str, Any]:
     import redis
     from timetracer.cassette.io import read_cassette, write_cassette
@@ -149,34 +189,10 @@ def redis_upstream(args: dict[str, Any]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-redis-upstream-"))
     ops: int = args["ops"]
     r = redis.Redis(port=6379)
-    fidelity: dict[str, str] = {}
     record_us: list[float] = []
     replay_us: list[float] = []
     try:
-        for name, fn in COMMANDS:  # one cassette per command: one that cannot be written is one miss
-            config = TraceConfig(mode="record", cassette_dir=str(tmp / name.split()[0]))
-            session = TraceSession(config=config)
-            token = set_session(session)
-            try:
-                live = fn(r)
-            finally:
-                reset_session(token)
-            try:
-                path = write_cassette(session, config)
-            except Exception as exc:
-                fidelity[name] = f"cassette not written: {type(exc).__name__}"
-                continue
-            replay = ReplaySession(cassette=read_cassette(path), cassette_path=path)
-            token = set_session(replay)
-            try:
-                got = fn(redis.Redis(port=dead_port()))
-            except Exception as exc:
-                fidelity[name] = f"replay raised {type(exc).__name__}"
-                continue
-            finally:
-                reset_session(token)
-            fidelity[name] = "equal" if typed(got) == typed(live) else \
-                f"{type(live).__name__} {live!r:.40} became {type(got).__name__} {got!r:.40}"
+        fidelity = upstream_fidelity(COMMANDS, r, lambda: redis.Redis(port=dead_port()), tmp)
         # Speed, on the commands it records: GET and INCR, OTel-free, one session per block.
         timed = [fn for name, fn in COMMANDS if name in ("GET", "INCR")]
         for n in range(args["runs"]):
@@ -305,45 +321,15 @@ def pymongo_upstream(args: dict[str, Any]) -> dict[str, Any]:
     """Upstream timetracer 1.6.0's pymongo plugin (``enable_pymongo()``, its own session API):
     each operation recorded into a cassette, then run under a replay session of it with the
     server unreachable."""
-    from timetracer.cassette.io import read_cassette, write_cassette
-    from timetracer.config import TraceConfig
-    from timetracer.context import reset_session, set_session
     from timetracer.plugins import enable_pymongo
-    from timetracer.session import ReplaySession, TraceSession
 
     enable_pymongo()
     proc, port = _mongo()
     tmp = Path(tempfile.mkdtemp(prefix="bench-mongo-upstream-"))
-    fidelity: dict[str, str] = {}
     try:
         _mongo_data(port)
         c = _mongo_client(port)
-        for name, fn in OPERATIONS:
-            config = TraceConfig(mode="record", cassette_dir=str(tmp / name.split()[0]))
-            session = TraceSession(config=config)
-            token = set_session(session)
-            try:
-                live = fn(c)
-            finally:
-                reset_session(token)
-            try:
-                path = write_cassette(session, config)
-            except Exception as exc:
-                fidelity[name] = f"cassette not written: {type(exc).__name__}"
-                continue
-            replay = ReplaySession(cassette=read_cassette(path), cassette_path=path)
-            token = set_session(replay)
-            dead = _mongo_client(dead_port())
-            try:
-                got = fn(dead)
-            except Exception as exc:
-                fidelity[name] = f"replay raised {type(exc).__name__}"
-                continue
-            finally:
-                reset_session(token)
-                dead.close()
-            fidelity[name] = "equal" if typed(got) == typed(live) else \
-                f"{type(live).__name__} {live!r:.40} became {type(got).__name__} {got!r:.40}"
+        fidelity = upstream_fidelity(OPERATIONS, c, lambda: _mongo_client(dead_port()), tmp)
         c.close()
     finally:
         proc.terminate()

@@ -55,9 +55,12 @@ def _body(value: Any, fmt: str) -> bytes:
 def _timeless(response: Any, fmt: str) -> Any:
     """A recorded response without what the clock put in it: the Date header, gzip's mtime
     (an inbound response, the app's own ASGI messages, has neither); and without the server
-    process a database connection was given (the ``connect`` answers of asyncpg and psycopg)."""
+    process a database connection was given (the ``connect`` answers of asyncpg and psycopg),
+    and a MongoDB server's cluster time."""
     if isinstance(response, dict) and ("pid" in response or "backend_pid" in response):
         return {k: None if k in ("pid", "backend_pid") else v for k, v in response.items()}
+    if isinstance(response, dict) and "flags" in response and "reply" in response:
+        return {**response, "reply": _untimed_reply(response["reply"])}
     if response is None or "headers" not in response:
         return response
     headers = [h for h in response["headers"] if h[0].lower() != "date"]
@@ -70,6 +73,15 @@ def _timeless(response: Any, fmt: str) -> Any:
     if ["content-encoding", "gzip"] in headers:
         chunks = [gzip.decompress(b"".join(_body(c, fmt) for c in chunks))]
     return {**response, "headers": headers, "chunks": chunks}
+
+
+def _untimed_reply(reply: Any) -> Any:
+    """A MongoDB reply (its codec tree: keys starting with "$" make it a ``$dict`` of pairs)
+    without the server's clock: ``$clusterTime`` and ``operationTime``."""
+    if isinstance(reply, dict) and isinstance(reply.get("$dict"), list):
+        return {"$dict": [[k, None if k in ("$clusterTime", "operationTime") else v]
+                          for k, v in reply["$dict"]]}
+    return reply
 
 
 def _portless(request: Any) -> Any:

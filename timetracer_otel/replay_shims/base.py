@@ -339,16 +339,33 @@ def deferrable_span(scope: str) -> Span | None:
     span: Any = ctx.get(_SPAN_KEY)
     if type(span) is not _SdkSpan:  # another span class: the public checks
         return _public_deferrable(scope)
+    return span if _free_sdk_span(span, scope) else None
+
+
+def _free_sdk_span(span: Any, scope: str) -> bool:
+    """Whether an SDK span of ``scope`` can still take a call: not ended, not claimed by a
+    running capture, no payload set or left on it."""
     if span._end_time is not None or span is _TAKEN.get():
-        return None
+        return False
     sc = span._instrumentation_scope
     attributes = span._attributes
     inner = getattr(attributes, "_dict", None)
-    if sc is None or not sc._name.startswith(scope) or type(inner) is not dict \
-            or ATTR_PAYLOAD in inner or ATTR_LIBRARY in inner \
-            or DEFERRED in getattr(attributes, "__dict__", _NO_DICT):
+    return not (sc is None or not sc._name.startswith(scope) or type(inner) is not dict
+                or ATTR_PAYLOAD in inner or ATTR_LIBRARY in inner
+                or DEFERRED in getattr(attributes, "__dict__", _NO_DICT))
+
+
+def deferrable_given(span: Any, scope: str) -> Span | None:
+    """:func:`deferrable_span` for an instrumentation span that is not current during its
+    call (pymongo's, which a CommandListener keeps): ``span`` when the call can be left on it."""
+    st = STATE
+    if not st.defer or st.mode is not Mode.RECORD or _CURRENT is None \
+            or type(span) is not _SdkSpan:
         return None
-    return span
+    ctx = _CURRENT.get()
+    if ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN):
+        return None
+    return span if _free_sdk_span(span, scope) else None
 
 
 def _public_deferrable(scope: str) -> Span | None:

@@ -57,11 +57,17 @@ from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
+    BUILDERS,
     RECORD,
     STATE,
     Capture,
+    Payload,
     Shim,
+    built_payload,
     decide,
+    defer,
+    deferrable_given,
+    error_tree,
     rebuild_error,
 )
 
@@ -105,7 +111,8 @@ _CLEANUP = frozenset({"endSessions", "killCursors"})
 
 # On a Connection: the call sent and not yet answered (record), or the answer (replay).
 _PENDING = "_timetracer_pending"
-_SERVER = "_timetracer_server"
+_SERVER = "_timetracer_server"  # (replay: the facts a hello answers with)
+_SERVER_TREE = "_timetracer_server_tree"  # (record: the facts the server gave, as a tree)
 _connection_ids = itertools.count(1)
 
 
@@ -150,6 +157,18 @@ def _sections(message: bytes | memoryview) -> tuple[int, int, dict[str, Any]] | 
     return request_id, flags, command
 
 
+def _head(message: bytes) -> tuple[int, int, str] | None:
+    """``(request id, flags, command name)`` of an OP_MSG without decoding its documents."""
+    _length, request_id, _to, op = _HEADER.unpack_from(message)
+    if op == _OP_MSG and message[20] == 0:  # the body section first, as pymongo sends it
+        flags = int.from_bytes(message[16:20], "little")
+        end = message.find(b"\x00", 26)  # the body's first element's name
+        if end > 26:
+            return request_id, flags, message[26:end].decode()
+    parsed = _sections(message)  # compressed, or laid out otherwise
+    return None if parsed is None else (parsed[0], parsed[1], next(iter(parsed[2])))
+
+
 def _identity(command: dict[str, Any]) -> dict[str, Any]:
     if "endSessions" in command:  # the ids of the client's own fresh sessions: how many
         return {"endSessions": len(command["endSessions"] or ())}
@@ -169,7 +188,10 @@ def _call(command: dict[str, Any]) -> Call:
     if not isinstance(target, str):  # getMore: the cursor id; the collection comes after
         target = command.get("collection")
     # Stored as keyed: the session id and cluster time would only add noise to every diff.
-    identity = STATE.redactor.document(to_tree({"db": db, "command": _identity(command)}))
+    # Fields named like secrets become tokens, and so do secrets seen elsewhere (a bearer token
+    # the app also stores): keys fold tokens, as for HTTP bodies.
+    r = STATE.redactor
+    identity = r.scrub(r.document(to_tree({"db": db, "command": _identity(command)})))
     shape = {"db": db, "name": name, "on": target if isinstance(target, str) else None}
     label = f"{db}.{name}" + (f" {target}" if isinstance(target, str) else "")
     return Call(LIBRARY, identity, identity, shape, label)
@@ -182,10 +204,22 @@ def _server_facts(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: reply[k] for k in _SERVER_FACTS if k in reply}
 
 
-def _reply_tree(reply: _OpMsg, server: dict[str, Any] | None) -> Tree:
-    doc = bson.decode(bytes(reply.payload_document), _EXACT)
-    return {"flags": reply.flags, "reply": STATE.redactor.document(to_tree(doc)),
-            "server": to_tree(server) if server else None}
+def _reply_tree(flags: int, payload: bytes, server: Tree) -> Tree:
+    doc = bson.decode(payload, _EXACT)
+    return {"flags": flags, "reply": STATE.redactor.document(to_tree(doc)), "server": server}
+
+
+def _build(args: Any) -> Payload:
+    """The payload of a call left to the writer (see :func:`_recorded`), as a capture makes it."""
+    message, flags, payload, server, error = args
+    parsed = _sections(message)
+    if parsed is None:  # (cannot happen: the request path read this message's head)
+        raise ValueError("not an OP_MSG")
+    call = _call(parsed[2])
+    return built_payload(call, error, lambda: _reply_tree(flags, payload, server))
+
+
+BUILDERS[LIBRARY] = _build
 
 
 def _recorded_server() -> dict[str, Any]:
@@ -259,29 +293,39 @@ def _listener_span(conn: Any, request_id: int) -> Any:
 
 
 class _Sent:
-    """A command sent while recording, waiting for its reply."""
+    """A command sent while recording, waiting for its reply: captured here (``cap``; None
+    for a hello, whose reply only teaches the server's facts), or left to the writer on its
+    instrumentation span (``span``, with the message as sent)."""
 
-    __slots__ = ("cap", "request_id")
+    __slots__ = ("cap", "message", "request_id", "span")
 
-    def __init__(self, request_id: int, cap: Capture | None) -> None:
-        self.request_id, self.cap = request_id, cap
+    def __init__(self, request_id: int, cap: Capture | None, span: Any = None,
+                 message: bytes = b"") -> None:
+        self.request_id, self.cap, self.span, self.message = request_id, cap, span, message
 
 
 def _on_send(conn: Any, message: bytes) -> Any:
     """What to do with a message: None (send it as it is), a :class:`_Sent` to record,
     or (replay) the answer to give when the reply is read."""
-    parsed = _sections(message)
-    if parsed is None:
+    head = _head(message)
+    if head is None:
         return None
-    request_id, flags, command = parsed
-    name = next(iter(command))
+    request_id, flags, name = head
     replaying = _replaying()
     if name in _HELLO:
         return ("hello", request_id) if replaying else _Sent(request_id, None)
     if name in _AUTH or flags & _MORE_TO_COME:  # secrets, or a write nobody answers
         return ("none", request_id) if replaying else None
-    call = _call(command)
     span = _listener_span(conn, request_id)
+    if not replaying and STATE.defer:
+        left = deferrable_given(span, SCOPE)
+        if left is not None:  # the writer decodes, keys and redacts it
+            return _Sent(request_id, None, left, bytes(message))
+    parsed = _sections(message)
+    if parsed is None:
+        return None
+    command = parsed[2]
+    call = _call(command)
     if replaying:
         # Current while deciding, so the match is marked on it (and on no other span).
         with trace.use_span(span or trace.INVALID_SPAN, end_on_exit=False):
@@ -304,17 +348,23 @@ def _on_send(conn: Any, message: bytes) -> Any:
 
 
 def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException | None) -> None:
+    server = conn.__dict__.get(_SERVER_TREE)
+    if sent.span is not None:
+        payload = bytes(reply.payload_document) if reply is not None else b""
+        defer(sent.span, LIBRARY, (sent.message, reply.flags if reply is not None else 0,
+                                   payload, server, None if error is None else error_tree(error)))
+        return
     cap = sent.cap
     if cap is None:  # a hello: the server's facts, for the calls that follow
         if reply is not None:
             facts = _server_facts(bson.decode(bytes(reply.payload_document), _EXACT))
-            conn.__dict__[_SERVER] = facts
+            conn.__dict__[_SERVER_TREE] = to_tree(facts)
         return
     with cap:
         if error is not None:
             cap.fail(error)
         elif reply is not None:
-            cap.ok(_reply_tree(reply, conn.__dict__.get(_SERVER)))
+            cap.ok(_reply_tree(reply.flags, bytes(reply.payload_document), server))
 
 
 def _send_message(original: Any) -> Any:
@@ -328,10 +378,10 @@ def _send_message(original: Any) -> Any:
         try:
             original(self, message, max_doc_size)
         except Exception as exc:
-            if type(plan) is _Sent:
+            if plan is not None:
                 _recorded(self, plan, None, exc)
             raise
-        if type(plan) is _Sent:
+        if plan is not None:
             self.__dict__[_PENDING] = plan
         return None
 
@@ -393,10 +443,10 @@ def _async_send_message(original: Any) -> Any:
         try:
             await original(self, message, max_doc_size)
         except Exception as exc:
-            if type(plan) is _Sent:
+            if plan is not None:
                 _recorded(self, plan, None, exc)
             raise
-        if type(plan) is _Sent:
+        if plan is not None:
             self.__dict__[_PENDING] = plan
         return None
 
