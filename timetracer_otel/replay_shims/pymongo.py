@@ -367,25 +367,16 @@ def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException
             cap.ok(_reply_tree(reply.flags, bytes(reply.payload_document), server))
 
 
-def _send_message(original: Any) -> Any:
-    def send_message(self: Any, message: bytes, max_doc_size: int) -> None:
-        if STATE.mode is Mode.OFF:
-            return original(self, message, max_doc_size)  # type: ignore[no-any-return]
-        plan = _on_send(self, message)
-        if type(plan) is tuple:
-            self.__dict__[_PENDING] = plan
-            return None
-        try:
-            original(self, message, max_doc_size)
-        except Exception as exc:
-            if plan is not None:
-                _recorded(self, plan, None, exc)
-            raise
-        if plan is not None:
-            self.__dict__[_PENDING] = plan
+def _send_plan(conn: Any, message: bytes) -> _Sent | bool | None:
+    """Before a message goes out: None (send it untouched), True (replay answered it: nothing
+    goes out), or the :class:`_Sent` to keep once it is sent."""
+    if STATE.mode is Mode.OFF:
         return None
-
-    return send_message
+    plan = _on_send(conn, message)
+    if type(plan) is tuple:
+        conn.__dict__[_PENDING] = plan
+        return True
+    return plan  # type: ignore[no-any-return]
 
 
 def _replayed(conn: Any, plan: tuple[Any, ...]) -> _OpMsg:
@@ -399,28 +390,45 @@ def _replayed(conn: Any, plan: tuple[Any, ...]) -> _OpMsg:
     return _OpMsg(0, bson.encode({"ok": 1.0}))
 
 
-def _take_pending(conn: Any, request_id: int | None) -> Any:
+def _receive_plan(conn: Any, request_id: int | None) -> _OpMsg | _Sent | None:
+    """Before a reply is read: None (read it untouched), the replayed reply, or the
+    :class:`_Sent` it answers (record)."""
+    if STATE.mode is Mode.OFF:
+        return None
     plan = conn.__dict__.pop(_PENDING, None)
-    if plan is None:
-        return None
-    if (plan[1] if type(plan) is tuple else plan.request_id) != request_id:
-        return None
-    return plan
+    if plan is not None and (plan[1] if type(plan) is tuple else plan.request_id) != request_id:
+        plan = None
+    if type(plan) is tuple:
+        return _replayed(conn, plan)
+    if plan is None and _replaying():
+        raise ReplayUnsupportedError(
+            "pymongo read a reply no command asked for (an exhaust cursor or a streaming "
+            "monitor), which replay does not support.")
+    return plan  # type: ignore[no-any-return]
+
+
+def _send_message(original: Any) -> Any:
+    def send_message(self: Any, message: bytes, max_doc_size: int) -> None:
+        plan = _send_plan(self, message)
+        if plan is True:
+            return
+        try:
+            original(self, message, max_doc_size)
+        except Exception as exc:
+            if isinstance(plan, _Sent):
+                _recorded(self, plan, None, exc)
+            raise
+        if isinstance(plan, _Sent):
+            self.__dict__[_PENDING] = plan
+
+    return send_message
 
 
 def _receive_message(original: Any) -> Any:
     def receive_message(self: Any, request_id: int | None) -> Any:
-        if STATE.mode is Mode.OFF:
-            return original(self, request_id)
-        plan = _take_pending(self, request_id)
-        if type(plan) is tuple:
-            return _replayed(self, plan)
-        if plan is None:
-            if _replaying():
-                raise ReplayUnsupportedError(
-                    "pymongo read a reply no command asked for (an exhaust cursor or a "
-                    "streaming monitor), which replay does not support.")
-            return original(self, request_id)
+        plan = _receive_plan(self, request_id)
+        if not isinstance(plan, _Sent):
+            return original(self, request_id) if plan is None else plan
         try:
             reply = original(self, request_id)
         except Exception as exc:
@@ -434,38 +442,26 @@ def _receive_message(original: Any) -> Any:
 
 def _async_send_message(original: Any) -> Any:
     async def send_message(self: Any, message: bytes, max_doc_size: int) -> None:
-        if STATE.mode is Mode.OFF:
-            return await original(self, message, max_doc_size)  # type: ignore[no-any-return]
-        plan = _on_send(self, message)
-        if type(plan) is tuple:
-            self.__dict__[_PENDING] = plan
-            return None
+        plan = _send_plan(self, message)
+        if plan is True:
+            return
         try:
             await original(self, message, max_doc_size)
         except Exception as exc:
-            if plan is not None:
+            if isinstance(plan, _Sent):
                 _recorded(self, plan, None, exc)
             raise
-        if plan is not None:
+        if isinstance(plan, _Sent):
             self.__dict__[_PENDING] = plan
-        return None
 
     return send_message
 
 
 def _async_receive_message(original: Any) -> Any:
     async def receive_message(self: Any, request_id: int | None) -> Any:
-        if STATE.mode is Mode.OFF:
-            return await original(self, request_id)
-        plan = _take_pending(self, request_id)
-        if type(plan) is tuple:
-            return _replayed(self, plan)
-        if plan is None:
-            if _replaying():
-                raise ReplayUnsupportedError(
-                    "pymongo read a reply no command asked for (an exhaust cursor or a "
-                    "streaming monitor), which replay does not support.")
-            return await original(self, request_id)
+        plan = _receive_plan(self, request_id)
+        if not isinstance(plan, _Sent):
+            return await original(self, request_id) if plan is None else plan
         try:
             reply = await original(self, request_id)
         except Exception as exc:
