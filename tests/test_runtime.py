@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
 
 import timetracer_otel
 from tests.upstream_app import app
@@ -356,10 +357,15 @@ def test_a_run_ends_even_when_its_end_raises(tmp_path: Path) -> None:
     rec = timetracer_otel.record(dir=tmp_path)
     try:
         with pytest.raises(KeyboardInterrupt), rec:  # the block's end raises
+            with trace.get_tracer("tests").start_as_current_span("job-before-ctrl-c"):
+                pass
             stop.armed = True
     finally:
         stop.armed = False
-    assert switched_off() and rec.writer is not None and rec.writer._closed  # flushed and closed
+    assert switched_off()
+    # Its writer was flushed and closed all the same: the span of the block is in its cassette.
+    (path,) = rec.paths
+    assert [s.name for s in load_cassette(path).spans] == ["job-before-ctrl-c"]
 
 
 def _interrupted_switch(monkeypatch: pytest.MonkeyPatch, mode: Mode) -> list[Mode]:
