@@ -12,7 +12,7 @@ kept in the :class:`ReplayReport`, so nothing is silently approximate::
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -115,7 +115,8 @@ class Answers(Protocol):
 
     def miss_message(self, call: Call, *, hint: str = "") -> str: ...
 
-    def first(self, library: str) -> SpanRecord | None: ...
+    def first(self, library: str,
+              where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None: ...
 
 
 class ReplayIndex:
@@ -232,13 +233,17 @@ class ReplayIndex:
         )
         return "\n".join(lines)
 
-    def first(self, library: str) -> SpanRecord | None:
-        """The earliest recorded call of ``library``, used or not (not taken): what a shim
-        needs to know of the recording before its first call (pymongo: the server's kind)."""
+    def first(self, library: str,
+              where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
+        """The earliest recorded call of ``library`` (for which ``where`` holds), used or not
+        (not taken): what a shim needs to know of the recording before its first call
+        (pymongo: the server's kind)."""
         with self._lock:
             for entry in self._entries:
                 if entry.span.library == library:
-                    return entry.record()
+                    span = entry.record()
+                    if where is None or where(span):
+                        return span
         return None
 
     def unused(self) -> list[_Entry]:

@@ -295,6 +295,12 @@ class Redactor:
         self.header_names = _NameSet([*SECRET_HEADERS, *rules["headers"]])
         self.param_names = _NameSet([*SECRET_PARAMS, *rules["params"]])
         self.field_names = _NameSet([*SECRET_FIELDS, *rules["mongo_fields"]])
+        # Keyword arguments (a task's): secret-looking names, without the bare "key"/"sig" of
+        # URLs, which name cache keys and object keys far more often than secrets there.
+        self.argument_names = _NameSet([
+            *SECRET_FIELDS, *(p for p in SECRET_PARAMS if p not in ("key", "sig")),
+            "*_token", "*_secret", "*password*", "auth", "credentials",
+            *rules["params"], *rules["mongo_fields"]])
         anywhere: list[str] = []
         paths: list[tuple[str, ...]] = []
         for p in rules["json_paths"]:
@@ -564,6 +570,11 @@ class Redactor:
     def document(self, value: Any) -> Any:
         """A Mongo document (codec tree) with the configured field names redacted at any depth."""
         return self._anywhere(value, self.field_names)
+
+    def arguments(self, value: Any) -> Any:
+        """Call arguments (a codec tree: a Celery task's args and kwargs) with secret-looking
+        keyword names (``token``, ``api_key``, ``*_secret``...) redacted at any depth."""
+        return self._anywhere(value, self.argument_names)
 
     def _anywhere(self, node: Any, names: _NameSet) -> Any:
         if isinstance(node, dict):

@@ -465,8 +465,9 @@ class _Routed:
     def miss_message(self, call: Call, *, hint: str = "") -> str:
         return self._index().miss_message(call, hint=hint)
 
-    def first(self, library: str) -> SpanRecord | None:
-        return self._index().first(library)
+    def first(self, library: str,
+              where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
+        return self._index().first(library, where)
 
     def append(self, record: SpanRecord, /) -> None:
         run = _run_here(_Replaying)

@@ -15,6 +15,8 @@ of a file or directory: exit 0 when all match, 1 when one differs, 2 on bad inpu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,28 @@ def _compare(span: SpanRecord, state: str, value: Any, report: ReplayReport,
     return diff
 
 
+@contextlib.contextmanager
+def _one_attempt(task: Any) -> Iterator[None]:
+    """``task.retry()`` ends the run with ``Retry`` as on a worker, instead of running the next
+    attempt at once as an eager ``apply`` does: that attempt is another recorded run."""
+    from celery.exceptions import Retry
+
+    original = task.retry
+
+    def retry(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except Retry as exc:
+            exc.sig = None
+            raise
+
+    task.retry = retry
+    try:
+        yield
+    finally:
+        del task.retry
+
+
 def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
                 strict: bool = False) -> TaskResult:
     """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
@@ -114,8 +138,9 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
     args, kwargs = from_tree(request["args"]), from_tree(request["kwargs"])
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
     rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
-    with rep:
-        eager = task.apply(args=args, kwargs=kwargs)
+    with rep, _one_attempt(task):  # this run, as the worker ran it (its id, its retry count)
+        eager = task.apply(args=args, kwargs=kwargs, task_id=request.get("id"),
+                           retries=request.get("retries") or 0)
     state, value = eager.state, eager.result
     report = rep.report
     diff = _compare(span, state, value, report, misses_fail=rep.on_miss is OnMiss.ERROR)

@@ -1,5 +1,6 @@
 """The Celery app of the celery tests: Redis on 127.0.0.1:6379 as broker and result backend
-(database 14, its keys deleted by the tests), JSON messages."""
+(database 14, its keys deleted by the tests), JSON messages, extended result meta (the task's
+name and args come back with its result)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ app = Celery("tt_tests", broker=BROKER, backend=BROKER)
 app.conf.update(
     task_serializer="json", result_serializer="json", accept_content=["json"],
     broker_connection_retry_on_startup=False, result_expires=600,
-    worker_hijack_root_logger=False,
+    worker_hijack_root_logger=False, result_extended=True,
 )
 
 
@@ -36,3 +37,30 @@ def profile(user_id: int, base_url: str) -> dict[str, Any]:
     return {"id": user_id, "name": data["name"].title(), "score": data["score"] * 2,
             "tags": sorted(data["tags"])}
 
+
+
+@app.task(name="tt.spawn", shared=False)
+def spawn(x: int) -> str:
+    """Starts another task and returns its id: a result the caller did not send itself."""
+    return str(add.delay(x, x).id)
+
+
+@app.task(name="tt.quota", shared=False)
+def quota(user: int) -> None:
+    """Raises an exception whose module the producer never imports."""
+    from tests.replay_shims.celery_errors import QuotaExceeded
+
+    raise QuotaExceeded(f"user {user} is over quota", user)
+
+
+@app.task(name="tt.notify", shared=False)
+def notify(user: int, token: str = "", api_key: str = "") -> int:
+    return user
+
+
+@app.task(name="tt.flaky", bind=True, shared=False, max_retries=3)
+def flaky(self: Any, n: int) -> int:
+    """Fails its first attempt and retries: a worker records two runs."""
+    if self.request.retries < 1:
+        raise self.retry(countdown=0)
+    return n * 10

@@ -15,6 +15,7 @@ from typing import Any
 import celery.exceptions
 import pytest
 import redis
+from celery import group
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,7 +25,7 @@ from starlette.routing import Route
 import timetracer_otel
 from tests.conftest import ServerThread, connects_refused, plain_env, timetracer_cli
 from tests.replay_shims import celery_app_changed
-from tests.replay_shims.celery_app import add, app, fail, profile
+from tests.replay_shims.celery_app import add, app, fail, flaky, notify, profile, quota, spawn
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.tasks import replay_task, task_run_span
 
@@ -105,6 +106,18 @@ def producer_job() -> list[Any]:
         except ValueError as exc:
             out.append(exc)
         out += [failing.state, failing.get(timeout=30, propagate=False)]
+        # The id the task had, and the meta the backend gave (name and args, result_extended).
+        out += [sum_.id, sum_.name, sum_.args]
+        # A result this process did not send: it only knows the id a task returned.
+        child = app.AsyncResult(spawn.delay(4).get(timeout=30))
+        out += [child.state, child.get(timeout=30)]
+        # A group, read back together.
+        out.append(group(add.s(i, i) for i in range(3)).apply_async().get(timeout=30))
+        # An exception class this process never imported: Celery's stand-in for it, as live.
+        try:
+            quota.delay(7).get(timeout=30)
+        except Exception as exc:
+            out.append((type(exc).__module__, type(exc).__qualname__, exc.args))
         return out
 
 
@@ -116,6 +129,10 @@ def test_sending_tasks_and_reading_results_replay_without_a_broker(
         live = producer_job()
     assert live[:3] == [5, "SUCCESS", True] and typed(live[3]) == ("ValueError", "bad input 7")
     assert live[4] == "FAILURE" and type(live[5]) is ValueError
+    assert live[7:] == ["tt.add", [2, 3], "SUCCESS", 8, [0, 2, 4],
+                        ("tests.replay_shims.celery_errors", "QuotaExceeded",
+                         ("user 7 is over quota", 7))]
+    assert "tests.replay_shims.celery_errors" not in sys.modules  # (only the worker has it)
     # No broker, no result backend, no worker: every connect is refused.
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = producer_job()
@@ -125,9 +142,22 @@ def test_sending_tasks_and_reading_results_replay_without_a_broker(
     # The sends sit on the instrumentation's producer spans; the broker's own Redis traffic
     # (kombu's LPUSH...) and the backend's result reads are not in the cassette.
     spans = [s for p in rec.paths for s in load_cassette(p).spans]
-    sends = [s for s in spans if s.library == "celery" and s.kind == "PRODUCER"]
-    assert [s.name for s in sends] == ["apply_async/tt.add", "apply_async/tt.fail"]
+    sends = [s.name for s in spans if s.library == "celery" and s.kind == "PRODUCER"]
+    assert sends[:3] == ["apply_async/tt.add", "apply_async/tt.fail", "apply_async/tt.spawn"]
     assert not [s for s in spans if s.library == "redis"]
+
+
+def test_secrets_in_task_arguments_stay_out_of_the_cassette(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    worker()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert notify.delay(7, token="tok-S3cret-123", api_key="key-S3cret-456").get(timeout=30) == 7
+    raw = b"".join(Path(p).read_bytes() for p in rec.paths)
+    assert b"tok-S3cret-123" not in raw and b"key-S3cret-456" not in raw
+    with connects_refused(), timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert notify.delay(7, token="tok-S3cret-123", api_key="key-S3cret-456").get(timeout=30) == 7
+    assert rep.report.misses == [] and rep.report.unused == []
 
 
 def test_a_task_sent_differently_is_a_miss(
@@ -158,36 +188,39 @@ def test_a_recorded_worker_runs_its_tasks_again_offline(
 ) -> None:
     cassettes = tmp_path / "worker"
     proc = worker(record_dir=cassettes)
-    live = [profile.delay(4, upstream.url).get(timeout=30), add.delay(2, 3).get(timeout=30)]
+    live = [profile.delay(4, upstream.url).get(timeout=30), add.delay(2, 3).get(timeout=30),
+            flaky.delay(3).get(timeout=30)]
     with pytest.raises(ValueError, match="bad input 9"):
         fail.delay(9).get(timeout=30)
     output = stop(proc)
     upstream.stop()  # the task's dependency is gone for the replay
-    assert live == [{"id": 4, "name": "User 4", "score": 10.0, "tags": ["a", "b"]}, 5]
-    runs = {}
+    assert live == [{"id": 4, "name": "User 4", "score": 10.0, "tags": ["a", "b"]}, 5, 30]
+    runs: dict[str, Path] = {}
     for path in find_cassettes(cassettes):
         span = task_run_span(load_cassette(path))
         if span is not None and span.request["args"] != [0, 0]:  # (the readiness probe)
-            runs[span.request["task"]] = path
-    assert sorted(runs) == ["tt.add", "tt.fail", "tt.profile"], output
+            runs[f"{span.request['task']}#{span.request['retries']}"] = path
+    # flaky ran twice: its first attempt retried, its second returned.
+    assert sorted(runs) == ["tt.add#0", "tt.fail#0", "tt.flaky#0", "tt.flaky#1",
+                            "tt.profile#0"], output
     # Each run holds its own dependency calls: the profile run its HTTP call, no Redis.
-    calls = load_cassette(runs["tt.profile"]).interactions
+    calls = load_cassette(runs["tt.profile#0"]).interactions
     assert [(c.library, c.kind) for c in calls] == [("celery", "CONSUMER"), ("httpx", "CLIENT")]
     with connects_refused() as attempts:
         results = {name: replay_task(path, app, strict=True) for name, path in runs.items()}
     assert attempts == []
     for name, result in results.items():
         assert result.ok, (name, result.render())
-    assert results["tt.profile"].report.exact == 1
+    assert results["tt.profile#0"].report.exact == 1
     # A task whose code changed gives another outcome: the replay says what differs.
-    changed = replay_task(runs["tt.add"], celery_app_changed.app)
+    changed = replay_task(runs["tt.add#0"], celery_app_changed.app)
     assert not changed.ok and changed.diff == ["value: recorded 5, now 6"]
     # The CLI runs every task run of the directory: exit 0 when all match, 1 when one differs.
     cli = timetracer_cli("replay", str(cassettes), "--celery", "tests.replay_shims.celery_app:app",
                          env=plain_env(PYTHONPATH=str(ROOT)))
     assert cli.returncode == 0, cli.stdout + cli.stderr
-    assert "4 matched, 0 differ" in cli.stdout
-    cli = timetracer_cli("replay", str(runs["tt.add"]), "--celery",
+    assert "6 matched, 0 differ" in cli.stdout
+    cli = timetracer_cli("replay", str(runs["tt.add#0"]), "--celery",
                          "tests.replay_shims.celery_app_changed:app", env=plain_env(PYTHONPATH=str(ROOT)))
     assert cli.returncode == 1 and "value: recorded 5, now 6" in cli.stdout
     cli = timetracer_cli("replay", str(cassettes), "--celery", "no_such_module:app",

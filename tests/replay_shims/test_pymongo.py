@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import socket
+import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +76,8 @@ def job(port: int, name: str) -> list[Any]:
     out.append(items.count_documents({}))
     out.append(list(items.aggregate([{"$group": {"_id": None, "total": {"$sum": "$n"}}}])))
     out.append(items.delete_many({"n": {"$gt": 100}}).deleted_count)
+    hello = c.admin.command("hello")  # the app's own: answered as the server answered it
+    out.append((sorted(hello), hello.get("topologyVersion"), hello.get("setName")))
     c.close()
     return out
 
@@ -188,6 +192,54 @@ def test_a_lost_connection_replays_as_the_same_error(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths):
         replayed = lose(unreachable_port(), None)
     assert attempts == [] and typed(replayed) == typed(live)
+
+
+@pytest.fixture
+def standalone_port() -> Iterator[int]:
+    """A second MongoDB-wire server, a standalone one (no replica set)."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
+         "--storage-path", ":memory:", "--standalone"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"secantus --standalone did not start on 127.0.0.1:{port}")
+        time.sleep(0.1)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_two_deployments_each_replay_as_they_were(
+    mongo_port: int, standalone_port: int, db_name: str, tmp_path: Path
+) -> None:
+    """A service that talks to a replica set and to a standalone server: each client discovers
+    in replay what it discovered live (the server facts are kept per server)."""
+    def both(rs_port: int, single_port: int) -> list[Any]:
+        rs, single = client(rs_port), client(single_port)
+        rs[db_name].items.insert_one({"_id": "rs"})
+        single[db_name].items.insert_one({"_id": "single"})
+        out = [rs[db_name].items.find_one(), single[db_name].items.find_one(),
+               rs.topology_description.topology_type_name,
+               single.topology_description.topology_type_name]
+        rs.close()
+        single.close()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = both(mongo_port, standalone_port)
+    assert live[2:] == ["ReplicaSetWithPrimary", "Single"]
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = both(mongo_port, standalone_port)  # (nothing reached: connects refused)
+    assert attempts == [] and typed(replayed) == typed(live)
+    assert rep.report.misses == [] and rep.report.unused == []
 
 
 def test_an_srv_name_replays_without_dns(

@@ -20,8 +20,10 @@ MODULE:APP``) runs that task again in-process, every dependency answered from th
 and compares its outcome with the recorded one.
 
 Values are stored with the typed codec (what the task serializer carried: JSON or pickle).
-Not covered: chords (their header results are joined through the backend), ``GroupResult``
-saved on the backend, ``AsyncResult.forget``/``revoke``.
+Groups: their results are read one by one while recording and replaying (``join`` instead of
+the backend's native join), each keyed by its task. Not covered: chords (their header results
+are joined on the worker through the backend), ``GroupResult.save``/``restore``,
+``AsyncResult.forget``/``revoke``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from timetracer_otel.codec import Tree, from_tree, to_tree
 from timetracer_otel.config import Mode
+from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
@@ -45,6 +48,7 @@ from timetracer_otel.replay_shims.base import (
     capture,
     decide,
     error_tree,
+    instantiate,
     rebuild_error,
 )
 
@@ -61,8 +65,9 @@ def _replaying() -> bool:
 
 
 def _task(name: str, args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> Tree:
-    return STATE.redactor.document(to_tree(
-        {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})}))
+    r = STATE.redactor
+    return r.scrub(r.arguments(to_tree(
+        {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})})))
 
 
 def _label(kind: str, name: str) -> str:
@@ -70,11 +75,13 @@ def _label(kind: str, name: str) -> str:
 
 
 def task_call(kind: str, name: str, args: Sequence[Any] | None,
-              kwargs: dict[str, Any] | None) -> Call:
-    """The :class:`Call` of sending (``kind`` "send") or running ("run") a task."""
+              kwargs: dict[str, Any] | None, stored: dict[str, Any] | None = None) -> Call:
+    """The :class:`Call` of sending (``kind`` "send") or running ("run") a task; ``stored``
+    adds fields to its stored request that are not part of its key."""
     task = _task(name, args, kwargs)
     identity = {"kind": kind, **task}
-    return Call(LIBRARY, identity, identity, {"kind": kind, "task": name}, _label(kind, name))
+    request = {**identity, **stored} if stored else identity
+    return Call(LIBRARY, request, identity, {"kind": kind, "task": name}, _label(kind, name))
 
 
 def _sent(task_id: str, task: Tree) -> None:
@@ -85,38 +92,74 @@ def _sent(task_id: str, task: Tree) -> None:
 
 def _result_call(result: Any, what: str) -> Call:
     task = _SENT.get(result.id)
-    name = task["task"] if isinstance(task, dict) else getattr(result, "name", None) or "?"
+    # (not result.name: a property that reads the backend, through _get_task_meta, patched)
+    name = task["task"] if isinstance(task, dict) else "?"
     identity = {"kind": what, "of": task if task is not None else {"id": result.id}}
     return Call(LIBRARY, identity, identity, {"kind": what, "task": name},
                 _label(what, str(name)))
 
 
 def _outcome(value: Any) -> Tree:
-    """A value a task returned, or the exception a result holds in its place."""
+    """A value a task returned, or the exception a result holds in its place (a value the
+    codec cannot carry is kept as its repr, and replaying it is refused: recording never
+    breaks the app's call)."""
     if isinstance(value, BaseException):
         return {"exception": error_tree(value)}
-    return {"value": to_tree(value)}
+    try:
+        return {"value": to_tree(value)}
+    except Exception:
+        return {"unsupported": f"{type(value).__qualname__}: {value!r:.200}"}
 
 
 def _value(tree: Tree) -> Any:
     if tree.get("exception") is not None:
-        return rebuild_error(tree["exception"])
+        return _exception(tree["exception"])
+    if tree.get("unsupported") is not None:
+        raise ReplayUnsupportedError(
+            f"a Celery result was recorded as a value the cassette cannot carry "
+            f"({tree['unsupported']}); register its type with timetracer_otel.codec.register.")
     return from_tree(tree.get("value"))
+
+
+def _exception(tree: Tree) -> BaseException:
+    """A task's exception again: its own class, or where its module is not importable here,
+    the stand-in class Celery makes for it (as the live result did)."""
+    error = rebuild_error(tree)
+    if not isinstance(error, ReplayUnsupportedError):
+        return error
+    from celery.utils.serialization import create_exception_cls
+
+    module, _, name = tree["type"].partition(":")
+    cls = create_exception_cls(name.rpartition(".")[2], module)
+    args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    return instantiate(cls, *args)
+
+
+# Meta fields kept apart: the result (a value or an exception), and the children (results of
+# the tasks this one started, which the cache holds as AsyncResult objects).
+_META_APART = ("result", "children")
 
 
 def _meta_tree(meta: dict[str, Any] | None) -> Tree:
     if not meta:
         return None
-    return {"status": meta.get("status"), "result": _outcome(meta.get("result")),
-            "traceback": meta.get("traceback"), "date_done": to_tree(meta.get("date_done"))}
+    out = {}
+    for k, v in meta.items():
+        if k not in _META_APART:
+            try:
+                out[k] = to_tree(v)
+            except Exception:  # (a field the codec cannot carry is left out)
+                continue
+    out["result"] = _outcome(meta.get("result"))
+    return out
 
 
 def _meta(result: Any, tree: Tree) -> dict[str, Any] | None:
     if tree is None:
         return None
-    return {"task_id": result.id, "status": tree["status"], "result": _value(tree["result"]),
-            "traceback": tree.get("traceback"), "children": [],
-            "date_done": from_tree(tree.get("date_done"))}
+    meta = {k: from_tree(v) for k, v in tree.items() if k != "result"}
+    meta.update(task_id=result.id, result=_value(tree["result"]), children=[])
+    return meta
 
 
 def _decided(call: Call) -> Match | Any:
@@ -145,8 +188,10 @@ def _send_task(original: Any) -> Any:
         action = _decided(call)
         if not isinstance(action, Match):
             return original(self, name, args, kwargs, **options)  # passthrough: the broker
-        _answer(action)  # the recorded publish error, raised
-        task_id = options.get("task_id") or str(uuid.uuid4())
+        sent = _answer(action)  # (the recorded publish error, raised)
+        # The id the recording's task had, so what the app does with it (stores it, returns it)
+        # is as recorded; a fresh one when the recording has none.
+        task_id = options.get("task_id") or sent.get("id") or str(uuid.uuid4())
         _sent(task_id, _task(name, args, kwargs))
         result = (options.get("result_cls") or self.AsyncResult)(task_id)
         task_type = options.get("task_type") or self.tasks.get(name)
@@ -176,7 +221,7 @@ def _publish(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc)
                 raise
-            cap.ok({"sent": True})
+            cap.ok({"sent": True, "id": task_id})
             return out
 
     return publish
@@ -198,6 +243,8 @@ def _get(original: Any) -> Any:
             meta = _meta(self, tree.get("meta"))
             if meta is not None:
                 self._cache = meta
+                if meta.get("status") in self.backend.READY_STATES:
+                    self.on_ready(self)  # (what the backend's answer does live: then() callbacks)
             value = _value(tree["outcome"])
             if tree["outcome"].get("raised"):  # as the live get() did (the task's error, a timeout)
                 raise value
@@ -241,6 +288,35 @@ def _get_task_meta(original: Any) -> Any:
     return get_task_meta
 
 
+_JOIN_NATIVE_ARGS = ("timeout", "propagate", "interval", "callback", "no_ack", "on_message",
+                     "on_interval", "disable_sync_subtasks")
+
+
+def _join_native(original: Any) -> Any:
+    def join_native(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """A group's results read one by one (``join``, through each result's ``get()``)
+        while recording or replaying, so each is kept by the task it belongs to; natively
+        the backend reads them together under fresh ids (a Redis ``MGET``)."""
+        kwargs.update(zip(_JOIN_NATIVE_ARGS, args, strict=False))
+        if STATE.mode is Mode.OFF or (STATE.mode is Mode.REPLAY and not _replaying()) \
+                or kwargs.get("on_message") is not None:
+            return original(self, **kwargs)
+        kwargs.pop("on_message", None)
+        return self.join(**kwargs)
+
+    return join_native
+
+
+def _then(original: Any) -> Any:
+    def then(self: Any, callback: Any, on_error: Any = None, weak: bool = False) -> Any:
+        if not _replaying():
+            return original(self, callback, on_error, weak)
+        # (no backend to wait on: the callback runs when a replayed get() fills the result)
+        return self.on_ready.then(callback, on_error)
+
+    return then
+
+
 # --- the worker ------------------------------------------------------------------------------
 
 
@@ -263,7 +339,9 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
     if STATE.mode is not Mode.RECORD or task is None:
         return
     try:
-        call = task_call("run", task.name, args, kwargs)
+        # Which run of the task this was: replay_task runs it again as that one.
+        retries = getattr(getattr(task, "request", None), "retries", 0) or 0
+        call = task_call("run", task.name, args, kwargs, {"id": task_id, "retries": retries})
         if decide(call) is not RECORD:
             return
         with capture(call, SCOPE) as cap:
@@ -292,6 +370,9 @@ class CeleryShim(Shim):
         self.wrap(celery.app.base.Celery, "send_task", _send_task)
         self.wrap(kombu.messaging.Producer, "publish", _publish)
         self.wrap(celery.result.AsyncResult, "get", _get)
+        self.wrap(celery.result.AsyncResult, "wait", _get)  # (an alias made with the class)
+        self.wrap(celery.result.AsyncResult, "then", _then)
+        self.wrap(celery.result.ResultSet, "join_native", _join_native)
         self.wrap(celery.result.AsyncResult, "_get_task_meta", _get_task_meta)
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
         signals.task_postrun.connect(_on_postrun, weak=False)

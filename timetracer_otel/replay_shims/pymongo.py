@@ -222,23 +222,41 @@ def _build(args: Any) -> Payload:
 BUILDERS[LIBRARY] = _build
 
 
-def _recorded_server() -> dict[str, Any]:
-    """The server facts of the first recorded pymongo call, else a standalone server's."""
+def _facts_of(span: Any) -> Any:
+    return (span.response or {}).get("server") if isinstance(span.response, dict) else None
+
+
+def _recorded_server(address: str | None = None) -> dict[str, Any]:
+    """The facts of the server recorded at ``address`` (where the recording connected, or
+    the member it named itself), else of the first recorded pymongo call's server, else a
+    standalone server's: a recording of two deployments answers each as it was."""
     index = STATE.index
-    span = index.first(LIBRARY) if index is not None else None
-    server = (span.response or {}).get("server") if span is not None else None
-    return dict(from_tree(server)) if server else dict(_STANDALONE)
+    span = None
+    if index is not None and address is not None:
+        def at(candidate: Any) -> bool:
+            facts = _facts_of(candidate)
+            return isinstance(facts, dict) and address in (facts.get("address"), facts.get("me"))
+
+        span = index.first(LIBRARY, at)
+    if span is None and index is not None:
+        span = index.first(LIBRARY, lambda candidate: _facts_of(candidate) is not None)
+    server = _facts_of(span) if span is not None else None
+    if not server:
+        return dict(_STANDALONE)
+    facts = dict(from_tree(server))
+    facts.pop("address", None)
+    return facts
 
 
 def _hello_reply(conn: Any) -> _OpMsg:
+    address = f"{conn.address[0]}:{conn.address[1]}"
     facts = conn.__dict__.get(_SERVER)
     if facts is None:
-        facts = conn.__dict__[_SERVER] = _recorded_server()
+        facts = conn.__dict__[_SERVER] = _recorded_server(address)
     doc = dict(facts)
     # The recorded member answers as recorded, so the client discovers the replica set (its
     # hosts, its primary) as it did, whatever seed this replay was given; another member of
     # that set answers as a secondary of it.
-    address = f"{conn.address[0]}:{conn.address[1]}"
     me = doc.get("me")
     members = [*(doc.get("hosts") or ()), *(doc.get("passives") or ())]
     if me is not None and address != me and address in members:
@@ -312,11 +330,11 @@ def _on_send(conn: Any, message: bytes) -> Any:
         return None
     request_id, flags, name = head
     replaying = _replaying()
-    if name in _HELLO:
+    span = _listener_span(conn, request_id)
+    if name in _HELLO and span is None:  # a handshake or a monitor's (the app's own is traced)
         return ("hello", request_id) if replaying else _Sent(request_id, None)
     if name in _AUTH or flags & _MORE_TO_COME:  # secrets, or a write nobody answers
         return ("none", request_id) if replaying else None
-    span = _listener_span(conn, request_id)
     if not replaying and STATE.defer:
         left = deferrable_given(span, SCOPE)
         if left is not None:  # the writer decodes, keys and redacts it
@@ -358,6 +376,7 @@ def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException
     if cap is None:  # a hello: the server's facts, for the calls that follow
         if reply is not None:
             facts = _server_facts(bson.decode(bytes(reply.payload_document), _EXACT))
+            facts["address"] = f"{conn.address[0]}:{conn.address[1]}"  # (where it was reached)
             conn.__dict__[_SERVER_TREE] = to_tree(facts)
         return
     with cap:
