@@ -98,8 +98,9 @@ def _compare(span: SpanRecord, state: str, value: Any, report: ReplayReport,
 
 @contextlib.contextmanager
 def _one_attempt(task: Any) -> Iterator[None]:
-    """``task.retry()`` ends the run with ``Retry`` as on a worker, instead of running the next
-    attempt at once as an eager ``apply`` does: that attempt is another recorded run."""
+    """``task.retry()`` does what it does on a worker: it sends the next attempt (answered
+    from the cassette, as every send is) and ends this run with ``Retry``, instead of running
+    that attempt at once as an eager ``apply`` does: it is another recorded run."""
     from celery.exceptions import Retry
 
     original = task.retry
@@ -108,7 +109,9 @@ def _one_attempt(task: Any) -> Iterator[None]:
         try:
             return original(*args, **kwargs)
         except Retry as exc:
-            exc.sig = None
+            if exc.sig is not None:
+                exc.sig.apply_async()
+                exc.sig = None
             raise
 
     task.retry = retry
