@@ -173,9 +173,10 @@ def bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def mongo_port() -> Iterator[int]:
-    """A real MongoDB-wire server (secantusdb, in memory) on 127.0.0.1; stopped afterwards."""
+@contextlib.contextmanager
+def mongo_server(*options: str) -> Iterator[int]:
+    """A real MongoDB-wire server (secantusdb, in memory) on 127.0.0.1 with ``options``
+    (``--standalone``: no replica set); its port, and it is stopped afterwards."""
     import importlib.util
 
     if importlib.util.find_spec("secantus") is None:  # a missing service fails, naming it
@@ -183,7 +184,7 @@ def mongo_port() -> Iterator[int]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
-         "--storage-path", ":memory:"],
+         "--storage-path", ":memory:", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
@@ -192,14 +193,23 @@ def mongo_port() -> Iterator[int]:
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"secantusd-py did not start on 127.0.0.1:{port}")
+            pytest.fail(f"secantus {' '.join(options)} did not start on 127.0.0.1:{port}")
         time.sleep(0.1)
-    yield port
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mongo_port() -> Iterator[int]:
+    """The session's MongoDB-wire server (a one-member replica set, as secantusdb starts)."""
+    with mongo_server() as port:
+        yield port
 
 
 def plain_env(**extra: str) -> dict[str, str]:

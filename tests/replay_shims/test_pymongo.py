@@ -8,10 +8,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import socket
-import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from bson import Binary, Decimal128, Int64, ObjectId, Regex, Timestamp
 from pymongo import AsyncMongoClient, MongoClient
 
 import timetracer_otel
-from tests.conftest import connects_refused, plain_env, timetracer_cli, unreachable_port
+from tests.conftest import connects_refused, mongo_server, plain_env, timetracer_cli, unreachable_port
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayMissError
 
@@ -197,24 +195,8 @@ def test_a_lost_connection_replays_as_the_same_error(
 @pytest.fixture
 def standalone_port() -> Iterator[int]:
     """A second MongoDB-wire server, a standalone one (no replica set)."""
-    from tests.conftest import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
-         "--storage-path", ":memory:", "--standalone"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"secantus --standalone did not start on 127.0.0.1:{port}")
-        time.sleep(0.1)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    with mongo_server("--standalone") as port:
+        yield port
 
 
 def test_two_deployments_each_replay_as_they_were(
