@@ -160,6 +160,23 @@ def test_secrets_in_task_arguments_stay_out_of_the_cassette(
     assert rep.report.misses == [] and rep.report.unused == []
 
 
+def test_on_miss_record_keeps_a_new_send_and_its_result(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    proc = worker()
+    with timetracer_otel.record(dir=tmp_path):
+        assert add.delay(2, 3).get(timeout=30) == 5
+    # A changed job sends one task more: on_miss="record" sends it live and keeps it.
+    with timetracer_otel.replay(tmp_path, on_miss="record") as rep:
+        assert [add.delay(2, 3).get(timeout=30), add.delay(5, 5).get(timeout=30)] == [5, 10]
+    assert rep.report.misses == ["send tt.add", "result tt.add"]
+    assert len(rep.written) == 1  # an appended-... cassette beside the first
+    stop(proc)  # no worker, no broker: both calls now answer from the cassettes
+    with connects_refused() as attempts, timetracer_otel.replay(tmp_path, strict=True) as again:
+        assert [add.delay(2, 3).get(timeout=30), add.delay(5, 5).get(timeout=30)] == [5, 10]
+    assert attempts == [] and again.report.misses == [] and again.report.unused == []
+
+
 def test_a_task_sent_differently_is_a_miss(
     worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:

@@ -214,6 +214,12 @@ except ImportError:  # pragma: no cover - an OTel release that moved them
         return not is_instrumentation_enabled()
 
 
+def suppressed() -> bool:
+    """Whether instrumentation is suppressed here: the call is not the app's own (an
+    exporter's I/O, or a library's plumbing a shim runs untraced), so it goes live."""
+    return _suppressed(otel_context.get_current())
+
+
 # OTel's default runtime context keeps the current context in one ContextVar: read directly
 # (with the SDK's span class) by deferrable_span, else None and the public calls are used.
 _CURRENT: ContextVar[otel_context.Context] | None = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
@@ -54,6 +55,10 @@ from timetracer_otel.replay_shims.base import (
 
 LIBRARY = "celery"
 SCOPE = "opentelemetry.instrumentation.celery"
+
+# Set while a replay sends a task it had no answer for live (on_miss="record"): the publish
+# beneath keeps it, as a recording's does.
+_KEEP_SEND: ContextVar[bool] = ContextVar("timetracer_celery_keep_send", default=False)
 
 # The task each id this process sent belongs to: a result read later is keyed by its task.
 _SENT: OrderedDict[str, Tree] = OrderedDict()
@@ -186,8 +191,15 @@ def _send_task(original: Any) -> Any:
             return original(self, name, args, kwargs, *more, **options)
         call = task_call("send", name, args, kwargs)
         action = _decided(call)
-        if not isinstance(action, Match):
-            return original(self, name, args, kwargs, **options)  # passthrough: the broker
+        if not isinstance(action, Match):  # passthrough, or on_miss="record" (kept by the
+            # publish): sent live, the broker's and the backend's plumbing untraced, as it is
+            # while recording (a replay of the other libraries must not answer or refuse it)
+            token = _KEEP_SEND.set(action is RECORD)
+            try:
+                with suppress_instrumentation():
+                    return original(self, name, args, kwargs, **options)
+            finally:
+                _KEEP_SEND.reset(token)
         sent = _answer(action)  # (the recorded publish error, raised)
         # The id the recording's task had, so what the app does with it (stores it, returns it)
         # is as recorded; a fresh one when the recording has none.
@@ -207,11 +219,12 @@ def _publish(original: Any) -> Any:
     def publish(self: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         headers = kwargs.get("headers") or {}
         name, task_id = headers.get("task"), headers.get("id")
-        if STATE.mode is not Mode.RECORD or name is None or task_id is None \
+        keep = _KEEP_SEND.get()
+        if (STATE.mode is not Mode.RECORD and not keep) or name is None or task_id is None \
                 or not isinstance(body, tuple) or len(body) < 2:
             return original(self, body, *args, **kwargs)
         call = task_call("send", name, body[0], body[1])
-        if decide(call) is not RECORD:
+        if not keep and decide(call) is not RECORD:
             return original(self, body, *args, **kwargs)
         _sent(task_id, _task(name, body[0], body[1]))
         with capture(call, SCOPE) as cap:
@@ -235,10 +248,8 @@ def _get(original: Any) -> Any:
         if STATE.mode is Mode.OFF or getattr(self, "ignored", False):
             return original(self, *args, **kwargs)
         call = _result_call(self, "result")
-        if _replaying():
-            action = _decided(call)
-            if not isinstance(action, Match):
-                return original(self, *args, **kwargs)
+        action = _decided(call)
+        if isinstance(action, Match):
             tree = _answer(action)
             meta = _meta(self, tree.get("meta"))
             if meta is not None:
@@ -249,7 +260,7 @@ def _get(original: Any) -> Any:
             if tree["outcome"].get("raised"):  # as the live get() did (the task's error, a timeout)
                 raise value
             return value
-        if decide(call) is not RECORD:
+        if action is not RECORD:  # (recording; or a replay's on_miss="record": kept too)
             return original(self, *args, **kwargs)
         with capture(call, SCOPE) as cap, suppress_instrumentation():
             try:
@@ -270,15 +281,13 @@ def _get_task_meta(original: Any) -> Any:
         if STATE.mode is Mode.OFF or self._cache is not None:
             return original(self)
         call = _result_call(self, "meta")
-        if _replaying():
-            action = _decided(call)
-            if not isinstance(action, Match):
-                return original(self)
+        action = _decided(call)
+        if isinstance(action, Match):
             meta = _meta(self, _answer(action)["meta"])
             if meta is not None and meta["status"] in self.backend.READY_STATES:
                 return self._set_cache(meta)
             return meta
-        if decide(call) is not RECORD:
+        if action is not RECORD:
             return original(self)
         with capture(call, SCOPE) as cap, suppress_instrumentation():
             meta = original(self)

@@ -50,6 +50,7 @@ from timetracer_otel.replay_shims.base import (
     decide,
     error_tree,
     rebuild_error,
+    suppressed,
 )
 
 LIBRARY = "redis"
@@ -425,14 +426,14 @@ def _refused(what: str, is_async: bool) -> Any:
     def make(original: Any) -> Any:
         if is_async:
             async def refuse_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-                if _replaying():
+                if _replaying() and not suppressed():
                     raise _unsupported(what)
                 return await original(self, *args, **kwargs)
 
             return refuse_async
 
         def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if _replaying():
+            if _replaying() and not suppressed():  # (not the app's: plumbing run untraced)
                 raise _unsupported(what)
             return original(self, *args, **kwargs)
 
