@@ -292,14 +292,21 @@ def _cleanup_reply(command: dict[str, Any]) -> _OpMsg:
 # --- the OTel span of a call -----------------------------------------------------------------
 
 
-def _listener_span(conn: Any, request_id: int) -> Any:
-    """The instrumentation's span of this command, kept by its CommandListener."""
+@functools.cache
+def _instrumentor_class() -> Any:
+    """The OTel pymongo instrumentor's class, or None where it is not installed (looked up
+    once: a failed import per command would cost more than the command's own work here)."""
     try:
         from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
     except ImportError:
         return None
+    return PymongoInstrumentor
+
+
+def _listener_span(conn: Any, request_id: int) -> Any:
+    """The instrumentation's span of this command, kept by its CommandListener."""
     # (the instrumentor is a singleton: its instance, once made, is a class attribute)
-    instrumentor = getattr(PymongoInstrumentor, "_instance", None)
+    instrumentor = getattr(_instrumentor_class(), "_instance", None)
     tracer = getattr(instrumentor, "_commandtracer_instance", None)
     spans = getattr(tracer, "_span_dict", None)
     if not spans:
@@ -355,6 +362,8 @@ def _on_send(conn: Any, message: bytes) -> Any:
                 raise
         if isinstance(action, Match):
             return ("match", request_id, action)
+        if name in _CLEANUP:  # (passthrough has no connection to pass it through)
+            return ("cleanup", request_id, command)
         raise ReplayUnsupportedError(
             f"{call.label} has no recorded answer and pymongo cannot pass one call through "
             "to a server during a replay (its connections were never opened); record it, "
