@@ -177,6 +177,23 @@ def test_on_miss_record_keeps_a_new_send_and_its_result(
     assert attempts == [] and again.report.misses == [] and again.report.unused == []
 
 
+def test_send_task_with_options_by_position_replays_without_a_broker(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    worker()
+
+    def job() -> list[Any]:  # Celery.send_task(name, args, kwargs, countdown, eta, task_id)
+        result = app.send_task("tt.add", (2, 3), None, 0, None, "fixed-id-1")
+        return [result.id, result.get(timeout=30)]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job()
+    assert live == ["fixed-id-1", 5] and typed(replayed) == typed(live)
+    assert attempts == [] and rep.report.misses == [] and rep.report.unused == []
+
+
 def test_a_task_sent_differently_is_a_miss(
     worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ are joined on the worker through the backend), ``GroupResult.save``/``restore``,
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -89,8 +90,9 @@ def task_call(kind: str, name: str, args: Sequence[Any] | None,
     return Call(LIBRARY, request, identity, {"kind": kind, "task": name}, _label(kind, name))
 
 
-def _sent(task_id: str, task: Tree) -> None:
-    _SENT[task_id] = task
+def _sent(task_id: str, send: Call) -> None:
+    """Remember the task of ``task_id`` (the key tree of its send) for its result's key."""
+    _SENT[task_id] = send.identity
     while len(_SENT) > _SENT_MAX:
         _SENT.popitem(last=False)
 
@@ -185,10 +187,17 @@ def _answer(match: Match) -> Tree:
 
 
 def _send_task(original: Any) -> Any:
+    signature = inspect.signature(original)
+
     def send_task(self: Any, name: str, args: Any = None, kwargs: Any = None,
                   *more: Any, **options: Any) -> Any:
-        if not _replaying() or more:
+        if not _replaying():
             return original(self, name, args, kwargs, *more, **options)
+        if more:  # options given by position (countdown, eta, task_id...): by name
+            bound = signature.bind(self, name, args, kwargs, *more, **options).arguments
+            options = {**{k: v for k, v in bound.items()
+                          if k not in ("self", "name", "args", "kwargs", "options")},
+                       **bound.get("options", {})}
         call = task_call("send", name, args, kwargs)
         action = _decided(call)
         if not isinstance(action, Match):  # passthrough, or on_miss="record" (kept by the
@@ -204,7 +213,7 @@ def _send_task(original: Any) -> Any:
         # The id the recording's task had, so what the app does with it (stores it, returns it)
         # is as recorded; a fresh one when the recording has none.
         task_id = options.get("task_id") or sent.get("id") or str(uuid.uuid4())
-        _sent(task_id, _task(name, args, kwargs))
+        _sent(task_id, call)
         result = (options.get("result_cls") or self.AsyncResult)(task_id)
         task_type = options.get("task_type") or self.tasks.get(name)
         ignore = options.get("ignore_result")
@@ -226,7 +235,7 @@ def _publish(original: Any) -> Any:
         call = task_call("send", name, body[0], body[1])
         if not keep and decide(call) is not RECORD:
             return original(self, body, *args, **kwargs)
-        _sent(task_id, _task(name, body[0], body[1]))
+        _sent(task_id, call)
         with capture(call, SCOPE) as cap:
             try:
                 with suppress_instrumentation():  # the broker's own traffic: replay never sends
