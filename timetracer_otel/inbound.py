@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -467,20 +467,33 @@ def instrument_app(app: Any) -> Any:
     return app
 
 
-def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
-    """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
+def command_inputs(
+    source: str, app: Callable[[], Any], keep: Callable[[Cassette], bool], missing: str
+) -> tuple[Any, list[tuple[str, Cassette]], int] | None:
+    """What ``replay PATH --asgi/--celery MODULE:APP`` runs: the app (``app()``), the cassettes
+    of ``source`` that ``keep`` holds to (each with its path) and how many others were
+    skipped; None once the reason is said (``missing`` when none is kept): exit code 2."""
     try:
-        files = find_cassettes(source)
-        cassettes = [(str(f), load_cassette(f)) for f in files]
-        app = instrument_app(load_app(app_ref))
+        cassettes = [(str(f), load_cassette(f)) for f in find_cassettes(source)]
+        loaded = app()
     except TimetracerError as exc:
         click.echo(f"timetracer-otel: {exc}", err=True)
+        return None
+    kept = [(p, c) for p, c in cassettes if keep(c)]
+    if not kept:
+        click.echo(f"timetracer-otel: {source} holds no {missing}.", err=True)
+        return None
+    return loaded, kept, len(cassettes) - len(kept)
+
+
+def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
+    """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
+    inputs = command_inputs(source, lambda: instrument_app(load_app(app_ref)),
+                            lambda c: inbound_span(c) is not None,
+                            "recorded inbound request; record through an ASGI app first")
+    if inputs is None:
         return 2
-    inbound = [(p, c) for p, c in cassettes if inbound_span(c) is not None]
-    if not inbound:
-        click.echo(f"timetracer-otel: {source} holds no recorded inbound request; record through "
-                   "an ASGI app first.", err=True)
-        return 2
+    app, inbound, skipped = inputs
     ignore = [h.strip() for h in os.environ.get("TIMETRACER_IGNORE_HEADERS", "").split(",") if h.strip()]
 
     async def all_of_them() -> list[InboundResult | str]:
@@ -505,7 +518,6 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, stric
         failed += not r.ok
         if not r.ok or len(results) <= 50:
             click.echo(r.render())
-    skipped = len(cassettes) - len(inbound)
     tail = f", {skipped} without an inbound request skipped" if skipped else ""
     click.echo(f"timetracer-otel: {len(results) - failed} matched, {failed} differ{tail}")
     return 1 if failed else 0

@@ -24,11 +24,11 @@ from typing import Any
 import click
 import msgspec
 
-from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette
+from timetracer_otel.cassette import Cassette, SpanRecord
 from timetracer_otel.codec import Tree, from_tree, to_tree
 from timetracer_otel.config import OnMiss
 from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError, TimetracerError
-from timetracer_otel.inbound import _load, _miss_messages, load_app
+from timetracer_otel.inbound import _load, _miss_messages, command_inputs, load_app
 from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
 from timetracer_otel.runtime import replay
@@ -158,18 +158,12 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
 
 def replay_task_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
     """``timetracer-otel replay PATH --celery MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
-    try:
-        files = find_cassettes(source)
-        cassettes = [(str(f), load_cassette(f)) for f in files]
-        app = load_app(app_ref, "--celery")
-    except TimetracerError as exc:
-        click.echo(f"timetracer-otel: {exc}", err=True)
+    inputs = command_inputs(source, lambda: load_app(app_ref, "--celery"),
+                            lambda c: task_run_span(c) is not None,
+                            "recorded task run; record a worker first")
+    if inputs is None:
         return 2
-    runs = [(p, c) for p, c in cassettes if task_run_span(c) is not None]
-    if not runs:
-        click.echo(f"timetracer-otel: {source} holds no recorded task run; record a worker "
-                   "first.", err=True)
-        return 2
+    app, runs, skipped = inputs
     failed = 0
     for path, cassette in runs:
         try:
@@ -185,7 +179,6 @@ def replay_task_command(source: str, app_ref: str, *, on_miss: str | None, stric
         failed += not result.ok
         if not result.ok or len(runs) <= 50:
             click.echo(result.render())
-    skipped = len(cassettes) - len(runs)
     tail = f", {skipped} without a task run skipped" if skipped else ""
     click.echo(f"timetracer-otel: {len(runs) - failed} matched, {failed} differ{tail}")
     return 1 if failed else 0
