@@ -55,21 +55,27 @@ _DIFF_LIMIT = 20
 
 
 @dataclass
-class InboundResult:
-    """The outcome of replaying one recorded request: ``ok`` when the response matches and no
-    dependency call missed."""
+class ReplayedRun:
+    """The outcome of running a recorded inbound call again (a request, a task run): ``ok``
+    when its outcome matches the recording and no dependency call missed."""
 
     ok: bool
     label: str
     diff: list[str]
     report: ReplayReport
-    status: int | None
     source: str = ""
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         head = f"{'ok  ' if self.ok else 'DIFF'} {self.label}  ({self.report.summary()})"
         return "\n".join([head, *(f"    {d}" for d in self.diff), *(f"    note: {n}" for n in self.notes)])
+
+
+@dataclass
+class InboundResult(ReplayedRun):
+    """The outcome of replaying one recorded request; ``status`` the response's now."""
+
+    status: int | None = None
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +24,19 @@ import click
 import msgspec
 
 from timetracer_otel.cassette import Cassette, SpanRecord
-from timetracer_otel.codec import Tree, from_tree, to_tree
+from timetracer_otel.codec import Tree, from_tree
 from timetracer_otel.config import OnMiss
 from timetracer_otel.errors import CassetteError, ConfigError, ReplayMissError, TimetracerError
-from timetracer_otel.inbound import _load, _miss_messages, command_inputs, load_app
+from timetracer_otel.inbound import ReplayedRun, _load, _miss_messages, command_inputs, load_app
 from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
+from timetracer_otel.replay_shims.celery import outcome_tree
 from timetracer_otel.runtime import replay
 
 
-@dataclass
-class TaskResult:
+class TaskResult(ReplayedRun):
     """The outcome of running one recorded task again: ``ok`` when its outcome matches the
     recording and no dependency call missed."""
-
-    ok: bool
-    label: str
-    diff: list[str]
-    report: ReplayReport
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def render(self) -> str:
-        head = f"{'ok  ' if self.ok else 'DIFF'} {self.label}  ({self.report.summary()})"
-        return "\n".join([head, *(f"    {d}" for d in self.diff), *(f"    note: {n}" for n in self.notes)])
 
 
 def task_run_span(cassette: Cassette) -> SpanRecord | None:
@@ -57,14 +45,6 @@ def task_run_span(cassette: Cassette) -> SpanRecord | None:
         if span.library == "celery" and span.kind == "CONSUMER" and span.request is not None:
             return span
     return None
-
-
-def _outcome_tree(value: Any) -> Tree:
-    from timetracer_otel.replay_shims.base import error_tree
-
-    if isinstance(value, BaseException):
-        return {"exception": error_tree(value)}
-    return {"value": to_tree(value)}
 
 
 def _error_text(tree: Tree) -> str:
@@ -85,14 +65,13 @@ def _compare(span: SpanRecord, state: str, value: Any, report: ReplayReport,
     if response.get("state") != state:
         diff.append(f"state: recorded {response.get('state')}, now {state}")
     recorded = response.get("outcome") or {}
-    now = _outcome_tree(value)
+    now = outcome_tree(value)
     if "exception" in recorded or "exception" in now:
         old, new = recorded.get("exception"), now.get("exception")
         if old is None or new is None or old["type"] != new["type"] or old["message"] != new["message"]:
             diff.append(f"exception: recorded {_error_text(old)}, now {_error_text(new)}")
         return diff
-    lines = field_diff(recorded.get("value"), now.get("value"), "value")
-    diff.extend(lines)
+    diff.extend(field_diff(recorded, now))  # ("value...", or a value kept as its repr)
     return diff
 
 

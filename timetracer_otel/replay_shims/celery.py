@@ -106,7 +106,7 @@ def _result_call(result: Any, what: str) -> Call:
                 _label(what, str(name)))
 
 
-def _outcome(value: Any) -> Tree:
+def outcome_tree(value: Any) -> Tree:
     """A value a task returned, or the exception a result holds in its place (a value the
     codec cannot carry is kept as its repr, and replaying it is refused: recording never
     breaks the app's call)."""
@@ -157,7 +157,7 @@ def _meta_tree(meta: dict[str, Any] | None) -> Tree:
                 out[k] = to_tree(v)
             except Exception:  # (a field the codec cannot carry is left out)
                 continue
-    out["result"] = _outcome(meta.get("result"))
+    out["result"] = outcome_tree(meta.get("result"))
     return out
 
 
@@ -275,10 +275,10 @@ def _get(original: Any) -> Any:
             try:
                 value = original(self, *args, **kwargs)
             except Exception as exc:
-                outcome = {**_outcome(exc), "raised": True}
+                outcome = {**outcome_tree(exc), "raised": True}
                 cap.ok({"outcome": outcome, "meta": _meta_tree(self._cache)})
                 raise
-            cap.ok({"outcome": _outcome(value), "meta": _meta_tree(self._cache)})
+            cap.ok({"outcome": outcome_tree(value), "meta": _meta_tree(self._cache)})
             return value
 
     return get
@@ -363,7 +363,7 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         if decide(call) is not RECORD:
             return
         with capture(call, SCOPE) as cap:
-            cap.ok({"state": state, "outcome": _outcome(retval)})
+            cap.ok({"state": state, "outcome": outcome_tree(retval)})
     except Exception:  # recording never breaks the worker
         import logging
 
