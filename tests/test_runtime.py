@@ -569,3 +569,44 @@ def test_overlapping_replays_each_keep_their_own_on_miss_and_live(serve: Any, tm
     assert passthrough["page"] == "98"  # went live, as its run allows
     assert live["page"] == "1" and live != recorded  # httpx stayed live in its run: a new count
     assert switched_off()
+
+
+def _child_request(url: str, page: int) -> None:
+    """A forked child's request: one inbound span and its dependency call. It returns
+    without closing anything; multiprocessing then ends the child with os._exit."""
+    with trace.get_tracer("tests").start_as_current_span(f"GET /child{page}",
+                                                         kind=trace.SpanKind.SERVER):
+        httpx.get(f"{url}/items", params={"page": page})
+
+
+def test_children_forked_while_recording_write_their_own_cassettes(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A process that forks after its writer has started (multiprocessing, Celery's prefork
+    pool, gunicorn --preload): the thread and the writer process are the parent's, so each
+    child starts its own, and writes its calls before os._exit ends it; the parent's
+    recording goes on unharmed."""
+    import multiprocessing
+
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        httpx.get(f"{server.url}/items", params={"page": 1})
+        assert rec.writer is not None and rec.writer.flush(process=True)  # thread and process up
+        fork = multiprocessing.get_context("fork")
+        children = [fork.Process(target=_child_request, args=(server.url, n)) for n in (2, 3)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(60)
+        httpx.get(f"{server.url}/items", params={"page": 4})
+    assert [child.exitcode for child in children] == [0, 0]
+    assert pages(rec.paths) == ["1", "4"]  # the parent's own
+    written = sorted(tmp_path.glob("*/*.msgpack"))
+    by_child = {p: load_cassette(p) for p in written if str(p) not in rec.paths}
+    assert sorted(c.name for c in by_child.values()) == ["GET__child2", "GET__child3"]
+    server.stop()
+    for path, cassette in by_child.items():
+        page = cassette.name[-1]
+        with timetracer_otel.replay(str(path)) as rep:
+            body = httpx.get(f"{server.url}/items", params={"page": page}).json()
+        assert body["page"] == page and rep.report.exact == 1

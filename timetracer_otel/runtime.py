@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
@@ -75,6 +76,16 @@ class _Guard:
 
 
 _lock = _Guard()
+
+
+def _after_fork_in_child() -> None:
+    # Held by another thread at the fork, the guard would stay held in the child for good.
+    global _lock
+    _lock = _Guard()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Dispatch(SpanProcessor):

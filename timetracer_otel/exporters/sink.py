@@ -334,14 +334,20 @@ class SinkProcess:
         code = self.proc.poll()
         return "still running" if code is None else f"exit code {code}"
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Let the child end (its input at end of file), then reap it; kill it if it hangs."""
+    def disown(self) -> None:
+        """In a process forked from the one that started the child: close this process's
+        copies of the pipes (so the child still sees the end of its input when its parent
+        closes), without a word to the child, which is not this process's to stop or reap."""
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:
                     f.close()
             except OSError:
                 pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the child end (its input at end of file), then reap it; kill it if it hangs."""
+        self.disown()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

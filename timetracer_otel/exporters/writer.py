@@ -21,6 +21,7 @@ import datetime as dt
 import importlib.metadata
 import itertools
 import logging
+import multiprocessing.util
 import os
 import pickle
 import platform
@@ -30,11 +31,13 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -197,6 +200,31 @@ class CassetteWriter:
         self.sample_rate = sample_rate
         self.errors_only = errors_only
         self.on_written = on_written
+        self.max_batch = 64
+        self.max_batch_bytes = 16 * 1024 * 1024
+        self.max_batch_delay = 0.2
+        # Seconds the thread lets spans gather once it has caught up (see _loop).
+        self.gather_interval = 0.05
+        self._closed = False
+        self._start_over(max_open_traces, quiet_ns)
+        _WRITERS.add(self)
+        self._recorder = Recorder(
+            version=_tool_version(), via=via, python=platform.python_version(),
+            libraries=_libraries(),
+        )
+        # The process batch's name: this script's (a child writer is told the app's).
+        self.script: str | None = None
+        # Isolated: the writer thread passes snapshots to a child process (started by the
+        # thread, off the request path) and the child converts and writes them.
+        self.isolate = _can_isolate(isolate, self.storage, via, on_written)
+        # The writer process's CPU priority (TIMETRACER_WRITER_PRIORITY, read now: a wrong
+        # value is the app's ConfigError, not a writer failure later).
+        self.priority = Settings.from_env().writer_priority.value if self.isolate else "normal"
+
+    def _start_over(self, max_open_traces: int, quiet_ns: int) -> None:
+        """What this process's writer holds: its queue, thread, writer process and what they
+        have gathered. Set when the writer is made, and again in a forked child (see
+        :func:`_after_fork_in_child`)."""
         self.assembler = TraceAssembler(
             self._emit, max_open_traces=max_open_traces, quiet_ns=quiet_ns
         )
@@ -217,35 +245,15 @@ class CassetteWriter:
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
         self._unwritten_bytes = 0
         self._unwritten_since = 0.0
-        self.max_batch = 64
-        self.max_batch_bytes = 16 * 1024 * 1024
-        self.max_batch_delay = 0.2
-        # Seconds the thread lets spans gather once it has caught up (see _loop).
-        self.gather_interval = 0.05
         self._wake = threading.Event()
         # Cassette ids: a random half per writer and a counter, not 8 random bytes each time
         # (os.urandom is a system call, one more wait for the GIL per cassette).
-        # A forked child (gunicorn --preload) makes its own, or two children would name their
-        # process cassettes alike.
         self._id_pid = os.getpid()
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._dropped_traces: set[str] = set()
         self._thread: threading.Thread | None = None
-        self._closed = False
-        self._recorder = Recorder(
-            version=_tool_version(), via=via, python=platform.python_version(),
-            libraries=_libraries(),
-        )
-        # The process batch's name: this script's (a child writer is told the app's).
-        self.script: str | None = None
-        # Isolated: the writer thread passes snapshots to a child process (started by the
-        # thread, off the request path) and the child converts and writes them.
-        self.isolate = _can_isolate(isolate, self.storage, via, on_written)
-        # The writer process's CPU priority (TIMETRACER_WRITER_PRIORITY, read now: a wrong
-        # value is the app's ConfigError, not a writer failure later).
-        self.priority = Settings.from_env().writer_priority.value if self.isolate else "normal"
         self._sink: SinkProcess | None = None
         self._sink_failed_ns = 0
         self._outbox: list[bytes] = []  # spans encoded for the writer process
@@ -253,6 +261,16 @@ class CassetteWriter:
         self._sent_redactor: Any = None
         self._sent_generation = 0
         self._remote = {"dropped_spans": 0, "late_spans": 0, "errors": 0, "skipped": 0}
+
+    def _forked(self) -> None:
+        """In a child forked from this process (Celery's prefork pool, gunicorn --preload,
+        multiprocessing): the writer thread did not come along, and the writer process, its
+        pipes and what was queued for them are the parent's, which writes them. The child
+        starts over with nothing; its first span starts its own thread and writer process."""
+        sink = self._sink
+        if sink is not None:
+            sink.disown()
+        self._start_over(self.assembler.max_open_traces, self.assembler.quiet_ns)
 
     # -- request path ----------------------------------------------------------------------
 
@@ -701,3 +719,50 @@ class CassetteWriter:
             "skipped": self.skipped,
         }
 
+
+
+# --- forked children ---------------------------------------------------------------------------
+
+# This process's writers: a forked child starts each over (see CassetteWriter._forked).
+_WRITERS: weakref.WeakSet[CassetteWriter] = weakref.WeakSet()
+
+
+def finish_child(timeout: float = 30.0) -> None:
+    """Write what this process recorded before it ends without its ``atexit`` handlers
+    (``os._exit``, the way Celery's prefork pool and multiprocessing end their children): the
+    tracer provider flushed (a BatchSpanProcessor may still hold spans), then every writer
+    closed (a trace still open is written, ``complete: false``). Never raises."""
+    if all(w._closed for w in list(_WRITERS)):
+        return
+    try:
+        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+        if flush is not None:
+            flush(int(timeout * 1000))
+    except Exception:
+        log.warning("timetracer-otel: flushing the tracer provider failed", exc_info=True)
+    for writer in list(_WRITERS):
+        try:
+            writer.close(timeout)
+        except Exception:
+            log.warning("timetracer-otel: closing the cassette writer failed", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_WRITERS):
+        writer._forked()
+
+
+class _ForkHook:
+    """Kept alive for multiprocessing's after-fork registry, which holds it weakly."""
+
+    @staticmethod
+    def arm(_: object) -> None:
+        # A multiprocessing child ends with os._exit after running its finalizers (a forked
+        # child clears the parent's first, so this is registered in the child).
+        multiprocessing.util.Finalize(None, finish_child, exitpriority=10)
+
+
+_FORK_HOOK = _ForkHook()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+multiprocessing.util.register_after_fork(_FORK_HOOK, _ForkHook.arm)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +189,19 @@ def _startup_redactor() -> Redactor:
 
 
 STATE = State()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held when the process forked stays held in the child, where
+    that thread does not exist: the child's start free."""
+    STATE.lock = threading.Lock()
+    redactor = STATE.redactor
+    if isinstance(redactor, Redactor):
+        redactor._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Action(enum.Enum):
