@@ -48,13 +48,15 @@ def clean_broker() -> Iterator[None]:
 
 @pytest.fixture
 def worker(clean_broker: None) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start a ``celery worker`` process (solo pool) for the tests' app, optionally under
-    ``timetracer-otel record --dir D``; it is ready once it has answered a task."""
+    """Start a ``celery worker`` process (solo pool, or Celery's default prefork pool of two
+    children) for the tests' app, optionally under ``timetracer-otel record --dir D``; it is
+    ready once it has answered a task."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(record_dir: Path | None = None) -> subprocess.Popen[str]:
+    def start(record_dir: Path | None = None, prefork: bool = False) -> subprocess.Popen[str]:
+        pool = ["--concurrency=2"] if prefork else ["--pool=solo"]
         command = [sys.executable, "-m", "celery", "-A", "tests.replay_shims.celery_app",
-                   "worker", "--pool=solo", "--without-heartbeat", "--without-gossip",
+                   "worker", *pool, "--without-heartbeat", "--without-gossip",
                    "--without-mingle", "--loglevel=WARNING"]
         if record_dir is not None:
             command = [str(Path(sys.executable).parent / "timetracer-otel"), "record", "--dir",
@@ -260,3 +262,29 @@ def test_a_recorded_worker_runs_its_tasks_again_offline(
     cli = timetracer_cli("replay", str(cassettes), "--celery", "no_such_module:app",
                          env=plain_env(PYTHONPATH=str(ROOT)))
     assert cli.returncode == 2 and "cannot import 'no_such_module'" in cli.stderr
+
+
+def test_a_prefork_worker_records_the_runs_of_its_children(
+    worker: Callable[..., subprocess.Popen[str]], upstream: ServerThread, tmp_path: Path
+) -> None:
+    """Celery's default pool forks its children after OpenTelemetry is set up, and they end
+    with os._exit: each child writes its own task runs, and the broker's traffic of the main
+    process (polling, acks, restoring unacked messages) makes no cassette."""
+    cassettes = tmp_path / "prefork"
+    proc = worker(record_dir=cassettes, prefork=True)
+    live = [profile.delay(i, upstream.url).get(timeout=30) for i in (1, 2, 3)]
+    output = stop(proc)
+    upstream.stop()
+    runs: dict[int, Path] = {}
+    for path in find_cassettes(cassettes):
+        span = task_run_span(load_cassette(path))
+        assert span is not None, f"not a task run: {path.name}\n{output}"
+        if span.request["task"] == "tt.profile":
+            runs[span.request["args"][0]] = path
+    assert sorted(runs) == [1, 2, 3], output
+    with connects_refused() as attempts:
+        results = [replay_task(runs[i], app, strict=True) for i in (1, 2, 3)]
+    assert attempts == []
+    for result in results:
+        assert result.ok and result.report.exact == 1, result.render()
+    assert [r["name"] for r in live] == ["User 1", "User 2", "User 3"]

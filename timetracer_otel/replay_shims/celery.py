@@ -350,6 +350,37 @@ def _untraced(original: Any) -> Any:
     return store_result
 
 
+def _suppressed(fn: Any) -> Any:
+    def untraced(*args: Any, **kwargs: Any) -> Any:
+        with suppress_instrumentation():
+            return fn(*args, **kwargs)
+
+    return untraced
+
+
+def _broker_client(original: Any) -> Any:
+    """A Redis client kombu makes for the broker (a worker's consumer: polling, acks,
+    restoring unacked messages, the pidbox): every command and pipeline it runs untraced, in
+    every mode. It is Celery's plumbing, never a task's call; traced, it made cassettes of
+    its own outside every task run. Set on the client, not its class, so the app's own Redis
+    clients are traced as before."""
+    def _create_client(self: Any, *args: Any, **kwargs: Any) -> Any:
+        client = original(self, *args, **kwargs)
+        client.execute_command = _suppressed(client.execute_command)
+        pipeline = client.pipeline
+
+        def untraced_pipeline(*a: Any, **k: Any) -> Any:
+            pipe = pipeline(*a, **k)
+            pipe.execute_command = _suppressed(pipe.execute_command)
+            pipe.execute = _suppressed(pipe.execute)
+            return pipe
+
+        client.pipeline = untraced_pipeline
+        return client
+
+    return _create_client
+
+
 def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args: Any = None,
                 kwargs: Any = None, retval: Any = None, state: Any = None, **_: Any) -> None:
     """A task run ends: its request and outcome onto the instrumentation's ``run/`` span
@@ -370,6 +401,14 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         logging.getLogger("timetracer_otel").warning(
             "timetracer-otel: could not record the run of %s", getattr(task, "name", task),
             exc_info=True)
+
+
+def _on_child_shutdown(**_: Any) -> None:
+    """A prefork pool's child is about to end with ``os._exit``, which skips ``atexit``:
+    what it recorded is written now (see ``writer.finish_child``)."""
+    from timetracer_otel.exporters.writer import finish_child
+
+    finish_child()
 
 
 class CeleryShim(Shim):
@@ -393,11 +432,19 @@ class CeleryShim(Shim):
         self.wrap(celery.result.ResultSet, "join_native", _join_native)
         self.wrap(celery.result.AsyncResult, "_get_task_meta", _get_task_meta)
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
+        try:
+            import kombu.transport.redis
+        except ImportError:  # (kombu's Redis transport needs redis-py)
+            pass
+        else:
+            self.wrap(kombu.transport.redis.Channel, "_create_client", _broker_client)
         signals.task_postrun.connect(_on_postrun, weak=False)
+        signals.worker_process_shutdown.connect(_on_child_shutdown, weak=False)
 
     def uninstall(self) -> None:
         from celery import signals
 
         signals.task_postrun.disconnect(_on_postrun)
+        signals.worker_process_shutdown.disconnect(_on_child_shutdown)
         super().uninstall()
 
