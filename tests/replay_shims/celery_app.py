@@ -25,6 +25,11 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+@app.task(name="tt.total", shared=False)
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
 @app.task(name="tt.fail", shared=False)
 def fail(n: int) -> None:
     raise ValueError(f"bad input {n}")

@@ -15,7 +15,7 @@ from typing import Any
 import celery.exceptions
 import pytest
 import redis
-from celery import group
+from celery import chain, chord, group
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,7 +25,17 @@ from starlette.routing import Route
 import timetracer_otel
 from tests.conftest import ServerThread, connects_refused, plain_env, timetracer_cli
 from tests.replay_shims import celery_app_changed
-from tests.replay_shims.celery_app import add, app, fail, flaky, notify, profile, quota, spawn
+from tests.replay_shims.celery_app import (
+    add,
+    app,
+    fail,
+    flaky,
+    notify,
+    profile,
+    quota,
+    spawn,
+    total,
+)
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.tasks import replay_task, task_run_span
 
@@ -121,6 +131,15 @@ def producer_job() -> list[Any]:
             quota.delay(7).get(timeout=30)
         except Exception as exc:
             out.append((type(exc).__module__, type(exc).__qualname__, exc.args))
+        # A chord (its callback sent by the worker that ends its last part) and a chain (its
+        # next step sent by the worker of the first): results of tasks this process never
+        # sent, keyed by their tasks from the signatures. The chord's counter and a saved
+        # group are the backend's bookkeeping, untraced and not replayed.
+        out.append(chord([add.s(3, 4), add.s(5, 6)])(total.s()).get(timeout=30))
+        steps = chain(add.s(1, 2), add.s(10))()
+        out += [steps.get(timeout=30), steps.parent.get(timeout=30)]
+        saved = group(add.s(5, 5), add.s(6, 6)).apply_async()
+        out += [saved.save() is saved, saved.get(timeout=30)]
         return out
 
 
@@ -133,7 +152,8 @@ def test_sending_tasks_and_reading_results_replay_without_a_broker(
     assert live[:3] == [5, "SUCCESS", True] and typed(live[3]) == ("ValueError", "bad input 7")
     assert live[4] == "FAILURE" and type(live[5]) is ValueError
     assert live[7:] == ["tt.add", [2, 3], 8, "SUCCESS", [0, 2, 4],
-                        ("celery.exceptions", "QuotaExceeded", ("user 7 is over quota", 7))]
+                        ("celery.exceptions", "QuotaExceeded", ("user 7 is over quota", 7)),
+                        18, 13, 3, True, [10, 12]]
     assert "tests.replay_shims.celery_errors" not in sys.modules  # (only the worker has it)
     # No broker, no result backend, no worker: every connect is refused.
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
@@ -273,15 +293,27 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
     cassettes = tmp_path / "prefork"
     proc = worker(record_dir=cassettes, prefork=True)
     live = [profile.delay(i, upstream.url).get(timeout=30) for i in (1, 2, 3)]
+    # A chord: the worker counts its parts in the result backend (its bookkeeping, untraced).
+    assert chord([add.s(3, 4), add.s(5, 6)])(total.s()).get(timeout=30) == 18
     output = stop(proc)
     upstream.stop()
     runs: dict[int, Path] = {}
+    others: list[Path] = []
     for path in find_cassettes(cassettes):
-        span = task_run_span(load_cassette(path))
+        cassette = load_cassette(path)
+        span = task_run_span(cassette)
         assert span is not None, f"not a task run: {path.name}\n{output}"
+        assert not [s.name for s in cassette.spans if s.library == "redis"], path.name
         if span.request["task"] == "tt.profile":
             runs[span.request["args"][0]] = path
+        elif span.request["args"] != [0, 0]:  # (the readiness probe)
+            others.append(path)
     assert sorted(runs) == [1, 2, 3], output
+    assert sorted(task_run_span(load_cassette(p)).request["task"] for p in others) == [  # type: ignore[union-attr]
+        "tt.add", "tt.add", "tt.total"]
+    with connects_refused() as attempts:
+        assert all(replay_task(p, app, strict=True).ok for p in others)
+    assert attempts == []
     with connects_refused() as attempts:
         results = [replay_task(runs[i], app, strict=True) for i in (1, 2, 3)]
     assert attempts == []

@@ -214,6 +214,7 @@ def _send_task(original: Any) -> Any:
         # is as recorded; a fresh one when the recording has none.
         task_id = options.get("task_id") or sent.get("id") or str(uuid.uuid4())
         _sent(task_id, call)
+        _chained(options.get("chain"))
         result = (options.get("result_cls") or self.AsyncResult)(task_id)
         task_type = options.get("task_type") or self.tasks.get(name)
         ignore = options.get("ignore_result")
@@ -236,6 +237,8 @@ def _publish(original: Any) -> Any:
         if not keep and decide(call) is not RECORD:
             return original(self, body, *args, **kwargs)
         _sent(task_id, call)
+        if len(body) > 2 and isinstance(body[2], dict):
+            _chained(body[2].get("chain"))
         with capture(call, SCOPE) as cap:
             try:
                 with suppress_instrumentation():  # the broker's own traffic: replay never sends
@@ -350,6 +353,85 @@ def _untraced(original: Any) -> Any:
     return store_result
 
 
+# A result backend's own bookkeeping, which no replay needs (no worker counts a chord's parts
+# or reads a saved group): untraced while recording (a worker's chord counting included),
+# skipped in a replay; with the value a replay returns in its place.
+_BOOKKEEPING = {"set_chord_size": None, "apply_chord": None, "on_chord_part_return": None,
+                "add_to_chord": None, "forget": None, "save_group": "result",
+                "delete_group": None}
+
+
+def _backend_property(original: Any) -> Any:
+    """``Celery.backend``: the app's result backend, its bookkeeping methods wrapped on the
+    object the first time it is handed out (its class is imported from the backend URL,
+    subclasses override the methods, and the app may have made it before the shim came)."""
+    def backend(self: Any) -> Any:
+        made = original.fget(self)
+        try:
+            if not vars(made).get("_timetracer_bookkeeping"):
+                for name in _BOOKKEEPING:
+                    method = getattr(made, name, None)
+                    if method is not None:
+                        setattr(made, name, _bookkeeping(made, name, method))
+                made._timetracer_bookkeeping = True
+        except (TypeError, AttributeError):  # (an object without a __dict__: left as it is)
+            pass
+        return made
+
+    return property(backend)
+
+
+def _bookkeeping(backend: Any, name: str, method: Any) -> Any:
+    native_chord = name == "apply_chord" and \
+        type(backend).apply_chord is not _base_backend().apply_chord
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if name == "apply_chord" and len(args) > 1:
+            _chord_body(args[1])
+        # (in a replay, a backend without native chords still sends its chord_unlock task:
+        # a send, answered from the cassette like any other)
+        if _replaying() and (name != "apply_chord" or native_chord):
+            if _BOOKKEEPING[name] == "result":  # save_group(group_id, result) returns it
+                return args[1] if len(args) > 1 else kwargs.get("result")
+            return None
+        if STATE.mode is Mode.RECORD:
+            with suppress_instrumentation():
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return run
+
+
+def _base_backend() -> Any:
+    from celery.backends.base import Backend
+
+    return Backend
+
+
+def _chord_body(body: Any) -> None:
+    """A chord's callback is sent by the worker that ends its last part, never by this
+    process: its result is keyed by its task (as a sent task's is) from the signature."""
+    _later("chord", body)
+
+
+def _later(kind: str, sig: Any) -> None:
+    """Key the result of a task a worker will send (a chord's callback, a chain's next
+    steps) by its task, from its signature with the id frozen in it."""
+    if not isinstance(sig, dict):  # (a Signature is a dict)
+        return
+    task, options = sig.get("task"), sig.get("options") or {}
+    task_id = options.get("task_id") if isinstance(options, dict) else None
+    if isinstance(task, str) and isinstance(task_id, str):
+        _sent(task_id, task_call(kind, task, sig.get("args"), sig.get("kwargs")))
+
+
+def _chained(chain: Any) -> None:
+    """The steps of a chain after the task being sent, which the workers send in turn."""
+    if isinstance(chain, list | tuple):
+        for sig in chain:
+            _later("chain", sig)
+
+
 def _suppressed(fn: Any) -> Any:
     def untraced(*args: Any, **kwargs: Any) -> Any:
         with suppress_instrumentation():
@@ -432,6 +514,7 @@ class CeleryShim(Shim):
         self.wrap(celery.result.ResultSet, "join_native", _join_native)
         self.wrap(celery.result.AsyncResult, "_get_task_meta", _get_task_meta)
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
+        self.wrap(celery.app.base.Celery, "backend", _backend_property)
         try:
             import kombu.transport.redis
         except ImportError:  # (kombu's Redis transport needs redis-py)
