@@ -32,7 +32,7 @@ import secrets
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -575,6 +575,12 @@ class Redactor:
         """Call arguments (a codec tree: a Celery task's args and kwargs) with secret-looking
         keyword names (``token``, ``api_key``, ``*_secret``...) redacted at any depth."""
         return self._anywhere(value, self.argument_names)
+
+    def positional(self, args: list[Any], names: Sequence[str]) -> list[Any]:
+        """Positional call arguments (a codec tree's list), each whose parameter in ``names``
+        has a secret-looking name (as :meth:`arguments` tells) a token."""
+        return [self._leaves_token(a) if i < len(names) and names[i] in self.argument_names
+                else a for i, a in enumerate(args)]
 
     def _anywhere(self, node: Any, names: _NameSet) -> Any:
         if isinstance(node, dict):

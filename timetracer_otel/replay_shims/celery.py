@@ -72,8 +72,39 @@ def _replaying() -> bool:
 
 def _task(name: str, args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> Tree:
     r = STATE.redactor
-    return r.scrub(r.arguments(to_tree(
-        {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})})))
+    task = r.arguments(to_tree(
+        {"task": name, "args": list(args or ()), "kwargs": dict(kwargs or {})}))
+    if task["args"]:
+        params = _parameters(name)
+        if params:  # secrets given by position: by the name of their parameter
+            task["args"] = r.positional(task["args"], params)
+    return r.scrub(task)
+
+
+# The positional parameter names of each task this process knows, by task name.
+_PARAMETERS: dict[str, tuple[str, ...]] = {}
+
+
+def _parameters(name: str) -> tuple[str, ...]:
+    """The names of a task's positional parameters (its ``run``'s, ``self`` of a bound task
+    left out), from the current app's registry; none for a task it does not know."""
+    known = _PARAMETERS.get(name)
+    if known is not None:
+        return known
+    try:
+        from celery import current_app
+
+        task = current_app.tasks.get(name)
+        if task is None:  # (not known here yet: looked up again next time)
+            return ()
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = tuple(p.name for p in inspect.signature(task.run).parameters.values()
+                      if p.kind in positional)
+    except Exception:  # (a run without a signature, an app that cannot load its tasks)
+        names = ()
+    if len(_PARAMETERS) < 10_000:
+        _PARAMETERS[name] = names
+    return names
 
 
 def _label(kind: str, name: str) -> str:
