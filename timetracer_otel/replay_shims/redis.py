@@ -45,8 +45,8 @@ from timetracer_otel.replay_shims.base import (
     LIVE,
     RECORD,
     STATE,
+    Deferrable,
     Shim,
-    capture,
     decide,
     error_tree,
     rebuild_error,
@@ -140,6 +140,9 @@ def _label(words: Sequence[str | bytes]) -> str:
 
 def _command_call(client: Any, command: list[str | bytes]) -> Call:
     on = _client(client)
+    # A secret the app's redactor has seen (a header, a password) stored as a value becomes
+    # its token before the command is stored or keyed, as it does in the replies.
+    command = STATE.redactor.scrub(command)
     request = {**on, "command": command}
     shape = {**on, "command": command[0], "argc": len(command)}
     return Call(LIBRARY, request, request, shape, _label(command[:2]))
@@ -147,6 +150,7 @@ def _command_call(client: Any, command: list[str | bytes]) -> Call:
 
 def _pipeline_call(client: Any, commands: list[list[str | bytes]], transaction: bool) -> Call:
     on = _client(client)
+    commands = STATE.redactor.scrub(commands)
     request = {**on, "transaction": transaction, "commands": commands}
     shape = {**on, "transaction": transaction, "commands": [[c[0], len(c)] for c in commands]}
     label = _label(["MULTI" if transaction else "PIPELINE", *(c[0] for c in commands)])
@@ -355,13 +359,22 @@ def _command_plan(client: Any, args: Sequence[Any]) -> tuple[Any, list[str | byt
     return (call if action is RECORD else action), command
 
 
+def _reads_response(reads: list[Tree]) -> Tree:
+    return {"reads": reads}
+
+
+# Commands and pipelines, recorded as the reads they made: left to the writer, which keys,
+# scrubs and packs them, where the instrumentation's span can take them (base.Deferrable).
+_deferrable = Deferrable(LIBRARY, SCOPE, _reads_response)
+
+
 class _Recording:
     """``with _Recording(call):`` around a live call: the reads it makes are kept and put on
-    its span as it ends (see :func:`_finish`); a single command keeps the reads of its last
-    attempt (a retried command reads once per attempt)."""
+    its span (or left beside it for the writer) as it ends (see :func:`_finish`); a single
+    command keeps the reads of its last attempt (a retried command reads once per attempt)."""
 
     def __init__(self, call: Call, command: list[str | bytes] | None = None) -> None:
-        self.cap = capture(call, SCOPE)
+        self.cap = _deferrable(call)
         self.command = command
         self.reads: list[Tree] = []
         self.token: Token[_Recording | None] | None = None
@@ -382,7 +395,7 @@ class _Recording:
         reads = self.reads[-1:] if self.command is not None else self.reads
         try:
             if exc is None:
-                self.cap.ok({"reads": reads})
+                self.cap.ok(reads)
             elif isinstance(exc, Exception):  # (a cancelled call never finished: no payload)
                 _finish(self.cap, exc, reads)
         finally:
@@ -393,7 +406,7 @@ def _finish(cap: Any, exc: BaseException, reads: list[Tree]) -> None:
     """A call that raised: the server's answer when it gave one (replay raises it again
     through redis-py's own parsing), else the error itself."""
     if reads and not isinstance(exc, _UNANSWERED):
-        cap.ok({"reads": reads})
+        cap.ok(reads)
     else:
         cap.fail(exc)
 
