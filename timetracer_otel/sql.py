@@ -75,7 +75,10 @@ def sql_call(
     """
     text = normalise_statement(statement)
     tree = to_tree(params) if params is not None else None
-    tree = STATE.redactor.sql_params(text, tree, redact_params)  # shim and configured rules
+    r = STATE.redactor
+    tree = r.sql_params(text, tree, redact_params)  # shim and configured rules
+    if tree:  # a secret seen elsewhere (a bearer token) given as a parameter: its token
+        tree = r.scrub(tree)
     if extra is not None:
         identity = {"db": database, "op": operation, "statement": text, "params": tree, **extra}
         shape = {"db": database, "op": operation, "statement": statement_shape(text), **extra}

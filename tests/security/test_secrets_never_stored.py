@@ -295,3 +295,53 @@ def test_a_password_without_digits_is_scrubbed_where_an_upstream_echoes_it(
     parts = call.response["chunks"] if client == "httpx" else [call.response["body"]]
     stored = b"".join(base64.b64decode(c) if isinstance(c, str) else c for c in parts)
     assert b"redacted:" in stored and secret.encode() not in stored
+
+
+def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A bearer token the app sent upstream, then kept as a SQL parameter (psycopg, asyncpg)
+    and a Redis value (real PostgreSQL and Redis): its token in the stored commands, as in
+    the replies, and the replay still matches exactly."""
+    import asyncio
+
+    import asyncpg
+    import psycopg
+    import redis
+
+    from tests.conftest import unreachable_port
+
+    secret = "StoredBearer-5e1d0c9a"
+    dsn = "postgresql://postgres@127.0.0.1:{port}/test"
+
+    def job(base: str, pg: int, cache: int) -> list[Any]:
+        httpx.get(f"{base}/whoami", headers={"Authorization": f"Bearer {secret}"})
+        with psycopg.connect(dsn.format(port=pg), connect_timeout=3) as conn:
+            out: list[Any] = conn.execute("SELECT %s::text", (f"session {secret}",)).fetchall()
+
+        async def pooled() -> Any:
+            conn = await asyncpg.connect(dsn.format(port=pg), timeout=3)
+            try:
+                return await conn.fetchval("SELECT $1::text", f"session {secret}")
+            finally:
+                await conn.close()
+
+        out.append(asyncio.run(pooled()))
+        r = redis.Redis(port=cache, db=11, socket_connect_timeout=3)
+        out += [r.set("tt:stored-secret", f"session {secret}"), r.delete("tt:stored-secret")]
+        r.close()
+        return out
+
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(server.url, 5432, 6379)
+    assert live == [(f"session {secret}",), f"session {secret}", True, 1]
+    raw = b"".join(Path(p).read_bytes() for p in rec.paths)
+    assert secret.encode() not in raw and b"redacted:" in raw
+    server.stop()
+    down = unreachable_port()
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(server.url, down, down)
+    assert rep.report.exact > 0 and not (rep.report.misses or rep.report.unused)
+    # (the rows come back as recorded: the secret's token in place of the secret)
+    assert replayed[2:] == [True, 1] and replayed[1].startswith("session redacted:")
