@@ -19,8 +19,9 @@ Modes (one process each):
 - ``fanout-otel`` / ``fanout-record``: scenario 1's request (a Starlette endpoint making 10
   async httpx calls to the live upstream at ``upstream``), in-process, per request.
 - ``db-otel`` / ``db-record``: scenario 4's 10-row query on the live loopback PostgreSQL
-  (``driver``: asyncpg or psycopg), with OTel's instrumentation, and under ``record()``. Only
-  this process is counted, not the server's work.
+  (``driver``: asyncpg or psycopg), or a Redis GET of 100 bytes (``driver``: redis, the
+  machine's server), with OTel's instrumentation, and under ``record()``. Only this process
+  is counted, not the server's work.
 - ``convert``: the writer's span -> SpanRecord conversion (``record_from_readable``) of
   scenario 5's traces, per span.
 - ``convert-calls``: the writer process's whole work on 1b's recorded httpx calls, from the
@@ -234,6 +235,8 @@ def db_record(args: dict[str, Any]) -> dict[str, Any]:
     driver = args["driver"]
     _otel()
     replay_shims.instrument([driver])
+    if driver == "redis":
+        return _redis_record(args)
     db = fresh_database()
     dsn = f"postgresql://postgres@{PG}/{db}"
     recording = args["mode"] == "db-record"
@@ -270,6 +273,28 @@ def db_record(args: dict[str, Any]) -> dict[str, Any]:
                     _written(rec)
     finally:
         drop_database(db)
+    return {}
+
+
+def _redis_record(args: dict[str, Any]) -> dict[str, Any]:
+    """Scenario 4b's Redis GET (a 100-byte value) on the machine's server, database 12."""
+    import redis
+
+    import timetracer_otel
+
+    client = redis.Redis(port=6379, db=12)
+    client.set("bench:instr", b"v" * 100)
+    with timetracer_otel.record(dir=tempfile.mkdtemp(prefix="bench-instr-redis-"),
+                                libraries=["redis"]) if args["mode"] == "db-record" \
+            else _nothing() as rec:
+        for _ in range(WARM):
+            client.get("bench:instr")
+        _settle()
+        for _ in range(args["calls"]):
+            client.get("bench:instr")
+        if rec is not None:
+            _written(rec)
+    client.close()
     return {}
 
 
