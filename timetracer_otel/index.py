@@ -11,11 +11,14 @@ kept in the :class:`ReplayReport`, so nothing is silently approximate::
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import msgspec
 
 from timetracer_otel.cassette import Cassette, CassetteHeads, SpanHead, SpanRecord, gc_paused
 from timetracer_otel.keys import Call, field_diff
@@ -41,11 +44,14 @@ class _Fifo:
     one URL 10,000 times would otherwise pay O(n) per call.
     """
 
-    __slots__ = ("head", "items")
+    __slots__ = ("head", "items", "secrets")
 
     def __init__(self) -> None:
         self.items: list[_Entry] = []
         self.head = 0
+        # The redaction tokens of each entry's stored request, once a call needed them: None
+        # until then, [] when they are the same in every entry (see ReplayIndex._by_secrets).
+        self.secrets: list[tuple[bytes, ...]] | None = None
 
     def pop(self) -> _Entry | None:
         # Entries sit in two queues; one used through the other is skipped here, lazily.
@@ -56,6 +62,26 @@ class _Fifo:
             if not entry.used:
                 return entry
         return None
+
+
+# A redaction token (see redaction.TOKEN_PREFIX) in a packed request, and how many unused
+# interactions of one key are searched for a call's tokens.
+_TOKEN = re.compile(rb"redacted:[0-9a-f]{16}")
+_SECRET_SCAN = 64
+_pack = msgspec.msgpack.Encoder().encode
+
+
+def _tokens(request: Any) -> tuple[bytes, ...]:
+    """The redaction tokens of a stored request (a tree, or its msgpack still encoded), in
+    order; bytes a JSON cassette keeps as base64 text show none."""
+    if isinstance(request, msgspec.Raw):
+        raw = bytes(request)
+    else:
+        try:
+            raw = _pack(request)
+        except (TypeError, ValueError, OverflowError):
+            return ()
+    return tuple(_TOKEN.findall(raw)) if b"redacted:" in raw else ()
 
 
 @dataclass(slots=True)
@@ -188,7 +214,12 @@ class ReplayIndex:
         """The next unused interaction for ``call``, or None when nothing matches."""
         with self._lock:
             queue = self._by_key.get(call.key)
-            entry = queue.pop() if queue is not None else None
+            entry = None
+            if queue is not None:
+                if len(queue.items) > 1 and queue.secrets != []:
+                    entry = self._by_secrets(queue, call)
+                if entry is None:
+                    entry = queue.pop()
             if entry is not None:
                 entry.used = True
                 self._report.exact += 1
@@ -204,6 +235,28 @@ class ReplayIndex:
                     self._report.shape_matches.append(ShapeMatch(call.label, entry.source, diff))
                     return Match(span, entry.source, exact=False, diff=diff)
             return None
+
+    @staticmethod
+    def _by_secrets(queue: _Fifo, call: Call) -> _Entry | None:
+        """Among interactions of one key whose stored requests carry different redaction
+        tokens (keys fold tokens, so two calls that differ only in a secret share a key), the
+        first unused one with the live call's tokens. Tokens are equal across processes only
+        with a shared ``TIMETRACER_REDACTION_KEY``; otherwise none is equal, and the key's
+        next interaction answers, in recorded order."""
+        secrets = queue.secrets
+        if secrets is None:
+            secrets = [_tokens(e.span.request) for e in queue.items]
+            queue.secrets = secrets = secrets if len(set(secrets)) > 1 else []
+            if not secrets:
+                return None
+        live = _tokens(call.request)
+        if not live:
+            return None
+        items = queue.items
+        for i in range(queue.head, min(len(items), queue.head + _SECRET_SCAN)):
+            if not items[i].used and secrets[i] == live:
+                return items[i]  # (taken out of order: pop() skips it once it is used)
+        return None
 
     def miss_message(self, call: Call, *, hint: str = "") -> str:
         """Explain a miss: the call, the cassettes, and the closest recorded candidates."""

@@ -345,3 +345,39 @@ def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too
     assert rep.report.exact > 0 and not (rep.report.misses or rep.report.unused)
     # (the rows come back as recorded: the secret's token in place of the secret)
     assert replayed[2:] == [True, 1] and replayed[1].startswith("session redacted:")
+
+
+def test_calls_that_differ_only_in_a_secret_are_told_apart_with_a_shared_key(
+    serve: Any, tmp_path: Path
+) -> None:
+    """Keys fold redaction tokens, so GET ?token=A and GET ?token=B share a key. With a
+    shared TIMETRACER_REDACTION_KEY their tokens are the same in the replay's process, which
+    then answers each with its own response whatever the order; with a key per process the
+    tokens differ, and the key's interactions answer in recorded order."""
+    from tests.upstream_app import app as counting  # /items answers a count of its calls
+    from timetracer_otel.redaction import Redactor, set_default_redactor
+
+    original = STATE.redactor
+    server = serve(counting)
+
+    def ask(tokens: tuple[str, ...]) -> list[Any]:
+        return [httpx.get(f"{server.url}/items", params={"token": t}).json()["n"] for t in tokens]
+
+    alpha, beta = "TokenAlpha-1234567", "TokenBeta-89012345"
+    try:
+        set_default_redactor(Redactor(env={"TIMETRACER_REDACTION_KEY": "shared-key-1"}))
+        with timetracer_otel.record(dir=tmp_path) as rec:
+            live = ask((alpha, beta))
+        server.stop()
+        answers = {}
+        for shared in (True, False):  # a new process's redactor: the same key, or its own
+            env = {"TIMETRACER_REDACTION_KEY": "shared-key-1"} if shared else {}
+            set_default_redactor(Redactor(env=env))
+            with timetracer_otel.replay(rec.paths, strict=True) as rep:
+                answers[shared] = ask((beta, alpha))
+            assert rep.report.exact == 2 and not rep.report.misses
+    finally:
+        set_default_redactor(original)
+    assert live[1] == live[0] + 1
+    assert answers[True] == [live[1], live[0]]  # each its own answer
+    assert answers[False] == live  # in recorded order
