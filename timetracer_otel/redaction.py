@@ -833,9 +833,25 @@ class Redactor:
         try:
             text = data.decode()
         except UnicodeDecodeError:
-            return data
+            return self._scrub_binary(data)
         new = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
         return data if new == text else new.encode()
+
+    def _scrub_binary(self, data: bytes) -> bytes:
+        """Bytes that are not UTF-8 text (a pickled or packed value, latin-1): each seen
+        secret replaced by its token cut or padded (``*``) to the secret's own length, so a
+        length-prefixed format still parses. Keys fold the token's part, and the padding is
+        the same in every process."""
+        pattern = self._bytes_pattern()
+        if pattern is None:
+            return data
+
+        def mask(m: re.Match[bytes]) -> bytes:
+            n = len(m[0])
+            token = self._seen.get(m[0].decode(), TOKEN_PREFIX).encode()
+            return token[:n] if len(token) >= n else token + b"*" * (n - len(token))
+
+        return pattern.sub(mask, data)
 
     def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[bytes]] | None:
         """The seen secrets as one alternation (longest first), for text and for bytes;

@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -329,13 +330,17 @@ def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too
         out.append(asyncio.run(pooled()))
         r = redis.Redis(port=cache, db=11, socket_connect_timeout=3)
         out += [r.set("tt:stored-secret", f"session {secret}"), r.delete("tt:stored-secret")]
+        # A binary value (not UTF-8): the secret masked in place, the pickle still loads.
+        r.set("tt:stored-blob", pickle.dumps({"token": secret}))
+        out.append(pickle.loads(r.get("tt:stored-blob")))
+        r.delete("tt:stored-blob")
         r.close()
         return out
 
     server = serve(app)
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = job(server.url, 5432, 6379)
-    assert live == [(f"session {secret}",), f"session {secret}", True, 1]
+    assert live == [(f"session {secret}",), f"session {secret}", True, 1, {"token": secret}]
     raw = b"".join(Path(p).read_bytes() for p in rec.paths)
     assert secret.encode() not in raw and b"redacted:" in raw
     server.stop()
@@ -344,7 +349,9 @@ def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too
         replayed = job(server.url, down, down)
     assert rep.report.exact > 0 and not (rep.report.misses or rep.report.unused)
     # (the rows come back as recorded: the secret's token in place of the secret)
-    assert replayed[2:] == [True, 1] and replayed[1].startswith("session redacted:")
+    assert replayed[2:4] == [True, 1] and replayed[1].startswith("session redacted:")
+    masked = replayed[4]["token"]  # the secret's token, cut to the secret's length
+    assert masked.startswith("redacted:") and len(masked) == len(secret)
 
 
 def test_calls_that_differ_only_in_a_secret_are_told_apart_with_a_shared_key(
