@@ -610,3 +610,47 @@ def test_children_forked_while_recording_write_their_own_cassettes(
         with timetracer_otel.replay(str(path)) as rep:
             body = httpx.get(f"{server.url}/items", params={"page": page}).json()
         assert body["page"] == page and rep.report.exact == 1
+
+
+def _child_replayed_call(url: str) -> None:
+    assert httpx.get(f"{url}/items", params={"page": 1}, timeout=2).json()["page"] == "1"
+
+
+def test_children_forked_while_replaying_answer_even_when_a_thread_held_the_index(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A thread of the parent reading the replay's report (it walks the index under its
+    lock) while the parent forks: a child that inherited that lock held, with no thread to
+    release it, hung on its first replayed call for good."""
+    import multiprocessing
+    import threading
+
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec, httpx.Client() as client:
+        for _ in range(2000):
+            client.get(f"{server.url}/items", params={"page": 1})
+    server.stop()
+    fork = multiprocessing.get_context("fork")
+    stop = threading.Event()
+    exits = []
+    with timetracer_otel.replay(rec.paths) as rep:
+
+        def read_reports() -> None:
+            while not stop.is_set():
+                assert rep.report.misses == []
+
+        reader = threading.Thread(target=read_reports)
+        reader.start()
+        try:
+            for _ in range(12):
+                child = fork.Process(target=_child_replayed_call, args=(server.url,))
+                child.start()
+                child.join(10)
+                if child.exitcode is None:  # hung: stopped, and counted as such
+                    child.kill()
+                    child.join()
+                exits.append(child.exitcode)
+        finally:
+            stop.set()
+            reader.join()
+    assert exits == [0] * 12

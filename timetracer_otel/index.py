@@ -11,8 +11,10 @@ kept in the :class:`ReplayReport`, so nothing is silently approximate::
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +160,7 @@ class ReplayIndex:
         self._by_shape: dict[str, _Fifo] = {}
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
+        _INDEXES.add(self)
         self._report = ReplayReport()
         # One recording's cassettes share a clock: order every interaction by when it started,
         # so a fixture's call (written last, in the process cassette) still comes first.
@@ -309,3 +312,17 @@ class ReplayIndex:
             r = self._report
             unused = [(e.span.label or e.span.name, e.source) for e in self._entries if not e.used]
             return ReplayReport(r.exact, list(r.shape_matches), list(r.misses), unused)
+
+
+# Every index of this process: a forked child's start with their locks free (another thread
+# of the parent may have held one at the fork, and it does not exist in the child).
+_INDEXES: weakref.WeakSet[ReplayIndex] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for index in list(_INDEXES):
+        index._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

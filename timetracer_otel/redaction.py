@@ -908,6 +908,15 @@ def _extra(env: Mapping[str, str], var: str) -> list[str]:
 _default: Redactor | None = None
 _default_lock = threading.Lock()
 
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # (held by another thread at the fork, held for good)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 def default_redactor() -> Redactor:
     """The process-wide redactor, built from the environment on first use."""
     global _default
