@@ -140,6 +140,14 @@ def producer_job() -> list[Any]:
         out += [steps.get(timeout=30), steps.parent.get(timeout=30)]
         saved = group(add.s(5, 5), add.s(6, 6)).apply_async()
         out += [saved.save() is saved, saved.get(timeout=30)]
+        # Composites of composites: a chord whose callback is a chain, a chain through a
+        # group; and a callback linked to a task, its id frozen beforehand.
+        out.append(chord([add.s(7, 8), add.s(9, 10)])(chain(total.s(), add.s(100))).get(timeout=30))
+        out.append(chain(add.s(2, 2), group(add.s(1), add.s(2)), total.s())().get(timeout=30))
+        linked = add.s(1000)
+        linked.freeze()
+        out += [add.apply_async((20, 30), link=linked).get(timeout=30),
+                app.AsyncResult(linked.id).get(timeout=30)]
         return out
 
 
@@ -153,7 +161,7 @@ def test_sending_tasks_and_reading_results_replay_without_a_broker(
     assert live[4] == "FAILURE" and type(live[5]) is ValueError
     assert live[7:] == ["tt.add", [2, 3], 8, "SUCCESS", [0, 2, 4],
                         ("celery.exceptions", "QuotaExceeded", ("user 7 is over quota", 7)),
-                        18, 13, 3, True, [10, 12]]
+                        18, 13, 3, True, [10, 12], 134, 11, 50, 1050]
     assert "tests.replay_shims.celery_errors" not in sys.modules  # (only the worker has it)
     # No broker, no result backend, no worker: every connect is refused.
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:

@@ -245,7 +245,7 @@ def _send_task(original: Any) -> Any:
         # is as recorded; a fresh one when the recording has none.
         task_id = options.get("task_id") or sent.get("id") or str(uuid.uuid4())
         _sent(task_id, call)
-        _chained(options.get("chain"))
+        _chained(options.get("chain"), options.get("link"), options.get("link_error"))
         result = (options.get("result_cls") or self.AsyncResult)(task_id)
         task_type = options.get("task_type") or self.tasks.get(name)
         ignore = options.get("ignore_result")
@@ -269,7 +269,8 @@ def _publish(original: Any) -> Any:
             return original(self, body, *args, **kwargs)
         _sent(task_id, call)
         if len(body) > 2 and isinstance(body[2], dict):
-            _chained(body[2].get("chain"))
+            embed = body[2]
+            _chained(embed.get("chain"), embed.get("callbacks"), embed.get("errbacks"))
         with capture(call, SCOPE) as cap:
             try:
                 with suppress_instrumentation():  # the broker's own traffic: replay never sends
@@ -445,22 +446,39 @@ def _chord_body(body: Any) -> None:
     _later("chord", body)
 
 
+# Signatures made of others: their results are their parts' (a chain's last task's, a
+# group's tasks'), each keyed by its own task; the composite's own id and options (fresh ids
+# of its parts, reply queues) never enter a key.
+_CANVAS = frozenset({"celery.chain", "celery.group", "celery.chord"})
+
+
 def _later(kind: str, sig: Any) -> None:
     """Key the result of a task a worker will send (a chord's callback, a chain's next
-    steps) by its task, from its signature with the id frozen in it."""
+    steps, a callback linked to a task) by its task, from its signature with the id frozen
+    in it; a chain, group or chord by each of its parts."""
+    if isinstance(sig, list | tuple):
+        for one in sig:
+            _later(kind, one)
+        return
     if not isinstance(sig, dict):  # (a Signature is a dict)
         return
     task, options = sig.get("task"), sig.get("options") or {}
+    if task in _CANVAS:
+        parts = sig.get("kwargs") or {}
+        _later(kind, parts.get("tasks"))  # a chain's steps, a group's tasks, a chord's header
+        _later(kind, parts.get("body"))  # a chord's callback
+        return
     task_id = options.get("task_id") if isinstance(options, dict) else None
     if isinstance(task, str) and isinstance(task_id, str):
         _sent(task_id, task_call(kind, task, sig.get("args"), sig.get("kwargs")))
 
 
-def _chained(chain: Any) -> None:
-    """The steps of a chain after the task being sent, which the workers send in turn."""
-    if isinstance(chain, list | tuple):
-        for sig in chain:
-            _later("chain", sig)
+def _chained(chain: Any, links: Any = None, errbacks: Any = None) -> None:
+    """The steps of a chain after the task being sent, which the workers send in turn, and
+    the callbacks linked to it (``link=``, ``link_error=``) whose ids are frozen."""
+    _later("chain", chain)
+    _later("link", links)
+    _later("link", errbacks)
 
 
 def _suppressed(fn: Any) -> Any:
