@@ -100,6 +100,20 @@ def _one_attempt(task: Any) -> Iterator[None]:
         del task.retry
 
 
+def _dispatch(app: Any, request: Any, value: Any) -> None:
+    """What a worker sends after a run that succeeded, and an eager ``apply`` does not: the
+    callbacks linked to it and the next step of its chain, with the value it returned (sends
+    answered from the cassette, as every send is)."""
+    from celery import signature
+
+    parent = {"parent_id": request.get("id")}
+    for link in from_tree(request.get("links")) or ():
+        signature(link, app=app).apply_async((value,), **parent)
+    chain = from_tree(request.get("chain"))
+    if chain:
+        signature(chain[-1], app=app).apply_async((value,), chain=chain[:-1], **parent)
+
+
 def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
                 strict: bool = False) -> TaskResult:
     """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
@@ -123,6 +137,8 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
     with rep, _one_attempt(task):  # this run, as the worker ran it (its id, its retry count)
         eager = task.apply(args=args, kwargs=kwargs, task_id=request.get("id"),
                            retries=request.get("retries") or 0)
+        if eager.state == "SUCCESS":
+            _dispatch(app, request, eager.result)
     state, value = eager.state, eager.result
     report = rep.report
     diff = _compare(span, state, value, report, misses_fail=rep.on_miss is OnMiss.ERROR)

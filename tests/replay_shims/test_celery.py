@@ -313,6 +313,8 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
     live = [profile.delay(i, upstream.url).get(timeout=30) for i in (1, 2, 3)]
     # A chord: the worker counts its parts in the result backend (its bookkeeping, untraced).
     assert chord([add.s(3, 4), add.s(5, 6)])(total.s()).get(timeout=30) == 18
+    # A chain: the run of its first step sends the next, and so does its replay.
+    assert chain(add.s(1, 2), add.s(10))().get(timeout=30) == 13
     output = stop(proc)
     upstream.stop()
     runs: dict[int, Path] = {}
@@ -328,10 +330,12 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
             others.append(path)
     assert sorted(runs) == [1, 2, 3], output
     assert sorted(task_run_span(load_cassette(p)).request["task"] for p in others) == [  # type: ignore[union-attr]
-        "tt.add", "tt.add", "tt.total"]
+        "tt.add", "tt.add", "tt.add", "tt.add", "tt.total"]
     with connects_refused() as attempts:
-        assert all(replay_task(p, app, strict=True).ok for p in others)
+        replayed = [replay_task(p, app, strict=True) for p in others]
     assert attempts == []
+    for result in replayed:
+        assert result.ok, result.render()
     with connects_refused() as attempts:
         results = [replay_task(runs[i], app, strict=True) for i in (1, 2, 3)]
     assert attempts == []

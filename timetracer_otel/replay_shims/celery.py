@@ -520,8 +520,17 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         return
     try:
         # Which run of the task this was: replay_task runs it again as that one.
-        retries = getattr(getattr(task, "request", None), "retries", 0) or 0
-        call = task_call("run", task.name, args, kwargs, {"id": task_id, "retries": retries})
+        request = getattr(task, "request", None)
+        retries = getattr(request, "retries", 0) or 0
+        stored: dict[str, Any] = {"id": task_id, "retries": retries}
+        # What the worker sent after this run (a chain's next step, linked callbacks), so a
+        # replay of the run sends it too (see tasks.replay_task).
+        for field, name in (("chain", "chain"), ("callbacks", "links")):
+            sigs = getattr(request, field, None)
+            if sigs:
+                r = STATE.redactor
+                stored[name] = r.scrub(r.arguments(to_tree([dict(s) for s in sigs])))
+        call = task_call("run", task.name, args, kwargs, stored)
         if decide(call) is not RECORD:
             return
         with capture(call, SCOPE) as cap:
