@@ -92,6 +92,7 @@ SECRET_FIELDS = (
 )
 
 TOKEN_PREFIX = "redacted:"
+_MASK = TOKEN_PREFIX.encode()
 _TOKEN_RE = re.compile(r"redacted:[0-9a-f]{16}")
 _GLOB_CHARS = "*?["
 # Only values that look like secrets are scrubbed from free text later: a cookie "theme=darkmode"
@@ -839,19 +840,13 @@ class Redactor:
 
     def _scrub_binary(self, data: bytes) -> bytes:
         """Bytes that are not UTF-8 text (a pickled or packed value, latin-1): each seen
-        secret replaced by its token cut or padded (``*``) to the secret's own length, so a
-        length-prefixed format still parses. Keys fold the token's part, and the padding is
-        the same in every process."""
+        secret replaced by ``redacted:***...`` cut or padded to the secret's own length, so a
+        length-prefixed format still parses. Not the token: keys see bytes as base64, where
+        tokens cannot be folded, and a keyed hash would differ in every process."""
         pattern = self._bytes_pattern()
         if pattern is None:
             return data
-
-        def mask(m: re.Match[bytes]) -> bytes:
-            n = len(m[0])
-            token = self._seen.get(m[0].decode(), TOKEN_PREFIX).encode()
-            return token[:n] if len(token) >= n else token + b"*" * (n - len(token))
-
-        return pattern.sub(mask, data)
+        return pattern.sub(lambda m: (_MASK + b"*" * len(m[0]))[:len(m[0])], data)
 
     def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[bytes]] | None:
         """The seen secrets as one alternation (longest first), for text and for bytes;

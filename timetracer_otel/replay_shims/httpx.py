@@ -174,6 +174,10 @@ def _build_exc(request: httpx.Request) -> Any:
 
 
 def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
+    # The request's secret headers (its Authorization...) learned as a recording learns
+    # them, though the replay never builds its stored headers: a later call that carries
+    # such a secret (a SQL parameter, a Redis value) is then scrubbed and keyed as recorded.
+    STATE.redactor.learn_headers(_triples(request.headers))
     span = match.span
     if span.error is not None:
         raise rebuild_error(span.error, _build_exc(request))

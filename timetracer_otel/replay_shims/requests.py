@@ -183,6 +183,8 @@ def _handler(original: Any) -> Any:
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
+            # Its secret headers learned, as a recording learns them (see httpx's _replayed).
+            STATE.redactor.learn_header_pairs(request.headers.items())
             span = action.span
             if span.error is not None:
                 raise rebuild_error(span.error, _build_exc(request))
