@@ -46,14 +46,14 @@ class _Fifo:
     one URL 10,000 times would otherwise pay O(n) per call.
     """
 
-    __slots__ = ("head", "items", "secrets")
+    __slots__ = ("by_tokens", "head", "items")
 
     def __init__(self) -> None:
         self.items: list[_Entry] = []
         self.head = 0
-        # The redaction tokens of each entry's stored request, once a call needed them: None
-        # until then, [] when they are the same in every entry (see ReplayIndex._by_secrets).
-        self.secrets: list[tuple[bytes, ...]] | None = None
+        # The entries by the redaction tokens of their stored requests, once a call needed
+        # them: None until then, {} when every entry has the same (see ReplayIndex._by_secrets).
+        self.by_tokens: dict[tuple[bytes, ...], _Fifo] | None = None
 
     def pop(self) -> _Entry | None:
         # Entries sit in two queues; one used through the other is skipped here, lazily.
@@ -66,10 +66,8 @@ class _Fifo:
         return None
 
 
-# A redaction token (see redaction.TOKEN_PREFIX) in a packed request, and how many unused
-# interactions of one key are searched for a call's tokens.
+# A redaction token (see redaction.TOKEN_PREFIX) in a packed request.
 _TOKEN = re.compile(rb"redacted:[0-9a-f]{16}")
-_SECRET_SCAN = 64
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -219,7 +217,7 @@ class ReplayIndex:
             queue = self._by_key.get(call.key)
             entry = None
             if queue is not None:
-                if len(queue.items) > 1 and queue.secrets != []:
+                if len(queue.items) > 1 and queue.by_tokens != {}:
                     entry = self._by_secrets(queue, call)
                 if entry is None:
                     entry = queue.pop()
@@ -243,23 +241,24 @@ class ReplayIndex:
     def _by_secrets(queue: _Fifo, call: Call) -> _Entry | None:
         """Among interactions of one key whose stored requests carry different redaction
         tokens (keys fold tokens, so two calls that differ only in a secret share a key), the
-        first unused one with the live call's tokens. Tokens are equal across processes only
+        next unused one with the live call's tokens. Tokens are equal across processes only
         with a shared ``TIMETRACER_REDACTION_KEY``; otherwise none is equal, and the key's
         next interaction answers, in recorded order."""
-        secrets = queue.secrets
-        if secrets is None:
-            secrets = [_tokens(e.span.request) for e in queue.items]
-            queue.secrets = secrets = secrets if len(set(secrets)) > 1 else []
-            if not secrets:
+        groups = queue.by_tokens
+        if groups is None:
+            groups = {}
+            for entry in queue.items:
+                tokens = _tokens(entry.span.request)
+                group = groups.get(tokens)
+                if group is None:
+                    group = groups[tokens] = _Fifo()
+                group.items.append(entry)
+            queue.by_tokens = groups = groups if len(groups) > 1 else {}
+            if not groups:
                 return None
         live = _tokens(call.request)
-        if not live:
-            return None
-        items = queue.items
-        for i in range(queue.head, min(len(items), queue.head + _SECRET_SCAN)):
-            if not items[i].used and secrets[i] == live:
-                return items[i]  # (taken out of order: pop() skips it once it is used)
-        return None
+        group = groups.get(live) if live else None
+        return group.pop() if group is not None else None  # (used ones skipped, as here)
 
     def miss_message(self, call: Call, *, hint: str = "") -> str:
         """Explain a miss: the call, the cassettes, and the closest recorded candidates."""

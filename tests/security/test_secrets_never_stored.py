@@ -395,3 +395,35 @@ def test_calls_that_differ_only_in_a_secret_are_told_apart_with_a_shared_key(
     assert live[1] == live[0] + 1
     assert answers[True] == [live[1], live[0]]  # each its own answer
     assert answers[False] == live  # in recorded order
+
+
+def test_many_calls_that_differ_only_in_a_secret_each_get_their_own_answer(
+    serve: Any, tmp_path: Path
+) -> None:
+    """Seventy calls of one key with seventy tokens, replayed with the first one last: every
+    call still gets the answer recorded with its own token (a bounded search of the key's
+    interactions once ran out and handed later calls another token's answer as exact)."""
+    from tests.upstream_app import app as counting
+    from timetracer_otel.redaction import Redactor, set_default_redactor
+
+    original = STATE.redactor
+    server = serve(counting)
+    tokens = [f"Token{i:02d}-abcdefgh1234" for i in range(70)]
+
+    def ask(order: list[str]) -> dict[str, int]:
+        with httpx.Client() as client:
+            return {t: client.get(f"{server.url}/items", params={"token": t}).json()["n"]
+                    for t in order}
+
+    try:
+        set_default_redactor(Redactor(env={"TIMETRACER_REDACTION_KEY": "shared-key-2"}))
+        with timetracer_otel.record(dir=tmp_path) as rec:
+            live = ask(tokens)
+        server.stop()
+        set_default_redactor(Redactor(env={"TIMETRACER_REDACTION_KEY": "shared-key-2"}))
+        with timetracer_otel.replay(rec.paths, strict=True) as rep:
+            replayed = ask(tokens[1:] + tokens[:1])
+    finally:
+        set_default_redactor(original)
+    assert rep.report.exact == 70
+    assert replayed == live
