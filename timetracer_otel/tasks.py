@@ -114,6 +114,25 @@ def _dispatch(app: Any, request: Any, value: Any) -> None:
         signature(chain[-1], app=app).apply_async((value,), chain=chain[:-1], **parent)
 
 
+def _dispatch_errbacks(app: Any, request: Any) -> None:
+    """What a worker sends after a run that failed: the ``link_error`` callbacks that take
+    the task id alone, as one group, as Celery's backend sends them (those that take the
+    request, exception and traceback run inline there, and send nothing)."""
+    from celery import group, signature
+    from celery.utils.functional import arity_greater
+
+    old = []
+    for errback in from_tree(request.get("errbacks")) or ():
+        sig = signature(errback, app=app)
+        task = app.tasks.get(sig.task)
+        header = getattr(task, "__header__", None)
+        if header is None or not arity_greater(header, 1):
+            old.append(sig)
+    if old:
+        task_id = request.get("id")
+        group(old, app=app).apply_async((task_id,), parent_id=task_id)
+
+
 def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
                 strict: bool = False) -> TaskResult:
     """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
@@ -139,6 +158,8 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
                            retries=request.get("retries") or 0)
         if eager.state == "SUCCESS":
             _dispatch(app, request, eager.result)
+        elif eager.state == "FAILURE":
+            _dispatch_errbacks(app, request)
     state, value = eager.state, eager.result
     report = rep.report
     diff = _compare(span, state, value, report, misses_fail=rep.on_miss is OnMiss.ERROR)

@@ -30,6 +30,12 @@ def total(values: list[int]) -> int:
     return sum(values)
 
 
+@app.task(name="tt.on_error", shared=False)
+def on_error(task_id: str) -> str:
+    """A link_error callback of the old style: it takes the failed task's id."""
+    return task_id
+
+
 @app.task(name="tt.fail", shared=False)
 def fail(n: int) -> None:
     raise ValueError(f"bad input {n}")

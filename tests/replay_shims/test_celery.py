@@ -31,6 +31,7 @@ from tests.replay_shims.celery_app import (
     fail,
     flaky,
     notify,
+    on_error,
     profile,
     quota,
     spawn,
@@ -313,8 +314,14 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
     live = [profile.delay(i, upstream.url).get(timeout=30) for i in (1, 2, 3)]
     # A chord: the worker counts its parts in the result backend (its bookkeeping, untraced).
     assert chord([add.s(3, 4), add.s(5, 6)])(total.s()).get(timeout=30) == 18
-    # A chain: the run of its first step sends the next, and so does its replay.
+    # A chain: the run of its first step sends the next, and so does its replay; a failed
+    # run sends its link_error callback.
     assert chain(add.s(1, 2), add.s(10))().get(timeout=30) == 13
+    errback = on_error.s()
+    errback.freeze()
+    failed = fail.apply_async((5,), link_error=errback)
+    assert isinstance(failed.get(timeout=30, propagate=False), ValueError)
+    assert app.AsyncResult(errback.id).get(timeout=30) == failed.id
     output = stop(proc)
     upstream.stop()
     runs: dict[int, Path] = {}
@@ -330,7 +337,7 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
             others.append(path)
     assert sorted(runs) == [1, 2, 3], output
     assert sorted(task_run_span(load_cassette(p)).request["task"] for p in others) == [  # type: ignore[union-attr]
-        "tt.add", "tt.add", "tt.add", "tt.add", "tt.total"]
+        "tt.add", "tt.add", "tt.add", "tt.add", "tt.fail", "tt.on_error", "tt.total"]
     with connects_refused() as attempts:
         replayed = [replay_task(p, app, strict=True) for p in others]
     assert attempts == []

@@ -525,7 +525,7 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         stored: dict[str, Any] = {"id": task_id, "retries": retries}
         # What the worker sent after this run (a chain's next step, linked callbacks), so a
         # replay of the run sends it too (see tasks.replay_task).
-        for field, name in (("chain", "chain"), ("callbacks", "links")):
+        for field, name in (("chain", "chain"), ("callbacks", "links"), ("errbacks", "errbacks")):
             sigs = getattr(request, field, None)
             if sigs:
                 r = STATE.redactor
