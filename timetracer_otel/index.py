@@ -12,7 +12,6 @@ kept in the :class:`ReplayReport`, so nothing is silently approximate::
 from __future__ import annotations
 
 import os
-import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,7 @@ import msgspec
 
 from timetracer_otel.cassette import Cassette, CassetteHeads, SpanHead, SpanRecord, gc_paused
 from timetracer_otel.keys import Call, field_diff
+from timetracer_otel.redaction import TOKEN_BYTES_RE
 
 
 @dataclass(slots=True)
@@ -66,8 +66,6 @@ class _Fifo:
         return None
 
 
-# A redaction token (see redaction.TOKEN_PREFIX) in a packed request.
-_TOKEN = re.compile(rb"redacted:[0-9a-f]{16}")
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -81,7 +79,7 @@ def _tokens(request: Any) -> tuple[bytes, ...]:
             raw = _pack(request)
         except (TypeError, ValueError, OverflowError):
             return ()
-    return tuple(_TOKEN.findall(raw)) if b"redacted:" in raw else ()
+    return tuple(TOKEN_BYTES_RE.findall(raw)) if b"redacted:" in raw else ()
 
 
 @dataclass(slots=True)

@@ -94,6 +94,8 @@ SECRET_FIELDS = (
 TOKEN_PREFIX = "redacted:"
 _MASK = TOKEN_PREFIX.encode()
 _TOKEN_RE = re.compile(r"redacted:[0-9a-f]{16}")
+# A whole token in encoded bytes (a packed request: see index.ReplayIndex).
+TOKEN_BYTES_RE = re.compile(_TOKEN_RE.pattern.encode())
 _GLOB_CHARS = "*?["
 # Only values that look like secrets are scrubbed from free text later: a cookie "theme=darkmode"
 # or "key=products" must not rewrite every body that mentions "darkmode" or "products".

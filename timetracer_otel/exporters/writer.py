@@ -720,7 +720,6 @@ class CassetteWriter:
         }
 
 
-
 # --- forked children ---------------------------------------------------------------------------
 
 # This process's writers: a forked child starts each over (see CassetteWriter._forked).
@@ -752,17 +751,13 @@ def _after_fork_in_child() -> None:
         writer._forked()
 
 
-class _ForkHook:
-    """Kept alive for multiprocessing's after-fork registry, which holds it weakly."""
-
-    @staticmethod
-    def arm(_: object) -> None:
-        # A multiprocessing child ends with os._exit after running its finalizers (a forked
-        # child clears the parent's first, so this is registered in the child).
-        multiprocessing.util.Finalize(None, finish_child, exitpriority=10)
+def _finish_at_exit(finish: Callable[[], None]) -> None:
+    # A multiprocessing child ends with os._exit after running its finalizers (a forked child
+    # clears the parent's first, so this is registered in the child, after the fork).
+    multiprocessing.util.Finalize(None, finish, exitpriority=10)
 
 
-_FORK_HOOK = _ForkHook()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-multiprocessing.util.register_after_fork(_FORK_HOOK, _ForkHook.arm)
+# (the registry holds its key object weakly: the module's function lives as long as it)
+multiprocessing.util.register_after_fork(finish_child, _finish_at_exit)

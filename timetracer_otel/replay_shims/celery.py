@@ -414,12 +414,15 @@ def _backend_property(original: Any) -> Any:
 
 
 def _bookkeeping(backend: Any, name: str, method: Any) -> Any:
-    native_chord = name == "apply_chord" and \
-        type(backend).apply_chord is not _base_backend().apply_chord
+    from celery.backends.base import Backend
+
+    native_chord = name == "apply_chord" and type(backend).apply_chord is not Backend.apply_chord
 
     def run(*args: Any, **kwargs: Any) -> Any:
         if name == "apply_chord" and len(args) > 1:
-            _chord_body(args[1])
+            # A chord's callback is sent by the worker that ends its last part, never by
+            # this process: its result is keyed by its task, from the signature.
+            _later("chord", args[1])
         # (in a replay, a backend without native chords still sends its chord_unlock task:
         # a send, answered from the cassette like any other)
         if _replaying() and (name != "apply_chord" or native_chord):
@@ -432,18 +435,6 @@ def _bookkeeping(backend: Any, name: str, method: Any) -> Any:
         return method(*args, **kwargs)
 
     return run
-
-
-def _base_backend() -> Any:
-    from celery.backends.base import Backend
-
-    return Backend
-
-
-def _chord_body(body: Any) -> None:
-    """A chord's callback is sent by the worker that ends its last part, never by this
-    process: its result is keyed by its task (as a sent task's is) from the signature."""
-    _later("chord", body)
 
 
 # Signatures made of others: their results are their parts' (a chain's last task's, a
