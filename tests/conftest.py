@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,28 @@ def mongo_server(*options: str) -> Iterator[int]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+REDIS_PORT = 6379
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A fresh key prefix on the machine's Redis (127.0.0.1:6379); its keys are deleted
+    afterwards."""
+    import redis
+
+    try:
+        admin = redis.Redis(port=REDIS_PORT)
+        admin.ping()
+    except redis.ConnectionError as exc:  # fail, naming the service: never skip silently
+        pytest.fail(f"Redis is needed on 127.0.0.1:{REDIS_PORT} and is not reachable: {exc}")
+    name = f"tt:{uuid.uuid4().hex[:10]}:"
+    yield name
+    keys = admin.keys(name + "*")
+    if keys:
+        admin.delete(*keys)
+    admin.close()
 
 
 @pytest.fixture(scope="session")

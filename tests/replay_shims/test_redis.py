@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,8 @@ import redis
 import redis.asyncio
 
 import timetracer_otel
-from tests.conftest import connects_refused, plain_env, timetracer_cli, unreachable_port
+from tests.conftest import REDIS_PORT, connects_refused, plain_env, timetracer_cli, unreachable_port
 from timetracer_otel.cassette import load_cassette
-
-REDIS_PORT = 6379
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A fresh key prefix on the real server; its keys are deleted afterwards."""
-    try:
-        admin = redis.Redis(port=REDIS_PORT)
-        admin.ping()
-    except redis.ConnectionError as exc:  # fail, naming the service: never skip silently
-        pytest.fail(f"Redis is needed on 127.0.0.1:{REDIS_PORT} and is not reachable: {exc}")
-    name = f"tt:{uuid.uuid4().hex[:10]}:"
-    yield name
-    keys = admin.keys(name + "*")
-    if keys:
-        admin.delete(*keys)
-    admin.close()
 
 
 def typed(value: Any) -> Any:

@@ -12,11 +12,9 @@ import pytest
 import redis
 import redis.asyncio
 
+from tests.conftest import REDIS_PORT
 from tests.deferral import interactions_of, left_to_writer, recorded_both_ways
-from tests.replay_shims.test_redis import REDIS_PORT
 from tests.upstream_app import app
-
-pytest_plugins = ["tests.replay_shims.test_redis"]  # its ``prefix`` fixture
 
 # A secret the app's redactor learns from a header, then finds in a value it stores.
 SECRET = "s3cr3t-0123456789abcdef"
