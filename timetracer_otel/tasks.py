@@ -133,6 +133,31 @@ def _dispatch_errbacks(app: Any, request: Any) -> None:
         group(old, app=app).apply_async((task_id,), parent_id=task_id)
 
 
+@contextlib.contextmanager
+def _as_recorded(task: Any, context: Any) -> Iterator[None]:
+    """The run's request as the worker set it (host name, parent and root ids, group,
+    delivery info, custom headers...; see ``celery.CONTEXT_FIELDS``), set when the task
+    starts (``task_prerun``), where ``Task.apply`` has set this machine's. ``is_eager`` stays
+    true: the run is in this process."""
+    from celery.signals import task_prerun
+
+    fields = from_tree(context) if context else None
+    if not fields:
+        yield
+        return
+
+    def restore(sender: Any = None, **_: Any) -> None:
+        if sender is task:
+            task.request.update(fields)
+            task.request.update(fields.get("headers") or {})
+
+    task_prerun.connect(restore, weak=False)
+    try:
+        yield
+    finally:
+        task_prerun.disconnect(restore)
+
+
 def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
                 strict: bool = False) -> TaskResult:
     """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
@@ -153,7 +178,8 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
     args, kwargs = from_tree(request["args"]), from_tree(request["kwargs"])
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
     rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
-    with rep, _one_attempt(task):  # this run, as the worker ran it (its id, its retry count)
+    # this run, as the worker ran it (its id, its retry count, its request's context)
+    with rep, _one_attempt(task), _as_recorded(task, request.get("context")):
         eager = task.apply(args=args, kwargs=kwargs, task_id=request.get("id"),
                            retries=request.get("retries") or 0)
         if eager.state == "SUCCESS":

@@ -75,3 +75,16 @@ def flaky(self: Any, n: int) -> int:
     if self.request.retries < 1:
         raise self.retry(countdown=0)
     return n * 10
+
+
+@app.task(name="tt.audited", bind=True, shared=False)
+def audited(self: Any, n: int, base_url: str) -> dict[str, Any]:
+    """Reads its request as a worker set it (host, parent and root ids, delivery info, a custom
+    header) and sends part of it to its dependency: a replay must run it with the same."""
+    req = self.request
+    tenant = getattr(req, "tenant", None)
+    data = httpx.get(f"{base_url}/users/{n}", params={"root": req.root_id or "", "tenant": tenant or ""},
+                     timeout=5).json()
+    return {"name": data["name"], "tenant": tenant, "headers": req.headers, "root": req.root_id,
+            "parent": req.parent_id, "host": req.hostname,
+            "queue": (req.delivery_info or {}).get("routing_key")}

@@ -28,6 +28,7 @@ from tests.replay_shims import celery_app_changed
 from tests.replay_shims.celery_app import (
     add,
     app,
+    audited,
     fail,
     flaky,
     notify,
@@ -301,6 +302,37 @@ def test_a_recorded_worker_runs_its_tasks_again_offline(
     cli = timetracer_cli("replay", str(cassettes), "--celery", "no_such_module:app",
                          env=plain_env(PYTHONPATH=str(ROOT)))
     assert cli.returncode == 2 and "cannot import 'no_such_module'" in cli.stderr
+
+
+def test_a_replayed_run_reads_its_request_as_the_worker_set_it(
+    worker: Callable[..., subprocess.Popen[str]], upstream: ServerThread, tmp_path: Path
+) -> None:
+    """A task that reads its request (custom header, root and parent ids, the worker's host
+    name, the queue) and sends part of it to its dependency replays with the values the worker
+    gave it, not those of an eager run here."""
+    cassettes = tmp_path / "worker"
+    proc = worker(record_dir=cassettes)
+    alone = audited.apply_async((3, upstream.url), headers={"tenant": "acme"})
+    first = add.si(1, 2)
+    chained = chain(first, audited.si(4, upstream.url)).apply_async()
+    live = {"alone": alone.get(timeout=30), "chained": chained.get(timeout=30)}
+    stop(proc)
+    upstream.stop()
+    assert live["alone"]["tenant"] == "acme" and live["alone"]["headers"]["tenant"] == "acme"
+    assert live["alone"]["root"] == alone.id and live["alone"]["host"].startswith("celery@")
+    assert live["chained"]["parent"] == chained.parent.id and live["chained"]["queue"] == "celery"
+    runs = {}
+    for path in find_cassettes(cassettes):
+        span = task_run_span(load_cassette(path))
+        if span is not None and span.request["task"] == "tt.audited":
+            runs[span.request["args"][0]] = path
+    assert sorted(runs) == [3, 4]
+    with connects_refused() as attempts:
+        results = {n: replay_task(runs[n], app, strict=True) for n in (3, 4)}
+    assert attempts == []
+    for n, result in results.items():
+        assert result.ok, (n, result.render())
+        assert result.report.exact == 1
 
 
 def test_a_prefork_worker_records_the_runs_of_its_children(

@@ -28,6 +28,7 @@ are joined on the worker through the backend), ``GroupResult.save``/``restore``,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import uuid
 from collections import OrderedDict
@@ -516,11 +517,16 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         stored: dict[str, Any] = {"id": task_id, "retries": retries}
         # What the worker sent after this run (a chain's next step, linked callbacks), so a
         # replay of the run sends it too (see tasks.replay_task).
+        r = STATE.redactor
         for field, name in (("chain", "chain"), ("callbacks", "links"), ("errbacks", "errbacks")):
             sigs = getattr(request, field, None)
             if sigs:
-                r = STATE.redactor
                 stored[name] = r.scrub(r.arguments(to_tree([dict(s) for s in sigs])))
+        context = _context(request)
+        if context:
+            # (a value the codec cannot carry: the run is kept without its context)
+            with contextlib.suppress(Exception):
+                stored["context"] = r.scrub(r.arguments(to_tree(context)))
         call = task_call("run", task.name, args, kwargs, stored)
         if decide(call) is not RECORD:
             return
@@ -532,6 +538,26 @@ def _on_postrun(sender: Any = None, task_id: Any = None, task: Any = None, args:
         logging.getLogger("timetracer_otel").warning(
             "timetracer-otel: could not record the run of %s", getattr(task, "name", task),
             exc_info=True)
+
+
+# What a task may read of its request beyond its id and retries (kept above), as the worker
+# set them: a replay runs it with the same (see tasks.replay_task), where ``Task.apply`` would
+# give this machine's host name, no parent, its own root and no custom headers.
+CONTEXT_FIELDS = ("hostname", "parent_id", "root_id", "group", "group_index", "correlation_id",
+                  "reply_to", "delivery_info", "headers", "eta", "expires", "origin", "shadow",
+                  "replaced_task_nesting")
+
+
+def _context(request: Any) -> dict[str, Any]:
+    """The run's request fields of :data:`CONTEXT_FIELDS` that are set; a custom header
+    (``apply_async(headers=...)``) is also an attribute of the request, restored from
+    ``headers``."""
+    out = {}
+    for name in CONTEXT_FIELDS:
+        value = getattr(request, name, None)
+        if value is not None:
+            out[name] = dict(value) if name == "delivery_info" else value
+    return out
 
 
 def _on_child_shutdown(**_: Any) -> None:
