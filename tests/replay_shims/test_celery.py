@@ -16,6 +16,7 @@ import celery.exceptions
 import pytest
 import redis
 from celery import chain, chord, group
+from celery.result import GroupResult
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -246,6 +247,72 @@ def test_a_task_sent_differently_is_a_miss(
             pytest.raises(timetracer_otel.ReplayMissError) as miss:
         add.delay(2, 4)
     assert "send tt.add" in str(miss.value) and "[2, 3]" in str(miss.value).replace("'", "")
+
+
+def test_worker_controls_replay_without_a_broker(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """revoke (of a task this run sent, by its fresh id), an inspect() query and a control
+    that asks for replies go to the workers through the broker: recorded with the replies,
+    answered from the cassette with the worker gone and every connect refused."""
+    proc = worker()
+
+    def job() -> list[Any]:
+        with trace.get_tracer("tests").start_as_current_span("job"):
+            sent = add.delay(4, 4)
+            out: list[Any] = [sent.get(timeout=30), sent.revoke()]
+            out.append(app.control.revoke([sent.id], terminate=False))
+            out.append(app.control.inspect(timeout=5).ping())
+            out.append(app.control.rate_limit("tt.add", "100/m", reply=True, timeout=5))
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[:3] == [8, None, None]
+    ((name, pong),) = live[3].items()  # one worker answered the ping
+    assert name.startswith("celery@") and pong == {"ok": "pong"}
+    assert live[4] == [{name: {"ok": "new rate limit set successfully"}}]
+    stop(proc)
+    app.close()  # the broker connections the recording left open, too
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job()
+    assert attempts == []
+    assert typed(replayed) == typed(live)
+    assert rep.report.misses == [] and rep.report.unused == []
+
+
+def test_a_restored_group_replays_without_a_broker(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """GroupResult.restore of a group this run saved (a fresh id each run), and of one an
+    earlier run saved and the app kept the id of: answered from the cassette offline."""
+    proc = worker()
+    with timetracer_otel.record(dir=tmp_path / "earlier"):
+        earlier = group(add.s(i, 1) for i in range(2)).apply_async()
+        earlier.save()
+        assert earlier.get(timeout=30) == [1, 2]
+
+    def job(kept: str) -> list[Any]:
+        with trace.get_tracer("tests").start_as_current_span("job"):
+            saved = group(add.s(i, i) for i in range(3)).apply_async()
+            saved.save()
+            back = GroupResult.restore(saved.id, app=app)
+            old = GroupResult.restore(kept, app=app)
+            return [type(back).__name__, back.id == saved.id,
+                    [r.id for r in back.results] == [r.id for r in saved.results],
+                    back.get(timeout=30), type(old).__name__, old.id, old.get(timeout=30),
+                    GroupResult.restore("never-saved", app=app)]
+
+    with timetracer_otel.record(dir=tmp_path / "job") as rec:
+        live = job(earlier.id)
+    assert live == ["GroupResult", True, True, [0, 2, 4], "GroupResult", earlier.id, [1, 2], None]
+    stop(proc)
+    app.close()  # the broker connections the recording left open, too
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(earlier.id)  # (the id as the app's own replayed read gives it back)
+    assert attempts == []
+    assert typed(replayed) == typed(live)
+    assert rep.report.misses == [] and rep.report.unused == []
 
 
 @pytest.fixture

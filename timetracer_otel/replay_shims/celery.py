@@ -65,6 +65,9 @@ _KEEP_SEND: ContextVar[bool] = ContextVar("timetracer_celery_keep_send", default
 # The task each id this process sent belongs to: a result read later is keyed by its task.
 _SENT: OrderedDict[str, Tree] = OrderedDict()
 _SENT_MAX = 10_000
+# The groups this process saved (GroupResult.save), by id: their ``as_tuple()`` and their
+# results' ids, which restoring one is keyed by.
+_SAVED: OrderedDict[str, tuple[Any, list[str]]] = OrderedDict()
 
 
 def _replaying() -> bool:
@@ -342,6 +345,57 @@ def _get_task_meta(original: Any) -> Any:
     return get_task_meta
 
 
+_BROADCAST_ARGS = ("arguments", "destination", "connection", "reply", "timeout", "limit",
+                   "callback", "channel", "pattern", "matcher")
+
+
+def _control_call(command: str, options: dict[str, Any]) -> Call:
+    """A broadcast to the workers (``revoke``, ``rate_limit``, an ``inspect()`` query): its
+    command, arguments and destination; a task id in the arguments (fresh in every run) is
+    keyed by the task it was sent as, when this process sent it."""
+    arguments = dict(options.get("arguments") or {})
+    ids = arguments.get("task_id")
+    if isinstance(ids, str):
+        arguments["task_id"] = _SENT.get(ids, {"id": ids})
+    elif isinstance(ids, list | tuple):
+        arguments["task_id"] = [_SENT.get(i, {"id": i}) for i in ids]
+    r = STATE.redactor
+    identity = {"kind": "control", "command": command,
+                "arguments": r.scrub(r.arguments(to_tree(arguments))),
+                "destination": to_tree(options.get("destination")),
+                "reply": bool(options.get("reply"))}
+    return Call(LIBRARY, identity, identity, {"kind": "control", "task": command},
+                _label("control", command))
+
+
+def _broadcast(original: Any) -> Any:
+    def broadcast(self: Any, command: str, *args: Any, **kwargs: Any) -> Any:
+        """``Control.broadcast``, which ``revoke``, ``inspect()`` and the other worker
+        controls send through: recorded with the workers' replies (none unless ``reply``),
+        answered from the cassette in a replay, where it would reach for the broker."""
+        if STATE.mode is Mode.OFF:
+            return original(self, command, *args, **kwargs)
+        options = dict(zip(_BROADCAST_ARGS, args, strict=False))
+        options.update(kwargs)
+        call = _control_call(command, options)
+        action = _decided(call)
+        if isinstance(action, Match):
+            replies = from_tree(_answer(action)["replies"])
+            callback = options.get("callback")
+            if callback is not None and replies:
+                for one in replies:  # as the mailbox calls it, reply by reply
+                    callback(one)
+            return replies
+        if action is not RECORD:
+            return original(self, command, *args, **kwargs)
+        with capture(call, SCOPE) as cap, suppress_instrumentation():
+            replies = original(self, command, *args, **kwargs)
+            cap.ok({"replies": to_tree(replies)})
+            return replies
+
+    return broadcast
+
+
 _JOIN_NATIVE_ARGS = ("timeout", "propagate", "interval", "callback", "no_ack", "on_message",
                      "on_interval", "disable_sync_subtasks")
 
@@ -406,6 +460,9 @@ def _backend_property(original: Any) -> Any:
                     method = getattr(made, name, None)
                     if method is not None:
                         setattr(made, name, _bookkeeping(made, name, method))
+                restore = getattr(made, "restore_group", None)
+                if restore is not None:
+                    made.restore_group = _restore_group(made, restore)
                 made._timetracer_bookkeeping = True
         except (TypeError, AttributeError):  # (an object without a __dict__: left as it is)
             pass
@@ -420,6 +477,12 @@ def _bookkeeping(backend: Any, name: str, method: Any) -> Any:
     native_chord = name == "apply_chord" and type(backend).apply_chord is not Backend.apply_chord
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        if name == "save_group" and len(args) > 1:
+            # (its ids, not the result objects: those would live until the interpreter ends)
+            group = args[1]
+            _SAVED[str(args[0])] = (group.as_tuple(), [r.id for r in group.results])
+            while len(_SAVED) > _SENT_MAX:
+                _SAVED.popitem(last=False)
         if name == "apply_chord" and len(args) > 1:
             # A chord's callback is sent by the worker that ends its last part, never by
             # this process: its result is keyed by its task, from the signature.
@@ -436,6 +499,39 @@ def _bookkeeping(backend: Any, name: str, method: Any) -> Any:
         return method(*args, **kwargs)
 
     return run
+
+
+def _restore_group(backend: Any, method: Any) -> Any:
+    """``GroupResult.restore``: the group a backend saved, read back. Keyed by the tasks of
+    the group when this process saved it (its id is fresh in every run), else by its id (one
+    the app kept, which its own replayed reads give back as recorded)."""
+    from celery.result import result_from_tuple
+
+    def restore_group(group_id: Any, *args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.OFF:
+            return method(group_id, *args, **kwargs)
+        saved = _SAVED.get(str(group_id))
+        of = ([_SENT.get(i, {"id": i}) for i in saved[1]] if saved is not None
+              else {"id": str(group_id)})
+        identity = {"kind": "restore", "of": of}
+        call = Call(LIBRARY, identity, identity, {"kind": "restore", "task": "group"},
+                    _label("restore", "group"))
+        action = _decided(call)
+        if isinstance(action, Match):
+            tree = _answer(action)["group"]
+            if tree is None:
+                return None
+            # The group as this run saved it (its ids), else as recorded.
+            return result_from_tuple(saved[0] if saved is not None else from_tree(tree),
+                                     backend.app)
+        if action is not RECORD:
+            return method(group_id, *args, **kwargs)
+        with capture(call, SCOPE) as cap, suppress_instrumentation():
+            group = method(group_id, *args, **kwargs)
+            cap.ok({"group": None if group is None else to_tree(group.as_tuple())})
+            return group
+
+    return restore_group
 
 
 # Signatures made of others: their results are their parts' (a chain's last task's, a
@@ -576,6 +672,7 @@ class CeleryShim(Shim):
 
     def patch(self) -> None:
         import celery.app.base
+        import celery.app.control
         import celery.backends.base
         import celery.result
         import kombu.messaging
@@ -590,6 +687,7 @@ class CeleryShim(Shim):
         self.wrap(celery.result.AsyncResult, "_get_task_meta", _get_task_meta)
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
         self.wrap(celery.app.base.Celery, "backend", _backend_property)
+        self.wrap(celery.app.control.Control, "broadcast", _broadcast)
         try:
             import kombu.transport.redis
         except ImportError:  # (kombu's Redis transport needs redis-py)
