@@ -67,10 +67,12 @@ def worker(clean_broker: None) -> Iterator[Callable[..., subprocess.Popen[str]]]
     started: list[subprocess.Popen[str]] = []
 
     def start(record_dir: Path | None = None, prefork: bool = False) -> subprocess.Popen[str]:
-        pool = ["--concurrency=2"] if prefork else ["--pool=solo"]
+        # The prefork worker also says hello to other workers at start-up (mingle: a
+        # broadcast of its own, outside every task run).
+        pool = ["--concurrency=2"] if prefork else ["--pool=solo", "--without-mingle"]
         command = [sys.executable, "-m", "celery", "-A", "tests.replay_shims.celery_app",
                    "worker", *pool, "--without-heartbeat", "--without-gossip",
-                   "--without-mingle", "--loglevel=WARNING"]
+                   "--loglevel=WARNING"]
         if record_dir is not None:
             command = [str(Path(sys.executable).parent / "timetracer-otel"), "record", "--dir",
                        str(record_dir), "--", *command]
@@ -407,7 +409,7 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
 ) -> None:
     """Celery's default pool forks its children after OpenTelemetry is set up, and they end
     with os._exit: each child writes its own task runs, and the broker's traffic of the main
-    process (polling, acks, restoring unacked messages) makes no cassette."""
+    process (polling, acks, restoring unacked messages, control messages) makes no cassette."""
     cassettes = tmp_path / "prefork"
     proc = worker(record_dir=cassettes, prefork=True)
     live = [profile.delay(i, upstream.url).get(timeout=30) for i in (1, 2, 3)]
@@ -421,6 +423,12 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
     failed = fail.apply_async((5,), link_error=errback)
     assert isinstance(failed.get(timeout=30, propagate=False), ValueError)
     assert app.AsyncResult(errback.id).get(timeout=30) == failed.id
+    # Control messages the worker handles (its revoke reads the task's state from the
+    # backend) are its plumbing too: no cassette.
+    later = add.apply_async((7, 7), countdown=3)
+    later.revoke()
+    assert app.control.inspect(timeout=5).ping()
+    assert later.get(timeout=30, propagate=False).__class__.__name__ == "TaskRevokedError"
     output = stop(proc)
     upstream.stop()
     runs: dict[int, Path] = {}

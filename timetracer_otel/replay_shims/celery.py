@@ -345,6 +345,34 @@ def _get_task_meta(original: Any) -> Any:
     return get_task_meta
 
 
+# This process is a Celery worker (or a child of its pool): set on ``worker_init``.
+_WORKER = False
+
+
+def _in_worker(**_: Any) -> None:
+    global _WORKER
+    _WORKER = True
+
+
+def _current_task() -> Any:
+    from celery import current_task
+
+    return current_task._get_current_object()
+
+
+def _control_message(original: Any) -> Any:
+    """A worker handling a control message (``revoke``, ``ping``, ``inspect()``'s queries):
+    Celery's plumbing, outside every task run (its revoke reads the task's state from the
+    result backend). Untraced while recording."""
+    def on_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.RECORD:
+            with suppress_instrumentation():
+                return original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    return on_message
+
+
 _BROADCAST_ARGS = ("arguments", "destination", "connection", "reply", "timeout", "limit",
                    "callback", "channel", "pattern", "matcher")
 
@@ -375,6 +403,10 @@ def _broadcast(original: Any) -> Any:
         answered from the cassette in a replay, where it would reach for the broker."""
         if STATE.mode is Mode.OFF:
             return original(self, command, *args, **kwargs)
+        if _WORKER and _current_task() is None:
+            # A worker's own (mingle's hello at start-up...), outside every task run: plumbing.
+            with suppress_instrumentation():
+                return original(self, command, *args, **kwargs)
         options = dict(zip(_BROADCAST_ARGS, args, strict=False))
         options.update(kwargs)
         call = _control_call(command, options)
@@ -675,6 +707,7 @@ class CeleryShim(Shim):
         import celery.app.control
         import celery.backends.base
         import celery.result
+        import celery.worker.pidbox
         import kombu.messaging
         from celery import signals
 
@@ -688,6 +721,7 @@ class CeleryShim(Shim):
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
         self.wrap(celery.app.base.Celery, "backend", _backend_property)
         self.wrap(celery.app.control.Control, "broadcast", _broadcast)
+        self.wrap(celery.worker.pidbox.Pidbox, "on_message", _control_message)
         try:
             import kombu.transport.redis
         except ImportError:  # (kombu's Redis transport needs redis-py)
@@ -696,11 +730,13 @@ class CeleryShim(Shim):
             self.wrap(kombu.transport.redis.Channel, "_create_client", _broker_client)
         signals.task_postrun.connect(_on_postrun, weak=False)
         signals.worker_process_shutdown.connect(_on_child_shutdown, weak=False)
+        signals.worker_init.connect(_in_worker, weak=False)
 
     def uninstall(self) -> None:
         from celery import signals
 
         signals.task_postrun.disconnect(_on_postrun)
         signals.worker_process_shutdown.disconnect(_on_child_shutdown)
+        signals.worker_init.disconnect(_in_worker)
         super().uninstall()
 
