@@ -201,3 +201,29 @@ def test_custom_record_class_is_honoured_and_copy_refused_clearly(
             asyncio.run(copy(unreachable_port()))
     assert replayed == live
     assert live[0][0] is Row and live[1] is asyncpg.Record
+
+
+def test_a_join_whose_columns_repeat_a_name_replays_as_live(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """Two ``id`` columns (a join): keys, items, repr and lookup by name (the last one, as
+    asyncpg maps it) equal the live record's, for the default and a custom record class."""
+    async def job(port: int) -> Any:
+        conn = await asyncpg.connect(dsn(pg_database, port))
+        try:
+            out = []
+            for cls in (None, Row):
+                row = await conn.fetchrow("SELECT a.id, b.id, a.n FROM (SELECT 1 AS id, 'x' AS n) a "
+                                          "CROSS JOIN (SELECT 2 AS id) b", record_class=cls)
+                out.append((type(row), list(row.keys()), list(row.items()), repr(row),
+                            row["id"], row.get("n"), tuple(row), dict(row)))
+            return out
+        finally:
+            await conn.close()
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = asyncio.run(job(PG_PORT))
+    with timetracer_otel.replay(rec.paths, strict=True):
+        replayed = asyncio.run(job(unreachable_port()))
+    assert live[0][1] == ["id", "id", "n"] and live[0][4] == 2
+    assert replayed == live

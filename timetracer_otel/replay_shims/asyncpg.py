@@ -381,18 +381,24 @@ def _custom_record(cls: type[Any], desc: Any, values: tuple[Any, ...]) -> Any:
 
 def _records(tree: Tree, record_class: Any) -> list[Any]:
     custom = record_class is not None and record_class is not asyncpg.Record
-    if custom and _ITEMS is None:
-        raise ReplayUnsupportedError(
-            f"Replay cannot build the custom record_class {record_class.__qualname__} with this "
-            "asyncpg version; use the default record class in replayed code, or keep asyncpg "
-            "live with TIMETRACER_LIVE_PLUGINS=asyncpg."
-        )
-    cols = tree.get("cols") or ()
+    cols = tuple(tree.get("cols") or ())
+    # A name twice (a join's two ``id`` columns): asyncpg's own mapping, the last index for
+    # the name, and every name in order for keys(), items() and repr().
     mapping = {name: i for i, name in enumerate(cols)}
+    repeated = len(mapping) != len(cols)
+    if (custom or repeated) and _ITEMS is None:
+        what = (f"the custom record_class {record_class.__qualname__}" if custom
+                else "a record whose columns repeat a name")
+        raise ReplayUnsupportedError(
+            f"Replay cannot build {what} with this asyncpg version; use the default record "
+            "class and distinct column names in replayed code, or keep asyncpg live with "
+            "TIMETRACER_LIVE_PLUGINS=asyncpg."
+        )
     rows = _row_tuples(tree["rows"])
-    if custom:
-        desc = RecordDescriptor(mapping, tuple(mapping))
-        return [_custom_record(record_class, desc, row) for row in rows]
+    if custom or repeated:
+        desc = RecordDescriptor(mapping, cols)
+        cls = record_class if custom else asyncpg.Record
+        return [_custom_record(cls, desc, row) for row in rows]
     return [_create_record(mapping, row) for row in rows]
 
 
