@@ -186,9 +186,22 @@ def field_diff(recorded: Tree, live: Tree, path: str = "", limit: int = 8) -> li
     return out
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
+def _cut(text: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _shown(a: Any, b: Any) -> tuple[str, str]:
+    """Both values as the diff shows them, at most 60 characters each; two long values
+    that start alike (a SQL statement with one literal changed) are shown from a little
+    before the first character where they differ."""
+    ta, tb = repr(a), repr(b)
+    if len(ta) > 60 or len(tb) > 60:
+        pairs = enumerate(zip(ta, tb, strict=False))
+        same = next((i for i, (x, y) in pairs if x != y), min(len(ta), len(tb)))
+        start = same - 20
+        if start > 3:
+            ta, tb = "..." + ta[start:], "..." + tb[start:]
+    return _cut(ta), _cut(tb)
 
 
 def _diff(a: Tree, b: Tree, path: str, out: list[str], limit: int) -> None:
@@ -211,4 +224,5 @@ def _diff(a: Tree, b: Tree, path: str, out: list[str], limit: int) -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _diff(x, y, f"{path}[{i}]", out, limit)
         return
-    out.append(f"{path or '<value>'}: recorded {_short(a)}, now {_short(b)}")
+    shown_a, shown_b = _shown(a, b)
+    out.append(f"{path or '<value>'}: recorded {shown_a}, now {shown_b}")

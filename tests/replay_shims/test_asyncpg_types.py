@@ -160,6 +160,13 @@ def test_unrecorded_query_names_the_closest_recorded_statement(
         asyncio.run(one(unreachable_port(), "SELECT 2 AS two"))
     assert "SELECT 2 AS two" in str(err.value)
     assert "SELECT 1 AS one" in str(err.value)
+    # A long statement with its last literal changed: the diff shows where they differ.
+    long = "SELECT 1::int AS a, 12.50::numeric AS n, '2024-05-01 10:00+00'::timestamptz AS t, {}"
+    with timetracer_otel.record(dir=tmp_path / "long") as rec:
+        asyncio.run(one(PG_PORT, long.format("'abc' AS s")))
+    with timetracer_otel.replay(rec.paths, strict=True), pytest.raises(ReplayMissError) as err:
+        asyncio.run(one(unreachable_port(), long.format("'abd' AS s")))
+    assert "AS t, 'abc' AS s\", now ...imestamptz AS t, 'abd' AS s\"" in str(err.value)
     # passthrough cannot go live on a connection the cassette opened: said plainly.
     with timetracer_otel.replay(rec.paths, on_miss="passthrough"), pytest.raises(
         ReplayUnsupportedError, match="opened from the cassette"
