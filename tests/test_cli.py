@@ -142,6 +142,22 @@ def test_unknown_environment_values_are_one_line_exit_2(tmp_path: Path) -> None:
         result, "TIMETRACER_ON_MISS='sometimes' is not valid; use one of: error, passthrough, record.")
 
 
+def test_a_malformed_encryption_key_stops_recording_before_the_program_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    env = dict(os.environ, TIMETRACER_ENCRYPTION_KEY="short")
+    program = f"open({str(marker)!r}, 'w').write('x')"
+    result = cli("record", "--dir", str(tmp_path / "c"), "--", sys.executable, "-c", program, env=env)
+    assert result.returncode == 2 and "TIMETRACER_ENCRYPTION_KEY" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()  # the program never started
+    # Through opentelemetry-instrument directly, too.
+    exe = Path(sys.executable).parent / "opentelemetry-instrument"
+    direct = subprocess.run([str(exe), sys.executable, "-c", program], capture_output=True, text=True,
+                            env=dict(env, TIMETRACER_MODE="record", TIMETRACER_DIR=str(tmp_path / "d")))
+    assert direct.returncode == 2 and "TIMETRACER_ENCRYPTION_KEY" in direct.stderr
+    assert not marker.exists()
+
+
 def test_ls_prints_cassette_text_as_text_not_markup(recorded: Recorded, tmp_path: Path) -> None:
     cassettes, _, _ = recorded
     [path] = find_cassettes(cassettes)

@@ -221,19 +221,22 @@ def replay(
         raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi/--celery)")
     if asgi_app is not None and celery_app is not None:
         raise click.UsageError("give --asgi or --celery, not both")
-    if celery_app is not None:
-        from timetracer_otel.tasks import replay_task_command
+    settings = Settings.from_env()
+    live_names = library_names(live, "--live") if live else settings.live
+    if celery_app is not None or asgi_app is not None:
+        # In this process: the options, else the environment's TIMETRACER_* as in the child.
+        miss, strictly = on_miss or settings.on_miss.value, strict or settings.strict
+        if celery_app is not None:
+            from timetracer_otel.tasks import replay_task_command
 
-        sys.exit(replay_task_command(source, celery_app, on_miss=on_miss, strict=strict))
-    if asgi_app is not None:
+            sys.exit(replay_task_command(source, celery_app, on_miss=miss, strict=strictly,
+                                         live=live_names))
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-        sys.exit(replay_asgi_command(source, asgi_app, on_miss=on_miss, strict=strict))
-    settings = Settings.from_env()
+        sys.exit(replay_asgi_command(source, str(asgi_app), on_miss=miss, strict=strictly,
+                                     live=live_names))
     # A miss fails the replay when it is an error; passthrough and record let it go live.
     misses_fail = (OnMiss(on_miss) if on_miss else settings.on_miss) is OnMiss.ERROR
-    if live:
-        library_names(live, "--live")
     if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)
         raise CassetteError(f"{source} holds no cassettes (.msgpack or .json files); check the path.")
     ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read

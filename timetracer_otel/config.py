@@ -166,6 +166,9 @@ class Settings:
         fmt = env.get("TIMETRACER_FORMAT", "msgpack").strip().lower() or "msgpack"
         if fmt not in ("msgpack", "json"):
             raise ConfigError(f"TIMETRACER_FORMAT={fmt!r} is not valid; use one of: msgpack, json.")
+        from timetracer_otel.crypto import env_key
+
+        env_key(env)  # a malformed TIMETRACER_ENCRYPTION_KEY stops here, before the program runs
         rate = _float(env, "TIMETRACER_SAMPLE_RATE", 1.0)
         if not 0.0 <= rate <= 1.0:
             raise ConfigError(f"TIMETRACER_SAMPLE_RATE={rate} must be between 0 and 1.")

@@ -369,6 +369,7 @@ async def replay_asgi_async(
     strict: bool = False,
     ignore_headers: Iterable[str] = (),
     timeout: float = 30.0,
+    live: Iterable[str] = (),
 ) -> InboundResult:
     """:func:`replay_asgi` inside a running event loop."""
     loaded, source = _load(cassette)
@@ -385,7 +386,7 @@ async def replay_asgi_async(
         )
     # The inbound span is what is being replayed, never an answer to a dependency call.
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
-    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
+    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss, live=live)
     with rep:
         run = await _drive(app, span.request, timeout)
     report = rep.report
@@ -439,6 +440,7 @@ def replay_asgi(
     strict: bool = False,
     ignore_headers: Iterable[str] = (),
     timeout: float = 30.0,
+    live: Iterable[str] = (),
 ) -> InboundResult:
     """Send the recorded request into ``app`` with every dependency answered from the same
     cassette, and compare the new response with the recorded one.
@@ -448,11 +450,12 @@ def replay_asgi(
 
     ``ignore_headers`` adds response headers to leave out of the comparison (``date``,
     ``server`` and ``content-length`` of streamed bodies are always left out). ``strict``
-    turns off shape matching and counts recorded calls the app no longer makes as differences.
+    turns off shape matching and counts recorded calls the app no longer makes as differences;
+    ``live`` names libraries that stay live.
     """
     return _run_sync(replay_asgi_async(
         cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore_headers,
-        timeout=timeout,
+        timeout=timeout, live=live,
     ))
 
 
@@ -492,7 +495,8 @@ def command_inputs(
     return loaded, kept, len(cassettes) - len(kept)
 
 
-def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
+def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool,
+                        live: Iterable[str] = ()) -> int:
     """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
     inputs = command_inputs(source, lambda: instrument_app(load_app(app_ref)),
                             lambda c: inbound_span(c) is not None,
@@ -507,7 +511,7 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str | None, stric
         for path, cassette in inbound:
             try:
                 out.append(await replay_asgi_async(
-                    cassette, app, on_miss=on_miss or "error", strict=strict, ignore_headers=ignore,
+                    cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore, live=live,
                 ))
                 out[-1].source = path  # type: ignore[union-attr]
             except TimetracerError as exc:

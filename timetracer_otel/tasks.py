@@ -16,7 +16,7 @@ of a file or directory: exit 0 when all match, 1 when one differs, 2 on bad inpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +159,10 @@ def _as_recorded(task: Any, context: Any) -> Iterator[None]:
 
 
 def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "error",
-                strict: bool = False) -> TaskResult:
+                strict: bool = False, live: Iterable[str] = ()) -> TaskResult:
     """Run the recorded task of ``cassette`` again with ``app``'s task of that name, every
-    dependency answered from the cassette, and compare the outcome with the recorded one."""
+    dependency answered from the cassette (but those of the libraries ``live`` names), and
+    compare the outcome with the recorded one."""
     loaded, source = _load(cassette)
     span = task_run_span(loaded)
     if span is None:
@@ -177,7 +178,7 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
                           "point --celery at the app that defines it.")
     args, kwargs = from_tree(request["args"]), from_tree(request["kwargs"])
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
-    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss)
+    rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss, live=live)
     # this run, as the worker ran it (its id, its retry count, its request's context)
     with rep, _one_attempt(task), _as_recorded(task, request.get("context")):
         eager = task.apply(args=args, kwargs=kwargs, task_id=request.get("id"),
@@ -198,7 +199,8 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
                       report=report, source=source, notes=notes)
 
 
-def replay_task_command(source: str, app_ref: str, *, on_miss: str | None, strict: bool) -> int:
+def replay_task_command(source: str, app_ref: str, *, on_miss: str, strict: bool,
+                        live: Iterable[str] = ()) -> int:
     """``timetracer-otel replay PATH --celery MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
     inputs = command_inputs(source, lambda: load_app(app_ref, "--celery"),
                             lambda c: task_run_span(c) is not None,
@@ -209,7 +211,7 @@ def replay_task_command(source: str, app_ref: str, *, on_miss: str | None, stric
     failed = 0
     for path, cassette in runs:
         try:
-            result = replay_task(cassette, app, on_miss=on_miss or "error", strict=strict)
+            result = replay_task(cassette, app, on_miss=on_miss, strict=strict, live=live)
         except ReplayMissError as exc:  # raised outside the task (cannot normally happen)
             failed += 1
             click.echo(f"DIFF {path}: {exc}")

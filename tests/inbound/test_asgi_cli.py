@@ -64,6 +64,15 @@ def test_replay_asgi_cli_with_postgres_and_upstream_unreachable(
     assert out.exit_code == 0, out.output
     assert "2 matched, 0 differ" in out.output
     assert "ok   POST /orders/{id} [trace " in out.output
+    # --live (or TIMETRACER_LIVE_PLUGINS) keeps a library live: asyncpg now reaches for the
+    # dead port and the requests fail; a name it does not know is bad input.
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app", "--live", "asyncpg"])
+    assert out.exit_code == 1 and "0 matched, 2 differ" in out.output, out.output
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app"],
+                        env={"TIMETRACER_LIVE_PLUGINS": "asyncpg"})
+    assert out.exit_code == 1 and "0 matched, 2 differ" in out.output, out.output
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app", "--live", "bogus"])
+    assert out.exit_code == 2 and "--live names 'bogus'" in out.output, out.output
 
     monkeypatch.setenv("SHOP_TAX", "0.25")  # the deliberately changed handler
     out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app"])
