@@ -499,7 +499,10 @@ class TimetracerPlugin:
             try:
                 self._app = instrument_app(load_app(str(self.asgi_app_spec)))
             except ConfigError as exc:
-                pytest.fail(str(exc).replace("--asgi", "--timetracer-asgi-app"), pytrace=False)
+                message = str(exc).replace("--asgi", "--timetracer-asgi-app")
+            else:
+                return self._app
+            pytest.fail(message, pytrace=False)  # (outside the except: said once, not chained)
         return self._app
 
     @pytest.hookimpl(tryfirst=True)  # before -k / -m deselect, so they apply to these items

@@ -175,6 +175,12 @@ def test_replay_dir_turns_recorded_requests_into_tests(
     assert "GET /orders/{id} [trace " in out
     assert "the app's answer differs from the recording" in out
     assert "body.total: recorded 82, now 83" in out, out
+    # An app that cannot be imported: said once per test, not chained to itself.
+    broken = run(pytester, "--timetracer-replay-dir", str(recorded), "--timetracer-asgi-app",
+                 "no_such_module:app", "-k", "trace")
+    text = broken.stdout.str()
+    assert "cannot import 'no_such_module'" in text
+    assert "During handling of the above exception" not in text, text
 
 
 def labels(path: Path) -> list[str]:
