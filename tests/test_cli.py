@@ -6,6 +6,7 @@ Bad input is exit code 2 with one line and no traceback; replay failures are exi
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import timetracer_otel
 from tests.upstream_app import app
 from timetracer_otel.cassette import find_cassettes, load_cassette, save_cassette
 
@@ -195,6 +197,39 @@ def test_record_waits_for_the_cassettes_of_an_app_killed_before_it_flushed(
     [path] = find_cassettes(tmp_path)
     [span] = load_cassette(path).spans
     assert span.library == "httpx" and span.response is not None and span.response["status"] == 200
+
+
+def test_a_script_stopped_by_sigterm_keeps_what_it_recorded(serve: Any, tmp_path: Path) -> None:
+    """`timeout`, `docker stop`: a SIGTERM the script leaves to Python's default skips atexit;
+    its calls (held by the batch span processor for up to 5 s, then in the script's own
+    cassette until it ends) are written first, and it still ends by the signal."""
+    server = serve(app)
+    script = textwrap.dedent("""
+        import os, sys, time, httpx
+        for page in (1, 2):
+            httpx.get(os.environ["UPSTREAM_URL"] + "/items", params={"page": str(page)})
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    env = dict(os.environ, UPSTREAM_URL=server.url)
+    proc = subprocess.Popen([*CLI, "record", "--dir", str(tmp_path), "--", sys.executable, "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)  # to the CLI, which passes it on to the script
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + 15, stderr
+    assert "recorded 1 cassette(s)" in stderr, stderr
+    [path] = find_cassettes(tmp_path)
+    calls = load_cassette(path).interactions
+    pages = [(c.library, c.request["url"].rsplit("=", 1)[1]) for c in calls]
+    assert pages == [("httpx", "1"), ("httpx", "2")]
+    server.stop()
+    with timetracer_otel.replay(path, strict=True) as rep:
+        import httpx
+
+        got = [httpx.get(server.url + "/items", params={"page": str(p)}).status_code for p in (1, 2)]
+    assert got == [200, 200]
+    assert rep.report.exact == 2
 
 
 @pytest.mark.parametrize("command", ["record", "replay"])

@@ -229,10 +229,13 @@ def pre_instrument() -> None:
     if settings.mode is Mode.OFF:
         return
     if settings.mode is Mode.RECORD:
+        from timetracer_otel.exporters.writer import finish_on_sigterm
+
         replay_shims.install()
         STATE.max_payload_bytes = settings.max_payload_bytes
         STATE.mode = Mode.RECORD
         _strip_other_exporters(os.environ)
+        finish_on_sigterm()
         return
     source = settings.cassette or settings.dir
     try:

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from timetracer_otel.config import Settings
-from timetracer_otel.exporters.writer import CassetteWriter
+from timetracer_otel.exporters.writer import CassetteWriter, finish_on_sigterm
 from timetracer_otel.replay_shims.base import STATE
 
 log = logging.getLogger("timetracer_otel")
@@ -31,6 +31,7 @@ class CassetteSpanExporter(SpanExporter):
         )
         # This writer takes the spans: shims may leave calls to it.
         STATE.put(defer=not s.span_payloads, max_payload_bytes=s.max_payload_bytes)
+        finish_on_sigterm()  # (made by OTel's configurator as the program starts)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:

@@ -746,6 +746,35 @@ def finish_child(timeout: float = 30.0) -> None:
             log.warning("timetracer-otel: closing the cassette writer failed", exc_info=True)
 
 
+def finish_on_sigterm() -> None:
+    """In a program recorded through a launcher (``timetracer-otel record``,
+    ``opentelemetry-instrument``): a SIGTERM (``timeout``, ``docker stop``, ``kill``) that
+    the program leaves to Python's default, which ends it without ``atexit``, first writes
+    what it recorded (:func:`finish_child`; a batch span processor may hold seconds of spans,
+    a script's calls wait for its end), then ends it by the same signal, as before. A program
+    that sets its own handler (uvicorn, gunicorn, Celery) replaces this one. Main thread
+    only; never raises."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _finish_then_end)
+    except (ValueError, OSError):  # (no signals here)
+        pass
+
+
+def _finish_then_end(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)
+    try:
+        finish_child(timeout=10.0)
+    finally:
+        os.kill(os.getpid(), signum)
+
+
 def _after_fork_in_child() -> None:
     for writer in list(_WRITERS):
         writer._forked()
