@@ -151,6 +151,38 @@ def test_collected_cassette_equals_the_in_process_one_and_replays(
     assert rep.report.exact == 2 and not rep.report.misses
 
 
+def test_spans_delivered_again_or_late_end_up_once_in_their_trace_cassette(
+    serve: Any, tmp_path: Path, receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTLP delivery is at least once: a request the Collector retries comes twice, and a
+    retried span can come after the quiet period wrote its trace. Each span is in the trace's
+    one cassette once, in the order the spans started, and it replays strictly."""
+    server = serve(app)
+    live, spans, _ = record_job(server.url, tmp_path, monkeypatch)
+    by_start = sorted(spans, key=lambda s: s.start_time or 0)
+    root, get, echo = by_start
+    first = encode_spans([root, echo]).SerializeToString()
+    assert post(receiver.url, first).status_code == 200
+    assert post(receiver.url, first).status_code == 200  # the same request again
+    files = wait_for_files(tmp_path / "collected", 1)  # written after the quiet period
+    time.sleep(0.3)
+    late = encode_spans([get]).SerializeToString()
+    assert post(receiver.url, late).status_code == 200  # the retry of a lost request, late
+    assert post(receiver.url, late).status_code == 200  # and once more
+    assert post(receiver.url, first).status_code == 200
+    receiver.writer.flush()
+    assert sorted((tmp_path / "collected").rglob("*.msgpack")) == files  # no stray cassette
+    collected = load_cassette(files[0])
+    assert [s.name for s in collected.spans] == ["job", "GET", "POST"]
+    assert collected.complete is True
+    stats = receiver.writer.stats()
+    assert stats["duplicate_spans"] == 5 and stats["late_spans"] == 1, stats
+    server.stop()
+    with timetracer_otel.replay([files[0]], strict=True) as rep, httpx.Client(base_url=server.url) as c:
+        assert job(c) == live
+    assert rep.report.exact == 2 and rep.report.unused == []
+
+
 def test_a_trace_waits_for_its_root_and_shutdown_writes_open_traces(tmp_path: Path) -> None:
     writer = CassetteWriter(str(tmp_path), via="collector", quiet_ns=50_000_000)
     r = OTLPReceiver(writer, host="127.0.0.1", port=0).start()

@@ -5,6 +5,11 @@ the Collector path where spans of one trace come in several requests). Lone clie
 no inbound parent (a plain script's calls) gather into one per-process batch, flushed at
 shutdown. Memory is bounded: past ``max_open_traces`` the oldest open trace is dropped and
 its cassette, if its root comes later, says ``complete: false``.
+
+OTLP delivery is at least once (a Collector retries a request it saw fail), so a span that
+comes again (the same span id) is dropped, in an open trace or one already written; a new
+span of a trace already written (a retry after the quiet period) leaves as a ``late`` batch,
+which the writer adds to that trace's cassette.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class TraceBatch:
     complete: bool = True
     last_ns: int = 0
     resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
+    ids: set[str] = field(default_factory=set)  # its spans' ids
+    late: bool = False  # spans of a trace already written, for its cassette
 
 
 class TraceAssembler:
@@ -51,8 +58,11 @@ class TraceAssembler:
         self.process = TraceBatch(trace_id="process")
         self.dropped: OrderedDict[str, None] = OrderedDict()  # trace ids that lost spans
         self.closed: OrderedDict[str, None] = OrderedDict()  # recently written trace ids
+        # The span ids of the latest max_open_traces of them.
+        self.closed_ids: OrderedDict[str, set[str]] = OrderedDict()
         self.dropped_spans = 0
         self.late_spans = 0
+        self.duplicate_spans = 0
 
     def mark_dropped(self, trace_id: str, *, count: bool = True) -> None:
         """``trace_id`` lost a span: its cassette will say ``complete: false``. ``count``: add
@@ -65,10 +75,10 @@ class TraceAssembler:
     def add(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
         batch = self.open.get(span.trace_id)
         is_root = span.parent_id is None or span.remote_parent
-        if batch is None and span.library is None and span.trace_id in self.closed:
-            # An internal span that ended after its trace was written (Starlette's streaming
-            # "receive" span): nothing to replay, so no stray cassette for it.
-            self.late_spans += 1
+        if batch is None and span.trace_id in self.closed and self._late(span, is_root):
+            return
+        if batch is not None and span.span_id in batch.ids:
+            self.duplicate_spans += 1  # delivered again
             return
         if batch is None:
             if is_root and span.kind in OUTBOUND_KINDS:
@@ -82,6 +92,7 @@ class TraceAssembler:
             self.dropped_spans += 1
         else:
             batch.spans.append(span)
+            batch.ids.add(span.span_id)
         batch.last_ns = time.monotonic_ns()
         if resource is not None and (batch.resource is None or is_root):
             batch.resource = resource
@@ -92,12 +103,36 @@ class TraceAssembler:
         # After a root closes its own trace, so a late root never evicts another trace.
         self._evict()
 
+    def _late(self, span: SpanRecord, is_root: bool) -> bool:
+        """A span of a trace already written, taken here (True) when it came before (a span
+        id that cassette holds), carries nothing to replay (an internal span that ended after
+        its trace was written: Starlette's streaming "receive" span) or is the child of a span
+        of that cassette (a late batch for the writer to add to it). Another local root of the
+        trace and its spans (a service calling itself) make a cassette of their own (False)."""
+        ids = self.closed_ids.get(span.trace_id)
+        if ids is not None and span.span_id in ids:
+            self.duplicate_spans += 1
+            return True
+        if span.library is None and not is_root:
+            self.late_spans += 1
+            return True
+        if ids is None or is_root or span.parent_id not in ids:
+            return False
+        self.late_spans += 1
+        ids.add(span.span_id)
+        self.emit(TraceBatch(span.trace_id, spans=[span], late=True))
+        return True
+
     def _to_process(self, span: SpanRecord) -> None:
+        if span.span_id in self.process.ids:
+            self.duplicate_spans += 1
+            return
         if len(self.process.spans) >= self.max_spans_per_trace * 10:
             self.process.complete = False
             self.dropped_spans += 1
             return
         self.process.spans.append(span)
+        self.process.ids.add(span.span_id)
 
     def _evict(self) -> None:
         while len(self.open) > self.max_open_traces:
@@ -109,6 +144,9 @@ class TraceAssembler:
         self.closed[batch.trace_id] = None
         while len(self.closed) > 10 * self.max_open_traces:
             self.closed.popitem(last=False)
+        self.closed_ids[batch.trace_id] = batch.ids
+        while len(self.closed_ids) > self.max_open_traces:
+            self.closed_ids.popitem(last=False)
         if batch.trace_id in self.dropped:
             batch.complete = False
         self.emit(batch)

@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,13 @@ from timetracer_otel.exporters.sink import (
     wired,
 )
 from timetracer_otel.exporters.spans import Memo, Snapshot, plain, record_from_snapshot, snapshot
-from timetracer_otel.exporters.storage import LocalStorage, Storage, storage_for, write_many
+from timetracer_otel.exporters.storage import (
+    LocalStorage,
+    Storage,
+    add_interactions,
+    storage_for,
+    write_many,
+)
 from timetracer_otel.redaction import Redactor
 from timetracer_otel.replay_shims.base import STATE
 
@@ -243,6 +250,7 @@ class CassetteWriter:
         # Encoded cassettes not yet on disk: written together when the queue runs empty, when
         # this many are waiting, or when the oldest has waited max_batch_delay seconds.
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
+        self._where: OrderedDict[str, str] = OrderedDict()  # trace id -> its cassette
         self._unwritten_bytes = 0
         self._unwritten_since = 0.0
         self._wake = threading.Event()
@@ -260,7 +268,8 @@ class CassetteWriter:
         self._statuses: dict[Any, Any] = {}
         self._sent_redactor: Any = None
         self._sent_generation = 0
-        self._remote = {"dropped_spans": 0, "late_spans": 0, "errors": 0, "skipped": 0}
+        self._remote = {"dropped_spans": 0, "late_spans": 0, "duplicate_spans": 0, "errors": 0,
+                        "skipped": 0}
 
     def _forked(self) -> None:
         """In a child forked from this process (Celery's prefork pool, gunicorn --preload,
@@ -612,6 +621,9 @@ class CassetteWriter:
     def _emit(self, batch: TraceBatch) -> None:
         if not batch.spans:
             return
+        if batch.late:
+            self._add_late(batch)
+            return
         if batch.root is not None and not sampled(batch.trace_id, self.sample_rate):
             self.skipped += 1
             return
@@ -634,6 +646,21 @@ class CassetteWriter:
         if len(self._unwritten) >= self.max_batch or self._unwritten_bytes >= self.max_batch_bytes:
             self._write_unwritten()
 
+    def _add_late(self, batch: TraceBatch) -> None:
+        """Spans of a trace whose cassette was made (OTLP spans retried after the quiet
+        period): added to that cassette where they started. Nothing is added to a trace
+        left out (sampling, errors only) or whose cassette could not be written."""
+        if any(c.root is not None and c.spans[0].trace_id == batch.trace_id
+               for _, _, c in self._unwritten):
+            self._write_unwritten()  # (its cassette first)
+        where = self._where.get(batch.trace_id)
+        if where is None:
+            return
+        try:
+            add_interactions(where, batch.spans, self.via, self.fmt, by_start=True)
+        except Exception as exc:
+            self._failed(exc)
+
     def _write_unwritten(self) -> None:
         """Write the encoded cassettes waiting in ``_unwritten`` (see :func:`storage.write_many`);
         each failure is counted and logged, the others are written."""
@@ -646,6 +673,10 @@ class CassetteWriter:
                 self._failed(where)
                 continue
             self.written.append(where)
+            if cassette.root is not None:  # where spans of its trace that come late go
+                self._where[cassette.spans[0].trace_id] = where
+                while len(self._where) > 10 * self.assembler.max_open_traces:
+                    self._where.popitem(last=False)
             if self.on_written is not None:
                 try:
                     self.on_written(where, cassette)
@@ -715,6 +746,8 @@ class CassetteWriter:
             + self._remote["dropped_spans"],
             # Spans that ended after their trace was written and carried nothing to replay.
             "late_spans": self.assembler.late_spans + self._remote["late_spans"],
+            # Spans delivered again (OTLP's retries): dropped, each cassette holds them once.
+            "duplicate_spans": self.assembler.duplicate_spans + self._remote["duplicate_spans"],
             "errors": self.errors,
             "skipped": self.skipped,
         }
