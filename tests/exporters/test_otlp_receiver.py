@@ -5,6 +5,7 @@ and the receiver keeps serving."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import gzip
 import socket
 import threading
@@ -205,6 +206,44 @@ def test_a_trace_waits_for_its_root_and_shutdown_writes_open_traces(tmp_path: Pa
     (span,) = c.spans
     assert span.attributes == {"n": 7, "b": b"\x00\xff"} and type(span.attributes["n"]) is int
     assert span.kind == "CLIENT" and span.parent_id == root
+
+
+def _trace_body(tid: str) -> bytes:
+    spans = [{"traceId": tid, "spanId": "0" * 15 + str(n), "name": name, "kind": kind,
+              "startTimeUnixNano": str(n), "endTimeUnixNano": "9",
+              **({"parentSpanId": "0" * 15 + "1"} if n == 2 else {})}
+             for n, name, kind in ((1, "job", 1), (2, "call", 3))]
+    return msgspec.json.encode({"resourceSpans": [{"resource": {}, "scopeSpans": [{"spans": spans}]}]})
+
+
+def test_while_cassettes_cannot_be_written_spans_are_refused_and_nothing_taken_is_lost(
+    tmp_path: Path,
+) -> None:
+    """A directory that stops taking files (here the day's folder is a file in its way): the
+    cassette is kept and tried again, new spans are refused with 503 so the Collector keeps
+    them, and once the directory takes files again every accepted trace is written."""
+    writer = CassetteWriter(str(tmp_path), via="collector", quiet_ns=50_000_000)
+    r = OTLPReceiver(writer, host="127.0.0.1", port=0).start()
+    day = tmp_path / dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    day.write_text("in the way")
+    try:
+        assert post(r.url, _trace_body("a1" * 16), "application/json").status_code == 200
+        deadline = time.monotonic() + 10
+        while not writer.failing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.failing
+        refused = post(r.url, _trace_body("b2" * 16), "application/json")
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        day.unlink()  # the directory takes files again: the kept cassette is written
+        while writer.failing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not writer.failing
+        assert post(r.url, _trace_body("b2" * 16), "application/json").status_code == 200  # retried
+    finally:
+        r.stop()
+    names = sorted(p.name.split("__")[1][:4] for p in tmp_path.rglob("*.msgpack"))
+    assert names == ["a1a1", "b2b2"]
+    assert writer.stats()["unwritten"] == 0 and writer.stats()["errors"] >= 1
 
 
 def test_partial_success_for_spans_with_bad_ids(receiver: OTLPReceiver) -> None:

@@ -395,6 +395,9 @@ class TraceIntake:
             raise RejectedRequest(415, f"content encoding {encoding!r} is not supported; use gzip.")
         converted = self._parse(body, fmt)
         records = converted.records
+        if self.writer.failing:  # taken now, they could only wait in memory or be lost
+            raise RejectedRequest(503, "cassettes cannot be written at the moment (the "
+                                  "receiver's log says why); retry later.", retry_after=5)
         if self.writer.backlog() + len(records) > self.limits.max_queue:
             raise RejectedRequest(503, "the cassette writer is behind; retry later.", retry_after=2)
         for record, resource in zip(records, converted.resources, strict=True):
@@ -657,7 +660,9 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
     sys.stderr.write(
         f"timetracer-otel: received {intake.spans} spans in {intake.requests} requests "
         f"({intake.rejected_requests} refused); wrote {stats['written']} cassette(s), "
-        f"dropped {stats['dropped_spans']} span(s)\n"
+        f"dropped {stats['dropped_spans']} span(s)"
+        + (f"; {stats['unwritten']} cassette(s) could not be written, their spans are lost"
+           if stats["unwritten"] else "") + "\n"
     )
     return 0 if finished and stats["errors"] == 0 else 1
 

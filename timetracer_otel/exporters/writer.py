@@ -142,6 +142,9 @@ def _tool_version() -> str:
 
 _encode_frame = msgspec.msgpack.Encoder().encode
 
+# Encoded cassettes kept to be written again after their write failed, at most.
+RETRY_MAX_BYTES = 256 * 1024 * 1024
+
 
 def _can_isolate(isolate: bool | None, storage: Storage, via: str,
                  on_written: Callable[[str, Cassette], None] | None) -> bool:
@@ -251,6 +254,11 @@ class CassetteWriter:
         # this many are waiting, or when the oldest has waited max_batch_delay seconds.
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
         self._where: OrderedDict[str, str] = OrderedDict()  # trace id -> its cassette
+        # Cassettes whose write failed (a full disk, a bucket out of reach), tried again with
+        # the next ones and at the end, up to RETRY_MAX_BYTES; past it, or at the end, lost
+        # and counted in ``unwritten``.
+        self._retry: list[tuple[str, bytes, Cassette]] = []
+        self.unwritten = 0
         self._unwritten_bytes = 0
         self._unwritten_since = 0.0
         self._wake = threading.Event()
@@ -269,7 +277,7 @@ class CassetteWriter:
         self._sent_redactor: Any = None
         self._sent_generation = 0
         self._remote = {"dropped_spans": 0, "late_spans": 0, "duplicate_spans": 0, "errors": 0,
-                        "skipped": 0}
+                        "skipped": 0, "unwritten": 0}
 
     def _forked(self) -> None:
         """In a child forked from this process (Celery's prefork pool, gunicorn --preload,
@@ -375,6 +383,8 @@ class CassetteWriter:
                 item.done.set()
             elif item is _IDLE:
                 self._safely(self.assembler.flush_idle)
+                if self._retry and not self._unwritten:  # (a quiet receiver: try them again)
+                    self._safely(self._write_unwritten)
             elif item is _STOP:
                 self.close_now()
                 return
@@ -411,7 +421,7 @@ class CassetteWriter:
                 self._sink.close()
                 self._sink = None
         self._safely(self.assembler.close_all)
-        self._safely(self._write_unwritten)
+        self._safely(lambda: self._write_unwritten(last=True))
 
     def add_now(self, item: Snapshot) -> None:
         """Convert and add one span, as the writer thread's loop does (which inlines these
@@ -588,7 +598,7 @@ class CassetteWriter:
             self._sink_failed(exc)
             return
         self.written.extend(written)
-        for name in ("errors", "skipped"):
+        for name in ("errors", "skipped", "unwritten"):
             setattr(self, name, getattr(self, name) + stats[name] - self._remote[name])
         self._remote = {k: stats[k] for k in self._remote}
 
@@ -661,16 +671,37 @@ class CassetteWriter:
         except Exception as exc:
             self._failed(exc)
 
-    def _write_unwritten(self) -> None:
-        """Write the encoded cassettes waiting in ``_unwritten`` (see :func:`storage.write_many`);
-        each failure is counted and logged, the others are written."""
+    @property
+    def failing(self) -> bool:
+        """Cassettes are waiting to be written again (the last write failed): the Collector's
+        receiver refuses new spans meanwhile (503), so the Collector keeps and retries them."""
+        return bool(self._retry)
+
+    def _write_unwritten(self, last: bool = False) -> None:
+        """Write the encoded cassettes waiting in ``_unwritten`` (see :func:`storage.write_many`),
+        those that failed before first; each failure is counted and logged in one line, and
+        kept to be tried again (``last``: lost, counted in ``unwritten``)."""
         pending, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
+        if self._retry:
+            pending, self._retry = [*self._retry, *pending], []
         if not pending:
             return
         results = write_many(self.storage, [(relpath, data) for relpath, data, _ in pending])
-        for (_, _, cassette), where in zip(pending, results, strict=True):
+        kept = 0
+        for item, where in zip(pending, results, strict=True):
+            cassette = item[2]
             if isinstance(where, Exception):
-                self._failed(where)
+                self.errors += 1
+                sink.report_failure()
+                kept += len(item[1])
+                if last or kept > RETRY_MAX_BYTES:
+                    self.unwritten += 1
+                    log.warning("timetracer-otel: cassette %s was not written (%s); its %d "
+                                "span(s) are lost", item[0], where, len(cassette.spans))
+                else:
+                    self._retry.append(item)
+                    log.warning("timetracer-otel: cassette %s could not be written (%s); "
+                                "it will be tried again", item[0], where)
                 continue
             self.written.append(where)
             if cassette.root is not None:  # where spans of its trace that come late go
@@ -750,6 +781,8 @@ class CassetteWriter:
             "duplicate_spans": self.assembler.duplicate_spans + self._remote["duplicate_spans"],
             "errors": self.errors,
             "skipped": self.skipped,
+            # Cassettes given up on after their writes failed (their spans are lost).
+            "unwritten": self.unwritten,
         }
 
 
