@@ -146,6 +146,38 @@ def test_atomic_write_leaves_old_file_or_new_never_half(
     assert [p.name for p in tmp_path.iterdir()] == ["c.msgpack"]  # no temp file left behind
 
 
+def test_a_process_giving_up_mid_write_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """collect given a second signal ends with os._exit while cassettes are being written:
+    remove_temp_files (what it calls first) leaves neither a .tmp file nor a half cassette."""
+    import threading
+
+    from timetracer_otel import cassette as module
+
+    in_fsync, release = threading.Event(), threading.Event()
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # the write is in flight: bytes out, not yet durable
+        in_fsync.set()
+        release.wait(10)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    done: list[object] = []
+    writing = threading.Thread(target=lambda: done.append(
+        module.write_files([(str(tmp_path / f"c{i}.msgpack"), b"x" * 100_000) for i in range(3)])))
+    writing.start()
+    assert in_fsync.wait(10)
+    assert len(list(tmp_path.glob(".*.tmp"))) == 3
+    module.remove_temp_files()
+    assert list(tmp_path.iterdir()) == []
+    release.set()
+    writing.join(10)
+    assert list(tmp_path.iterdir()) == []  # the renames failed: no cassette under its name
+    assert all(isinstance(r, CassetteError) for r in done[0])  # type: ignore[attr-defined]
+
+
 def test_unwritable_directory_is_a_cassette_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

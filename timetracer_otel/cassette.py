@@ -572,7 +572,21 @@ def write_files(items: Sequence[tuple[str, bytes]]) -> list[str | CassetteError]
                 with contextlib.suppress(OSError):
                     os.unlink(item.tmp)
                 item.tmp = None
+            _IN_FLIGHT.discard(item.made)
     return results
+
+
+# The temp files write_files has open, for remove_temp_files.
+_IN_FLIGHT: set[str] = set()
+
+
+def remove_temp_files() -> None:
+    """Remove the temp files of writes still in progress, for a process about to end with
+    ``os._exit`` in the middle of them (``collect`` given a second signal): their cassettes
+    are not written, and no ``.tmp`` file is left beside the others."""
+    for tmp in list(_IN_FLIGHT):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | \
@@ -599,12 +613,14 @@ def _temp_file(parent: str, name: str) -> tuple[int, str]:
 class _Staged:
     """A temp file of :func:`atomic_write_many` on its way to its name."""
 
-    __slots__ = ("error", "fd", "index", "parent", "path", "tmp")
+    __slots__ = ("error", "fd", "index", "made", "parent", "path", "tmp")
 
     def __init__(self, index: int, path: str, parent: str, tmp: str, fd: int) -> None:
         self.index = index
         self.path = path
         self.parent = parent
+        self.made = tmp
+        _IN_FLIGHT.add(tmp)
         self.tmp: str | None = tmp
         self.fd: int | None = fd
         self.error: OSError | None = None

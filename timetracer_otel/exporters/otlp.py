@@ -42,7 +42,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from timetracer_otel.cassette import Event, SpanRecord
+from timetracer_otel.cassette import Event, SpanRecord, remove_temp_files
 from timetracer_otel.config import Settings
 from timetracer_otel.errors import ConfigError
 from timetracer_otel.exporters.spans import Memo, record_from_attributes, record_from_parts
@@ -640,6 +640,7 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():  # a second signal: give up on the traces still being written
+            remove_temp_files()  # (those being written now: no .tmp file is left behind)
             sys.stderr.write("timetracer-otel: stopped before every open trace was written\n")
             os._exit(1)
         stop.set()
