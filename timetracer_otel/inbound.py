@@ -468,12 +468,30 @@ def instrument_app(app: Any) -> Any:
         return app
     if isinstance(app, Starlette) and not getattr(app, "_is_instrumented_by_opentelemetry", False) \
             and app.middleware_stack is None:
+        # A FastAPI app as opentelemetry-instrument gives it one: its instrumentation puts the
+        # middleware outside Starlette's ServerErrorMiddleware, so a 500 it sends for an
+        # exception is seen (and was recorded); Starlette's puts it inside.
+        if _as_fastapi(app):
+            return app
         try:
             from opentelemetry.instrumentation.starlette import StarletteInstrumentor
         except ImportError:
             return app
         StarletteInstrumentor.instrument_app(app)
     return app
+
+
+def _as_fastapi(app: Any) -> bool:
+    """Instrument ``app`` as a FastAPI app, if it is one and that instrumentation is here."""
+    try:
+        from fastapi import FastAPI
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    except ImportError:
+        return False
+    if not isinstance(app, FastAPI):
+        return False
+    FastAPIInstrumentor.instrument_app(app)
+    return True
 
 
 def command_inputs(

@@ -46,3 +46,36 @@ def test_framework_records_and_replays(framework: str, tmp_path: Path, serve: An
     monkeypatch.setenv("SHOP_TAX", "0")
     changed = replay_asgi(cassette, make())
     assert changed.diff == ["body.total: recorded 56.1, now 51.0"]
+
+
+def test_a_fastapi_500_recorded_under_its_own_instrumentation_replays(
+    tmp_path: Path, serve: Any
+) -> None:
+    """opentelemetry-instrument gives a FastAPI app FastAPI's instrumentation, whose
+    middleware sits outside Starlette's ServerErrorMiddleware: the 500 sent for an exception
+    is recorded. The replay's instrument_app must give the app the same stack, or it sees no
+    response at all."""
+    from fastapi import FastAPI
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    def make() -> FastAPI:
+        api = FastAPI()
+
+        @api.get("/boom")
+        async def boom() -> None:
+            raise RuntimeError("kaboom")
+
+        return api
+
+    recorded = make()
+    FastAPIInstrumentor.instrument_app(recorded)  # what opentelemetry-instrument does
+
+    def send(c: Client) -> None:
+        r = c.get("/boom")
+        assert (r.status_code, r.content) == (500, b"Internal Server Error")
+
+    cassette = _only(_record(tmp_path, serve, send, app=recorded))
+    assert cassette.spans[0].response is not None and cassette.spans[0].response["status"] == 500
+    result = replay_asgi(cassette, instrument_app(make()))
+    assert result.ok, result.diff
+    assert result.status == 500
