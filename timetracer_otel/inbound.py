@@ -396,7 +396,8 @@ async def replay_asgi_async(
         diff.extend(notes)
         notes = []
     return InboundResult(
-        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR),  # a miss went live, as asked
+        # a miss went live, as asked (not one that could not)
+        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR) and not report.stranded,
         label=_label(span),
         diff=diff,
         report=report,

@@ -109,6 +109,8 @@ class ReplayReport:
     unused: list[tuple[str, str]] = field(default_factory=list)  # (label, source)
     # on_miss="record": why calls recorded live could not be kept in the cassette.
     unkept: list[str] = field(default_factory=list)
+    # Misses on_miss let go live that could not: their connection came from the cassette.
+    stranded: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,6 +120,8 @@ class ReplayReport:
         parts = [f"{self.exact} exact", f"{len(self.shape_matches)} by shape"]
         parts.append(f"{len(self.misses)} missed")
         parts.append(f"{len(self.unused)} recorded but unused")
+        if self.stranded:
+            parts.append(f"{len(self.stranded)} could not go live")
         return "replay: " + ", ".join(parts)
 
     def render(self) -> str:
@@ -126,6 +130,8 @@ class ReplayReport:
             lines.append(f"  shape match: {sm.label}")
             lines.extend(f"      {d}" for d in sm.diff)
         lines.extend(f"  miss: {m}" for m in self.misses)
+        lines.extend(f"  could not go live (connection from the cassette): {m}"
+                     for m in self.stranded)
         lines.extend(f"  unused: {label} ({src})" for label, src in self.unused)
         lines.extend(f"  not kept: {why}" for why in self.unkept)
         return "\n".join(lines)
@@ -138,6 +144,8 @@ class Answers(Protocol):
     def take(self, call: Call) -> Match | None: ...
 
     def miss_message(self, call: Call, *, hint: str = "") -> str: ...
+
+    def strand(self, call: Call) -> None: ...
 
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None: ...
@@ -286,6 +294,11 @@ class ReplayIndex:
         )
         return "\n".join(lines)
 
+    def strand(self, call: Call) -> None:
+        """A miss let go live that could not (its connection came from the cassette)."""
+        with self._lock:
+            self._report.stranded.append(call.label)
+
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
         """The earliest recorded call of ``library`` (for which ``where`` holds), used or not
@@ -308,7 +321,8 @@ class ReplayIndex:
         with self._lock:
             r = self._report
             unused = [(e.span.label or e.span.name, e.source) for e in self._entries if not e.used]
-            return ReplayReport(r.exact, list(r.shape_matches), list(r.misses), unused)
+            return ReplayReport(r.exact, list(r.shape_matches), list(r.misses), unused,
+                                stranded=list(r.stranded))
 
 
 # Every index of this process: a forked child's start with their locks free (another thread

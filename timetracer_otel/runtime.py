@@ -476,6 +476,9 @@ class _Routed:
     def miss_message(self, call: Call, *, hint: str = "") -> str:
         return self._index().miss_message(call, hint=hint)
 
+    def strand(self, call: Call) -> None:
+        self._index().strand(call)
+
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
         return self._index().first(library, where)

@@ -194,7 +194,7 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
     if strict and notes:
         diff.extend(notes)
         notes = []
-    ok = not diff and (report.ok or rep.on_miss is not OnMiss.ERROR)
+    ok = not diff and (report.ok or rep.on_miss is not OnMiss.ERROR) and not report.stranded
     return TaskResult(ok=ok, label=f"{name} [trace {span.trace_id[:8]}]", diff=diff,
                       report=report, source=source, notes=notes)
 

@@ -73,3 +73,33 @@ def test_record_and_replay_a_script_without_code_changes(pg_database: str, tmp_p
     bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env={**os.environ, "APP_DSN": dead}, timeout=60)
     assert bare.returncode != 0 and "Connection refused" in bare.stderr
+
+
+def test_a_swallowed_miss_that_could_not_go_live_fails_the_replay(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """--on-miss passthrough lets a miss go live; on a connection the replay opened from the
+    cassette there is no server. The error says so (not "COPY... not supported"), and the
+    replay fails even when the app swallows it."""
+    script = tmp_path / "swallow.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, psycopg
+        with psycopg.connect(os.environ["APP_DSN"]) as conn:
+            print(conn.execute("SELECT 1").fetchone())
+            if len(sys.argv) > 1:
+                try:
+                    conn.execute("SELECT 2")
+                except Exception as exc:
+                    print("swallowed", type(exc).__name__, exc)
+    """))
+    cassettes = tmp_path / "cassettes"
+    live = _run(["record", "--dir", str(cassettes), "--", sys.executable, str(script)],
+                f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{pg_database}")
+    assert live.returncode == 0, live.stderr
+    dead = f"postgresql://postgres@{PG_HOST}:{unreachable_port()}/{pg_database}"
+    out = _run(["replay", "--cassette", str(cassettes), "--on-miss", "passthrough", "--",
+                sys.executable, str(script), "more"], dead)
+    assert "swallowed ReplayUnsupportedError execute SELECT 2 has no recording, and its connection was " \
+           "opened from the cassette without a server" in out.stdout, out.stdout
+    assert out.returncode == 1, out.stderr
+    assert "1 could not go live" in out.stderr

@@ -49,6 +49,7 @@ from timetracer_otel.replay_shims.base import (
     capture,
     decide,
     rebuild_error,
+    stranded,
 )
 from timetracer_otel.sql import sql_call
 
@@ -459,11 +460,7 @@ async def _run(
             on_replay(action)
         return _replayed(action, kind, conn, record_class)
     if _is_replay_conn(conn):  # a miss under on_miss=passthrough/record: there is no server
-        raise ReplayUnsupportedError(
-            f"{call.label} has no recording, and its connection was opened from the cassette "
-            "without a server; record it again, or keep asyncpg live with "
-            "TIMETRACER_LIVE_PLUGINS=asyncpg."
-        )
+        raise stranded(call)
     if action is LIVE:
         return await invoke()
     with _recording(call) as cap:  # left to the writer where it can be (base.Deferrable)

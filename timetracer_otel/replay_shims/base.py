@@ -291,6 +291,19 @@ def decide(call: Call) -> Match | Action:
     return LIVE if on_miss is OnMiss.PASSTHROUGH else RECORD
 
 
+def stranded(call: Call) -> ReplayUnsupportedError:
+    """The error for a miss that ``on_miss`` let go live on a connection the replay opened
+    from the cassette, with no server behind it; counted in the replay's report (a replay
+    whose app swallows the error still fails)."""
+    if STATE.index is not None:
+        STATE.index.strand(call)
+    return ReplayUnsupportedError(
+        f"{call.label} has no recording, and its connection was opened from the cassette "
+        f"without a server; record it again, or keep {call.library} live with "
+        f"TIMETRACER_LIVE_PLUGINS={call.library}."
+    )
+
+
 # --- record side -----------------------------------------------------------------------------
 
 _tracer = trace.get_tracer("timetracer_otel")

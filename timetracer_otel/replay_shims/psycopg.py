@@ -52,6 +52,7 @@ from timetracer_otel.replay_shims.base import (
     capture,
     decide,
     rebuild_error,
+    stranded,
 )
 from timetracer_otel.sql import sql_call
 
@@ -550,6 +551,13 @@ def _apply_session(cur: Any, tx: int | None, session: dict[str, str] | None) -> 
         pgconn.apply(tx, session)
 
 
+def _needs_server(cur: Any, call: Call) -> None:
+    """A miss about to go live (on_miss passthrough/record) on a connection the replay
+    opened from the cassette: there is no server to send it to."""
+    if isinstance(cur._conn.pgconn, ReplayPGconn):
+        raise stranded(call)
+
+
 def _raise_recorded(cur: Any, match: Match) -> None:
     err = match.span.error
     attrs = err.get("attrs") or {}
@@ -589,6 +597,8 @@ def _execute_gen(original: Any) -> Any:
             _apply(self, action)
             self._last_query = query
             return None
+        _needs_server(self, call)
+
         if action is LIVE:
             return (yield from original(self, query, params, prepare=prepare, binary=binary))
         with _recording(call) as cap:
@@ -626,6 +636,8 @@ def _executemany(original: Any) -> Any:
             with self._conn.lock:
                 self._conn.wait(_replay_many_gen(self, query, returning, action))
             return None
+        _needs_server(self, call)
+
         if action is LIVE:
             return original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
         with _recording(call) as cap:
@@ -652,6 +664,8 @@ def _aexecutemany(original: Any) -> Any:
             async with self._conn.lock:
                 await self._conn.wait(_replay_many_gen(self, query, returning, action))
             return None
+        _needs_server(self, call)
+
         if action is LIVE:
             return await original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
         with _recording(call) as cap:
@@ -697,6 +711,8 @@ def _declare_gen(original: Any) -> Any:
             self._select_current_result(0, format=self._format)
             self._described = True
             return None
+        _needs_server(self, call)
+
         if action is LIVE:
             return (yield from original(self, query, params, binary))
         with _recording(call) as cap:
@@ -727,6 +743,8 @@ def _fetch_gen(original: Any) -> Any:
             self.pgresult = res
             self._tx.set_pgresult(res, set_loaders=False)
             return self._tx.load_rows(0, res.ntuples, self._make_row)
+        _needs_server(self, call)
+
         if action is LIVE:
             return (yield from original(self, num))
         with _recording(call) as cap:
