@@ -297,8 +297,11 @@ class ActiveCassette:
         # `none` replays only, whatever the marker says; new_episodes records what it lacks.
         on_miss = {RecordMode.NONE: OnMiss.ERROR, RecordMode.NEW_EPISODES: OnMiss.RECORD}.get(
             mode, self.options.on_miss)
-        # Indexed under the file's name, which miss messages then show.
-        index = ReplayIndex([(str(self.path), self.cassette)], strict=self.options.strict)
+        # Indexed under the file's name, which miss messages then show. new_episodes matches
+        # strictly: a call only like a recorded one (another query value, another parameter)
+        # is a new episode, recorded, not answered with the other one's response.
+        strict = self.options.strict or mode is RecordMode.NEW_EPISODES
+        index = ReplayIndex([(str(self.path), self.cassette)], strict=strict)
         rep = Replaying(index, on_miss=on_miss, live=self.options.live)
         rep.__enter__()
         self._replaying = rep

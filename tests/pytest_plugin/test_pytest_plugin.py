@@ -198,9 +198,9 @@ def test_modes_strictness_hybrid_blocking_xdist_anyio(
 
     # Recorded by two xdist workers, each writing the cassettes of the tests it ran.
     first = run(pytester, "-n", "2", "-k", "not outside and not never")
-    first.assert_outcomes(passed=7)
+    first.assert_outcomes(passed=8)
     assert sorted(p.name for p in base.iterdir()) == [
-        "test_anyio[asyncio].json", "test_anyio[trio].json", "test_fewer.json",
+        "test_anyio[asyncio].json", "test_anyio[trio].json", "test_changes.json", "test_fewer.json",
         "test_fewer_allowed.json", "test_grows.json", "test_hybrid.json", "test_raw_loopback.json",
     ]
     assert labels(base / "test_grows.json") == [f"GET {server.url}/grow/0", f"GET {server.url}/grow/1"]
@@ -213,6 +213,12 @@ def test_modes_strictness_hybrid_blocking_xdist_anyio(
     monkeypatch.setenv("GROW", "1")
     run(pytester, "--timetracer-record-mode=all", "-k", "grows").assert_outcomes(passed=1)
     assert labels(base / "test_grows.json") == [f"GET {server.url}/grow/0"]
+    # new_episodes records a call that only resembles a recorded one (another query value),
+    # rather than answering it with that one's response.
+    monkeypatch.setenv("V", "b")
+    run(pytester, "--timetracer-record-mode=new_episodes", "-k", "changes").assert_outcomes(passed=1)
+    assert labels(base / "test_changes.json") == [f"GET {server.url}/q?v=a", f"GET {server.url}/q?v=b"]
+    monkeypatch.delenv("V")
 
     # Replay only, server up: httpx replays while requests stays live in the hybrid test, and
     # a replaying test may not even connect to loopback.
@@ -220,7 +226,7 @@ def test_modes_strictness_hybrid_blocking_xdist_anyio(
     monkeypatch.setenv("CALLS", "1")
     replay = run(pytester, "--timetracer-record-mode=none", "--timetracer-block-network",
                  "-k", "not outside")
-    replay.assert_outcomes(passed=6, failed=1, errors=2)  # test_fewer: passed, then teardown error
+    replay.assert_outcomes(passed=7, failed=1, errors=2)  # test_fewer: passed, then teardown error
     assert HITS == ["/live"]
     out = replay.stdout.str()
     assert f"1 recorded call(s) in {base / 'test_fewer.json'} were not made" in out
