@@ -871,6 +871,10 @@ class Redactor:
         patterns = self._patterns()
         return patterns[1] if patterns is not None else None
 
+    def seen_pattern(self) -> re.Pattern[bytes] | None:
+        """Every secret seen so far, as one pattern over bytes (None before the first)."""
+        return self._bytes_pattern()
+
     # --- SQL --------------------------------------------------------------------------------
 
     def sql_params(self, statement: str, tree: Any, positions: Iterable[int] = ()) -> Any:

@@ -427,3 +427,47 @@ def test_many_calls_that_differ_only_in_a_secret_each_get_their_own_answer(
         set_default_redactor(original)
     assert rep.report.exact == 70
     assert replayed == live
+
+
+def test_a_secret_the_app_stores_before_it_sends_it_is_redacted_too(
+    serve: Any, tmp_path: Path
+) -> None:
+    """The other order: the token is stored first (a Redis SET, a psycopg parameter) and only
+    then sent as a header. The cassette is written after the run, when the secret is known:
+    no byte of it there either, and a replay in a new process (which meets the stored value
+    before it learns the secret, as the recording did) still matches every call strictly."""
+    import psycopg
+    import redis
+
+    from tests.conftest import unreachable_port
+
+    secret = "StoredFirst-7c2b9e41"
+    dsn = "postgresql://postgres@127.0.0.1:{port}/test"
+
+    def job(base: str, pg: int, cache: int) -> list[Any]:
+        r = redis.Redis(port=cache, db=11, socket_connect_timeout=3)
+        out: list[Any] = [r.set("tt:stored-first", f"session {secret}"),
+                          r.get("tt:stored-first"), r.delete("tt:stored-first")]
+        r.close()
+        with psycopg.connect(dsn.format(port=pg), connect_timeout=3) as conn:
+            out += conn.execute("SELECT %s::text", (f"session {secret}",)).fetchall()
+        out.append(httpx.get(f"{base}/whoami", headers={"Authorization": f"Bearer {secret}"}).status_code)
+        return out
+
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(server.url, 5432, 6379)
+    assert live == [True, f"session {secret}".encode(), 1, (f"session {secret}",), 200]
+    raw = b"".join(Path(p).read_bytes() for p in rec.paths)
+    assert secret.encode() not in raw and b"redacted:" in raw
+    server.stop()
+    down = unreachable_port()
+    original = STATE.redactor
+    redaction.set_default_redactor(redaction.Redactor(env={}))
+    try:
+        with timetracer_otel.replay(rec.paths, strict=True) as rep:
+            replayed = job(server.url, down, down)
+    finally:
+        redaction.set_default_redactor(original)
+    assert rep.report.exact == 6 and not (rep.report.misses or rep.report.unused)
+    assert replayed[0] is True and replayed[4] == 200

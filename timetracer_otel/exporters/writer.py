@@ -163,6 +163,41 @@ def _can_isolate(isolate: bool | None, storage: Storage, via: str,
             and on_written is None and sink.available())
 
 
+def rescrubbed(cassette: Cassette) -> Cassette:
+    """``cassette`` with every secret the redactor knows now scrubbed from its calls'
+    payloads and labels. Each call was scrubbed when it was converted, as its span ended; a
+    secret the app sent only later in the run (a token stored in Redis, then sent in a
+    header) is known by the time its trace is written. Keys stay as the calls were made
+    (a replay makes them the same way). One scan of each payload's bytes when nothing is
+    left to scrub."""
+    r = STATE.redactor
+    pattern = r.seen_pattern()
+    if pattern is None:
+        return cassette
+    spans = cassette.spans
+    for i, span in enumerate(spans):
+        if span.library is None:
+            continue
+        fields: dict[str, Any] = {}
+        for name in ("request", "response", "error"):
+            value = getattr(span, name)
+            if type(value) is msgspec.Raw:
+                raw = bytes(value)
+                if raw and pattern.search(raw):
+                    fields[name] = msgspec.Raw(_encode_frame(r.scrub(msgspec.msgpack.decode(raw))))
+            elif value is not None:
+                scrubbed = r.scrub(value)
+                if scrubbed is not value:
+                    fields[name] = scrubbed
+        if span.label and pattern.search(span.label.encode()):
+            fields["label"] = r.text(span.label)
+        if fields:
+            if spans is cassette.spans:
+                spans = list(spans)
+            spans[i] = msgspec.structs.replace(span, **fields)
+    return cassette if spans is cassette.spans else msgspec.structs.replace(cassette, spans=spans)
+
+
 def is_error_trace(batch: TraceBatch) -> bool:
     root = batch.root
     if root is None:
@@ -640,7 +675,7 @@ class CassetteWriter:
         if self.errors_only and not is_error_trace(batch):
             self.skipped += 1
             return
-        cassette = self.build(batch)
+        cassette = rescrubbed(self.build(batch))
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         # The whole trace id and the local root's span id: one trace can have several local
         # roots here (a service calling itself), and 64-bit ids padded to 128 bits (B3,
