@@ -298,6 +298,18 @@ def test_a_password_without_digits_is_scrubbed_where_an_upstream_echoes_it(
     assert b"redacted:" in stored and secret.encode() not in stored
 
 
+def replayed_as_a_new_process(paths: list[str], job: Any, *args: Any) -> tuple[Any, Any]:
+    """``job(*args)`` replayed strictly as another process runs it: its own redaction key,
+    no secret learned yet. Returns what it returned and the replay's report."""
+    original = STATE.redactor
+    redaction.set_default_redactor(redaction.Redactor(env={}))
+    try:
+        with timetracer_otel.replay(paths, strict=True) as rep:
+            return job(*args), rep.report
+    finally:
+        redaction.set_default_redactor(original)
+
+
 def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too(
     serve: Any, tmp_path: Path
 ) -> None:
@@ -345,16 +357,9 @@ def test_a_secret_the_app_stores_in_its_database_and_cache_is_redacted_there_too
     assert secret.encode() not in raw and b"redacted:" in raw
     server.stop()
     down = unreachable_port()
-    # The replay as another process runs it: its own redaction key, no secret learned yet
-    # (it learns the bearer token from the replayed HTTP call's header).
-    original = STATE.redactor
-    redaction.set_default_redactor(redaction.Redactor(env={}))
-    try:
-        with timetracer_otel.replay(rec.paths, strict=True) as rep:
-            replayed = job(server.url, down, down)
-    finally:
-        redaction.set_default_redactor(original)
-    assert rep.report.exact > 0 and not (rep.report.misses or rep.report.unused)
+    # (it learns the bearer token from the replayed HTTP call's header)
+    replayed, report = replayed_as_a_new_process(rec.paths, job, server.url, down, down)
+    assert report.exact > 0 and not (report.misses or report.unused)
     # (the rows come back as recorded: the secret's token in place of the secret)
     assert replayed[2:4] == [True, 1] and replayed[1].startswith("session redacted:")
     masked = replayed[4]["token"]  # masked in place, to the secret's length
@@ -462,12 +467,6 @@ def test_a_secret_the_app_stores_before_it_sends_it_is_redacted_too(
     assert secret.encode() not in raw and b"redacted:" in raw
     server.stop()
     down = unreachable_port()
-    original = STATE.redactor
-    redaction.set_default_redactor(redaction.Redactor(env={}))
-    try:
-        with timetracer_otel.replay(rec.paths, strict=True) as rep:
-            replayed = job(server.url, down, down)
-    finally:
-        redaction.set_default_redactor(original)
-    assert rep.report.exact == 6 and not (rep.report.misses or rep.report.unused)
+    replayed, report = replayed_as_a_new_process(rec.paths, job, server.url, down, down)
+    assert report.exact == 6 and not (report.misses or report.unused)
     assert replayed[0] is True and replayed[4] == 200
