@@ -345,19 +345,16 @@ def _get_task_meta(original: Any) -> Any:
     return get_task_meta
 
 
-# This process is a Celery worker (or a child of its pool): set on ``worker_init``.
-_WORKER = False
+def _worker_hello(original: Any) -> Any:
+    """A worker's hello to the others as it starts (mingle): its own broadcast, outside every
+    task run. Untraced, and live in a replay too (``decide`` leaves suppressed calls live)."""
+    def send_hello(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if STATE.mode is Mode.OFF:
+            return original(self, *args, **kwargs)
+        with suppress_instrumentation():
+            return original(self, *args, **kwargs)
 
-
-def _in_worker(**_: Any) -> None:
-    global _WORKER
-    _WORKER = True
-
-
-def _current_task() -> Any:
-    from celery import current_task
-
-    return current_task._get_current_object()
+    return send_hello
 
 
 def _control_message(original: Any) -> Any:
@@ -403,10 +400,6 @@ def _broadcast(original: Any) -> Any:
         answered from the cassette in a replay, where it would reach for the broker."""
         if STATE.mode is Mode.OFF:
             return original(self, command, *args, **kwargs)
-        if _WORKER and _current_task() is None:
-            # A worker's own (mingle's hello at start-up...), outside every task run: plumbing.
-            with suppress_instrumentation():
-                return original(self, command, *args, **kwargs)
         options = dict(zip(_BROADCAST_ARGS, args, strict=False))
         options.update(kwargs)
         call = _control_call(command, options)
@@ -707,6 +700,7 @@ class CeleryShim(Shim):
         import celery.app.control
         import celery.backends.base
         import celery.result
+        import celery.worker.consumer.mingle
         import celery.worker.pidbox
         import kombu.messaging
         from celery import signals
@@ -722,6 +716,7 @@ class CeleryShim(Shim):
         self.wrap(celery.app.base.Celery, "backend", _backend_property)
         self.wrap(celery.app.control.Control, "broadcast", _broadcast)
         self.wrap(celery.worker.pidbox.Pidbox, "on_message", _control_message)
+        self.wrap(celery.worker.consumer.mingle.Mingle, "send_hello", _worker_hello)
         try:
             import kombu.transport.redis
         except ImportError:  # (kombu's Redis transport needs redis-py)
@@ -730,13 +725,11 @@ class CeleryShim(Shim):
             self.wrap(kombu.transport.redis.Channel, "_create_client", _broker_client)
         signals.task_postrun.connect(_on_postrun, weak=False)
         signals.worker_process_shutdown.connect(_on_child_shutdown, weak=False)
-        signals.worker_init.connect(_in_worker, weak=False)
 
     def uninstall(self) -> None:
         from celery import signals
 
         signals.task_postrun.disconnect(_on_postrun)
         signals.worker_process_shutdown.disconnect(_on_child_shutdown)
-        signals.worker_init.disconnect(_in_worker)
         super().uninstall()
 
