@@ -170,6 +170,11 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
             f"{source} holds no recorded task run; record a worker (e.g. timetracer-otel record "
             "-- celery -A app worker --pool=solo)."
         )
+    if (span.response or {}).get("state") is None:
+        raise CassetteError(
+            f"{source} holds a task run that never finished (its worker process was ended "
+            "under it: revoke(terminate=True), a time limit); there is no outcome to compare."
+        )
     request = span.request
     name = request["task"]
     task = app.tasks.get(name)
@@ -199,11 +204,17 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
                       report=report, source=source, notes=notes)
 
 
+def _finished_run(cassette: Cassette) -> bool:
+    """Whether ``cassette`` holds a task run that ended with an outcome (not one whose
+    worker process was ended under it)."""
+    span = task_run_span(cassette)
+    return span is not None and (span.response or {}).get("state") is not None
+
+
 def replay_task_command(source: str, app_ref: str, *, on_miss: str, strict: bool,
                         live: Iterable[str] = ()) -> int:
     """``timetracer-otel replay PATH --celery MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
-    inputs = command_inputs(source, lambda: load_app(app_ref, "--celery"),
-                            lambda c: task_run_span(c) is not None,
+    inputs = command_inputs(source, lambda: load_app(app_ref, "--celery"), _finished_run,
                             "recorded task run; record a worker first")
     if inputs is None:
         return 2

@@ -88,3 +88,12 @@ def audited(self: Any, n: int, base_url: str) -> dict[str, Any]:
     return {"name": data["name"], "tenant": tenant, "headers": req.headers, "root": req.root_id,
             "parent": req.parent_id, "host": req.hostname,
             "queue": (req.delivery_info or {}).get("routing_key")}
+
+
+@app.task(name="tt.nap", shared=False)
+def nap(seconds: float) -> float:
+    """Sleeps: a run that can be ended under it (revoke(terminate=True))."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.replay_shims.celery_app import (
     audited,
     fail,
     flaky,
+    nap,
     notify,
     on_error,
     profile,
@@ -283,6 +285,21 @@ def test_worker_controls_replay_without_a_broker(
     assert rep.report.misses == [] and rep.report.unused == []
 
 
+def test_cassettes_without_controls_let_a_broadcast_go_to_the_broker_as_before(
+    worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Cassettes recorded before broadcasts were recorded hold none: a replay of them sends
+    a revoke to the broker as it did then, instead of missing."""
+    worker()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert add.delay(1, 1).get(timeout=30) == 2
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        sent = add.delay(1, 1)
+        assert sent.get(timeout=30) == 2
+        sent.revoke()  # (the broker is up: it goes there)
+    assert rep.report.misses == [] and rep.report.unused == []
+
+
 def test_a_restored_group_replays_without_a_broker(
     worker: Callable[..., subprocess.Popen[str]], tmp_path: Path
 ) -> None:
@@ -429,20 +446,37 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
     later.revoke()
     assert app.control.inspect(timeout=5).ping()
     assert later.get(timeout=30, propagate=False).__class__.__name__ == "TaskRevokedError"
+    # A run ended under it (its child terminated) has no outcome to compare.
+    napping = nap.delay(30)
+    deadline = time.monotonic() + 20
+    while not any(app.control.inspect(timeout=2).active().values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    napping.revoke(terminate=True)
+    assert napping.get(timeout=30, propagate=False).__class__.__name__ == "TaskRevokedError"
     output = stop(proc)
     upstream.stop()
     runs: dict[int, Path] = {}
     others: list[Path] = []
+    ended: list[Path] = []
     for path in find_cassettes(cassettes):
         cassette = load_cassette(path)
         span = task_run_span(cassette)
         assert span is not None, f"not a task run: {path.name}\n{output}"
         assert not [s.name for s in cassette.spans if s.library == "redis"], path.name
+        if span.request["task"] == "tt.nap":
+            ended.append(path)
+            with pytest.raises(timetracer_otel.CassetteError, match="never finished"):
+                replay_task(path, app)
+            cli = timetracer_cli("replay", str(path), "--celery", "tests.replay_shims.celery_app:app",
+                                 env=plain_env(PYTHONPATH=str(ROOT)))
+            assert cli.returncode == 2 and "holds no recorded task run" in cli.stderr, cli.stderr
+            continue
         if span.request["task"] == "tt.profile":
             runs[span.request["args"][0]] = path
         elif span.request["args"] != [0, 0]:  # (the readiness probe)
             others.append(path)
     assert sorted(runs) == [1, 2, 3], output
+    assert len(ended) == 1, output  # (the terminated run's cassette, refused above)
     assert sorted(task_run_span(load_cassette(p)).request["task"] for p in others) == [  # type: ignore[union-attr]
         "tt.add", "tt.add", "tt.add", "tt.add", "tt.fail", "tt.on_error", "tt.total"]
     with connects_refused() as attempts:
