@@ -172,6 +172,34 @@ def test_otlp_and_timetracer_together_keep_payloads_off_otlp(
     assert not any(k.startswith("timetracer.") for s in spans for k in s.attributes)
 
 
+def test_a_script_exporting_otlp_stopped_by_sigterm_sends_what_it_recorded(
+    serve: Any, tmp_path: Path, sink: OTLPReceiver
+) -> None:
+    """The Collector path (spans exported over OTLP, no cassette writer in the app): a SIGTERM
+    still flushes the batch span processor before the script ends by the signal."""
+    import signal
+
+    server = serve(app)
+    script = tmp_path / "sleepy.py"
+    script.write_text(APP + "print('ready', flush=True)\nimport time\ntime.sleep(60)\n")
+    env = clean_env(OTEL_TRACES_EXPORTER="otlp", TIMETRACER_MODE="record",
+                    OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.port}",
+                    UPSTREAM_URL=server.url, APP_ROOT_SPAN="1")
+    proc = subprocess.Popen([INSTRUMENT, sys.executable, str(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    while "ready" not in (line := proc.stdout.readline()):
+        assert line, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    sink.stop()  # writes what OTLP delivered
+    (sent,) = (tmp_path / "sink").rglob("*.msgpack")
+    sent_cassette = load_cassette(sent)
+    assert sent_cassette.name == "nightly-job"
+    assert len(sent_cassette.interactions) == 3  # the payloads rode on the spans
+
+
 def _start_collect(directory: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "timetracer_otel.cli", "collect", "--listen", "127.0.0.1:0",

@@ -208,6 +208,63 @@ def test_a_trace_waits_for_its_root_and_shutdown_writes_open_traces(tmp_path: Pa
     assert span.kind == "CLIENT" and span.parent_id == root
 
 
+def test_late_spans_find_their_cassette_through_an_internal_parent_and_beside_another_root(
+    serve: Any, tmp_path: Path, receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A late call under an internal span that came late too joins its trace's cassette; a
+    second local root of the trace, written on its own, does not swallow the first root's
+    late or retried spans."""
+    server = serve(app)
+    live, spans, _ = record_job(server.url, tmp_path, monkeypatch)
+    # One export request per span (each in its own scope), edited as protobuf messages.
+    root_r, get_r, echo_r = (encode_spans([s]) for s in sorted(spans, key=lambda s: s.start_time or 0))
+
+    def only(r: Any) -> Any:
+        return r.resource_spans[0].scope_spans[0].spans[0]
+
+    def copy(r: Any) -> Any:
+        out = type(r)()
+        out.CopyFrom(r)
+        return out
+
+    def body(*picked: Any) -> bytes:
+        out = type(root_r)()
+        for r in picked:
+            out.resource_spans.extend(r.resource_spans)
+        return out.SerializeToString()
+
+    root = only(root_r)
+    work_r = copy(root_r)
+    work = only(work_r)
+    work.span_id, work.parent_span_id, work.name = b"\x11" * 8, root.span_id, "work"
+    del work.attributes[:]
+    only(get_r).parent_span_id = work.span_id  # GET now runs under the internal span "work"
+    other_r = copy(root_r)  # another local root of the same trace (a service calling itself)
+    other = only(other_r)
+    other.span_id, other.parent_span_id, other.name = b"\x22" * 8, b"\x33" * 8, "again"
+    other.flags = 0x300  # (its parent is remote)
+    assert post(receiver.url, body(root_r, echo_r)).status_code == 200
+    wait_for_files(tmp_path / "collected", 1)
+    assert post(receiver.url, body(other_r)).status_code == 200
+    time.sleep(0.3)
+    files = wait_for_files(tmp_path / "collected", 2)
+    assert post(receiver.url, body(work_r)).status_code == 200  # late, internal: nothing to add
+    assert post(receiver.url, body(get_r)).status_code == 200  # late, under it
+    assert post(receiver.url, body(echo_r)).status_code == 200  # again
+    receiver.writer.flush()
+    time.sleep(0.3)
+    receiver.writer.flush()
+    assert sorted((tmp_path / "collected").rglob("*.msgpack")) == files  # no stray cassette
+    by_name = {load_cassette(f).name: load_cassette(f) for f in files}
+    assert [s.name for s in by_name["job"].spans] == ["job", "GET", "POST"]
+    assert [s.name for s in by_name["again"].spans] == ["again"]
+    server.stop()
+    with timetracer_otel.replay([str(f) for f in files], strict=True) as rep, \
+            httpx.Client(base_url=server.url) as c:
+        assert job(c) == live
+    assert rep.report.exact == 2 and rep.report.unused == []
+
+
 def _trace_body(tid: str) -> bytes:
     spans = [{"traceId": tid, "spanId": "0" * 15 + str(n), "name": name, "kind": kind,
               "startTimeUnixNano": str(n), "endTimeUnixNano": "9",
@@ -243,7 +300,7 @@ def test_while_cassettes_cannot_be_written_spans_are_refused_and_nothing_taken_i
         r.stop()
     names = sorted(p.name.split("__")[1][:4] for p in tmp_path.rglob("*.msgpack"))
     assert names == ["a1a1", "b2b2"]
-    assert writer.stats()["unwritten"] == 0 and writer.stats()["errors"] >= 1
+    assert writer.stats()["unwritten"] == 0 and writer.stats()["errors"] == 0  # all written at last
 
 
 def test_partial_success_for_spans_with_bad_ids(receiver: OTLPReceiver) -> None:

@@ -37,6 +37,7 @@ class TraceBatch:
     resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
     ids: set[str] = field(default_factory=set)  # its spans' ids
     late: bool = False  # spans of a trace already written, for its cassette
+    late_root: str | None = None  # (the root span id of that cassette)
 
 
 class TraceAssembler:
@@ -58,8 +59,9 @@ class TraceAssembler:
         self.process = TraceBatch(trace_id="process")
         self.dropped: OrderedDict[str, None] = OrderedDict()  # trace ids that lost spans
         self.closed: OrderedDict[str, None] = OrderedDict()  # recently written trace ids
-        # The span ids of the latest max_open_traces of them.
-        self.closed_ids: OrderedDict[str, set[str]] = OrderedDict()
+        # The span ids of the latest max_open_traces of them, each with the root span id of
+        # the cassette it went to (a trace may have several local roots).
+        self.closed_ids: OrderedDict[str, dict[str, str | None]] = OrderedDict()
         self.dropped_spans = 0
         self.late_spans = 0
         self.duplicate_spans = 0
@@ -75,7 +77,7 @@ class TraceAssembler:
     def add(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
         batch = self.open.get(span.trace_id)
         is_root = span.parent_id is None or span.remote_parent
-        if batch is None and span.trace_id in self.closed and self._late(span, is_root):
+        if span.trace_id in self.closed and self._late(span, is_root, batch is None):
             return
         if batch is not None and span.span_id in batch.ids:
             self.duplicate_spans += 1  # delivered again
@@ -103,24 +105,31 @@ class TraceAssembler:
         # After a root closes its own trace, so a late root never evicts another trace.
         self._evict()
 
-    def _late(self, span: SpanRecord, is_root: bool) -> bool:
+    def _late(self, span: SpanRecord, is_root: bool, alone: bool) -> bool:
         """A span of a trace already written, taken here (True) when it came before (a span
-        id that cassette holds), carries nothing to replay (an internal span that ended after
-        its trace was written: Starlette's streaming "receive" span) or is the child of a span
-        of that cassette (a late batch for the writer to add to it). Another local root of the
-        trace and its spans (a service calling itself) make a cassette of their own (False)."""
+        id a cassette of the trace holds) or is the child of a span of such a cassette: a late
+        batch for the writer to add to that cassette, unless it carries nothing to replay (an
+        internal span that ended after its trace was written, Starlette's streaming "receive"
+        span: dropped, its id kept for its own children). Another local root of the trace and
+        its spans (a service calling itself) make a cassette of their own (False). ``alone``:
+        no other batch of the trace is open."""
         ids = self.closed_ids.get(span.trace_id)
         if ids is not None and span.span_id in ids:
             self.duplicate_spans += 1
             return True
-        if span.library is None and not is_root:
-            self.late_spans += 1
-            return True
-        if ids is None or is_root or span.parent_id not in ids:
+        if is_root:
             return False
+        if ids is None:  # (an older trace, whose span ids are no longer kept)
+            if span.library is None and alone:
+                self.late_spans += 1
+                return True
+            return False
+        if span.parent_id not in ids:
+            return False
+        root = ids[span.span_id] = ids[span.parent_id]
         self.late_spans += 1
-        ids.add(span.span_id)
-        self.emit(TraceBatch(span.trace_id, spans=[span], late=True))
+        if span.library is not None:
+            self.emit(TraceBatch(span.trace_id, spans=[span], late=True, late_root=root))
         return True
 
     def _to_process(self, span: SpanRecord) -> None:
@@ -144,7 +153,10 @@ class TraceAssembler:
         self.closed[batch.trace_id] = None
         while len(self.closed) > 10 * self.max_open_traces:
             self.closed.popitem(last=False)
-        self.closed_ids[batch.trace_id] = batch.ids
+        ids = self.closed_ids.pop(batch.trace_id, None) or {}
+        root = batch.root.span_id if batch.root is not None else None
+        ids.update(dict.fromkeys(batch.ids, root))
+        self.closed_ids[batch.trace_id] = ids  # (the latest again)
         while len(self.closed_ids) > self.max_open_traces:
             self.closed_ids.popitem(last=False)
         if batch.trace_id in self.dropped:

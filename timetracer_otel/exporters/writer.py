@@ -288,11 +288,13 @@ class CassetteWriter:
         # Encoded cassettes not yet on disk: written together when the queue runs empty, when
         # this many are waiting, or when the oldest has waited max_batch_delay seconds.
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
-        self._where: OrderedDict[str, str] = OrderedDict()  # trace id -> its cassette
+        # (trace id, root span id) -> its cassette
+        self._where: OrderedDict[tuple[str, str | None], str] = OrderedDict()
         # Cassettes whose write failed (a full disk, a bucket out of reach), tried again with
         # the next ones and at the end, up to RETRY_MAX_BYTES; past it, or at the end, lost
         # and counted in ``unwritten``.
         self._retry: list[tuple[str, bytes, Cassette]] = []
+        self._retrying: set[str] = set()  # (their names, for one warning each)
         self.unwritten = 0
         self._unwritten_bytes = 0
         self._unwritten_since = 0.0
@@ -695,10 +697,10 @@ class CassetteWriter:
         """Spans of a trace whose cassette was made (OTLP spans retried after the quiet
         period): added to that cassette where they started. Nothing is added to a trace
         left out (sampling, errors only) or whose cassette could not be written."""
-        if any(c.root is not None and c.spans[0].trace_id == batch.trace_id
+        if any(c.root == batch.late_root and c.spans[0].trace_id == batch.trace_id
                for _, _, c in self._unwritten):
             self._write_unwritten()  # (its cassette first)
-        where = self._where.get(batch.trace_id)
+        where = self._where.get((batch.trace_id, batch.late_root))
         if where is None:
             return
         try:
@@ -726,21 +728,26 @@ class CassetteWriter:
         for item, where in zip(pending, results, strict=True):
             cassette = item[2]
             if isinstance(where, Exception):
-                self.errors += 1
-                sink.report_failure()
                 kept += len(item[1])
-                if last or kept > RETRY_MAX_BYTES:
+                if last or kept > RETRY_MAX_BYTES:  # lost: an error
+                    self.errors += 1
                     self.unwritten += 1
+                    sink.report_failure()
+                    self._retrying.discard(item[0])
                     log.warning("timetracer-otel: cassette %s was not written (%s); its %d "
                                 "span(s) are lost", item[0], where, len(cassette.spans))
                 else:
                     self._retry.append(item)
-                    log.warning("timetracer-otel: cassette %s could not be written (%s); "
-                                "it will be tried again", item[0], where)
+                    if item[0] not in self._retrying:  # (said once, not at every try)
+                        self._retrying.add(item[0])
+                        log.warning("timetracer-otel: cassette %s could not be written (%s); "
+                                    "it will be tried again", item[0], where)
                 continue
+            if self._retrying:
+                self._retrying.discard(item[0])
             self.written.append(where)
             if cassette.root is not None:  # where spans of its trace that come late go
-                self._where[cassette.spans[0].trace_id] = where
+                self._where[(cassette.spans[0].trace_id, cassette.root)] = where
                 while len(self._where) > 10 * self.assembler.max_open_traces:
                     self._where.popitem(last=False)
             if self.on_written is not None:
@@ -827,12 +834,13 @@ class CassetteWriter:
 _WRITERS: weakref.WeakSet[CassetteWriter] = weakref.WeakSet()
 
 
-def finish_child(timeout: float = 30.0) -> None:
+def finish_child(timeout: float = 30.0, *, always: bool = False) -> None:
     """Write what this process recorded before it ends without its ``atexit`` handlers
     (``os._exit``, the way Celery's prefork pool and multiprocessing end their children): the
     tracer provider flushed (a BatchSpanProcessor may still hold spans), then every writer
-    closed (a trace still open is written, ``complete: false``). Never raises."""
-    if all(w._closed for w in list(_WRITERS)):
+    closed (a trace still open is written, ``complete: false``). Never raises. ``always``:
+    flush the provider even with no cassette writer here (spans exported over OTLP)."""
+    if not always and all(w._closed for w in list(_WRITERS)):
         return
     try:
         flush = getattr(trace.get_tracer_provider(), "force_flush", None)
@@ -871,7 +879,7 @@ def _finish_then_end(signum: int, frame: Any) -> None:
 
     signal.signal(signum, signal.SIG_DFL)
     try:
-        finish_child(timeout=10.0)
+        finish_child(timeout=10.0, always=True)
     finally:
         os.kill(os.getpid(), signum)
 
