@@ -79,7 +79,7 @@ def test_a_child_process_writes_what_a_thread_writes(tmp_path: Path) -> None:
     assert sink.proc.returncode == 0
     assert isolated.stats() == threaded.stats() == {
         "written": 4, "dropped_spans": 0, "late_spans": 0, "duplicate_spans": 0, "errors": 0,
-        "skipped": 0, "unwritten": 0}
+        "skipped": 0, "unwritten": 0, "recovered": 0}
     child = sorted(_strip(load_cassette(p)) for p in isolated.written)
     thread = sorted(_strip(load_cassette(p)) for p in threaded.written)
     assert child == thread

@@ -296,6 +296,7 @@ class CassetteWriter:
         self._retry: list[tuple[str, bytes, Cassette]] = []
         self._retrying: set[str] = set()  # (their names, for one warning each)
         self.unwritten = 0
+        self.recovered = 0  # written after a failed try (each counted in errors once)
         self._unwritten_bytes = 0
         self._unwritten_since = 0.0
         self._wake = threading.Event()
@@ -314,7 +315,7 @@ class CassetteWriter:
         self._sent_redactor: Any = None
         self._sent_generation = 0
         self._remote = {"dropped_spans": 0, "late_spans": 0, "duplicate_spans": 0, "errors": 0,
-                        "skipped": 0, "unwritten": 0}
+                        "skipped": 0, "unwritten": 0, "recovered": 0}
 
     def _forked(self) -> None:
         """In a child forked from this process (Celery's prefork pool, gunicorn --preload,
@@ -635,7 +636,7 @@ class CassetteWriter:
             self._sink_failed(exc)
             return
         self.written.extend(written)
-        for name in ("errors", "skipped", "unwritten"):
+        for name in ("errors", "skipped", "unwritten", "recovered"):
             setattr(self, name, getattr(self, name) + stats[name] - self._remote[name])
         self._remote = {k: stats[k] for k in self._remote}
 
@@ -729,22 +730,25 @@ class CassetteWriter:
             cassette = item[2]
             if isinstance(where, Exception):
                 kept += len(item[1])
-                if last or kept > RETRY_MAX_BYTES:  # lost: an error
+                first = item[0] not in self._retrying
+                if first:  # an error, counted and said once however often it is tried
                     self.errors += 1
-                    self.unwritten += 1
                     sink.report_failure()
+                if last or kept > RETRY_MAX_BYTES:
+                    self.unwritten += 1
                     self._retrying.discard(item[0])
                     log.warning("timetracer-otel: cassette %s was not written (%s); its %d "
                                 "span(s) are lost", item[0], where, len(cassette.spans))
                 else:
                     self._retry.append(item)
-                    if item[0] not in self._retrying:  # (said once, not at every try)
+                    if first:
                         self._retrying.add(item[0])
                         log.warning("timetracer-otel: cassette %s could not be written (%s); "
                                     "it will be tried again", item[0], where)
                 continue
-            if self._retrying:
+            if self._retrying and item[0] in self._retrying:
                 self._retrying.discard(item[0])
+                self.recovered += 1
             self.written.append(where)
             if cassette.root is not None:  # where spans of its trace that come late go
                 self._where[(cassette.spans[0].trace_id, cassette.root)] = where
@@ -823,8 +827,10 @@ class CassetteWriter:
             "duplicate_spans": self.assembler.duplicate_spans + self._remote["duplicate_spans"],
             "errors": self.errors,
             "skipped": self.skipped,
-            # Cassettes given up on after their writes failed (their spans are lost).
+            # Cassettes given up on after their writes failed (their spans are lost), and
+            # those written after a failed try (both in errors).
             "unwritten": self.unwritten,
+            "recovered": self.recovered,
         }
 
 
