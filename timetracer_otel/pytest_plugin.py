@@ -335,8 +335,13 @@ class ActiveCassette:
             problems.append(f"{len(report.misses)} call(s) had no recording in {self.path}:")
             problems.extend(f"  - {label}" for label in report.misses)
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
+            # new_episodes: the recorded calls this run left unused that share a shape with a
+            # new one (the same call with another parameter) are what it replaced: removed.
+            shapes = {s.shape for s in rep.appended}
+            drop = ({e.span.span_id for e in rep.index.unused() if e.span.shape in shapes}
+                    if self.record_mode is RecordMode.NEW_EPISODES else set())
             try:
-                add_to_file(self.path, rep.appended, known=rep.index.key_counts())
+                add_to_file(self.path, rep.appended, known=rep.index.key_counts(), drop=drop)
                 self.written = True
             except CassetteError as exc:
                 problems.append(f"The calls {self.test_id} recorded were not added to {self.path}: "

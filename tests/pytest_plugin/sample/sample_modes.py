@@ -65,7 +65,6 @@ def test_never_recorded() -> None:
     pass
 
 
-@pytest.mark.timetracer(allow_unused=True)
 def test_changes() -> None:
     """A call whose query value changes between runs (V)."""
     assert httpx.get(f"{UPSTREAM}/q", params={"v": os.environ.get("V", "a")}).status_code == 200
