@@ -32,7 +32,7 @@ import contextlib
 import inspect
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -323,24 +323,36 @@ def _get(original: Any) -> Any:
     return get
 
 
+def _through_cassette(call: Call, live: Callable[[], Any], stored: Callable[[Any], Tree],
+                      replayed: Callable[[Tree], Any]) -> Any:
+    """A call no instrumentation makes a span for (a result read, a broadcast, a restore):
+    ``replayed`` from its recorded answer, else ``live()``, recorded as ``stored`` makes it,
+    Celery's own traffic beneath it untraced."""
+    action = _decided(call)
+    if isinstance(action, Match):
+        return replayed(_answer(action))
+    if action is not RECORD:
+        return live()
+    with capture(call, SCOPE) as cap, suppress_instrumentation():
+        value = live()
+        cap.ok(stored(value))
+        return value
+
+
 def _get_task_meta(original: Any) -> Any:
     def get_task_meta(self: Any) -> Any:
         # (inside a recorded get(), whose backend reads run untraced, decide() says LIVE)
         if STATE.mode is Mode.OFF or self._cache is not None:
             return original(self)
-        call = _result_call(self, "meta")
-        action = _decided(call)
-        if isinstance(action, Match):
-            meta = _meta(self, _answer(action)["meta"])
+
+        def replayed(answer: Tree) -> Any:
+            meta = _meta(self, answer["meta"])
             if meta is not None and meta["status"] in self.backend.READY_STATES:
                 return self._set_cache(meta)
             return meta
-        if action is not RECORD:
-            return original(self)
-        with capture(call, SCOPE) as cap, suppress_instrumentation():
-            meta = original(self)
-            cap.ok({"meta": _meta_tree(meta)})
-            return meta
+
+        return _through_cassette(_result_call(self, "meta"), lambda: original(self),
+                                 lambda meta: {"meta": _meta_tree(meta)}, replayed)
 
     return get_task_meta
 
@@ -355,19 +367,6 @@ def _worker_hello(original: Any) -> Any:
             return original(self, *args, **kwargs)
 
     return send_hello
-
-
-def _control_message(original: Any) -> Any:
-    """A worker handling a control message (``revoke``, ``ping``, ``inspect()``'s queries):
-    Celery's plumbing, outside every task run (its revoke reads the task's state from the
-    result backend). Untraced while recording."""
-    def on_message(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if STATE.mode is Mode.RECORD:
-            with suppress_instrumentation():
-                return original(self, *args, **kwargs)
-        return original(self, *args, **kwargs)
-
-    return on_message
 
 
 def _unrecorded(kind: str) -> bool:
@@ -412,21 +411,18 @@ def _broadcast(original: Any) -> Any:
             return original(self, command, *args, **kwargs)
         options = dict(zip(_BROADCAST_ARGS, args, strict=False))
         options.update(kwargs)
-        call = _control_call(command, options)
-        action = _decided(call)
-        if isinstance(action, Match):
-            replies = from_tree(_answer(action)["replies"])
+
+        def replayed(answer: Tree) -> Any:
+            replies = from_tree(answer["replies"])
             callback = options.get("callback")
             if callback is not None and replies:
                 for one in replies:  # as the mailbox calls it, reply by reply
                     callback(one)
             return replies
-        if action is not RECORD:
-            return original(self, command, *args, **kwargs)
-        with capture(call, SCOPE) as cap, suppress_instrumentation():
-            replies = original(self, command, *args, **kwargs)
-            cap.ok({"replies": to_tree(replies)})
-            return replies
+
+        return _through_cassette(_control_call(command, options),
+                                 lambda: original(self, command, *args, **kwargs),
+                                 lambda replies: {"replies": to_tree(replies)}, replayed)
 
     return broadcast
 
@@ -464,15 +460,17 @@ def _then(original: Any) -> Any:
 
 
 def _untraced(original: Any) -> Any:
-    """The result backend storing a task's outcome: untraced while recording (a replayed run
-    stores nothing, so these calls are not the task's)."""
-    def store_result(*args: Any, **kwargs: Any) -> Any:
+    """Celery's plumbing, untraced while recording: the result backend storing a task's
+    outcome (a replayed run stores nothing, so these calls are not the task's), a worker
+    handling a control message (``revoke``, ``ping``; its revoke reads the task's state from
+    the backend, outside every task run)."""
+    def untraced(*args: Any, **kwargs: Any) -> Any:
         if STATE.mode is Mode.RECORD:
             with suppress_instrumentation():
                 return original(*args, **kwargs)
         return original(*args, **kwargs)
 
-    return store_result
+    return untraced
 
 
 # A result backend's own bookkeeping, which no replay needs (no worker counts a chord's parts
@@ -551,20 +549,19 @@ def _restore_group(backend: Any, method: Any) -> Any:
         identity = {"kind": "restore", "of": of}
         call = Call(LIBRARY, identity, identity, {"kind": "restore", "task": "group"},
                     _label("restore", "group"))
-        action = _decided(call)
-        if isinstance(action, Match):
-            tree = _answer(action)["group"]
+
+        def replayed(answer: Tree) -> Any:
+            tree = answer["group"]
             if tree is None:
                 return None
             # The group as this run saved it (its ids), else as recorded.
             return result_from_tuple(saved[0] if saved is not None else from_tree(tree),
                                      backend.app)
-        if action is not RECORD:
-            return method(group_id, *args, **kwargs)
-        with capture(call, SCOPE) as cap, suppress_instrumentation():
-            group = method(group_id, *args, **kwargs)
-            cap.ok({"group": None if group is None else to_tree(group.as_tuple())})
-            return group
+
+        return _through_cassette(
+            call, lambda: method(group_id, *args, **kwargs),
+            lambda group: {"group": None if group is None else to_tree(group.as_tuple())},
+            replayed)
 
     return restore_group
 
@@ -725,7 +722,7 @@ class CeleryShim(Shim):
         self.wrap(celery.backends.base.Backend, "store_result", _untraced)
         self.wrap(celery.app.base.Celery, "backend", _backend_property)
         self.wrap(celery.app.control.Control, "broadcast", _broadcast)
-        self.wrap(celery.worker.pidbox.Pidbox, "on_message", _control_message)
+        self.wrap(celery.worker.pidbox.Pidbox, "on_message", _untraced)
         self.wrap(celery.worker.consumer.mingle.Mingle, "send_hello", _worker_hello)
         try:
             import kombu.transport.redis
