@@ -294,7 +294,6 @@ class CassetteWriter:
         # the next ones and at the end, up to RETRY_MAX_BYTES; past it, or at the end, lost
         # and counted in ``unwritten``.
         self._retry: list[tuple[str, bytes, Cassette]] = []
-        self._retrying: set[str] = set()  # (their names, for one warning each)
         self.unwritten = 0
         self.recovered = 0  # written after a failed try (each counted in errors once)
         self._unwritten_bytes = 0
@@ -720,34 +719,32 @@ class CassetteWriter:
         those that failed before first; each failure is counted and logged in one line, and
         kept to be tried again (``last``: lost, counted in ``unwritten``)."""
         pending, self._unwritten, self._unwritten_bytes = self._unwritten, [], 0
-        if self._retry:
+        tried = len(self._retry)  # (the first ``tried`` of ``pending`` failed before)
+        if tried:
             pending, self._retry = [*self._retry, *pending], []
         if not pending:
             return
         results = write_many(self.storage, [(relpath, data) for relpath, data, _ in pending])
         kept = 0
-        for item, where in zip(pending, results, strict=True):
+        for i, (item, where) in enumerate(zip(pending, results, strict=True)):
             cassette = item[2]
             if isinstance(where, Exception):
                 kept += len(item[1])
-                first = item[0] not in self._retrying
+                first = i >= tried
                 if first:  # an error, counted and said once however often it is tried
                     self.errors += 1
                     sink.report_failure()
                 if last or kept > RETRY_MAX_BYTES:
                     self.unwritten += 1
-                    self._retrying.discard(item[0])
                     log.warning("timetracer-otel: cassette %s was not written (%s); its %d "
                                 "span(s) are lost", item[0], where, len(cassette.spans))
                 else:
                     self._retry.append(item)
                     if first:
-                        self._retrying.add(item[0])
                         log.warning("timetracer-otel: cassette %s could not be written (%s); "
                                     "it will be tried again", item[0], where)
                 continue
-            if self._retrying and item[0] in self._retrying:
-                self._retrying.discard(item[0])
+            if i < tried:
                 self.recovered += 1
             self.written.append(where)
             if cassette.root is not None:  # where spans of its trace that come late go
