@@ -264,8 +264,7 @@ def replay(
         os.unlink(report_path)
     if report is not None:
         click.echo(f"timetracer-otel: {report.render()}", err=True)
-        # (a miss let go live that could not, whatever the app made of the error, fails too)
-        if code == 0 and ((not report.ok and misses_fail) or report.stranded):
+        if code == 0 and report.failed(misses_fail):  # (whatever the app made of the error)
             code = 1
         if report.unkept:  # calls recorded live and lost: as `record` does for cassettes
             code = code or 2

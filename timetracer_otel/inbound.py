@@ -396,8 +396,7 @@ async def replay_asgi_async(
         diff.extend(notes)
         notes = []
     return InboundResult(
-        # a miss went live, as asked (not one that could not)
-        ok=not diff and (report.ok or rep.on_miss is not OnMiss.ERROR) and not report.stranded,
+        ok=not diff and not report.failed(rep.on_miss is OnMiss.ERROR),
         label=_label(span),
         diff=diff,
         report=report,

@@ -116,6 +116,11 @@ class ReplayReport:
     def ok(self) -> bool:
         return not self.misses
 
+    def failed(self, misses_fail: bool) -> bool:
+        """Whether the replay failed: a miss, where misses fail (``on_miss="error"``), or a
+        miss let go live that could not, whatever ``on_miss`` said."""
+        return (misses_fail and bool(self.misses)) or bool(self.stranded)
+
     def summary(self) -> str:
         parts = [f"{self.exact} exact", f"{len(self.shape_matches)} by shape"]
         parts.append(f"{len(self.misses)} missed")

@@ -334,6 +334,10 @@ class ActiveCassette:
             # The test passed, so the code swallowed the ReplayMissError: still a failure.
             problems.append(f"{len(report.misses)} call(s) had no recording in {self.path}:")
             problems.extend(f"  - {label}" for label in report.misses)
+        elif report.stranded:  # (on_miss let them go live, but there was no server)
+            problems.append(f"{len(report.stranded)} call(s) had no recording in {self.path} and "
+                            "could not go live (a connection opened from the cassette):")
+            problems.extend(f"  - {label}" for label in report.stranded)
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
             # new_episodes: the recorded calls this run left unused that share a shape with a
             # new one (the same call with another parameter) are what it replaced: removed.

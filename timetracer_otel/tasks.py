@@ -170,7 +170,7 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
             f"{source} holds no recorded task run; record a worker (e.g. timetracer-otel record "
             "-- celery -A app worker --pool=solo)."
         )
-    if (span.response or {}).get("state") is None:
+    if not _has_outcome(span):
         raise CassetteError(
             f"{source} holds a task run that never finished (its worker process was ended "
             "under it: revoke(terminate=True), a time limit); there is no outcome to compare."
@@ -199,16 +199,20 @@ def replay_task(cassette: Cassette | str | Path, app: Any, *, on_miss: str = "er
     if strict and notes:
         diff.extend(notes)
         notes = []
-    ok = not diff and (report.ok or rep.on_miss is not OnMiss.ERROR) and not report.stranded
+    ok = not diff and not report.failed(rep.on_miss is OnMiss.ERROR)
     return TaskResult(ok=ok, label=f"{name} [trace {span.trace_id[:8]}]", diff=diff,
                       report=report, source=source, notes=notes)
 
 
+def _has_outcome(span: SpanRecord) -> bool:
+    """Whether a recorded task run ended with an outcome (not one whose worker process was
+    ended under it)."""
+    return (span.response or {}).get("state") is not None
+
+
 def _finished_run(cassette: Cassette) -> bool:
-    """Whether ``cassette`` holds a task run that ended with an outcome (not one whose
-    worker process was ended under it)."""
     span = task_run_span(cassette)
-    return span is not None and (span.response or {}).get("state") is not None
+    return span is not None and _has_outcome(span)
 
 
 def replay_task_command(source: str, app_ref: str, *, on_miss: str, strict: bool,

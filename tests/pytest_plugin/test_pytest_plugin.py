@@ -288,6 +288,32 @@ def sample_project(pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.Mo
     return server
 
 
+def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch, pg_database: str
+) -> None:
+    """on_miss="passthrough" lets a miss go live, but a psycopg connection the replay opened
+    from the cassette has no server: the test fails even when its code swallows the error."""
+    sample_project(pytester, serve, monkeypatch, f"""
+        import psycopg
+
+        @pytest.mark.timetracer(on_miss="passthrough")
+        def test_queries():
+            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/{pg_database}") as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                if os.environ.get("MORE"):
+                    try:
+                        conn.execute("SELECT 2")
+                    except Exception:
+                        pass  # swallowed
+    """)
+    run(pytester).assert_outcomes(passed=1)  # recorded
+    monkeypatch.setenv("MORE", "1")
+    replayed = run(pytester)
+    replayed.assert_outcomes(passed=1, errors=1)  # passed, then failed at teardown
+    replayed.stdout.fnmatch_lines(["*1 call(s) had no recording in * and could not go live*",
+                                   "*- execute SELECT 2*"])
+
+
 def test_on_miss_record_appends_what_the_cassette_lacks(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
