@@ -19,6 +19,7 @@ fixtures are torn down, so their cleanup calls belong to the test too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import hashlib
 import ipaddress
@@ -47,7 +48,9 @@ from timetracer_otel.cassette import (
 from timetracer_otel.config import Choice, Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
-from timetracer_otel.index import ReplayIndex, ReplayReport
+from timetracer_otel.index import Match, ReplayIndex, ReplayReport
+from timetracer_otel.keys import Call
+from timetracer_otel.redaction import Redactor, set_default_redactor
 from timetracer_otel.replay_shims.base import STATE, carries_call
 from timetracer_otel.runtime import Replaying, hold_mode, release, sdk_provider
 
@@ -56,7 +59,8 @@ class RecordMode(Choice):
     """pytest-recording's record modes, applied to one cassette per test."""
 
     ONCE = "once"  # record when the cassette is missing, replay otherwise
-    NEW_EPISODES = "new_episodes"  # replay; calls with no recording go live and are appended
+    NEW_EPISODES = "new_episodes"  # replay; calls with no recording (and, after a new write,
+    # the same backend's calls) go live and are appended
     NONE = "none"  # replay only; a missing cassette or a miss fails the test
     ALL = "all"  # always record; the cassette is overwritten when the test passes
     REWRITE = "rewrite"  # delete the cassette first, then record
@@ -198,6 +202,109 @@ class _NetworkGuard:
         self.policy = _NetworkPolicy(loopback=True, allowed=self.allowed)
 
 
+# --- each test's secrets --------------------------------------------------------------------
+
+
+class _TestSecrets:
+    """Each test starts from the project's redactor as configured, without the secrets other
+    tests taught it: a secret learned at run time (a bearer token in one test's request) is
+    scrubbed from the calls that test makes later, and therefore from their keys, so one
+    learned in an earlier test would make a later test's cassette, and the keys its replay
+    computes, depend on which tests ran before it (alone, in the suite, on an xdist worker).
+
+    The test gets a copy of the redactor (same rules, same key: equal secrets, equal tokens)
+    as of the first test that saw it, and the project's own comes back after the test; one
+    the test's code configured meanwhile stays."""
+
+    def __init__(self) -> None:
+        self._own: Redactor | None = None  # the project's redactor, as it was set
+        self._clean: Redactor | None = None  # a copy of it from before any test used it
+        self._lent: Redactor | None = None  # the running test's copy
+
+    def start(self) -> None:
+        current = STATE.redactor
+        if type(current) is not Redactor:  # (unreadable rules: entry points stop before this)
+            return
+        if current is not self._lent and current is not self._own:  # new: configure() ran
+            self._own, self._clean = current, copy.deepcopy(current)
+        assert self._clean is not None
+        self._lent = copy.deepcopy(self._clean)
+        set_default_redactor(self._lent)
+
+    def end(self) -> None:
+        lent, self._lent = self._lent, None
+        if lent is not None and STATE.redactor is lent and self._own is not None:
+            set_default_redactor(self._own)
+
+
+# --- new_episodes: after a new write, the same backend's calls go live -----------------------
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_SQL_LIBRARIES = frozenset({"asyncpg", "psycopg"})
+_SQL_READS = frozenset({"SELECT", "SHOW"})
+
+
+def _backend(call: Call) -> tuple[str, ...]:
+    """Where the state a call reads or changes lives, as far as its key tells: an HTTP origin
+    (whichever client), a SQL database (whichever driver), a library's database or service
+    (a Redis db, a MongoDB database, an AWS service), else the library."""
+    ident = call.identity
+    if isinstance(ident, dict):
+        if "method" in ident and "host" in ident:
+            return ("http", str(ident.get("scheme")), str(ident["host"]))
+        if call.library in _SQL_LIBRARIES:
+            return ("sql", str(ident.get("db")))
+        for name in ("db", "service"):
+            if name in ident:
+                return (call.library, name, str(ident[name]))
+    return (call.library,)
+
+
+def _may_write(call: Call) -> bool:
+    """False for the calls known to change nothing (an HTTP GET/HEAD/OPTIONS, a SQL SELECT or
+    SHOW, a connect); any other call may have changed its backend's state."""
+    ident = call.identity
+    if isinstance(ident, dict):
+        if "method" in ident and "host" in ident:
+            return str(ident["method"]).upper() not in _SAFE_METHODS
+        if call.library in _SQL_LIBRARIES:
+            if ident.get("op") == "connect":
+                return False
+            words = str(ident.get("statement") or "").split(None, 1)
+            return not words or words[0].upper() not in _SQL_READS
+    return True
+
+
+class _EpisodeIndex(ReplayIndex):
+    """new_episodes' index: once a call that may write went live as a new episode (a POST
+    with another body), the later calls of the test to the same backend go live too, and are
+    recorded, instead of being answered from before that write (the list a GET returned when
+    the cassette's POST was another). Other backends, and calls after a new read, replay."""
+
+    def __init__(self, sources: list[tuple[str, Cassette]], *, strict: bool) -> None:
+        super().__init__(sources, strict=strict)
+        self.stale: dict[tuple[str, ...], str] = {}  # backend: the new write that changed it
+        self.sent_live: list[str] = []  # the calls sent live for that, with the write
+        self._sending: dict[int, Call] = {}  # taken (not answered), before decide() reports it
+
+    def take(self, call: Call) -> Match | None:
+        backend = _backend(call)
+        write = self.stale.get(backend)
+        if write is not None:
+            self._sending[id(call)] = call  # (kept: its id is not reused meanwhile)
+            self.sent_live.append(f"{call.label} (after {write})")
+            return None
+        match = super().take(call)
+        if match is None and _may_write(call):
+            self.stale.setdefault(backend, call.label)
+        return match
+
+    def miss_message(self, call: Call, *, hint: str = "") -> str:
+        if self._sending.pop(id(call), None) is not None:  # sent live on purpose: not a miss
+            return f"{call.label} goes live: a new episode changed what it reads."
+        return super().miss_message(call, hint=hint)
+
+
 # --- one test's cassette -----------------------------------------------------------------
 
 _MARKER_OPTIONS = frozenset({"path", "on_miss", "live", "strict", "allow_unused"})
@@ -268,6 +375,13 @@ class ActiveCassette:
         return [e.record() for e in self._replaying.index.unused()]
 
     @property
+    def sent_live(self) -> list[str]:
+        """new_episodes: the calls sent live because a new episode before them wrote to the
+        same backend (each with that write)."""
+        index = self._replaying.index if self._replaying is not None else None
+        return list(index.sent_live) if isinstance(index, _EpisodeIndex) else []
+
+    @property
     def report(self) -> ReplayReport | None:
         """The replay report (exact, by shape, missed, unused), or None while recording."""
         return self._replaying.report if self._replaying is not None else None
@@ -301,7 +415,9 @@ class ActiveCassette:
         # strictly: a call only like a recorded one (another query value, another parameter)
         # is a new episode, recorded, not answered with the other one's response.
         strict = self.options.strict or mode is RecordMode.NEW_EPISODES
-        index = ReplayIndex([(str(self.path), self.cassette)], strict=strict)
+        sources = [(str(self.path), self.cassette)]
+        index = (_EpisodeIndex(sources, strict=strict) if mode is RecordMode.NEW_EPISODES
+                 else ReplayIndex(sources, strict=strict))
         rep = Replaying(index, on_miss=on_miss, live=self.options.live)
         rep.__enter__()
         self._replaying = rep
@@ -407,6 +523,7 @@ def _converted(spans: list[ReadableSpan]) -> tuple[list[SpanRecord], list[str]]:
 _ACTIVE = pytest.StashKey[ActiveCassette]()
 _FAILED = pytest.StashKey[bool]()
 _POLICY = pytest.StashKey[_NetworkPolicy]()
+_SECRETS = pytest.StashKey[bool]()  # the test runs with its own copy of the redactor
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -483,6 +600,7 @@ class TimetracerPlugin:
         if self.replay_dir and not self.asgi_app_spec:
             raise ConfigError("--timetracer-replay-dir needs --timetracer-asgi-app MODULE:APP.")
         self.collector: _SpanCollector | None = None
+        self.secrets = _TestSecrets()
         self._app: Any = None
         if self.guard is not None:
             self.guard.install()
@@ -605,12 +723,15 @@ class TimetracerPlugin:
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
         # Before every fixture: connections opened by fixtures belong to the test's cassette.
         policy_loopback = True
-        if not isinstance(item, ReplayItem):
+        if isinstance(item, ReplayItem):
+            self._own_secrets(item)
+        else:
             problem, active = None, None
             try:
                 options = self.options_for(item)
                 if options is not None:
                     self._tracing()  # provider and shims first, then the mode switch
+                    self._own_secrets(item)
                     active = ActiveCassette(options, item.nodeid)
                     active.start()
             except (ConfigError, CassetteError) as exc:
@@ -632,6 +753,10 @@ class TimetracerPlugin:
         if self.guard is not None:
             item.stash[_POLICY] = self.guard.start_test(policy_loopback)
         return (yield)
+
+    def _own_secrets(self, item: pytest.Item) -> None:
+        self.secrets.start()
+        item.stash[_SECRETS] = True
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -658,10 +783,16 @@ class TimetracerPlugin:
         passed = not item.stash.get(_FAILED, False)
         problems: list[str] = []
         active = item.stash.get(_ACTIVE, None)
-        if active is not None:
-            problems += active.stop(self._tracing(), passed)
-            if active.report is not None:  # shown with a failure: shape matches, misses, unused
-                item.add_report_section("teardown", "timetracer", active.report.render())
+        try:
+            if active is not None:
+                problems += active.stop(self._tracing(), passed)  # (redacted with its secrets)
+                if active.report is not None:  # shown with a failure: shape matches, misses...
+                    item.add_report_section("teardown", "timetracer", active.report.render()
+                                            + "".join(f"\n  live after a new write: {c}"
+                                                      for c in active.sent_live))
+        finally:
+            if item.stash.get(_SECRETS, False):
+                self.secrets.end()
         policy = item.stash.get(_POLICY, None)
         if self.guard is not None and policy is not None:
             self.guard.end_test()
