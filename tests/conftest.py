@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from timetracer_otel import replay_shims
 from timetracer_otel.config import Mode
 from timetracer_otel.replay_shims.base import STATE
 
@@ -77,6 +79,27 @@ def serve() -> Iterator[Callable[[Any], ServerThread]]:
     for server in servers:
         if server.thread is not None and server.thread.is_alive():
             server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shimmed_libraries_imported() -> None:
+    """What the first record() or replay() imports (each shimmed library, its shim and its
+    OTel instrumentation), imported before the first test, patching nothing.
+
+    pytester puts sys.modules back after each test, dropping the modules that test imported
+    first: a test recording inside pytester would leave the next test a second copy of each
+    library. asyncpg >= 0.31 segfaults at its first connect after such a re-import
+    (MagicStack/asyncpg#1292), and the shims, installed on the first copy, would miss calls
+    made through the second.
+    """
+    for name in replay_shims.available():
+        try:
+            shim = replay_shims.load(name)
+        except Exception:  # as install() does: a broken optional library stops no other
+            continue
+        if shim.instrumentor is not None:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(shim.instrumentor.partition(":")[0])
 
 
 @pytest.fixture(autouse=True)

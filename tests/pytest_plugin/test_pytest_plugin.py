@@ -431,3 +431,56 @@ def test_cassettes_named_by_the_earlier_rule_are_still_found(
         run(pytester, f"--timetracer-record-mode={mode}").assert_outcomes(passed=1)
         assert HITS == ["/c"] and [p.name for p in base.iterdir()] == [current.name]
         assert load_cassette(current).name == "test_sample.py::test_connect[::1]"
+
+
+def test_a_recording_inside_pytester_leaves_the_libraries_usable_by_later_tests(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytester puts sys.modules back after each test, dropping what that test imported
+    first, and the first record() of a session imports every shimmed library. The next test
+    then gets a second copy of each: asyncpg >= 0.31 segfaults at its first connect
+    (MagicStack/asyncpg#1292), and the shims, installed on the first copy, would miss calls
+    through the second. Run as this suite runs, with its conftest: both tests pass."""
+    monkeypatch.setenv("PYTHONPATH", str(HERE.parent.parent))
+    pytester.makeconftest('pytest_plugins = ["tests.conftest"]\n')
+    pytester.makepyfile(test_order="""
+        import asyncio
+
+        import timetracer_otel
+        from tests.conftest import unreachable_port
+
+        pytest_plugins = ["pytester"]
+        DSN = "postgresql://postgres@127.0.0.1:{}/test"
+
+
+        def test_records_inside_pytester(pytester, tmp_path):
+            with timetracer_otel.record(dir=tmp_path):
+                pass
+
+
+        def test_databases_afterwards(tmp_path):
+            import asyncpg
+            import psycopg
+
+            def job(port):
+                with psycopg.connect(DSN.format(port), connect_timeout=3) as conn:
+                    out = conn.execute("SELECT 2").fetchall()
+
+                async def one():
+                    conn = await asyncpg.connect(DSN.format(port), timeout=3)
+                    try:
+                        return await conn.fetchval("SELECT 1")
+                    finally:
+                        await conn.close()
+
+                return [*out, asyncio.run(one())]
+
+            with timetracer_otel.record(dir=tmp_path) as rec:
+                assert job(5432) == [(2,), 1]
+            with timetracer_otel.replay(rec.paths, strict=True) as rep:
+                assert job(unreachable_port()) == [(2,), 1]
+            assert rep.report.exact > 0 and not (rep.report.misses or rep.report.unused)
+    """)
+    result = run(pytester)
+    assert result.ret == 0, (result.ret, result.stdout.str()[-3000:], result.stderr.str()[-3000:])
+    result.assert_outcomes(passed=2)
