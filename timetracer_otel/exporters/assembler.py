@@ -1,19 +1,34 @@
-"""TraceAssembler: spans arrive one by one, cassettes leave one per local trace.
+"""TraceAssembler: spans arrive one by one, cassettes leave one per local root.
 
-A trace is ready when its local root has arrived (after ``quiet_ns`` without new spans, for
-the Collector path where spans of one trace come in several requests). Lone client spans with
-no inbound parent (a plain script's calls) gather into one per-process batch, flushed at
-shutdown. Memory is bounded: past ``max_open_traces`` the oldest open trace is dropped and
-its cassette, if its root comes later, says ``complete: false``.
+A local root is a span whose parent is none or remote (another process's span), as the SDK
+says in-process and OTLP's span flags say over the wire: each makes a cassette of its own, with
+the spans below it. A trace is ready when a local root of it has arrived (after ``quiet_ns``
+without new spans, for the Collector path where spans of one trace come in several requests,
+in any order). Lone client spans with no inbound parent (a plain script's calls) gather into
+one per-process batch, flushed at shutdown. Memory is bounded: past ``max_open_traces`` the
+oldest open trace is dropped and its cassette, if its root comes later, says
+``complete: false``.
+
+In-process (``quiet_ns == 0``) a local root ends after the spans below it, and its cassette
+takes every open span of its trace as it ends. On the Collector path the spans are grouped by
+their parent links once the trace is quiet: several local roots of one trace (a service
+calling itself, a consumer in another service) each get theirs, even from one request, and a
+span whose parent has not been received waits for it, to go where its parent goes.
 
 OTLP delivery is at least once (a Collector retries a request it saw fail), so a span that
 comes again (the same span id) is dropped, in an open trace or one already written; a new
 span of a trace already written (a retry after the quiet period) leaves as a ``late`` batch,
-which the writer adds to that trace's cassette.
+which the writer adds to that trace's cassette, and the spans that waited for it follow it.
+A span whose parent never comes is not lost: after ``orphan_wait_ns`` (or when it must make
+room, or at shutdown) it is added to its trace's cassette, the one whose root's time holds its
+start when the trace has several, and counted in :attr:`TraceAssembler.orphan_spans`; with no
+cassette of its trace to go to, it is written as a cassette of its own that says
+``complete: false``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,22 +37,52 @@ from typing import Any
 
 from timetracer_otel.cassette import SpanRecord
 
+log = logging.getLogger("timetracer_otel")
+
 OUTBOUND_KINDS = frozenset({"CLIENT", "PRODUCER"})
+
+
+Resource = dict[str, Any] | None
 
 
 @dataclass
 class TraceBatch:
-    """The spans of one cassette. ``root`` is None for the per-process batch."""
+    """The spans of one cassette (``root`` is None for the per-process batch), or of an open
+    trace: under local roots not written yet, or waiting for a parent not received yet."""
 
     trace_id: str
     spans: list[SpanRecord] = field(default_factory=list)
     root: SpanRecord | None = None
     complete: bool = True
-    last_ns: int = 0
+    last_ns: int = 0  # (an open trace: when its latest span came, time.monotonic_ns)
     resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
     ids: set[str] = field(default_factory=set)  # its spans' ids
     late: bool = False  # spans of a trace already written, for its cassette
     late_root: str | None = None  # (the root span id of that cassette)
+    # An open trace's local roots after the first (``root``), each with its service.
+    more_roots: list[tuple[SpanRecord, Resource]] | None = None
+
+    def roots(self) -> list[tuple[SpanRecord, Resource]]:
+        """An open trace's local roots, each with its service."""
+        if self.root is None:
+            return []
+        return [(self.root, self.resource), *(self.more_roots or ())]
+
+    def take(self, ids: set[str]) -> list[SpanRecord]:
+        """Remove the spans whose ids are in ``ids``, and return them."""
+        taken = [s for s in self.spans if s.span_id in ids]
+        self.spans = [s for s in self.spans if s.span_id not in ids]
+        self.ids -= ids
+        return taken
+
+
+# Where a span of an open trace goes (see TraceAssembler._routes): under a local root of the
+# open trace, under a span of a cassette already made (the root span id of that cassette), or
+# nowhere yet (the span id at the top of its chain, whose parent has not come).
+_NEW, _LATE, _WAIT = 0, 1, 2
+Route = tuple[int, Any]
+
+DEFAULT_ORPHAN_WAIT_NS = 60_000_000_000
 
 
 class TraceAssembler:
@@ -50,21 +95,31 @@ class TraceAssembler:
         max_open_traces: int = 1000,
         max_spans_per_trace: int = 10_000,
         quiet_ns: int = 0,
+        orphan_wait_ns: int | None = None,
     ) -> None:
         self.emit = emit
         self.max_open_traces = max_open_traces
         self.max_spans_per_trace = max_spans_per_trace
         self.quiet_ns = quiet_ns
+        # How long a span of a written trace waits for a parent not received (a Collector
+        # retries a failed request for minutes) before it goes into a cassette of its trace.
+        self.orphan_wait_ns = (max(30 * quiet_ns, DEFAULT_ORPHAN_WAIT_NS)
+                               if orphan_wait_ns is None else orphan_wait_ns)
         self.open: OrderedDict[str, TraceBatch] = OrderedDict()
         self.process = TraceBatch(trace_id="process")
         self.dropped: OrderedDict[str, None] = OrderedDict()  # trace ids that lost spans
         self.closed: OrderedDict[str, None] = OrderedDict()  # recently written trace ids
         # The span ids of the latest max_open_traces of them, each with the root span id of
-        # the cassette it went to (a trace may have several local roots).
+        # the cassette it went to (a trace may have several local roots), and (on the
+        # Collector path) those roots' (start, end) times, for spans whose parent never came.
         self.closed_ids: OrderedDict[str, dict[str, str | None]] = OrderedDict()
+        self.closed_roots: dict[str, dict[str, tuple[int, int]]] = {}
         self.dropped_spans = 0
         self.late_spans = 0
         self.duplicate_spans = 0
+        # Spans whose parent never came, added to a cassette of their trace anyway (also in
+        # late_spans).
+        self.orphan_spans = 0
 
     def mark_dropped(self, trace_id: str, *, count: bool = True) -> None:
         """``trace_id`` lost a span: its cassette will say ``complete: false``. ``count``: add
@@ -77,7 +132,7 @@ class TraceAssembler:
     def add(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
         batch = self.open.get(span.trace_id)
         is_root = span.parent_id is None or span.remote_parent
-        if span.trace_id in self.closed and self._late(span, is_root, batch is None):
+        if span.trace_id in self.closed and self._late(span, is_root, batch):
             return
         if batch is not None and span.span_id in batch.ids:
             self.duplicate_spans += 1  # delivered again
@@ -96,23 +151,31 @@ class TraceAssembler:
             batch.spans.append(span)
             batch.ids.add(span.span_id)
         batch.last_ns = time.monotonic_ns()
-        if resource is not None and (batch.resource is None or is_root):
-            batch.resource = resource
         if is_root:
-            batch.root = span
+            if batch.root is None:
+                batch.root = span
+                if resource is not None:
+                    batch.resource = resource
+            elif batch.more_roots is None:
+                batch.more_roots = [(span, resource)]
+            else:
+                batch.more_roots.append((span, resource))
             if self.quiet_ns == 0:
                 self._close(batch)
+        elif resource is not None and batch.resource is None:
+            batch.resource = resource
         # After a root closes its own trace, so a late root never evicts another trace.
         self._evict()
 
-    def _late(self, span: SpanRecord, is_root: bool, alone: bool) -> bool:
+    def _late(self, span: SpanRecord, is_root: bool, batch: TraceBatch | None) -> bool:
         """A span of a trace already written, taken here (True) when it came before (a span
         id a cassette of the trace holds) or is the child of a span of such a cassette: a late
-        batch for the writer to add to that cassette, unless it carries nothing to replay (an
-        internal span that ended after its trace was written, Starlette's streaming "receive"
-        span: dropped, its id kept for its own children). Another local root of the trace and
-        its spans (a service calling itself) make a cassette of their own (False). ``alone``:
-        no other batch of the trace is open."""
+        batch for the writer to add to that cassette, with the spans of the open trace
+        ``batch`` that waited for it, unless it carries nothing to replay (an internal span
+        that ended after its trace was written, Starlette's streaming "receive" span: dropped,
+        its id kept for its own children). Another local root of the trace and its spans (a
+        service calling itself) make a cassette of their own, and a span whose parent has not
+        come waits in the open trace (False)."""
         ids = self.closed_ids.get(span.trace_id)
         if ids is not None and span.span_id in ids:
             self.duplicate_spans += 1
@@ -120,17 +183,67 @@ class TraceAssembler:
         if is_root:
             return False
         if ids is None:  # (an older trace, whose span ids are no longer kept)
-            if span.library is None and alone:
+            if span.library is None and batch is None:
                 self.late_spans += 1
                 return True
             return False
         if span.parent_id not in ids:
             return False
-        root = ids[span.span_id] = ids[span.parent_id]
-        self.late_spans += 1
-        if span.library is not None:
-            self.emit(TraceBatch(span.trace_id, spans=[span], late=True, late_root=root))
+        root = ids[span.parent_id]
+        spans = [span]
+        if batch is not None and batch.spans:  # the spans that waited for it follow it
+            routes = self._routes(batch, {span.span_id: root})
+            waited = {sid for sid, (kind, _) in routes.items() if kind == _LATE}
+            if waited:
+                spans += batch.take(waited)
+                if not batch.spans and batch.root is None:
+                    del self.open[batch.trace_id]
+        self._add_late(span.trace_id, root, spans)
         return True
+
+    def _add_late(self, trace_id: str, root: str | None, spans: list[SpanRecord]) -> None:
+        """``spans`` go to the cassette of ``root``: their ids are kept (for their children
+        and their next deliveries), those with a call to replay are added to it."""
+        ids = self.closed_ids.get(trace_id)
+        if ids is not None:
+            ids.update(dict.fromkeys([s.span_id for s in spans], root))
+        self.late_spans += len(spans)
+        calls = [s for s in spans if s.library is not None]
+        if calls:
+            self.emit(TraceBatch(trace_id, spans=calls, late=True, late_root=root))
+
+    @staticmethod
+    def _routes(batch: TraceBatch, known: dict[str, str | None]) -> dict[str, Route]:
+        """Where each span of ``batch`` goes, following parent links: under a local root of
+        the batch (``_NEW``, its id), under a span in ``known`` (``_LATE``, the root span id
+        that span maps to), or, its chain broken by a parent not received, nowhere yet
+        (``_WAIT``, the id of the span at the top of its chain)."""
+        by_id = {s.span_id: s for s in batch.spans}
+        routes: dict[str, Route] = {r.span_id: (_NEW, r.span_id) for r, _ in batch.roots()}
+        limit = len(by_id)
+        for span in batch.spans:
+            path: list[str] = []
+            cur = span
+            while True:
+                route = routes.get(cur.span_id)
+                if route is not None:
+                    break
+                path.append(cur.span_id)
+                parent = cur.parent_id
+                if parent is None or cur.remote_parent:  # (a root kept out past the limit)
+                    route = (_WAIT, cur.span_id)
+                    break
+                if parent in known:
+                    route = (_LATE, known[parent])
+                    break
+                nxt = by_id.get(parent)
+                if nxt is None or len(path) > limit:  # not received (or a loop of parents)
+                    route = (_WAIT, cur.span_id)
+                    break
+                cur = nxt
+            for sid in path:
+                routes[sid] = route
+        return routes
 
     def _to_process(self, span: SpanRecord) -> None:
         if span.span_id in self.process.ids:
@@ -145,30 +258,120 @@ class TraceAssembler:
 
     def _evict(self) -> None:
         while len(self.open) > self.max_open_traces:
-            trace_id, _ = self.open.popitem(last=False)
-            self.mark_dropped(trace_id)
+            trace_id, batch = self.open.popitem(last=False)
+            if batch.root is not None:
+                self.mark_dropped(trace_id)
+            # Spans of a written trace that waited for a parent are written, not dropped: into
+            # a cassette of the trace, or (its cassettes no longer known) one of their own.
+            elif not self._settle(batch):
+                if trace_id in self.closed:
+                    self._write_rootless(batch)
+                else:
+                    self.mark_dropped(trace_id)
 
     def _close(self, batch: TraceBatch) -> None:
+        """Write the cassettes of ``batch``'s local roots. In-process (``quiet_ns == 0``) its
+        one root takes every span; otherwise each root takes the spans below it, spans below
+        a span of a written cassette go to that cassette, and those whose parent has not come
+        stay open, waiting."""
         self.open.pop(batch.trace_id, None)
-        self.closed[batch.trace_id] = None
+        root = batch.root
+        assert root is not None
+        if self.quiet_ns == 0 or (batch.more_roots is None and all(
+                s.parent_id in batch.ids or s is root for s in batch.spans)):
+            # (in-process, or one root and every other span's parent at hand: all of them)
+            self._remember(batch.trace_id, batch.ids, root)
+            if batch.trace_id in self.dropped:
+                batch.complete = False
+            self.emit(batch)
+            return
+        known = self.closed_ids.get(batch.trace_id) or {}
+        routes = self._routes(batch, known)
+        roots = batch.roots()
+        groups: dict[str, list[SpanRecord]] = {r.span_id: [] for r, _ in roots}
+        late: dict[str | None, list[SpanRecord]] = {}
+        waiting: list[SpanRecord] = []
+        for span in batch.spans:
+            kind, where = routes[span.span_id]
+            if kind == _NEW:
+                groups[where].append(span)
+            elif kind == _LATE:
+                late.setdefault(where, []).append(span)
+            else:
+                waiting.append(span)
+        for root, resource in roots:
+            spans = groups[root.span_id]
+            out = TraceBatch(batch.trace_id, spans=spans, root=root, complete=batch.complete,
+                             last_ns=batch.last_ns,
+                             resource=resource if resource is not None else batch.resource,
+                             ids={s.span_id for s in spans})
+            self._remember(batch.trace_id, out.ids, root)
+            if batch.trace_id in self.dropped:
+                out.complete = False
+            self.emit(out)
+        for where, spans in late.items():
+            self._add_late(batch.trace_id, where, spans)
+        if waiting:  # open again, with its time: it waits orphan_wait_ns from its last span
+            self.open[batch.trace_id] = TraceBatch(
+                batch.trace_id, waiting, complete=batch.complete, last_ns=batch.last_ns,
+                resource=batch.resource, ids={s.span_id for s in waiting})
+
+    def _remember(self, trace_id: str, ids: set[str], root: SpanRecord | None) -> None:
+        """Keep the ids of a cassette's spans, for late spans and deliveries again."""
+        self.closed[trace_id] = None
         while len(self.closed) > 10 * self.max_open_traces:
             self.closed.popitem(last=False)
-        ids = self.closed_ids.pop(batch.trace_id, None) or {}
-        root = batch.root.span_id if batch.root is not None else None
-        ids.update(dict.fromkeys(batch.ids, root))
-        self.closed_ids[batch.trace_id] = ids  # (the latest again)
+        known = self.closed_ids.pop(trace_id, None) or {}
+        root_id = root.span_id if root is not None else None
+        known.update(dict.fromkeys(ids, root_id))
+        self.closed_ids[trace_id] = known  # (the latest again)
+        if root is not None and self.quiet_ns:  # (in-process, a root ends after its spans)
+            self.closed_roots.setdefault(trace_id, {})[root.span_id] = (root.start_ns, root.end_ns)
         while len(self.closed_ids) > self.max_open_traces:
-            self.closed_ids.popitem(last=False)
-        if batch.trace_id in self.dropped:
-            batch.complete = False
-        self.emit(batch)
+            old, _ = self.closed_ids.popitem(last=False)
+            self.closed_roots.pop(old, None)
+
+    def _settle(self, batch: TraceBatch) -> bool:
+        """Spans of a written trace whose parent never came (``batch``, rootless): added to
+        a cassette of the trace, each chain to the one whose root's time holds the start of
+        its top span (the innermost), else to the latest that started before it, else to the
+        first (in-process, where roots' times are not kept, to one of them). False, with
+        nothing done, when no cassette of the trace is known."""
+        known = self.closed_ids.get(batch.trace_id)
+        if not known or batch.root is not None:
+            return False
+        roots = self.closed_roots.get(batch.trace_id) or {
+            rid: (0, 0) for rid in set(known.values()) if rid is not None}
+        if not roots:
+            return False
+        self.open.pop(batch.trace_id, None)
+        by_id = {s.span_id: s for s in batch.spans}
+        groups: dict[str | None, list[SpanRecord]] = {}
+        routes = self._routes(batch, known)
+        for span in batch.spans:
+            kind, where = routes[span.span_id]
+            if kind == _WAIT:
+                top = by_id[where]
+                where = _home(roots, top.start_ns)
+                self.orphan_spans += 1
+            groups.setdefault(where, []).append(span)
+        for where, spans in groups.items():
+            self._add_late(batch.trace_id, where, spans)
+        log.info("timetracer-otel: %d span(s) of trace %s came without their parent; added to "
+                 "its cassette(s)", len(batch.spans), batch.trace_id)
+        return True
 
     def flush_idle(self) -> None:
-        """Close rooted traces that have been quiet for ``quiet_ns``."""
+        """Close traces with a local root that have been quiet for ``quiet_ns``; add the spans
+        of written traces that waited ``orphan_wait_ns`` for a parent to their cassettes."""
         now = time.monotonic_ns()
         for batch in list(self.open.values()):
-            if batch.root is not None and now - batch.last_ns >= self.quiet_ns:
-                self._close(batch)
+            quiet = now - batch.last_ns
+            if batch.root is not None:
+                if quiet >= self.quiet_ns:
+                    self._close(batch)
+            elif quiet >= self.orphan_wait_ns:
+                self._settle(batch)
 
     def flush_process(self) -> None:
         if self.process.spans:
@@ -176,9 +379,32 @@ class TraceAssembler:
             self.emit(batch)
 
     def close_all(self) -> None:
-        """Shutdown: every open trace (rooted or not) and the process batch."""
+        """Shutdown: every open trace (rooted or not) and the process batch. Spans still
+        waiting for a parent go to a cassette of their trace, or (none) make one of their
+        own that says ``complete: false``."""
         for batch in list(self.open.values()):
-            if batch.root is None:
-                batch.complete = False
-            self._close(batch)
+            if batch.root is not None:
+                self._close(batch)
+        for batch in list(self.open.values()):
+            if not self._settle(batch):
+                self._write_rootless(batch)
         self.flush_process()
+
+    def _write_rootless(self, batch: TraceBatch) -> None:
+        """A cassette of spans whose root never came, which says ``complete: false``."""
+        self.open.pop(batch.trace_id, None)
+        self._remember(batch.trace_id, batch.ids, None)
+        batch.complete = False
+        self.emit(batch)
+
+
+def _home(roots: dict[str, tuple[int, int]], start: int) -> str:
+    """The root (of ``roots``: id -> (start, end)) a span starting at ``start`` most likely
+    ran under."""
+    holding = [(s, rid) for rid, (s, e) in roots.items() if s <= start <= e]
+    if holding:
+        return max(holding)[1]
+    before = [(s, rid) for rid, (s, _) in roots.items() if s <= start]
+    if before:
+        return max(before)[1]
+    return min((s, rid) for rid, (s, _) in roots.items())[1]

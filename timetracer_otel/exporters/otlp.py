@@ -7,7 +7,8 @@ recording writes.
 through :func:`~timetracer_otel.exporters.spans.record_from_attributes` (the in-process
 exporter's own function) and go to a :class:`CassetteWriter` in ``via="collector"`` mode:
 spans of one trace may arrive in several requests and in any order, and a trace is written
-once its root has arrived and no span of it came for the quiet period (or at shutdown).
+once its root has arrived and no span of it came for the quiet period (or at shutdown), one
+cassette per local root (see :mod:`~timetracer_otel.exporters.assembler`).
 
 Limits keep memory bounded: the body size is checked against ``Content-Length`` before a byte
 is read, gzip is cut off at a decompressed-size limit, a fixed number of requests are parsed
@@ -662,6 +663,8 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
         f"timetracer-otel: received {intake.spans} spans in {intake.requests} requests "
         f"({intake.rejected_requests} refused); wrote {stats['written']} cassette(s), "
         f"dropped {stats['dropped_spans']} span(s)"
+        + (f"; {orphans} span(s) whose parent never came were added to their trace's cassette"
+           if (orphans := writer.assembler.orphan_spans) else "")
         + (f"; {stats['unwritten']} cassette(s) could not be written, their spans are lost"
            if stats["unwritten"] else "") + "\n"
     )
