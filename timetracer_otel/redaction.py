@@ -32,10 +32,10 @@ import secrets
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -147,6 +147,89 @@ def _anchors(names: Iterable[bytes], shortest: int = 4) -> tuple[bytes, ...]:
         out.append(best)
         left = {name for name in left if best not in name}
     return tuple(out)
+
+
+# Learning a secret compiles nothing: it joins _Known.recent, searched for one by one, until
+# there are enough of them (a quarter of the compiled ones, at least _RECENT_MIN) or searching
+# for them has cost about what compiling would (_RENT plain scans per secret; see
+# Redactor._fresh). Compiling the alternation costs about 40 us per secret (str and bytes), so
+# a recording that learns a secret on every request (a bearer token each) must not compile
+# all of them again on every request: that made recording quadratic in the secrets learned.
+_RECENT_MIN = 16
+_RENT = 64
+
+
+class _Known:
+    """What a scrub looks for: ``text`` and ``data`` are one alternation (longest first) of the
+    secrets that were seen when it was built (``compiled``), for str and for bytes; ``recent``
+    (and ``recent_data``, UTF-8) those learned since, not yet compiled; ``stale`` how many
+    compiled secrets were forgotten since (evicted: a match of one is not a secret any more).
+    ``clean_text`` and ``clean_data`` are the patterns when they are all there is to it."""
+
+    __slots__ = ("clean_data", "clean_text", "compiled", "data", "dirty", "recent",
+                 "recent_data", "stale", "text")
+
+    def __init__(self, text: re.Pattern[str] | None, data: re.Pattern[bytes] | None,
+                 compiled: frozenset[str], recent: tuple[str, ...] = (),
+                 recent_data: tuple[bytes, ...] = (), stale: int = 0) -> None:
+        self.text, self.data, self.compiled = text, data, compiled
+        self.recent, self.recent_data, self.stale = recent, recent_data, stale
+        self.dirty = bool(recent or stale or text is None)
+        self.clean_text = None if self.dirty else text
+        self.clean_data = None if self.dirty else data
+
+
+def _union_spans(data: AnyStr, pattern: re.Pattern[AnyStr] | None, recent: tuple[AnyStr, ...],
+                 current: Callable[[AnyStr], bool]) -> list[tuple[int, int]]:
+    """Where one longest-first alternation of the current secrets would match in ``data``
+    (leftmost first, the longest there, not overlapping), found with ``pattern`` (some of
+    whose secrets may not be current any more: ``current`` tells) and plain searches for the
+    ``recent`` ones."""
+
+    def compiled_from(pos: int) -> tuple[int, int] | None:
+        if pattern is None:
+            return None
+        m = pattern.search(data, pos)
+        while m is not None:
+            start = m.start()
+            here: re.Match[AnyStr] | None = m
+            while here is not None and not current(here[0]):  # forgotten: a shorter one here?
+                here = pattern.match(data, start, here.end() - 1)
+            if here is not None:
+                return here.span()
+            m = pattern.search(data, start + 1)
+        return None
+
+    def recent_from(pos: int) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        for secret in recent:
+            i = data.find(secret, pos)
+            if i >= 0 and (best is None or i < best[0] or (i == best[0] and i + len(secret) > best[1])):
+                best = (i, i + len(secret))
+        return best
+
+    spans: list[tuple[int, int]] = []
+    a, b = compiled_from(0), recent_from(0)
+    while a is not None or b is not None:
+        pick = a if b is None or (a is not None and (a[0], -a[1]) <= (b[0], -b[1])) else b
+        assert pick is not None
+        spans.append(pick)
+        if a is not None and a[0] < pick[1]:
+            a = compiled_from(pick[1])
+        if b is not None and b[0] < pick[1]:
+            b = recent_from(pick[1])
+    return spans
+
+
+def _replaced(data: AnyStr, spans: list[tuple[int, int]], repl: Callable[[AnyStr], AnyStr]) -> AnyStr:
+    parts: list[AnyStr] = []
+    last = 0
+    for start, end in spans:
+        parts.append(data[last:start])
+        parts.append(repl(data[start:end]))
+        last = end
+    parts.append(data[last:])
+    return data[:0].join(parts)
 
 
 class _NameSet:
@@ -318,7 +401,8 @@ class Redactor:
         self._seen: OrderedDict[str, str] = OrderedDict()
         # Moves on whenever a secret is learned: a result computed before is stale then.
         self.generation = 0
-        self._scrub_patterns: tuple[re.Pattern[str], re.Pattern[bytes]] | None = None
+        self._known: _Known | None = None  # None: no secret seen yet
+        self._rent = 0  # plain searches for recent secrets since the last compile (see _fresh)
         self._url_memo: dict[str, str] = {}
         self._header_rows: dict[frozenset[bytes], dict[tuple[bytes, bytes, bytes], tuple[str, str]]] = {}
         # What a JSON body is scanned for before it is parsed: substrings that every configured
@@ -364,11 +448,32 @@ class Redactor:
         if not _looks_secret(value, sure) or value in self._seen:
             return
         with self._lock:
-            self._seen[value] = tok
-            while len(self._seen) > _SEEN_LIMIT:
-                self._seen.popitem(last=False)
-            self._scrub_patterns = None
-            self.generation += 1
+            self._add_seen(value, tok)
+
+    def _add_seen(self, value: str, tok: str) -> None:
+        """Remember ``value`` (the lock held): it joins the recent secrets, which a scrub
+        searches for one by one until the next compile; nothing is compiled here."""
+        if not value or value in self._seen:
+            return
+        self._seen[value] = tok
+        known = self._known
+        recent: tuple[str, ...]
+        recent_data: tuple[bytes, ...]
+        if known is None:
+            compiled: frozenset[str] = frozenset()
+            recent, recent_data, stale, text, data = (value,), (value.encode(),), 0, None, None
+        else:
+            compiled, stale, text, data = known.compiled, known.stale, known.text, known.data
+            recent, recent_data = (*known.recent, value), (*known.recent_data, value.encode())
+        while len(self._seen) > _SEEN_LIMIT:
+            old, _ = self._seen.popitem(last=False)
+            if old in compiled:
+                stale += 1
+            if old in recent:
+                i = recent.index(old)
+                recent, recent_data = recent[:i] + recent[i + 1:], recent_data[:i] + recent_data[i + 1:]
+        self._known = _Known(text, data, compiled, recent, recent_data, stale)
+        self.generation += 1
 
     # --- handing the redactor to the cassette writer's process --------------------------------
 
@@ -377,7 +482,7 @@ class Redactor:
         state = dict(self.__dict__)
         with self._lock:
             state["_seen"] = OrderedDict(self._seen)
-        for name in ("_lock", "_url_memo", "_header_rows", "_scrub_patterns"):
+        for name in ("_lock", "_url_memo", "_header_rows", "_known", "_rent"):
             del state[name]
         return state
 
@@ -386,7 +491,9 @@ class Redactor:
         self._lock = threading.Lock()
         self._url_memo = {}
         self._header_rows = {}
-        self._scrub_patterns = None
+        self._rent = 0
+        self._known = _Known(None, None, frozenset(), tuple(self._seen),
+                             tuple(v.encode() for v in self._seen)) if self._seen else None
 
     def learned_since(self, generation: int) -> tuple[int, list[tuple[str, str]]]:
         """The secrets learned after ``generation`` (oldest first, as ``(value, token)``) and
@@ -400,13 +507,7 @@ class Redactor:
         """Take secrets another copy of this redactor learned (see :meth:`learned_since`)."""
         with self._lock:
             for value, tok in pairs:
-                if value in self._seen:
-                    continue
-                self._seen[value] = tok
-                while len(self._seen) > _SEEN_LIMIT:
-                    self._seen.popitem(last=False)
-                self._scrub_patterns = None
-                self.generation += 1
+                self._add_seen(value, tok)
 
     def _any_token(self, value: Any) -> str:
         if isinstance(value, str | bytes):
@@ -714,8 +815,7 @@ class Redactor:
                     return True
         elif b"password" in low:
             return True
-        pattern = self._bytes_pattern()
-        return pattern is not None and pattern.search(raw) is not None
+        return self.seen_in(raw)
 
     def response(self, tree: Any) -> Any:
         """A stored HTTP-like response (``headers`` plus ``body`` or ``chunks``) with its body
@@ -801,8 +901,7 @@ class Redactor:
             return True
         if b"://" in raw or b"password" in raw.lower():
             return True
-        pattern = self._bytes_pattern()
-        return pattern is not None and pattern.search(raw) is not None
+        return self.seen_in(raw)
 
     def text(self, text: str) -> str:
         """Free text (an error message, a log line) with secrets replaced."""
@@ -816,28 +915,23 @@ class Redactor:
                 )
         if "password" in text.lower():
             text = _KV_PASSWORD.sub(lambda m: m["pre"] + self.token(m["pw"].strip("'")), text)
-        pattern = self._pattern()
-        if pattern is not None:
-            text = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
-        return text
+        return self._seen_replaced(text)
 
     def _after_url(self, text: str) -> str:
         # url() already tokenized userinfo and secret query parameters; what text() would add
         # is only a key=value password or a secret seen elsewhere.
         if "password" in text.lower():
             text = _KV_PASSWORD.sub(lambda m: m["pre"] + self.token(m["pw"].strip("'")), text)
-        pattern = self._pattern()
-        return pattern.sub(lambda m: self._seen.get(m[0], m[0]), text) if pattern is not None else text
+        return self._seen_replaced(text)
 
     def scrub_bytes(self, data: bytes) -> bytes:
-        pattern = self._pattern()
-        if pattern is None or not data:
+        if self._known is None or not data:
             return data
         try:
             text = data.decode()
         except UnicodeDecodeError:
             return self._scrub_binary(data)
-        new = pattern.sub(lambda m: self._seen.get(m[0], m[0]), text)
+        new = self._seen_replaced(text)
         return data if new == text else new.encode()
 
     def _scrub_binary(self, data: bytes) -> bytes:
@@ -845,35 +939,88 @@ class Redactor:
         secret replaced by ``redacted:***...`` cut or padded to the secret's own length, so a
         length-prefixed format still parses. Not the token: keys see bytes as base64, where
         tokens cannot be folded, and a keyed hash would differ in every process."""
-        pattern = self._bytes_pattern()
-        if pattern is None:
+        known = self._known
+        if known is not None and known.dirty:
+            known = self._fresh(known, len(data))
+        if known is None:
             return data
-        return pattern.sub(lambda m: (_MASK + b"*" * len(m[0]))[:len(m[0])], data)
+        if known.clean_data is not None:
+            return known.clean_data.sub(lambda m: (_MASK + b"*" * len(m[0]))[:len(m[0])], data)
+        seen = self._seen
+        spans = _union_spans(data, known.data, known.recent_data, lambda v: v.decode() in seen)
+        return _replaced(data, spans, lambda v: (_MASK + b"*" * len(v))[:len(v)]) if spans else data
 
-    def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[bytes]] | None:
-        """The seen secrets as one alternation (longest first), for text and for bytes;
-        rebuilt when a new secret is remembered."""
-        if not self._seen:
-            return None
-        patterns = self._scrub_patterns
-        if patterns is None:
-            with self._lock:
-                alternation = "|".join(map(re.escape, sorted(self._seen, key=len, reverse=True)))
-                patterns = self._scrub_patterns = (re.compile(alternation),
-                                                   re.compile(alternation.encode()))
-        return patterns
+    def _seen_replaced(self, text: str) -> str:
+        """``text`` with every seen secret replaced by its token."""
+        known = self._known
+        if known is None:
+            return text
+        if known.clean_text is not None:  # the common case: one alternation of them all
+            return known.clean_text.sub(lambda m: self._seen.get(m[0], m[0]), text)
+        known = self._fresh(known, len(text))
+        if known is None:
+            return text
+        seen = self._seen
+        if known.clean_text is not None:
+            return known.clean_text.sub(lambda m: seen.get(m[0], m[0]), text)
+        spans = _union_spans(text, known.text, known.recent, seen.__contains__)
+        return _replaced(text, spans, lambda v: seen.get(v, v)) if spans else text
 
-    def _pattern(self) -> re.Pattern[str] | None:
-        patterns = self._patterns()
-        return patterns[0] if patterns is not None else None
+    def seen_in(self, data: bytes) -> bool:
+        """Whether a secret seen so far may occur in ``data`` (False before the first): never
+        wrong when it says no; a secret forgotten since (see ``_SEEN_LIMIT``) may say yes."""
+        known = self._known
+        if known is None:
+            return False
+        pattern = known.clean_data
+        if pattern is None:
+            known = self._fresh(known, len(data))
+            if known is None:
+                return False
+            pattern = known.data
+            for secret in known.recent_data:
+                if secret in data:
+                    return True
+        return pattern is not None and pattern.search(data) is not None
 
-    def _bytes_pattern(self) -> re.Pattern[bytes] | None:
-        patterns = self._patterns()
-        return patterns[1] if patterns is not None else None
+    def _fresh(self, known: _Known, size: int) -> _Known | None:
+        """``known`` (not clean) for a scan of ``size`` characters, or a fresh compile of every
+        secret seen when the recent ones are many (a quarter of the compiled ones) or their
+        plain searches have cost about a compile already (ski rental: a compile of n secrets
+        costs about as much as _RENT times n plain searches of a short payload). So compiling
+        costs O(1) per secret learned or plain search made, amortized, and a recording that
+        stops learning is back to one alternation (the fast path) after a few hundred scans."""
+        recent = len(known.recent)
+        rent = self._rent = self._rent + recent * (1 + size // 512) + 1
+        compiled = len(known.compiled)
+        if recent >= max(_RECENT_MIN, compiled // 4) or rent >= _RENT * (compiled + recent + 1):
+            return self._rebuild(known)
+        return known
+
+    def _rebuild(self, known: _Known | None) -> _Known | None:
+        """Compile every secret seen into one alternation, longest first (unless ``known`` was
+        replaced meanwhile: the newer one is returned; None: compile anyway)."""
+        with self._lock:
+            if known is not None and self._known is not known:
+                return self._known
+            self._rent = 0
+            if not self._seen:
+                self._known = None
+                return None
+            alternation = "|".join(map(re.escape, sorted(self._seen, key=len, reverse=True)))
+            new = self._known = _Known(re.compile(alternation), re.compile(alternation.encode()),
+                                       frozenset(self._seen))
+            return new
 
     def seen_pattern(self) -> re.Pattern[bytes] | None:
-        """Every secret seen so far, as one pattern over bytes (None before the first)."""
-        return self._bytes_pattern()
+        """Every secret seen so far, as one pattern over bytes (None before the first).
+        Compiles them if some are new: to test bytes for them, :meth:`seen_in` costs less."""
+        known = self._known
+        if known is None:
+            return None
+        if known.clean_data is None:
+            known = self._rebuild(None)
+        return known.clean_data if known is not None else None
 
     # --- SQL --------------------------------------------------------------------------------
 
