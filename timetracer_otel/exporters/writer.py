@@ -171,8 +171,7 @@ def rescrubbed(cassette: Cassette) -> Cassette:
     (a replay makes them the same way). One scan of each payload's bytes when nothing is
     left to scrub."""
     r = STATE.redactor
-    pattern = r.seen_pattern()
-    if pattern is None:
+    if r.generation == 0:  # no secret learned yet
         return cassette
     spans = cassette.spans
     for i, span in enumerate(spans):
@@ -183,13 +182,13 @@ def rescrubbed(cassette: Cassette) -> Cassette:
             value = getattr(span, name)
             if type(value) is msgspec.Raw:
                 raw = bytes(value)
-                if raw and pattern.search(raw):
+                if raw and r.seen_in(raw):
                     fields[name] = msgspec.Raw(_encode_frame(r.scrub(msgspec.msgpack.decode(raw))))
             elif value is not None:
                 scrubbed = r.scrub(value)
                 if scrubbed is not value:
                     fields[name] = scrubbed
-        if span.label and pattern.search(span.label.encode()):
+        if span.label and r.seen_in(span.label.encode()):
             fields["label"] = r.text(span.label)
         if fields:
             if spans is cassette.spans:
