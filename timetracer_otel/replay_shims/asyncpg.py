@@ -11,11 +11,21 @@ oids, the status string and the transaction status after the call. Replay rebuil
 Replay also needs connections without a server: ``connect_utils._connect_addr`` (used by
 ``asyncpg.connect`` and pools alike) returns a real ``Connection`` over :class:`_ReplayProtocol`,
 which opens no socket; ``prepare``, cursors and ``set_type_codec`` are answered without it.
+
+A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
+a real connection opened then, at the first such miss, with the arguments the app gave to
+``connect`` (each pooled connection gets its own); later misses reuse it, closing the app's
+connection closes it, and the codecs the app set are set on it too. Inside a replayed
+transaction it begins one, committed or rolled back with the replayed COMMIT/ROLLBACK. Other
+replayed session state (``SET``, savepoints, temporary tables, prepared statements by name) is
+not on it. A server-side cursor's miss, or one whose connection cannot be opened, fails as
+before ("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +37,7 @@ from asyncpg.pgproto import pgproto
 from asyncpg.protocol.protocol import _create_record
 from asyncpg.protocol.record import RecordDescriptor
 from asyncpg.types import Attribute, Type
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from timetracer_otel.codec import (
     Tree,
@@ -64,6 +75,7 @@ _SERVER_PARAMS = (
     "session_authorization", "application_name", "default_transaction_read_only",
     "in_hot_standby",
 )
+log = logging.getLogger("timetracer_otel")
 _UNSUPPORTED = (
     "asyncpg {what} is not supported in replay; keep asyncpg live for this code with "
     "TIMETRACER_LIVE_PLUGINS=asyncpg (or on_miss='passthrough')."
@@ -100,7 +112,8 @@ class _ReplayProtocol:
     """Stands in for asyncpg's Cython protocol on a replayed connection: it opens no socket,
     and its transaction status follows the recorded calls."""
 
-    def __init__(self, server: Tree, record_class: type[Any]) -> None:
+    def __init__(self, server: Tree, record_class: type[Any],
+                 connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.settings = _ReplaySettings(server["params"])
         self.record_class = record_class
         self.backend_pid = server["pid"]
@@ -108,6 +121,12 @@ class _ReplayProtocol:
         self.xact = False
         self.connected = True
         self.queries_count = 0
+        # The real connection a miss goes live on (see _live_connection): how to open it, the
+        # codec calls to repeat on it, it once open, and why it could not be opened.
+        self.connect = connect
+        self.codecs: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+        self.live: Any = None
+        self.live_error: BaseException | None = None
 
     def get_settings(self) -> _ReplaySettings:
         return self.settings
@@ -139,9 +158,15 @@ class _ReplayProtocol:
 
     async def close(self, timeout: float | None = None) -> None:
         self.connected = False
+        live, self.live = self.live, None
+        if live is not None:
+            await live.close(timeout=timeout)
 
     def abort(self) -> None:
         self.connected = False
+        live, self.live = self.live, None
+        if live is not None:
+            live.terminate()
 
     def __getattr__(self, name: str) -> Any:
         # Protocol operations no shim answers (COPY, LISTEN payloads...) fail clearly.
@@ -208,10 +233,14 @@ def _connect_addr(original: Any) -> Any:
             return await original(**kwargs)
         params = kwargs["params"]
         call = _connect_call(params)
+
+        def connect() -> Awaitable[Any]:  # the real connection, for a miss that goes live
+            return original(**{**kwargs, "connection_class": Connection})  # type: ignore[no-any-return]
+
         if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
             match = STATE.index.take(call) if STATE.index is not None else None
             if match is None and params.database in _servers:
-                return _replay_connection(kwargs, _servers[params.database])
+                return _replay_connection(kwargs, _servers[params.database], connect)
             action: Match | Any = match or decide(call)
         else:
             action = decide(call)
@@ -219,7 +248,7 @@ def _connect_addr(original: Any) -> Any:
             if action.span.error is not None:
                 raise rebuild_error(action.span.error, _build_error)
             _servers[params.database] = action.span.response
-            return _replay_connection(kwargs, action.span.response)
+            return _replay_connection(kwargs, action.span.response, connect)
         if action is LIVE:
             return await original(**kwargs)
         with capture(call, SCOPE) as cap:
@@ -234,8 +263,9 @@ def _connect_addr(original: Any) -> Any:
     return connect_addr
 
 
-def _replay_connection(kwargs: dict[str, Any], server: Tree) -> Any:
-    proto = _ReplayProtocol(server, kwargs["record_class"])
+def _replay_connection(kwargs: dict[str, Any], server: Tree,
+                       connect: Callable[[], Awaitable[Any]]) -> Any:
+    proto = _ReplayProtocol(server, kwargs["record_class"], connect)
     conn = kwargs["connection_class"](
         proto, None, kwargs["loop"], kwargs["addr"], kwargs["config"], kwargs["params"]
     )
@@ -443,36 +473,93 @@ def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
     return None
 
 
+async def _live_connection(conn: Any, call: Call) -> Any:
+    """The real connection a miss on the replayed ``conn`` goes live on, opened at the first
+    such miss with the app's connect arguments; :func:`stranded` when it cannot be opened.
+    Inside a replayed transaction, it is in one too."""
+    proto = conn._protocol
+    live = proto.live
+    if live is None:
+        if proto.connect is None or proto.live_error is not None:
+            raise stranded(call) from proto.live_error
+        try:
+            with suppress_instrumentation():  # timetracer's and OTel's: not the app's own calls
+                live = await proto.connect()
+                for method, args, kwargs in proto.codecs:
+                    await method(live, *args, **kwargs)
+        except Exception as exc:
+            proto.live_error = exc
+            if live is not None:
+                live.terminate()
+            raise stranded(call) from exc
+        proto.live = live
+        log.info("asyncpg: %s had no recording; opened a real connection for it (replayed "
+                 "session state such as SET is not on it)", call.label)
+    if proto.xact and not live.is_in_transaction():
+        with suppress_instrumentation():
+            await live.execute("BEGIN")
+    return live
+
+
+async def _end_live_transaction(proto: _ReplayProtocol, match: Match) -> None:
+    """A replayed COMMIT/ROLLBACK ended the transaction the real connection mirrors: end it."""
+    live = proto.live
+    if live is None or proto.xact or not live.is_in_transaction():
+        return
+    status = str((match.span.response or {}).get("status") or "")
+    with suppress_instrumentation():
+        await live.execute("ROLLBACK" if status.upper().startswith("ROLLBACK") else "COMMIT")
+
+
 async def _run(
     call: Call,
     kind: str,
     conn: Any,
     query: str,
     record_class: Any,
-    invoke: Callable[[], Awaitable[Any]],
+    invoke: Callable[[Any], Awaitable[Any]] | None,
     on_replay: Callable[[Match], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
-    """One query: replay it, call it live, or call it and record its result."""
+    """One query: replay it, call it live, or call it and record its result. ``invoke(c)``
+    makes the call on connection ``c``: the app's, or for a miss on a replayed connection the
+    real one behind it (None where a miss cannot go live there)."""
     action = decide(call)
     if isinstance(action, Match):
         if on_replay is not None:
             on_replay(action)
-        return _replayed(action, kind, conn, record_class)
-    if _is_replay_conn(conn):  # a miss under on_miss=passthrough/record: there is no server
-        raise stranded(call)
+        proto = conn._protocol
+        try:
+            return _replayed(action, kind, conn, record_class)
+        finally:
+            if isinstance(proto, _ReplayProtocol) and proto.live is not None:
+                await _end_live_transaction(proto, action)
+    target = conn
+    if _is_replay_conn(conn):  # a miss under on_miss=passthrough/record
+        if invoke is None:
+            raise stranded(call)
+        target = await _live_connection(conn, call)
+
+    async def run() -> Any:
+        assert invoke is not None
+        if target is conn:
+            return await invoke(conn)
+        with suppress_instrumentation():  # what the call does inside is not the app's own
+            return await invoke(target)
+
     if action is LIVE:
-        return await invoke()
+        return await run()
     with _recording(call) as cap:  # left to the writer where it can be (base.Deferrable)
         try:
-            out = await invoke()
+            out = await run()
         except StopAsyncIteration:
             cap.ok({"tx": conn._protocol.is_in_transaction(), "stop": True})
             raise
         except Exception as exc:
             cap.fail(exc, _error_attrs(exc, conn))
             raise
-        tree = _result_tree(kind, out, conn, query, record_class)
+        tree = _result_tree(kind, out, target, query, record_class)
+        tree["tx"] = conn._protocol.is_in_transaction()
         if on_record is not None:
             on_record(tree)
         cap.ok(tree)
@@ -513,7 +600,7 @@ def _connection_method(op: str) -> Callable[[Any], Any]:
             if STATE.mode is Mode.REPLAY and _is_replay_conn(self):
                 self._check_open()
             return await _run(call, kind, self, query, kwargs.get("record_class"),
-                              lambda: original(self, query, *args, **kwargs))
+                              lambda c: original(c, query, *args, **kwargs))
 
         method.__name__ = op
         return method
@@ -521,7 +608,13 @@ def _connection_method(op: str) -> Callable[[Any], Any]:
     return make
 
 
+# Connection._prepare beneath the shim, for statements a miss prepares on a real connection.
+_PREPARE: list[Any] = []
+
+
 def _prepare(original: Any) -> Any:
+    _PREPARE[:] = [original]
+
     async def _prepare(self: Connection, query: str, **kwargs: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, query, **kwargs)
@@ -536,11 +629,22 @@ def _prepare(original: Any) -> Any:
             state = _ReplayState(query, name if isinstance(name, str) else
                                  self._get_unique_id("stmt"), record_class, action.span.response)
             return prepared_stmt.PreparedStatement(self, query, state)
+        target = self
+        if _is_replay_conn(self):  # a miss going live: on the real connection behind it
+            self._check_open()
+            target = await _live_connection(self, call)
+
+        async def prepare() -> Any:
+            if target is self:
+                return await original(self, query, **kwargs)
+            with suppress_instrumentation():
+                return await original(target, query, **kwargs)
+
         if action is LIVE:
-            return await original(self, query, **kwargs)
+            return await prepare()
         with _recording(call) as cap:
             try:
-                stmt = await original(self, query, **kwargs)
+                stmt = await prepare()
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc, self))
                 raise
@@ -557,6 +661,11 @@ def _codec_method(original: Any) -> Any:
     async def method(self: Connection, *args: Any, **kwargs: Any) -> Any:
         if _is_replay_conn(self):
             self._check_open()  # values replay already decoded: no codec to register
+            proto = self._protocol
+            proto.codecs.append((original, args, kwargs))  # but a real connection needs it
+            if proto.live is not None:
+                with suppress_instrumentation():
+                    await original(proto.live, *args, **kwargs)
             return None
         return await original(self, *args, **kwargs)
 
@@ -620,8 +729,19 @@ async def _statement_call(
         if "rows" in tree:
             tree["oids"] = _stmt_oids(stmt._state)
 
+    async def invoke(target: Any) -> Any:
+        if target is conn:
+            return await original(stmt, *args, **kwargs)
+        # A statement replay prepared, missing now: prepared on the real connection.
+        live = await _PREPARE[0](target, stmt._query, use_cache=True,
+                                 record_class=stmt._state.record_class)
+        try:
+            return await original(live, *args, **kwargs)
+        finally:
+            stmt._last_status = live._last_status
+
     return await _run(call, kind, conn, stmt._query, stmt._state.record_class,
-                      lambda: original(stmt, *args, **kwargs), set_status, add_status)
+                      invoke, set_status, add_status)
 
 
 # --- cursors ----------------------------------------------------------------------------------
@@ -676,8 +796,10 @@ async def _cursor_call(
                     operation=op, extra=extra)
     if STATE.mode is Mode.REPLAY and _is_replay_conn(conn):
         cur._check_conn_validity(op)
+    # A cursor's portal lives in its transaction: a miss on a replayed one cannot go live.
+    replayed = _is_replay_conn(conn)
     return await _run(call, kind, conn, cur._query, cur._record_class,
-                      lambda: original(cur, *args, **kwargs))
+                      None if replayed else lambda c: original(cur, *args, **kwargs))
 
 
 # --- the shim ---------------------------------------------------------------------------------

@@ -15,6 +15,20 @@ builds errors with ``psycopg.errors.error_from_result`` (same class, sqlstate an
 
 In replay a connection wraps a never-connected libpq PGconn (its libpq side only serves
 escaping) that reports the recorded session; any real I/O on it raises ReplayUnsupportedError.
+
+A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
+a real connection opened then, at the first such miss, from the connection parameters the app
+gave (host, port, password...: the app's, not the cassette's); later misses reuse it, and
+closing the app's connection closes it. The query runs there in a plain cursor of the same
+kind (client-side binding, raw placeholders) with the app cursor's adapters; its PGresults are
+handed to the app's cursor, whose own loaders build the rows, so values have their live types.
+The real connection is a blocking one, for async connections too (the cursor generators it
+runs in cannot await): an async app's miss blocks its event loop while it runs. Inside a
+transaction of the app's connection it begins one, ended by the app's commit()/rollback() (or
+a replayed COMMIT/ROLLBACK); an error there puts the app's connection in the failed
+transaction state. Other replayed session state (``SET``, savepoints, temporary tables) is not
+on it. A server-side cursor's miss, or one whose connection cannot be opened, fails as before
+("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`).
 """
 
 from __future__ import annotations
@@ -22,14 +36,16 @@ from __future__ import annotations
 import ctypes
 import getpass
 import itertools
+import logging
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from psycopg import adapt, pq
 from psycopg import errors as pg_errors
-from psycopg import pq
 from psycopg import sql as pg_sql
 from psycopg._connection_base import BaseConnection
 from psycopg._cursor_base import BaseCursor
@@ -53,9 +69,11 @@ from timetracer_otel.replay_shims.base import (
     decide,
     rebuild_error,
     stranded,
+    suppressed,
 )
 from timetracer_otel.sql import sql_call
 
+log = logging.getLogger("timetracer_otel")
 LIBRARY = "psycopg"
 SCOPE = "opentelemetry.instrumentation.psycopg"
 
@@ -297,6 +315,10 @@ class ReplayPGconn(PGconn):
         self._backend_pid: int = session.get("backend_pid") or 0
         self._tx_status: int = _TS.IDLE
         self._open = True
+        # The real connection a miss goes live on (see _live_connection), and why it could not
+        # be opened.
+        self._live: psycopg.Connection[Any] | None = None
+        self._live_error: BaseException | None = None
 
     # What the connection reports.
     @property
@@ -364,6 +386,9 @@ class ReplayPGconn(PGconn):
 
     def finish(self, *args: Any) -> None:
         self._open = False
+        live, self._live = self._live, None
+        if live is not None:
+            live.close()
         super().finish()
 
     def apply(self, tx: int | None, session: dict[str, str] | None) -> None:
@@ -382,7 +407,17 @@ class ReplayPGconn(PGconn):
             self._tx_status = _TS.INTRANS
         elif first in ("COMMIT", "ROLLBACK", "END", "ABORT"):
             self._tx_status = _TS.IDLE
+            self.follow(first in ("ROLLBACK", "ABORT"))
         return _simple_result(command)
+
+    def follow(self, rollback: bool) -> None:
+        """The app's transaction ended: end the one the real connection mirrors."""
+        live = self._live
+        if live is None or self._tx_status != _TS.IDLE or live.closed \
+                or live.info.transaction_status == _TS.IDLE:
+            return
+        with suppress_instrumentation():
+            live.execute("ROLLBACK" if rollback else "COMMIT")
 
     def _unsupported(self, what: str) -> ReplayUnsupportedError:
         return ReplayUnsupportedError(
@@ -551,6 +586,71 @@ def _apply_session(cur: Any, tx: int | None, session: dict[str, str] | None) -> 
         pgconn.apply(tx, session)
 
 
+def _live_connection(cur: Any, call: Call) -> psycopg.Connection[Any]:
+    """The real connection a miss on a connection the replay opened goes live on, opened at
+    its first such miss with the app's connection parameters; :func:`stranded` when it cannot
+    be opened. Inside a transaction of the app's connection, it is in one too."""
+    pgconn: ReplayPGconn = cur._conn.pgconn
+    live = pgconn._live
+    if live is None:
+        if pgconn._live_error is not None:
+            raise stranded(call) from pgconn._live_error
+        try:
+            with suppress_instrumentation():  # timetracer's and OTel's: not the app's own calls
+                live = psycopg.Connection.connect(make_conninfo("", **pgconn._conninfo),
+                                                  autocommit=True)
+        except Exception as exc:
+            pgconn._live_error = exc
+            raise stranded(call) from exc
+        pgconn._live = live
+        log.info("psycopg: %s had no recording; opened a real connection for it (replayed "
+                 "session state such as SET is not on it)", call.label)
+    if pgconn._tx_status != _TS.IDLE and live.info.transaction_status == _TS.IDLE:
+        with suppress_instrumentation():
+            live.execute("BEGIN")
+    return live
+
+
+def _live_cursor(cur: Any, live: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
+    """A cursor on the real connection that sends what ``cur`` would: same placeholders and
+    binding, same adapters, same format."""
+    cls: type[psycopg.Cursor[Any]]
+    if isinstance(cur, psycopg.RawCursor | psycopg.AsyncRawCursor):
+        cls = psycopg.RawCursor
+    elif isinstance(cur, psycopg.ClientCursor | psycopg.AsyncClientCursor):
+        cls = psycopg.ClientCursor
+    else:
+        cls = psycopg.Cursor
+    lcur = cls(live)
+    lcur._adapters = adapt.AdaptersMap(cur.adapters)
+    lcur.format = cur.format
+    return lcur
+
+
+def _run_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any]) -> None:
+    """A miss on a connection the replay opened, run on the real one behind it (see
+    :func:`_live_connection`); its results put on ``cur`` as psycopg's execute would."""
+    live = _live_connection(cur, call)
+    lcur = _live_cursor(cur, live)
+    try:
+        with suppress_instrumentation():  # not the app's own call: no span, no replay
+            run(lcur)
+    finally:
+        if live.info.transaction_status == _TS.INERROR:
+            _apply_session(cur, _TS.INERROR, None)
+    results: list[Any] = [RecordedResult.capture(r) for r in lcur._results]
+    rowcount, status = lcur._rowcount, lcur._statusmessage
+    cur._results = results
+    if results:
+        cur._select_current_result(0)
+    cur._rowcount, cur._statusmessage = rowcount, status
+    lcur.close()
+
+
+def _replayed_conn(cur: Any) -> bool:
+    return isinstance(cur._conn.pgconn, ReplayPGconn)
+
+
 def _needs_server(cur: Any, call: Call) -> None:
     """A miss about to go live (on_miss passthrough/record) on a connection the replay
     opened from the cassette: there is no server to send it to."""
@@ -574,6 +674,9 @@ def _apply(cur: Any, match: Match) -> None:
         _raise_recorded(cur, match)
     rec = match.span.response
     _apply_session(cur, rec.get("tx"), rec.get("session"))
+    pgconn = cur._conn.pgconn
+    if isinstance(pgconn, ReplayPGconn) and pgconn._live is not None:
+        pgconn.follow(str(rec.get("status") or "").upper().startswith(("ROLLBACK", "ABORT")))
     results: list[Any] = [RecordedResult.from_tree(t, cur._encoding) for t in rec["results"]]
     cur._results = results
     if results:
@@ -597,7 +700,24 @@ def _execute_gen(original: Any) -> Any:
             _apply(self, action)
             self._last_query = query
             return None
-        _needs_server(self, call)
+        if _replayed_conn(self):  # a miss going live: on the real connection behind it
+            yield from self._start_query(query)
+
+            def run(lcur: psycopg.Cursor[Any]) -> None:
+                lcur.execute(query, params, prepare=prepare, binary=binary)
+
+            if action is LIVE:
+                _run_live(self, call, run)
+            else:
+                with _recording(call) as cap:
+                    try:
+                        _run_live(self, call, run)
+                    except Exception as exc:
+                        cap.fail(exc, _error_attrs(self, exc))
+                        raise
+                    cap.ok(_cursor_outcome(self))
+            self._last_query = query
+            return None
 
         if action is LIVE:
             return (yield from original(self, query, params, prepare=prepare, binary=binary))
@@ -620,6 +740,28 @@ def _replay_many_gen(cur: Any, query: Any, returning: bool, match: Match) -> Any
     cur._last_query = query
 
 
+def _live_many_gen(cur: Any, query: Any, params_seq: list[Any], returning: bool, call: Call,
+                   record: bool) -> Any:
+    """executemany missing on a connection the replay opened: run on the real one."""
+    yield from cur._start_query(query)
+    cur._execmany_returning = returning
+
+    def run(lcur: psycopg.Cursor[Any]) -> None:
+        lcur.executemany(query, params_seq, returning=returning)
+
+    if not record:
+        _run_live(cur, call, run)
+    else:
+        with _recording(call) as cap:
+            try:
+                _run_live(cur, call, run)
+            except Exception as exc:
+                cap.fail(exc, _error_attrs(cur, exc))
+                raise
+            cap.ok(_cursor_outcome(cur))
+    cur._last_query = query
+
+
 def _many_call(cur: Any, query: Any, params_seq: list[Any], returning: bool) -> Call:
     return _call(cur, query, params_seq, "executemany", {"returning": returning})
 
@@ -636,7 +778,11 @@ def _executemany(original: Any) -> Any:
             with self._conn.lock:
                 self._conn.wait(_replay_many_gen(self, query, returning, action))
             return None
-        _needs_server(self, call)
+        if _replayed_conn(self):
+            with self._conn.lock:
+                self._conn.wait(_live_many_gen(self, query, params_seq, returning, call,
+                                               action is not LIVE))
+            return None
 
         if action is LIVE:
             return original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
@@ -664,7 +810,11 @@ def _aexecutemany(original: Any) -> Any:
             async with self._conn.lock:
                 await self._conn.wait(_replay_many_gen(self, query, returning, action))
             return None
-        _needs_server(self, call)
+        if _replayed_conn(self):
+            async with self._conn.lock:
+                await self._conn.wait(_live_many_gen(self, query, params_seq, returning, call,
+                                                     action is not LIVE))
+            return None
 
         if action is LIVE:
             return await original(self, query, params_seq, returning=returning)  # type: ignore[no-any-return]
@@ -775,7 +925,7 @@ def _connect_gen(original: Any) -> Any:
     func = original.__func__
 
     def _connect_gen(cls: Any, conninfo: str = "") -> Any:
-        if STATE.mode is Mode.OFF:
+        if STATE.mode is Mode.OFF or (STATE.mode is Mode.REPLAY and suppressed()):
             return (yield from func(cls, conninfo))
         params = conninfo_to_dict(conninfo)
         call = _connect_call(params)
@@ -812,7 +962,7 @@ def _connect_gen(original: Any) -> Any:
 def _no_dns(original: Any) -> Any:
     # A replay resolves no host names: the recorded server is not there to be found.
     def conninfo_attempts(params: Any) -> Any:
-        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY) and not suppressed():
             return [dict(params)]
         return original(params)
 
@@ -821,7 +971,7 @@ def _no_dns(original: Any) -> Any:
 
 def _no_dns_async(original: Any) -> Any:
     async def conninfo_attempts_async(params: Any) -> Any:
-        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
+        if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY) and not suppressed():
             return [dict(params)]
         return await original(params)
 
