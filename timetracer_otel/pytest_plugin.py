@@ -19,7 +19,6 @@ fixtures are torn down, so their cleanup calls belong to the test too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
 import hashlib
 import ipaddress
@@ -212,23 +211,22 @@ class _TestSecrets:
     learned in an earlier test would make a later test's cassette, and the keys its replay
     computes, depend on which tests ran before it (alone, in the suite, on an xdist worker).
 
-    The test gets a copy of the redactor (same rules, same key: equal secrets, equal tokens)
-    as of the first test that saw it, and the project's own comes back after the test; one
-    the test's code configured meanwhile stays."""
+    The test gets a fork of the project's redactor (same rules, same key: equal secrets, equal
+    tokens; no learned secrets), and the project's own comes back after the test; one the
+    test's code configured meanwhile stays."""
 
     def __init__(self) -> None:
         self._own: Redactor | None = None  # the project's redactor, as it was set
-        self._clean: Redactor | None = None  # a copy of it from before any test used it
-        self._lent: Redactor | None = None  # the running test's copy
+        self._lent: Redactor | None = None  # the running test's fork
 
     def start(self) -> None:
         current = STATE.redactor
         if type(current) is not Redactor:  # (unreadable rules: entry points stop before this)
             return
-        if current is not self._lent and current is not self._own:  # new: configure() ran
-            self._own, self._clean = current, copy.deepcopy(current)
-        assert self._clean is not None
-        self._lent = copy.deepcopy(self._clean)
+        if current is not self._lent:  # the project's (configure() may have set a new one)
+            self._own = current
+        assert self._own is not None
+        self._lent = self._own.fork()
         set_default_redactor(self._lent)
 
     def end(self) -> None:

@@ -495,6 +495,17 @@ class Redactor:
         self._known = _Known(None, None, frozenset(), tuple(self._seen),
                              tuple(v.encode() for v in self._seen)) if self._seen else None
 
+    def fork(self, *, learned: bool = False) -> Redactor:
+        """A redactor with these rules and this key (equal secrets, equal tokens), knowing the
+        secrets learned so far only with ``learned``: one per test, whose scrubbing (and so
+        whose keys) must not depend on what ran before it. ``generation`` goes on from here."""
+        state = self.__getstate__()
+        if not learned:
+            state["_seen"] = OrderedDict()
+        copy = Redactor.__new__(Redactor)
+        copy.__setstate__(state)
+        return copy
+
     def learned_since(self, generation: int) -> tuple[int, list[tuple[str, str]]]:
         """The secrets learned after ``generation`` (oldest first, as ``(value, token)``) and
         the generation they bring a copy to; all that are kept if some were evicted since."""

@@ -132,6 +132,26 @@ def test_a_secret_learned_in_one_test_is_not_known_in_the_next(
     run(pytester, "--timetracer-record-mode=none").assert_outcomes(passed=4)
 
 
+def test_a_secret_learned_outside_every_cassette_test_is_not_known_in_them(
+    pytester: pytest.Pytester, serve: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ordinary test (no cassette) that teaches the project's redactor a secret before the
+    # first cassette test runs, as one recording by hand would: the cassette test after it
+    # stores its request as it does alone.
+    server = serve(Upstream())
+    monkeypatch.setenv("SAMPLE_UPSTREAM", server.url)
+    project(pytester, f"""
+    def test_0_plain():
+        from timetracer_otel.replay_shims.base import STATE
+        STATE.redactor.token({TOKEN!r})
+    """ + SECRET_TESTS)
+    run(pytester, "-k", "test_b").assert_outcomes(passed=1)
+    alone = sent_body(interactions(pytester.path, "test_b_note")[0])
+    run(pytester, "--timetracer-record-mode=all", "-k", "test_0 or test_b").assert_outcomes(passed=2)
+    [note] = interactions(pytester.path, "test_b_note")
+    assert sent_body(note) == alone and TOKEN in alone
+
+
 def test_a_test_recorded_alone_replays_after_the_test_that_learns_its_secret(
     pytester: pytest.Pytester, serve: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
