@@ -292,13 +292,14 @@ def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch, pg_database: str
 ) -> None:
     """on_miss="passthrough" lets a miss go live, but a psycopg connection the replay opened
-    from the cassette has no server: the test fails even when its code swallows the error."""
-    sample_project(pytester, serve, monkeypatch, f"""
+    from the cassette has no server when the database is out of reach (the replay points at a
+    dead port): the test fails even when its code swallows the error."""
+    sample_project(pytester, serve, monkeypatch, """
         import psycopg
 
         @pytest.mark.timetracer(on_miss="passthrough")
         def test_queries():
-            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/{pg_database}") as conn:
+            with psycopg.connect(os.environ["SAMPLE_DSN"]) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
                 if os.environ.get("MORE"):
                     try:
@@ -306,8 +307,10 @@ def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
                     except Exception:
                         pass  # swallowed
     """)
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
     run(pytester).assert_outcomes(passed=1)  # recorded
     monkeypatch.setenv("MORE", "1")
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{pg_database}")
     replayed = run(pytester)
     replayed.assert_outcomes(passed=1, errors=1)  # passed, then failed at teardown
     replayed.stdout.fnmatch_lines(["*1 call(s) had no recording in * and could not go live*",
