@@ -25,7 +25,7 @@ import ipaddress
 import re
 import secrets
 import socket
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from timetracer_otel.cassette import (
 from timetracer_otel.config import Choice, Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
+from timetracer_otel.exporters.writer import rescrubbed
 from timetracer_otel.index import Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, set_default_redactor
@@ -212,8 +213,10 @@ class _TestSecrets:
     computes, depend on which tests ran before it (alone, in the suite, on an xdist worker).
 
     The test gets a fork of the project's redactor (same rules, same key: equal secrets, equal
-    tokens; no learned secrets), and the project's own comes back after the test; one the
-    test's code configured meanwhile stays."""
+    tokens; no learned secrets), and the project's own comes back after the test, having
+    learned what the test's fork learned; one the test's code configured meanwhile stays.
+    What a cassette stores is scrubbed once more, keys aside, with every secret known so far
+    (:meth:`scrubbed`): one test's secret never reaches another's cassette in plain text."""
 
     def __init__(self) -> None:
         self._own: Redactor | None = None  # the project's redactor, as it was set
@@ -229,9 +232,21 @@ class _TestSecrets:
         self._lent = self._own.fork()
         set_default_redactor(self._lent)
 
+    def scrubbed(self, cassette: Cassette) -> Cassette:
+        """``cassette``'s payloads and labels without any secret known in this process: the
+        running test's and those the project's redactor learned (other tests', fixtures')."""
+        if self._lent is None or self._own is None:
+            return rescrubbed(cassette)
+        everything = self._lent.fork(learned=True)
+        everything.learn(self._own.learned_since(0)[1])
+        return rescrubbed(cassette, everything)
+
     def end(self) -> None:
         lent, self._lent = self._lent, None
-        if lent is not None and STATE.redactor is lent and self._own is not None:
+        if lent is None or self._own is None:
+            return
+        self._own.learn(lent.learned_since(0)[1])
+        if STATE.redactor is lent:
             set_default_redactor(self._own)
 
 
@@ -333,9 +348,11 @@ class ActiveCassette:
     ...     assert timetracer.unused == []           # replay: every recorded call was made
     """
 
-    def __init__(self, options: CassetteOptions, test_id: str) -> None:
+    def __init__(self, options: CassetteOptions, test_id: str,
+                 scrubbed: Callable[[Cassette], Cassette] = rescrubbed) -> None:
         self.options = options
         self.test_id = test_id
+        self.scrubbed = scrubbed  # what is written, scrubbed once more (see _TestSecrets)
         self.path = options.path
         self.record_mode = options.record_mode
         self.recording = False  # True: calls go live and are written; False: replayed
@@ -485,7 +502,7 @@ class ActiveCassette:
             spans=kept,
         )
         try:
-            save_cassette(cassette, self.path)
+            save_cassette(self.scrubbed(cassette), self.path)
         except CassetteError as exc:
             return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True
@@ -730,7 +747,7 @@ class TimetracerPlugin:
                 if options is not None:
                     self._tracing()  # provider and shims first, then the mode switch
                     self._own_secrets(item)
-                    active = ActiveCassette(options, item.nodeid)
+                    active = ActiveCassette(options, item.nodeid, self.secrets.scrubbed)
                     active.start()
             except (ConfigError, CassetteError) as exc:
                 problem = str(exc)
