@@ -647,6 +647,21 @@ def _run_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any]) -
     lcur.close()
 
 
+def _went_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any],
+               record: bool) -> None:
+    """:func:`_run_live`, and recorded as a live call is when ``record`` (on_miss="record")."""
+    if not record:
+        _run_live(cur, call, run)
+        return
+    with _recording(call) as cap:
+        try:
+            _run_live(cur, call, run)
+        except Exception as exc:
+            cap.fail(exc, _error_attrs(cur, exc))
+            raise
+        cap.ok(_cursor_outcome(cur))
+
+
 def _replayed_conn(cur: Any) -> bool:
     return isinstance(cur._conn.pgconn, ReplayPGconn)
 
@@ -706,16 +721,7 @@ def _execute_gen(original: Any) -> Any:
             def run(lcur: psycopg.Cursor[Any]) -> None:
                 lcur.execute(query, params, prepare=prepare, binary=binary)
 
-            if action is LIVE:
-                _run_live(self, call, run)
-            else:
-                with _recording(call) as cap:
-                    try:
-                        _run_live(self, call, run)
-                    except Exception as exc:
-                        cap.fail(exc, _error_attrs(self, exc))
-                        raise
-                    cap.ok(_cursor_outcome(self))
+            _went_live(self, call, run, record=action is not LIVE)
             self._last_query = query
             return None
 
@@ -749,16 +755,7 @@ def _live_many_gen(cur: Any, query: Any, params_seq: list[Any], returning: bool,
     def run(lcur: psycopg.Cursor[Any]) -> None:
         lcur.executemany(query, params_seq, returning=returning)
 
-    if not record:
-        _run_live(cur, call, run)
-    else:
-        with _recording(call) as cap:
-            try:
-                _run_live(cur, call, run)
-            except Exception as exc:
-                cap.fail(exc, _error_attrs(cur, exc))
-                raise
-            cap.ok(_cursor_outcome(cur))
+    _went_live(cur, call, run, record)
     cur._last_query = query
 
 
