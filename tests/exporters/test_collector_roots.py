@@ -438,3 +438,160 @@ def test_parents_in_a_loop_neither_hang_nor_lose_their_spans() -> None:
     _settle(a)
     assert sorted(s.name for b in out if b.late for s in b.spans) == ["b", "c", "d"]
     assert {b.late_root for b in out if b.late} == {"a" * 16} and not a.open
+
+
+# -- review of 6a8f45c: work per late span, secrets learned late, what orphan_spans counts ------
+
+
+def _counting_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spans scanned by the assembler's passes over an open trace: routing it (``_routes``)
+    and compacting it (``TraceBatch.compact``, where there is one)."""
+    scanned = [0]
+    routes = TraceAssembler._routes
+
+    def counting_routes(batch: TraceBatch, known: dict[str, str | None]) -> Any:
+        scanned[0] += len(batch.spans)
+        return routes(batch, known)
+
+    monkeypatch.setattr(TraceAssembler, "_routes", staticmethod(counting_routes))
+    compact = getattr(TraceBatch, "compact", None)
+    if compact is not None:
+        def counting_compact(self: TraceBatch) -> Any:
+            scanned[0] += len(self.spans)
+            return compact(self)
+
+        monkeypatch.setattr(TraceBatch, "compact", counting_compact)
+    return scanned
+
+
+def test_late_spans_cost_work_in_proportion_to_themselves_not_to_the_spans_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retried request: W spans wait for a parent that never comes, then N late children of
+    the written root come one by one. Each late span looks only below itself, never over the
+    W waiting ones (which made N late spans cost N * W)."""
+    n = w = 300
+    a, out = _assembler(orphan_wait_ns=10**15)
+    a.add(_span("a", kind="SERVER", library=None))
+    _settle(a)
+    scanned = _counting_scans(monkeypatch)
+    for i in range(w):
+        a.add(msgspec_replace(_span("x", "7"), span_id=f"w{i:015x}"))
+    for i in range(n):
+        a.add(msgspec_replace(_span("x", "a"), span_id=f"l{i:015x}"))
+    assert scanned[0] <= 2 * (n + w), scanned
+    assert sum(len(b.spans) for b in out if b.late) == n
+    (waiting,) = a.open.values()
+    assert len(waiting.ids) == w and a.late_spans == n
+
+
+def test_spans_waiting_for_late_parents_follow_them_with_work_in_proportion_to_the_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """W spans each wait for their own parent; the parents come late one by one, each taking
+    its child (and its child's child) along: no pass over the spans still waiting per parent."""
+    w = 300
+    a, out = _assembler(orphan_wait_ns=10**15)
+    a.add(_span("a", kind="SERVER", library=None))
+    _settle(a)
+    scanned = _counting_scans(monkeypatch)
+    for i in range(w):
+        a.add(msgspec_replace(_span("x", None), span_id=f"c{i:015x}", parent_id=f"p{i:015x}"))
+        a.add(msgspec_replace(_span("x", None), span_id=f"g{i:015x}", parent_id=f"c{i:015x}"))
+    for i in range(w):
+        a.add(msgspec_replace(_span("x", "a", library=None), span_id=f"p{i:015x}"))
+    assert scanned[0] <= 4 * 3 * w, scanned
+    late = [[s.span_id[0] for s in b.spans] for b in out if b.late]
+    assert late == [["c", "g"]] * w  # (each parent internal: only the calls are added)
+    assert not a.open and a.late_spans == 3 * w and a.orphan_spans == 0
+
+
+SECRET = "sk-live-9f8e7d6c5b4a3210"
+
+
+def _call(span_id: str, parent: str, body: bytes = b"ok") -> SpanRecord:
+    return SpanRecord(trace_id="ab" * 16, span_id=span_id * 16, parent_id=parent * 16,
+                      name="GET", kind="CLIENT", start_ns=int(span_id, 16), end_ns=100,
+                      library="httpx", key=f"httpx:{span_id}", label=f"GET http://up/{span_id}",
+                      request={"method": "GET", "url": f"http://up/{span_id}"},
+                      response={"status": 200, "headers": [], "body": body})
+
+
+def _written(tmp_path: Path, **kw: Any) -> CassetteWriter:
+    """A Collector's writer (driven here, on this thread) with trace ab..ab written: its root
+    1 and a call 2 under it."""
+    w = CassetteWriter(str(tmp_path / "w"), via="collector", quiet_ns=1, **kw)
+    w.assembler.add(_span("1", kind="SERVER", library=None, end=100), {"service.name": "svc"})
+    w.assembler.add(_call("2", "1"))
+    _settle(w.assembler)
+    w.flush_now(False)
+    return w
+
+
+def test_late_spans_are_scrubbed_of_secrets_learned_after_they_were_captured(
+    tmp_path: Path,
+) -> None:
+    """A call whose parent never comes and a late child of the root, both captured before the
+    app sent the token in their responses as a secret: the late path scrubs them as a
+    cassette's own calls are scrubbed when it is written."""
+    from timetracer_otel.replay_shims.base import STATE
+
+    w = _written(tmp_path)
+    body = f'{{"issued": "{SECRET}"}}'.encode()
+    orphan, late = _call("3", "f", body), _call("4", "1", body)  # (captured now)
+    w.assembler.add(orphan)  # waits for its parent
+    STATE.redactor.token(SECRET, sure=True)  # the app sends it in a header later on
+    w.assembler.add(late)
+    w.close_now()  # the orphan goes into the cassette
+    (path,) = sorted((tmp_path / "w").rglob("*.msgpack"))
+    assert [s.span_id[0] for s in load_cassette(path).spans] == ["1", "2", "3", "4"]
+    assert SECRET.encode() not in path.read_bytes()
+    assert w.assembler.orphan_spans == 1
+
+
+def test_orphan_spans_counts_the_spans_added_internal_ones_kept_with_their_chain() -> None:
+    """An internal span whose parent never comes, with a call under it: both go into the
+    cassette (the chain as it ran), and orphan_spans counts the two spans written."""
+    a, out = _assembler(orphan_wait_ns=1)
+    a.add(_span("a", kind="SERVER", library=None, end=100))
+    _settle(a)
+    a.add(_span("b", "9", start=10, library=None))  # internal, its parent never comes
+    a.add(_span("c", "b", start=20))  # a call under it
+    _settle(a)
+    _settle(a)
+    late = [b for b in out if b.late]
+    assert [[s.name for s in b.spans] for b in late] == [["b", "c"]]
+    assert a.orphan_spans == sum(len(b.spans) for b in late) == 2
+    assert [b.orphans for b in late] == [2] and not a.open
+
+
+def test_orphan_spans_does_not_count_spans_the_writer_could_not_add(tmp_path: Path) -> None:
+    """The trace's cassette was left out (errors only): the call whose parent never came
+    has nowhere to go, and is not counted as added to it."""
+    w = _written(tmp_path, errors_only=True)
+    assert w.skipped == 1
+    w.assembler.add(_call("3", "f"))
+    w.close_now()
+    assert w.assembler.orphan_spans == 0
+    assert sorted((tmp_path / "w").rglob("*.msgpack")) == []
+
+
+def test_a_late_span_under_a_cassette_without_root_is_added_to_it(tmp_path: Path) -> None:
+    """A trace whose span ids were forgotten (more traces written since) gets a span whose
+    parent never comes: with no cassette of its trace known it is written on its own,
+    without root. A late child of that span goes into that cassette, not nowhere."""
+    w = _written(tmp_path, max_open_traces=1)
+    other = "cd" * 16
+    w.assembler.add(msgspec_replace(_span("5", kind="SERVER", library=None), trace_id=other))
+    _settle(w.assembler)  # trace cd..cd written: ab..ab's span ids are forgotten
+    w.assembler.add(_call("3", "f"))  # ab..ab: waits for its parent
+    w.assembler.add(msgspec_replace(_span("6", "e"), trace_id="ef" * 16))  # makes room: written
+    w.flush_now(False)
+    rootless = [p for p in sorted((tmp_path / "w").rglob("*.msgpack"))
+                if load_cassette(p).root is None]
+    assert [[s.span_id[0] for s in load_cassette(p).spans] for p in rootless] == [["3"]]
+    w.assembler.add(_call("4", "3"))  # a late child of the span without its parent
+    w.flush_now(False)
+    assert [s.span_id[0] for s in load_cassette(rootless[0]).spans] == ["3", "4"]
+    assert load_cassette(rootless[0]).complete is False
+    w.close_now()

@@ -20,10 +20,14 @@ comes again (the same span id) is dropped, in an open trace or one already writt
 span of a trace already written (a retry after the quiet period) leaves as a ``late`` batch,
 which the writer adds to that trace's cassette, and the spans that waited for it follow it.
 A span whose parent never comes is not lost: after ``orphan_wait_ns`` (or when it must make
-room, or at shutdown) it is added to its trace's cassette, the one whose root's time holds its
-start when the trace has several, and counted in :attr:`TraceAssembler.orphan_spans`; with no
-cassette of its trace to go to, it is written as a cassette of its own that says
-``complete: false``.
+room, or at shutdown) it is added to its trace's cassette with the spans below it, internal
+ones too, the one whose root's time holds its start when the trace has several, and counted in
+:attr:`TraceAssembler.orphan_spans`; with no cassette of its trace to go to, it is written as a
+cassette of its own that says ``complete: false``.
+
+Late spans cost O(1) each whatever else of their trace waits: the spans that waited for a late
+span are found by walking down from it through an index of the waiting spans by parent
+(``TraceBatch.take_below``), never by a pass over all of them.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ class TraceBatch:
     late_root: str | None = None  # (the root span id of that cassette)
     # An open trace's local roots after the first (``root``), each with its service.
     more_roots: list[tuple[SpanRecord, Resource]] | None = None
+    # An open trace of a written trace, once a late span has looked for the spans waiting for
+    # it: parent span id -> the spans here under it (see take_below).
+    kids: dict[str, list[SpanRecord]] | None = None
+    # Spans of ``spans`` taken out (by object id), until compact() drops them.
+    gone: set[int] = field(default_factory=set)
+    # A late batch: how many of its spans are there because their parent never came (the
+    # writer takes them off TraceAssembler.orphan_spans if it cannot add them).
+    orphans: int = 0
 
     def roots(self) -> list[tuple[SpanRecord, Resource]]:
         """An open trace's local roots, each with its service."""
@@ -68,12 +80,55 @@ class TraceBatch:
             return []
         return [(self.root, self.resource), *(self.more_roots or ())]
 
-    def take(self, ids: set[str]) -> list[SpanRecord]:
-        """Remove the spans whose ids are in ``ids``, and return them."""
-        taken = [s for s in self.spans if s.span_id in ids]
-        self.spans = [s for s in self.spans if s.span_id not in ids]
-        self.ids -= ids
+    def take_below(self, span_id: str) -> list[SpanRecord]:
+        """Remove the spans below ``span_id`` (its children, theirs, and so on, local roots
+        excepted) from this open trace, and return them. A walk down from ``span_id`` through
+        ``kids``, built on the first call (one pass over the spans) and kept up to date by
+        :meth:`TraceAssembler.add` from then on: O(1) for a span with nothing below it,
+        whatever else waits. A span taken stays in ``spans`` (``ids`` says it is gone) until
+        :meth:`compact`, which runs once they outnumber those left (amortized O(1) each)."""
+        kids = self.kids
+        if kids is None:
+            kids = self.kids = {}
+            for s in self.spans:
+                if id(s) not in self.gone:
+                    _index(kids, s)
+        taken: list[SpanRecord] = []
+        below = kids.pop(span_id, None)
+        if below is None:
+            return taken
+        todo = [below]
+        while todo:
+            for child in todo.pop():
+                if child.span_id in self.ids:  # (taken through a loop of parents already)
+                    self.ids.discard(child.span_id)
+                    self.gone.add(id(child))
+                    taken.append(child)
+                    more = kids.pop(child.span_id, None)
+                    if more is not None:
+                        todo.append(more)
+        if len(self.gone) > len(self.ids):
+            self.compact()
         return taken
+
+    def compact(self) -> list[SpanRecord]:
+        """``spans`` without those taken (see :meth:`take_below`), and returned: to be called
+        before an open trace's spans are read."""
+        if self.gone:
+            gone, self.gone = self.gone, set()
+            self.spans = [s for s in self.spans if id(s) not in gone]
+        return self.spans
+
+
+def _index(kids: dict[str, list[SpanRecord]], span: SpanRecord) -> None:
+    """Add ``span`` under its parent in an open trace's index of children (a local root, whose
+    parent is in another process or none, is in no one's)."""
+    if span.parent_id is not None and not span.remote_parent:
+        below = kids.get(span.parent_id)
+        if below is None:
+            kids[span.parent_id] = [span]
+        else:
+            below.append(span)
 
 
 # Where a span of an open trace goes (see TraceAssembler._routes): under a local root of the
@@ -118,7 +173,7 @@ class TraceAssembler:
         self.late_spans = 0
         self.duplicate_spans = 0
         # Spans whose parent never came, added to a cassette of their trace anyway (also in
-        # late_spans).
+        # late_spans): those handed to the writer, which takes back those it could not add.
         self.orphan_spans = 0
 
     def mark_dropped(self, trace_id: str, *, count: bool = True) -> None:
@@ -144,12 +199,14 @@ class TraceAssembler:
                     self.process.resource = resource
                 return
             batch = self.open[span.trace_id] = TraceBatch(span.trace_id)
-        if len(batch.spans) >= self.max_spans_per_trace:
+        if len(batch.ids) >= self.max_spans_per_trace:
             batch.complete = False
             self.dropped_spans += 1
         else:
             batch.spans.append(span)
             batch.ids.add(span.span_id)
+            if batch.kids is not None:
+                _index(batch.kids, span)
         batch.last_ns = time.monotonic_ns()
         if is_root:
             if batch.root is None:
@@ -191,26 +248,30 @@ class TraceAssembler:
             return False
         root = ids[span.parent_id]
         spans = [span]
-        if batch is not None and batch.spans:  # the spans that waited for it follow it
-            routes = self._routes(batch, {span.span_id: root})
-            waited = {sid for sid, (kind, _) in routes.items() if kind == _LATE}
+        if batch is not None and batch.ids:  # the spans that waited for it follow it
+            waited = batch.take_below(span.span_id)
             if waited:
-                spans += batch.take(waited)
-                if not batch.spans and batch.root is None:
+                spans += waited
+                if not batch.ids and batch.root is None:
                     del self.open[batch.trace_id]
         self._add_late(span.trace_id, root, spans)
         return True
 
-    def _add_late(self, trace_id: str, root: str | None, spans: list[SpanRecord]) -> None:
+    def _add_late(self, trace_id: str, root: str | None, spans: list[SpanRecord], *,
+                  orphans: int = 0) -> None:
         """``spans`` go to the cassette of ``root``: their ids are kept (for their children
-        and their next deliveries), those with a call to replay are added to it."""
+        and their next deliveries), those with a call to replay are added to it. ``orphans``:
+        ``spans`` are chains whose parent never came (that many spans), added whole, internal
+        spans too (the chain as it ran), and counted in :attr:`orphan_spans`."""
         ids = self.closed_ids.get(trace_id)
         if ids is not None:
             ids.update(dict.fromkeys([s.span_id for s in spans], root))
         self.late_spans += len(spans)
-        calls = [s for s in spans if s.library is not None]
+        calls = spans if orphans else [s for s in spans if s.library is not None]
         if calls:
-            self.emit(TraceBatch(trace_id, spans=calls, late=True, late_root=root))
+            self.orphan_spans += orphans
+            self.emit(TraceBatch(trace_id, spans=calls, late=True, late_root=root,
+                                 orphans=orphans))
 
     @staticmethod
     def _routes(batch: TraceBatch, known: dict[str, str | None]) -> dict[str, Route]:
@@ -275,6 +336,7 @@ class TraceAssembler:
         a span of a written cassette go to that cassette, and those whose parent has not come
         stay open, waiting."""
         self.open.pop(batch.trace_id, None)
+        batch.compact()
         root = batch.root
         assert root is not None
         if self.quiet_ns == 0 or (batch.more_roots is None and all(
@@ -335,8 +397,9 @@ class TraceAssembler:
         """Spans of a written trace whose parent never came (``batch``, rootless): added to
         a cassette of the trace, each chain to the one whose root's time holds the start of
         its top span (the innermost), else to the latest that started before it, else to the
-        first (in-process, where roots' times are not kept, to one of them). False, with
-        nothing done, when no cassette of the trace is known."""
+        first (in-process, where roots' times are not kept, to one of them), internal spans
+        too: counted in :attr:`orphan_spans`, each of them written. False, with nothing
+        done, when no cassette of the trace is known."""
         known = self.closed_ids.get(batch.trace_id)
         if not known or batch.root is not None:
             return False
@@ -345,18 +408,19 @@ class TraceAssembler:
         if not roots:
             return False
         self.open.pop(batch.trace_id, None)
-        by_id = {s.span_id: s for s in batch.spans}
+        by_id = {s.span_id: s for s in batch.compact()}
         groups: dict[str | None, list[SpanRecord]] = {}
+        orphans: dict[str | None, int] = {}
         routes = self._routes(batch, known)
         for span in batch.spans:
             kind, where = routes[span.span_id]
             if kind == _WAIT:
                 top = by_id[where]
                 where = _home(roots, top.start_ns)
-                self.orphan_spans += 1
+                orphans[where] = orphans.get(where, 0) + 1
             groups.setdefault(where, []).append(span)
         for where, spans in groups.items():
-            self._add_late(batch.trace_id, where, spans)
+            self._add_late(batch.trace_id, where, spans, orphans=orphans.get(where, 0))
         log.info("timetracer-otel: %d span(s) of trace %s came without their parent; added to "
                  "its cassette(s)", len(batch.spans), batch.trace_id)
         return True
@@ -393,6 +457,7 @@ class TraceAssembler:
     def _write_rootless(self, batch: TraceBatch) -> None:
         """A cassette of spans whose root never came, which says ``complete: false``."""
         self.open.pop(batch.trace_id, None)
+        batch.compact()
         self._remember(batch.trace_id, batch.ids, None)
         batch.complete = False
         self.emit(batch)

@@ -171,11 +171,19 @@ def rescrubbed(cassette: Cassette, redactor: Redactor | None = None) -> Cassette
     (a replay makes them the same way). One scan of each payload's bytes when nothing is
     left to scrub. ``redactor``: another than the app's (the pytest plugin's, which knows the
     secrets of every test so far)."""
+    spans = rescrubbed_spans(cassette.spans, redactor)
+    return cassette if spans is cassette.spans else msgspec.structs.replace(cassette, spans=spans)
+
+
+def rescrubbed_spans(spans: list[SpanRecord], redactor: Redactor | None = None) -> list[SpanRecord]:
+    """``spans`` (the list itself when nothing changed, else a new one) with every secret the
+    redactor knows now scrubbed from their calls' payloads and labels: a cassette's spans
+    (:func:`rescrubbed`), and late spans added to a cassette written before them."""
     r = STATE.redactor if redactor is None else redactor
     if r.generation == 0:  # no secret learned yet
-        return cassette
-    spans = cassette.spans
-    for i, span in enumerate(spans):
+        return spans
+    given = spans
+    for i, span in enumerate(given):
         if span.library is None:
             continue
         fields: dict[str, Any] = {}
@@ -192,10 +200,17 @@ def rescrubbed(cassette: Cassette, redactor: Redactor | None = None) -> Cassette
         if span.label and r.seen_in(span.label.encode()):
             fields["label"] = r.text(span.label)
         if fields:
-            if spans is cassette.spans:
+            if spans is given:
                 spans = list(spans)
             spans[i] = msgspec.structs.replace(span, **fields)
-    return cassette if spans is cassette.spans else msgspec.structs.replace(cassette, spans=spans)
+    return spans
+
+
+def _rootless(cassette: Cassette) -> bool:
+    """A cassette of a trace's spans whose root never came (their parents are spans of this
+    process), not the per-process batch of lone calls (each a root)."""
+    first = cassette.spans[0] if cassette.root is None and cassette.spans else None
+    return first is not None and first.parent_id is not None and not first.remote_parent
 
 
 def is_error_trace(batch: TraceBatch) -> bool:
@@ -695,17 +710,23 @@ class CassetteWriter:
 
     def _add_late(self, batch: TraceBatch) -> None:
         """Spans of a trace whose cassette was made (OTLP spans retried after the quiet
-        period): added to that cassette where they started. Nothing is added to a trace
-        left out (sampling, errors only) or whose cassette could not be written."""
+        period, spans whose parent never came): added to that cassette where they started,
+        scrubbed of the secrets learned since they were captured, as a cassette is when it is
+        written. Nothing is added to a trace left out (sampling, errors only) or whose
+        cassette could not be written; spans whose parent never came that are not added are
+        taken off ``assembler.orphan_spans`` (which counted them as added)."""
         if any(c.root == batch.late_root and c.spans[0].trace_id == batch.trace_id
                for _, _, c in self._unwritten):
             self._write_unwritten()  # (its cassette first)
         where = self._where.get((batch.trace_id, batch.late_root))
         if where is None:
+            self.assembler.orphan_spans -= batch.orphans
             return
         try:
-            add_interactions(where, batch.spans, self.via, self.fmt, by_start=True)
+            add_interactions(where, rescrubbed_spans(batch.spans), self.via, self.fmt,
+                             by_start=True)
         except Exception as exc:
+            self.assembler.orphan_spans -= batch.orphans
             self._failed(exc)
 
     @property
@@ -747,7 +768,9 @@ class CassetteWriter:
             if i < tried:
                 self.recovered += 1
             self.written.append(where)
-            if cassette.root is not None:  # where spans of its trace that come late go
+            if cassette.root is not None or _rootless(cassette):
+                # Where spans of its trace that come late go (those under a span of a
+                # cassette without a root: the latest of its trace's such cassettes).
                 self._where[(cassette.spans[0].trace_id, cassette.root)] = where
                 while len(self._where) > 10 * self.assembler.max_open_traces:
                     self._where.popitem(last=False)
