@@ -13,16 +13,16 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation import set_span_in_context
 
 import timetracer_otel
+from tests.exporters.span_tap import tap as span_tap
 from tests.upstream_app import app
 from timetracer_otel.cassette import Cassette, SpanRecord, load_cassette
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
@@ -32,29 +32,6 @@ from timetracer_otel.exporters.writer import CassetteWriter
 QUIET_NS = 200_000_000
 
 
-class _Tap(SpanProcessor):
-    """Keeps finished spans while switched on (the SDK cannot remove a processor)."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] | None = None
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.spans is not None:
-            self.spans.append(span)
-
-
-_TAP = _Tap()
-
-
-def _tap() -> _Tap:
-    provider = timetracer_otel.runtime.sdk_provider()
-    if not getattr(provider, "_test_collector_roots_tap", False):
-        provider.add_span_processor(_TAP)
-        provider._test_collector_roots_tap = True  # type: ignore[attr-defined]
-    return _TAP
 
 
 @pytest.fixture
@@ -102,7 +79,7 @@ def record_job(base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tu
     """A root "job" with two calls (GET, then POST), recorded with their payloads on the
     spans, as an app exporting to a Collector sends them."""
     tracer = trace.get_tracer("test")
-    tap = _tap()
+    tap = span_tap()
     tap.spans = []
     monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "1")
     with (timetracer_otel.record(dir=tmp_path / "inproc"), tracer.start_as_current_span("job"),
@@ -218,7 +195,7 @@ def test_two_root_spans_of_one_service_under_a_remote_parent_match_the_in_proces
     server = serve(app)
     remote = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=True,
                          trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    tap = _tap()
+    tap = span_tap()
     tap.spans = []
     monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "1")
     with timetracer_otel.record(dir=tmp_path / "inproc") as rec:

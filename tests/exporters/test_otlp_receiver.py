@@ -19,45 +19,20 @@ import msgspec
 import pytest
 from google.protobuf.json_format import MessageToDict
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 
 import timetracer_otel
+from tests.exporters.span_tap import tap as span_tap
 from tests.upstream_app import app
 from timetracer_otel.cassette import Cassette, load_cassette
 from timetracer_otel.exporters.otlp import OTLPReceiver, ReceiverLimits, records_from_otlp
 from timetracer_otel.exporters.writer import CassetteWriter
-
-
-class _Tap(SpanProcessor):
-    """Keeps finished spans while switched on (the SDK cannot remove a processor)."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] | None = None
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.spans is not None:
-            self.spans.append(span)
-
-
-_TAP = _Tap()
-
-
-def _tap() -> _Tap:
-    provider = timetracer_otel.runtime.sdk_provider()
-    if not getattr(provider, "_test_otlp_tap", False):
-        provider.add_span_processor(_TAP)
-        provider._test_otlp_tap = True  # type: ignore[attr-defined]
-    return _TAP
 
 
 @pytest.fixture
@@ -82,7 +57,7 @@ def record_job(
     base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Any, list[ReadableSpan], list[str]]:
     tracer = trace.get_tracer("test")
-    tap = _tap()
+    tap = span_tap()
     tap.spans = []
     # The tapped spans stand for what an app exports to a Collector: payloads on the spans.
     monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", "1")
