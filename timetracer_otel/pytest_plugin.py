@@ -47,7 +47,7 @@ from timetracer_otel.cassette import (
 from timetracer_otel.config import Choice, Mode, OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError
 from timetracer_otel.exporters.spans import record_from_readable
-from timetracer_otel.exporters.writer import rescrubbed
+from timetracer_otel.exporters.writer import rescrubbed_spans
 from timetracer_otel.index import Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, set_default_redactor
@@ -232,14 +232,14 @@ class _TestSecrets:
         self._lent = self._own.fork()
         set_default_redactor(self._lent)
 
-    def scrubbed(self, cassette: Cassette) -> Cassette:
-        """``cassette``'s payloads and labels without any secret known in this process: the
+    def scrubbed(self, spans: list[SpanRecord]) -> list[SpanRecord]:
+        """``spans``' payloads and labels without any secret known in this process: the
         running test's and those the project's redactor learned (other tests', fixtures')."""
         if self._lent is None or self._own is None:
-            return rescrubbed(cassette)
+            return rescrubbed_spans(spans)
         everything = self._lent.fork(learned=True)
         everything.learn(self._own.learned_since(0)[1])
-        return rescrubbed(cassette, everything)
+        return rescrubbed_spans(spans, everything)
 
     def end(self) -> None:
         lent, self._lent = self._lent, None
@@ -349,7 +349,8 @@ class ActiveCassette:
     """
 
     def __init__(self, options: CassetteOptions, test_id: str,
-                 scrubbed: Callable[[Cassette], Cassette] = rescrubbed) -> None:
+                 scrubbed: Callable[[list[SpanRecord]], list[SpanRecord]] = rescrubbed_spans,
+                 ) -> None:
         self.options = options
         self.test_id = test_id
         self.scrubbed = scrubbed  # what is written, scrubbed once more (see _TestSecrets)
@@ -476,7 +477,8 @@ class ActiveCassette:
             drop = ({e.span.span_id for e in rep.index.unused() if e.span.shape in shapes}
                     if self.record_mode is RecordMode.NEW_EPISODES else set())
             try:
-                add_to_file(self.path, rep.appended, known=rep.index.key_counts(), drop=drop)
+                add_to_file(self.path, self.scrubbed(list(rep.appended)),
+                            known=rep.index.key_counts(), drop=drop)
                 self.written = True
             except CassetteError as exc:
                 problems.append(f"The calls {self.test_id} recorded were not added to {self.path}: "
@@ -499,10 +501,10 @@ class ActiveCassette:
             name=self.test_id,
             created=dt.datetime.now(dt.timezone.utc).isoformat(),
             recorder=recorder("pytest"),
-            spans=kept,
+            spans=self.scrubbed(kept),
         )
         try:
-            save_cassette(self.scrubbed(cassette), self.path)
+            save_cassette(cassette, self.path)
         except CassetteError as exc:
             return [f"The cassette of {self.test_id} was not written: {exc}"]
         self.written = True

@@ -256,3 +256,30 @@ def test_which_calls_may_write_and_where_their_state_lives() -> None:
     assert (_may_write(select), _may_write(insert), _may_write(connect)) == (False, True, False)
     redis = Call("redis", {}, {"db": 13, "command": ["GET", "k"]}, {}, "GET k")
     assert _backend(redis) == ("redis", "db", "13") and _may_write(redis)  # unknown: may write
+
+
+def test_a_new_episode_stores_no_secret_an_earlier_test_learned(
+    pytester: pytest.Pytester, serve: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call new_episodes adds to a cassette is scrubbed as a whole cassette is: of every
+    # secret the process knows (here the token test_a's replayed request taught it).
+    monkeypatch.setenv("SAMPLE_UPSTREAM", serve(Upstream()).url)
+    project(pytester, f"""
+    TOKEN = {TOKEN!r}
+
+    @pytest.mark.timetracer
+    def test_a_login():
+        httpx.get(UP + "/me", headers={{"Authorization": f"Bearer {{TOKEN}}"}})
+
+    @pytest.mark.timetracer
+    def test_b_note():
+        httpx.get(UP + "/base")
+        if os.environ.get("MORE"):
+            httpx.post(UP + "/notes", json={{"note": TOKEN}})
+    """)
+    run(pytester, "--timetracer-record-mode=all").assert_outcomes(passed=2)
+    monkeypatch.setenv("MORE", "1")
+    run(pytester, "--timetracer-record-mode=new_episodes").assert_outcomes(passed=2)
+    _, note = interactions(pytester.path, "test_b_note")
+    assert note.label.startswith("POST") and "redacted:" in sent_body(note)
+    assert TOKEN not in sent_body(note)
