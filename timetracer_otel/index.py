@@ -111,6 +111,9 @@ class ReplayReport:
     unkept: list[str] = field(default_factory=list)
     # Misses on_miss let go live that could not: their connection came from the cassette.
     stranded: list[str] = field(default_factory=list)
+    # Operations the replay refused (ReplayUnsupportedError: COPY, LISTEN...), each failing
+    # the replay even when the app swallowed the error.
+    unsupported: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -118,8 +121,10 @@ class ReplayReport:
 
     def failed(self, misses_fail: bool) -> bool:
         """Whether the replay failed: a miss, where misses fail (``on_miss="error"``), or a
-        miss let go live that could not, whatever ``on_miss`` said."""
-        return (misses_fail and bool(self.misses)) or bool(self.stranded)
+        miss let go live that could not, or an operation replay refused, whatever ``on_miss``
+        said."""
+        return (misses_fail and bool(self.misses)) or bool(self.stranded) \
+            or bool(self.unsupported)
 
     def summary(self) -> str:
         parts = [f"{self.exact} exact", f"{len(self.shape_matches)} by shape"]
@@ -127,6 +132,8 @@ class ReplayReport:
         parts.append(f"{len(self.unused)} recorded but unused")
         if self.stranded:
             parts.append(f"{len(self.stranded)} could not go live")
+        if self.unsupported:
+            parts.append(f"{len(self.unsupported)} unsupported")
         return "replay: " + ", ".join(parts)
 
     def render(self) -> str:
@@ -137,6 +144,7 @@ class ReplayReport:
         lines.extend(f"  miss: {m}" for m in self.misses)
         lines.extend(f"  could not go live (connection from the cassette): {m}"
                      for m in self.stranded)
+        lines.extend(f"  unsupported in replay: {m}" for m in self.unsupported)
         lines.extend(f"  unused: {label} ({src})" for label, src in self.unused)
         lines.extend(f"  not kept: {why}" for why in self.unkept)
         return "\n".join(lines)
@@ -151,6 +159,8 @@ class Answers(Protocol):
     def miss_message(self, call: Call, *, hint: str = "") -> str: ...
 
     def strand(self, call: Call) -> None: ...
+
+    def refuse(self, what: str) -> None: ...
 
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None: ...
@@ -304,6 +314,11 @@ class ReplayIndex:
         with self._lock:
             self._report.stranded.append(call.label)
 
+    def refuse(self, what: str) -> None:
+        """An operation the replay refused with a ReplayUnsupportedError (``what`` it was)."""
+        with self._lock:
+            self._report.unsupported.append(what)
+
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
         """The earliest recorded call of ``library`` (for which ``where`` holds), used or not
@@ -327,7 +342,7 @@ class ReplayIndex:
             r = self._report
             unused = [(e.span.label or e.span.name, e.source) for e in self._entries if not e.used]
             return ReplayReport(r.exact, list(r.shape_matches), list(r.misses), unused,
-                                stranded=list(r.stranded))
+                                stranded=list(r.stranded), unsupported=list(r.unsupported))
 
 
 # Every index of this process: a forked child's start with their locks free (another thread

@@ -479,6 +479,9 @@ class _Routed:
     def strand(self, call: Call) -> None:
         self._index().strand(call)
 
+    def refuse(self, what: str) -> None:
+        self._index().refuse(what)
+
     def first(self, library: str,
               where: Callable[[SpanRecord], bool] | None = None) -> SpanRecord | None:
         return self._index().first(library, where)

@@ -277,9 +277,10 @@ def decide(call: Call) -> Match | Action:
     match = st.index.take(call)
     if match is not None:
         if match.span.truncated:
-            raise ReplayUnsupportedError(
+            raise unsupported(
                 f"The recorded response of {call.label} was larger than the payload limit and "
-                "was stored truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again."
+                "was stored truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again.",
+                f"{call.label} (stored truncated)",
             )
         span = trace.get_current_span(ctx)
         if span.is_recording():
@@ -289,6 +290,15 @@ def decide(call: Call) -> Match | Action:
         raise ReplayMissError(st.index.miss_message(call), library=call.library, key=call.key)
     st.index.miss_message(call)  # still counted in the report
     return LIVE if on_miss is OnMiss.PASSTHROUGH else RECORD
+
+
+def unsupported(message: str, what: str) -> ReplayUnsupportedError:
+    """The error for an operation the replay refuses (``what`` it is, for the report):
+    counted in the replay's report, so a replay whose app swallows the error still fails."""
+    index = STATE.index
+    if STATE.mode is Mode.REPLAY and index is not None:
+        index.refuse(what)
+    return ReplayUnsupportedError(message)
 
 
 def stranded(call: Call) -> ReplayUnsupportedError:
