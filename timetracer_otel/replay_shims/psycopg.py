@@ -14,7 +14,9 @@ own Transformer and loaders build the rows (a ``timestamptz`` gets the same Zone
 builds errors with ``psycopg.errors.error_from_result`` (same class, sqlstate and diag).
 
 In replay a connection wraps a never-connected libpq PGconn (its libpq side only serves
-escaping) that reports the recorded session; any real I/O on it raises ReplayUnsupportedError.
+escaping) that reports the recorded session; any real I/O on it raises ReplayUnsupportedError,
+and so do ``LISTEN`` and ``notifies()`` on it (no notification could ever arrive), each counted
+in the replay's report (see :func:`~timetracer_otel.replay_shims.base.unsupported`).
 
 A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
 a real connection opened then, at the first such miss, from the connection parameters the app
@@ -38,6 +40,7 @@ import getpass
 import itertools
 import logging
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -70,6 +73,7 @@ from timetracer_otel.replay_shims.base import (
     rebuild_error,
     stranded,
     suppressed,
+    unsupported,
 )
 from timetracer_otel.sql import sql_call
 
@@ -282,10 +286,21 @@ class RecordedResult:
         pass
 
     def set_attributes(self, descriptions: list[Any]) -> None:
-        raise ReplayUnsupportedError("A recorded psycopg result is read-only.")
+        raise unsupported("A recorded psycopg result is read-only.",
+                          "psycopg set_attributes on a recorded result")
 
     def __repr__(self) -> str:
         return f"<RecordedResult {_ES(self.status).name} {self.ntuples} rows>"
+
+
+def _refused(what: str) -> ReplayUnsupportedError:
+    """The error for an operation a replayed connection cannot do, counted in the report."""
+    return unsupported(
+        f"psycopg {what} is not supported on a replayed connection (COPY, stream(), "
+        "pipeline mode, LISTEN/notifies() and cancel need the server); keep psycopg live with "
+        "TIMETRACER_LIVE_PLUGINS=psycopg for this code.",
+        f"psycopg {what}",
+    )
 
 
 def _simple_result(command: str) -> RecordedResult:
@@ -321,13 +336,14 @@ class ReplayPGconn(PGconn):
         self._live_error: BaseException | None = None
 
     # What the connection reports.
+    # Plain ints, as libpq's PGconn gives them (psycopg's ConnectionInfo makes the enums).
     @property
     def status(self) -> int:
-        return pq.ConnStatus.OK if self._open else pq.ConnStatus.BAD
+        return int(pq.ConnStatus.OK if self._open else pq.ConnStatus.BAD)
 
     @property
     def transaction_status(self) -> int:
-        return self._tx_status if self._open else _TS.UNKNOWN
+        return int(self._tx_status if self._open else _TS.UNKNOWN)
 
     def parameter_status(self, name: bytes) -> bytes | None:
         return self._params.get(name)
@@ -420,11 +436,7 @@ class ReplayPGconn(PGconn):
             live.execute("ROLLBACK" if rollback else "COMMIT")
 
     def _unsupported(self, what: str) -> ReplayUnsupportedError:
-        return ReplayUnsupportedError(
-            f"psycopg {what} is not supported on a replayed connection (COPY, stream(), "
-            "pipeline mode, LISTEN/NOTIFY and cancel need the server); keep psycopg live with "
-            "TIMETRACER_LIVE_PLUGINS=psycopg for this code."
-        )
+        return _refused(what)
 
     def send_query(self, *args: Any, **kwargs: Any) -> None:
         raise self._unsupported("send_query")
@@ -577,7 +589,10 @@ def _error_attrs(cur: Any, exc: BaseException) -> Tree:
     except Exception:
         tx = None
     result = RecordedResult.capture(res).to_tree(cur._encoding) if res is not None else None
-    return {"result": result, "tx": tx}
+    # What the cursor holds as the error leaves it: an executemany failing part-way has
+    # counted the rows of the statements that ran.
+    return {"result": result, "tx": tx, "rowcount": cur._rowcount,
+            "status": _text(cur._statusmessage, cur._encoding)}
 
 
 def _apply_session(cur: Any, tx: int | None, session: dict[str, str] | None) -> None:
@@ -635,6 +650,9 @@ def _run_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any]) -
     try:
         with suppress_instrumentation():  # not the app's own call: no span, no replay
             run(lcur)
+    except Exception:
+        cur._rowcount, cur._statusmessage = lcur._rowcount, lcur._statusmessage
+        raise
     finally:
         if live.info.transaction_status == _TS.INERROR:
             _apply_session(cur, _TS.INERROR, None)
@@ -666,6 +684,18 @@ def _replayed_conn(cur: Any) -> bool:
     return isinstance(cur._conn.pgconn, ReplayPGconn)
 
 
+_LISTEN = re.compile(r"(?:^|;)\s*LISTEN\b", re.IGNORECASE)
+
+
+def _listens(call: Call) -> bool:
+    """Whether the statement subscribes to notifications (``LISTEN``), which a replayed
+    connection would never deliver: refused rather than answered with a silent nothing."""
+    statement = call.identity.get("statement") if isinstance(call.identity, dict) else None
+    if not isinstance(statement, str):
+        return False
+    return "listen" in statement.lower() and _LISTEN.search(statement) is not None
+
+
 def _needs_server(cur: Any, call: Call) -> None:
     """A miss about to go live (on_miss passthrough/record) on a connection the replay
     opened from the cassette: there is no server to send it to."""
@@ -677,6 +707,9 @@ def _raise_recorded(cur: Any, match: Match) -> None:
     err = match.span.error
     attrs = err.get("attrs") or {}
     _apply_session(cur, attrs.get("tx"), None)
+    if "rowcount" in attrs:  # (cassettes recorded before 2026-11-29 have neither)
+        cur._rowcount = attrs["rowcount"]
+        cur._statusmessage = _raw(attrs.get("status"), cur._encoding)
     if attrs.get("result") is not None:
         raise pg_errors.error_from_result(RecordedResult.from_tree(attrs["result"], cur._encoding),
                                          encoding=cur._encoding)
@@ -709,6 +742,8 @@ def _execute_gen(original: Any) -> Any:
         if STATE.mode is Mode.OFF or self._conn._pipeline:
             return (yield from original(self, query, params, prepare=prepare, binary=binary))
         call = _call(self, query, params, "execute")
+        if _replayed_conn(self) and _listens(call):
+            raise _refused("LISTEN")
         action = decide(call)
         if isinstance(action, Match):
             yield from self._start_query(query)
@@ -918,6 +953,16 @@ def _exec_command(original: Any) -> Any:
     return _exec_command
 
 
+def _notifies(original: Any) -> Any:
+    # Notifications come from the server's socket: a replayed connection has none.
+    def notifies(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.pgconn, ReplayPGconn):
+            raise _refused("notifies()")
+        return original(self, *args, **kwargs)
+
+    return notifies
+
+
 def _connect_gen(original: Any) -> Any:
     func = original.__func__
 
@@ -991,6 +1036,8 @@ class PsycopgShim(Shim):
         self.wrap(ServerCursorMixin, "_fetch_gen", _fetch_gen)
         self.wrap(BaseConnection, "_exec_command", _exec_command)
         self.wrap(BaseConnection, "_connect_gen", _connect_gen)
+        self.wrap(psycopg.Connection, "notifies", _notifies)
+        self.wrap(psycopg.AsyncConnection, "notifies", _notifies)
         self.wrap(connection, "conninfo_attempts", _no_dns)
         self.wrap(connection_async, "conninfo_attempts_async", _no_dns_async)
 
