@@ -11,6 +11,8 @@ oids, the status string and the transaction status after the call. Replay rebuil
 Replay also needs connections without a server: ``connect_utils._connect_addr`` (used by
 ``asyncpg.connect`` and pools alike) returns a real ``Connection`` over :class:`_ReplayProtocol`,
 which opens no socket; ``prepare``, cursors and ``set_type_codec`` are answered without it.
+``copy_*`` and ``add_listener`` are refused there (ReplayUnsupportedError, counted in the
+replay's report).
 
 A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
 a real connection opened then, at the first such miss, with the arguments the app gave to
@@ -33,6 +35,7 @@ import asyncpg
 from asyncpg import connect_utils, cursor, prepared_stmt
 from asyncpg.connection import Connection
 from asyncpg.exceptions import PostgresError
+from asyncpg.exceptions._base import InterfaceMessage
 from asyncpg.pgproto import pgproto
 from asyncpg.protocol.protocol import _create_record
 from asyncpg.protocol.record import RecordDescriptor
@@ -61,6 +64,7 @@ from timetracer_otel.replay_shims.base import (
     decide,
     rebuild_error,
     stranded,
+    unsupported,
 )
 from timetracer_otel.sql import sql_call
 
@@ -80,6 +84,11 @@ _UNSUPPORTED = (
     "asyncpg {what} is not supported in replay; keep asyncpg live for this code with "
     "TIMETRACER_LIVE_PLUGINS=asyncpg (or on_miss='passthrough')."
 )
+
+
+def _refused(what: str) -> ReplayUnsupportedError:
+    """The error for an operation replay cannot do, counted in the replay's report."""
+    return unsupported(_UNSUPPORTED.format(what=what), f"asyncpg {what}")
 
 # asyncpg decodes uuid columns to its own uuid.UUID subclass; replay keeps that type.
 register(pgproto.UUID, "asyncpg.UUID", str, pgproto.UUID)
@@ -170,7 +179,7 @@ class _ReplayProtocol:
 
     def __getattr__(self, name: str) -> Any:
         # Protocol operations no shim answers (COPY, LISTEN payloads...) fail clearly.
-        raise ReplayUnsupportedError(_UNSUPPORTED.format(what=f"protocol operation {name!r}"))
+        raise _refused(f"protocol operation {name!r}")
 
 
 class _ReplayState:
@@ -359,6 +368,8 @@ def _error_attrs(exc: BaseException, conn: Any) -> Tree:
     if isinstance(exc, PostgresError):
         attrs["fields"] = {k: to_tree(v) for k, v in exc.as_dict().items()}
         attrs["query"] = getattr(exc, "query", None)
+    elif isinstance(exc, InterfaceMessage):  # client-side errors (InterfaceError, DataError)
+        attrs["fields"] = {"detail": to_tree(exc.detail), "hint": to_tree(exc.hint)}
     if conn is not None and conn._protocol is not None:
         attrs["tx"] = conn._protocol.is_in_transaction()
     return attrs
@@ -378,7 +389,8 @@ def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
         BaseException.__init__(exc, *args)
     if "fields" in attrs:
         exc.__dict__.update({k: from_tree(v) for k, v in attrs["fields"].items()})
-        exc.__dict__["query"] = attrs.get("query")
+    if "query" in attrs:  # (a PostgresError's; an InterfaceError has none)
+        exc.__dict__["query"] = attrs["query"]
     return exc
 
 
@@ -420,10 +432,11 @@ def _records(tree: Tree, record_class: Any) -> list[Any]:
     if (custom or repeated) and _ITEMS is None:
         what = (f"the custom record_class {record_class.__qualname__}" if custom
                 else "a record whose columns repeat a name")
-        raise ReplayUnsupportedError(
+        raise unsupported(
             f"Replay cannot build {what} with this asyncpg version; use the default record "
             "class and distinct column names in replayed code, or keep asyncpg live with "
-            "TIMETRACER_LIVE_PLUGINS=asyncpg."
+            "TIMETRACER_LIVE_PLUGINS=asyncpg.",
+            f"asyncpg {what}",
         )
     rows = _row_tuples(tree["rows"])
     if custom or repeated:
@@ -675,10 +688,21 @@ def _codec_method(original: Any) -> Any:
 def _copy_method(original: Any) -> Any:
     async def method(self: Connection, *args: Any, **kwargs: Any) -> Any:
         if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
-            raise ReplayUnsupportedError(_UNSUPPORTED.format(what=original.__name__))
+            raise _refused(original.__name__)
         return await original(self, *args, **kwargs)
 
     return method
+
+
+def _add_listener(original: Any) -> Any:
+    # Notifications come from the server: a replayed connection (or the real one a miss opens
+    # behind it) would never deliver one to the app's callback. Refused, not silent.
+    async def add_listener(self: Connection, channel: str, callback: Any) -> Any:
+        if _is_replay_conn(self):
+            raise _refused("add_listener (LISTEN notifications)")
+        return await original(self, channel, callback)
+
+    return add_listener
 
 
 # --- PreparedStatement methods ----------------------------------------------------------------
@@ -821,6 +845,7 @@ class AsyncpgShim(Shim):
         for name in ("copy_from_table", "copy_from_query", "copy_to_table",
                      "copy_records_to_table"):
             self.wrap(Connection, name, _copy_method)
+        self.wrap(Connection, "add_listener", _add_listener)
         for op in _STATEMENT_METHODS:
             self.wrap(prepared_stmt.PreparedStatement, op, _statement_method(op))
         self.wrap(cursor.Cursor, "_init", _cursor_init)
