@@ -185,6 +185,23 @@ def test_psycopg_executemany_error_recorded_without_rowcount_replays_as_before(
     assert out == [(psycopg.errors.UniqueViolation, f"{name}_pkey"), -1, int, None]
 
 
+def test_psycopg_executemany_miss_going_live_keeps_rowcount(tmp_path: Path, name: str) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec, \
+            psycopg.connect(_dsn(PG_PORT), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    with psycopg.connect(_dsn(PG_PORT), autocommit=True) as admin:
+        admin.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep, \
+            psycopg.connect(_dsn(PG_PORT), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        cur = conn.cursor()
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            cur.executemany(f"INSERT INTO {name} VALUES (%s)", [(1,), (2,), (1,)])
+        got = [cur.rowcount, type(cur.rowcount), cur.statusmessage]
+    assert got == [2, int, "INSERT 0 1"]
+    assert len(rep.report.misses) == 1 and not rep.report.stranded
+
+
 # --- 4. the replay PGconn's int properties --------------------------------------------------
 
 
@@ -208,12 +225,34 @@ def _pg_status(port: int) -> list[Any]:
     return out
 
 
+def _pg_props(port: int) -> list[Any]:
+    """The other PGconn properties, values and types (or the error this libpq raises)."""
+    out: list[Any] = []
+    with psycopg.connect(_dsn(port), autocommit=True) as conn:
+        for prop in ("protocol_version", "full_protocol_version", "used_gssapi", "ssl_in_use",
+                     "pipeline_status", "nonblocking", "error_message"):
+            try:
+                value = getattr(conn.pgconn, prop)
+                out.append((prop, value, type(value)))
+            except psycopg.Error as exc:
+                out.append((prop, type(exc)))
+    return out
+
+
 def test_psycopg_replay_pgconn_reports_plain_ints(tmp_path: Path) -> None:
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = _pg_status(PG_PORT)
     assert live[0] == (0, int) and live[4] == (2, int)
     with timetracer_otel.replay(rec.paths):
         assert _pg_status(unreachable_port()) == live
+
+
+def test_psycopg_replay_pgconn_other_properties_as_live(tmp_path: Path) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = _pg_props(PG_PORT)
+    assert ("nonblocking", 1, int) in live
+    with timetracer_otel.replay(rec.paths):
+        assert _pg_props(unreachable_port()) == live
 
 
 # --- 5. asyncpg InterfaceError hint and detail -----------------------------------------------

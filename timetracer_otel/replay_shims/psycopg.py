@@ -329,6 +329,7 @@ class ReplayPGconn(PGconn):
         self._server_version: int = session["server_version"]
         self._backend_pid: int = session.get("backend_pid") or 0
         self._tx_status: int = _TS.IDLE
+        self._nonblocking = 1
         self._open = True
         # The real connection a miss goes live on (see _live_connection), and why it could not
         # be opened.
@@ -362,11 +363,23 @@ class ReplayPGconn(PGconn):
 
     @property
     def full_protocol_version(self) -> int:
+        if pq.version() < 180000:  # NotSupportedError, as live with this libpq
+            return super().full_protocol_version
         return 30000
 
     @property
     def used_gssapi(self) -> bool:
+        if pq.version() < 160000:  # NotSupportedError, as live with this libpq
+            return super().used_gssapi
         return False
+
+    @property
+    def nonblocking(self) -> int:
+        return self._nonblocking  # 1, as psycopg's connect leaves a live one
+
+    @nonblocking.setter
+    def nonblocking(self, arg: int) -> None:
+        self._nonblocking = int(arg)
 
     @property
     def ssl_in_use(self) -> bool:
