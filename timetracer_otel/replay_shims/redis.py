@@ -29,6 +29,7 @@ caching is not covered.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
 from typing import Any
@@ -49,6 +50,7 @@ from timetracer_otel.replay_shims.base import (
     Shim,
     decide,
     error_tree,
+    instantiate,
     rebuild_error,
     suppressed,
 )
@@ -160,6 +162,57 @@ def _pipeline_call(client: Any, commands: list[list[str | bytes]], transaction: 
 # --- the replies -----------------------------------------------------------------------------
 
 
+# --- errors ----------------------------------------------------------------------------------
+
+_PLAIN = (str, int, float, bool, bytes, tuple, list, type(None))
+
+
+def _error_attrs(exc: BaseException) -> Tree:
+    """What redis-py set on an exception besides its args: ``status_code`` (``"NOSCRIPT"``,
+    ``"ERR"``, ``"EXECABORT"``...), and the plain attributes of the errors that parse their
+    message (``AskError.slot_id``, ``node_addr``...); None when there is none."""
+    attrs: dict[str, Any] = {}
+    for name, value in vars(exc).items():
+        if name.startswith("_") or not isinstance(value, _PLAIN):
+            continue  # (error_type, an enum, is set by the class itself)
+        tree = to_tree(value)
+        if isinstance(tree, dict) and "$unsupported" in tree:
+            continue
+        attrs[name] = tree
+    return attrs or None
+
+
+def _error_tree(exc: BaseException) -> Tree:
+    return error_tree(exc, _error_attrs(exc))
+
+
+def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
+    """The recorded error as redis-py builds it: ``cls(*args, status_code=code)``, then its
+    other recorded attributes; a cassette recorded before they were kept gives ``cls(*args)``."""
+    args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    attrs = tree.get("attrs")
+    attrs = attrs if isinstance(attrs, dict) else {}
+    exc: BaseException | None = None
+    if "status_code" in attrs:
+        try:
+            exc = cls(*args, status_code=from_tree(attrs["status_code"]))  # type: ignore[call-arg]
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = instantiate(cls, *args)
+    for name, value in attrs.items():
+        if not isinstance(name, str) or name.startswith("_") or name == "args":
+            continue
+        value = from_tree(value)
+        if getattr(exc, name, _MISSING) != value:
+            with contextlib.suppress(Exception):  # (a read-only attribute: the class sets it itself)
+                setattr(exc, name, value)
+    return exc
+
+
+_MISSING = object()
+
+
 class _ReplyError:
     """An error inside a reply (an ``EXEC`` reply holds one per failed command)."""
 
@@ -169,7 +222,8 @@ class _ReplyError:
         self.error = error
 
 
-register(_ReplyError, "redis.error", lambda e: error_tree(e.error), rebuild_error)
+register(_ReplyError, "redis.error", lambda e: _error_tree(e.error),
+         lambda tree: rebuild_error(tree, _build_error))
 
 
 def _with_errors_marked(value: Any) -> Any:
@@ -182,7 +236,7 @@ def _with_errors_marked(value: Any) -> Any:
 
 def _read_tree(value: Any = None, error: BaseException | None = None) -> Tree:
     if error is not None:
-        return {"error": error_tree(error)}
+        return {"error": _error_tree(error)}
     return {"value": to_tree(_with_errors_marked(value))}
 
 
@@ -236,7 +290,7 @@ class _Replayed:
         read = self._reads[self._next]
         self._next += 1
         if read.get("error") is not None:
-            raise rebuild_error(read["error"])
+            raise rebuild_error(read["error"], _build_error)
         return from_tree(read["value"])
 
     def pack_commands(self, commands: Any) -> Any:
@@ -289,7 +343,7 @@ def _learn_config_secrets(command: list[str | bytes], value: Any) -> None:
 def _recorded_reads(match: Match) -> list[Tree]:
     span = match.span
     if span.error is not None:
-        raise rebuild_error(span.error)
+        raise rebuild_error(span.error, _build_error)
     reads: list[Tree] = span.response["reads"]
     return reads
 
@@ -408,7 +462,7 @@ def _finish(cap: Any, exc: BaseException, reads: list[Tree]) -> None:
     if reads and not isinstance(exc, _UNANSWERED):
         cap.ok(reads)
     else:
-        cap.fail(exc)
+        cap.fail(exc, _error_attrs(exc))
 
 
 def _pipeline_commands(pipe: Any) -> list[list[str | bytes]] | None:
