@@ -21,13 +21,18 @@ keeps botocore from asking the instance metadata service for credentials or a re
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import fnmatch
 import hashlib
 import io
+import json
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
 import botocore.client
+import botocore.credentials
 import botocore.endpoint
 import botocore.exceptions
 import botocore.signers
@@ -35,10 +40,11 @@ import botocore.utils
 from botocore.awsrequest import AWSResponse
 from opentelemetry import context as otel_context
 
-from timetracer_otel.codec import Tree, as_bytes, to_tree
+from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
+from timetracer_otel.redaction import SECRET_FIELDS
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
@@ -167,7 +173,14 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
         shape = None
     params = _without_secrets(shape, params)
     r = STATE.redactor
-    tree = r.scrub(r.document(_param(params)))  # (scrub: secrets seen earlier, anywhere)
+    tree = _param(params)
+    if service in _DATA_SERVICES:  # the app's data (items, keys): only the user's own rules
+        named, paths = _user_rules(r)
+        if named.any or paths:
+            tree = _by_user_rules(r, tree, named, paths)
+    else:
+        tree = r.document(tree)
+    tree = r.scrub(tree)  # (secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
     shape = {"service": service, "operation": operation, "params": sorted(tree)}
     named = [f"{k}={v}" for k, v in tree.items() if isinstance(v, str) and len(v) <= 60][:2]
@@ -209,8 +222,12 @@ class _Exchange:
         self.next += 1
         if send.get("error") is not None:
             raise rebuild_error(send["error"], _build_error)
+        body = as_bytes(send["body"])
+        headers = send["headers"]
+        if body:  # (a body scrubbed after it was stored: its length is what botocore reports)
+            headers = _length_fixed(headers, body)
         return AWSResponse(send.get("url") or url, send["status"],
-                           [(k, v) for k, v in send["headers"]], _Body(as_bytes(send["body"])))
+                           [(k, v) for k, v in headers], _Body(body))
 
 
 _EXCHANGE: ContextVar[_Exchange | None] = ContextVar("timetracer_botocore_exchange", default=None)
@@ -225,49 +242,266 @@ def _kept(response: AWSResponse, body: bytes) -> Tree:
             "headers": [list(h) for h in headers], "body": body}
 
 
+# Services whose answers are the app's own data (DynamoDB items), and not only where the
+# operation's output is a payload blob (an S3 object, a Lambda function's answer).
+_DATA_SERVICES = frozenset({"dynamodb", "dynamodbstreams"})
+
+
+def _data_plane(client: Any, operation: str) -> bool:
+    """Whether this operation's responses carry the app's data: an S3 object's bytes, a
+    Lambda payload, DynamoDB attribute values. Those get only secrets learned elsewhere and
+    the user's own rules, never the field-name guesses (see :func:`_redacted`)."""
+    model = client.meta.service_model
+    if model.service_name in _DATA_SERVICES:
+        return True
+    try:
+        shape = model.operation_model(operation).output_shape
+    except Exception:
+        return False
+    payload = shape.serialization.get("payload") if shape is not None else None
+    member = shape.members.get(payload) if payload else None
+    return member is not None and member.type_name == "blob"
+
+
+def _user_rules(r: Any) -> tuple[Any, tuple[tuple[str, ...], ...]]:
+    """The field names (``json:**.x``, ``mongo:x``) and JSON paths the user configured, without
+    the built-in secret names: a matcher of names and the paths."""
+    defaults = frozenset(f.lower() for f in SECRET_FIELDS)
+    exact = (r.json_anywhere.exact | r.field_names.exact) - defaults
+    globs = (*r.json_anywhere.globs, *r.field_names.globs)
+
+    def named(name: Any) -> bool:
+        if not isinstance(name, str):
+            return False
+        low = name.lower()
+        return low in exact or any(fnmatch.fnmatchcase(low, g) for g in globs)
+
+    named.any = bool(exact or globs)  # type: ignore[attr-defined]
+    return named, tuple(r.json_paths)
+
+
+def _tokens(r: Any, value: Any) -> Any:
+    """A matched value with every leaf a token, its structure kept (DynamoDB's ``{"S": ...}``)."""
+    if isinstance(value, dict):
+        return {k: _tokens(r, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tokens(r, v) for v in value]
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        return r.token(value)
+    return r.token(json.dumps(value, sort_keys=True, default=repr))
+
+
+def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...]) -> Any:
+    """A decoded JSON value with only the user's own rules applied (see :func:`_user_rules`)."""
+    def anywhere(n: Any) -> Any:
+        if isinstance(n, dict):
+            return {k: _tokens(r, v) if named(k) else anywhere(v) for k, v in n.items()}
+        if isinstance(n, list):
+            return [anywhere(v) for v in n]
+        return n
+
+    def path(n: Any, segs: tuple[str, ...]) -> Any:
+        if not segs:
+            return _tokens(r, n)
+        if isinstance(n, list):
+            return [path(v, segs) for v in n]
+        if not isinstance(n, dict):
+            return n
+        head, rest = segs[0], segs[1:]
+        if head == "**":
+            here = path(n, rest)
+            return {k: path(v, segs) for k, v in here.items()} if isinstance(here, dict) else here
+        low = head.lower()
+        return {k: path(v, rest) if fnmatch.fnmatchcase(str(k).lower(), low) else v
+                for k, v in n.items()}
+
+    if named.any:
+        node = anywhere(node)
+    for segs in paths:
+        node = path(node, segs)
+    return node
+
+
+def _changed_strings(old: Any, new: Any, out: dict[str, str]) -> bool:
+    """The string leaves of ``old`` that ``new`` replaced, into ``out``; False when anything
+    else changed (a number made a token), which no in-place substitution can express."""
+    if isinstance(old, dict) and isinstance(new, dict) and old.keys() == new.keys():
+        return all(_changed_strings(v, new[k], out) for k, v in old.items())
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return all(_changed_strings(a, b, out) for a, b in zip(old, new, strict=True))
+    if type(old) is type(new) and old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str):
+        out[old] = new
+        return True
+    return False
+
+
+def _in_place(body: bytes, doc: Any, new_doc: Any) -> bytes | None:
+    """``body`` (JSON) with the strings ``new_doc`` replaced substituted in its own bytes: its
+    whitespace, key order and escapes kept. None when that cannot give ``new_doc``."""
+    pairs: dict[str, str] = {}
+    if not _changed_strings(doc, new_doc, pairs):
+        return None
+    for old, tok in sorted(pairs.items(), key=lambda p: -len(p[0])):
+        repl = json.dumps(tok).encode()
+        for form in {json.dumps(old).encode(), json.dumps(old, ensure_ascii=False).encode()}:
+            body = body.replace(form, repl)
+    try:
+        return body if json.loads(body) == new_doc else None
+    except ValueError:
+        return None
+
+
+def _json_body(headers: list[Any], body: bytes) -> Any:
+    """The decoded JSON of a plain (not content-encoded) JSON body; _MISSING otherwise."""
+    ctype = encoding = ""
+    for h in headers:
+        name = str(h[0]).lower()
+        if name == "content-type":
+            ctype = str(h[1]).split(";")[0].strip().lower()
+        elif name == "content-encoding":
+            encoding = str(h[1]).strip().lower()
+    if encoding not in ("", "identity") or not (
+            ctype == "application/json" or ctype.endswith("+json") or ctype == "text/json"
+            or ctype.startswith("application/x-amz-json")):
+        return _MISSING
+    try:
+        return json.loads(body)
+    except ValueError:
+        return _MISSING
+
+
+def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool) -> bytes | None:
+    """A response body as stored, its secrets replaced in its own bytes; None to leave it to
+    ``Redactor.response`` (a control-plane body that is content-encoded, or whose secret is not
+    a string). A data-plane body (``data``) gets only the user's rules, and is never
+    re-serialized but where such a rule hits a number."""
+    if not body:
+        return body
+    doc = _json_body(headers, body)
+    if doc is not _MISSING:
+        if data:
+            named, paths = _user_rules(r)
+            new_doc = _by_user_rules(r, doc, named, paths) if named.any or paths else doc
+        else:
+            new_doc = r.json(doc)
+        if new_doc != doc:
+            new = _in_place(body, doc, new_doc)
+            if new is None:  # (a rule on a number: no way to keep the bytes)
+                if not data:
+                    return None
+                new = json.dumps(new_doc, ensure_ascii=False, separators=(",", ":")).encode()
+            body = new
+    elif not data:
+        return None
+    scrubbed: bytes = r.scrub_bytes(body)
+    return scrubbed
+
+
 def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
     """The sends of a finished call as the cassette keeps them: the secret members of the
-    parsed result learned (see :func:`_without_secrets`), then every response redacted as
-    HTTP responses are (``Redactor.response``: secret JSON fields, anything learned, the
-    length fixed); a body that changed loses the headers that vouch for its bytes."""
+    parsed result learned (see :func:`_without_secrets`), then every body's secrets replaced
+    in its own bytes (JSON never re-serialized): every secret learned so far, and for a
+    control-plane answer also JSON fields named like secrets; for the app's data (an S3
+    object, DynamoDB items: :func:`_data_plane`) only the user's own rules. A body that
+    changed gets its ``Content-Length`` fixed and loses the headers that vouch for its bytes
+    (its ``ETag`` is kept: it names the object)."""
     try:
         shape = client.meta.service_model.operation_model(operation).output_shape
     except Exception:
         shape = None
     _without_secrets(shape, result)  # (only the tokens it makes, which teach the redactor)
     r = STATE.redactor
+    data = _data_plane(client, operation)
     out = []
     for send in sends:
         body = send.get("body")
         if isinstance(body, bytes):
-            stored = r.response({"headers": send["headers"], "body": body})
+            status = send.get("status")
+            plain = _body_redacted(r, send["headers"], body,
+                                   data and isinstance(status, int) and status < 300)
+            if plain is None:
+                stored = r.response({"headers": send["headers"], "body": body})
+            else:
+                stored = {"headers": r.scrub(send["headers"]), "body": plain}
             if stored["body"] != body:
-                stored["headers"] = [h for h in stored["headers"]
-                                     if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
+                stored["headers"] = _length_fixed(
+                    [h for h in stored["headers"]
+                     if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)], stored["body"])
             send = {**send, **stored}
         out.append(send)
     return out
 
 
+def _length_fixed(headers: list[Any], body: bytes) -> list[Any]:
+    """``headers`` with ``Content-Length`` the length of ``body``."""
+    return [[h[0], str(len(body))] if str(h[0]).lower() == "content-length" else h
+            for h in headers]
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _kwarg(value: Any) -> Any:
+    """A keyword argument of a botocore error as recorded: plain values as they are, an
+    exception (``EndpointConnectionError(error=NewConnectionError(...))``) as its own error
+    tree, anything else as its text."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, BaseException):
+        return {"error_tree": _error_of(value)}
+    return str(value)
+
+
 def _error_of(exc: BaseException) -> Tree:
     """A send's error as recorded: botocore's errors with their keyword arguments (an
-    exception among them as its text)."""
+    exception among them as its error tree), other errors with their plain attributes (an
+    object such as urllib3's ``conn`` by name only: it comes back as None)."""
     kwargs = getattr(exc, "kwargs", None)
     if isinstance(exc, botocore.exceptions.BotoCoreError) and isinstance(kwargs, dict):
-        plain = {str(k): v if isinstance(v, str | int | float | bool) or v is None else str(v)
-                 for k, v in kwargs.items()}
-        return error_tree(exc, {"kwargs": plain})
-    return error_tree(exc)
+        return error_tree(exc, {"kwargs": {str(k): _kwarg(v) for k, v in kwargs.items()}})
+    fields: dict[str, Any] = {}
+    unset: list[str] = []
+    for name, value in vars(exc).items():
+        if name.startswith("__"):
+            continue
+        if isinstance(value, _PLAIN):
+            fields[name] = value
+        else:
+            unset.append(name)
+    return error_tree(exc, {"fields": fields, "unset": unset} if fields or unset else None)
+
+
+def _rebuilt(value: Any) -> Any:
+    if isinstance(value, dict) and isinstance(value.get("error_tree"), dict):
+        return rebuild_error(value["error_tree"], _build_error)
+    return value
 
 
 def _build_error(cls: type[BaseException], tree: Tree) -> BaseException:
-    kwargs = (tree.get("attrs") or {}).get("kwargs")
+    attrs = tree.get("attrs") or {}
+    kwargs = attrs.get("kwargs")
     if isinstance(kwargs, dict) and issubclass(cls, botocore.exceptions.BotoCoreError):
         try:
-            return cls(**kwargs)
+            return cls(**{k: _rebuilt(v) for k, v in kwargs.items()})
         except Exception:
             pass
-    return instantiate(cls, tree["message"])
+        return instantiate(cls, tree["message"])
+    args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)
+    exc = instantiate(cls, *args)
+    fields = attrs.get("fields")
+    for name, value in [*(fields.items() if isinstance(fields, dict) else ()),
+                        *((n, None) for n in attrs.get("unset") or () if isinstance(n, str))]:
+        if getattr(exc, name, _MISSING) is not value:
+            with contextlib.suppress(Exception):  # (a property: the class computes it)
+                setattr(exc, name, value)
+    return exc
+
+
+_MISSING = object()
 
 
 def _send(original: Any) -> Any:
@@ -290,11 +524,25 @@ def _send(original: Any) -> Any:
     return _send
 
 
+# What a replay signs with when no credentials resolve: a presigned URL or POST is built
+# locally, never sent, so it needs none (see _sign).
+PLACEHOLDER_ACCESS_KEY = "AKIATIMETRACERREPLAY"
+_PLACEHOLDER = botocore.credentials.Credentials(PLACEHOLDER_ACCESS_KEY,
+                                                "timetracer-replay-placeholder-secret")
+
+
 def _sign(original: Any) -> Any:
     def sign(self: Any, *args: Any, **kwargs: Any) -> Any:
         exchange = _EXCHANGE.get()
         if exchange is not None and exchange.replay is not None:
             return None  # nothing is sent: no credentials needed
+        if self._credentials is None and _replaying():
+            # A presigned URL or POST (generate_presigned_url/post) in a replay without
+            # credentials: signed locally with placeholder ones, as the app's code expects
+            # a URL; a copy of the signer, so no other thread's client sees them.
+            signer = copy.copy(self)
+            signer._credentials = _PLACEHOLDER
+            return original(signer, *args, **kwargs)
         return original(self, *args, **kwargs)
 
     return sign
