@@ -1,0 +1,326 @@
+"""Review fixes for the redis and botocore shims, each recorded against a real server (Redis
+on 127.0.0.1:6379, database 13; a moto server) and replayed with every connect refused:
+
+- redis-py's server errors keep the ``status_code`` it gives them (``NOSCRIPT``, ``ERR``...);
+- ``generate_presigned_url``/``generate_presigned_post`` work in a replay without credentials;
+- an S3 object body or a DynamoDB item is the app's data: it comes back byte for byte (a
+  ``password`` field in it is not a secret by name), a secret learned elsewhere is replaced in
+  its own bytes (whitespace kept, ``ContentLength`` the body's length), and the user's own
+  rules still redact items;
+- ``EndpointConnectionError.kwargs["error"]`` replays as urllib3's ``NewConnectionError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+import redis
+import redis.asyncio
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.response import StreamingBody
+
+import timetracer_otel
+from tests.conftest import REDIS_PORT, connects_refused, unreachable_port
+from timetracer_otel import redaction
+from timetracer_otel.replay_shims import botocore as boto_shim
+from timetracer_otel.replay_shims import redis as redis_shim
+from timetracer_otel.replay_shims.base import STATE, error_tree, rebuild_error
+
+DB = 13  # the only Redis database these tests touch
+
+
+# --- redis: server errors keep redis-py's attributes --------------------------------------
+
+
+@pytest.fixture
+def keys() -> Iterator[str]:
+    """A fresh key prefix in Redis database 13; its keys are deleted afterwards."""
+    try:
+        admin = redis.Redis(port=REDIS_PORT, db=DB)
+        admin.ping()
+    except redis.ConnectionError as exc:  # fail, naming the service: never skip silently
+        pytest.fail(f"Redis is needed on 127.0.0.1:{REDIS_PORT} and is not reachable: {exc}")
+    name = f"ttkv:{uuid.uuid4().hex[:10]}:"
+    yield name
+    found = admin.keys(name + "*")
+    if found:
+        admin.delete(*found)
+    admin.close()
+
+
+def described(exc: BaseException) -> tuple[Any, ...]:
+    """An exception as its class, args and every attribute redis-py set (status_code...)."""
+    return (type(exc), exc.args, sorted((k, type(v), v) for k, v in vars(exc).items()))
+
+
+def redis_errors(port: int, p: str) -> list[Any]:
+    r: Any = redis.Redis(port=port, db=DB, socket_connect_timeout=1)
+    out: list[Any] = []
+    calls: list[Callable[[], Any]] = [lambda: r.evalsha("0" * 40, 0),
+                                      lambda: r.execute_command("NOSUCHCMD"),
+                                      lambda: r.lpush(p + "s", "x")]
+    for call in calls:
+        r.set(p + "s", "v")
+        try:
+            call()
+        except redis.ResponseError as exc:
+            out.append(described(exc))
+    pipe: Any = r.pipeline()  # MULTI: the queued error, then EXECABORT
+    pipe.set(p + "t", 1).execute_command("NOSUCHCMD")
+    try:
+        pipe.execute()
+    except redis.ResponseError as exc:
+        out.append(described(exc))
+    pipe = r.pipeline(transaction=False)  # the error returned in place
+    pipe.set(p + "t", 1).lpush(p + "s", "x").get(p + "t")
+    out.append([described(v) if isinstance(v, BaseException) else (type(v), v)
+                for v in pipe.execute(raise_on_error=False)])
+    r.close()
+    dead = redis.Redis(port=unreachable_port(), db=DB, socket_connect_timeout=0.5)
+    try:
+        dead.get(p + "x")
+    except redis.ConnectionError as exc:  # no server answer: no status code, network type
+        out.append((type(exc), exc.status_code, exc.error_type))
+    return out
+
+
+async def async_redis_errors(port: int) -> list[Any]:
+    r = redis.asyncio.Redis(port=port, db=DB, protocol=3, decode_responses=True)
+    out: list[Any] = []
+    try:
+        await r.evalsha("0" * 40, 0)
+    except redis.exceptions.NoScriptError as exc:
+        out.append(described(exc))
+    await r.aclose()
+    return out
+
+
+def test_redis_server_errors_replay_with_their_status_code(keys: str, tmp_path: Path) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = redis_errors(REDIS_PORT, keys)
+        live_async = asyncio.run(async_redis_errors(REDIS_PORT))
+    codes = [e[2] for e in live[:4]]
+    assert [dict((k, v) for k, _, v in c)["status_code"] for c in codes] == [
+        "NOSCRIPT", "ERR", None, "ERR"]  # (redis-py gives WRONGTYPE no code)
+    assert live[0][0] is redis.exceptions.NoScriptError
+    assert dict((k, v) for k, _, v in live_async[0][2])["status_code"] == "NOSCRIPT"
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = redis_errors(unreachable_port(), keys)
+        replayed_async = asyncio.run(async_redis_errors(unreachable_port()))
+    assert attempts == [] and rep.report.misses == []
+    assert replayed == live  # classes, args, status_code and error_type, value and type
+    assert replayed_async == live_async
+    assert live[-1][:2] == (redis.ConnectionError, None)
+
+
+def test_a_redis_error_recorded_without_its_attributes_still_replays() -> None:
+    """A cassette from before the attributes were kept: ``cls(*args)``, as it was then."""
+    exc = redis.exceptions.NoScriptError("No matching script.", status_code="NOSCRIPT")
+    old = error_tree(exc)  # attrs None
+    rebuilt = rebuild_error(old, redis_shim._build_error)
+    assert type(rebuilt) is redis.exceptions.NoScriptError
+    assert rebuilt.args == ("No matching script.",) and rebuilt.status_code is None
+    new = rebuild_error(redis_shim._error_tree(exc), redis_shim._build_error)
+    assert type(new) is redis.exceptions.NoScriptError and new.status_code == "NOSCRIPT"
+
+
+# --- botocore: presigned URLs and POSTs in a replay without credentials --------------------
+
+_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def presign(bucket: str) -> list[Any]:
+    # (a session of its own: boto3's default one keeps the credentials it resolved once)
+    s3 = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    s3.head_bucket(Bucket=bucket)  # a recorded call beside them
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "a b.txt"},
+                                    ExpiresIn=600)
+    post = s3.generate_presigned_post(bucket, "up/${filename}", ExpiresIn=600)
+    return [url, post]
+
+
+def test_presigned_urls_and_posts_are_built_in_a_replay_without_credentials(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live_url, live_post = presign(bucket)
+    for name in _CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        url, post = presign(bucket)
+    assert attempts == [] and rep.report.misses == [] and rep.report.exact == 1
+    assert type(url) is str and type(post) is dict
+    # The same URL but for the signature, its date and the placeholder credential.
+    assert url.split("?")[0] == live_url.split("?")[0]
+    assert f"X-Amz-Credential={boto_shim.PLACEHOLDER_ACCESS_KEY}%2F" in url
+    assert "X-Amz-Expires=600" in url and "X-Amz-Signature=" in url
+    assert post["url"] == live_post["url"] and sorted(post["fields"]) == sorted(live_post["fields"])
+    assert post["fields"]["x-amz-credential"].startswith(boto_shim.PLACEHOLDER_ACCESS_KEY + "/")
+    assert all(type(v) is str for v in post["fields"].values())
+
+
+# --- botocore: the app's data (S3 objects, DynamoDB items) --------------------------------
+
+CONFIG = b'{\n  "db_user": "app",\n  "password": "hunter2-long",\n  "api_key": "k-1"\n}\n'
+
+
+def get_config(bucket: str, body: bytes, content_type: str = "application/json") -> list[Any]:
+    s3 = boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
+    s3.put_object(Bucket=bucket, Key="cfg.json", Body=body, ContentType=content_type)
+    got = s3.get_object(Bucket=bucket, Key="cfg.json")
+    assert isinstance(got["Body"], StreamingBody)
+    data = got["Body"].read()
+    head = s3.head_object(Bucket=bucket, Key="cfg.json")
+    return [data, got["ContentLength"], type(got["ContentLength"]), got["ETag"],
+            head["ContentLength"], got["ContentType"]]
+
+
+def test_an_s3_json_object_with_a_password_field_replays_byte_for_byte(
+    bucket: str, tmp_path: Path
+) -> None:
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = get_config(bucket, CONFIG)
+    assert live[0] == CONFIG and live[1] == len(CONFIG)
+    assert live[3].strip('"') == hashlib.md5(CONFIG).hexdigest()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = get_config(bucket, CONFIG)
+    assert attempts == [] and rep.report.misses == [] and rep.report.shape_matches == []
+    assert replayed == live  # not re-serialized, not tokenized: the object's own bytes
+
+
+def test_a_learned_secret_in_an_s3_object_is_replaced_in_its_bytes(
+    bucket: str, tmp_path: Path
+) -> None:
+    name = f"s{uuid.uuid4().hex[:8]}"
+    secret = "pw-" + uuid.uuid4().hex
+    boto3.client("secretsmanager").create_secret(Name=name, SecretString=secret)
+    body = b'{\n  "dsn": "postgres://app:' + secret.encode() + b'@db/app",\n  "n": 1\n}\n'
+    binary = b"\x00\xff" + secret.encode() + b"\x80\x81tail"
+
+    def job() -> list[Any]:
+        got = boto3.client("secretsmanager").get_secret_value(SecretId=name)["SecretString"]
+        return [got, get_config(bucket, body), get_config(bucket, binary,
+                                                          "application/octet-stream")]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[0] == secret and live[1][0] == body
+    (path,) = rec.paths
+    assert secret.encode() not in Path(path).read_bytes()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
+        replayed = job()
+    assert attempts == [] and rep.report.misses == []
+    token = replayed[0]
+    assert token.startswith("redacted:")
+    text, length, length_type = replayed[1][:3]
+    assert text == body.replace(secret.encode(), token.encode())  # whitespace and order kept
+    assert json.loads(text)["n"] == 1 and length == len(text) and length_type is int
+    data, length = replayed[2][:2]  # not UTF-8: masked to the secret's own length
+    assert len(data) == len(binary) == length and data.startswith(b"\x00\xffredacted:***")
+    assert data.endswith(b"\x80\x81tail")
+    assert replayed[1][3] == live[1][3]  # the ETag names the object: kept
+
+
+def test_a_replayed_body_length_is_its_content_length_even_if_scrubbed_later() -> None:
+    """A body whose stored bytes changed after its headers (a secret the writer learned
+    later): botocore reports the length of the bytes it reads."""
+    exchange = boto_shim._Exchange(replay=[{
+        "url": "http://s3/b/k", "status": 200,
+        "headers": [["Content-Length", "99"], ["Content-Type", "text/plain"]],
+        "body": b"redacted:0123456789abcdef"}])
+    response = exchange.answer("http://s3/b/k")
+    assert response.headers["Content-Length"] == str(len(response.content)) == "25"
+
+
+def test_dynamodb_items_are_the_apps_data_and_user_rules_still_redact_them(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (`bucket`: the moto endpoint and test credentials.)
+    table = f"t{uuid.uuid4().hex[:8]}"
+    boto3.resource("dynamodb").create_table(
+        TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST")
+    ssn = "123-45-" + uuid.uuid4().hex[:6]
+    item = {"id": "u1", "password": "bcrypt$2b$12$" + table, "api_key": ["k1", "k2"],
+            "token": {"exp": Decimal(5)}, "secret": Decimal("7"), "ssn": ssn}
+
+    def job() -> list[Any]:
+        t = boto3.resource("dynamodb").Table(table)
+        t.put_item(Item=item)
+        return [t.get_item(Key={"id": "u1"})["Item"]]
+
+    original = STATE.redactor
+    monkeypatch.setenv("TIMETRACER_REDACT", "json:**.ssn")
+    redaction.set_default_redactor(redaction.Redactor())
+    try:
+        with timetracer_otel.record(dir=tmp_path) as rec:
+            live = job()
+        (path,) = rec.paths
+        assert ssn.encode() not in Path(path).read_bytes()  # the user's rule
+        with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+            replayed = job()
+    finally:
+        redaction.set_default_redactor(original)
+    assert attempts == [] and rep.report.misses == []
+    assert live[0] == item
+    got = replayed[0]
+    assert got["ssn"].startswith("redacted:") and type(got["ssn"]) is str
+    rest = {k: v for k, v in got.items() if k != "ssn"}
+    expected = {k: v for k, v in live[0].items() if k != "ssn"}
+    assert rest == expected  # password, api_key, token, secret: as stored
+    assert {k: type(v) for k, v in rest.items()} == {k: type(v) for k, v in expected.items()}
+    assert type(got["token"]["exp"]) is Decimal and type(got["api_key"][0]) is str
+
+
+# --- botocore: a connection error keeps its nested error ------------------------------------
+
+
+def test_an_endpoint_connection_error_keeps_its_nested_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    url = f"http://127.0.0.1:{unreachable_port()}"
+
+    def call() -> Any:
+        s3 = boto3.client("s3", endpoint_url=url,
+                          config=Config(retries={"total_max_attempts": 1}, connect_timeout=1))
+        return s3.list_buckets()
+
+    with timetracer_otel.record(dir=tmp_path) as rec, \
+            pytest.raises(botocore.exceptions.EndpointConnectionError) as live:
+        call()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths), \
+            pytest.raises(botocore.exceptions.EndpointConnectionError) as replayed:
+        call()
+    assert attempts == []
+    nested, live_nested = replayed.value.kwargs["error"], live.value.kwargs["error"]
+    assert type(live_nested) is urllib3.exceptions.NewConnectionError
+    assert type(nested) is type(live_nested) and str(nested) == str(live_nested)
+    assert nested.args == live_nested.args and nested.conn is None  # (the socket: not kept)
+    assert str(replayed.value) == str(live.value)
+    assert replayed.value.kwargs["endpoint_url"] == live.value.kwargs["endpoint_url"]
+
+
+def test_an_endpoint_connection_error_recorded_with_its_error_as_text_still_replays() -> None:
+    old = error_tree(botocore.exceptions.EndpointConnectionError(endpoint_url="http://h/"),
+                     {"kwargs": {"endpoint_url": "http://h/", "error": "refused"}})
+    rebuilt = rebuild_error(old, boto_shim._build_error)
+    assert isinstance(rebuilt, botocore.exceptions.EndpointConnectionError)
+    assert type(rebuilt) is botocore.exceptions.EndpointConnectionError
+    assert rebuilt.kwargs == {"endpoint_url": "http://h/", "error": "refused"}
