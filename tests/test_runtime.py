@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+from conftest import unreachable_port
 from opentelemetry import trace
 
 import timetracer_otel
@@ -132,6 +134,33 @@ def test_the_payload_limit_from_the_environment_truncates_and_replay_refuses(
         assert httpx.get(f"{server.url}/items", params={"page": 1}).content == small
         with pytest.raises(ReplayUnsupportedError, match="TIMETRACER_MAX_PAYLOAD_BYTES"):
             httpx.get(f"{server.url}/blob")
+
+
+def test_a_recorded_error_that_cannot_be_rebuilt_is_refused_and_fails_the_replay(
+    tmp_path: Path
+) -> None:
+    # A recorded error of a class this process cannot import (a cassette from another
+    # codebase, say): refused in one sentence, and counted, so an app that catches it still
+    # has a failed replay.
+    port = unreachable_port()
+    with timetracer_otel.record(dir=tmp_path) as rec, pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/gone")
+    [path] = rec.paths
+    cassette = load_cassette(path)
+    [call] = cassette.interactions
+    assert call.error is not None
+    gone = msgspec.structs.replace(call, error={**call.error, "type": "no_such_module:Gone"})
+    save_cassette(msgspec.structs.replace(
+        cassette, spans=[gone if s is call else s for s in cassette.spans]), path)
+    with timetracer_otel.replay(path) as rep:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/gone")
+        except ReplayUnsupportedError as exc:
+            assert "no_such_module:Gone cannot be rebuilt" in str(exc)
+        else:
+            raise AssertionError("the call was not refused")
+    assert rep.report.unsupported == ["error no_such_module:Gone (cannot be rebuilt)"]
+    assert rep.report.failed(misses_fail=True)
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-1", "0", "2.5", "many"])

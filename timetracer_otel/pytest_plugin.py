@@ -470,6 +470,10 @@ class ActiveCassette:
             problems.append(f"{len(report.stranded)} call(s) had no recording in {self.path} and "
                             "could not go live (a connection opened from the cassette):")
             problems.extend(f"  - {label}" for label in report.stranded)
+        if report.unsupported:  # refused in replay (ReplayUnsupportedError), even if caught
+            problems.append(f"{len(report.unsupported)} call(s) recorded in {self.path} were "
+                            "refused in replay (not supported there; see the README):")
+            problems.extend(f"  - {what}" for what in report.unsupported)
         if rep.appended:  # new_episodes, or on_miss="record": the calls it lacked join it
             # new_episodes: the recorded calls this run left unused that share a shape with a
             # new one (the same call with another parameter) are what it replaced: removed.

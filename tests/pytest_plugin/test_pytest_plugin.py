@@ -317,6 +317,31 @@ def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
                                    "*- execute SELECT 2*"])
 
 
+def test_a_swallowed_call_replay_refuses_fails_the_test(
+    pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch, pg_database: str
+) -> None:
+    """A recorded LISTEN is refused in replay (no notification could ever arrive): the test
+    fails even when its code swallows the ReplayUnsupportedError."""
+    sample_project(pytester, serve, monkeypatch, """
+        import psycopg
+
+        @pytest.mark.timetracer
+        def test_listens():
+            with psycopg.connect(os.environ["SAMPLE_DSN"], autocommit=True) as conn:
+                try:
+                    conn.execute("LISTEN tt_plugin_channel")
+                except Exception:
+                    pass  # swallowed
+    """)
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
+    run(pytester).assert_outcomes(passed=1)  # recorded
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{pg_database}")
+    replayed = run(pytester)
+    replayed.assert_outcomes(passed=1, errors=1)  # passed, then failed at teardown
+    replayed.stdout.fnmatch_lines(["*1 call(s) recorded in * were refused in replay*",
+                                   "*- *LISTEN*"])
+
+
 def test_on_miss_record_appends_what_the_cassette_lacks(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -655,9 +655,9 @@ def rebuild_error(tree: Tree, build: ErrorBuilder | None = None) -> BaseExceptio
             obj = getattr(obj, part)
         cls: type[BaseException] = obj
     except (ImportError, AttributeError):
-        return ReplayUnsupportedError(
-            f"The recorded error {tree['type']} cannot be rebuilt here ({tree['message']})."
-        )
+        return unsupported(
+            f"The recorded error {tree['type']} cannot be rebuilt here ({tree['message']}).",
+            f"error {tree['type']} (cannot be rebuilt)")
     if build is not None:
         return build(cls, tree)
     args = from_tree(tree["args"]) if tree.get("args") is not None else (tree["message"],)

@@ -53,6 +53,7 @@ from timetracer_otel.replay_shims.base import (
     error_tree,
     instantiate,
     rebuild_error,
+    unsupported,
 )
 
 LIBRARY = "celery"
@@ -157,9 +158,10 @@ def _value(tree: Tree) -> Any:
     if tree.get("exception") is not None:
         return _exception(tree["exception"])
     if tree.get("unsupported") is not None:
-        raise ReplayUnsupportedError(
+        raise unsupported(
             f"a Celery result was recorded as a value the cassette cannot carry "
-            f"({tree['unsupported']}); register its type with timetracer_otel.codec.register.")
+            f"({tree['unsupported']}); register its type with timetracer_otel.codec.register.",
+            f"Celery result {tree['unsupported']:.80}")
     return from_tree(tree.get("value"))
 
 

@@ -53,7 +53,7 @@ from pymongo.message import _OpMsg
 
 from timetracer_otel.codec import Tree, from_tree, register, to_tree
 from timetracer_otel.config import Mode
-from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
+from timetracer_otel.errors import ReplayMissError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
@@ -69,6 +69,7 @@ from timetracer_otel.replay_shims.base import (
     deferrable_given,
     error_tree,
     rebuild_error,
+    unsupported,
 )
 
 LIBRARY = "pymongo"
@@ -275,9 +276,10 @@ def _answered(conn: Any, match: Match) -> _OpMsg:
         raise error
     flags = int(span.response.get("flags") or 0)
     if flags & _MORE_TO_COME:
-        raise ReplayUnsupportedError(
+        raise unsupported(
             f"The recorded pymongo call {span.label} was an exhaust cursor "
-            "(CursorType.EXHAUST), which replay does not support; use a normal cursor.")
+            "(CursorType.EXHAUST), which replay does not support; use a normal cursor.",
+            f"{span.label} (exhaust cursor)")
     return _OpMsg(flags, bson.encode(from_tree(span.response["reply"])))
 
 
@@ -364,10 +366,11 @@ def _on_send(conn: Any, message: bytes) -> Any:
             return ("match", request_id, action)
         if name in _CLEANUP:  # (passthrough has no connection to pass it through)
             return ("cleanup", request_id, command)
-        raise ReplayUnsupportedError(
+        raise unsupported(
             f"{call.label} has no recorded answer and pymongo cannot pass one call through "
             "to a server during a replay (its connections were never opened); record it, "
-            "or let pymongo stay live (TIMETRACER_LIVE_PLUGINS=pymongo).")
+            "or let pymongo stay live (TIMETRACER_LIVE_PLUGINS=pymongo).",
+            f"{call.label} (no recording, cannot go live)")
     action = decide(call)
     if action is not RECORD:
         return None
@@ -429,9 +432,9 @@ def _receive_plan(conn: Any, request_id: int | None) -> _OpMsg | _Sent | None:
     if type(plan) is tuple:
         return _replayed(conn, plan)
     if plan is None and _replaying():
-        raise ReplayUnsupportedError(
+        raise unsupported(
             "pymongo read a reply no command asked for (an exhaust cursor or a streaming "
-            "monitor), which replay does not support.")
+            "monitor), which replay does not support.", "pymongo reply without a command")
     return plan  # type: ignore[no-any-return]
 
 
