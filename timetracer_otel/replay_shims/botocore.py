@@ -7,16 +7,19 @@ session: record keeps each raw HTTP response it returned (status, headers, body 
 streamed body is read once and handed on from memory) or the error it raised, in order,
 retries included; replay answers those sends from the recording, so botocore itself parses
 them again: ``StreamingBody`` for S3 objects, datetimes, ``ClientError`` with the same code
-and message, checksums validated, retries and waiters as they ran. Replay signs nothing, so
-it needs no credentials, and opens no socket.
+and message, checksums validated, retries and waiters as they ran. Replay signs no request, so
+it needs no credentials, and opens no socket; a presigned URL or POST is built locally, with
+placeholder credentials when none resolve.
 
 The key is the service, the operation and its parameters (bytes over 1 KiB by size and hash,
 an upload stream as ``<stream>``, a boto3 condition by its expression); never the endpoint or
 region. Secrets never reach the cassette: parameters the service model marks ``sensitive``
 (and those named like secrets) become redaction tokens; the values of sensitive members of
-the parsed response (STS and IAM keys, tokens, SecretString...) are learned and scrubbed from
-the stored bodies, with the body's checksum headers dropped and its length fixed. Replay also
-keeps botocore from asking the instance metadata service for credentials or a region.
+the parsed response (STS and IAM keys, tokens, SecretString...) are learned and replaced in
+the stored bodies' own bytes (never re-serialized), with the body's checksum headers dropped
+and its length fixed. The app's data (an S3 object, DynamoDB items) gets only secrets learned
+elsewhere and the user's own rules, never the built-in field names. Replay also keeps
+botocore from asking the instance metadata service for credentials or a region.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -177,7 +182,7 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
     if service in _DATA_SERVICES:  # the app's data (items, keys): only the user's own rules
         named, paths = _user_rules(r)
         if named.any or paths:
-            tree = _by_user_rules(r, tree, named, paths)
+            tree = _by_user_rules(r, tree, named, paths, typed=True)
     else:
         tree = r.document(tree)
     tree = r.scrub(tree)  # (secrets seen earlier, anywhere)
@@ -280,12 +285,22 @@ def _user_rules(r: Any) -> tuple[Any, tuple[tuple[str, ...], ...]]:
     return named, tuple(r.json_paths)
 
 
-def _tokens(r: Any, value: Any) -> Any:
-    """A matched value with every leaf a token, its structure kept (DynamoDB's ``{"S": ...}``)."""
+# DynamoDB's typed values that cannot hold a token, and the string type that takes it.
+_AS_STRING = {"N": "S", "B": "S", "NS": "SS", "BS": "SS"}
+
+
+def _tokens(r: Any, value: Any, typed: bool = False) -> Any:
+    """A matched value with every leaf a token, its structure kept (DynamoDB's ``{"S": ...}``;
+    with ``typed``, a DynamoDB number or binary becomes a string holding its token, which
+    botocore can parse)."""
     if isinstance(value, dict):
-        return {k: _tokens(r, v) for k, v in value.items()}
+        if typed and len(value) == 1:
+            (kind, inner), = value.items()
+            if kind in _AS_STRING:
+                return {_AS_STRING[kind]: _tokens(r, inner)}
+        return {k: _tokens(r, v, typed) for k, v in value.items()}
     if isinstance(value, list):
-        return [_tokens(r, v) for v in value]
+        return [_tokens(r, v, typed) for v in value]
     if value is None:
         return None
     if isinstance(value, str | bytes):
@@ -293,18 +308,20 @@ def _tokens(r: Any, value: Any) -> Any:
     return r.token(json.dumps(value, sort_keys=True, default=repr))
 
 
-def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...]) -> Any:
-    """A decoded JSON value with only the user's own rules applied (see :func:`_user_rules`)."""
+def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...],
+                   typed: bool = False) -> Any:
+    """A decoded JSON value with only the user's own rules applied (see :func:`_user_rules`);
+    ``typed``: DynamoDB's wire form (see :func:`_tokens`)."""
     def anywhere(n: Any) -> Any:
         if isinstance(n, dict):
-            return {k: _tokens(r, v) if named(k) else anywhere(v) for k, v in n.items()}
+            return {k: _tokens(r, v, typed) if named(k) else anywhere(v) for k, v in n.items()}
         if isinstance(n, list):
             return [anywhere(v) for v in n]
         return n
 
     def path(n: Any, segs: tuple[str, ...]) -> Any:
         if not segs:
-            return _tokens(r, n)
+            return _tokens(r, n, typed)
         if isinstance(n, list):
             return [path(v, segs) for v in n]
         if not isinstance(n, dict):
@@ -374,18 +391,30 @@ def _json_body(headers: list[Any], body: bytes) -> Any:
         return _MISSING
 
 
-def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool) -> bytes | None:
+def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
+                   typed: bool = False) -> bytes | None:
     """A response body as stored, its secrets replaced in its own bytes; None to leave it to
     ``Redactor.response`` (a control-plane body that is content-encoded, or whose secret is not
     a string). A data-plane body (``data``) gets only the user's rules, and is never
-    re-serialized but where such a rule hits a number."""
+    re-serialized but where such a rule hits a number (``typed``: DynamoDB's wire form)."""
     if not body:
         return body
+    encoding = next((str(h[1]).strip().lower() for h in headers
+                     if str(h[0]).lower() == "content-encoding"), "")
+    if data and encoding in ("gzip", "x-gzip"):  # an object stored compressed: its bytes inside
+        try:
+            plain = gzip.decompress(body)
+        except (OSError, EOFError, zlib.error):
+            return _scrubbed(r, body)
+        inner = [h for h in headers if str(h[0]).lower() != "content-encoding"]
+        new_plain = _body_redacted(r, inner, plain, data, typed)
+        return body if new_plain is None or new_plain == plain else gzip.compress(new_plain,
+                                                                                   mtime=0)
     doc = _json_body(headers, body)
     if doc is not _MISSING:
         if data:
             named, paths = _user_rules(r)
-            new_doc = _by_user_rules(r, doc, named, paths) if named.any or paths else doc
+            new_doc = _by_user_rules(r, doc, named, paths, typed) if named.any or paths else doc
         else:
             new_doc = r.json(doc)
         if new_doc != doc:
@@ -397,6 +426,10 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool) -> bytes
             body = new
     elif not data:
         return None
+    return _scrubbed(r, body)
+
+
+def _scrubbed(r: Any, body: bytes) -> bytes:
     scrubbed: bytes = r.scrub_bytes(body)
     return scrubbed
 
@@ -422,7 +455,8 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
         if isinstance(body, bytes):
             status = send.get("status")
             plain = _body_redacted(r, send["headers"], body,
-                                   data and isinstance(status, int) and status < 300)
+                                   data and isinstance(status, int) and status < 300,
+                                   client.meta.service_model.service_name in _DATA_SERVICES)
             if plain is None:
                 stored = r.response({"headers": send["headers"], "body": body})
             else:
