@@ -194,6 +194,9 @@ def _listing(directory: str) -> list[str]:
               help="MODULE:APP to replay the recorded inbound request into.")
 @click.option("--celery", "celery_app", default=None,
               help="MODULE:APP (a Celery app) to run the recorded task runs again with.")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: value'",
+              help="With --asgi: a request header to send instead of the recorded one (the real "
+                   "value of one stored redacted, an Authorization); repeatable.")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @_user_errors
 def replay(
@@ -204,6 +207,7 @@ def replay(
     live: str | None,
     asgi_app: str | None,
     celery_app: str | None,
+    headers: tuple[str, ...],
     cmd: tuple[str, ...],
 ) -> None:
     """Run CMD with every dependency answered from the cassette, or re-run a recorded inbound
@@ -221,6 +225,15 @@ def replay(
         raise click.UsageError("give the cassette: --cassette PATH (or PATH with --asgi/--celery)")
     if asgi_app is not None and celery_app is not None:
         raise click.UsageError("give --asgi or --celery, not both")
+    if headers and asgi_app is None:
+        raise click.UsageError("--header goes with --asgi (the recorded request it changes)")
+    given = []
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip() or name.strip() != name.strip().split()[0]:
+            # (not echoed: it may hold the secret it carries)
+            raise click.UsageError("--header takes 'NAME: value': a header name, a colon, its value")
+        given.append((name.strip(), value.strip()))
     settings = Settings.from_env()
     live_names = library_names(live, "--live") if live else settings.live
     if celery_app is not None or asgi_app is not None:
@@ -234,7 +247,7 @@ def replay(
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         sys.exit(replay_asgi_command(source, str(asgi_app), on_miss=miss, strict=strictly,
-                                     live=live_names))
+                                     live=live_names, headers=given))
     # A miss fails the replay when it is an error; passthrough and record let it go live.
     misses_fail = (OnMiss(on_miss) if on_miss else settings.on_miss) is OnMiss.ERROR
     if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)

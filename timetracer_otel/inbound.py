@@ -150,6 +150,23 @@ def _scope(req: Tree) -> dict[str, Any]:
     }
 
 
+def with_headers(req: Tree, headers: Iterable[tuple[str, str]]) -> Tree:
+    """``req`` with ``headers`` in place of the recorded ones of the same names (any case),
+    the rest added: the real values of headers the recording stored as redaction tokens (an
+    ``Authorization``, a ``Cookie``), given at replay time and never written anywhere."""
+    given = [(k.strip(), v) for k, v in headers]
+    if not given:
+        return req
+    names = {k.lower() for k, _ in given}
+    kept = [h for h in req.get("headers", []) if str(h[0]).lower() not in names]
+    return {**req, "headers": [*kept, *given]}
+
+
+def _redacted_names(req: Tree) -> list[str]:
+    """The request headers the recording stored as redaction tokens."""
+    return [str(k).lower() for k, v in req.get("headers", []) if _TOKEN.search(str(v))]
+
+
 def _message(tree: Tree) -> dict[str, Any]:
     msg = dict(tree)
     if "body" in msg:
@@ -370,6 +387,7 @@ async def replay_asgi_async(
     ignore_headers: Iterable[str] = (),
     timeout: float = 30.0,
     live: Iterable[str] = (),
+    headers: Iterable[tuple[str, str]] = (),
 ) -> InboundResult:
     """:func:`replay_asgi` inside a running event loop."""
     loaded, source = _load(cassette)
@@ -387,11 +405,16 @@ async def replay_asgi_async(
     # The inbound span is what is being replayed, never an answer to a dependency call.
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
     rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss, live=live)
+    request = with_headers(span.request, headers)
     with rep:
-        run = await _drive(app, span.request, timeout)
+        run = await _drive(app, request, timeout)
     report = rep.report
     diff = _compare(span, run, report, ignore_headers, misses_fail=rep.on_miss is OnMiss.ERROR)
     notes = [f"recorded call not made: {label}" for label, _ in report.unused]
+    tokens = _redacted_names(request)
+    if diff and tokens:  # an app checking them answers otherwise (a 401): say why
+        notes.append(f"sent as recorded, redaction tokens in place of the values: {', '.join(tokens)}"
+                     " (give the real ones with --header 'NAME: value', or headers= in code)")
     if strict and notes:
         diff.extend(notes)
         notes = []
@@ -441,6 +464,7 @@ def replay_asgi(
     ignore_headers: Iterable[str] = (),
     timeout: float = 30.0,
     live: Iterable[str] = (),
+    headers: Iterable[tuple[str, str]] = (),
 ) -> InboundResult:
     """Send the recorded request into ``app`` with every dependency answered from the same
     cassette, and compare the new response with the recorded one.
@@ -451,11 +475,13 @@ def replay_asgi(
     ``ignore_headers`` adds response headers to leave out of the comparison (``date``,
     ``server`` and ``content-length`` of streamed bodies are always left out). ``strict``
     turns off shape matching and counts recorded calls the app no longer makes as differences;
-    ``live`` names libraries that stay live.
+    ``live`` names libraries that stay live. ``headers`` (name, value) replace the recorded
+    request headers of the same names, or are added: the real values of those the recording
+    stored as redaction tokens (an ``Authorization`` the app checks).
     """
     return _run_sync(replay_asgi_async(
         cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore_headers,
-        timeout=timeout, live=live,
+        timeout=timeout, live=live, headers=headers,
     ))
 
 
@@ -514,7 +540,7 @@ def command_inputs(
 
 
 def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool,
-                        live: Iterable[str] = ()) -> int:
+                        live: Iterable[str] = (), headers: Iterable[tuple[str, str]] = ()) -> int:
     """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
     inputs = command_inputs(source, lambda: instrument_app(load_app(app_ref)),
                             lambda c: inbound_span(c) is not None,
@@ -522,6 +548,7 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
     if inputs is None:
         return 2
     app, inbound, skipped = inputs
+    given = list(headers)
     ignore = [h.strip() for h in os.environ.get("TIMETRACER_IGNORE_HEADERS", "").split(",") if h.strip()]
 
     async def all_of_them() -> list[InboundResult | str]:
@@ -530,6 +557,7 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
             try:
                 out.append(await replay_asgi_async(
                     cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore, live=live,
+                    headers=given,
                 ))
                 out[-1].source = path  # type: ignore[union-attr]
             except TimetracerError as exc:

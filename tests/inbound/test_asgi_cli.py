@@ -81,6 +81,36 @@ def test_replay_asgi_cli_with_postgres_and_upstream_unreachable(
     assert "0 matched, 2 differ" in out.output
 
 
+def test_replay_asgi_takes_the_real_value_of_a_header_stored_redacted(
+    tmp_path: Path, serve: Any
+) -> None:
+    import authed
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    def send(c: Client) -> None:
+        assert c.send("GET", "/me", headers={"Authorization": f"Bearer {authed.TOKEN}"}).status_code == 200
+
+    _record(tmp_path, serve, send, app=OpenTelemetryMiddleware(authed.app))
+    [path] = find_cassettes(str(tmp_path))
+    assert authed.TOKEN.encode() not in Path(path).read_bytes()
+    runner = CliRunner()
+    # As recorded, the app sees a redaction token and answers 401; the output says why.
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "authed:app"])
+    assert out.exit_code == 1 and "status: recorded 200, now 401" in out.output, out.output
+    assert "redaction tokens in place of the values: authorization" in out.output
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "authed:app",
+                               "--header", f"authorization: Bearer {authed.TOKEN}"])
+    assert out.exit_code == 0 and "1 matched, 0 differ" in out.output, out.output
+    assert authed.TOKEN not in out.output
+    # Bad input: one line, exit 2, and never the value it was given.
+    out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "authed:app",
+                               "--header", f"Bearer {authed.TOKEN}"])
+    assert out.exit_code == 2 and "'NAME: value'" in out.output and authed.TOKEN not in out.output
+    out = runner.invoke(main, ["replay", "--cassette", str(tmp_path), "--header", "a: b",
+                               "--", "true"])
+    assert out.exit_code == 2 and "--header goes with --asgi" in out.output
+
+
 def test_replay_reports_dependency_miss_with_closest_call(tmp_path: Path, serve: Any, upstream: Any) -> None:
     cassette = _only(_record(tmp_path, serve, lambda c: c.post("/orders/7", json={"sku": "A1"})))
     upstream.stop()
