@@ -9,11 +9,17 @@ Under a timetracer writer the call is left on its span as captured (method, URL,
 triples, body, status, chunks: references, no copies of bodies) and :func:`_payload_of` makes
 its payload in the writer (see ``base.defer``); otherwise :class:`~.base.Capture` makes it on
 the request path. Both build the trees with the same functions.
+
+A body that breaks off after the response started (a read timeout, a peer closing before the
+declared length) is recorded as the response with the chunks that arrived and a
+``body_error`` (its error tree); the client's stream, live and replayed, yields those chunks
+and then raises the error, where plain httpx raises it (while the body is read). A response
+without ``body_error`` (every response of an older cassette) ends after its chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -57,6 +63,32 @@ class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return _AsyncChunks(iter(self.chunks))
+
+
+class _BrokenChunks(_Chunks):
+    """A body that broke off: the chunks that arrived, then the error that ended it (the live
+    exception under record; in replay a function rebuilding the recorded one, called only
+    when the app reaches it, as a refused rebuild is counted then)."""
+
+    def __init__(self, chunks: list[bytes], error: BaseException | Callable[[], BaseException]) -> None:
+        self.chunks = chunks
+        self.error = error
+
+    def _error(self) -> BaseException:
+        error = self.error
+        return error if isinstance(error, BaseException) else error()
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        raise self._error()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        raise self._error()
 
 
 class _AsyncChunks:
@@ -116,6 +148,12 @@ def _response_tree_of(status: int, triples: Sequence[Any], chunks: list[bytes],
     }
 
 
+def _broken_tree(tree: Tree, body_error: Tree) -> Tree:
+    """A response tree whose body broke off with ``body_error`` (after its chunks)."""
+    tree["body_error"] = body_error
+    return tree
+
+
 def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
     ext = response.extensions
     return _response_tree_of(response.status_code, _triples(response.headers), chunks,
@@ -128,7 +166,8 @@ def _response_tree(response: httpx.Response, chunks: list[bytes]) -> Tree:
 def _captured(request: httpx.Request, response: httpx.Response | None, chunks: list[bytes],
               error: Tree) -> tuple[Any, ...]:
     """The call as :func:`_payload_of` takes it. Header lists are copied (the app may still
-    change its Headers); bodies and chunks are immutable bytes, referenced.
+    change its Headers); bodies and chunks are immutable bytes, referenced. With a response,
+    ``error`` is its body's (see :func:`_broken_tree`).
 
     The app's redactor learns the secrets of the request here (headers, URL, configured body
     fields) and of the response headers, as a capture on the request path would, so the
@@ -146,13 +185,16 @@ def _captured(request: httpx.Request, response: httpx.Response | None, chunks: l
     r.learn_headers(received)
     ext = response.extensions
     return (request.method, url, sent, content, response.status_code, received, chunks,
-            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), None)
+            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), error)
 
 
 def _payload_of(args: Sequence[Any]) -> Payload:
     """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
     method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error = args
+    if error is not None and status is not None:  # the body broke off after the response started
+        return built_payload(_call_of(method, url, req_triples, body), None, lambda: _broken_tree(
+            _response_tree_of(status, resp_triples, chunks, http_version, reason), error))
     return built_payload(_call_of(method, url, req_triples, body), error, lambda: _response_tree_of(
         status, resp_triples, chunks, http_version, reason))
 
@@ -182,10 +224,13 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     if span.error is not None:
         raise rebuild_error(span.error, _build_exc(request))
     r = span.response
+    chunks = [c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]
+    body_error = r.get("body_error")  # absent from a whole body's response (older cassettes)
     return httpx.Response(
         status_code=r["status"],
         headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
-        stream=_Chunks([c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]),
+        stream=_Chunks(chunks) if body_error is None else _BrokenChunks(
+            chunks, lambda: rebuild_error(body_error, _build_exc(request))),
         extensions={
             "http_version": r["http_version"].encode("latin-1"),
             "reason_phrase": r["reason"].encode("latin-1"),
@@ -194,21 +239,24 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     )
 
 
-def _chunks(response: httpx.Response) -> list[bytes]:
-    """The live body as the server sent it (chunk boundaries kept, still encoded)."""
+def _chunks(response: httpx.Response, chunks: list[bytes]) -> None:
+    """The live body as the server sent it (chunk boundaries kept, still encoded), read into
+    ``chunks``; when the read fails, ``chunks`` holds what arrived before (``list.extend``
+    keeps the items an iterator gave before it raised, and costs less than a comprehension)."""
     stream = response.stream
     assert isinstance(stream, httpx.SyncByteStream)
     try:
-        return [bytes(c) for c in stream]
+        chunks.extend(map(bytes, stream))
     finally:
         stream.close()
 
 
-async def _achunks(response: httpx.Response) -> list[bytes]:
+async def _achunks(response: httpx.Response, chunks: list[bytes]) -> None:
     stream = response.stream
     assert isinstance(stream, httpx.AsyncByteStream)
     try:
-        return [bytes(c) async for c in stream]
+        async for c in stream:  # as fast as a comprehension, and keeps what came before an error
+            chunks.append(bytes(c))
     finally:
         await stream.aclose()
 
@@ -229,10 +277,16 @@ def _sync_handler(original: Any) -> Any:
             try:
                 try:
                     live: httpx.Response = original(self, request)
-                    chunks = _chunks(live)
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
+                chunks: list[bytes] = []
+                try:
+                    _chunks(live, chunks)
+                except Exception as exc:  # the body broke off: its chunks, then the error
+                    defer(span, "httpx", _captured(request, live, chunks, error_tree(exc, _error_attrs(exc))))
+                    live.stream = _BrokenChunks(chunks, exc)
+                    return live
                 defer(span, "httpx", _captured(request, live, chunks, None))
             finally:
                 _TAKEN.reset(token)
@@ -247,10 +301,16 @@ def _sync_handler(original: Any) -> Any:
         with capture(call, SCOPE) as cap:
             try:
                 response: httpx.Response = original(self, request)
-                chunks = _chunks(response)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
+            chunks = []
+            try:
+                _chunks(response, chunks)
+            except Exception as exc:  # the body broke off: its chunks, then the error
+                cap.ok(_broken_tree(_response_tree(response, chunks), error_tree(exc, _error_attrs(exc))))
+                response.stream = _BrokenChunks(chunks, exc)
+                return response
             cap.ok(_response_tree(response, chunks))
         response.stream = _Chunks(chunks)
         return response
@@ -271,10 +331,16 @@ def _async_handler(original: Any) -> Any:
             try:
                 try:
                     live: httpx.Response = await original(self, request)
-                    chunks = await _achunks(live)
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
+                chunks: list[bytes] = []
+                try:
+                    await _achunks(live, chunks)
+                except Exception as exc:  # the body broke off: its chunks, then the error
+                    defer(span, "httpx", _captured(request, live, chunks, error_tree(exc, _error_attrs(exc))))
+                    live.stream = _BrokenChunks(chunks, exc)
+                    return live
                 defer(span, "httpx", _captured(request, live, chunks, None))
             finally:
                 _TAKEN.reset(token)
@@ -289,10 +355,16 @@ def _async_handler(original: Any) -> Any:
         with capture(call, SCOPE) as cap:
             try:
                 response: httpx.Response = await original(self, request)
-                chunks = await _achunks(response)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
+            chunks = []
+            try:
+                await _achunks(response, chunks)
+            except Exception as exc:  # the body broke off: its chunks, then the error
+                cap.ok(_broken_tree(_response_tree(response, chunks), error_tree(exc, _error_attrs(exc))))
+                response.stream = _BrokenChunks(chunks, exc)
+                return response
             cap.ok(_response_tree(response, chunks))
         response.stream = _Chunks(chunks)
         return response
