@@ -5,6 +5,12 @@ equivalent in-memory urllib3 response, so requests decodes and extracts cookies 
 Replay builds the same urllib3 response from the cassette and lets ``build_response`` make the
 ``requests.Response``; recorded errors come back as their ``requests.exceptions`` class.
 
+A body that breaks while it is read (a read timeout, a connection closed early) is stored as
+the bytes read before the error and the urllib3 error (the response's ``"error"``); in both
+modes the response is returned and its in-memory body raises that urllib3 error after those
+bytes, so requests maps it where it maps a live one (``iter_content``: ``ConnectionError``,
+``ChunkedEncodingError``...; inside ``get()`` when the body is not streamed).
+
 Under a timetracer writer the call is left on its span as captured and :func:`_payload_of`
 makes its payload in the writer (see ``base.defer``), with the same functions the
 request-path :class:`~.base.Capture` uses.
@@ -15,12 +21,13 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from http.client import HTTPMessage
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import HTTPResponse
 from urllib3._collections import HTTPHeaderDict
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
@@ -44,6 +51,15 @@ from timetracer_otel.replay_shims.base import (
 )
 
 SCOPE = "opentelemetry.instrumentation.requests"
+
+# The urllib3 errors of a body read that requests maps (``Response.iter_content``), and to what.
+BODY_ERRORS: dict[type[BaseException], type[requests.RequestException]] = {
+    ProtocolError: requests.exceptions.ChunkedEncodingError,
+    DecodeError: requests.exceptions.ContentDecodingError,
+    ReadTimeoutError: requests.exceptions.ConnectionError,
+    SSLError: requests.exceptions.SSLError,
+}
+_BODY_ERROR_TYPES = tuple(BODY_ERRORS)
 
 
 def _body(request: requests.PreparedRequest) -> bytes:
@@ -85,53 +101,171 @@ def _call(request: requests.PreparedRequest) -> Call:
 
 
 def _response_tree_of(status: int, reason: str | None, version: int,
-                      headers: Iterable[Sequence[Any]], body: bytes) -> Tree:
-    return {
+                      headers: Iterable[Sequence[Any]], body: bytes,
+                      chunks: list[int] | None = None, error: Tree = None) -> Tree:
+    tree: dict[str, Any] = {
         "status": status,
         "reason": reason,
         "version": version,
         "headers": [list(h) for h in STATE.redactor.headers(headers)],  # type: ignore[arg-type]
         "body": body,
     }
+    # Each key only when there is something to say: the tree as older versions wrote it.
+    if chunks is not None:  # a chunked body's chunk lengths, when more than one
+        tree["chunk_sizes"] = chunks
+    if error is not None:  # the body broke after ``body``
+        tree["error"] = error
+    return tree
 
 
 def _payload_of(args: Sequence[Any]) -> Payload:
     """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
-    method, url, pairs, body, status, reason, version, headers, content, error = args
+    method, url, pairs, body, status, reason, version, headers, read, error = args
     return built_payload(_call_of(method, url, pairs, body), error, lambda: _response_tree_of(
-        status, reason, version, headers, content))
+        status, reason, version, headers, *read))
 
 
 BUILDERS["requests"] = _payload_of
 
 
+class _Body(io.IOBase):
+    """The recorded body as urllib3 reads a socket's: closed once read to its end (urllib3's
+    ``stream()`` loops until its fp is closed), and raising the recorded error, if any, after
+    the bytes read before it (``read()`` with no size raises it at once: http.client's read
+    is all or nothing). A chunked body also has the chunked framing as ``fp``, which urllib3's
+    ``read_chunked`` reads (``stream()`` yields each chunk, or pieces of it, as they came)."""
+
+    def __init__(self, data: bytes, error: BaseException | None = None,
+                 chunks: list[int] | None = None) -> None:
+        super().__init__()
+        self._data = memoryview(data)
+        self._pos = 0
+        self._error = error
+        if chunks is not None:
+            self.fp: _Wire | None = _Wire(self, data, chunks, error is None)
+
+    def readable(self) -> bool:
+        return True
+
+    def isclosed(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "fp"):
+            self.fp = None  # as http.client's response: read_chunked stops there
+
+    def read(self, amt: int | None = None) -> bytes:
+        if self.closed:
+            return b""
+        end = len(self._data)
+        if amt is None or amt < 0:
+            if self._error is not None:
+                self._fail()
+            stop = end
+        else:
+            stop = min(end, self._pos + amt)
+        data = bytes(self._data[self._pos:stop])
+        self._pos = stop
+        if data:
+            if stop == end and self._error is None:
+                self.close()  # as http.client closes a response read to its end
+            return data
+        if self._error is not None and amt != 0:
+            self._fail()
+        if amt != 0:
+            self.close()
+        return b""
+
+    read1 = read
+
+    def _safe_read(self, amt: int) -> bytes:
+        assert self.fp is not None
+        return self.fp.read(amt)
+
+    def _fail(self) -> NoReturn:
+        error, self._error = self._error, None
+        self.close()
+        assert error is not None
+        raise error
+
+
+class _Wire:
+    """A chunked body's framing (size line, chunk, CRLF; the last chunk when it ended), made
+    as urllib3's ``read_chunked`` reads it (no copy of the body); the recorded error where the
+    next size line did not come."""
+
+    def __init__(self, body: _Body, data: bytes, chunks: list[int], ended: bool) -> None:
+        self._body = body
+        self._data = memoryview(data)
+        self._sizes = iter(chunks)
+        self._pos = 0
+        self._left = 0
+        self._ended = ended
+        self._state = "size"  # then "data", "crlf", "size"... "trailer", "done"
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._state == "size":
+            n = next(self._sizes, None)
+            if n is not None:
+                self._left, self._state = n, "data"
+                return b"%x\r\n" % n
+            if not self._ended:
+                self._body._fail()
+            self._state = "trailer"
+            return b"0\r\n"
+        if self._state == "trailer":
+            self._state = "done"
+            self._body.close()
+            return b"\r\n"
+        return b""
+
+    def read(self, amt: int = -1) -> bytes:
+        if self._state == "data":
+            n = self._left if amt < 0 else min(amt, self._left)
+            piece = bytes(self._data[self._pos:self._pos + n])
+            self._pos += n
+            self._left -= n
+            if not self._left:
+                self._state = "crlf"
+            return piece
+        if self._state == "crlf":
+            self._state = "size"
+            return b"\r\n"
+        return b""
+
+
 def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str, str]], body: bytes,
-         request: requests.PreparedRequest) -> HTTPResponse:
+         request: requests.PreparedRequest, error: BaseException | None = None,
+         chunks: list[int] | None = None) -> HTTPResponse:
     hd = HTTPHeaderDict()
     msg = HTTPMessage()
     for k, v in headers:
         hd.add(k, v)
         msg[k] = v
+    if chunks is None and "chunked" in hd.get("transfer-encoding", "").lower():
+        chunks = [len(body)] if body else []
     raw = HTTPResponse(
-        body=io.BytesIO(body),
+        body=_Body(body, error, chunks),
         headers=hd,
         status=status,
         reason=reason,
         version=version,
         preload_content=False,
-        decode_content=True,
+        decode_content=False,  # as requests' adapter opens it: raw.read() gives encoded bytes
         request_method=request.method,
         request_url=request.url,
     )
     # requests extracts cookies from the http.client message behind the urllib3 response.
-    raw._original_response = _Original(msg)  # type: ignore[assignment]
+    raw._original_response = _Original(msg, request.method)  # type: ignore[assignment]
     return raw
 
 
 class _Original:
-    def __init__(self, msg: HTTPMessage) -> None:
+    def __init__(self, msg: HTTPMessage, method: str | None) -> None:
         self.msg = msg
+        self._method = method  # urllib3's read_chunked asks whether it answers a HEAD
 
     def isclosed(self) -> bool:
         return True
@@ -144,6 +278,11 @@ def _build_exc(request: requests.PreparedRequest) -> Any:
     def build(cls: type[BaseException], tree: Tree) -> BaseException:
         if issubclass(cls, requests.RequestException):
             return cls(tree["message"], request=request)
+        if issubclass(cls, _BODY_ERROR_TYPES):
+            # Recorded before the body's error was kept with its response: raised mapped as
+            # requests maps it when it reads a body (no request on it, as there).
+            mapped = next(v for k, v in BODY_ERRORS.items() if issubclass(cls, k))
+            return mapped(_body_error(cls, tree))
         return instantiate(cls, tree["message"])
 
     return build
@@ -169,17 +308,17 @@ def _handler(original: Any) -> Any:
             try:
                 try:
                     response: requests.Response = original(self, request, *args, **kwargs)
-                    live, content = _read(response)
+                    live, read = _read(response)
                 except Exception as exc:
                     defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
                     raise
                 headers = list(live.headers.items())
                 STATE.redactor.learn_header_pairs(headers)  # as the request's, above
                 defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
-                                        content, None))
+                                        read, None))
             finally:
                 _TAKEN.reset(token)
-            return _swapped(request, response, headers, content)
+            return _swapped(request, response, headers, read)
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
@@ -189,39 +328,86 @@ def _handler(original: Any) -> Any:
             if span.error is not None:
                 raise rebuild_error(span.error, _build_exc(request))
             r = span.response
+            broke = r.get("error")
             raw = _raw(r["status"], r["reason"], r["version"], [tuple(h) for h in r["headers"]],
-                       as_bytes(r["body"]), request)
+                       as_bytes(r["body"]), request,
+                       None if broke is None else rebuild_error(broke, _body_error),
+                       r.get("chunk_sizes"))
             return self.build_response(request, raw)
         if action is LIVE:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
         with capture(call, SCOPE) as cap:
             try:
                 response = original(self, request, *args, **kwargs)
-                live, content = _read(response)
+                live, read = _read(response)
             except Exception as exc:
                 cap.fail(exc)
                 raise
             headers = list(live.headers.items())
-            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, content))
-        return _swapped(request, response, headers, content)
+            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, *read))
+        return _swapped(request, response, headers, read)
 
     return send
 
 
-def _read(response: requests.Response) -> tuple[HTTPResponse, bytes]:
-    """The urllib3 response and its raw bytes (still content-encoded); the connection goes
-    back to the pool."""
+def _body_error(cls: type[BaseException], tree: Tree) -> BaseException:
+    # One argument, the recorded message: its str is the live error's (a urllib3 error's
+    # arguments, a connection pool or a nested exception, are not kept).
+    return instantiate(cls, tree["message"])
+
+
+# What :func:`_read` read: the raw bytes, a chunked body's chunk lengths (when more than one)
+# and the tree of the error that broke the body (None for none).
+Read = tuple[bytes, list[int] | None, Tree]
+
+
+def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
+    """The urllib3 response and what was read (see :data:`Read`): its raw bytes (still
+    content-encoded) and, when the body broke with an error requests maps, the bytes before
+    it and that error; the connection goes back to the pool.
+
+    A chunked body is read chunk by chunk (as fast as http.client's whole read), so the chunks
+    before an error are kept; a Content-Length body is one read, whose bytes an error loses
+    (but for a connection closed early: http.client's IncompleteRead carries them)."""
     live = response.raw
-    content = live.read(decode_content=False)
+    broke: Tree = None
+    lengths: list[int] | None = None
+    if live.chunked and live.supports_chunked_reads():
+        chunks: list[bytes] = []
+        try:
+            for chunk in live.read_chunked(None, decode_content=False):
+                chunks.append(chunk)
+        except _BODY_ERROR_TYPES as exc:
+            broke = error_tree(exc)
+        content = b"".join(chunks)
+        if len(chunks) > 1:
+            lengths = [len(c) for c in chunks]
+    else:
+        try:
+            content = live.read(decode_content=False)
+        except _BODY_ERROR_TYPES as exc:
+            broke, content = error_tree(exc), _partial(exc)
     live.release_conn()
-    return live, content
+    return live, (content, lengths, broke)
+
+
+def _partial(exc: BaseException) -> bytes:
+    """The bytes an IncompleteRead behind ``exc`` carries (http.client's), else none."""
+    for arg in (exc, *exc.args, exc.__cause__):
+        partial = getattr(arg, "partial", None)
+        if isinstance(partial, bytes):
+            return partial
+    return b""
 
 
 def _swapped(request: requests.PreparedRequest, response: requests.Response,
-             headers: list[tuple[str, str]], content: bytes) -> requests.Response:
-    """``response`` reading the recorded bytes from memory (the live ones were read)."""
+             headers: list[tuple[str, str]], read: Read) -> requests.Response:
+    """``response`` reading the recorded bytes from memory (the live ones were read), and
+    raising the error that broke them after them, as a replay does."""
     live = response.raw
-    replacement = _raw(live.status, live.reason, live.version, headers, content, request)
+    content, chunks, broke = read
+    replacement = _raw(live.status, live.reason, live.version, headers, content, request,
+                       None if broke is None else rebuild_error(broke, _body_error), chunks)
     replacement._original_response = live._original_response
     response.raw = replacement
     return response
