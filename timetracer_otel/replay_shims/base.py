@@ -642,11 +642,14 @@ def error_tree(exc: BaseException, attrs: Tree = None) -> Tree:
 ErrorBuilder = Callable[[type[BaseException], Tree], BaseException]
 
 
-def rebuild_error(tree: Tree, build: ErrorBuilder | None = None) -> BaseException:
+def rebuild_error(tree: Tree, build: ErrorBuilder | None = None, *,
+                  fallback: Callable[[Tree], BaseException] | None = None) -> BaseException:
     """Recreate the recorded exception with its own class.
 
     ``build(cls, tree)`` lets a shim construct classes whose ``__init__`` needs more than the
     args (a request object, a response); otherwise ``cls(*args)`` is tried, then a bare instance.
+    A class this process cannot import gives ``fallback(tree)`` (the stand-in the library
+    itself would make), else a :class:`ReplayUnsupportedError`, counted as refused.
     """
     module, _, qualname = tree["type"].partition(":")
     try:
@@ -655,6 +658,8 @@ def rebuild_error(tree: Tree, build: ErrorBuilder | None = None) -> BaseExceptio
             obj = getattr(obj, part)
         cls: type[BaseException] = obj
     except (ImportError, AttributeError):
+        if fallback is not None:
+            return fallback(tree)
         return unsupported(
             f"The recorded error {tree['type']} cannot be rebuilt here ({tree['message']}).",
             f"error {tree['type']} (cannot be rebuilt)")

@@ -41,7 +41,6 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from timetracer_otel.codec import Tree, from_tree, to_tree
 from timetracer_otel.config import Mode
-from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
@@ -168,9 +167,10 @@ def _value(tree: Tree) -> Any:
 def _exception(tree: Tree) -> BaseException:
     """A task's exception again: its own class, or where its module is not importable here,
     the stand-in class Celery makes for it (as the live result did)."""
-    error = rebuild_error(tree)
-    if not isinstance(error, ReplayUnsupportedError):
-        return error
+    return rebuild_error(tree, fallback=_stand_in)
+
+
+def _stand_in(tree: Tree) -> BaseException:
     from celery.utils.serialization import create_exception_cls
 
     module, _, name = tree["type"].partition(":")
