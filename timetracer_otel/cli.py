@@ -233,6 +233,11 @@ def replay(
         if not sep or not name.strip() or name.strip() != name.strip().split()[0]:
             # (not echoed: it may hold the secret it carries)
             raise click.UsageError("--header takes 'NAME: value': a header name, a colon, its value")
+        try:
+            (name + value).encode("latin-1")
+        except UnicodeEncodeError:
+            raise click.UsageError("--header: an HTTP header holds latin-1 text only; "
+                                   "percent- or base64-encode the value as the app expects") from None
         given.append((name.strip(), value.strip()))
     settings = Settings.from_env()
     live_names = library_names(live, "--live") if live else settings.live

@@ -154,12 +154,47 @@ def with_headers(req: Tree, headers: Iterable[tuple[str, str]]) -> Tree:
     """``req`` with ``headers`` in place of the recorded ones of the same names (any case),
     the rest added: the real values of headers the recording stored as redaction tokens (an
     ``Authorization``, a ``Cookie``), given at replay time and never written anywhere."""
-    given = [(k.strip(), v) for k, v in headers]
+    given = [(k.strip().lower(), v) for k, v in headers]  # (ASGI names are lowercase)
     if not given:
         return req
-    names = {k.lower() for k, _ in given}
+    names = {k for k, _ in given}
     kept = [h for h in req.get("headers", []) if str(h[0]).lower() not in names]
     return {**req, "headers": [*kept, *given]}
+
+
+def _given_as_recorded(req: Tree, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(value given, what the recording stored for it) of each header given at replay time in
+    place of a recorded redaction token, the part after a shared prefix too (``Bearer ...``):
+    an app that echoes the header sends back what the recording stored, not the secret."""
+    recorded = {str(k).lower(): str(v) for k, v in req.get("headers", [])}
+    pairs = []
+    for name, value in headers:
+        old = recorded.get(name.strip().lower())
+        if not value or old is None or not _TOKEN.search(old):
+            continue
+        pairs.append((value, old))
+        n = 0  # the scheme both share ("Bearer "): the part after it is the secret's own
+        while n < min(len(value), len(old)) and value[n] == old[n]:
+            n += 1
+        cut = value.rfind(" ", 0, n) + 1
+        if cut and value[cut:] and old[cut:]:
+            pairs.append((value[cut:], old[cut:]))
+    return pairs
+
+
+def _swap(value: Any, pairs: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        for new, old in pairs:
+            value = value.replace(new, old)
+    elif isinstance(value, bytes | bytearray | memoryview):
+        value = bytes(value)
+        for new, old in pairs:
+            value = value.replace(new.encode("latin-1"), old.encode("latin-1"))
+    elif isinstance(value, list | tuple):
+        value = [_swap(v, pairs) for v in value]
+    elif isinstance(value, dict):
+        value = {k: _swap(v, pairs) for k, v in value.items()}
+    return value
 
 
 def _redacted_names(req: Tree) -> list[str]:
@@ -405,11 +440,21 @@ async def replay_asgi_async(
     # The inbound span is what is being replayed, never an answer to a dependency call.
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
     rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss, live=live)
+    headers = list(headers)
     request = with_headers(span.request, headers)
     with rep:
         run = await _drive(app, request, timeout)
     report = rep.report
+    given = [(k, v) for k, v in headers]
+    pairs = _given_as_recorded(span.request, given)
+    if pairs:  # what the app sent back holds the recorded tokens, never a given secret
+        run.seam.sent[:] = _swap(run.seam.sent, pairs)
+        if run.error is not None:
+            run.error = type(run.error)(*_swap(list(run.error.args), pairs))
     diff = _compare(span, run, report, ignore_headers, misses_fail=rep.on_miss is OnMiss.ERROR)
+    for _, value in given:  # (and never in what is printed, whatever the app did with it)
+        if value:
+            diff = [line.replace(value, "<--header value>") for line in diff]
     notes = [f"recorded call not made: {label}" for label, _ in report.unused]
     tokens = _redacted_names(request)
     if diff and tokens:  # an app checking them answers otherwise (a 401): say why

@@ -14,7 +14,9 @@ TOKEN = "s3cr3t-token-0123456789"
 async def me(request: Request) -> JSONResponse:
     if request.headers.get("authorization") != f"Bearer {TOKEN}":
         return JSONResponse({"error": "unauthorized"}, status_code=401)
-    return JSONResponse({"user": "alice"})
+    # Echoes what it was sent (a debug field some services have): a replay given the real
+    # value must compare it with the token the recording stored, and never print it.
+    return JSONResponse({"user": "alice", "auth_seen": request.headers["authorization"]})
 
 
 app = Starlette(routes=[Route("/me", me)])
