@@ -173,6 +173,32 @@ def test_presigned_urls_and_posts_are_built_in_a_replay_without_credentials(
     assert all(type(v) is str for v in post["fields"].values())
 
 
+@pytest.mark.parametrize("on_miss", ["passthrough", "record"])
+def test_a_miss_sent_in_a_replay_without_credentials_is_not_signed_with_the_placeholder(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_miss: str
+) -> None:
+    """The placeholder credentials presign only: a request really sent raises
+    NoCredentialsError as live does, before it is sent (nothing reaches AWS, no 403 kept)."""
+    with timetracer_otel.record(dir=tmp_path / "c") as rec:
+        presign(bucket)
+    for name in _CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    s3 = boto3.session.Session().client("s3")
+    with pytest.raises(botocore.exceptions.NoCredentialsError):
+        s3.list_objects_v2(Bucket=bucket)  # live, without credentials
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, on_miss=on_miss):
+        url, post = presign(bucket)  # recorded, and presigned with the placeholder
+        with pytest.raises(botocore.exceptions.NoCredentialsError):
+            s3.list_objects_v2(Bucket=bucket)  # a miss, sent: unsigned, as live
+    assert attempts == []
+    assert boto_shim.PLACEHOLDER_ACCESS_KEY in url
+    assert post["fields"]["x-amz-credential"].startswith(boto_shim.PLACEHOLDER_ACCESS_KEY)
+    kept = b"".join(Path(p).read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert boto_shim.PLACEHOLDER_ACCESS_KEY.encode() not in kept
+
+
 # --- botocore: the app's data (S3 objects, DynamoDB items) --------------------------------
 
 CONFIG = b'{\n  "db_user": "app",\n  "password": "hunter2-long",\n  "api_key": "k-1"\n}\n'

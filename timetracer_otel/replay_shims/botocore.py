@@ -9,7 +9,8 @@ retries included; replay answers those sends from the recording, so botocore its
 them again: ``StreamingBody`` for S3 objects, datetimes, ``ClientError`` with the same code
 and message, checksums validated, retries and waiters as they ran. Replay signs no request, so
 it needs no credentials, and opens no socket; a presigned URL or POST is built locally, with
-placeholder credentials when none resolve.
+placeholder credentials when none resolve (only those: a miss sent to AWS without credentials
+raises ``NoCredentialsError`` as live does).
 
 The key is the service, the operation and its parameters (bytes over 1 KiB by size and hash,
 an upload stream as ``<stream>``, a boto3 condition by its expression); never the endpoint or
@@ -570,16 +571,26 @@ def _sign(original: Any) -> Any:
         exchange = _EXCHANGE.get()
         if exchange is not None and exchange.replay is not None:
             return None  # nothing is sent: no credentials needed
-        if self._credentials is None and _replaying():
+        if self._credentials is None and _presigning(args, kwargs) and _replaying():
             # A presigned URL or POST (generate_presigned_url/post) in a replay without
             # credentials: signed locally with placeholder ones, as the app's code expects
-            # a URL; a copy of the signer, so no other thread's client sees them.
+            # a URL; a copy of the signer, so no other thread's client sees them. A request
+            # really sent (a miss passed through or recorded) is signed as live is: without
+            # credentials botocore raises NoCredentialsError, nothing reaches AWS.
             signer = copy.copy(self)
             signer._credentials = _PLACEHOLDER
             return original(signer, *args, **kwargs)
         return original(self, *args, **kwargs)
 
     return sign
+
+
+def _presigning(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``RequestSigner.sign(operation_name, request, region_name, signing_type, ...)``
+    presigns (``presign-url``, ``presign-post``: a URL or POST form built locally, never sent)
+    rather than signing a request about to be sent (``standard``)."""
+    kind = kwargs.get("signing_type", args[3] if len(args) > 3 else "standard")
+    return kind != "standard"
 
 
 def _replaying() -> bool:
