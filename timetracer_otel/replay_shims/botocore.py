@@ -590,7 +590,7 @@ def _presigning(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     presigns (``presign-url``, ``presign-post``: a URL or POST form built locally, never sent)
     rather than signing a request about to be sent (``standard``)."""
     kind = kwargs.get("signing_type", args[3] if len(args) > 3 else "standard")
-    return kind != "standard"
+    return str(kind) != "standard"
 
 
 def _replaying() -> bool:
