@@ -655,10 +655,10 @@ def _live_cursor(cur: Any, live: psycopg.Connection[Any]) -> psycopg.Cursor[Any]
     return lcur
 
 
-def _run_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any]) -> None:
-    """A miss on a connection the replay opened, run on the real one behind it (see
+def _run_live(cur: Any, live: psycopg.Connection[Any],
+              run: Callable[[psycopg.Cursor[Any]], Any]) -> None:
+    """A miss on a connection the replay opened, run on the real one behind it (``live``, from
     :func:`_live_connection`); its results put on ``cur`` as psycopg's execute would."""
-    live = _live_connection(cur, call)
     lcur = _live_cursor(cur, live)
     try:
         with suppress_instrumentation():  # not the app's own call: no span, no replay
@@ -680,13 +680,16 @@ def _run_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any]) -
 
 def _went_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any],
                record: bool) -> None:
-    """:func:`_run_live`, and recorded as a live call is when ``record`` (on_miss="record")."""
+    """:func:`_run_live`, and recorded as a live call is when ``record`` (on_miss="record").
+    The real connection is opened first: a miss that could not go live is no answer of the
+    database, so nothing of it is recorded (as asyncpg's ``_run``)."""
+    live = _live_connection(cur, call)
     if not record:
-        _run_live(cur, call, run)
+        _run_live(cur, live, run)
         return
     with _recording(call) as cap:
         try:
-            _run_live(cur, call, run)
+            _run_live(cur, live, run)
         except Exception as exc:
             cap.fail(exc, _error_attrs(cur, exc))
             raise

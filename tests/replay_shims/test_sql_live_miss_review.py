@@ -1,0 +1,112 @@
+"""Review of the SQL live miss (079db13): a miss ``on_miss`` lets go live on a connection the
+replay opened from the cassette. A miss that could not go live records nothing; one inside a
+read-only transaction stays read-only; one inside a failed transaction fails as live would;
+LISTEN is refused only as a statement. Against the real PostgreSQL, database ``test``; tables
+``tt_fix2_*``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+import timetracer_otel
+from tests.conftest import PG_HOST, PG_PORT, unreachable_port
+from timetracer_otel.errors import ReplayMissError, ReplayUnsupportedError
+
+DB = "test"
+
+
+def _dsn(port: int) -> str:
+    return f"postgresql://postgres@{PG_HOST}:{port}/{DB}"
+
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(_dsn(PG_PORT), autocommit=True)
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    """A fresh empty ``tt_fix2_*`` table of (id int); dropped afterwards."""
+    name = f"tt_fix2_{uuid.uuid4().hex[:10]}"
+    with _admin() as admin:
+        admin.execute(f"CREATE TABLE {name} (id int)")
+    yield name
+    with _admin() as admin:
+        admin.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def _count(table: str) -> int:
+    with _admin() as admin:
+        row = admin.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- 1. on_miss="record" with the database unreachable ----------------------------------------
+
+
+def _pg_stranded_job(port: int, extra: bool) -> list[Any]:
+    with psycopg.connect(_dsn(port)) as conn:
+        out: list[Any] = [conn.execute("SELECT 1::int").fetchone()]
+        if extra:
+            try:
+                out.append(conn.execute("SELECT 42::int").fetchone())
+            except ReplayUnsupportedError as exc:
+                out.append(type(exc).__name__)
+        return out
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_psycopg_record_miss_that_could_not_go_live_records_nothing(
+    tmp_path: Path, many: bool
+) -> None:
+    def job(port: int, extra: bool) -> list[Any]:
+        if not many:
+            return _pg_stranded_job(port, extra)
+        with psycopg.connect(_dsn(port)) as conn:
+            out: list[Any] = [conn.execute("SELECT 1::int").fetchone()]
+            if extra:
+                try:
+                    conn.cursor().executemany("SELECT %s::int", [(1,), (2,)])
+                except ReplayUnsupportedError as exc:
+                    out.append(type(exc).__name__)
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(PG_PORT, False) == [(1,)]
+    (path,) = rec.paths
+    with timetracer_otel.replay(path, on_miss="record") as rep:
+        out = job(unreachable_port(), True)
+    assert out == [(1,), "ReplayUnsupportedError"]
+    assert rep.report.stranded and not rep.appended
+    # Nothing saved as the call's answer: a later replay misses it, as the first one did.
+    with timetracer_otel.replay(path, on_miss="error"), pytest.raises(ReplayMissError):
+        job(unreachable_port(), True)
+
+
+def test_asyncpg_record_miss_that_could_not_go_live_records_nothing(tmp_path: Path) -> None:
+    async def job(port: int, extra: bool) -> list[Any]:
+        conn = await asyncpg.connect(_dsn(port))
+        try:
+            out: list[Any] = [await conn.fetchval("SELECT 1")]
+            if extra:
+                try:
+                    out.append(await conn.fetchval("SELECT 42"))
+                except ReplayUnsupportedError as exc:
+                    out.append(type(exc).__name__)
+            return out
+        finally:
+            await conn.close()
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert asyncio.run(job(PG_PORT, False)) == [1]
+    with timetracer_otel.replay(rec.paths, on_miss="record") as rep:
+        assert asyncio.run(job(unreachable_port(), True)) == [1, "ReplayUnsupportedError"]
+    assert rep.report.stranded and not rep.appended
