@@ -110,3 +110,84 @@ def test_asyncpg_record_miss_that_could_not_go_live_records_nothing(tmp_path: Pa
     with timetracer_otel.replay(rec.paths, on_miss="record") as rep:
         assert asyncio.run(job(unreachable_port(), True)) == [1, "ReplayUnsupportedError"]
     assert rep.report.stranded and not rep.appended
+
+
+# --- 2. a miss inside a replayed read-only transaction ----------------------------------------
+
+
+def test_psycopg_miss_in_a_read_only_transaction_stays_read_only(
+    tmp_path: Path, table: str
+) -> None:
+    def job(extra: bool) -> list[Any]:
+        with psycopg.connect(_dsn(PG_PORT)) as conn:
+            conn.read_only = True
+            row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+            out: list[Any] = [row[0] if row else None]
+            if extra:
+                try:
+                    conn.execute(f"INSERT INTO {table} VALUES (1)")
+                    out.append("inserted")
+                except psycopg.Error as exc:
+                    out.append(type(exc).__name__)
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(False) == [0]
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
+        out = job(True)
+    assert out == [0, "ReadOnlySqlTransaction"]  # as live
+    assert _count(table) == 0 and not rep.report.stranded
+
+
+def test_psycopg_miss_after_a_replayed_begin_read_only_stays_read_only(
+    tmp_path: Path, table: str
+) -> None:
+    def job(extra: bool) -> list[Any]:
+        with psycopg.connect(_dsn(PG_PORT), autocommit=True) as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+            out: list[Any] = [row[0] if row else None]
+            if extra:
+                out.append(conn.execute("SHOW transaction_isolation").fetchone())
+                try:
+                    conn.execute(f"INSERT INTO {table} VALUES (1)")
+                    out.append("inserted")
+                except psycopg.Error as exc:
+                    out.append(type(exc).__name__)
+            conn.execute("ROLLBACK")
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(False) == [0]
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
+        out = job(True)
+    assert out == [0, ("repeatable read",), "ReadOnlySqlTransaction"]
+    assert _count(table) == 0 and not rep.report.stranded
+
+
+def test_asyncpg_miss_in_a_read_only_transaction_stays_read_only(
+    tmp_path: Path, table: str
+) -> None:
+    async def job(extra: bool) -> list[Any]:
+        conn = await asyncpg.connect(_dsn(PG_PORT))
+        out: list[Any] = []
+        try:
+            async with conn.transaction(readonly=True, isolation="serializable"):
+                out.append(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+                if extra:
+                    out.append(await conn.fetchval("SHOW transaction_isolation"))
+                    try:
+                        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+                        out.append("inserted")
+                    except asyncpg.PostgresError as exc:
+                        out.append(type(exc).__name__)
+        finally:
+            await conn.close()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert asyncio.run(job(False)) == [0]
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
+        out = asyncio.run(job(True))
+    assert out == [0, "serializable", "ReadOnlySQLTransactionError"]
+    assert _count(table) == 0 and not rep.report.stranded

@@ -136,6 +136,9 @@ class _ReplayProtocol:
         self.codecs: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
         self.live: Any = None
         self.live_error: BaseException | None = None
+        # The replayed command that began the current transaction (``BEGIN ISOLATION LEVEL
+        # SERIALIZABLE READ ONLY``...), for the real connection to begin its own the same way.
+        self.begin: str | None = None
 
     def get_settings(self) -> _ReplaySettings:
         return self.settings
@@ -509,9 +512,23 @@ async def _live_connection(conn: Any, call: Call) -> Any:
         log.info("asyncpg: %s had no recording; opened a real connection for it (replayed "
                  "session state such as SET is not on it)", call.label)
     if proto.xact and not live.is_in_transaction():
+        # Begun as the app's was (READ ONLY, its isolation level...): a miss in a read-only
+        # transaction must not write to the real database.
         with suppress_instrumentation():
-            await live.execute("BEGIN")
+            await live.execute(proto.begin or "BEGIN")
     return live
+
+
+def _note_begin(proto: _ReplayProtocol, query: str) -> None:
+    """Keep the replayed command that began a transaction (see ``_ReplayProtocol.begin``)."""
+    if not proto.xact:
+        proto.begin = None
+        return
+    words = query.split(None, 2)
+    first = words[0].upper().rstrip(";") if words else ""
+    second = words[1].upper().rstrip(";") if len(words) > 1 else ""
+    if first == "BEGIN" or (first == "START" and second == "TRANSACTION"):
+        proto.begin = query
 
 
 async def _end_live_transaction(proto: _ReplayProtocol, match: Match) -> None:
@@ -545,6 +562,8 @@ async def _run(
         try:
             return _replayed(action, kind, conn, record_class)
         finally:
+            if isinstance(proto, _ReplayProtocol):
+                _note_begin(proto, query)
             if isinstance(proto, _ReplayProtocol) and proto.live is not None:
                 await _end_live_transaction(proto, action)
     target = conn

@@ -311,6 +311,14 @@ def _simple_result(command: str) -> RecordedResult:
 # --- the replay connection -----------------------------------------------------------------
 
 
+def _begins(command: str) -> bool:
+    """Whether ``command`` begins a transaction (BEGIN, START TRANSACTION)."""
+    words = command.split(None, 2)
+    first = words[0].upper().rstrip(";") if words else ""
+    second = words[1].upper().rstrip(";") if len(words) > 1 else ""
+    return first == "BEGIN" or (first == "START" and second == "TRANSACTION")
+
+
 class ReplayPGconn(PGconn):
     """A libpq PGconn that never connected, reporting the recorded session.
 
@@ -335,6 +343,9 @@ class ReplayPGconn(PGconn):
         # be opened.
         self._live: psycopg.Connection[Any] | None = None
         self._live_error: BaseException | None = None
+        # The command that began the app's current transaction (BEGIN READ ONLY...), for the
+        # real connection to begin its own the same way.
+        self._begin: str | None = None
 
     # What the connection reports.
     # Plain ints, as libpq's PGconn gives them (psycopg's ConnectionInfo makes the enums).
@@ -431,11 +442,14 @@ class ReplayPGconn(PGconn):
         words = command.split(None, 2)
         first = words[0].upper() if words else ""
         second = words[1].upper() if len(words) > 1 else ""
-        begins = first == "BEGIN" or (first == "START" and second == "TRANSACTION")
-        if begins or (first == "ROLLBACK" and second == "TO"):
+        if _begins(command):
+            self._tx_status = _TS.INTRANS
+            self._begin = command
+        elif first == "ROLLBACK" and second == "TO":
             self._tx_status = _TS.INTRANS
         elif first in ("COMMIT", "ROLLBACK", "END", "ABORT"):
             self._tx_status = _TS.IDLE
+            self._begin = None
             self.follow(first in ("ROLLBACK", "ABORT"))
         return _simple_result(command)
 
@@ -634,8 +648,11 @@ def _live_connection(cur: Any, call: Call) -> psycopg.Connection[Any]:
         log.info("psycopg: %s had no recording; opened a real connection for it (replayed "
                  "session state such as SET is not on it)", call.label)
     if pgconn._tx_status != _TS.IDLE and live.info.transaction_status == _TS.IDLE:
+        # Begun as the app's was (READ ONLY, its isolation level...): a miss in a read-only
+        # transaction must not write to the real database.
+        begin = pgconn._begin or cur._conn._get_tx_start_command().decode()
         with suppress_instrumentation():
-            live.execute("BEGIN")
+            live.execute(begin.encode())
     return live
 
 
@@ -694,6 +711,19 @@ def _went_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any],
             cap.fail(exc, _error_attrs(cur, exc))
             raise
         cap.ok(_cursor_outcome(cur))
+
+
+def _note_begin(cur: Any, call: Call) -> None:
+    """A replayed statement that began a transaction (``BEGIN READ ONLY``): kept, for a miss
+    going live in it to begin the real connection's transaction the same way."""
+    pgconn = cur._conn.pgconn
+    statement = call.identity.get("statement") if isinstance(call.identity, dict) else None
+    if not isinstance(pgconn, ReplayPGconn):
+        return
+    if pgconn._tx_status == _TS.IDLE:
+        pgconn._begin = None
+    elif isinstance(statement, str) and _begins(statement):
+        pgconn._begin = statement
 
 
 def _replayed_conn(cur: Any) -> bool:
@@ -765,6 +795,7 @@ def _execute_gen(original: Any) -> Any:
             yield from self._start_query(query)
             _apply(self, action)
             self._last_query = query
+            _note_begin(self, call)
             return None
         if _replayed_conn(self):  # a miss going live: on the real connection behind it
             yield from self._start_query(query)
