@@ -191,3 +191,46 @@ def test_asyncpg_miss_in_a_read_only_transaction_stays_read_only(
         out = asyncio.run(job(True))
     assert out == [0, "serializable", "ReadOnlySQLTransactionError"]
     assert _count(table) == 0 and not rep.report.stranded
+
+
+# --- 3. a miss inside a failed transaction ----------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["passthrough", "record"])
+def test_psycopg_miss_in_a_failed_transaction_fails_as_live(
+    tmp_path: Path, table: str, policy: str
+) -> None:
+    def job(extra: bool) -> list[Any]:
+        with psycopg.connect(_dsn(PG_PORT)) as conn:
+            out: list[Any] = []
+            try:
+                conn.execute("SELECT 1/0")
+            except psycopg.Error as exc:
+                out.append(type(exc).__name__)
+            out.append(conn.info.transaction_status.name)
+            if extra:
+                cur = conn.cursor()
+                for call in (lambda: cur.execute(f"INSERT INTO {table} VALUES (1)"),
+                             lambda: cur.executemany(f"INSERT INTO {table} VALUES (%s)", [(2,)])):
+                    try:
+                        call()
+                        out.append("ran")
+                    except psycopg.Error as exc:
+                        out.append((type(exc).__name__, exc.sqlstate, cur.rowcount))
+                out.append(conn.info.transaction_status.name)
+            conn.rollback()
+            out.append(conn.info.transaction_status.name)
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(False) == ["DivisionByZero", "INERROR", "IDLE"]
+    live = job(True)
+    failed = ("InFailedSqlTransaction", "25P02")
+    assert live == ["DivisionByZero", "INERROR", (*failed, -1), (*failed, 0), "INERROR", "IDLE"]
+    with timetracer_otel.replay(rec.paths, on_miss=policy) as rep:
+        assert job(True) == live
+    assert _count(table) == 0 and not rep.report.stranded
+    if policy == "record":  # recorded as live would have been: replayed so
+        assert len(rep.appended) == 2
+        with timetracer_otel.replay(rec.paths, on_miss="error"):
+            assert job(True) == live

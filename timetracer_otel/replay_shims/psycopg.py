@@ -699,14 +699,23 @@ def _went_live(cur: Any, call: Call, run: Callable[[psycopg.Cursor[Any]], Any],
                record: bool) -> None:
     """:func:`_run_live`, and recorded as a live call is when ``record`` (on_miss="record").
     The real connection is opened first: a miss that could not go live is no answer of the
-    database, so nothing of it is recorded (as asyncpg's ``_run``)."""
-    live = _live_connection(cur, call)
-    if not record:
+    database, so nothing of it is recorded (as asyncpg's ``_run``). In a failed transaction
+    of the app's connection the server would refuse it: it fails so, as live, without one."""
+    failed = _in_failed_transaction(cur, call)
+    live = None if failed is not None else _live_connection(cur, call)
+
+    def go() -> None:
+        if live is None:
+            assert failed is not None
+            raise failed
         _run_live(cur, live, run)
+
+    if not record:
+        go()
         return
     with _recording(call) as cap:
         try:
-            _run_live(cur, live, run)
+            go()
         except Exception as exc:
             cap.fail(exc, _error_attrs(cur, exc))
             raise
@@ -724,6 +733,28 @@ def _note_begin(cur: Any, call: Call) -> None:
         pgconn._begin = None
     elif isinstance(statement, str) and _begins(statement):
         pgconn._begin = statement
+
+
+# What the server answers a statement in a failed transaction (psycopg's InFailedSqlTransaction).
+_IN_FAILED = b"current transaction is aborted, commands ignored until end of transaction block"
+_ENDS_FAILED = ("ROLLBACK", "ABORT", "COMMIT", "END", "PREPARE")
+
+
+def _in_failed_transaction(cur: Any, call: Call) -> psycopg.Error | None:
+    """The error psycopg raises for ``call`` when the app's connection is in a failed
+    transaction (INERROR) and ``call`` would not end it; None otherwise."""
+    pgconn = cur._conn.pgconn
+    if not isinstance(pgconn, ReplayPGconn) or pgconn._tx_status != _TS.INERROR:
+        return None
+    statement = call.identity.get("statement") if isinstance(call.identity, dict) else None
+    if isinstance(statement, str) and statement.lstrip().upper().startswith(_ENDS_FAILED):
+        return None
+    F = pq.DiagnosticField
+    diag = {int(F.SEVERITY): b"ERROR", int(F.SEVERITY_NONLOCALIZED): b"ERROR",
+            int(F.SQLSTATE): b"25P02", int(F.MESSAGE_PRIMARY): _IN_FAILED}
+    result = RecordedResult(int(_ES.FATAL_ERROR), b"", None, [], [],
+                            b"ERROR:  " + _IN_FAILED + b"\n", diag)
+    return pg_errors.error_from_result(result, encoding=cur._encoding)
 
 
 def _replayed_conn(cur: Any) -> bool:
@@ -833,6 +864,8 @@ def _live_many_gen(cur: Any, query: Any, params_seq: list[Any], returning: bool,
     """executemany missing on a connection the replay opened: run on the real one."""
     yield from cur._start_query(query)
     cur._execmany_returning = returning
+    if not returning:
+        cur._rowcount = 0  # as psycopg's executemany, before its first statement
 
     def run(lcur: psycopg.Cursor[Any]) -> None:
         lcur.executemany(query, params_seq, returning=returning)
