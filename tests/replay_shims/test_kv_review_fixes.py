@@ -3,10 +3,12 @@ on 127.0.0.1:6379, database 13; a moto server) and replayed with every connect r
 
 - redis-py's server errors keep the ``status_code`` it gives them (``NOSCRIPT``, ``ERR``...);
 - ``generate_presigned_url``/``generate_presigned_post`` work in a replay without credentials;
-- an S3 object body or a DynamoDB item is the app's data: it comes back byte for byte (a
-  ``password`` field in it is not a secret by name), a secret learned elsewhere is replaced in
-  its own bytes (whitespace kept, ``ContentLength`` the body's length), and the user's own
-  rules still redact items;
+- a miss sent in a replay without credentials raises ``NoCredentialsError`` (the placeholder
+  credentials presign only);
+- an S3 object body or a DynamoDB item gets the built-in secret names (``password``...) and
+  the user's own rules, and secrets learned elsewhere, replaced in its own bytes (whitespace
+  kept, ``ContentLength`` the body's length; gzip and deflate inside); a DynamoDB number stays
+  a number under a built-in name;
 - ``EndpointConnectionError.kwargs["error"]`` replays as urllib3's ``NewConnectionError``.
 """
 
@@ -17,6 +19,7 @@ import gzip
 import hashlib
 import json
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -215,17 +218,28 @@ def get_config(bucket: str, body: bytes, content_type: str = "application/json")
             head["ContentLength"], got["ContentType"]]
 
 
-def test_an_s3_json_object_with_a_password_field_replays_byte_for_byte(
+def test_an_s3_json_object_with_a_password_field_is_redacted_in_its_own_bytes(
     bucket: str, tmp_path: Path
 ) -> None:
+    """The built-in secret names apply to the app's data too (principle 7), replaced in the
+    object's own bytes: whitespace and order kept, ContentLength the stored body's length."""
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = get_config(bucket, CONFIG)
     assert live[0] == CONFIG and live[1] == len(CONFIG)
     assert live[3].strip('"') == hashlib.md5(CONFIG).hexdigest()
+    (path,) = rec.paths
+    stored = Path(path).read_bytes()
+    assert b"hunter2-long" not in stored and b'"k-1"' not in stored  # (the upload's key too)
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = get_config(bucket, CONFIG)
     assert attempts == [] and rep.report.misses == [] and rep.report.shape_matches == []
-    assert replayed == live  # not re-serialized, not tokenized: the object's own bytes
+    data = replayed[0]
+    password, api_key = json.loads(data)["password"], json.loads(data)["api_key"]
+    assert password.startswith("redacted:") and api_key.startswith("redacted:")
+    assert data == CONFIG.replace(b"hunter2-long", password.encode()).replace(
+        b'"k-1"', json.dumps(api_key).encode())  # the rest byte for byte
+    assert replayed[1] == len(data) and replayed[2] is int
+    assert replayed[3:] == live[3:]  # the ETag names the object; HEAD's length, the type
 
 
 def test_a_learned_secret_in_an_s3_object_is_replaced_in_its_bytes(
@@ -269,6 +283,56 @@ def test_a_learned_secret_in_an_s3_object_is_replaced_in_its_bytes(
     assert gzip.decompress(live[3][0]) == body
 
 
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(data) + packer.flush()
+
+
+def test_a_learned_secret_in_a_deflate_encoded_s3_object_never_reaches_the_cassette(
+    bucket: str, tmp_path: Path
+) -> None:
+    """deflate as HTTP sends it (zlib-wrapped or raw) is unpacked like gzip; an encoding that
+    cannot be unpacked keeps its bytes, a known secret in them masked."""
+    name = f"s{uuid.uuid4().hex[:8]}"
+    secret = "pw-" + uuid.uuid4().hex
+    boto3.client("secretsmanager").create_secret(Name=name, SecretString=secret)
+    body = b'{"note": "password is ' + secret.encode() + b'", "n": 1}'
+    objects = {"zlib": (zlib.compress(body), "deflate"), "raw": (raw_deflate(body), "deflate"),
+               "odd": (b"\xff\x00" + body, "x-unknown")}  # (not UTF-8: masked)
+
+    def job() -> list[Any]:
+        got = boto3.client("secretsmanager").get_secret_value(SecretId=name)["SecretString"]
+        s3 = boto3.client("s3")
+        out: list[Any] = [got]
+        for key, (data, encoding) in objects.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=data, ContentEncoding=encoding,
+                          ContentType="application/json")
+            obj = s3.get_object(Bucket=bucket, Key=key)
+            out.append([obj["Body"].read(), obj["ContentLength"], obj["ContentEncoding"]])
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[0] == secret
+    assert [v[0] for v in live[1:]] == [v[0] for v in objects.values()]
+    (path,) = rec.paths
+    stored = Path(path).read_bytes()
+    assert secret.encode() not in stored
+    for packed in (zlib.compress(secret.encode()), raw_deflate(secret.encode())):
+        assert packed[2:-4] not in stored
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
+        replayed = job()
+    assert attempts == [] and rep.report.misses == []
+    token = replayed[0]
+    assert token.startswith("redacted:")
+    text = body.replace(secret.encode(), token.encode())
+    (zdata, zlen, zenc), (rdata, rlen, renc), (odata, olen, oenc) = replayed[1:]
+    assert zlib.decompress(zdata) == text and zlen == len(zdata) and zenc == "deflate"
+    assert zlib.decompress(rdata, -15) == text and rlen == len(rdata) and renc == "deflate"
+    assert secret.encode() not in odata and len(odata) == olen == len(objects["odd"][0])
+    assert oenc == "x-unknown"
+
+
 def test_a_replayed_body_length_is_its_content_length_even_if_scrubbed_later() -> None:
     """A body whose stored bytes changed after its headers (a secret the writer learned
     later): botocore reports the length of the bytes it reads."""
@@ -280,7 +344,7 @@ def test_a_replayed_body_length_is_its_content_length_even_if_scrubbed_later() -
     assert response.headers["Content-Length"] == str(len(response.content)) == "25"
 
 
-def test_dynamodb_items_are_the_apps_data_and_user_rules_still_redact_them(
+def test_dynamodb_items_get_the_built_in_names_on_strings_and_user_rules_typed(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (`bucket`: the moto endpoint and test credentials.)
@@ -308,6 +372,7 @@ def test_dynamodb_items_are_the_apps_data_and_user_rules_still_redact_them(
         (path,) = rec.paths
         stored = Path(path).read_bytes()
         assert ssn.encode() not in stored and b"987654321012" not in stored  # the user's rules
+        assert b"bcrypt$2b$12$" not in stored and b'"k1"' not in stored  # the built-in names
         with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
             replayed = job()
     finally:
@@ -318,11 +383,14 @@ def test_dynamodb_items_are_the_apps_data_and_user_rules_still_redact_them(
     assert got["ssn"].startswith("redacted:") and type(got["ssn"]) is str
     # A number under a rule: a string holding its token (a DynamoDB N cannot hold one).
     assert got["pin"].startswith("redacted:") and type(got["pin"]) is str
-    rest = {k: v for k, v in got.items() if k not in ("ssn", "pin")}
-    expected = {k: v for k, v in live[0].items() if k not in ("ssn", "pin")}
-    assert rest == expected  # password, api_key, token, secret: as stored
-    assert {k: type(v) for k, v in rest.items()} == {k: type(v) for k, v in expected.items()}
-    assert type(got["token"]["exp"]) is Decimal and type(got["api_key"][0]) is str
+    # The built-in names (as MongoDB documents get them): strings become tokens in their
+    # typed form; numbers, binaries and booleans stay as they are, so they still parse.
+    assert got["password"].startswith("redacted:") and type(got["password"]) is str
+    assert len(got["api_key"]) == 2 and all(
+        type(v) is str and v.startswith("redacted:") for v in got["api_key"])
+    assert got["token"] == {"exp": Decimal(5)} and type(got["token"]["exp"]) is Decimal
+    assert got["secret"] == Decimal("7") and type(got["secret"]) is Decimal
+    assert got["id"] == "u1"
 
 
 # --- botocore: a connection error keeps its nested error ------------------------------------

@@ -18,9 +18,11 @@ region. Secrets never reach the cassette: parameters the service model marks ``s
 (and those named like secrets) become redaction tokens; the values of sensitive members of
 the parsed response (STS and IAM keys, tokens, SecretString...) are learned and replaced in
 the stored bodies' own bytes (never re-serialized), with the body's checksum headers dropped
-and its length fixed. The app's data (an S3 object, DynamoDB items) gets only secrets learned
-elsewhere and the user's own rules, never the built-in field names. Replay also keeps
-botocore from asking the instance metadata service for credentials or a region.
+and its length fixed. The app's data (an S3 object, DynamoDB items, an uploaded JSON object
+in the key) gets the built-in secret field names too, as MongoDB documents do, and the user's
+own rules, replaced in its own bytes (gzip and deflate inside); under a built-in name a
+DynamoDB number, binary or boolean stays as it is. Replay also keeps botocore from asking the
+instance metadata service for credentials or a region.
 """
 
 from __future__ import annotations
@@ -180,12 +182,10 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
     params = _without_secrets(shape, params)
     r = STATE.redactor
     tree = _param(params)
-    if service in _DATA_SERVICES:  # the app's data (items, keys): only the user's own rules
-        named, paths = _user_rules(r)
-        if named.any or paths:
-            tree = _by_user_rules(r, tree, named, paths, typed=True)
-    else:
-        tree = r.document(tree)
+    # Items and keys: DynamoDB's types kept (see _data_doc); an uploaded JSON object (S3):
+    # as its answer will be.
+    tree = _data_doc(r, tree, typed=True) if service in _DATA_SERVICES \
+        else _json_blobs(r, r.document(tree))
     tree = r.scrub(tree)  # (secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
     shape = {"service": service, "operation": operation, "params": sorted(tree)}
@@ -255,8 +255,8 @@ _DATA_SERVICES = frozenset({"dynamodb", "dynamodbstreams"})
 
 def _data_plane(client: Any, operation: str) -> bool:
     """Whether this operation's responses carry the app's data: an S3 object's bytes, a
-    Lambda payload, DynamoDB attribute values. Those get only secrets learned elsewhere and
-    the user's own rules, never the field-name guesses (see :func:`_redacted`)."""
+    Lambda payload, DynamoDB attribute values. Those are redacted in their own bytes, never
+    re-serialized if it can be helped (see :func:`_data_doc`, :func:`_redacted`)."""
     model = client.meta.service_model
     if model.service_name in _DATA_SERVICES:
         return True
@@ -286,6 +286,7 @@ def _user_rules(r: Any) -> tuple[Any, tuple[tuple[str, ...], ...]]:
     return named, tuple(r.json_paths)
 
 
+_DEFAULT_NAMES = frozenset(f.lower() for f in SECRET_FIELDS)
 # DynamoDB's typed values that cannot hold a token, and the string type that takes it.
 _AS_STRING = {"N": "S", "B": "S", "NS": "SS", "BS": "SS"}
 
@@ -309,13 +310,47 @@ def _tokens(r: Any, value: Any, typed: bool = False) -> Any:
     return r.token(json.dumps(value, sort_keys=True, default=repr))
 
 
+# DynamoDB's non-string types (and codec tags of the request's Python values: Decimal,
+# bytes...): a built-in secret name leaves them as they are, so they still parse.
+_NOT_STRINGS = frozenset({"N", "NS", "B", "BS", "BOOL", "NULL"})
+_STRING_TAGS = frozenset({"$set", "$frozenset", "$tuple", "$list"})
+
+
+def _string_tokens(r: Any, value: Any, kind: Any = None) -> Any:
+    """A value under a built-in secret name in DynamoDB's data: its strings tokens (``{"S":
+    token}``, a string set's members), its numbers, binaries and booleans kept."""
+    if isinstance(value, dict):
+        return {k: v if k in _NOT_STRINGS or (str(k).startswith("$") and k not in _STRING_TAGS)
+                else _string_tokens(r, v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_string_tokens(r, v, kind) for v in value]
+    return r.token(value) if isinstance(value, str) else value
+
+
+def _data_doc(r: Any, doc: Any, typed: bool = False) -> Any:
+    """The app's data (a decoded JSON object, DynamoDB items) with the built-in secret names
+    (``redaction.SECRET_FIELDS``, as MongoDB documents get them) and the user's own rules
+    applied. A built-in name makes every leaf a token (``typed``, DynamoDB: only strings, see
+    :func:`_string_tokens`); a user rule every leaf (typed: see :func:`_tokens`)."""
+    named, paths = _user_rules(r)
+    return _by_user_rules(r, doc, named, paths, typed, builtin=True)
+
+
 def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...],
-                   typed: bool = False) -> Any:
-    """A decoded JSON value with only the user's own rules applied (see :func:`_user_rules`);
-    ``typed``: DynamoDB's wire form (see :func:`_tokens`)."""
+                   typed: bool = False, builtin: bool = False) -> Any:
+    """A decoded JSON value with the user's own rules applied (see :func:`_user_rules`), and
+    with ``builtin`` the built-in secret names (see :func:`_data_doc`); ``typed``: DynamoDB's
+    wire form (see :func:`_tokens`)."""
+    def hit(k: Any, v: Any) -> Any:
+        if named(k):
+            return _tokens(r, v, typed)
+        if builtin and isinstance(k, str) and k.lower() in _DEFAULT_NAMES:
+            return _string_tokens(r, v) if typed else _tokens(r, v)
+        return anywhere(v)
+
     def anywhere(n: Any) -> Any:
         if isinstance(n, dict):
-            return {k: _tokens(r, v, typed) if named(k) else anywhere(v) for k, v in n.items()}
+            return {k: hit(k, v) for k, v in n.items()}
         if isinstance(n, list):
             return [anywhere(v) for v in n]
         return n
@@ -335,7 +370,7 @@ def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], 
         return {k: path(v, rest) if fnmatch.fnmatchcase(str(k).lower(), low) else v
                 for k, v in n.items()}
 
-    if named.any:
+    if named.any or builtin:
         node = anywhere(node)
     for segs in paths:
         node = path(node, segs)
@@ -392,32 +427,52 @@ def _json_body(headers: list[Any], body: bytes) -> Any:
         return _MISSING
 
 
+def _deflated(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
+
+
+def _unpacked(encoding: str, body: bytes) -> tuple[bytes, Any] | None:
+    """A content-encoded body's plain bytes and how to pack them again: gzip, and deflate as
+    HTTP sends it, zlib-wrapped or raw. None for any other encoding, or a broken stream."""
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(body), lambda b: gzip.compress(b, mtime=0)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(body), lambda b: _deflated(b, zlib.MAX_WBITS)
+            except zlib.error:  # raw deflate, without the zlib header
+                return zlib.decompress(body, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
+
+
 def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
                    typed: bool = False) -> bytes | None:
-    """A response body as stored, its secrets replaced in its own bytes; None to leave it to
-    ``Redactor.response`` (a control-plane body that is content-encoded, or whose secret is not
-    a string). A data-plane body (``data``) gets only the user's rules, and is never
-    re-serialized but where such a rule hits a number (``typed``: DynamoDB's wire form)."""
+    """A response body as stored, its secrets replaced in its own bytes (a gzip or deflate
+    body inside, then packed again); None to leave it to ``Redactor.response`` (a
+    control-plane body that is not JSON or whose secret is not a string, a content encoding
+    that cannot be unpacked). A data-plane body (``data``) gets the built-in secret names and
+    the user's rules (see :func:`_data_doc`), and is never re-serialized but where a value
+    that is not a string becomes a token (``typed``: DynamoDB's wire form)."""
     if not body:
         return body
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
-    if data and encoding in ("gzip", "x-gzip"):  # an object stored compressed: its bytes inside
-        try:
-            plain = gzip.decompress(body)
-        except (OSError, EOFError, zlib.error):
-            return _scrubbed(r, body)
+    if encoding not in ("", "identity"):
+        unpacked = _unpacked(encoding, body)
+        if unpacked is None:  # (br, zstd, a broken stream: the old path, scrubbed after)
+            return None
+        plain, pack = unpacked
         inner = [h for h in headers if str(h[0]).lower() != "content-encoding"]
         new_plain = _body_redacted(r, inner, plain, data, typed)
-        return body if new_plain is None or new_plain == plain else gzip.compress(new_plain,
-                                                                                   mtime=0)
+        if new_plain is None:
+            new_plain = r.body(inner, plain)
+        return body if new_plain == plain else pack(new_plain)
     doc = _json_body(headers, body)
     if doc is not _MISSING:
-        if data:
-            named, paths = _user_rules(r)
-            new_doc = _by_user_rules(r, doc, named, paths, typed) if named.any or paths else doc
-        else:
-            new_doc = r.json(doc)
+        new_doc = _data_doc(r, doc, typed) if data else r.json(doc)
         if new_doc != doc:
             new = _in_place(body, doc, new_doc)
             if new is None:  # (a rule on a number: no way to keep the bytes)
@@ -430,6 +485,26 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
     return _scrubbed(r, body)
 
 
+def _json_blobs(r: Any, tree: Any, headers: list[Any] | None = None) -> Any:
+    """Request parameters with each bytes value that is a JSON object or array (an S3 upload
+    kept in the key: at most 1 KiB) redacted as the object's answer is (see
+    :func:`_data_doc`), in its own bytes; one sent content-encoded (``ContentEncoding``: gzip,
+    deflate) inside, packed again."""
+    if isinstance(tree, dict):
+        if headers is None:
+            encoding = tree.get("ContentEncoding")
+            headers = [("Content-Type", "application/json"),
+                       ("Content-Encoding", encoding if isinstance(encoding, str) else "")]
+        return {k: _json_blobs(r, v, headers) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_json_blobs(r, v, headers) for v in tree]
+    if isinstance(tree, bytes) and headers is not None and headers[1][1].strip():
+        return _body_redacted(r, headers, tree, True) or _scrubbed(r, tree)
+    if isinstance(tree, bytes) and tree.lstrip()[:1] in (b"{", b"["):
+        return _body_redacted(r, [("Content-Type", "application/json")], tree, True)
+    return tree
+
+
 def _scrubbed(r: Any, body: bytes) -> bytes:
     scrubbed: bytes = r.scrub_bytes(body)
     return scrubbed
@@ -438,9 +513,9 @@ def _scrubbed(r: Any, body: bytes) -> bytes:
 def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
     """The sends of a finished call as the cassette keeps them: the secret members of the
     parsed result learned (see :func:`_without_secrets`), then every body's secrets replaced
-    in its own bytes (JSON never re-serialized): every secret learned so far, and for a
-    control-plane answer also JSON fields named like secrets; for the app's data (an S3
-    object, DynamoDB items: :func:`_data_plane`) only the user's own rules. A body that
+    in its own bytes (JSON never re-serialized): every secret learned so far, and JSON fields
+    named like secrets (for the app's data, an S3 object or DynamoDB items, see
+    :func:`_data_plane` and :func:`_data_doc`). A body that
     changed gets its ``Content-Length`` fixed and loses the headers that vouch for its bytes
     (its ``ETag`` is kept: it names the object)."""
     try:
@@ -460,6 +535,9 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
                                    client.meta.service_model.service_name in _DATA_SERVICES)
             if plain is None:
                 stored = r.response({"headers": send["headers"], "body": body})
+                # (an encoding it cannot unpack keeps its bytes there: a known secret in
+                # them is masked all the same)
+                stored["body"] = _scrubbed(r, stored["body"])
             else:
                 stored = {"headers": r.scrub(send["headers"]), "body": plain}
             if stored["body"] != body:
