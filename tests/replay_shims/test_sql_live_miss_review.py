@@ -234,3 +234,44 @@ def test_psycopg_miss_in_a_failed_transaction_fails_as_live(
         assert len(rep.appended) == 2
         with timetracer_otel.replay(rec.paths, on_miss="error"):
             assert job(True) == live
+
+
+# --- 4. LISTEN refused only as a statement ----------------------------------------------------
+
+
+def test_psycopg_listen_in_a_literal_comment_or_identifier_is_not_refused(tmp_path: Path) -> None:
+    queries = [
+        "SELECT %s::text || '; listen to the podcast'",
+        "SELECT %s::text AS \"x; listen\" -- ; listen here\n",
+        "/* ; listen /* nested */ ; listen */ SELECT %s::text || $q$; LISTEN $q$",
+        "SELECT %s::text || E'\\'; listen'",
+    ]
+
+    def job(port: int) -> list[Any]:
+        with psycopg.connect(_dsn(port)) as conn:
+            return [conn.execute(q, ("ok",)).fetchone() for q in queries]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT)
+    with timetracer_otel.replay(rec.paths, on_miss="error") as rep:
+        assert job(unreachable_port()) == live
+    assert not rep.report.unsupported
+
+
+@pytest.mark.parametrize("statement", ["LISTEN tt_fix2_chan", "SELECT 1; listen tt_fix2_chan",
+                                       "/* x */ Listen tt_fix2_chan"])
+def test_psycopg_listen_statement_is_still_refused(tmp_path: Path, statement: str) -> None:
+    def job(port: int) -> Any:
+        with psycopg.connect(_dsn(port), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            try:
+                conn.execute(statement)
+            except ReplayUnsupportedError as exc:
+                return str(exc)
+            return "ran"
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job(PG_PORT) == "ran"
+    with timetracer_otel.replay(rec.paths, on_miss="error") as rep:
+        assert "psycopg LISTEN is not supported" in job(unreachable_port())
+    assert rep.report.unsupported == ["psycopg LISTEN"]
