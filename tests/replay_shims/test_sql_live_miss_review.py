@@ -7,6 +7,7 @@ LISTEN is refused only as a statement. Against the real PostgreSQL, database ``t
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +276,42 @@ def test_psycopg_listen_statement_is_still_refused(tmp_path: Path, statement: st
     with timetracer_otel.replay(rec.paths, on_miss="error") as rep:
         assert "psycopg LISTEN is not supported" in job(unreachable_port())
     assert rep.report.unsupported == ["psycopg LISTEN"]
+
+
+# --- 5. asyncpg: the lazy live connect keeps the app's connect timeout --------------------------
+
+
+def test_asyncpg_live_miss_connect_keeps_the_apps_timeout(tmp_path: Path) -> None:
+    silent = socket.socket()  # accepts (its backlog) and never answers: a hung server
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+
+    async def job(port: int, extra: bool) -> list[Any]:
+        conn = await asyncpg.connect(_dsn(port), timeout=1)
+        try:
+            out: list[Any] = [await conn.fetchval("SELECT 1")]
+            if extra:
+                try:
+                    out.append(await conn.fetchval("SELECT 42"))
+                except ReplayUnsupportedError as exc:
+                    out.append((type(exc).__name__, type(exc.__cause__).__name__))
+            return out
+        finally:
+            await conn.close()
+
+    async def bounded() -> Any:  # without the app's timeout the connect would never end
+        try:
+            return await asyncio.wait_for(job(port, True), 30)
+        except asyncio.TimeoutError:
+            return "hung"
+
+    try:
+        with timetracer_otel.record(dir=tmp_path) as rec:
+            assert asyncio.run(job(PG_PORT, False)) == [1]
+        with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
+            out = asyncio.run(bounded())
+    finally:
+        silent.close()
+    assert out == [1, ("ReplayUnsupportedError", "TimeoutError")]
+    assert rep.report.stranded == ["fetchval SELECT 42"]

@@ -26,13 +26,17 @@ before ("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import ctypes
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 from asyncpg import connect_utils, cursor, prepared_stmt
+from asyncpg import connection as connection_module
 from asyncpg.connection import Connection
 from asyncpg.exceptions import PostgresError
 from asyncpg.exceptions._base import InterfaceMessage
@@ -239,15 +243,37 @@ def _connect_call(params: Any) -> Call:
 _servers: dict[str | None, Tree] = {}
 
 
+# The timeout the app gave asyncpg.connect (its default otherwise), which bounds the whole
+# connect there, out of _connect_addr's sight: kept by the connect wrapper for the real
+# connection a miss opens later (see _live_connection), bounded the same.
+_CONNECT_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "timetracer_asyncpg_connect_timeout", default=60.0)
+
+
+def _connect(original: Any) -> Any:
+    @functools.wraps(original)
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        token = _CONNECT_TIMEOUT.set(kwargs.get("timeout", 60.0))
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            _CONNECT_TIMEOUT.reset(token)
+
+    return connect
+
+
 def _connect_addr(original: Any) -> Any:
     async def connect_addr(**kwargs: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(**kwargs)
         params = kwargs["params"]
         call = _connect_call(params)
+        timeout = _CONNECT_TIMEOUT.get()
 
-        def connect() -> Awaitable[Any]:  # the real connection, for a miss that goes live
-            return original(**{**kwargs, "connection_class": Connection})  # type: ignore[no-any-return]
+        async def connect() -> Any:  # the real connection, for a miss that goes live
+            # With the app's arguments and config, bounded by its connect timeout.
+            return await asyncio.wait_for(
+                original(**{**kwargs, "connection_class": Connection}), timeout)
 
         if STATE.mode is Mode.REPLAY and not STATE.is_live(LIBRARY):
             match = STATE.index.take(call) if STATE.index is not None else None
@@ -856,6 +882,8 @@ class AsyncpgShim(Shim):
 
     def patch(self) -> None:
         self.wrap(connect_utils, "_connect_addr", _connect_addr)
+        self.wrap(connection_module, "connect", _connect)
+        self.wrap(asyncpg, "connect", _connect)
         for op in _CONNECTION_METHODS:
             self.wrap(Connection, op, _connection_method(op))
         self.wrap(Connection, "_prepare", _prepare)
