@@ -315,3 +315,34 @@ def test_asyncpg_live_miss_connect_keeps_the_apps_timeout(tmp_path: Path) -> Non
         silent.close()
     assert out == [1, ("ReplayUnsupportedError", "TimeoutError")]
     assert rep.report.stranded == ["fetchval SELECT 42"]
+
+
+# --- 6. psycopg: live values parsed as the replayed session reports them ----------------------
+
+
+def test_psycopg_live_miss_uses_the_recorded_date_interval_and_time_zone_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    miss = ("SELECT date '2026-11-03' + 1, interval '1 day 02:03:04', "
+            "timestamptz '2026-11-03 10:00:00+00', %s::int, "
+            "(timestamptz '2026-11-03 10:00:00+00')::text")
+
+    def job(extra: bool) -> list[Any]:
+        with psycopg.connect(_dsn(PG_PORT)) as conn:
+            out: list[Any] = [conn.execute("SELECT date '2026-11-03'").fetchone()]
+            if extra:
+                row = conn.execute(miss, (1,)).fetchone()
+                assert row is not None
+                out.append(row)
+                out.append(str(row[2].tzinfo))
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        job(False)
+    live = job(True)  # the server's own settings, as recorded
+    # The real server now answers in other styles, and another zone, by default.
+    monkeypatch.setenv("PGOPTIONS", "-c DateStyle=SQL,MDY -c IntervalStyle=sql_standard "
+                                    "-c TimeZone=Asia/Tokyo")
+    with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
+        assert job(True) == live
+    assert not rep.report.stranded

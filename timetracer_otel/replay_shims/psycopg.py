@@ -647,6 +647,7 @@ def _live_connection(cur: Any, call: Call) -> psycopg.Connection[Any]:
         pgconn._live = live
         log.info("psycopg: %s had no recording; opened a real connection for it (replayed "
                  "session state such as SET is not on it)", call.label)
+    _sync_session(pgconn, live)
     if pgconn._tx_status != _TS.IDLE and live.info.transaction_status == _TS.IDLE:
         # Begun as the app's was (READ ONLY, its isolation level...): a miss in a read-only
         # transaction must not write to the real database.
@@ -654,6 +655,25 @@ def _live_connection(cur: Any, call: Call) -> psycopg.Connection[Any]:
         with suppress_instrumentation():
             live.execute(begin.encode())
     return live
+
+
+# Session parameters the app's loaders read from its (replayed) connection to parse values:
+# the real connection reports them the same, or dates, intervals and timestamps come back in
+# a form those loaders do not read (DateStyle=SQL,MDY...) or in another time zone.
+_PARSE_PARAMS = (b"DateStyle", b"IntervalStyle", b"TimeZone")
+
+
+def _sync_session(pgconn: ReplayPGconn, live: psycopg.Connection[Any]) -> None:
+    """Set on the real connection the parsing parameters the replayed one reports."""
+    if live.info.transaction_status == _TS.INERROR:
+        return
+    for name in _PARSE_PARAMS:
+        want = pgconn.parameter_status(name)
+        if want is None or live.pgconn.parameter_status(name) == want:
+            continue
+        with suppress_instrumentation():
+            live.execute("SELECT pg_catalog.set_config(%s, %s, false)",
+                         (name.decode(), want.decode()))
 
 
 def _live_cursor(cur: Any, live: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
