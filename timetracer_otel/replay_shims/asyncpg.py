@@ -16,9 +16,10 @@ replay's report).
 
 A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
 a real connection opened then, at the first such miss, with the arguments the app gave to
-``connect`` (each pooled connection gets its own); later misses reuse it, closing the app's
-connection closes it, and the codecs the app set are set on it too. Inside a replayed
-transaction it begins one, committed or rolled back with the replayed COMMIT/ROLLBACK. Other
+``connect`` (each pooled connection gets its own), bounded by its connect ``timeout``; later
+misses reuse it, closing the app's connection closes it, and the codecs the app set are set on
+it too. Inside a replayed transaction it begins one with the replayed ``BEGIN ...`` text (read
+only, isolation level), committed or rolled back with the replayed COMMIT/ROLLBACK. Other
 replayed session state (``SET``, savepoints, temporary tables, prepared statements by name) is
 not on it. A server-side cursor's miss, or one whose connection cannot be opened, fails as
 before ("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`).

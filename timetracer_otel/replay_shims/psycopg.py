@@ -25,12 +25,17 @@ closing the app's connection closes it. The query runs there in a plain cursor o
 kind (client-side binding, raw placeholders) with the app cursor's adapters; its PGresults are
 handed to the app's cursor, whose own loaders build the rows, so values have their live types.
 The real connection is a blocking one, for async connections too (the cursor generators it
-runs in cannot await): an async app's miss blocks its event loop while it runs. Inside a
-transaction of the app's connection it begins one, ended by the app's commit()/rollback() (or
-a replayed COMMIT/ROLLBACK); an error there puts the app's connection in the failed
-transaction state. Other replayed session state (``SET``, savepoints, temporary tables) is not
-on it. A server-side cursor's miss, or one whose connection cannot be opened, fails as before
-("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`).
+runs in cannot await): an async app's miss blocks its event loop while it runs. It is set to
+the DateStyle, IntervalStyle and TimeZone the replayed connection reports (the app's loaders
+parse with those). Inside a transaction of the app's connection it begins one as the app's
+began (the BEGIN psycopg sent, READ ONLY and isolation level included, or the app's own
+replayed ``BEGIN ...``), ended by the app's commit()/rollback() (or a replayed
+COMMIT/ROLLBACK); an error there puts the app's connection in the failed transaction state,
+and a miss in a failed transaction raises InFailedSqlTransaction as the server would, without
+going live. Other replayed session state (``SET``, savepoints, temporary tables) is not on
+it. A server-side cursor's miss, or one whose connection cannot be opened, fails as before
+("could not go live", :func:`~timetracer_otel.replay_shims.base.stranded`), and is not
+recorded under on_miss="record".
 """
 
 from __future__ import annotations
