@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import pytest
+import urllib3
 from botocore.config import Config
 from botocore.response import StreamingBody
 
@@ -155,6 +156,11 @@ def test_a_connection_error_replays_as_the_same_error(
     assert attempts == [] and str(replayed.value) == str(live.value)
     assert replayed.value.kwargs["endpoint_url"] == live.value.kwargs["endpoint_url"]
     assert sorted(replayed.value.kwargs) == sorted(live.value.kwargs)
+    # The nested error is urllib3's again, with its message (its socket is not kept).
+    nested, live_nested = replayed.value.kwargs["error"], live.value.kwargs["error"]
+    assert type(live_nested) is urllib3.exceptions.NewConnectionError
+    assert type(nested) is type(live_nested) and str(nested) == str(live_nested)
+    assert nested.args == live_nested.args and nested.conn is None
 
 
 def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ import botocore.exceptions
 import pytest
 import redis
 import redis.asyncio
-import urllib3.exceptions
 from botocore.config import Config
 from botocore.response import StreamingBody
 
@@ -394,34 +393,6 @@ def test_dynamodb_items_get_the_built_in_names_on_strings_and_user_rules_typed(
 
 
 # --- botocore: a connection error keeps its nested error ------------------------------------
-
-
-def test_an_endpoint_connection_error_keeps_its_nested_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    url = f"http://127.0.0.1:{unreachable_port()}"
-
-    def call() -> Any:
-        s3 = boto3.client("s3", endpoint_url=url,
-                          config=Config(retries={"total_max_attempts": 1}, connect_timeout=1))
-        return s3.list_buckets()
-
-    with timetracer_otel.record(dir=tmp_path) as rec, \
-            pytest.raises(botocore.exceptions.EndpointConnectionError) as live:
-        call()
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths), \
-            pytest.raises(botocore.exceptions.EndpointConnectionError) as replayed:
-        call()
-    assert attempts == []
-    nested, live_nested = replayed.value.kwargs["error"], live.value.kwargs["error"]
-    assert type(live_nested) is urllib3.exceptions.NewConnectionError
-    assert type(nested) is type(live_nested) and str(nested) == str(live_nested)
-    assert nested.args == live_nested.args and nested.conn is None  # (the socket: not kept)
-    assert str(replayed.value) == str(live.value)
-    assert replayed.value.kwargs["endpoint_url"] == live.value.kwargs["endpoint_url"]
 
 
 def test_an_endpoint_connection_error_recorded_with_its_error_as_text_still_replays() -> None:
