@@ -402,3 +402,30 @@ def test_an_endpoint_connection_error_recorded_with_its_error_as_text_still_repl
     assert isinstance(rebuilt, botocore.exceptions.EndpointConnectionError)
     assert type(rebuilt) is botocore.exceptions.EndpointConnectionError
     assert rebuilt.kwargs == {"endpoint_url": "http://h/", "error": "refused"}
+
+
+@pytest.mark.parametrize("stored", [{}, {"ContentType": "text/plain"},
+                                    {"ContentType": "application/json", "ContentEncoding": "utf-8"}],
+                         ids=["default-content-type", "text-plain", "utf-8-encoding"])
+def test_an_s3_json_object_is_redacted_whatever_its_content_type_says(
+    bucket: str, tmp_path: Path, stored: dict[str, str]
+) -> None:
+    # Put outside the recording (the secret is not learned from the upload): the object's
+    # JSON is found by its bytes, not by a Content-Type boto3 leaves at binary/octet-stream.
+    secret = "cfg-" + uuid.uuid4().hex
+    body = b'{"db": "x",\n "password": "' + secret.encode() + b'"}\n'
+    boto3.client("s3").put_object(Bucket=bucket, Key="cfg", Body=body, **stored)
+
+    def get() -> tuple[bytes, int]:
+        got = boto3.client("s3").get_object(Bucket=bucket, Key="cfg")
+        return got["Body"].read(), got["ContentLength"]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = get()
+    assert live == (body, len(body))
+    (path,) = rec.paths
+    assert secret.encode() not in Path(path).read_bytes()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths):
+        data, length = get()
+    assert attempts == [] and length == len(data)
+    assert data.startswith(b'{"db": "x",\n "password": "redacted:') and data.endswith(b'"}\n')

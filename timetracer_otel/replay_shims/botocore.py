@@ -408,8 +408,16 @@ def _in_place(body: bytes, doc: Any, new_doc: Any) -> bytes | None:
         return None
 
 
-def _json_body(headers: list[Any], body: bytes) -> Any:
-    """The decoded JSON of a plain (not content-encoded) JSON body; _MISSING otherwise."""
+# Content encodings that pack the bytes; any other value (an object stored with
+# ``ContentEncoding="utf-8"``, a charset name) leaves them as they are.
+_PACKINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
+
+def _json_body(headers: list[Any], body: bytes, sniff: bool = False) -> Any:
+    """The decoded JSON of a plain (not content-encoded) JSON body; _MISSING otherwise.
+    ``sniff`` (the app's data: an S3 object stored with the default ``binary/octet-stream``
+    or ``text/plain``): JSON whatever its content type when it reads as a JSON object or
+    array, as an upload kept in the key is (see :func:`_json_blobs`)."""
     ctype = encoding = ""
     for h in headers:
         name = str(h[0]).lower()
@@ -417,9 +425,11 @@ def _json_body(headers: list[Any], body: bytes) -> Any:
             ctype = str(h[1]).split(";")[0].strip().lower()
         elif name == "content-encoding":
             encoding = str(h[1]).strip().lower()
-    if encoding not in ("", "identity") or not (
-            ctype == "application/json" or ctype.endswith("+json") or ctype == "text/json"
-            or ctype.startswith("application/x-amz-json")):
+    if (encoding in _PACKINGS if sniff else encoding not in ("", "identity")):
+        return _MISSING
+    if not (ctype == "application/json" or ctype.endswith("+json") or ctype == "text/json"
+            or ctype.startswith("application/x-amz-json")) \
+            and not (sniff and body.lstrip()[:1] in (b"{", b"[")):
         return _MISSING
     try:
         return json.loads(body)
@@ -460,7 +470,7 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
         return body
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
-    if encoding not in ("", "identity"):
+    if (encoding in _PACKINGS) if data else (encoding not in ("", "identity")):
         unpacked = _unpacked(encoding, body)
         if unpacked is None:  # (br, zstd, a broken stream: the old path, scrubbed after)
             return None
@@ -470,7 +480,7 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
         if new_plain is None:
             new_plain = r.body(inner, plain)
         return body if new_plain == plain else pack(new_plain)
-    doc = _json_body(headers, body)
+    doc = _json_body(headers, body, sniff=data)
     if doc is not _MISSING:
         new_doc = _data_doc(r, doc, typed) if data else r.json(doc)
         if new_doc != doc:
