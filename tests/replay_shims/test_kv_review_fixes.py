@@ -429,3 +429,40 @@ def test_an_s3_json_object_is_redacted_whatever_its_content_type_says(
         data, length = get()
     assert attempts == [] and length == len(data)
     assert data.startswith(b'{"db": "x",\n "password": "redacted:') and data.endswith(b'"}\n')
+
+
+def test_a_dynamodb_expression_value_compared_with_a_secret_name_never_reaches_the_cassette(
+    bucket: str, tmp_path: Path
+) -> None:
+    # (`bucket`: the moto endpoint and test credentials.) The values sit under :v0/:p, not
+    # under the attribute's name: a scan that finds nothing and a conditional put would
+    # otherwise keep them in their keys.
+    from boto3.dynamodb.conditions import Attr
+
+    table = f"t{uuid.uuid4().hex[:8]}"
+    boto3.resource("dynamodb").create_table(
+        TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST")
+    looked_for, guarded = "scan-" + uuid.uuid4().hex, "cond-" + uuid.uuid4().hex
+
+    def job() -> list[Any]:
+        t = boto3.resource("dynamodb").Table(table)
+        found = t.scan(FilterExpression=Attr("password").eq(looked_for))["Items"]
+        t.put_item(Item={"id": "u1", "n": Decimal(3)},
+                   ConditionExpression=Attr("password").ne(guarded))
+        low = boto3.client("dynamodb").scan(
+            TableName=table, FilterExpression="#p = :p AND n = :n",
+            ExpressionAttributeNames={"#p": "Password"},
+            ExpressionAttributeValues={":p": {"S": looked_for}, ":n": {"N": "3"}})["Items"]
+        return [found, low]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live == [[], []]
+    (path,) = rec.paths
+    stored = Path(path).read_bytes()
+    assert looked_for.encode() not in stored and guarded.encode() not in stored
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert job() == live
+    assert attempts == [] and rep.report.misses == []

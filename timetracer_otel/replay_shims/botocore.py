@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -184,7 +185,7 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
     tree = _param(params)
     # Items and keys: DynamoDB's types kept (see _data_doc); an uploaded JSON object (S3):
     # as its answer will be.
-    tree = _data_doc(r, tree, typed=True) if service in _DATA_SERVICES \
+    tree = _expression_values(r, _data_doc(r, tree, typed=True)) if service in _DATA_SERVICES \
         else _json_blobs(r, r.document(tree))
     tree = r.scrub(tree)  # (secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
@@ -334,6 +335,72 @@ def _data_doc(r: Any, doc: Any, typed: bool = False) -> Any:
     :func:`_string_tokens`); a user rule every leaf (typed: see :func:`_tokens`)."""
     named, paths = _user_rules(r)
     return _by_user_rules(r, doc, named, paths, typed, builtin=True)
+
+
+_EXPRESSIONS = ("ConditionExpression", "FilterExpression", "KeyConditionExpression",
+                "UpdateExpression")
+_EXPRESSION_WORD = re.compile(r"#?[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _expression_values(r: Any, tree: Any) -> Any:
+    """DynamoDB request parameters whose expressions name an attribute with a secret name
+    (``password = :p``, directly or through ``ExpressionAttributeNames``): the strings of
+    every ``ExpressionAttributeValues`` entry become tokens (which value goes with which name
+    is not parsed; numbers, binaries and booleans kept, as in items)."""
+    if not isinstance(tree, dict):
+        return tree
+    named, _ = _user_rules(r)
+
+    def secret(name: Any) -> bool:
+        return str(name).lower() in _DEFAULT_NAMES or bool(named(str(name)))
+
+    for key in _EXPRESSIONS:  # boto3's condition objects (Attr("password").eq(x)), as kept
+        condition = tree.get(key)
+        if isinstance(condition, dict) and "$condition" in condition \
+                and any(secret(n) for n in _attributes(condition)):
+            tree = {**tree, key: _condition_tokens(r, condition)}
+    values = tree.get("ExpressionAttributeValues")
+    if not isinstance(values, dict) or not values:
+        return tree
+    aliases = tree.get("ExpressionAttributeNames")
+    aliases = aliases if isinstance(aliases, dict) else {}
+    for key in _EXPRESSIONS:
+        expression = tree.get(key)
+        if not isinstance(expression, str):
+            continue
+        for word in _EXPRESSION_WORD.findall(expression):
+            if secret(aliases.get(word, word)):
+                return {**tree, "ExpressionAttributeValues": {
+                    k: _string_tokens(r, v) for k, v in values.items()}}
+    return tree
+
+
+def _attributes(node: Any) -> list[Any]:
+    """The attribute names a kept boto3 condition tree mentions (``{"$attribute": name}``)."""
+    if isinstance(node, dict):
+        if "$attribute" in node:
+            return [node["$attribute"]]
+        return [n for v in node.values() for n in _attributes(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in _attributes(v)]
+    return []
+
+
+def _condition_tokens(r: Any, node: Any) -> Any:
+    """A kept boto3 condition tree with the strings among its values tokens (attribute names,
+    operators and nested conditions kept)."""
+    if isinstance(node, dict):
+        if "$attribute" in node:
+            return node
+        return {k: [_condition_value(r, v) for v in val] if k == "values" and isinstance(val, list)
+                else _condition_tokens(r, val) for k, val in node.items()}
+    return node
+
+
+def _condition_value(r: Any, value: Any) -> Any:
+    if isinstance(value, dict) and ("$condition" in value or "$attribute" in value):
+        return _condition_tokens(r, value)
+    return _string_tokens(r, value)
 
 
 def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...],
