@@ -343,15 +343,21 @@ def test_a_replayed_body_length_is_its_content_length_even_if_scrubbed_later() -
     assert response.headers["Content-Length"] == str(len(response.content)) == "25"
 
 
-def test_dynamodb_items_get_the_built_in_names_on_strings_and_user_rules_typed(
-    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # (`bucket`: the moto endpoint and test credentials.)
+def dynamodb_table() -> str:
+    """A new table keyed by ``id`` on the moto server (the ``bucket`` fixture's endpoint)."""
     table = f"t{uuid.uuid4().hex[:8]}"
     boto3.resource("dynamodb").create_table(
         TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
         BillingMode="PAY_PER_REQUEST")
+    return table
+
+
+def test_dynamodb_items_get_the_built_in_names_on_strings_and_user_rules_typed(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (`bucket`: the moto endpoint and test credentials.)
+    table = dynamodb_table()
     ssn = "123-45-" + uuid.uuid4().hex[:6]
     item = {"id": "u1", "password": "bcrypt$2b$12$" + table, "api_key": ["k1", "k2"],
             "token": {"exp": Decimal(5)}, "secret": Decimal("7"), "ssn": ssn,
@@ -439,11 +445,7 @@ def test_a_dynamodb_expression_value_compared_with_a_secret_name_never_reaches_t
     # otherwise keep them in their keys.
     from boto3.dynamodb.conditions import Attr
 
-    table = f"t{uuid.uuid4().hex[:8]}"
-    boto3.resource("dynamodb").create_table(
-        TableName=table, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST")
+    table = dynamodb_table()
     looked_for, guarded = "scan-" + uuid.uuid4().hex, "cond-" + uuid.uuid4().hex
 
     def job() -> list[Any]:
