@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
 import gzip
 import hashlib
 import io
@@ -53,7 +54,7 @@ from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import SECRET_FIELDS
+from timetracer_otel.redaction import SECRET_FIELDS, _NameSet
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
@@ -270,24 +271,18 @@ def _data_plane(client: Any, operation: str) -> bool:
     return member is not None and member.type_name == "blob"
 
 
-def _user_rules(r: Any) -> tuple[Any, tuple[tuple[str, ...], ...]]:
-    """The field names (``json:**.x``, ``mongo:x``) and JSON paths the user configured, without
-    the built-in secret names: a matcher of names and the paths."""
-    defaults = frozenset(f.lower() for f in SECRET_FIELDS)
-    exact = (r.json_anywhere.exact | r.field_names.exact) - defaults
-    globs = (*r.json_anywhere.globs, *r.field_names.globs)
-
-    def named(name: Any) -> bool:
-        if not isinstance(name, str):
-            return False
-        low = name.lower()
-        return low in exact or any(fnmatch.fnmatchcase(low, g) for g in globs)
-
-    named.any = bool(exact or globs)  # type: ignore[attr-defined]
-    return named, tuple(r.json_paths)
-
-
 _DEFAULT_NAMES = frozenset(f.lower() for f in SECRET_FIELDS)
+
+
+@functools.lru_cache(maxsize=16)
+def _user_rules(r: Any) -> tuple[_NameSet, tuple[tuple[str, ...], ...]]:
+    """The field names (``json:**.x``, ``mongo:x``) and JSON paths the user configured, without
+    the built-in secret names; once per redactor (its rules are fixed when it is made)."""
+    names = _NameSet([*(r.json_anywhere.exact | r.field_names.exact) - _DEFAULT_NAMES,
+                      *r.json_anywhere.globs, *r.field_names.globs])
+    return names, tuple(r.json_paths)
+
+
 # DynamoDB's typed values that cannot hold a token, and the string type that takes it.
 _AS_STRING = {"N": "S", "B": "S", "NS": "SS", "BS": "SS"}
 
@@ -352,7 +347,7 @@ def _expression_values(r: Any, tree: Any) -> Any:
     named, _ = _user_rules(r)
 
     def secret(name: Any) -> bool:
-        return str(name).lower() in _DEFAULT_NAMES or bool(named(str(name)))
+        return str(name).lower() in _DEFAULT_NAMES or str(name) in named
 
     for key in _EXPRESSIONS:  # boto3's condition objects (Attr("password").eq(x)), as kept
         condition = tree.get(key)
@@ -409,7 +404,7 @@ def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], 
     with ``builtin`` the built-in secret names (see :func:`_data_doc`); ``typed``: DynamoDB's
     wire form (see :func:`_tokens`)."""
     def hit(k: Any, v: Any) -> Any:
-        if named(k):
+        if k in named:
             return _tokens(r, v, typed)
         if builtin and isinstance(k, str) and k.lower() in _DEFAULT_NAMES:
             return _string_tokens(r, v) if typed else _tokens(r, v)
@@ -437,7 +432,7 @@ def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], 
         return {k: path(v, rest) if fnmatch.fnmatchcase(str(k).lower(), low) else v
                 for k, v in n.items()}
 
-    if named.any or builtin:
+    if named or builtin:
         node = anywhere(node)
     for segs in paths:
         node = path(node, segs)
