@@ -288,6 +288,18 @@ def sample_project(pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.Mo
     return server
 
 
+def recorded_then_replayed_offline(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                   database: str, **replay_env: str) -> pytest.RunResult:
+    """Run the sample project once against PostgreSQL (``SAMPLE_DSN``), recording, then again
+    with ``replay_env`` set and the DSN at a dead port; the replay's result."""
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:5432/{database}")
+    run(pytester).assert_outcomes(passed=1)  # recorded
+    for name, value in replay_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{database}")
+    return run(pytester)
+
+
 def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
     pytester: pytest.Pytester, serve: Any, monkeypatch: pytest.MonkeyPatch, pg_database: str
 ) -> None:
@@ -307,11 +319,7 @@ def test_a_swallowed_query_that_could_not_go_live_fails_the_test(
                     except Exception:
                         pass  # swallowed
     """)
-    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
-    run(pytester).assert_outcomes(passed=1)  # recorded
-    monkeypatch.setenv("MORE", "1")
-    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{pg_database}")
-    replayed = run(pytester)
+    replayed = recorded_then_replayed_offline(pytester, monkeypatch, pg_database, MORE="1")
     replayed.assert_outcomes(passed=1, errors=1)  # passed, then failed at teardown
     replayed.stdout.fnmatch_lines(["*1 call(s) had no recording in * and could not go live*",
                                    "*- execute SELECT 2*"])
@@ -333,10 +341,7 @@ def test_a_swallowed_call_replay_refuses_fails_the_test(
                 except Exception:
                     pass  # swallowed
     """)
-    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:5432/{pg_database}")
-    run(pytester).assert_outcomes(passed=1)  # recorded
-    monkeypatch.setenv("SAMPLE_DSN", f"postgresql://postgres@127.0.0.1:{unreachable_port()}/{pg_database}")
-    replayed = run(pytester)
+    replayed = recorded_then_replayed_offline(pytester, monkeypatch, pg_database)
     replayed.assert_outcomes(passed=1, errors=1)  # passed, then failed at teardown
     replayed.stdout.fnmatch_lines(["*1 call(s) recorded in * were refused in replay*",
                                    "*- *LISTEN*"])
