@@ -73,28 +73,30 @@ def sent_body(span: SpanRecord) -> str:
 
 TOKEN = "s3cr3t-bearer-0123456789abcdef"
 
-SECRET_TESTS = f"""
+LOGIN_TEST = f"""
     TOKEN = {TOKEN!r}
 
     @pytest.mark.timetracer
     def test_a_login():
         # Teaches the redactor TOKEN (an Authorization header is a secret by name).
         httpx.get(UP + "/me", headers={{"Authorization": f"Bearer {{TOKEN}}"}})
+"""
 
+SECRET_TESTS = LOGIN_TEST + """
     @pytest.mark.timetracer
     def test_b_note():
         # The same value where no rule names it a secret: kept or scrubbed only by what this
         # test itself taught the redactor, whichever tests ran before it.
-        assert httpx.post(UP + "/notes", json={{"note": TOKEN}}).json()["path"] == "/notes"
+        assert httpx.post(UP + "/notes", json={"note": TOKEN}).json()["path"] == "/notes"
 
     @pytest.mark.timetracer
     def test_c_login_then_note():
-        httpx.get(UP + "/me", headers={{"Authorization": f"Bearer {{TOKEN}}"}})
-        httpx.post(UP + "/notes", json={{"note": TOKEN}})
+        httpx.get(UP + "/me", headers={"Authorization": f"Bearer {TOKEN}"})
+        httpx.post(UP + "/notes", json={"note": TOKEN})
 
     @pytest.mark.timetracer
     def test_d_pin():
-        httpx.post(UP + "/pins", json={{"pin": "4321-5678"}})
+        httpx.post(UP + "/pins", json={"pin": "4321-5678"})
 """
 
 # A rule the project configures in code: it holds for every test, whatever the resets.
@@ -264,18 +266,12 @@ def test_a_new_episode_stores_no_secret_an_earlier_test_learned(
     # The call new_episodes adds to a cassette is scrubbed as a whole cassette is: of every
     # secret the process knows (here the token test_a's replayed request taught it).
     monkeypatch.setenv("SAMPLE_UPSTREAM", serve(Upstream()).url)
-    project(pytester, f"""
-    TOKEN = {TOKEN!r}
-
-    @pytest.mark.timetracer
-    def test_a_login():
-        httpx.get(UP + "/me", headers={{"Authorization": f"Bearer {{TOKEN}}"}})
-
+    project(pytester, LOGIN_TEST + """
     @pytest.mark.timetracer
     def test_b_note():
         httpx.get(UP + "/base")
         if os.environ.get("MORE"):
-            httpx.post(UP + "/notes", json={{"note": TOKEN}})
+            httpx.post(UP + "/notes", json={"note": TOKEN})
     """)
     run(pytester, "--timetracer-record-mode=all").assert_outcomes(passed=2)
     monkeypatch.setenv("MORE", "1")
