@@ -27,8 +27,8 @@ from timetracer_otel.replay_shims.base import STATE
 class ServerThread:
     """A real uvicorn server in a thread, on 127.0.0.1 and a free port."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        self.app = app
+    def __init__(self, app: Any, port: int | None = None, lifespan: str = "off") -> None:
+        self.app, self.lifespan = app, lifespan
         self.port = port or free_port()
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -39,7 +39,7 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+                                lifespan=self.lifespan)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -70,8 +70,8 @@ def serve() -> Iterator[Callable[[Any], ServerThread]]:
     """``serve(app)`` starts a real uvicorn server; all are stopped at the end of the test."""
     servers: list[ServerThread] = []
 
-    def start(app: Any, port: int | None = None) -> ServerThread:
-        server = ServerThread(app, port).start()
+    def start(app: Any, port: int | None = None, lifespan: str = "off") -> ServerThread:
+        server = ServerThread(app, port, lifespan).start()
         servers.append(server)
         return server
 

@@ -197,6 +197,10 @@ def _listing(directory: str) -> list[str]:
 @click.option("--header", "headers", multiple=True, metavar="'NAME: value'",
               help="With --asgi: a request header to send instead of the recorded one (the real "
                    "value of one stored redacted, an Authorization); repeatable.")
+@click.option("--lifespan", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="With --asgi: run the app's lifespan startup before the requests and its "
+                   "shutdown after, answered from the recorded startup (default auto: when the "
+                   "app takes part in the lifespan protocol).")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @_user_errors
 def replay(
@@ -208,6 +212,7 @@ def replay(
     asgi_app: str | None,
     celery_app: str | None,
     headers: tuple[str, ...],
+    lifespan: str | None,
     cmd: tuple[str, ...],
 ) -> None:
     """Run CMD with every dependency answered from the cassette, or re-run a recorded inbound
@@ -227,6 +232,8 @@ def replay(
         raise click.UsageError("give --asgi or --celery, not both")
     if headers and asgi_app is None:
         raise click.UsageError("--header goes with --asgi (the recorded request it changes)")
+    if lifespan is not None and asgi_app is None:
+        raise click.UsageError("--lifespan goes with --asgi (the app whose lifespan it runs)")
     given = []
     for h in headers:
         name, sep, value = h.partition(":")
@@ -252,7 +259,8 @@ def replay(
         from timetracer_otel.inbound import replay_asgi_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         sys.exit(replay_asgi_command(source, str(asgi_app), on_miss=miss, strict=strictly,
-                                     live=live_names, headers=given))
+                                     live=live_names, headers=given,
+                                     lifespan=lifespan or "auto"))
     # A miss fails the replay when it is an error; passthrough and record let it go live.
     misses_fail = (OnMiss(on_miss) if on_miss else settings.on_miss) is OnMiss.ERROR
     if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib
 import os
 import re
@@ -44,6 +45,7 @@ from timetracer_otel.errors import (
 from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
 from timetracer_otel.replay_shims.asgi import PROBE, Exchange, message_tree
+from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
 from timetracer_otel.runtime import replay
 
 T = TypeVar("T")
@@ -129,7 +131,7 @@ def _label(span: SpanRecord) -> str:
 # --- driving the app -------------------------------------------------------------------------
 
 
-def _scope(req: Tree) -> dict[str, Any]:
+def _scope(req: Tree, state: dict[str, Any] | None = None) -> dict[str, Any]:
     raw_path = req.get("raw_path")
     client, server = req.get("client"), req.get("server")
     return {
@@ -145,7 +147,8 @@ def _scope(req: Tree) -> dict[str, Any]:
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in req.get("headers", [])],
         "client": tuple(client) if client else None,
         "server": tuple(server) if server else None,
-        "state": {},
+        # As a server gives it: a shallow copy of what the lifespan startup left there.
+        "state": dict(state or {}),
         "extensions": {},
     }
 
@@ -218,7 +221,7 @@ class _Run:
     raised: BaseException | None = None  # what came out of the outermost app call
 
 
-async def _drive(app: Any, req: Tree, timeout: float) -> _Run:
+async def _drive(app: Any, req: Tree, timeout: float, state: dict[str, Any] | None = None) -> _Run:
     messages = [_message(m) for m in req.get("messages", [])]
     complete = not messages or not messages[-1].get("more_body", False) or any(
         m.get("type") == "http.disconnect" for m in messages
@@ -245,7 +248,7 @@ async def _drive(app: Any, req: Tree, timeout: float) -> _Run:
 
     token = PROBE.set(probe)
     try:
-        await asyncio.wait_for(app(_scope(req), receive, send), timeout)
+        await asyncio.wait_for(app(_scope(req, state), receive, send), timeout)
     except asyncio.TimeoutError:
         run.timed_out = True
     except Exception as exc:
@@ -401,6 +404,150 @@ def _compare(
     return diff
 
 
+# --- the app's lifespan ----------------------------------------------------------------------
+
+
+def _last_line(message: Any) -> str:
+    """The exception line of a lifespan ``failed`` message (Starlette sends the traceback)."""
+    lines = [line for line in str(message or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _is_startup(cassette: Cassette) -> bool:
+    root = cassette.root_span
+    return root is not None and root.attributes.get(ATTR_LIFESPAN) == "startup"
+
+
+def startup_cassette(cassettes: Iterable[tuple[str, Cassette]]) -> tuple[str, Cassette] | None:
+    """The latest recorded lifespan startup among ``cassettes`` (path, cassette): the cassette
+    whose root is the span ``replay_shims.asgi`` opens around an app's startup."""
+    found = [(c.root_span.start_ns, path, c) for path, c in cassettes
+             if c.root_span is not None and _is_startup(c)]
+    if not found:
+        return None
+    _, path, cassette = max(found, key=lambda f: f[0])
+    return path, cassette
+
+
+class Lifespan:
+    """An app's lifespan, run the way a server runs it (ASGI lifespan 2.0): :meth:`startup`
+    before the first replayed request, :meth:`shutdown` after the last, each inside a replay
+    of the recorded startup (``startup``: its path and cassette, or None where none was
+    recorded), so a pool or client the startup opens is answered as it was recorded. What the
+    startup leaves in the lifespan state reaches every request's ``scope["state"]``.
+
+    ``required``: an app that does not take part in the protocol (it raises before reading
+    the startup message, or returns) is an error; otherwise it runs without a lifespan, as
+    uvicorn's ``--lifespan auto`` does."""
+
+    def __init__(self, app: Any, startup: tuple[str, Cassette] | None, *, required: bool = False,
+                 on_miss: str = "error", live: Iterable[str] = (), timeout: float = 30.0) -> None:
+        self.app, self.required, self.on_miss, self.live = app, required, on_miss, list(live)
+        self.timeout = timeout
+        self.source = startup[0] if startup is not None else None
+        self.index = ReplayIndex([startup] if startup is not None else [])
+        self.state: dict[str, Any] = {}
+        self.supported = True
+        self._to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._from_app: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._read = False  # the app read the startup message
+
+    async def _run(self) -> None:
+        async def receive() -> dict[str, Any]:
+            self._read = True
+            return await self._to_app.get()
+
+        async def send(message: Any) -> None:
+            await self._from_app.put(dict(message))
+
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": self.state}
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._from_app.put_nowait(None)  # the app returned, or raised
+
+    async def _answer(self, message: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Send ``message`` to the app, inside a replay of the recorded startup; its answer
+        (None if it returned without one) and what went wrong in that replay."""
+        rep = replay(self.index, on_miss=self.on_miss, live=self.live)
+        with rep:
+            if self._task is None:
+                self._task = asyncio.get_running_loop().create_task(self._run())
+            await self._to_app.put({"type": message})
+            try:
+                answer = await asyncio.wait_for(self._from_app.get(), self.timeout)
+            except asyncio.TimeoutError:
+                return None, f"the app did not answer {message} within {self.timeout:g} s"
+        report, trouble = rep.report, []
+        if report.failed(rep.on_miss is OnMiss.ERROR):
+            for what, calls in (("no recorded answer for", report.misses),
+                                ("could not go live", report.stranded),
+                                ("unsupported in replay", report.unsupported)):
+                if calls:
+                    more = f" and {len(calls) - 3} more" if len(calls) > 3 else ""
+                    trouble.append(f"{what} {', '.join(calls[:3])}{more}")
+        return answer, "; ".join(trouble) or None
+
+    def _raised(self) -> BaseException | None:
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def startup(self) -> str | None:
+        """Start the app; None once it started (or, not required, does not take part), the
+        reason otherwise."""
+        answer, trouble = await self._answer("lifespan.startup")
+        answer = answer or {}
+        kind = answer.get("type")
+        if kind == "lifespan.startup.complete" and trouble is None:
+            return None
+        if kind is None and trouble is None:
+            await asyncio.sleep(0)  # (the task's end is set after its last put)
+            raised = self._raised()
+            if raised is None or not self._read:  # returned, or raised at the scope's type
+                self.supported = False
+                if not self.required:
+                    return None
+                return "the app does not support the ASGI lifespan protocol" + (
+                    f" ({type(raised).__name__}: {raised})" if raised is not None else "")
+            trouble = f"{type(raised).__name__}: {raised}"
+        elif kind == "lifespan.startup.failed":  # (the misses say more than the app's message)
+            trouble = trouble or _last_line(answer.get("message")) \
+                or "the app answered lifespan.startup.failed"
+        elif trouble is None:
+            trouble = f"the app answered {kind!r}"
+        where = (f"answered from {self.source}" if self.source is not None else
+                 "the cassettes hold no recorded startup: record the app again, which records "
+                 "its startup too, or give --lifespan off")
+        return f"the app's lifespan startup failed ({where}): {trouble}"
+
+    async def shutdown(self) -> str | None:
+        """Stop the app; None once it stopped, the reason otherwise."""
+        if self._task is None or self._task.done() or not self.supported:
+            return None
+        try:
+            answer, trouble = await self._answer("lifespan.shutdown")
+            answer = answer or {}
+            kind = answer.get("type")
+            if kind == "lifespan.shutdown.failed":
+                trouble = trouble or _last_line(answer.get("message")) or "it answered failed"
+            elif kind is None and trouble is None and (raised := self._raised()) is not None:
+                trouble = f"{type(raised).__name__}: {raised}"
+            return None if trouble is None else f"the app's lifespan shutdown failed: {trouble}"
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class _StartupFailed(Exception):
+    pass
+
+
 # --- the public entry points -----------------------------------------------------------------
 
 
@@ -423,8 +570,37 @@ async def replay_asgi_async(
     timeout: float = 30.0,
     live: Iterable[str] = (),
     headers: Iterable[tuple[str, str]] = (),
+    lifespan: bool | Cassette | str | Path = False,
 ) -> InboundResult:
     """:func:`replay_asgi` inside a running event loop."""
+    loaded, source, span = _recorded_request(cassette)
+    if lifespan is False:
+        return await _replay_request(loaded, source, span, app, on_miss=on_miss, strict=strict,
+                                     ignore_headers=ignore_headers, timeout=timeout, live=live,
+                                     headers=headers)
+    startup = None
+    if lifespan is not True:
+        recorded, where = _load(lifespan)
+        startup = (where, recorded)
+    life = Lifespan(app, startup, on_miss=on_miss, live=live, timeout=timeout)
+    failed = await life.startup()
+    if failed is not None:
+        return InboundResult(ok=False, label=_label(span), diff=[failed], report=ReplayReport(),
+                             source=source)
+    try:
+        result = await _replay_request(loaded, source, span, app, on_miss=on_miss, strict=strict,
+                                       ignore_headers=ignore_headers, timeout=timeout, live=live,
+                                       headers=headers, state=life.state)
+    finally:
+        stopped = await life.shutdown()
+    if stopped is not None:
+        result.ok = False
+        result.diff.append(stopped)
+    return result
+
+
+def _recorded_request(cassette: Cassette | str | Path) -> tuple[Cassette, str, SpanRecord]:
+    """The cassette, where it came from and its inbound span, checked for a replay."""
     loaded, source = _load(cassette)
     span = inbound_span(loaded)
     if span is None or span.request is None:
@@ -437,13 +613,21 @@ async def replay_asgi_async(
             f"{source}: the recorded request or response was over the payload limit and stored "
             "truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again."
         )
+    return loaded, source, span
+
+
+async def _replay_request(
+    loaded: Cassette, source: str, span: SpanRecord, app: Any, *, on_miss: str, strict: bool,
+    ignore_headers: Iterable[str], timeout: float, live: Iterable[str],
+    headers: Iterable[tuple[str, str]], state: dict[str, Any] | None = None,
+) -> InboundResult:
     # The inbound span is what is being replayed, never an answer to a dependency call.
     calls = msgspec.structs.replace(loaded, spans=[s for s in loaded.spans if s is not span])
     rep = replay(ReplayIndex([(source, calls)], strict=strict), on_miss=on_miss, live=live)
     headers = list(headers)
     request = with_headers(span.request, headers)
     with rep:
-        run = await _drive(app, request, timeout)
+        run = await _drive(app, request, timeout, state)
     report = rep.report
     given = [(k, v) for k, v in headers]
     pairs = _given_as_recorded(span.request, given)
@@ -508,6 +692,7 @@ def replay_asgi(
     timeout: float = 30.0,
     live: Iterable[str] = (),
     headers: Iterable[tuple[str, str]] = (),
+    lifespan: bool | Cassette | str | Path = False,
 ) -> InboundResult:
     """Send the recorded request into ``app`` with every dependency answered from the same
     cassette, and compare the new response with the recorded one.
@@ -520,11 +705,14 @@ def replay_asgi(
     turns off shape matching and counts recorded calls the app no longer makes as differences;
     ``live`` names libraries that stay live. ``headers`` (name, value) replace the recorded
     request headers of the same names, or are added: the real values of those the recording
-    stored as redaction tokens (an ``Authorization`` the app checks).
+    stored as redaction tokens (an ``Authorization`` the app checks). ``lifespan`` runs the
+    app's lifespan startup before the request and its shutdown after it, answered from the
+    recorded startup (its cassette, or True where none was recorded; see :class:`Lifespan`),
+    so what the startup opens (a pool on ``app.state`` or in the lifespan state) is there.
     """
     return _run_sync(replay_asgi_async(
         cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore_headers,
-        timeout=timeout, live=live, headers=headers,
+        timeout=timeout, live=live, headers=headers, lifespan=lifespan,
     ))
 
 
@@ -565,10 +753,10 @@ def _as_fastapi(app: Any) -> bool:
 
 def command_inputs(
     source: str, app: Callable[[], Any], keep: Callable[[Cassette], bool], missing: str
-) -> tuple[Any, list[tuple[str, Cassette]], int] | None:
+) -> tuple[Any, list[tuple[str, Cassette]], list[tuple[str, Cassette]]] | None:
     """What ``replay PATH --asgi/--celery MODULE:APP`` runs: the app (``app()``), the cassettes
-    of ``source`` that ``keep`` holds to (each with its path) and how many others were
-    skipped; None once the reason is said (``missing`` when none is kept): exit code 2."""
+    of ``source`` that ``keep`` holds to and the others (each with its path); None once the
+    reason is said (``missing`` when none is kept): exit code 2."""
     try:
         cassettes = [(str(f), load_cassette(f)) for f in find_cassettes(source)]
         loaded = app()
@@ -579,35 +767,59 @@ def command_inputs(
     if not kept:
         click.echo(f"timetracer-otel: {source} holds no {missing}.", err=True)
         return None
-    return loaded, kept, len(cassettes) - len(kept)
+    return loaded, kept, [(p, c) for p, c in cassettes if not keep(c)]
 
 
 def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool,
-                        live: Iterable[str] = (), headers: Iterable[tuple[str, str]] = ()) -> int:
-    """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input."""
+                        live: Iterable[str] = (), headers: Iterable[tuple[str, str]] = (),
+                        lifespan: str = "auto") -> int:
+    """``timetracer-otel replay PATH --asgi MODULE:APP``: 0 all match, 1 differ, 2 bad input.
+
+    ``lifespan``: ``auto`` runs the app's lifespan around the requests when the app takes
+    part in it (answered from the latest recorded startup in PATH), ``on`` requires it,
+    ``off`` never runs it."""
     inputs = command_inputs(source, lambda: instrument_app(load_app(app_ref)),
                             lambda c: inbound_span(c) is not None,
                             "recorded inbound request; record through an ASGI app first")
     if inputs is None:
         return 2
-    app, inbound, skipped = inputs
+    app, inbound, others = inputs
+    startup = startup_cassette(others)
+    skipped = sum(1 for _, c in others if not _is_startup(c))
     given = list(headers)
     ignore = [h.strip() for h in os.environ.get("TIMETRACER_IGNORE_HEADERS", "").split(",") if h.strip()]
 
     async def all_of_them() -> list[InboundResult | str]:
         out: list[InboundResult | str] = []
-        for path, cassette in inbound:
-            try:
-                out.append(await replay_asgi_async(
-                    cassette, app, on_miss=on_miss, strict=strict, ignore_headers=ignore, live=live,
-                    headers=given,
-                ))
-                out[-1].source = path  # type: ignore[union-attr]
-            except TimetracerError as exc:
-                out.append(f"FAIL {path}: {exc}")
+        life = None
+        if lifespan != "off":
+            life = Lifespan(app, startup, required=lifespan == "on", on_miss=on_miss, live=live)
+            failed = await life.startup()
+            if failed is not None:  # no request can run as recorded
+                raise _StartupFailed(failed)
+        try:
+            for path, cassette in inbound:
+                try:
+                    loaded, _, span = _recorded_request(cassette)
+                    out.append(await _replay_request(
+                        loaded, path, span, app, on_miss=on_miss, strict=strict,
+                        ignore_headers=ignore, timeout=30.0, live=live, headers=given,
+                        state=life.state if life is not None else None))
+                except TimetracerError as exc:
+                    out.append(f"FAIL {path}: {exc}")
+        finally:
+            stopped = await life.shutdown() if life is not None else None
+        if stopped is not None:
+            out.append(f"FAIL {stopped}")
         return out
 
-    results = asyncio.run(all_of_them())
+    try:
+        results = asyncio.run(all_of_them())
+    except _StartupFailed as exc:
+        click.echo(f"FAIL {exc}")
+        click.echo(f"timetracer-otel: no request replayed ({len(inbound)} recorded): the app did "
+                   "not start")
+        return 1
     failed = 0
     for r in results:
         if isinstance(r, str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from click.testing import CliRunner
 from conftest import free_port, unreachable_port
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
-from inbound_helpers import APPS, Client, _only, _record, shop, upstream_fixture
+from inbound_helpers import APPS, Client, _only, _record, _wait_port, shop, upstream_fixture
 
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.cli import main
@@ -179,17 +178,6 @@ def test_diff_aligns_calls_by_key(tmp_path: Path, serve: Any, upstream: Any) -> 
     assert "/price/A1" in out.output and "/price/B2" in out.output
     out = runner.invoke(main, ["diff", a, str(tmp_path / "missing.msgpack")])
     assert out.exit_code == 2
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError("uvicorn under timetracer-otel record did not start")
 
 
 def test_zero_code_record_then_replay_cli(tmp_path: Path, serve: Any, upstream: Any) -> None:

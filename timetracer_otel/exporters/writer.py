@@ -64,7 +64,7 @@ from timetracer_otel.exporters.storage import (
     write_many,
 )
 from timetracer_otel.redaction import Redactor
-from timetracer_otel.replay_shims.base import STATE
+from timetracer_otel.replay_shims.base import ATTR_LIFESPAN, STATE
 
 log = logging.getLogger("timetracer_otel")
 
@@ -221,6 +221,12 @@ def is_error_trace(batch: TraceBatch) -> bool:
         "http.status_code"
     )
     return root.status == "ERROR" or (isinstance(status, int) and status >= 500)
+
+
+def _startup(batch: TraceBatch) -> bool:
+    """An app's lifespan startup (see ``replay_shims.asgi``): kept whatever the sampling, as
+    every replay of that app's requests starts the app with it."""
+    return batch.root is not None and ATTR_LIFESPAN in batch.root.attributes
 
 
 def sampled(trace_id: str, rate: float) -> bool:
@@ -686,10 +692,10 @@ class CassetteWriter:
         if batch.late:
             self._add_late(batch)
             return
-        if batch.root is not None and not sampled(batch.trace_id, self.sample_rate):
-            self.skipped += 1
-            return
-        if self.errors_only and not is_error_trace(batch):
+        if len(batch.spans) == 1 and _startup(batch):
+            return  # a startup that made no call: replay runs it as well without a cassette
+        if ((batch.root is not None and not sampled(batch.trace_id, self.sample_rate))
+                or (self.errors_only and not is_error_trace(batch))) and not _startup(batch):
             self.skipped += 1
             return
         cassette = rescrubbed(self.build(batch))

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import Span
 
@@ -39,6 +39,7 @@ from timetracer_otel.codec import Tree
 from timetracer_otel.config import Mode
 from timetracer_otel.keys import stable_hash
 from timetracer_otel.replay_shims.base import (
+    ATTR_LIFESPAN,
     ATTR_PAYLOAD,
     BUILDERS,
     STATE,
@@ -397,6 +398,8 @@ class InboundApp:
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         mode = STATE.mode
         if mode is Mode.OFF or scope.get("type") != "http" or _capturing.get():
+            if mode is Mode.RECORD and scope.get("type") == "lifespan":
+                return await _record_lifespan(self.app, scope, receive, send)
             return await self.app(scope, receive, send)
         ex: Exchange | None = None
         if mode is Mode.RECORD:
@@ -441,6 +444,54 @@ class InboundApp:
         finally:
             _finish(ex, scope)
             _capturing.reset(token)
+
+
+# The name of the span around an app's lifespan startup (marked with ATTR_LIFESPAN): the calls
+# the startup makes (a pool's connections, a warm-up query) are its children, so they land in
+# a cassette of their own, which `replay --asgi` answers the startup from (inbound.py).
+LIFESPAN_SPAN = "lifespan startup"
+_STARTUP_END = ("lifespan.startup.complete", "lifespan.startup.failed")
+
+
+async def _record_lifespan(app: ASGIApp, scope: Message, receive: Receive, send: Send) -> None:
+    """Run the app's lifespan with its startup inside a span of its own, from the moment the
+    app reads ``lifespan.startup`` until it answers it (or raises); the app's own messages
+    pass unchanged. The span is current in the app's lifespan task only between the two,
+    so what the shutdown calls stays out of it."""
+    opened: list[tuple[Span, Any]] = []
+
+    def end(failure: str | None) -> None:
+        if not opened:
+            return
+        span, token = opened.pop()
+        if failure is not None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+        span.end()
+        if trace.get_current_span() is span:  # (the same task that read the startup message)
+            context.detach(token)
+
+    async def lifespan_receive() -> Message:
+        message = await receive()
+        if message.get("type") == "lifespan.startup" and not opened and STATE.mode is Mode.RECORD:
+            span = trace.get_tracer(SCOPE).start_span(
+                LIFESPAN_SPAN, kind=trace.SpanKind.INTERNAL, attributes={ATTR_LIFESPAN: "startup"})
+            opened.append((span, context.attach(trace.set_span_in_context(span))))
+        return message
+
+    async def lifespan_send(message: Message) -> None:
+        kind = message.get("type")
+        if kind in _STARTUP_END:
+            end(None if kind == "lifespan.startup.complete" else str(message.get("message") or
+                                                                   "lifespan startup failed"))
+        await send(message)
+
+    try:
+        await app(scope, lifespan_receive, lifespan_send)
+    except BaseException as exc:
+        end(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        end(None)
 
 
 def _middleware_call(original: Any) -> Any:

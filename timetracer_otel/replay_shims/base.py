@@ -60,6 +60,8 @@ ATTR_ERROR = "timetracer.error"
 ATTR_TRUNCATED = "timetracer.truncated"
 # Set on a replayed call's span: "exact" or "shape" (how it matched).
 ATTR_REPLAY = "timetracer.replay"
+# On the span around an ASGI app's lifespan startup (replay_shims/asgi.py): "startup".
+ATTR_LIFESPAN = "timetracer.lifespan"
 PAYLOAD_ATTRS = frozenset(
     {ATTR_PAYLOAD, ATTR_LIBRARY, ATTR_KEY, ATTR_SHAPE, ATTR_LABEL, ATTR_REQUEST, ATTR_RESPONSE,
      ATTR_ERROR, ATTR_TRUNCATED}
