@@ -769,7 +769,7 @@ def recorder(via: str) -> Recorder:
 
 def add_to_file(path: str | os.PathLike[str], spans: Sequence[SpanRecord],
                 known: Mapping[str, int] | None = None, *, by_start: bool = False,
-                drop: Set[str] = frozenset()) -> Path | None:
+                drop: Set[str] = frozenset(), complete: bool = True) -> Path | None:
     """Add ``spans`` to the cassette file at ``path`` (see :func:`with_interactions`): read,
     add and replace under an exclusive lock on its directory, so processes and threads
     adding at once lose nothing; a link is followed to the cassette itself. Returns the file,
@@ -777,23 +777,27 @@ def add_to_file(path: str | os.PathLike[str], spans: Sequence[SpanRecord],
     p = Path(path).resolve()
     with locked(p.parent):
         data = with_interactions(_read(p), str(p), _format_of(p), spans, known, by_start=by_start,
-                                 drop=drop)
+                                 drop=drop, complete=complete)
         return None if data is None else atomic_write(p, data)
 
 
 def with_interactions(raw: bytes, source: str, fmt: Format, spans: Sequence[SpanRecord],
                       known: Mapping[str, int] | None, *, by_start: bool = False,
-                      drop: Set[str] = frozenset()) -> bytes | None:
+                      drop: Set[str] = frozenset(), complete: bool = True) -> bytes | None:
     """The cassette ``raw`` (read from ``source``) with ``spans`` added, less those others
     added since ``known`` was read (see :func:`not_added_yet`), encoded in ``fmt`` and
     encrypted only if it was; None when nothing is left to add. Added at the end (calls a
     replay made live, after the recording), or with ``by_start`` where they started (spans of
     the same run that came late). The spans whose ids are in ``drop`` are removed (calls a
-    new episode replaced)."""
+    new episode replaced). ``complete=False``: the cassette says ``complete: false`` from
+    now on (spans whose parent never came: the recording lacks that parent); it never turns
+    an incomplete cassette complete."""
     cassette = loads(raw, source)
     new = not_added_yet(spans, known, cassette.interactions)
     if not new:
         return None
+    if not complete:
+        cassette.complete = False
     kept = [s for s in cassette.spans if s.span_id not in drop] if drop else cassette.spans
     cassette.spans = [*kept, *new]
     if by_start:

@@ -1,7 +1,8 @@
 """The Collector path groups spans by local root, as the in-process recorder does, whatever
 order and however many requests they come in: two local roots of one trace in one request make
 two cassettes, a span that waits for a parent not yet received goes where that parent goes,
-and one whose parent never comes is still written (into its trace's cassette), never lost."""
+and one whose parent never comes is still written (into its trace's cassette, which then says
+``complete: false``), never lost."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation import set_span_in_context
 
@@ -27,6 +28,7 @@ from tests.upstream_app import app
 from timetracer_otel.cassette import Cassette, SpanRecord, load_cassette
 from timetracer_otel.exporters.assembler import TraceAssembler, TraceBatch
 from timetracer_otel.exporters.otlp import OTLPReceiver
+from timetracer_otel.exporters.processor import CassetteSpanProcessor
 from timetracer_otel.exporters.writer import CassetteWriter
 
 QUIET_NS = 200_000_000
@@ -294,12 +296,14 @@ def test_a_late_span_whose_parent_never_comes_is_added_to_its_traces_cassette(
     serve: Any, tmp_path: Path, receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The GET's parent never comes: once it has waited ``orphan_wait_ns`` it is added to its
-    trace's cassette (the only one), counted in ``orphan_spans``; the parent coming after all
-    adds nothing twice."""
+    trace's cassette (the only one), counted in ``orphan_spans``, and the cassette says
+    ``complete: false``: it lacks the GET's parent. The parent coming after all adds nothing
+    twice, and leaves the cassette as it was (an internal span is not added late)."""
     live, base, root_r, work_r, get_r, echo_r = _job_with_work(serve, tmp_path, monkeypatch)
     receiver.writer.assembler.orphan_wait_ns = 400_000_000
     post(receiver, body(root_r, echo_r))
     files = wait_for_files(tmp_path, 1)
+    assert load_cassette(files[0]).complete is True  # (the root's child: all that came)
     time.sleep(0.3)
     post(receiver, body(get_r))
     deadline = time.monotonic() + 10
@@ -307,11 +311,15 @@ def test_a_late_span_whose_parent_never_comes_is_added_to_its_traces_cassette(
         time.sleep(0.05)
     receiver.writer.flush()
     assert receiver.writer.assembler.orphan_spans == 1
-    assert [s.name for s in load_cassette(files[0]).spans] == ["job", "GET", "POST"]
+    collected = load_cassette(files[0])
+    assert [s.name for s in collected.spans] == ["job", "GET", "POST"]
+    assert collected.complete is False
     post(receiver, body(work_r, get_r))  # the parent after all, and the GET again
     receiver.stop()
     assert files_in(tmp_path) == files
-    assert [s.name for s in load_cassette(files[0]).spans] == ["job", "GET", "POST"]
+    collected = load_cassette(files[0])
+    assert [s.name for s in collected.spans] == ["job", "GET", "POST"]
+    assert collected.complete is False
     stats = receiver.writer.stats()
     assert stats["duplicate_spans"] == 1 and stats["late_spans"] == 2, stats
     replays(files, base, live)
@@ -327,7 +335,9 @@ def test_at_shutdown_a_late_span_still_waiting_for_its_parent_goes_into_its_trac
     post(receiver, body(get_r))
     receiver.stop()  # long before orphan_wait_ns
     assert files_in(tmp_path) == files
-    assert [s.name for s in load_cassette(files[0]).spans] == ["job", "GET", "POST"]
+    collected = load_cassette(files[0])
+    assert [s.name for s in collected.spans] == ["job", "GET", "POST"]
+    assert collected.complete is False  # (the GET's parent never came)
     assert receiver.writer.assembler.orphan_spans == 1
     replays(files, base, live)
 
@@ -540,6 +550,7 @@ def test_orphan_spans_counts_the_spans_added_internal_ones_kept_with_their_chain
     assert [[s.name for s in b.spans] for b in late] == [["b", "c"]]
     assert a.orphan_spans == sum(len(b.spans) for b in late) == 2
     assert [b.orphans for b in late] == [2] and not a.open
+    assert [b.complete for b in late] == [False]  # (its cassette will say it lacks "9")
 
 
 def test_orphan_spans_does_not_count_spans_the_writer_could_not_add(tmp_path: Path) -> None:
@@ -572,3 +583,61 @@ def test_a_late_span_under_a_cassette_without_root_is_added_to_it(tmp_path: Path
     assert [s.span_id[0] for s in load_cassette(rootless[0]).spans] == ["3", "4"]
     assert load_cassette(rootless[0]).complete is False
     w.close_now()
+
+
+# -- a cassette that took spans whose parent never came says complete: false ---------------------
+
+
+def test_only_the_cassette_that_took_a_span_whose_parent_never_came_says_it_is_incomplete(
+    tmp_path: Path,
+) -> None:
+    """Two local roots of one trace make two cassettes, both complete; a call whose parent
+    never comes goes into the one whose root's time holds its start, which from then on says
+    ``complete: false``; the other one still says ``complete: true``."""
+    w = CassetteWriter(str(tmp_path / "w"), via="collector", quiet_ns=1)
+    w.assembler.add(_span("1", kind="SERVER", library=None, end=100), {"service.name": "a"})
+    w.assembler.add(_call("2", "1"))
+    w.assembler.add(_span("5", "9", remote=True, kind="SERVER", library=None, start=200, end=300),
+                    {"service.name": "b"})
+    _settle(w.assembler)
+    w.flush_now(False)
+    paths = sorted((tmp_path / "w").rglob("*.msgpack"))
+    assert [load_cassette(p).complete for p in paths] == [True, True]
+    w.assembler.add(msgspec_replace(_call("3", "f"), start_ns=250))  # its parent never comes
+    w.close_now()
+    assert sorted((tmp_path / "w").rglob("*.msgpack")) == paths
+    got = {c.root: c for c in map(load_cassette, paths)}
+    assert [s.span_id[0] for s in got["1" * 16].spans] == ["1", "2"]
+    assert [s.span_id[0] for s in got["5" * 16].spans] == ["5", "3"]
+    assert got["1" * 16].complete is True
+    assert got["5" * 16].complete is False
+    assert w.assembler.orphan_spans == 1
+
+
+def test_in_process_a_cassette_that_took_a_span_whose_parent_never_ended_is_incomplete(
+    tmp_path: Path,
+) -> None:
+    """In-process (CassetteSpanProcessor) the same: a call that ends after its trace was
+    written, under a span that never ends, is added to the trace's cassette at shutdown, and
+    the cassette says ``complete: false``: it lacks that span."""
+    writer = CassetteWriter(str(tmp_path))
+    provider = TracerProvider()
+    processor = CassetteSpanProcessor(writer=writer)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    root = tracer.start_span("GET /x", kind=SpanKind.SERVER)
+    with trace.use_span(root, end_on_exit=False):
+        work = tracer.start_span("work")  # never ends
+    root.end()
+    with trace.use_span(work, end_on_exit=False), \
+            tracer.start_as_current_span("db", kind=SpanKind.CLIENT):
+        pass
+    assert writer.flush()
+    [path] = writer.written
+    assert [s.name for s in load_cassette(path).spans] == ["GET /x"]
+    assert load_cassette(path).complete is True  # (all that ended so far)
+    processor.shutdown()  # (the app ends: spans still waiting for a parent are written)
+    assert writer.written == [path]
+    cassette = load_cassette(path)
+    assert [s.name for s in cassette.spans] == ["GET /x", "db"]
+    assert cassette.complete is False

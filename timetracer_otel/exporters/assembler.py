@@ -22,8 +22,9 @@ which the writer adds to that trace's cassette, and the spans that waited for it
 A span whose parent never comes is not lost: after ``orphan_wait_ns`` (or when it must make
 room, or at shutdown) it is added to its trace's cassette with the spans below it, internal
 ones too, the one whose root's time holds its start when the trace has several, and counted in
-:attr:`TraceAssembler.orphan_spans`; with no cassette of its trace to go to, it is written as a
-cassette of its own that says ``complete: false``.
+:attr:`TraceAssembler.orphan_spans`, and that cassette says ``complete: false`` (it lacks the
+parent); with no cassette of its trace to go to, it is written as a cassette of its own that
+says ``complete: false`` too.
 
 Late spans cost O(1) each whatever else of their trace waits: the spans that waited for a late
 span are found by walking down from it through an index of the waiting spans by parent
@@ -57,7 +58,7 @@ class TraceBatch:
     trace_id: str
     spans: list[SpanRecord] = field(default_factory=list)
     root: SpanRecord | None = None
-    complete: bool = True
+    complete: bool = True  # (a late batch: False makes its cassette say complete: false)
     last_ns: int = 0  # (an open trace: when its latest span came, time.monotonic_ns)
     resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
     ids: set[str] = field(default_factory=set)  # its spans' ids
@@ -262,7 +263,8 @@ class TraceAssembler:
         """``spans`` go to the cassette of ``root``: their ids are kept (for their children
         and their next deliveries), those with a call to replay are added to it. ``orphans``:
         ``spans`` are chains whose parent never came (that many spans), added whole, internal
-        spans too (the chain as it ran), and counted in :attr:`orphan_spans`."""
+        spans too (the chain as it ran), counted in :attr:`orphan_spans`, and the cassette
+        says ``complete: false`` from then on (it lacks their parents)."""
         ids = self.closed_ids.get(trace_id)
         if ids is not None:
             ids.update(dict.fromkeys([s.span_id for s in spans], root))
@@ -271,7 +273,7 @@ class TraceAssembler:
         if calls:
             self.orphan_spans += orphans
             self.emit(TraceBatch(trace_id, spans=calls, late=True, late_root=root,
-                                 orphans=orphans))
+                                 complete=not orphans, orphans=orphans))
 
     @staticmethod
     def _routes(batch: TraceBatch, known: dict[str, str | None]) -> dict[str, Route]:

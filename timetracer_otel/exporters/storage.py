@@ -193,13 +193,15 @@ def add_interactions(
     known: Mapping[str, int] | None = None,
     *,
     by_start: bool = False,
+    complete: bool = True,
 ) -> str | None:
     """Keep the calls a replay recorded live (``on_miss="record"``) where the next replay of
     ``source`` finds them. A cassette file gets them added under a lock (``add_to_file``), an
     ``s3://`` object by a conditional write (read again if another writer replaced it
     meanwhile); both keep the cassette's own format and encryption. A directory or an
     ``s3://`` prefix gets a new ``appended-...`` cassette in ``fmt`` beside the others.
-    ``known``: see :func:`~timetracer_otel.cassette.not_added_yet`; ``by_start``: see
+    ``known``: see :func:`~timetracer_otel.cassette.not_added_yet`; ``by_start`` and
+    ``complete`` (a cassette file or object): see
     :func:`~timetracer_otel.cassette.with_interactions`. Returns where they went, or None
     when nothing was left to add."""
     text = os.fspath(source)
@@ -208,11 +210,11 @@ def add_interactions(
 
         storage = S3Storage(text)
         if text.endswith(SUFFIXES) and storage.exists(text):
-            return _add_to_object(storage, text, spans, known, by_start)
+            return _add_to_object(storage, text, spans, known, by_start, complete)
         return _add_beside(storage, text, spans, via, fmt, known)
     p = Path(text)
     if p.is_file():
-        path = add_to_file(p, spans, known, by_start=by_start)
+        path = add_to_file(p, spans, known, by_start=by_start, complete=complete)
         return None if path is None else str(path)
     if p.is_dir():
         with locked(p):
@@ -222,11 +224,13 @@ def add_interactions(
 
 
 def _add_to_object(storage: S3Storage, url: str, spans: Sequence[SpanRecord],
-                   known: Mapping[str, int] | None, by_start: bool = False) -> str | None:
+                   known: Mapping[str, int] | None, by_start: bool = False,
+                   complete: bool = True) -> str | None:
     fmt: Format = "json" if url.lower().endswith(".json") else "msgpack"
     for _ in range(_REPLACE_TRIES):
         raw, etag = storage.read_tagged(url)
-        data = with_interactions(raw, url, fmt, spans, known, by_start=by_start)
+        data = with_interactions(raw, url, fmt, spans, known, by_start=by_start,
+                                 complete=complete)
         if data is None:
             return None
         if storage.replace(url, data, etag):

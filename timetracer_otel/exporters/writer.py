@@ -730,7 +730,7 @@ class CassetteWriter:
             return
         try:
             add_interactions(where, rescrubbed_spans(batch.spans), self.via, self.fmt,
-                             by_start=True)
+                             by_start=True, complete=batch.complete)
         except Exception as exc:
             self.assembler.orphan_spans -= batch.orphans
             self._failed(exc)
