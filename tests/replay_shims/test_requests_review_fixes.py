@@ -27,6 +27,7 @@ from starlette.routing import Route
 import timetracer_otel
 from tests.conftest import connects_refused
 from tests.deferral import recorded_both_ways
+from tests.replay_shims.test_requests import untimed_elapsed
 from timetracer_otel.replay_shims import requests as shim
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,7 +54,9 @@ async def _slowbody(request: Request) -> StreamingResponse:
         await asyncio.sleep(1.5)  # past the client's read timeout
         yield b"late chunk\n"
 
-    return StreamingResponse(gen(), media_type="text/plain")
+    # ?sized: a Content-Length body (no chunked framing) that stalls the same way.
+    sized = {"content-length": "23"} if "sized" in request.query_params else None
+    return StreamingResponse(gen(), media_type="text/plain", headers=sized)
 
 
 APP = Starlette(routes=[Route("/stream", _stream), Route("/gzip", _gzip),
@@ -203,6 +206,42 @@ def test_a_read_timeout_mid_body_is_the_requests_error(serve: Any, tmp_path: Pat
     assert recorded == plain and replayed == plain
 
 
+def _stalled(base: str, chunk_size: int | None) -> Any:
+    r = requests.get(f"{base}/slowbody?sized", timeout=0.5, stream=True)
+    seen: list[Any] = [r.status_code, r.headers["content-length"], r.raw.chunked]
+    try:
+        for chunk in r.iter_content(chunk_size=chunk_size):
+            seen.append(chunk)
+    except Exception as exc:
+        seen.append((type(exc), str(exc)))
+    return seen
+
+
+def test_a_read_timeout_mid_content_length_body_keeps_the_bytes_before_it(
+    serve: Any, tmp_path: Path
+) -> None:
+    """The 12 bytes that came before the read timeout were lost in the recording (one whole
+    read of the Content-Length body, which loses them with the error): replayed, the app got
+    no chunk before the error."""
+    server = serve(APP)
+
+    def job() -> list[Any]:
+        return [outcome(lambda: requests.get(f"{server.url}/slowbody?sized", timeout=0.5).content),
+                *(outcome(lambda size=size: _stalled(server.url, size)) for size in (4, 5, 1, None))]
+
+    plain, recorded, replayed = three_ways(job, tmp_path, server.stop)
+    not_streamed, by_4, by_5, by_1, whole = plain
+    assert not_streamed[:2] == ("raised", requests.exceptions.ConnectionError)
+    assert "Read timed out" in not_streamed[2]
+    timed_out = (requests.exceptions.ConnectionError, not_streamed[2])
+    assert by_4 == ("ok", [200, "23", False, b"firs", b"t ch", b"unk\n", timed_out])
+    # In the app's chunk size: a last piece shorter than it is lost with the error, as live.
+    assert by_5 == ("ok", [200, "23", False, b"first", b" chun", timed_out])
+    assert by_1 == ("ok", [200, "23", False, *(bytes([b]) for b in b"first chunk\n"), timed_out])
+    assert whole == ("ok", [200, "23", False, timed_out])  # one read: all or nothing
+    assert recorded == plain and replayed == plain
+
+
 def test_a_body_cut_short_is_the_requests_error(broken: str, tmp_path: Path) -> None:
     def job() -> list[Any]:
         return [outcome(lambda size=size: _short(broken, size)) for size in (None, 2, 1024)]
@@ -248,4 +287,5 @@ def test_broken_bodies_left_to_the_writer_record_what_the_span_attribute_records
         assert bounded(lambda: requests.get(f"{base}/stream", stream=True, headers=secret)
                        .iter_content(None))
 
+    untimed_elapsed(monkeypatch)
     recorded_both_ways(job, serve(APP).url, 3, tmp_path, monkeypatch, fmt)

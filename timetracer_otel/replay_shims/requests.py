@@ -11,6 +11,13 @@ modes the response is returned and its in-memory body raises that urllib3 error 
 bytes, so requests maps it where it maps a live one (``iter_content``: ``ConnectionError``,
 ``ChunkedEncodingError``...; inside ``get()`` when the body is not streamed).
 
+``Response.elapsed``: ``Session.send`` times ``adapter.send`` and sets it once that returns.
+Record times the live ``HTTPAdapter.send`` the same way (the time to the headers, without the
+body read the recording adds) and stores it as ``"elapsed_us"``; in both modes a first
+response hook, put in for that one dispatch, gives it back over requests' own measure, so the
+app sees the recorded value. A cassette written before it was kept replays the duration of
+the call's recorded span (which encloses what requests measured).
+
 Under a timetracer writer the call is left on its span as captured and :func:`_payload_of`
 makes its payload in the writer (see ``base.defer``), with the same functions the
 request-path :class:`~.base.Capture` uses.
@@ -19,7 +26,9 @@ request-path :class:`~.base.Capture` uses.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from http.client import HTTPMessage
 from typing import Any, NoReturn
 
@@ -101,7 +110,7 @@ def _call(request: requests.PreparedRequest) -> Call:
 
 
 def _response_tree_of(status: int, reason: str | None, version: int,
-                      headers: Iterable[Sequence[Any]], body: bytes,
+                      headers: Iterable[Sequence[Any]], elapsed_us: int, body: bytes,
                       chunks: list[int] | None = None, error: Tree = None) -> Tree:
     tree: dict[str, Any] = {
         "status": status,
@@ -109,6 +118,7 @@ def _response_tree_of(status: int, reason: str | None, version: int,
         "version": version,
         "headers": [list(h) for h in STATE.redactor.headers(headers)],  # type: ignore[arg-type]
         "body": body,
+        "elapsed_us": elapsed_us,  # Response.elapsed, in whole microseconds (as timedelta's)
     }
     # Each key only when there is something to say: the tree as older versions wrote it.
     if chunks is not None:  # a chunked body's chunk lengths, when more than one
@@ -121,9 +131,9 @@ def _response_tree_of(status: int, reason: str | None, version: int,
 def _payload_of(args: Sequence[Any]) -> Payload:
     """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
-    method, url, pairs, body, status, reason, version, headers, read, error = args
+    method, url, pairs, body, status, reason, version, headers, elapsed_us, read, error = args
     return built_payload(_call_of(method, url, pairs, body), error, lambda: _response_tree_of(
-        status, reason, version, headers, *read))
+        status, reason, version, headers, elapsed_us, *read))
 
 
 BUILDERS["requests"] = _payload_of
@@ -307,18 +317,21 @@ def _handler(original: Any) -> Any:
             token = _TAKEN.set(dep)  # claimed until the call ends, as a capture does
             try:
                 try:
+                    start = time.perf_counter_ns()
                     response: requests.Response = original(self, request, *args, **kwargs)
+                    elapsed_us = (time.perf_counter_ns() - start) // 1000
                     live, read = _read(response)
                 except Exception as exc:
-                    defer(dep, "requests", (*sent, None, None, None, None, None, error_tree(exc)))
+                    defer(dep, "requests",
+                          (*sent, None, None, None, None, None, None, error_tree(exc)))
                     raise
                 headers = list(live.headers.items())
                 STATE.redactor.learn_header_pairs(headers)  # as the request's, above
                 defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
-                                        read, None))
+                                        elapsed_us, read, None))
             finally:
                 _TAKEN.reset(token)
-            return _swapped(request, response, headers, read)
+            return _swapped(request, response, headers, elapsed_us, read)
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
@@ -333,21 +346,58 @@ def _handler(original: Any) -> Any:
                        as_bytes(r["body"]), request,
                        None if broke is None else rebuild_error(broke, _body_error),
                        r.get("chunk_sizes"))
-            return self.build_response(request, raw)
+            replayed = self.build_response(request, raw)
+            elapsed_us = r.get("elapsed_us")
+            if elapsed_us is None and span.end_ns > span.start_ns:  # recorded without it
+                elapsed_us = (span.end_ns - span.start_ns) // 1000
+            if elapsed_us is not None:  # (else requests' own measure of the replay)
+                _keep_elapsed(request, replayed, elapsed_us)
+            return replayed
         if action is LIVE:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
         with capture(call, SCOPE) as cap:
             try:
+                start = time.perf_counter_ns()
                 response = original(self, request, *args, **kwargs)
+                elapsed_us = (time.perf_counter_ns() - start) // 1000
                 live, read = _read(response)
             except Exception as exc:
                 cap.fail(exc)
                 raise
             headers = list(live.headers.items())
-            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, *read))
-        return _swapped(request, response, headers, read)
+            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers,
+                                     elapsed_us, *read))
+        return _swapped(request, response, headers, elapsed_us, read)
 
     return send
+
+
+def _keep_elapsed(request: requests.PreparedRequest, response: requests.Response,
+                  elapsed_us: int) -> None:
+    """Give ``response`` the recorded ``elapsed``, which ``Session.send`` overwrites with its
+    own measure as ``adapter.send`` returns, just before it dispatches the response hooks:
+    a first hook, put in the request's hooks for that one dispatch, sets it back before the
+    app's hooks run, and puts the request's own list back (``dispatch_hook`` iterates the list
+    it got). Set here too, for a caller of the adapter itself."""
+    elapsed = timedelta(microseconds=elapsed_us)
+    response.elapsed = elapsed
+    hooks = request.hooks
+    if not isinstance(hooks, dict):
+        return
+    own = hooks.get("response")
+
+    def recorded_elapsed(r: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if hooks.get("response") is first:
+            if own is None:
+                hooks.pop("response", None)
+            else:
+                hooks["response"] = own
+        if r is response:
+            r.elapsed = elapsed
+
+    rest = [own] if callable(own) else list(own or ())
+    first = [recorded_elapsed, *rest]
+    hooks["response"] = first
 
 
 def _body_error(cls: type[BaseException], tree: Tree) -> BaseException:
@@ -367,8 +417,11 @@ def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
     it and that error; the connection goes back to the pool.
 
     A chunked body is read chunk by chunk (as fast as http.client's whole read), so the chunks
-    before an error are kept; a Content-Length body is one read, whose bytes an error loses
-    (but for a connection closed early: http.client's IncompleteRead carries them)."""
+    before an error are kept. Another body is read as it comes (``read1``: what arrived, in
+    one socket read at most), so an error keeps the bytes before it too: one whole read loses
+    them with a read timeout (http.client's buffered read drops what it had). urllib3 before
+    2.3 has no ``read1``: one whole read there, whose bytes only a connection closed early
+    keeps (http.client's IncompleteRead carries them)."""
     live = response.raw
     broke: Tree = None
     lengths: list[int] | None = None
@@ -383,12 +436,27 @@ def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
         if len(chunks) > 1:
             lengths = [len(c) for c in chunks]
     else:
+        parts: list[bytes] = []
         try:
-            content = live.read(decode_content=False)
+            if _READ1:
+                while part := live.read1(_PIECE, decode_content=False):
+                    parts.append(part)
+                    if live.length_remaining == 0:  # its Content-Length read (and closed)
+                        break
+            else:
+                parts.append(live.read(decode_content=False))
         except _BODY_ERROR_TYPES as exc:
-            broke, content = error_tree(exc), _partial(exc)
+            broke = error_tree(exc)
+            if not parts:
+                parts.append(_partial(exc))
+        content = b"".join(parts)
     live.release_conn()
     return live, (content, lengths, broke)
+
+
+# urllib3 >= 2.3's read1, and the most one call asks for (a socket read gives what came).
+_READ1 = hasattr(HTTPResponse, "read1")
+_PIECE = 1 << 18
 
 
 def _partial(exc: BaseException) -> bytes:
@@ -401,15 +469,17 @@ def _partial(exc: BaseException) -> bytes:
 
 
 def _swapped(request: requests.PreparedRequest, response: requests.Response,
-             headers: list[tuple[str, str]], read: Read) -> requests.Response:
+             headers: list[tuple[str, str]], elapsed_us: int, read: Read) -> requests.Response:
     """``response`` reading the recorded bytes from memory (the live ones were read), and
-    raising the error that broke them after them, as a replay does."""
+    raising the error that broke them after them, with the recorded elapsed, as a replay
+    does."""
     live = response.raw
     content, chunks, broke = read
     replacement = _raw(live.status, live.reason, live.version, headers, content, request,
                        None if broke is None else rebuild_error(broke, _body_error), chunks)
     replacement._original_response = live._original_response
     response.raw = replacement
+    _keep_elapsed(request, response, elapsed_us)
     return response
 
 
