@@ -53,8 +53,9 @@ def _body(value: Any, fmt: str) -> bytes:
 
 
 def _timeless(response: Any, fmt: str) -> Any:
-    """A recorded response without what the clock put in it: the Date header, gzip's mtime
-    (an inbound response, the app's own ASGI messages, has neither); and without the server
+    """A recorded response without what the clock put in it: the Date header, gzip's mtime,
+    the time a requests call took (an inbound response, the app's own ASGI messages, has
+    none of them); and without the server
     process a database connection was given (the ``connect`` answers of asyncpg and psycopg),
     and a MongoDB server's cluster time."""
     if isinstance(response, dict) and ("pid" in response or "backend_pid" in response):
@@ -64,11 +65,12 @@ def _timeless(response: Any, fmt: str) -> Any:
     if response is None or "headers" not in response:
         return response
     headers = [h for h in response["headers"] if h[0].lower() != "date"]
-    if "chunks" not in response:  # requests keeps the body whole
+    if "chunks" not in response:  # requests keeps the body whole, and the time it took
         body = _body(response["body"], fmt)
         if ["content-encoding", "gzip"] in headers or ["Content-Encoding", "gzip"] in headers:
             body = gzip.decompress(body)
-        return {**response, "headers": headers, "body": body}
+        return {**{k: v for k, v in response.items() if k != "elapsed_us"},
+                "headers": headers, "body": body}
     chunks = response["chunks"]
     if ["content-encoding", "gzip"] in headers:
         chunks = [gzip.decompress(b"".join(_body(c, fmt) for c in chunks))]

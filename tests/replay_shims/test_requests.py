@@ -16,7 +16,6 @@ from starlette.responses import PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
 import timetracer_otel
-from tests import deferral
 from tests.conftest import connects_refused, unreachable_port
 from tests.deferral import recorded_both_ways, secrets_learned_in_the_app
 from tests.upstream_app import app
@@ -101,7 +100,6 @@ def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
         with pytest.raises(requests.ConnectionError):
             requests.get(down)
 
-    untimed_elapsed(monkeypatch)
     recorded_both_ways(job, serve(app).url, 6, tmp_path, monkeypatch, fmt)
 
 
@@ -173,16 +171,3 @@ def test_a_cassette_without_elapsed_replays_the_recorded_span_duration(
         assert type(elapsed) is timedelta and elapsed == span
 
 
-def untimed_elapsed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """:func:`~tests.deferral.recorded_both_ways` compares two recordings without
-    ``elapsed_us``, which the clock puts there as it puts the Date header it leaves out.
-
-    (Its ``_timeless`` should drop it itself: tests/deferral.py is not this change's.)"""
-    timeless = deferral._timeless
-
-    def without(response: Any, fmt: str) -> Any:
-        if isinstance(response, dict):
-            response = {k: v for k, v in response.items() if k != "elapsed_us"}
-        return timeless(response, fmt)
-
-    monkeypatch.setattr(deferral, "_timeless", without)

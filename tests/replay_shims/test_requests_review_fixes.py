@@ -27,7 +27,6 @@ from starlette.routing import Route
 import timetracer_otel
 from tests.conftest import connects_refused
 from tests.deferral import recorded_both_ways
-from tests.replay_shims.test_requests import untimed_elapsed
 from timetracer_otel.replay_shims import requests as shim
 
 pytestmark = pytest.mark.timeout(120)
@@ -287,5 +286,4 @@ def test_broken_bodies_left_to_the_writer_record_what_the_span_attribute_records
         assert bounded(lambda: requests.get(f"{base}/stream", stream=True, headers=secret)
                        .iter_content(None))
 
-    untimed_elapsed(monkeypatch)
     recorded_both_ways(job, serve(APP).url, 3, tmp_path, monkeypatch, fmt)
