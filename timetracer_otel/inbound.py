@@ -46,7 +46,7 @@ from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
 from timetracer_otel.replay_shims.asgi import PROBE, Exchange, message_tree
 from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
-from timetracer_otel.runtime import replay
+from timetracer_otel.runtime import Replaying, replay
 
 T = TypeVar("T")
 
@@ -413,7 +413,8 @@ def _last_line(message: Any) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _is_startup(cassette: Cassette) -> bool:
+def is_startup(cassette: Cassette) -> bool:
+    """A cassette of an app's recorded lifespan startup (see ``replay_shims.asgi``)."""
     root = cassette.root_span
     return root is not None and root.attributes.get(ATTR_LIFESPAN) == "startup"
 
@@ -421,11 +422,12 @@ def _is_startup(cassette: Cassette) -> bool:
 def startup_cassette(cassettes: Iterable[tuple[str, Cassette]]) -> tuple[str, Cassette] | None:
     """The latest recorded lifespan startup among ``cassettes`` (path, cassette): the cassette
     whose root is the span ``replay_shims.asgi`` opens around an app's startup."""
-    found = [(c.root_span.start_ns, path, c) for path, c in cassettes
-             if c.root_span is not None and _is_startup(c)]
+    found = [(c.root_span.status != "ERROR", c.root_span.start_ns, path, c)
+             for path, c in cassettes if c.root_span is not None and is_startup(c)]
     if not found:
         return None
-    _, path, cassette = max(found, key=lambda f: f[0])
+    # A startup that failed (the database was down at one restart) only where no other is.
+    _, _, path, cassette = max(found, key=lambda f: f[:2])
     return path, cassette
 
 
@@ -441,16 +443,25 @@ class Lifespan:
     uvicorn's ``--lifespan auto`` does."""
 
     def __init__(self, app: Any, startup: tuple[str, Cassette] | None, *, required: bool = False,
-                 on_miss: str = "error", live: Iterable[str] = (), timeout: float = 30.0) -> None:
+                 on_miss: str = "error", live: Iterable[str] = (), timeout: float = 30.0,
+                 strict: bool = False, lone: Iterable[tuple[str, Cassette]] = ()) -> None:
         self.app, self.required, self.on_miss, self.live = app, required, on_miss, list(live)
         self.timeout = timeout
-        self.source = startup[0] if startup is not None else None
-        self.index = ReplayIndex([startup] if startup is not None else [])
+        # ``lone``: where no startup was recorded, the process cassettes of calls made outside
+        # any trace (where a framework whose middleware never sees the lifespan, Litestar,
+        # leaves its startup's calls).
+        sources = [startup] if startup is not None else list(lone)
+        self.source = ", ".join(path for path, _ in sources) or None
+        self.index = ReplayIndex(sources, strict=strict)
         self.state: dict[str, Any] = {}
         self.supported = True
         self._to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._from_app: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._from_app: asyncio.Queue[tuple[dict[str, Any], ReplayReport | None] | None] = \
+            asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._rep: Replaying | None = None
+        self._started = 0  # misses in the startup's replay when the startup answered
+        self._misses_at_answer = 0
         self._read = False  # the app read the startup message
 
     async def _run(self) -> None:
@@ -459,7 +470,10 @@ class Lifespan:
             return await self._to_app.get()
 
         async def send(message: Any) -> None:
-            await self._from_app.put(dict(message))
+            # With what the replay saw until the app answered: a task the startup left
+            # running calls only once the answer is out, and is not the startup.
+            rep = self._rep
+            await self._from_app.put((dict(message), rep.report if rep is not None else None))
 
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
                  "state": self.state}
@@ -469,26 +483,46 @@ class Lifespan:
             self._from_app.put_nowait(None)  # the app returned, or raised
 
     async def _answer(self, message: str) -> tuple[dict[str, Any] | None, str | None]:
-        """Send ``message`` to the app, inside a replay of the recorded startup; its answer
-        (None if it returned without one) and what went wrong in that replay."""
-        rep = replay(self.index, on_miss=self.on_miss, live=self.live)
-        with rep:
-            if self._task is None:
-                self._task = asyncio.get_running_loop().create_task(self._run())
-            await self._to_app.put({"type": message})
-            try:
-                answer = await asyncio.wait_for(self._from_app.get(), self.timeout)
-            except asyncio.TimeoutError:
-                return None, f"the app did not answer {message} within {self.timeout:g} s"
-        report, trouble = rep.report, []
-        if report.failed(rep.on_miss is OnMiss.ERROR):
-            for what, calls in (("no recorded answer for", report.misses),
-                                ("could not go live", report.stranded),
-                                ("unsupported in replay", report.unsupported)):
-                if calls:
+        """Send ``message`` to the app; its answer (None if it returned without one) and what
+        went wrong in the replay of the startup since the last message.
+
+        That replay runs from the startup until the shutdown has answered (see
+        :meth:`_end`): what the lifespan task, and the tasks the startup left running (a
+        refresher), call meanwhile is answered from the startup's cassette, never from the
+        cassette of the request running at the time."""
+        if self._rep is None:
+            self._rep = replay(self.index, on_miss=self.on_miss, live=self.live)
+            self._rep.__enter__()
+        before = self._rep.report
+        seen = (len(before.misses), len(before.stranded), len(before.unsupported))
+        if self._task is None:  # (its context holds the startup's replay)
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task.add_done_callback(_retrieved)
+        await self._to_app.put({"type": message})
+        try:
+            got = await asyncio.wait_for(self._from_app.get(), self.timeout)
+        except asyncio.TimeoutError:
+            return None, f"the app did not answer {message} within {self.timeout:g} s"
+        answer, at_answer = got if got is not None else (None, None)
+        # (None: the app returned or raised; what the replay saw until now)
+        report = at_answer if at_answer is not None else self._rep.report
+        trouble: list[str] = []
+        if report.failed(self._rep.on_miss is OnMiss.ERROR):
+            for what, calls in (("no recorded answer for", report.misses[seen[0]:]),
+                                ("could not go live", report.stranded[seen[1]:]),
+                                ("unsupported in replay", report.unsupported[seen[2]:])):
+                if calls and (what != "no recorded answer for"
+                              or self._rep.on_miss is OnMiss.ERROR):
                     more = f" and {len(calls) - 3} more" if len(calls) > 3 else ""
                     trouble.append(f"{what} {', '.join(calls[:3])}{more}")
+        self._misses_at_answer = len(report.misses)
         return answer, "; ".join(trouble) or None
+
+    def _end(self) -> None:
+        """The startup's replay ends (in the task that began it)."""
+        rep, self._rep = self._rep, None
+        if rep is not None:
+            rep.__exit__(None, None, None)
 
     def _raised(self) -> BaseException | None:
         task = self._task
@@ -500,6 +534,7 @@ class Lifespan:
         """Start the app; None once it started (or, not required, does not take part), the
         reason otherwise."""
         answer, trouble = await self._answer("lifespan.startup")
+        self._started = self._misses_at_answer
         answer = answer or {}
         kind = answer.get("type")
         if kind == "lifespan.startup.complete" and trouble is None:
@@ -520,14 +555,27 @@ class Lifespan:
         elif trouble is None:
             trouble = f"the app answered {kind!r}"
         where = (f"answered from {self.source}" if self.source is not None else
-                 "the cassettes hold no recorded startup: record the app again, which records "
-                 "its startup too, or give --lifespan off")
+                 "no recorded startup in the cassettes")
         return f"the app's lifespan startup failed ({where}): {trouble}"
 
+    async def close(self) -> None:
+        """End the app's lifespan task without a shutdown (after a failed startup)."""
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
+        finally:
+            self._end()
+
     async def shutdown(self) -> str | None:
-        """Stop the app; None once it stopped, the reason otherwise."""
+        """Stop the app; None once it stopped, what went wrong otherwise. The shutdown is not
+        recorded: what it calls is answered from the startup's cassette where it can be, and
+        what went wrong is a note, not a difference (the requests' answers are compared)."""
         if self._task is None or self._task.done() or not self.supported:
+            self._end()
             return None
+        meanwhile = self._rep.report.misses[self._started:] if self._rep is not None else []
         try:
             answer, trouble = await self._answer("lifespan.shutdown")
             answer = answer or {}
@@ -536,12 +584,22 @@ class Lifespan:
                 trouble = trouble or _last_line(answer.get("message")) or "it answered failed"
             elif kind is None and trouble is None and (raised := self._raised()) is not None:
                 trouble = f"{type(raised).__name__}: {raised}"
-            return None if trouble is None else f"the app's lifespan shutdown failed: {trouble}"
+            notes = [f"{len(meanwhile)} call(s) made outside the requests while they ran (a "
+                     f"task the startup left running) had no recorded answer: "
+                     f"{', '.join(meanwhile[:3])}{' ...' if len(meanwhile) > 3 else ''}"
+                     ] if meanwhile else []
+            if trouble is not None:
+                notes.append(f"the app's lifespan shutdown failed: {trouble}")
+            return "; ".join(notes) or None
         finally:
-            if not self._task.done():
-                self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await self.close()
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The lifespan task's exception is read here (the failed startup reports it): asyncio
+    would otherwise log it with a traceback when the task is collected."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _StartupFailed(Exception):
@@ -582,20 +640,40 @@ async def replay_asgi_async(
     if lifespan is not True:
         recorded, where = _load(lifespan)
         startup = (where, recorded)
-    life = Lifespan(app, startup, on_miss=on_miss, live=live, timeout=timeout)
+    return await _replay_in_lifespan(loaded, source, span, app, startup, auto=False,
+                                     on_miss=on_miss, strict=strict, ignore_headers=ignore_headers,
+                                     timeout=timeout, live=live, headers=headers)
+
+
+async def _replay_in_lifespan(
+    loaded: Cassette, source: str, span: SpanRecord, app: Any,
+    startup: tuple[str, Cassette] | None, *, auto: bool, on_miss: str, strict: bool,
+    ignore_headers: Iterable[str] = (), timeout: float = 30.0, live: Iterable[str] = (),
+    headers: Iterable[tuple[str, str]] = (),
+) -> InboundResult:
+    """One recorded request inside the app's lifespan (see :class:`Lifespan`). ``auto``: an app
+    outside the protocol, or whose startup fails where none was recorded, runs without it."""
+    life: Lifespan | None = Lifespan(app, startup, required=not auto, on_miss=on_miss, live=live,
+                                     timeout=timeout, strict=strict)
+    assert life is not None
     failed = await life.startup()
+    notes = []
     if failed is not None:
-        return InboundResult(ok=False, label=_label(span), diff=[failed], report=ReplayReport(),
-                             source=source)
+        await life.close()
+        if not auto or startup is not None:
+            return InboundResult(ok=False, label=_label(span), diff=[failed],
+                                 report=ReplayReport(), source=source)
+        notes.append(f"{failed}; the request ran without the lifespan")
+        life = None
     try:
         result = await _replay_request(loaded, source, span, app, on_miss=on_miss, strict=strict,
                                        ignore_headers=ignore_headers, timeout=timeout, live=live,
-                                       headers=headers, state=life.state)
+                                       headers=headers, state=life.state if life else None)
     finally:
-        stopped = await life.shutdown()
+        stopped = await life.shutdown() if life is not None else None
+    result.notes[:0] = notes
     if stopped is not None:
-        result.ok = False
-        result.diff.append(stopped)
+        result.notes.append(stopped)
     return result
 
 
@@ -784,19 +862,31 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
     if inputs is None:
         return 2
     app, inbound, others = inputs
+    # In the order they were recorded: the app's state (a pool's connections, a driver's
+    # statement cache) then changes from request to request as it did.
+    inbound.sort(key=lambda pc: inbound_span(pc[1]).start_ns)  # type: ignore[union-attr]
     startup = startup_cassette(others)
-    skipped = sum(1 for _, c in others if not _is_startup(c))
+    skipped = sum(1 for _, c in others if not is_startup(c))
     given = list(headers)
     ignore = [h.strip() for h in os.environ.get("TIMETRACER_IGNORE_HEADERS", "").split(",") if h.strip()]
+
+    notes: list[str] = []
 
     async def all_of_them() -> list[InboundResult | str]:
         out: list[InboundResult | str] = []
         life = None
         if lifespan != "off":
-            life = Lifespan(app, startup, required=lifespan == "on", on_miss=on_miss, live=live)
+            life = Lifespan(app, startup, required=lifespan == "on", on_miss=on_miss, live=live,
+                            strict=strict, lone=[(p, c) for p, c in others if c.root is None])
             failed = await life.startup()
-            if failed is not None:  # no request can run as recorded
-                raise _StartupFailed(failed)
+            if failed is not None:
+                await life.close()
+                if lifespan == "on" or startup is not None:  # no request can run as recorded
+                    raise _StartupFailed(failed)
+                # auto, and no startup recorded (a recording from before, a framework whose
+                # middleware never sees the lifespan): the requests run without, as before.
+                notes.append(f"{failed}; the requests ran without the lifespan")
+                life = None
         try:
             for path, cassette in inbound:
                 try:
@@ -810,7 +900,7 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
         finally:
             stopped = await life.shutdown() if life is not None else None
         if stopped is not None:
-            out.append(f"FAIL {stopped}")
+            notes.append(stopped)
         return out
 
     try:
@@ -829,6 +919,8 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
         failed += not r.ok
         if not r.ok or len(results) <= 50:
             click.echo(r.render())
+    for note in notes:
+        click.echo(f"note: {note}")
     tail = f", {skipped} without an inbound request skipped" if skipped else ""
     click.echo(f"timetracer-otel: {len(results) - failed} matched, {failed} differ{tail}")
     return 1 if failed else 0
@@ -946,10 +1038,12 @@ __all__ = [
     "diff_command",
     "inbound_span",
     "instrument_app",
+    "is_startup",
     "load_app",
     "message_tree",
     "replay_asgi",
     "replay_asgi_async",
     "replay_asgi_command",
     "response_diff",
+    "startup_cassette",
 ]

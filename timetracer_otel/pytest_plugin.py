@@ -602,6 +602,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(plugin, "timetracer-otel-session")
 
 
+_UNREAD = object()
+
+
 class TimetracerPlugin:
     """Session state: the options, the span collector and the network guard."""
 
@@ -623,6 +626,7 @@ class TimetracerPlugin:
         self.collector: _SpanCollector | None = None
         self.secrets = _TestSecrets()
         self._app: Any = None
+        self._startup: object = _UNREAD
         if self.guard is not None:
             self.guard.install()
 
@@ -642,6 +646,20 @@ class TimetracerPlugin:
             replay_shims.instrument()
             STATE.put(max_payload_bytes=self.settings.max_payload_bytes)
         return self.collector
+
+    def startup(self) -> tuple[str, Cassette] | None:
+        """The app's latest recorded lifespan startup in ``--timetracer-replay-dir`` (its
+        cassettes are named after their root span: only those files are read)."""
+        if self._startup is _UNREAD:
+            from timetracer_otel.inbound import startup_cassette
+
+            found = []
+            for path in find_cassettes(self.replay_dir):
+                if path.name.startswith("lifespan_startup"):
+                    with contextlib.suppress(CassetteError):
+                        found.append((str(path), load_cassette(path)))
+            self._startup = startup_cassette(found)
+        return self._startup  # type: ignore[return-value]
 
     def asgi_app(self) -> Any:
         if self._app is None:
@@ -848,7 +866,7 @@ class CassetteFile(pytest.File):
     """One recorded cassette of ``--timetracer-replay-dir``: one item, its inbound request."""
 
     def collect(self) -> Iterable[pytest.Item]:
-        from timetracer_otel.inbound import inbound_span
+        from timetracer_otel.inbound import inbound_span, is_startup
 
         try:
             cassette = load_cassette(self.path)
@@ -856,6 +874,8 @@ class CassetteFile(pytest.File):
             yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=str(exc))
             return
         span = inbound_span(cassette)
+        if span is None and is_startup(cassette):
+            return  # an app's recorded lifespan startup: each item runs it (ReplayItem)
         if span is None:
             problem = "skip: no recorded inbound request (a task or plain-process cassette)"
             yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=problem)
@@ -874,7 +894,7 @@ class ReplayItem(pytest.Item):
         self.problem = problem
 
     def runtest(self) -> None:
-        from timetracer_otel.inbound import replay_asgi
+        from timetracer_otel.inbound import _recorded_request, _replay_in_lifespan, _run_sync
 
         if self.problem is not None:
             if self.problem.startswith("skip: "):
@@ -884,9 +904,12 @@ class ReplayItem(pytest.Item):
         plugin = self.config.pluginmanager.get_plugin("timetracer-otel-session")
         assert isinstance(plugin, TimetracerPlugin)
         settings = plugin.settings
-        result = replay_asgi(
-            self.cassette, plugin.asgi_app(), on_miss=settings.on_miss.value, strict=settings.strict
-        )
+        # Inside the app's lifespan, as `replay --asgi` runs it: the directory's recorded
+        # startup, run for each item (each test starts the app afresh).
+        loaded, _, span = _recorded_request(self.cassette)
+        result = _run_sync(_replay_in_lifespan(
+            loaded, str(self.path), span, plugin.asgi_app(), plugin.startup(), auto=True,
+            on_miss=settings.on_miss.value, strict=settings.strict))
         if not result.ok:
             raise InboundMismatch(result)
 

@@ -12,13 +12,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from click.testing import CliRunner
 from conftest import free_port, unreachable_port
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
-from inbound_helpers import APPS, Client, _only, _record, _wait_port, shop, upstream_fixture
+from inbound_helpers import (
+    APPS,
+    Client,
+    _only,
+    _record,
+    _wait_port,
+    pg_dsn,
+    seed_stock,
+    shop,
+    upstream_fixture,
+)
 
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.cli import main
@@ -27,24 +36,11 @@ from timetracer_otel.inbound import inbound_span
 upstream = upstream_fixture
 
 
-def _dsn(db: str, port: int = 5432) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/{db}"
-
-
-async def _seed(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)")
-        await conn.execute("INSERT INTO stock VALUES ('A1', 12), ('B2', 0)")
-    finally:
-        await conn.close()
-
-
 def test_replay_asgi_cli_with_postgres_and_upstream_unreachable(
     tmp_path: Path, serve: Any, upstream: Any, pg_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asyncio.run(_seed(_dsn(pg_database)))
-    monkeypatch.setenv("SHOP_PG_DSN", _dsn(pg_database))
+    asyncio.run(seed_stock(pg_dsn(pg_database)))
+    monkeypatch.setenv("SHOP_PG_DSN", pg_dsn(pg_database))
     replies = []
 
     def send(c: Client) -> None:
@@ -57,7 +53,7 @@ def test_replay_asgi_cli_with_postgres_and_upstream_unreachable(
         libs = [s.library for s in c.interactions if s.kind != "SERVER"]
         assert libs[0] == "httpx" and "asyncpg" in libs
     upstream.stop()  # the upstream is gone, and the database is only reachable at a dead port
-    monkeypatch.setenv("SHOP_PG_DSN", _dsn(pg_database, unreachable_port()))
+    monkeypatch.setenv("SHOP_PG_DSN", pg_dsn(pg_database, unreachable_port()))
     runner = CliRunner()
     out = runner.invoke(main, ["replay", str(tmp_path), "--asgi", "shop:app"])
     assert out.exit_code == 0, out.output

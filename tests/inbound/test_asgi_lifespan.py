@@ -21,26 +21,13 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import pooled
-from inbound_helpers import Client, _wait_port
+from inbound_helpers import Client, _wait_port, pg_dsn, seed_stock
 
 import timetracer_otel
 from timetracer_otel.cassette import Cassette, find_cassettes, load_cassette
 from timetracer_otel.cli import main
 from timetracer_otel.inbound import Lifespan, inbound_span, replay_asgi
 from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
-
-
-def _dsn(db: str, port: int = 5432) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/{db}"
-
-
-async def _seed(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int, price numeric)")
-        await conn.execute("INSERT INTO stock VALUES ('A1', 12, 9.50), ('B2', 0, 1.25)")
-    finally:
-        await conn.close()
 
 
 def _record(tmp_path: Path, serve: Any, send: Any) -> list[Cassette]:
@@ -62,8 +49,8 @@ def _startup(cassettes: list[Cassette]) -> Cassette:
 @pytest.fixture
 def recorded(tmp_path: Path, serve: Any, pg_database: str,
              monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[Any], str]:
-    asyncio.run(_seed(_dsn(pg_database)))
-    monkeypatch.setenv("POOLED_PG_DSN", _dsn(pg_database))
+    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
+    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database))
     replies: list[Any] = []
 
     def send(c: Client) -> None:
@@ -73,7 +60,7 @@ def recorded(tmp_path: Path, serve: Any, pg_database: str,
     assert [r.json() for r in replies] == [{"qty": 12, "price": "9.50", "of": 2},
                                            {"qty": 0, "price": "1.25", "of": 2}]
     # The database is gone from here on: only the dead port is reachable.
-    monkeypatch.setenv("POOLED_PG_DSN", _dsn(pg_database, unreachable_port()))
+    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database, unreachable_port()))
     return tmp_path, replies, pg_database
 
 
@@ -104,14 +91,23 @@ def test_replay_asgi_runs_the_recorded_startup_with_postgres_unreachable(
     assert out.exit_code == 1 and "0 matched, 2 differ" in out.output, out.output
 
 
-def test_replay_asgi_says_when_no_startup_was_recorded(recorded: tuple[Path, list[Any], str]) -> None:
+def test_replay_asgi_says_when_no_startup_was_recorded(
+        recorded: tuple[Path, list[Any], str]) -> None:
     startup = next(p for p in find_cassettes(recorded[0]) if "lifespan_startup" in p.name)
     startup.unlink()
+    # auto: the startup is tried, fails on the pool's first connection (which nothing
+    # answers), and the requests run without it, as before startups were recorded.
     out = CliRunner().invoke(main, ["replay", str(recorded[0]), "--asgi", "pooled:app"])
     assert out.exit_code == 1, out.output
-    assert "the cassettes hold no recorded startup" in out.output
-    # The pool's first connection, which nothing answers.
-    assert f"no recorded answer for connect {recorded[2]}" in out.output
+    assert ("note: the app's lifespan startup failed (no recorded startup in the cassettes): "
+            f"no recorded answer for connect {recorded[2]}; the requests ran without the "
+            "lifespan") in out.output
+    assert "0 matched, 2 differ" in out.output
+    # on: a startup is required, and no request runs without it.
+    out = CliRunner().invoke(main, ["replay", str(recorded[0]), "--asgi", "pooled:app",
+                                    "--lifespan", "on"])
+    assert out.exit_code == 1, out.output
+    assert "FAIL the app's lifespan startup failed (no recorded startup" in out.output
     assert "no request replayed (2 recorded)" in out.output
     assert "Traceback" not in out.output
 
@@ -181,8 +177,8 @@ def test_an_app_outside_the_lifespan_protocol() -> None:
 
 def test_startup_is_kept_when_only_errors_are_recorded(
         tmp_path: Path, serve: Any, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    asyncio.run(_seed(_dsn(pg_database)))
-    monkeypatch.setenv("POOLED_PG_DSN", _dsn(pg_database))
+    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
+    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database))
     monkeypatch.setenv("TIMETRACER_ERRORS_ONLY", "1")
     cassettes = _record(tmp_path, serve, lambda c: c.get("/stock/A1"))
     assert [c.name for c in cassettes] == ["lifespan_startup"]
@@ -192,11 +188,11 @@ def test_zero_code_records_the_startup_and_replay_runs_it(
         tmp_path: Path, pg_database: str) -> None:
     """`timetracer-otel record -- uvicorn pooled:app`, stopped as a deployment stops it, then
     `replay --asgi` in another process with PostgreSQL at a dead port."""
-    asyncio.run(_seed(_dsn(pg_database)))
+    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
     port = free_port()
     apps = str(Path(__file__).parent / "apps")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([apps, os.environ.get("PYTHONPATH", "")]),
-               OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=_dsn(pg_database))
+               OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(pg_database))
     cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
            sys.executable, "-m", "uvicorn", "pooled:app", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -212,7 +208,7 @@ def test_zero_code_records_the_startup_and_replay_runs_it(
     assert b"recorded 2 cassette(s)" in err, err.decode()
     names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
     assert names == ["GET__stock_sku", "lifespan_startup"], names
-    env["POOLED_PG_DSN"] = _dsn(pg_database, unreachable_port())
+    env["POOLED_PG_DSN"] = pg_dsn(pg_database, unreachable_port())
     out = subprocess.run(
         [sys.executable, "-m", "timetracer_otel.cli", "replay", str(tmp_path), "--asgi", "pooled:app"],
         env=env, capture_output=True, timeout=120,

@@ -311,6 +311,8 @@ class CassetteWriter:
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
         # (trace id, root span id) -> its cassette
         self._where: OrderedDict[tuple[str, str | None], str] = OrderedDict()
+        # The end of each app startup's span among them (see _add_late).
+        self._startup_ends: dict[tuple[str, str | None], int] = {}
         # Cassettes whose write failed (a full disk, a bucket out of reach), tried again with
         # the next ones and at the end, up to RETRY_MAX_BYTES; past it, or at the end, lost
         # and counted in ``unwritten``.
@@ -724,7 +726,16 @@ class CassetteWriter:
         if any(c.root == batch.late_root and c.spans[0].trace_id == batch.trace_id
                for _, _, c in self._unwritten):
             self._write_unwritten()  # (its cassette first)
-        where = self._where.get((batch.trace_id, batch.late_root))
+        key = (batch.trace_id, batch.late_root)
+        where = self._where.get(key)
+        end = self._startup_ends.get(key)
+        if where is not None and end is not None:
+            # An app's startup takes what began before it answered (a task it started
+            # already calling), not what the tasks it left running call later, for as long
+            # as the app runs (a refresher every few ms): those are not its to replay.
+            batch.spans = [s for s in batch.spans if s.start_ns <= end]
+            if not batch.spans:
+                where = None
         if where is None:
             self.assembler.orphan_spans -= batch.orphans
             return
@@ -777,9 +788,13 @@ class CassetteWriter:
             if cassette.root is not None or _rootless(cassette):
                 # Where spans of its trace that come late go (those under a span of a
                 # cassette without a root: the latest of its trace's such cassettes).
-                self._where[(cassette.spans[0].trace_id, cassette.root)] = where
+                key = (cassette.spans[0].trace_id, cassette.root)
+                self._where[key] = where
+                root = cassette.root_span
+                if root is not None and ATTR_LIFESPAN in root.attributes:
+                    self._startup_ends[key] = root.end_ns
                 while len(self._where) > 10 * self.assembler.max_open_traces:
-                    self._where.popitem(last=False)
+                    self._startup_ends.pop(self._where.popitem(last=False)[0], None)
             if self.on_written is not None:
                 try:
                     self.on_written(where, cassette)

@@ -98,3 +98,23 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError("uvicorn under timetracer-otel record did not start")
+
+
+def pg_dsn(db: str, port: int = 5432) -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/{db}"
+
+
+async def seed_stock(dsn: str, price: bool = False) -> None:
+    """The ``stock`` table the shop and pooled apps read: A1 (12 left) and B2 (none)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if price:
+            await conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int, price numeric)")
+            await conn.execute("INSERT INTO stock VALUES ('A1', 12, 9.50), ('B2', 0, 1.25)")
+        else:
+            await conn.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)")
+            await conn.execute("INSERT INTO stock VALUES ('A1', 12), ('B2', 0)")
+    finally:
+        await conn.close()
