@@ -51,7 +51,7 @@ from timetracer_otel.exporters.writer import rescrubbed_spans
 from timetracer_otel.index import Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, set_default_redactor
-from timetracer_otel.replay_shims.base import STATE, carries_call
+from timetracer_otel.replay_shims.base import STATE, carries_call, learn_statements
 from timetracer_otel.runtime import Replaying, hold_mode, release, sdk_provider
 
 
@@ -873,6 +873,9 @@ class CassetteFile(pytest.File):
         except CassetteError as exc:
             yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=str(exc))
             return
+        # What its prepares answered, for a statement an item prepares again on a fresh
+        # connection where its own request found it prepared (see base.STATEMENTS).
+        learn_statements(cassette.interactions)
         span = inbound_span(cassette)
         if span is None and is_startup(cassette):
             return  # an app's recorded lifespan startup: each item runs it (ReplayItem)

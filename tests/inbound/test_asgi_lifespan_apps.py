@@ -414,3 +414,25 @@ def test_failed_startup_replay_writes_to_the_real_database(
     with psycopg.connect(pg_dsn(seeded), autocommit=True) as conn:
         written = conn.execute("SELECT count(*) FROM stock WHERE sku LIKE 'stopped-%'").fetchone()
     assert written == (0,), "the replay wrote to the real database"
+
+
+def test_sqlalchemy_requests_replay_each_on_a_freshly_started_app(
+        tmp_path: Path, serve: Any, seeded: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`pytest --timetracer-replay-dir` starts the app afresh for each item: the request
+    recorded second, whose connection had SQLAlchemy's statement prepared already, prepares
+    it again, answered with what the first request's recorded prepare described."""
+    startup, requests = _sqlalchemy_recorded(tmp_path, serve)
+    first = load_cassette(requests[0])
+    second = load_cassette(requests[1])
+    prepares = [[s for s in c.interactions if s.label.startswith("prepare")]
+                for c in (first, second)]
+    assert prepares[0] and not prepares[1], prepares  # the second ran on a warm connection
+    here = tmp_path_factory.mktemp("items")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(here),
+         "--timetracer-replay-dir", str(startup.parent),
+         "--timetracer-asgi-app", "lifespan_apps:sqlalchemy_app"],
+        cwd=here, env=_env(POOLED_PG_DSN=_dead_db(seeded)), capture_output=True, text=True,
+        timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 passed" in out.stdout, out.stdout[-2000:]

@@ -63,6 +63,7 @@ from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
+    STATEMENTS,
     Deferrable,
     Shim,
     capture,
@@ -678,15 +679,24 @@ def _prepare(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, query, **kwargs)
         call = sql_call(LIBRARY, query, None, database=self._params.database, operation="prepare")
-        action = decide(call)
-        if isinstance(action, Match):
+        described = STATEMENTS.get(call.key) if STATE.mode is Mode.REPLAY \
+            and _is_replay_conn(self) and not STATE.is_live(LIBRARY) else None
+        if described is not None and STATE.index is not None:
+            # Prepared again on a fresh replayed connection (see base.STATEMENTS): its own
+            # recorded prepare if this request has one, else the statement's description.
+            match = STATE.index.take(call)
+            action: Any = match if match is not None else None
+        else:
+            action = decide(call)
+        if isinstance(action, Match) or action is None:
             self._check_open()
-            if action.span.error is not None:
+            if action is not None and action.span.error is not None:
                 raise rebuild_error(action.span.error, _build_error)
             record_class = kwargs.get("record_class") or self._protocol.get_record_class()
             name = kwargs.get("name")
             state = _ReplayState(query, name if isinstance(name, str) else
-                                 self._get_unique_id("stmt"), record_class, action.span.response)
+                                 self._get_unique_id("stmt"), record_class,
+                                 action.span.response if action is not None else described)
             return prepared_stmt.PreparedStatement(self, query, state)
         target = self
         if _is_replay_conn(self):  # a miss going live: on the real connection behind it

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -362,6 +362,24 @@ DEFERRED = "_timetracer_deferred"
 # library -> builder(args) -> the call's Payload (encoded, the ATTR_PAYLOAD bytes a capture sets).
 # A shim registers its own on import.
 BUILDERS: dict[str, Callable[[Any], Payload]] = {}
+
+
+# What a recorded ``prepare`` answered (a statement's parameter and column types), by its
+# call's key, from every cassette a replay of many recorded requests loaded: a request
+# recorded on a connection that had the statement prepared already (SQLAlchemy's cache)
+# and replayed on a fresh one prepares it again, and the description depends on the
+# statement and the schema only, not on which request first prepared it. See
+# :func:`learn_statements`; the SQL shims read it when a ``prepare`` finds no recorded call.
+STATEMENTS: dict[str, Any] = {}
+
+
+def learn_statements(spans: Iterable[Any]) -> None:
+    """Keep the description of every successful recorded ``prepare`` among ``spans``."""
+    for span in spans:
+        request = span.request
+        if span.error is None and span.key and isinstance(request, dict) \
+                and request.get("op") == "prepare" and span.response is not None:
+            STATEMENTS[span.key] = span.response
 
 
 def deferrable_span(scope: str) -> Span | None:
