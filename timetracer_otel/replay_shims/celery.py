@@ -2,14 +2,17 @@
 
 Producer side. The OTel instrumentation's ``apply_async/<task>`` span is current while kombu
 publishes the task message: record keeps the task's name, args and kwargs there (and the
-publish's error, if the broker refused it). Replay answers ``Celery.send_task`` (which
-``delay``/``apply_async`` call) without a broker: the app gets an ``AsyncResult`` of a fresh
-id, or the recorded publish error. Reading the result back (``AsyncResult.get``, and the
-backend lookups behind ``state``/``ready()``/``result``) is recorded as the value, the task's
-exception, or the meta the backend answered, keyed by the task it belongs to (its name, args
-and kwargs when this process sent it, else its id); replay gives the same back, and ``get()``
-raises the task's exception with its own class, as live. While recording, the broker's and the
-result backend's own traffic (kombu's Redis commands, result polling) runs untraced: replay
+publish's error, if the broker refused it; the span, which Celery sends no signal to end after
+a failed publish, is ended then). A broker error raised before any publish (``rpc://``
+declares its reply queue on the broker first) is kept on a span of its own. Replay answers
+``Celery.send_task`` (which ``delay``/``apply_async`` call) without a broker: the app gets an
+``AsyncResult`` of a fresh id, or the recorded error. Reading the result back
+(``AsyncResult.get``, and the backend lookups behind ``state``/``ready()``/``result``) is
+recorded as the value, the task's exception, or the meta the backend answered, keyed by the
+task it belongs to (its name, args and kwargs when this process sent it, else its id); replay
+gives the same back, and ``get()`` raises the task's exception with its own class, as live.
+While recording, the broker's and the result backend's own traffic (kombu's Redis commands,
+result polling; RabbitMQ's, through py-amqp, has no instrumentation) runs untraced: replay
 never makes it.
 
 Worker side. The instrumentation's ``run/<task>`` span, current while the task runs, gets the
@@ -61,6 +64,11 @@ SCOPE = "opentelemetry.instrumentation.celery"
 # Set while a replay sends a task it had no answer for live (on_miss="record"): the publish
 # beneath keeps it, as a recording's does.
 _KEEP_SEND: ContextVar[bool] = ContextVar("timetracer_celery_keep_send", default=False)
+
+# Set while a recording's send_task runs: the publish beneath marks it when it kept the send,
+# so a broker error raised before any publish (rpc:// declaring its reply queue) is kept too.
+_PUBLISHING: ContextVar[list[bool] | None] = ContextVar("timetracer_celery_publishing",
+                                                        default=None)
 
 # The task each id this process sent belongs to: a result read later is keyed by its task.
 _SENT: OrderedDict[str, Tree] = OrderedDict()
@@ -228,6 +236,8 @@ def _send_task(original: Any) -> Any:
 
     def send_task(self: Any, name: str, args: Any = None, kwargs: Any = None,
                   *more: Any, **options: Any) -> Any:
+        if STATE.mode is Mode.RECORD:
+            return _recorded_send(original, self, name, args, kwargs, *more, **options)
         if not _replaying():
             return original(self, name, args, kwargs, *more, **options)
         if more:  # options given by position (countdown, eta, task_id...): by name
@@ -262,6 +272,45 @@ def _send_task(original: Any) -> Any:
     return send_task
 
 
+def _recorded_send(original: Any, app: Any, name: str, args: Any, kwargs: Any, *more: Any,
+                   **options: Any) -> Any:
+    """A recording's send: kept by the publish beneath; a broker error raised before any
+    publish (the ``rpc://`` backend declares its reply queue on the broker first) is kept
+    here, on a span of its own, so a replay raises it as live did."""
+    published: list[bool] = []
+    token = _PUBLISHING.set(published)
+    try:
+        return original(app, name, args, kwargs, *more, **options)
+    except Exception as exc:
+        if not published:
+            with contextlib.suppress(Exception):  # (recording never changes what the app sees)
+                call = task_call("send", name, args, kwargs)
+                if decide(call) is RECORD:
+                    with capture(call, SCOPE) as cap:
+                        cap.fail(exc)
+        raise
+    finally:
+        _PUBLISHING.reset(token)
+
+
+def _end_publish_span(name: str, task_id: str) -> None:
+    """The instrumentation's ``apply_async`` span of a publish that raised, ended (and its
+    context detached) as ``after_task_publish`` ends it: Celery sends no such signal for a
+    failed publish, and the span, the broker's error recorded on it, would stay current in this
+    context and never reach a cassette."""
+    try:
+        from opentelemetry.instrumentation.celery import utils
+
+        task = utils.retrieve_task_from_sender({"sender": name})
+        ctx = utils.retrieve_context(task, task_id, is_publish=True)
+        if ctx is None:
+            return
+        ctx[1].__exit__(None, None, None)
+        utils.detach_context(task, task_id, is_publish=True)
+    except Exception:  # (another release of the instrumentation: its span is left as it is)
+        pass
+
+
 def _publish(original: Any) -> Any:
     def publish(self: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
         headers = kwargs.get("headers") or {}
@@ -277,12 +326,17 @@ def _publish(original: Any) -> Any:
         if len(body) > 2 and isinstance(body[2], dict):
             embed = body[2]
             _chained(embed.get("chain"), embed.get("callbacks"), embed.get("errbacks"))
+        publishing = _PUBLISHING.get()
+        if publishing is not None:
+            publishing.append(True)
         with capture(call, SCOPE) as cap:
             try:
                 with suppress_instrumentation():  # the broker's own traffic: replay never sends
                     out = original(self, body, *args, **kwargs)
             except Exception as exc:
                 cap.fail(exc)
+                if not cap.own:
+                    _end_publish_span(name, task_id)
                 raise
             cap.ok({"sent": True, "id": task_id})
             return out
