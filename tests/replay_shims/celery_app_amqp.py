@@ -32,6 +32,9 @@ def make_app(name: str, backend: str, serializer: str, broker: str = BROKER) -> 
         broker_connection_retry_on_startup=False, broker_connection_max_retries=1,
         result_expires=600, worker_hijack_root_logger=False,
         redis_socket_connect_timeout=2, broker_connection_timeout=2,
+        # (a Redis backend gone away: one reconnect, not twenty a second apart)
+        result_backend_transport_options={"retry_policy": {
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}},
     )
 
     def quote(order: int) -> Any:

@@ -27,7 +27,13 @@ from opentelemetry import trace
 
 import timetracer_otel
 from tests.conftest import connects_refused, plain_env, timetracer_cli
-from tests.replay_shims.celery_app_amqp import PaymentDeclined, make_app, redis_app, rpc_app
+from tests.replay_shims.celery_app_amqp import (
+    BROKER,
+    PaymentDeclined,
+    make_app,
+    redis_app,
+    rpc_app,
+)
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.tasks import task_run_span
 
@@ -232,26 +238,34 @@ def refused_job(app: Celery) -> list[Any]:
         return out
 
 
-@pytest.mark.parametrize("backend", ["rpc", "redis"])
-def test_a_send_the_broker_refused_replays_as_the_same_error(backend: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("backend", "gone"), [("rpc", "broker"), ("redis", "broker"),
+                                              ("redis", "backend")])
+def test_a_send_refused_while_recording_replays_as_the_same_error(
+    backend: str, gone: str, tmp_path: Path
+) -> None:
     """RabbitMQ down while recording: ``delay()`` raises kombu's OperationalError. With
     ``rpc://`` it comes as the backend declares its reply queue, before any publish; with Redis
     results the publish raises it, and Celery sends no ``after_task_publish`` to end the
-    instrumentation's span. Either way the error is kept, and the replay raises it again."""
+    instrumentation's span. The Redis result backend down (RabbitMQ up): Celery's RuntimeError
+    after the backend's reconnects, before any publish, its reads as it reconnects no call of
+    the app's. Each time the error is kept, and the replay raises it again."""
     _, _, backend_url, serializer = SETUPS[backend]
     port = dead_port()
-    broker = f"amqp://guest:guest@127.0.0.1:{port}//"
-    down = make_app(f"tt_amqp_{backend}", backend_url.format(port=6379), serializer, broker=broker)
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{port}//"
+    down = make_app(f"tt_amqp_{backend}",
+                    backend_url.format(port=port if gone == "backend" else 6379), serializer,
+                    broker=dead_broker if gone == "broker" else BROKER)
     down.set_current()
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = refused_job(down)
-    assert isinstance(live[0], kombu.exceptions.OperationalError) and live[1] is True, live
-    sends = [(s.name, s.error["type"]) for p in rec.paths for s in load_cassette(p).spans
-             if s.library == "celery" and s.error is not None]
-    assert len(sends) == 1 and sends[0][1] == "kombu.exceptions:OperationalError", sends
+    expected = kombu.exceptions.OperationalError if gone == "broker" else RuntimeError
+    assert type(live[0]) is expected and live[1] is True, live
+    spans = [s for p in rec.paths for s in load_cassette(p).spans]
+    assert [(s.library, s.error["type"].rpartition(":")[2]) for s in spans
+            if s.library is not None] == [("celery", expected.__name__)]
 
     offline = make_app(f"tt_amqp_{backend}", backend_url.format(port=port), serializer,
-                       broker=broker)
+                       broker=dead_broker)
     offline.set_current()
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = refused_job(offline)

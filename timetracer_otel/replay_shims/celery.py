@@ -517,9 +517,11 @@ def _then(original: Any) -> Any:
 
 def _untraced(original: Any) -> Any:
     """Celery's plumbing, untraced while recording: the result backend storing a task's
-    outcome (a replayed run stores nothing, so these calls are not the task's), a worker
-    handling a control message (``revoke``, ``ping``; its revoke reads the task's state from
-    the backend, outside every task run)."""
+    outcome (a replayed run stores nothing, so these calls are not the task's), or readying
+    for the result of a task being sent (``on_task_call``: a Redis backend subscribes, and
+    reads every pending result again as it reconnects to a server that went away; a replayed
+    send makes no such call), a worker handling a control message (``revoke``, ``ping``; its
+    revoke reads the task's state from the backend, outside every task run)."""
     def untraced(*args: Any, **kwargs: Any) -> Any:
         if STATE.mode is Mode.RECORD:
             with suppress_instrumentation():
@@ -552,6 +554,9 @@ def _backend_property(original: Any) -> Any:
                 restore = getattr(made, "restore_group", None)
                 if restore is not None:
                     made.restore_group = _restore_group(made, restore)
+                ready = getattr(made, "on_task_call", None)
+                if ready is not None:
+                    made.on_task_call = _untraced(ready)
                 made._timetracer_bookkeeping = True
         except (TypeError, AttributeError):  # (an object without a __dict__: left as it is)
             pass
