@@ -447,12 +447,15 @@ class Lifespan:
                  strict: bool = False, lone: Iterable[tuple[str, Cassette]] = ()) -> None:
         self.app, self.required, self.on_miss, self.live = app, required, on_miss, list(live)
         self.timeout = timeout
-        # ``lone``: where no startup was recorded, the process cassettes of calls made outside
-        # any trace (where a framework whose middleware never sees the lifespan, Litestar,
-        # leaves its startup's calls).
-        sources = [startup] if startup is not None else list(lone)
-        self.source = ", ".join(path for path, _ in sources) or None
-        self.index = ReplayIndex(sources, strict=strict)
+        # ``lone``: the process cassettes of calls made outside any trace, which answer the
+        # startup too: where a framework whose middleware never sees the lifespan (Litestar)
+        # leaves all of its startup's calls, and where any startup leaves those it made in
+        # another thread (run_in_executor carries no context).
+        lone = list(lone)
+        self.source = startup[0] if startup is not None else (
+            ", ".join(path for path, _ in lone) or None)
+        self.index = ReplayIndex([startup, *lone] if startup is not None else lone,
+                                 strict=strict)
         self.state: dict[str, Any] = {}
         self.supported = True
         self._to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -532,7 +535,15 @@ class Lifespan:
 
     async def startup(self) -> str | None:
         """Start the app; None once it started (or, not required, does not take part), the
-        reason otherwise."""
+        reason otherwise. Cancelled or interrupted, it ends the app's lifespan task and the
+        startup's replay before it gives way."""
+        try:
+            return await self._startup()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _startup(self) -> str | None:
         answer, trouble = await self._answer("lifespan.startup")
         self._started = self._misses_at_answer
         answer = answer or {}
@@ -546,7 +557,7 @@ class Lifespan:
                 self.supported = False
                 if not self.required:
                     return None
-                return "the app does not support the ASGI lifespan protocol" + (
+                return "the app does not take part in the ASGI lifespan protocol" + (
                     f" ({type(raised).__name__}: {raised})" if raised is not None else "")
             trouble = f"{type(raised).__name__}: {raised}"
         elif kind == "lifespan.startup.failed":  # (the misses say more than the app's message)
@@ -560,7 +571,7 @@ class Lifespan:
 
     async def close(self) -> None:
         """End the app's lifespan task without a shutdown (after a failed startup)."""
-        try:
+        try:  # (the app's own clean-up on cancel still runs inside the startup's replay)
             if self._task is not None and not self._task.done():
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
@@ -603,6 +614,10 @@ def _retrieved(task: asyncio.Task[None]) -> None:
 
 
 class _StartupFailed(Exception):
+    pass
+
+
+class _NoLifespan(Exception):
     pass
 
 
@@ -649,12 +664,12 @@ async def _replay_in_lifespan(
     loaded: Cassette, source: str, span: SpanRecord, app: Any,
     startup: tuple[str, Cassette] | None, *, auto: bool, on_miss: str, strict: bool,
     ignore_headers: Iterable[str] = (), timeout: float = 30.0, live: Iterable[str] = (),
-    headers: Iterable[tuple[str, str]] = (),
+    headers: Iterable[tuple[str, str]] = (), lone: Iterable[tuple[str, Cassette]] = (),
 ) -> InboundResult:
     """One recorded request inside the app's lifespan (see :class:`Lifespan`). ``auto``: an app
     outside the protocol, or whose startup fails where none was recorded, runs without it."""
     life: Lifespan | None = Lifespan(app, startup, required=not auto, on_miss=on_miss, live=live,
-                                     timeout=timeout, strict=strict)
+                                     timeout=timeout, strict=strict, lone=lone)
     assert life is not None
     failed = await life.startup()
     notes = []
@@ -882,6 +897,8 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
             failed = await life.startup()
             if failed is not None:
                 await life.close()
+                if lifespan == "on" and not life.supported:
+                    raise _NoLifespan(failed)
                 if lifespan == "on" or startup is not None:  # no request can run as recorded
                     raise _StartupFailed(failed)
                 # auto, and no startup recorded (a recording from before, a framework whose
@@ -906,6 +923,10 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
 
     try:
         results = asyncio.run(all_of_them())
+    except _NoLifespan as exc:
+        click.echo(f"timetracer-otel: --lifespan on, but {exc} ({app_ref}); give --lifespan "
+                   "auto or off.", err=True)
+        return 2
     except _StartupFailed as exc:
         click.echo(f"FAIL {exc}")
         click.echo(f"timetracer-otel: no request replayed ({len(inbound)} recorded): the app did "
@@ -945,12 +966,13 @@ def _request_body(req: Tree | None) -> bytes:
 
 
 def _plain(tree: Tree) -> Tree:
-    """A dependency response as compared: volatile header values dropped, and raw bytes (an
+    """A dependency response as compared: volatile header values and times dropped, raw bytes (an
     HTTP body) in the form a JSON cassette stores them, so a cassette and its conversion to
     the other encoding compare equal."""
     if isinstance(tree, dict) and isinstance(tree.get("headers"), list):
         tree = dict(tree)
         tree["headers"] = [h for h in tree["headers"] if str(h[0]).lower() not in VOLATILE_HEADERS]
+        tree.pop("elapsed_us", None)  # (a requests call's time: another every run)
     return _json_form(tree)
 
 

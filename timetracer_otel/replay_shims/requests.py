@@ -12,11 +12,11 @@ bytes, so requests maps it where it maps a live one (``iter_content``: ``Connect
 ``ChunkedEncodingError``...; inside ``get()`` when the body is not streamed).
 
 ``Response.elapsed``: ``Session.send`` times ``adapter.send`` and sets it once that returns.
-Record times the live ``HTTPAdapter.send`` the same way (the time to the headers, without the
-body read the recording adds) and stores it as ``"elapsed_us"``; in both modes a first
-response hook, put in for that one dispatch, gives it back over requests' own measure, so the
-app sees the recorded value. A cassette written before it was kept replays the duration of
-the call's recorded span (which encloses what requests measured).
+The recording reads the body inside ``adapter.send``, which requests' measure would then
+include: ``Session.send`` (wrapped) takes that read off, and the recording keeps the result
+as ``"elapsed_us"``; a replay gives it back there (see :func:`_session_send`). The response
+hooks, which run inside ``Session.send``, see requests' own measure. A cassette written
+before it was kept leaves requests' measure of the replay.
 
 Under a timetracer writer the call is left on its span as captured and :func:`_payload_of`
 makes its payload in the writer (see ``base.defer``), with the same functions the
@@ -25,6 +25,7 @@ request-path :class:`~.base.Capture` uses.
 
 from __future__ import annotations
 
+import http.client
 import io
 import time
 from collections.abc import Iterable, Sequence
@@ -110,7 +111,7 @@ def _call(request: requests.PreparedRequest) -> Call:
 
 
 def _response_tree_of(status: int, reason: str | None, version: int,
-                      headers: Iterable[Sequence[Any]], elapsed_us: int, body: bytes,
+                      headers: Iterable[Sequence[Any]], elapsed_us: int | None, body: bytes,
                       chunks: list[int] | None = None, error: Tree = None) -> Tree:
     tree: dict[str, Any] = {
         "status": status,
@@ -131,9 +132,9 @@ def _response_tree_of(status: int, reason: str | None, version: int,
 def _payload_of(args: Sequence[Any]) -> Payload:
     """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
-    method, url, pairs, body, status, reason, version, headers, elapsed_us, read, error = args
+    method, url, pairs, body, status, reason, version, headers, elapsed, read, error = args
     return built_payload(_call_of(method, url, pairs, body), error, lambda: _response_tree_of(
-        status, reason, version, headers, elapsed_us, *read))
+        status, reason, version, headers, elapsed[0] if elapsed else None, *read))
 
 
 BUILDERS["requests"] = _payload_of
@@ -304,6 +305,7 @@ def _handler(original: Any) -> Any:
     ) -> requests.Response:
         if STATE.mode is Mode.OFF:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
+        entered = time.perf_counter_ns()
         dep = deferrable_span(SCOPE) if STATE.defer else None
         if dep is not None:  # left to the writer (see base.defer)
             body = _body(request)
@@ -319,8 +321,11 @@ def _handler(original: Any) -> Any:
                 try:
                     start = time.perf_counter_ns()
                     response: requests.Response = original(self, request, *args, **kwargs)
-                    elapsed_us = (time.perf_counter_ns() - start) // 1000
+                    sent_us = (time.perf_counter_ns() - start) // 1000
                     live, read = _read(response)
+                    # Until Session.send puts in what requests measured, less what this
+                    # added (a cell, read by the writer once the span has ended).
+                    elapsed = [sent_us]
                 except Exception as exc:
                     defer(dep, "requests",
                           (*sent, None, None, None, None, None, None, error_tree(exc)))
@@ -328,10 +333,10 @@ def _handler(original: Any) -> Any:
                 headers = list(live.headers.items())
                 STATE.redactor.learn_header_pairs(headers)  # as the request's, above
                 defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
-                                        elapsed_us, read, None))
+                                        elapsed, read, None))
             finally:
                 _TAKEN.reset(token)
-            return _swapped(request, response, headers, elapsed_us, read)
+            return _timed(_swapped(request, response, headers, read), elapsed, entered, False)
         call = _call(request)
         action = decide(call)
         if isinstance(action, Match):
@@ -348,10 +353,8 @@ def _handler(original: Any) -> Any:
                        r.get("chunk_sizes"))
             replayed = self.build_response(request, raw)
             elapsed_us = r.get("elapsed_us")
-            if elapsed_us is None and span.end_ns > span.start_ns:  # recorded without it
-                elapsed_us = (span.end_ns - span.start_ns) // 1000
             if elapsed_us is not None:  # (else requests' own measure of the replay)
-                _keep_elapsed(request, replayed, elapsed_us)
+                replayed.__dict__[_ELAPSED] = timedelta(microseconds=elapsed_us)
             return replayed
         if action is LIVE:
             return original(self, request, *args, **kwargs)  # type: ignore[no-any-return]
@@ -359,45 +362,75 @@ def _handler(original: Any) -> Any:
             try:
                 start = time.perf_counter_ns()
                 response = original(self, request, *args, **kwargs)
-                elapsed_us = (time.perf_counter_ns() - start) // 1000
+                sent_us = (time.perf_counter_ns() - start) // 1000
                 live, read = _read(response)
             except Exception as exc:
                 cap.fail(exc)
                 raise
             headers = list(live.headers.items())
             cap.ok(_response_tree_of(live.status, live.reason, live.version, headers,
-                                     elapsed_us, *read))
-        return _swapped(request, response, headers, elapsed_us, read)
+                                     sent_us, *read))
+        # (the payload is set already, with the live send's own time)
+        return _timed(_swapped(request, response, headers, read), [sent_us], entered, True)
 
     return send
 
 
-def _keep_elapsed(request: requests.PreparedRequest, response: requests.Response,
-                  elapsed_us: int) -> None:
-    """Give ``response`` the recorded ``elapsed``, which ``Session.send`` overwrites with its
-    own measure as ``adapter.send`` returns, just before it dispatches the response hooks:
-    a first hook, put in the request's hooks for that one dispatch, sets it back before the
-    app's hooks run, and puts the request's own list back (``dispatch_hook`` iterates the list
-    it got). Set here too, for a caller of the adapter itself."""
-    elapsed = timedelta(microseconds=elapsed_us)
-    response.elapsed = elapsed
-    hooks = request.hooks
-    if not isinstance(hooks, dict):
-        return
-    own = hooks.get("response")
+# On a response this shim made: the recorded elapsed (a replay), or (record) the cell of the
+# recording's elapsed and the µs its early body read added to requests' measure.
+_ELAPSED = "_timetracer_elapsed"
+_TIMED = "_timetracer_timed"
 
-    def recorded_elapsed(r: requests.Response, *args: Any, **kwargs: Any) -> None:
-        if hooks.get("response") is first:
-            if own is None:
-                hooks.pop("response", None)
-            else:
-                hooks["response"] = own
-        if r is response:
-            r.elapsed = elapsed
 
-    rest = [own] if callable(own) else list(own or ())
-    first = [recorded_elapsed, *rest]
-    hooks["response"] = first
+def _timed(response: requests.Response, cell: list[int], entered: int,
+           kept: bool) -> requests.Response:
+    """Mark a recorded response for :func:`_set_elapsed`: the cell of the elapsed the
+    recording keeps (until then the live send's own time: what a caller of the adapter
+    itself, with no Session, keeps), and the µs this adapter call took beyond that send (the
+    early body read, the capture), which requests' measure then includes. ``kept``: the
+    payload is set already, with the cell's value."""
+    added = (time.perf_counter_ns() - entered) // 1000 - cell[0]
+    response.__dict__[_TIMED] = (cell, added, kept)
+    return response
+
+
+def _session_send(original: Any) -> Any:
+    """``Session.send``, which sets ``elapsed`` once ``adapter.send`` returns: a replayed
+    response then gets the recorded value; a recorded one requests' measure less the body read
+    the recording added (the body of a call not streamed is read after requests measures),
+    and that is what the recording keeps (an adapter that sends twice, a retry, is measured
+    whole, as requests measures it). Each response of a redirect chain went through a send
+    of its own. The response hooks, which run inside, see requests' measure."""
+
+    def send(self: requests.Session, request: requests.PreparedRequest, **kwargs: Any) -> Any:
+        response = original(self, request, **kwargs)
+        if isinstance(response, requests.Response):
+            # (the first of a redirect chain is in the history of the last, which its own
+            # send returned: each response is set once, by the send that made it or this one)
+            for r in (*response.history, response) if response.history else (response,):
+                _set_elapsed(r)
+        return response
+
+    return send
+
+
+def _set_elapsed(response: requests.Response) -> None:
+    attrs = response.__dict__
+    elapsed = attrs.pop(_ELAPSED, None)
+    if elapsed is not None and response.elapsed:  # (requests set it: Session.send sent it)
+        response.elapsed = elapsed
+    timed = attrs.pop(_TIMED, None)
+    if timed is not None:
+        cell, added_us, kept = timed
+        measured = response.elapsed // timedelta(microseconds=1)
+        if measured > added_us:  # (set by requests, which a direct adapter caller's is not)
+            off = measured - added_us  # what requests would have measured without the recording
+            if not kept:
+                cell[0] = off
+            elif abs(off - cell[0]) < 1000:  # one send, as recorded: exactly what replays
+                off = cell[0]
+            # (else an adapter that sent more than once: measured whole, replayed as the last)
+            response.elapsed = timedelta(microseconds=off)
 
 
 def _body_error(cls: type[BaseException], tree: Tree) -> BaseException:
@@ -436,20 +469,20 @@ def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
         if len(chunks) > 1:
             lengths = [len(c) for c in chunks]
     else:
-        parts: list[bytes] = []
+        buffer = io.BytesIO()  # (getvalue: the bytes it grew, not a copy)
         try:
-            if _READ1:
+            if _READ1 and type(getattr(live, "_fp", None)) is http.client.HTTPResponse:
                 while part := live.read1(_PIECE, decode_content=False):
-                    parts.append(part)
+                    buffer.write(part)
                     if live.length_remaining == 0:  # its Content-Length read (and closed)
                         break
-            else:
-                parts.append(live.read(decode_content=False))
+            else:  # (a wrapper's read (CacheControl's) does more than read: called as is)
+                buffer.write(live.read(decode_content=False))
         except _BODY_ERROR_TYPES as exc:
             broke = error_tree(exc)
-            if not parts:
-                parts.append(_partial(exc))
-        content = b"".join(parts)
+            if not buffer.tell():
+                buffer.write(_partial(exc))
+        content = buffer.getvalue()
     live.release_conn()
     return live, (content, lengths, broke)
 
@@ -469,17 +502,15 @@ def _partial(exc: BaseException) -> bytes:
 
 
 def _swapped(request: requests.PreparedRequest, response: requests.Response,
-             headers: list[tuple[str, str]], elapsed_us: int, read: Read) -> requests.Response:
+             headers: list[tuple[str, str]], read: Read) -> requests.Response:
     """``response`` reading the recorded bytes from memory (the live ones were read), and
-    raising the error that broke them after them, with the recorded elapsed, as a replay
-    does."""
+    raising the error that broke them after them, as a replay does."""
     live = response.raw
     content, chunks, broke = read
     replacement = _raw(live.status, live.reason, live.version, headers, content, request,
                        None if broke is None else rebuild_error(broke, _body_error), chunks)
     replacement._original_response = live._original_response
     response.raw = replacement
-    _keep_elapsed(request, response, elapsed_us)
     return response
 
 
@@ -491,3 +522,4 @@ class RequestsShim(Shim):
 
     def patch(self) -> None:
         self.wrap(HTTPAdapter, "send", _handler)
+        self.wrap(requests.Session, "send", _session_send)
