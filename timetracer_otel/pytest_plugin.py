@@ -627,6 +627,7 @@ class TimetracerPlugin:
         self.secrets = _TestSecrets()
         self._app: Any = None
         self._startup: object = _UNREAD
+        self.lone: list[tuple[str, Cassette]] = []  # (see CassetteFile.collect)
         if self.guard is not None:
             self.guard.install()
 
@@ -879,6 +880,10 @@ class CassetteFile(pytest.File):
         span = inbound_span(cassette)
         if span is None and is_startup(cassette):
             return  # an app's recorded lifespan startup: each item runs it (ReplayItem)
+        if span is None and cassette.root is None:  # calls made outside any trace: they
+            plugin = self.config.pluginmanager.get_plugin("timetracer-otel-session")
+            if isinstance(plugin, TimetracerPlugin):  # answer a startup too (Lifespan)
+                plugin.lone.append((str(self.path), cassette))
         if span is None:
             problem = "skip: no recorded inbound request (a task or plain-process cassette)"
             yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=problem)
@@ -912,7 +917,7 @@ class ReplayItem(pytest.Item):
         loaded, _, span = _recorded_request(self.cassette)
         result = _run_sync(_replay_in_lifespan(
             loaded, str(self.path), span, plugin.asgi_app(), plugin.startup(), auto=True,
-            on_miss=settings.on_miss.value, strict=settings.strict))
+            on_miss=settings.on_miss.value, strict=settings.strict, lone=plugin.lone))
         if not result.ok:
             raise InboundMismatch(result)
 

@@ -171,7 +171,7 @@ def test_an_app_outside_the_lifespan_protocol() -> None:
     assert asyncio.run(run(False)) == (None, False)  # auto: runs without one, as uvicorn does
     failed, supported = asyncio.run(run(True))
     assert not supported and failed is not None
-    assert "does not support the ASGI lifespan protocol" in failed
+    assert "does not take part in the ASGI lifespan protocol" in failed
     assert "lifespan is not supported" in failed
 
 

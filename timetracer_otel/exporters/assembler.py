@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from timetracer_otel.cassette import SpanRecord
+from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
 
 log = logging.getLogger("timetracer_otel")
 
@@ -192,6 +193,12 @@ class TraceAssembler:
             return
         if batch is not None and span.span_id in batch.ids:
             self.duplicate_spans += 1  # delivered again
+            return
+        if batch is not None and batch.root is not None and span.start_ns > batch.root.end_ns \
+                and ATTR_LIFESPAN in batch.root.attributes:
+            # Begun after an app's startup answered (by a task it left running, a refresher):
+            # not the startup's to replay, and it must not keep the trace open for as long as
+            # the app runs (the Collector writes a trace once it has been quiet).
             return
         if batch is None:
             if is_root and span.kind in OUTBOUND_KINDS:

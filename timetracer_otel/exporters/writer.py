@@ -694,8 +694,13 @@ class CassetteWriter:
         if batch.late:
             self._add_late(batch)
             return
-        if len(batch.spans) == 1 and _startup(batch):
-            return  # a startup that made no call: replay runs it as well without a cassette
+        if _startup(batch):
+            # What began after the startup answered (spans that came before the root did) is
+            # not the startup's (see TraceAssembler.add).
+            end = batch.root.end_ns  # type: ignore[union-attr]
+            batch.spans = [s for s in batch.spans if s.start_ns <= end]
+            if len(batch.spans) == 1:
+                return  # a startup that made no call: replay runs it as well without a cassette
         if ((batch.root is not None and not sampled(batch.trace_id, self.sample_rate))
                 or (self.errors_only and not is_error_trace(batch))) and not _startup(batch):
             self.skipped += 1
