@@ -332,7 +332,7 @@ def test_diff_of_two_recordings_of_the_same_calls(serve: Any, tmp_path: Path) ->
     assert cassette_diff(*cassettes) == []
 
 
-# --- hooks, redirects, streaming, retries, cut bodies -------------------------------------------------------------
+# --- hooks, redirects, streaming, retries, cut bodies ---------------------------------------
 
 
 @pytest.fixture
