@@ -45,7 +45,7 @@ from timetracer_otel.errors import (
 from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
 from timetracer_otel.replay_shims.asgi import PROBE, Exchange, message_tree
-from timetracer_otel.replay_shims.base import ATTR_LIFESPAN, learn_statements
+from timetracer_otel.replay_shims.base import ATTR_LIFESPAN, learn_statements, statements
 from timetracer_otel.runtime import Replaying, replay
 
 T = TypeVar("T")
@@ -877,7 +877,8 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
     if inputs is None:
         return 2
     app, inbound, others = inputs
-    learn_statements(s for _, c in [*inbound, *others] for s in c.interactions)
+    learned: dict[str, Any] = {}
+    learn_statements((s for _, c in [*inbound, *others] for s in c.interactions), learned)
     # In the order they were recorded: the app's state (a pool's connections, a driver's
     # statement cache) then changes from request to request as it did.
     inbound.sort(key=lambda pc: inbound_span(pc[1]).start_ns)  # type: ignore[union-attr]
@@ -922,7 +923,8 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
         return out
 
     try:
-        results = asyncio.run(all_of_them())
+        with statements(learned):
+            results = asyncio.run(all_of_them())
     except _NoLifespan as exc:
         click.echo(f"timetracer-otel: --lifespan on, but {exc} ({app_ref}); give --lifespan "
                    "auto or off.", err=True)

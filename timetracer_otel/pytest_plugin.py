@@ -51,7 +51,7 @@ from timetracer_otel.exporters.writer import rescrubbed_spans
 from timetracer_otel.index import Match, ReplayIndex, ReplayReport
 from timetracer_otel.keys import Call
 from timetracer_otel.redaction import Redactor, set_default_redactor
-from timetracer_otel.replay_shims.base import STATE, carries_call, learn_statements
+from timetracer_otel.replay_shims.base import STATE, carries_call, learn_statements, statements
 from timetracer_otel.runtime import Replaying, hold_mode, release, sdk_provider
 
 
@@ -628,6 +628,7 @@ class TimetracerPlugin:
         self._app: Any = None
         self._startup: object = _UNREAD
         self.lone: list[tuple[str, Cassette]] = []  # (see CassetteFile.collect)
+        self.statements: dict[str, Any] = {}  # (see base.STATEMENTS)
         if self.guard is not None:
             self.guard.install()
 
@@ -876,14 +877,14 @@ class CassetteFile(pytest.File):
             return
         # What its prepares answered, for a statement an item prepares again on a fresh
         # connection where its own request found it prepared (see base.STATEMENTS).
-        learn_statements(cassette.interactions)
+        plugin = self.config.pluginmanager.get_plugin("timetracer-otel-session")
+        if isinstance(plugin, TimetracerPlugin):
+            learn_statements(cassette.interactions, plugin.statements)
         span = inbound_span(cassette)
         if span is None and is_startup(cassette):
             return  # an app's recorded lifespan startup: each item runs it (ReplayItem)
-        if span is None and cassette.root is None:  # calls made outside any trace: they
-            plugin = self.config.pluginmanager.get_plugin("timetracer-otel-session")
-            if isinstance(plugin, TimetracerPlugin):  # answer a startup too (Lifespan)
-                plugin.lone.append((str(self.path), cassette))
+        if span is None and cassette.root is None and isinstance(plugin, TimetracerPlugin):
+            plugin.lone.append((str(self.path), cassette))  # (they answer a startup too)
         if span is None:
             problem = "skip: no recorded inbound request (a task or plain-process cassette)"
             yield ReplayItem.from_parent(self, name=self.path.name, cassette=None, problem=problem)
@@ -915,9 +916,10 @@ class ReplayItem(pytest.Item):
         # Inside the app's lifespan, as `replay --asgi` runs it: the directory's recorded
         # startup, run for each item (each test starts the app afresh).
         loaded, _, span = _recorded_request(self.cassette)
-        result = _run_sync(_replay_in_lifespan(
-            loaded, str(self.path), span, plugin.asgi_app(), plugin.startup(), auto=True,
-            on_miss=settings.on_miss.value, strict=settings.strict, lone=plugin.lone))
+        with statements(plugin.statements):  # (this directory's, for these items only)
+            result = _run_sync(_replay_in_lifespan(
+                loaded, str(self.path), span, plugin.asgi_app(), plugin.startup(), auto=True,
+                on_miss=settings.on_miss.value, strict=settings.strict, lone=plugin.lone))
         if not result.ok:
             raise InboundMismatch(result)
 

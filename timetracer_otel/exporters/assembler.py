@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from timetracer_otel.cassette import SpanRecord
 from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
 
@@ -171,6 +173,8 @@ class TraceAssembler:
         # Collector path) those roots' (start, end) times, for spans whose parent never came.
         self.closed_ids: OrderedDict[str, dict[str, str | None]] = OrderedDict()
         self.closed_roots: dict[str, dict[str, tuple[int, int]]] = {}
+        # The end of each app startup's span (by its span id) among the latest 64: see add.
+        self.startups: OrderedDict[str, int] = OrderedDict()
         self.dropped_spans = 0
         self.late_spans = 0
         self.duplicate_spans = 0
@@ -189,16 +193,24 @@ class TraceAssembler:
     def add(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
         batch = self.open.get(span.trace_id)
         is_root = span.parent_id is None or span.remote_parent
+        startup_end = self.startups.get(span.parent_id) if self.startups and span.parent_id else None
+        if startup_end is not None and span.start_ns > startup_end:
+            # Under an app's startup span, begun after the startup answered: the work of a task
+            # the startup left running (a refresher, a job loop), which took its context. Not
+            # the startup's to replay, and it must not keep that trace open for as long as the
+            # app runs: recorded as it was without the startup span, a lone call in the
+            # process cassette, a span of its own (a job's) a root with its own cassette.
+            span = msgspec.structs.replace(span, parent_id=None)
+            if span.kind in OUTBOUND_KINDS:
+                self._to_process(span)
+                if self.process.resource is None:
+                    self.process.resource = resource
+                return
+            is_root = True
         if span.trace_id in self.closed and self._late(span, is_root, batch):
             return
         if batch is not None and span.span_id in batch.ids:
             self.duplicate_spans += 1  # delivered again
-            return
-        if batch is not None and batch.root is not None and span.start_ns > batch.root.end_ns \
-                and ATTR_LIFESPAN in batch.root.attributes:
-            # Begun after an app's startup answered (by a task it left running, a refresher):
-            # not the startup's to replay, and it must not keep the trace open for as long as
-            # the app runs (the Collector writes a trace once it has been quiet).
             return
         if batch is None:
             if is_root and span.kind in OUTBOUND_KINDS:
@@ -217,6 +229,10 @@ class TraceAssembler:
                 _index(batch.kids, span)
         batch.last_ns = time.monotonic_ns()
         if is_root:
+            if ATTR_LIFESPAN in span.attributes:
+                self.startups[span.span_id] = span.end_ns
+                while len(self.startups) > 64:
+                    self.startups.popitem(last=False)
             if batch.root is None:
                 batch.root = span
                 if resource is not None:

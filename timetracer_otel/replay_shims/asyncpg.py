@@ -60,10 +60,10 @@ from timetracer_otel.config import Mode
 from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
+from timetracer_otel.replay_shims import base
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
-    STATEMENTS,
     Deferrable,
     Shim,
     capture,
@@ -679,7 +679,7 @@ def _prepare(original: Any) -> Any:
         if STATE.mode is Mode.OFF:
             return await original(self, query, **kwargs)
         call = sql_call(LIBRARY, query, None, database=self._params.database, operation="prepare")
-        described = STATEMENTS.get(call.key) if STATE.mode is Mode.REPLAY \
+        described = base.STATEMENTS.get(call.key) if STATE.mode is Mode.REPLAY \
             and _is_replay_conn(self) and not STATE.is_live(LIBRARY) else None
         if described is not None and STATE.index is not None:
             # Prepared again on a fresh replayed connection (see base.STATEMENTS): its own

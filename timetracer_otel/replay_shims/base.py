@@ -16,13 +16,14 @@ re-patching. Per call, a shim does::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -368,18 +369,31 @@ BUILDERS: dict[str, Callable[[Any], Payload]] = {}
 # call's key, from every cassette a replay of many recorded requests loaded: a request
 # recorded on a connection that had the statement prepared already (SQLAlchemy's cache)
 # and replayed on a fresh one prepares it again, and the description depends on the
-# statement and the schema only, not on which request first prepared it. See
-# :func:`learn_statements`; the SQL shims read it when a ``prepare`` finds no recorded call.
+# statement and the schema only, not on which request first prepared it. Only while such a
+# replay runs (:func:`statements`: `replay --asgi`, the pytest plugin's replay-dir items);
+# the SQL shims read it when a ``prepare`` finds no recorded call.
 STATEMENTS: dict[str, Any] = {}
 
 
-def learn_statements(spans: Iterable[Any]) -> None:
-    """Keep the description of every successful recorded ``prepare`` among ``spans``."""
-    for span in spans:
+def learn_statements(spans: Iterable[Any], into: dict[str, Any]) -> None:
+    """Keep the description of every successful recorded ``prepare`` among ``spans``; the
+    latest recorded wins."""
+    for span in sorted(spans, key=lambda s: s.start_ns):
         request = span.request
         if span.error is None and span.key and isinstance(request, dict) \
                 and request.get("op") == "prepare" and span.response is not None:
-            STATEMENTS[span.key] = span.response
+            into[span.key] = span.response
+
+
+@contextlib.contextmanager
+def statements(learned: dict[str, Any]) -> Iterator[None]:
+    """:data:`STATEMENTS` is ``learned`` inside, as it was outside."""
+    global STATEMENTS
+    before, STATEMENTS = STATEMENTS, learned
+    try:
+        yield
+    finally:
+        STATEMENTS = before
 
 
 def deferrable_span(scope: str) -> Span | None:
