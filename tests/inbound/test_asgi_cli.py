@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port, unreachable_port
+from conftest import unreachable_port
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 from inbound_helpers import (
-    APPS,
     Client,
+    _env,
     _only,
     _record,
-    _wait_port,
     pg_dsn,
+    record_uvicorn,
     seed_stock,
     shop,
     upstream_fixture,
@@ -177,28 +177,18 @@ def test_diff_aligns_calls_by_key(tmp_path: Path, serve: Any, upstream: Any) -> 
 
 
 def test_zero_code_record_then_replay_cli(tmp_path: Path, serve: Any, upstream: Any) -> None:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([APPS, os.environ.get("PYTHONPATH", "")]),
-               OTEL_PYTHON_EXCLUDED_URLS="health", OTEL_BSP_SCHEDULE_DELAY="50",
+    env = _env(OTEL_PYTHON_EXCLUDED_URLS="health", OTEL_BSP_SCHEDULE_DELAY="50",
                OTEL_SERVICE_NAME="shop")
-    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
-           sys.executable, "-m", "uvicorn", "shop:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_port(port, proc)
-        client = Client(f"http://127.0.0.1:{port}")
+
+    def send(client: Client) -> None:
         assert client.get("/health").content == b"ok"
         assert client.post("/orders/42", json={"sku": "B2", "qty": 2}).json()["total"] == 56.1
         assert client.get("/boom").status_code == 500
-        # uvicorn is the child of opentelemetry-instrument's exec; stop it like a deployment would.
-        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        os.kill(child, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    run = record_uvicorn(tmp_path, "shop:app", env, send)
+    err = run.stderr
     # uvicorn shuts down cleanly, then re-raises SIGTERM: the wrapper exits 128 + SIGTERM.
-    assert proc.returncode in (0, 128 + signal.SIGTERM), err.decode()
+    assert run.returncode in (0, 128 + signal.SIGTERM), err.decode()
     assert b"recorded 2 cassette(s)" in err
     names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
     assert "GET__health" not in names  # OTEL_PYTHON_EXCLUDED_URLS

@@ -5,8 +5,6 @@ opened at startup serves the replayed requests with PostgreSQL unreachable."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 from decimal import Decimal
@@ -16,12 +14,12 @@ from typing import Any
 import asyncpg
 import pytest
 from click.testing import CliRunner
-from conftest import free_port, unreachable_port
+from conftest import unreachable_port
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import pooled
-from inbound_helpers import Client, _wait_port, pg_dsn, seed_stock
+from inbound_helpers import Client, _env, pg_dsn, record_uvicorn, seed_stock
 
 import timetracer_otel
 from timetracer_otel.cassette import Cassette, find_cassettes, load_cassette
@@ -189,22 +187,12 @@ def test_zero_code_records_the_startup_and_replay_runs_it(
     """`timetracer-otel record -- uvicorn pooled:app`, stopped as a deployment stops it, then
     `replay --asgi` in another process with PostgreSQL at a dead port."""
     asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
-    port = free_port()
-    apps = str(Path(__file__).parent / "apps")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([apps, os.environ.get("PYTHONPATH", "")]),
-               OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(pg_database))
-    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
-           sys.executable, "-m", "uvicorn", "pooled:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_port(port, proc)
-        assert Client(f"http://127.0.0.1:{port}").get("/stock/B2").json()["price"] == "1.25"
-        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        os.kill(child, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = _env(OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(pg_database))
+
+    def send(client: Client) -> None:
+        assert client.get("/stock/B2").json()["price"] == "1.25"
+
+    err = record_uvicorn(tmp_path, "pooled:app", env, send).stderr
     assert b"recorded 2 cassette(s)" in err, err.decode()
     names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
     assert names == ["GET__stock_sku", "lifespan_startup"], names

@@ -9,66 +9,37 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import unreachable_port
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import lifespan_apps as apps
 import pooled
-from inbound_helpers import Client, pg_dsn, seed_stock
+from inbound_helpers import (
+    APPS,
+    Client,
+    _cli,
+    _dead_db,
+    _env,
+    _record_app,
+    _startups,
+    pg_dsn,
+    record_get,
+    record_uvicorn,
+    seeded_fixture,
+    upstream_fixture,
+)
 from test_asgi_lifespan import recorded  # noqa: F401  (the fixture)
 
 import timetracer_otel
-from timetracer_otel.cassette import Cassette, find_cassettes, load_cassette
+from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.inbound import inbound_span, replay_asgi_async
-from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
 
-APPS = str(Path(__file__).parent / "apps")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([APPS, os.environ.get("PYTHONPATH", "")]))
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "timetracer_otel.cli", *args], env=_env(**env),
-                          capture_output=True, text=True, timeout=120)
-
-
-def _startups(directory: Path) -> list[Cassette]:
-    return [c for c in (load_cassette(p) for p in find_cassettes(directory))
-            if c.root_span is not None and ATTR_LIFESPAN in c.root_span.attributes]
-
-
-def _record_app(tmp_path: Path, serve: Any, app: Any, paths: list[str],
-                pause: float = 0.0) -> list[Any]:
-    replies = []
-    with timetracer_otel.record(dir=tmp_path):
-        server = serve(OpenTelemetryMiddleware(app), lifespan="on")
-        client = Client(server.url)
-        for p in paths:
-            replies.append(client.get(p))
-            time.sleep(pause)
-        server.stop()
-    return replies
-
-
-@pytest.fixture
-def seeded(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
-    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database))
-    return pg_database
-
-
-def _dead_db(pg_database: str) -> str:
-    return pg_dsn(pg_database, unreachable_port())
+seeded = seeded_fixture
+upstream = upstream_fixture
 
 
 # --- the CLI's failure paths ---------------------------------------------------------------
@@ -213,10 +184,7 @@ def test_fastapi_on_startup_pool_on_app_state(tmp_path: Path, serve: Any, seeded
 
     api = apps.make_fastapi()
     FastAPIInstrumentor.instrument_app(api)
-    with timetracer_otel.record(dir=tmp_path):
-        server = serve(api, lifespan="on")
-        reply = Client(server.url).get("/stock/A1")
-        server.stop()
+    reply = record_get(tmp_path, serve, api, "/stock/A1")
     assert reply.status_code == 200 and reply.json()["qty"] == 12
     assert len(_startups(tmp_path)) == 1
     out = _cli("replay", str(tmp_path), "--asgi", "lifespan_apps:fastapi_app",
@@ -242,15 +210,6 @@ def test_httpx_and_redis_at_startup(tmp_path: Path, serve: Any, upstream: Any) -
     out = _cli("replay", str(tmp_path), "--asgi", "lifespan_apps:clients_app")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 matched, 0 differ" in out.stdout
-
-
-@pytest.fixture(name="upstream")
-def _upstream(serve: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    import upstream_raw
-
-    server = serve(upstream_raw.app)
-    monkeypatch.setenv("SHOP_UPSTREAM", server.url)
-    return server
 
 
 # --- the pytest plugin recording a test that runs the app's lifespan -----------------------
@@ -336,26 +295,12 @@ def test_sqlalchemy_cli_result_depends_on_file_name_order(
 def test_zero_code_fastapi_on_startup(tmp_path: Path, seeded: str) -> None:
     """`timetracer-otel record -- uvicorn` (opentelemetry-instrument) of a FastAPI app whose
     on_startup handler keeps the pool on app.state; then `replay --asgi`."""
-    import signal
+    def send(client: Client) -> None:
+        assert client.get("/stock/B2").json()["price"] == "1.25"
 
-    from conftest import free_port
-    from inbound_helpers import _wait_port
-
-    port = free_port()
-    env = _env(OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(seeded))
-    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
-           sys.executable, "-m", "uvicorn", "lifespan_apps:fastapi_app", "--host",
-           "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_port(port, proc)
-        assert Client(f"http://127.0.0.1:{port}").get("/stock/B2").json()["price"] == "1.25"
-        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        os.kill(child, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = record_uvicorn(tmp_path, "lifespan_apps:fastapi_app",
+                         _env(OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(seeded)),
+                         send).stderr
     names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
     assert names == ["GET__stock_sku", "lifespan_startup"], (names, err.decode()[-2000:])
     out = _cli("replay", str(tmp_path), "--asgi", "lifespan_apps:fastapi_app",
@@ -370,10 +315,7 @@ def test_litestar_startup_is_answered_from_the_process_cassette(
     calls land in the process cassette of calls made outside any trace, and the replay answers
     the startup from there."""
     app = apps.make_litestar()
-    with timetracer_otel.record(dir=tmp_path):
-        server = serve(app, lifespan="on")
-        reply = Client(server.url).get("/stock/A1")
-        server.stop()
+    reply = record_get(tmp_path, serve, app, "/stock/A1")
     assert reply.status_code == 200, reply.content
     names = sorted(load_cassette(p).name for p in find_cassettes(tmp_path))
     out = _cli("replay", str(tmp_path), "--asgi", "lifespan_apps:litestar_app",

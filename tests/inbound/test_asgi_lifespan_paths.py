@@ -5,7 +5,6 @@ a startup's blocking work in an executor, Litestar under the pytest plugin."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,17 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import lifespan_paths_apps as apps
-from inbound_helpers import Client, pg_dsn
+from inbound_helpers import (
+    Client,
+    _cli,
+    _dead_db,
+    _env,
+    _wait_port,
+    pg_dsn,
+    record_get,
+    record_uvicorn,
+    seeded_fixture,
+)
 from test_asgi_lifespan import recorded  # noqa: F401  (the fixture)
 
 import timetracer_otel
@@ -27,18 +36,7 @@ from timetracer_otel.config import Mode
 from timetracer_otel.inbound import inbound_span, replay_asgi_async
 from timetracer_otel.replay_shims.base import STATE
 
-APPS = str(Path(__file__).parent / "apps")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([APPS, os.environ.get("PYTHONPATH", "")]))
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "timetracer_otel.cli", *args], env=_env(**env),
-                          capture_output=True, text=True, timeout=120)
+seeded = seeded_fixture
 
 
 # 1. A lifespan replay cancelled during the startup (a test's asyncio.wait_for, pytest-timeout's
@@ -69,21 +67,6 @@ def redis13() -> Any:
     r.delete("review2:k", "review2:beat")
 
 
-@pytest.fixture
-def seeded(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    from inbound_helpers import seed_stock
-
-    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
-    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database))
-    return pg_database
-
-
-def _dead_db(db: str) -> str:
-    from conftest import unreachable_port
-
-    return pg_dsn(db, unreachable_port())
-
-
 # 3. The CLI answers a Litestar startup from the process cassette (17c07bd); the plugin's
 #    traffic-as-tests, which the README offers as the other way to replay a directory, do not.
 def test_plugin_replay_dir_litestar_like_the_cli(
@@ -91,10 +74,7 @@ def test_plugin_replay_dir_litestar_like_the_cli(
     import lifespan_apps
 
     app = lifespan_apps.make_litestar()
-    with timetracer_otel.record(dir=tmp_path):
-        server = serve(app, lifespan="on")
-        reply = Client(server.url).get("/stock/A1")
-        server.stop()
+    reply = record_get(tmp_path, serve, app, "/stock/A1")
     assert reply.status_code == 200, reply.content
     cli = _cli("replay", str(tmp_path), "--asgi", "lifespan_apps:litestar_app",
                POOLED_PG_DSN=_dead_db(seeded))
@@ -145,7 +125,6 @@ def test_collector_path_refresher_piles_into_the_startup_cassette(
     import signal
 
     from conftest import free_port
-    from inbound_helpers import _wait_port
 
     cport, aport = free_port(), free_port()
     out_dir = tmp_path / "cassettes"
@@ -196,27 +175,12 @@ def test_collector_path_refresher_piles_into_the_startup_cassette(
 # 7. Zero-code (`timetracer-otel record -- uvicorn`), the same refresher: is the startup
 #    cassette bounded on this path?
 def test_zero_code_refresher_and_the_startup_cassette(tmp_path: Path, seeded: str) -> None:
-    import signal
-
-    from conftest import free_port
-    from inbound_helpers import _wait_port
-
-    port = free_port()
-    env = _env(OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(seeded), REVIEW_REFRESH="0.05")
-    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(tmp_path), "--",
-           sys.executable, "-m", "uvicorn", "lifespan_apps:bg_app", "--host",
-           "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_port(port, proc)
-        assert Client(f"http://127.0.0.1:{port}").get("/stock/B2").status_code == 200
+    def send(client: Client) -> None:
+        assert client.get("/stock/B2").status_code == 200
         time.sleep(4)
-        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        os.kill(child, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    env = _env(OTEL_BSP_SCHEDULE_DELAY="50", POOLED_PG_DSN=pg_dsn(seeded), REVIEW_REFRESH="0.05")
+    err = record_uvicorn(tmp_path, "lifespan_apps:bg_app", env, send).stderr
     cassettes = [load_cassette(p) for p in find_cassettes(tmp_path)]
     startup = [c for c in cassettes if c.name == "lifespan_startup"]
     counts = [sum("count(*)" in s.label for s in c.interactions) for c in startup]

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import free_port, unreachable_port
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 import timetracer_otel
-from timetracer_otel.cassette import Cassette, load_cassette
+from timetracer_otel.cassette import Cassette, find_cassettes, load_cassette
 from timetracer_otel.inbound import inbound_span
+from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
 
 APPS = str(Path(__file__).parent)
 if APPS not in sys.path:
@@ -118,3 +124,81 @@ async def seed_stock(dsn: str, price: bool = False) -> None:
             await conn.execute("INSERT INTO stock VALUES ('A1', 12), ('B2', 0)")
     finally:
         await conn.close()
+
+
+@pytest.fixture(name="seeded")
+def seeded_fixture(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test's database with the priced ``stock`` table, the pooled apps pointed at it."""
+    asyncio.run(seed_stock(pg_dsn(pg_database), price=True))
+    monkeypatch.setenv("POOLED_PG_DSN", pg_dsn(pg_database))
+    return pg_database
+
+
+def _dead_db(db: str) -> str:
+    """The DSN of ``db`` at a port nothing listens on (the database gone, for a replay)."""
+    return pg_dsn(db, unreachable_port())
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment with the apps on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([APPS, os.environ.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m timetracer_otel.cli ARGS`` with the apps importable, its output captured."""
+    return subprocess.run([sys.executable, "-m", "timetracer_otel.cli", *args], env=_env(**env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _startups(directory: Path) -> list[Cassette]:
+    """The lifespan startup cassettes under ``directory``."""
+    return [c for c in (load_cassette(p) for p in find_cassettes(directory))
+            if c.root_span is not None and ATTR_LIFESPAN in c.root_span.attributes]
+
+
+def _record_app(tmp_path: Path, serve: Any, app: Any, paths: list[str],
+                pause: float = 0.0) -> list[Any]:
+    """Record ``app`` served by uvicorn with its lifespan on, GETting ``paths`` in turn."""
+    replies = []
+    with timetracer_otel.record(dir=tmp_path):
+        server = serve(OpenTelemetryMiddleware(app), lifespan="on")
+        client = Client(server.url)
+        for p in paths:
+            replies.append(client.get(p))
+            time.sleep(pause)
+        server.stop()
+    return replies
+
+
+def record_get(directory: Path, serve: Any, app: Any, path: str) -> Reply:
+    """Record ``app``, served by uvicorn as it is (its own instrumentation) with its lifespan
+    on, answering one GET of ``path``."""
+    with timetracer_otel.record(dir=directory):
+        server = serve(app, lifespan="on")
+        reply = Client(server.url).get(path)
+        server.stop()
+    return reply
+
+
+def record_uvicorn(directory: Path, app_ref: str, env: dict[str, str],
+                   send: Callable[[Client], object]) -> subprocess.CompletedProcess[bytes]:
+    """Zero-code recording: `timetracer-otel record --dir DIRECTORY -- uvicorn APP_REF` under
+    ``env``, ``send`` run with a client of it; then uvicorn, the child of
+    opentelemetry-instrument's exec, is stopped as a deployment stops it (SIGTERM). Returns the
+    record command's exit code and output once it has exited."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "timetracer_otel.cli", "record", "--dir", str(directory), "--",
+           sys.executable, "-m", "uvicorn", app_ref, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        send(Client(f"http://127.0.0.1:{port}"))
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(child, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
