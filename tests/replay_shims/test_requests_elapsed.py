@@ -26,6 +26,7 @@ from urllib3.util.retry import Retry
 
 import timetracer_otel
 from tests.conftest import connects_refused
+from tests.replay_shims.requests_helpers import raw_server, three_ways
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,17 +86,6 @@ async def _gz(request: Request) -> Response:
 APP = Starlette(routes=[Route("/gz", _gz), Route("/cached", _cached), Route("/late", _late),
                         Route("/flaky", _flaky), Route("/digest", _digest),
                         Route("/slowbody", _slowbody), Route("/hop", _hop)])
-
-
-def three_ways(job: Any, tmp_path: Path, stop: Any) -> list[Any]:
-    plain = job()
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        recorded = job()
-    stop()
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
-        replayed = job()
-    assert attempts == [], attempts
-    return [plain, recorded, replayed, rep]
 
 
 # --- a response is freed ---------------------------------------------------
@@ -338,30 +328,9 @@ def test_diff_of_two_recordings_of_the_same_calls(serve: Any, tmp_path: Path) ->
 @pytest.fixture
 def cut() -> Any:
     """Promises 100 bytes, sends 3 pieces apart in time, closes."""
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
-                for piece in (b"defg", b"hij"):
-                    time.sleep(0.05)
-                    conn.sendall(piece)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", sock
-    sock.close()
-    thread.join(5)
+    with raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", b"defg", b"hij",
+                    gap=0.05) as server:
+        yield server
 
 
 def test_fine_a_body_cut_short_in_pieces(cut: Any, tmp_path: Path) -> None:

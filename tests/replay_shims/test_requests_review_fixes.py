@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from starlette.routing import Route
 import timetracer_otel
 from tests.conftest import connects_refused
 from tests.deferral import recorded_both_ways
+from tests.replay_shims.requests_helpers import chunks, raw_server
+from tests.replay_shims.requests_helpers import three_ways as recorded_and_replayed
 from timetracer_otel.replay_shims import requests as shim
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,26 +66,9 @@ APP = Starlette(routes=[Route("/stream", _stream), Route("/gzip", _gzip),
 @pytest.fixture
 def broken() -> Iterator[str]:
     """A raw HTTP server that promises 100 bytes, sends 5 and closes; stopped at the end."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
-                             b"Content-Type: text/plain\r\n\r\nshort")
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-    thread.join(5)
+    with raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
+                    b"Content-Type: text/plain\r\n\r\nshort") as (url, _):
+        yield url
 
 
 def outcome(job: Callable[[], Any]) -> tuple[Any, ...]:
@@ -120,14 +104,10 @@ def bounded(iterable: Callable[[], Any], seconds: float = 10) -> list[Any]:
 
 
 def three_ways(job: Callable[[], Any], tmp_path: Path, stop: Callable[[], None]) -> list[Any]:
-    """``job`` plain, recorded, then replayed with the upstream stopped (nothing connects)."""
-    plain = job()
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        recorded = job()
-    stop()
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep:
-        replayed = job()
-    assert attempts == [] and not rep.report.misses
+    """``job`` plain, recorded, then replayed with the upstream stopped (nothing connects,
+    nothing missed)."""
+    plain, recorded, replayed, rep = recorded_and_replayed(job, tmp_path, stop)
+    assert not rep.report.misses
     return [plain, recorded, replayed]
 
 
@@ -167,26 +147,14 @@ def _slow(base: str, stream: bool) -> Any:
     r = requests.get(f"{base}/slowbody", timeout=0.5, stream=stream)
     if not stream:
         return r.content
-    seen: list[Any] = [r.status_code]
-    try:
-        for chunk in r.iter_content(chunk_size=None):
-            seen.append(chunk)
-    except Exception as exc:
-        seen.append((type(exc), str(exc)))
-    return seen
+    return chunks(r, [r.status_code], None)
 
 
 def _short(base: str, chunk_size: int | None) -> Any:
     if chunk_size is None:
         return requests.get(f"{base}/x", timeout=2).content
     r = requests.get(f"{base}/x", timeout=2, stream=True)
-    seen: list[Any] = [r.status_code]
-    try:
-        for chunk in r.iter_content(chunk_size=chunk_size):
-            seen.append(chunk)
-    except Exception as exc:
-        seen.append((type(exc), str(exc)))
-    return seen
+    return chunks(r, [r.status_code], chunk_size)
 
 
 def test_a_read_timeout_mid_body_is_the_requests_error(serve: Any, tmp_path: Path) -> None:
@@ -207,13 +175,7 @@ def test_a_read_timeout_mid_body_is_the_requests_error(serve: Any, tmp_path: Pat
 
 def _stalled(base: str, chunk_size: int | None) -> Any:
     r = requests.get(f"{base}/slowbody?sized", timeout=0.5, stream=True)
-    seen: list[Any] = [r.status_code, r.headers["content-length"], r.raw.chunked]
-    try:
-        for chunk in r.iter_content(chunk_size=chunk_size):
-            seen.append(chunk)
-    except Exception as exc:
-        seen.append((type(exc), str(exc)))
-    return seen
+    return chunks(r, [r.status_code, r.headers["content-length"], r.raw.chunked], chunk_size)
 
 
 def test_a_read_timeout_mid_content_length_body_keeps_the_bytes_before_it(
