@@ -21,6 +21,28 @@ def _dsn(db: str) -> str:
     return f"postgresql://postgres@127.0.0.1:5432/{db}"
 
 
+async def _with_prepare(db: str, n: int) -> Any:
+    """``SELECT $1::int + 1`` through a prepared statement, on a connection of its own."""
+    import asyncpg
+
+    conn = await asyncpg.connect(_dsn(db))
+    try:
+        return await (await conn.prepare("SELECT $1::int + 1 AS n")).fetchval(n)
+    finally:
+        await conn.close()
+
+
+async def _without_prepare(db: str) -> Any:
+    """``SELECT 2`` with no prepare of its own, on a connection of its own."""
+    import asyncpg
+
+    conn = await asyncpg.connect(_dsn(db))
+    try:
+        return await conn.fetchval("SELECT 2")
+    finally:
+        await conn.close()
+
+
 def test_statements_learned_elsewhere_answer_a_miss_in_an_ordinary_replay(
         pg_database: str, tmp_path: Path) -> None:
     """A prepare the replayed cassette does not hold was a ReplayMissError (on_miss=error)
@@ -29,21 +51,6 @@ def test_statements_learned_elsewhere_answer_a_miss_in_an_ordinary_replay(
     import asyncpg
 
     from timetracer_otel.replay_shims.base import learn_statements, statements
-
-    async def with_prepare() -> Any:
-        conn = await asyncpg.connect(_dsn(pg_database))
-        try:
-            st = await conn.prepare("SELECT $1::int + 1 AS n")
-            return await st.fetchval(41)
-        finally:
-            await conn.close()
-
-    async def without_prepare() -> Any:
-        conn = await asyncpg.connect(_dsn(pg_database))
-        try:
-            return await conn.fetchval("SELECT 2")
-        finally:
-            await conn.close()
 
     async def prepare_only() -> Any:
         conn = await asyncpg.connect(_dsn(pg_database))
@@ -54,9 +61,9 @@ def test_statements_learned_elsewhere_answer_a_miss_in_an_ordinary_replay(
             await conn.close()
 
     with timetracer_otel.record(dir=tmp_path / "a") as rec_a:
-        asyncio.run(with_prepare())
+        asyncio.run(_with_prepare(pg_database, 41))
     with timetracer_otel.record(dir=tmp_path / "b") as rec_b:
-        asyncio.run(without_prepare())
+        asyncio.run(_without_prepare(pg_database))
 
     def replay_b() -> Any:
         try:
@@ -234,26 +241,10 @@ def test_replay_dir_in_the_same_session_hides_a_miss_of_an_ordinary_test(
     import sys
     import textwrap
 
-    import asyncpg
-
-    async def with_prepare() -> Any:
-        conn = await asyncpg.connect(_dsn(pg_database))
-        try:
-            return await (await conn.prepare("SELECT $1::int + 1 AS n")).fetchval(1)
-        finally:
-            await conn.close()
-
-    async def without_prepare() -> Any:
-        conn = await asyncpg.connect(_dsn(pg_database))
-        try:
-            return await conn.fetchval("SELECT 2")
-        finally:
-            await conn.close()
-
     with timetracer_otel.record(dir=tmp_path / "dir"):
-        asyncio.run(with_prepare())
+        asyncio.run(_with_prepare(pg_database, 1))
     with timetracer_otel.record(dir=tmp_path / "own") as own:
-        asyncio.run(without_prepare())
+        asyncio.run(_without_prepare(pg_database))
     work = tmp_path / "work"
     work.mkdir()
     (work / "app_mod.py").write_text(textwrap.dedent("""
