@@ -92,24 +92,28 @@ def test_psycopg_record_miss_that_could_not_go_live_records_nothing(
         job(unreachable_port(), True)
 
 
-def test_asyncpg_record_miss_that_could_not_go_live_records_nothing(tmp_path: Path) -> None:
-    async def job(port: int, extra: bool) -> list[Any]:
-        conn = await asyncpg.connect(_dsn(port))
-        try:
-            out: list[Any] = [await conn.fetchval("SELECT 1")]
-            if extra:
-                try:
-                    out.append(await conn.fetchval("SELECT 42"))
-                except ReplayUnsupportedError as exc:
-                    out.append(type(exc).__name__)
-            return out
-        finally:
-            await conn.close()
+async def _apg_stranded_job(port: int, extra: bool, **connect: Any) -> list[Any]:
+    """asyncpg's ``_pg_stranded_job``: the miss's refusal (ReplayUnsupportedError, with what
+    made it) in place of its value."""
+    conn = await asyncpg.connect(_dsn(port), **connect)
+    try:
+        out: list[Any] = [await conn.fetchval("SELECT 1")]
+        if extra:
+            try:
+                out.append(await conn.fetchval("SELECT 42"))
+            except ReplayUnsupportedError as exc:
+                out.append((type(exc).__name__, type(exc.__cause__).__name__))
+        return out
+    finally:
+        await conn.close()
 
+
+def test_asyncpg_record_miss_that_could_not_go_live_records_nothing(tmp_path: Path) -> None:
     with timetracer_otel.record(dir=tmp_path) as rec:
-        assert asyncio.run(job(PG_PORT, False)) == [1]
+        assert asyncio.run(_apg_stranded_job(PG_PORT, False)) == [1]
     with timetracer_otel.replay(rec.paths, on_miss="record") as rep:
-        assert asyncio.run(job(unreachable_port(), True)) == [1, "ReplayUnsupportedError"]
+        out = asyncio.run(_apg_stranded_job(unreachable_port(), True))
+    assert out[:1] == [1] and out[1][0] == "ReplayUnsupportedError"
     assert rep.report.stranded and not rep.appended
 
 
@@ -211,8 +215,10 @@ def test_psycopg_miss_in_a_failed_transaction_fails_as_live(
             out.append(conn.info.transaction_status.name)
             if extra:
                 cur = conn.cursor()
+                # (PREPARE of a statement fails there too: only PREPARE TRANSACTION ends it)
                 for call in (lambda: cur.execute(f"INSERT INTO {table} VALUES (1)"),
-                             lambda: cur.executemany(f"INSERT INTO {table} VALUES (%s)", [(2,)])):
+                             lambda: cur.executemany(f"INSERT INTO {table} VALUES (%s)", [(2,)]),
+                             lambda: cur.execute("PREPARE tt_p AS SELECT 1")):
                     try:
                         call()
                         out.append("ran")
@@ -227,12 +233,13 @@ def test_psycopg_miss_in_a_failed_transaction_fails_as_live(
         assert job(False) == ["DivisionByZero", "INERROR", "IDLE"]
     live = job(True)
     failed = ("InFailedSqlTransaction", "25P02")
-    assert live == ["DivisionByZero", "INERROR", (*failed, -1), (*failed, 0), "INERROR", "IDLE"]
+    assert live == ["DivisionByZero", "INERROR", (*failed, -1), (*failed, 0), (*failed, -1),
+                    "INERROR", "IDLE"]
     with timetracer_otel.replay(rec.paths, on_miss=policy) as rep:
         assert job(True) == live
     assert _count(table) == 0 and not rep.report.stranded
     if policy == "record":  # recorded as live would have been: replayed so
-        assert len(rep.appended) == 2
+        assert len(rep.appended) == 3
         with timetracer_otel.replay(rec.paths, on_miss="error"):
             assert job(True) == live
 
@@ -287,28 +294,15 @@ def test_asyncpg_live_miss_connect_keeps_the_apps_timeout(tmp_path: Path) -> Non
     silent.listen(16)
     port = silent.getsockname()[1]
 
-    async def job(port: int, extra: bool) -> list[Any]:
-        conn = await asyncpg.connect(_dsn(port), timeout=1)
-        try:
-            out: list[Any] = [await conn.fetchval("SELECT 1")]
-            if extra:
-                try:
-                    out.append(await conn.fetchval("SELECT 42"))
-                except ReplayUnsupportedError as exc:
-                    out.append((type(exc).__name__, type(exc.__cause__).__name__))
-            return out
-        finally:
-            await conn.close()
-
     async def bounded() -> Any:  # without the app's timeout the connect would never end
         try:
-            return await asyncio.wait_for(job(port, True), 30)
+            return await asyncio.wait_for(_apg_stranded_job(port, True, timeout=1), 30)
         except asyncio.TimeoutError:
             return "hung"
 
     try:
         with timetracer_otel.record(dir=tmp_path) as rec:
-            assert asyncio.run(job(PG_PORT, False)) == [1]
+            assert asyncio.run(_apg_stranded_job(PG_PORT, False, timeout=1)) == [1]
         with timetracer_otel.replay(rec.paths, on_miss="passthrough") as rep:
             out = asyncio.run(bounded())
     finally:
