@@ -50,6 +50,14 @@ def normalise_statement(statement: str | bytes) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+def begins_transaction(statement: str) -> bool:
+    """Whether ``statement`` begins a transaction (BEGIN, START TRANSACTION)."""
+    words = statement.split(None, 2)
+    first = words[0].upper().rstrip(";") if words else ""
+    second = words[1].upper().rstrip(";") if len(words) > 1 else ""
+    return first == "BEGIN" or (first == "START" and second == "TRANSACTION")
+
+
 def statement_shape(statement: str) -> str:
     """The normalised statement with driver-generated names replaced by ``_N``."""
     for pattern, repl in _GENERATED:

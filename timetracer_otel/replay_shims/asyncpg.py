@@ -72,7 +72,7 @@ from timetracer_otel.replay_shims.base import (
     stranded,
     unsupported,
 )
-from timetracer_otel.sql import sql_call
+from timetracer_otel.sql import begins_transaction, sql_call
 
 SCOPE = "opentelemetry.instrumentation.asyncpg"
 LIBRARY = "asyncpg"
@@ -248,14 +248,15 @@ _servers: dict[str | None, Tree] = {}
 # The timeout the app gave asyncpg.connect (its default otherwise), which bounds the whole
 # connect there, out of _connect_addr's sight: kept by the connect wrapper for the real
 # connection a miss opens later (see _live_connection), bounded the same.
+_DEFAULT_CONNECT_TIMEOUT = 60.0  # asyncpg.connect's own
 _CONNECT_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "timetracer_asyncpg_connect_timeout", default=60.0)
+    "timetracer_asyncpg_connect_timeout", default=_DEFAULT_CONNECT_TIMEOUT)
 
 
 def _connect(original: Any) -> Any:
     @functools.wraps(original)
     async def connect(*args: Any, **kwargs: Any) -> Any:
-        token = _CONNECT_TIMEOUT.set(kwargs.get("timeout", 60.0))
+        token = _CONNECT_TIMEOUT.set(kwargs.get("timeout", _DEFAULT_CONNECT_TIMEOUT))
         try:
             return await original(*args, **kwargs)
         finally:
@@ -552,10 +553,7 @@ def _note_begin(proto: _ReplayProtocol, query: str) -> None:
     if not proto.xact:
         proto.begin = None
         return
-    words = query.split(None, 2)
-    first = words[0].upper().rstrip(";") if words else ""
-    second = words[1].upper().rstrip(";") if len(words) > 1 else ""
-    if first == "BEGIN" or (first == "START" and second == "TRANSACTION"):
+    if begins_transaction(query):
         proto.begin = query
 
 
@@ -681,13 +679,11 @@ def _prepare(original: Any) -> Any:
         call = sql_call(LIBRARY, query, None, database=self._params.database, operation="prepare")
         described = base.STATEMENTS.get(call.key) if STATE.mode is Mode.REPLAY \
             and _is_replay_conn(self) and not STATE.is_live(LIBRARY) else None
-        if described is not None and STATE.index is not None:
-            # Prepared again on a fresh replayed connection (see base.STATEMENTS): its own
-            # recorded prepare if this request has one, else the statement's description.
-            match = STATE.index.take(call)
-            action: Any = match if match is not None else None
-        else:
-            action = decide(call)
+        # Prepared again on a fresh replayed connection (see base.STATEMENTS): its own
+        # recorded prepare if this request has one, else (None) the statement's description.
+        index = STATE.index
+        action: Any = index.take(call) if described is not None and index is not None \
+            else decide(call)
         if isinstance(action, Match) or action is None:
             self._check_open()
             if action is not None and action.span.error is not None:

@@ -41,6 +41,7 @@ recorded under on_miss="record".
 from __future__ import annotations
 
 import ctypes
+import functools
 import getpass
 import itertools
 import logging
@@ -80,7 +81,7 @@ from timetracer_otel.replay_shims.base import (
     suppressed,
     unsupported,
 )
-from timetracer_otel.sql import sql_call
+from timetracer_otel.sql import begins_transaction, sql_call
 
 log = logging.getLogger("timetracer_otel")
 LIBRARY = "psycopg"
@@ -316,14 +317,6 @@ def _simple_result(command: str) -> RecordedResult:
 # --- the replay connection -----------------------------------------------------------------
 
 
-def _begins(command: str) -> bool:
-    """Whether ``command`` begins a transaction (BEGIN, START TRANSACTION)."""
-    words = command.split(None, 2)
-    first = words[0].upper().rstrip(";") if words else ""
-    second = words[1].upper().rstrip(";") if len(words) > 1 else ""
-    return first == "BEGIN" or (first == "START" and second == "TRANSACTION")
-
-
 class ReplayPGconn(PGconn):
     """A libpq PGconn that never connected, reporting the recorded session.
 
@@ -447,7 +440,7 @@ class ReplayPGconn(PGconn):
         words = command.split(None, 2)
         first = words[0].upper() if words else ""
         second = words[1].upper() if len(words) > 1 else ""
-        if _begins(command):
+        if begins_transaction(command):
             self._tx_status = _TS.INTRANS
             self._begin = command
         elif first == "ROLLBACK" and second == "TO":
@@ -756,13 +749,13 @@ def _note_begin(cur: Any, call: Call) -> None:
         return
     if pgconn._tx_status == _TS.IDLE:
         pgconn._begin = None
-    elif isinstance(statement, str) and _begins(statement):
+    elif isinstance(statement, str) and begins_transaction(statement):
         pgconn._begin = statement
 
 
 # What the server answers a statement in a failed transaction (psycopg's InFailedSqlTransaction).
 _IN_FAILED = b"current transaction is aborted, commands ignored until end of transaction block"
-_ENDS_FAILED = ("ROLLBACK", "ABORT", "COMMIT", "END", "PREPARE")
+_ENDS_FAILED = ("ROLLBACK", "ABORT", "COMMIT", "END", "PREPARE TRANSACTION")
 
 
 def _in_failed_transaction(cur: Any, call: Call) -> psycopg.Error | None:
@@ -850,8 +843,13 @@ def _listens(query: Any) -> bool:
     """Whether the query subscribes to notifications (``LISTEN``), which a replayed connection
     would never deliver: refused rather than answered with a silent nothing. Only a LISTEN
     statement: not the word in a string, a comment or an identifier. Read from the query as
-    the app gave it (the call's statement has its comments removed, and line ends with them)."""
-    statement = _statement(query)
+    the app gave it (the call's statement has its comments removed, and line ends with them).
+    Per text once: a replayed connection asks it of every statement."""
+    return _listens_text(_statement(query))
+
+
+@functools.lru_cache(maxsize=4096)
+def _listens_text(statement: str | bytes) -> bool:
     if isinstance(statement, bytes):
         statement = statement.decode("utf-8", "replace")
     if "listen" not in statement.lower():
