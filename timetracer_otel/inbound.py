@@ -45,7 +45,7 @@ from timetracer_otel.errors import (
 from timetracer_otel.index import ReplayIndex, ReplayReport
 from timetracer_otel.keys import field_diff
 from timetracer_otel.replay_shims.asgi import PROBE, Exchange, message_tree
-from timetracer_otel.replay_shims.base import ATTR_LIFESPAN, learn_statements, statements
+from timetracer_otel.replay_shims.base import is_startup_span, learn_statements, statements
 from timetracer_otel.runtime import Replaying, replay
 
 T = TypeVar("T")
@@ -416,7 +416,7 @@ def _last_line(message: Any) -> str:
 def is_startup(cassette: Cassette) -> bool:
     """A cassette of an app's recorded lifespan startup (see ``replay_shims.asgi``)."""
     root = cassette.root_span
-    return root is not None and root.attributes.get(ATTR_LIFESPAN) == "startup"
+    return root is not None and is_startup_span(root)
 
 
 def startup_cassette(cassettes: Iterable[tuple[str, Cassette]]) -> tuple[str, Cassette] | None:
@@ -463,8 +463,7 @@ class Lifespan:
             asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._rep: Replaying | None = None
-        self._started = 0  # misses in the startup's replay when the startup answered
-        self._misses_at_answer = 0
+        self._misses_at_answer = 0  # misses in the lifespan's replay when the app last answered
         self._read = False  # the app read the startup message
 
     async def _run(self) -> None:
@@ -510,14 +509,13 @@ class Lifespan:
         # (None: the app returned or raised; what the replay saw until now)
         report = at_answer if at_answer is not None else self._rep.report
         trouble: list[str] = []
-        if report.failed(self._rep.on_miss is OnMiss.ERROR):
-            for what, calls in (("no recorded answer for", report.misses[seen[0]:]),
-                                ("could not go live", report.stranded[seen[1]:]),
-                                ("unsupported in replay", report.unsupported[seen[2]:])):
-                if calls and (what != "no recorded answer for"
-                              or self._rep.on_miss is OnMiss.ERROR):
-                    more = f" and {len(calls) - 3} more" if len(calls) > 3 else ""
-                    trouble.append(f"{what} {', '.join(calls[:3])}{more}")
+        misses = report.misses[seen[0]:] if self._rep.on_miss is OnMiss.ERROR else []
+        for what, calls in (("no recorded answer for", misses),
+                            ("could not go live", report.stranded[seen[1]:]),
+                            ("unsupported in replay", report.unsupported[seen[2]:])):
+            if calls:
+                more = f" and {len(calls) - 3} more" if len(calls) > 3 else ""
+                trouble.append(f"{what} {', '.join(calls[:3])}{more}")
         self._misses_at_answer = len(report.misses)
         return answer, "; ".join(trouble) or None
 
@@ -545,7 +543,6 @@ class Lifespan:
 
     async def _startup(self) -> str | None:
         answer, trouble = await self._answer("lifespan.startup")
-        self._started = self._misses_at_answer
         answer = answer or {}
         kind = answer.get("type")
         if kind == "lifespan.startup.complete" and trouble is None:
@@ -569,6 +566,22 @@ class Lifespan:
                  "no recorded startup in the cassettes")
         return f"the app's lifespan startup failed ({where}): {trouble}"
 
+    async def begin(self, fallback: bool) -> str | None:
+        """:meth:`startup`, and what its failure means: raises :class:`_NoLifespan` (an app
+        outside the protocol where one is required) or :class:`_StartupFailed` (no request
+        can run as recorded), unless ``fallback`` (``auto`` with no recorded startup: a
+        recording from before, a framework whose middleware never sees the lifespan), where
+        the requests run without a lifespan, as before, and the note saying so is returned."""
+        failed = await self.startup()
+        if failed is None:
+            return None
+        await self.close()
+        if self.required and not self.supported:
+            raise _NoLifespan(failed)
+        if not fallback:
+            raise _StartupFailed(failed)
+        return f"{failed}; the requests ran without the lifespan"
+
     async def close(self) -> None:
         """End the app's lifespan task without a shutdown (after a failed startup)."""
         try:  # (the app's own clean-up on cancel still runs inside the startup's replay)
@@ -586,7 +599,8 @@ class Lifespan:
         if self._task is None or self._task.done() or not self.supported:
             self._end()
             return None
-        meanwhile = self._rep.report.misses[self._started:] if self._rep is not None else []
+        # (since the startup answered: the tasks it left running, while the requests ran)
+        meanwhile = self._rep.report.misses[self._misses_at_answer:] if self._rep else []
         try:
             answer, trouble = await self._answer("lifespan.shutdown")
             answer = answer or {}
@@ -671,14 +685,13 @@ async def _replay_in_lifespan(
     life: Lifespan | None = Lifespan(app, startup, required=not auto, on_miss=on_miss, live=live,
                                      timeout=timeout, strict=strict, lone=lone)
     assert life is not None
-    failed = await life.startup()
-    notes = []
-    if failed is not None:
-        await life.close()
-        if not auto or startup is not None:
-            return InboundResult(ok=False, label=_label(span), diff=[failed],
-                                 report=ReplayReport(), source=source)
-        notes.append(f"{failed}; the request ran without the lifespan")
+    try:
+        note = await life.begin(fallback=auto and startup is None)
+    except (_NoLifespan, _StartupFailed) as exc:
+        return InboundResult(ok=False, label=_label(span), diff=[str(exc)],
+                             report=ReplayReport(), source=source)
+    notes = [] if note is None else [note]
+    if note is not None:
         life = None
     try:
         result = await _replay_request(loaded, source, span, app, on_miss=on_miss, strict=strict,
@@ -895,16 +908,9 @@ def replay_asgi_command(source: str, app_ref: str, *, on_miss: str, strict: bool
         if lifespan != "off":
             life = Lifespan(app, startup, required=lifespan == "on", on_miss=on_miss, live=live,
                             strict=strict, lone=[(p, c) for p, c in others if c.root is None])
-            failed = await life.startup()
-            if failed is not None:
-                await life.close()
-                if lifespan == "on" and not life.supported:
-                    raise _NoLifespan(failed)
-                if lifespan == "on" or startup is not None:  # no request can run as recorded
-                    raise _StartupFailed(failed)
-                # auto, and no startup recorded (a recording from before, a framework whose
-                # middleware never sees the lifespan): the requests run without, as before.
-                notes.append(f"{failed}; the requests ran without the lifespan")
+            note = await life.begin(fallback=lifespan == "auto" and startup is None)
+            if note is not None:
+                notes.append(note)
                 life = None
         try:
             for path, cassette in inbound:

@@ -602,9 +602,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(plugin, "timetracer-otel-session")
 
 
-_UNREAD = object()
-
-
 class TimetracerPlugin:
     """Session state: the options, the span collector and the network guard."""
 
@@ -626,7 +623,7 @@ class TimetracerPlugin:
         self.collector: _SpanCollector | None = None
         self.secrets = _TestSecrets()
         self._app: Any = None
-        self._startup: object = _UNREAD
+        self.startups: list[tuple[str, Cassette]] = []  # (see CassetteFile.collect)
         self.lone: list[tuple[str, Cassette]] = []  # (see CassetteFile.collect)
         self.statements: dict[str, Any] = {}  # (see base.STATEMENTS)
         if self.guard is not None:
@@ -650,18 +647,11 @@ class TimetracerPlugin:
         return self.collector
 
     def startup(self) -> tuple[str, Cassette] | None:
-        """The app's latest recorded lifespan startup in ``--timetracer-replay-dir`` (its
-        cassettes are named after their root span: only those files are read)."""
-        if self._startup is _UNREAD:
-            from timetracer_otel.inbound import startup_cassette
+        """The app's latest recorded lifespan startup in ``--timetracer-replay-dir`` (the
+        startup cassettes collection met, see CassetteFile.collect)."""
+        from timetracer_otel.inbound import startup_cassette
 
-            found = []
-            for path in find_cassettes(self.replay_dir):
-                if path.name.startswith("lifespan_startup"):
-                    with contextlib.suppress(CassetteError):
-                        found.append((str(path), load_cassette(path)))
-            self._startup = startup_cassette(found)
-        return self._startup  # type: ignore[return-value]
+        return startup_cassette(self.startups)
 
     def asgi_app(self) -> Any:
         if self._app is None:
@@ -881,8 +871,10 @@ class CassetteFile(pytest.File):
         if isinstance(plugin, TimetracerPlugin):
             learn_statements(cassette.interactions, plugin.statements)
         span = inbound_span(cassette)
-        if span is None and is_startup(cassette):
-            return  # an app's recorded lifespan startup: each item runs it (ReplayItem)
+        if span is None and is_startup(cassette):  # each item runs it (ReplayItem)
+            if isinstance(plugin, TimetracerPlugin):
+                plugin.startups.append((str(self.path), cassette))
+            return
         if span is None and cassette.root is None and isinstance(plugin, TimetracerPlugin):
             plugin.lone.append((str(self.path), cassette))  # (they answer a startup too)
         if span is None:

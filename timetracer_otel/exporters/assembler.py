@@ -43,7 +43,7 @@ from typing import Any
 import msgspec
 
 from timetracer_otel.cassette import SpanRecord
-from timetracer_otel.replay_shims.base import ATTR_LIFESPAN
+from timetracer_otel.replay_shims.base import is_startup_span
 
 log = logging.getLogger("timetracer_otel")
 
@@ -61,7 +61,7 @@ class TraceBatch:
     trace_id: str
     spans: list[SpanRecord] = field(default_factory=list)
     root: SpanRecord | None = None
-    complete: bool = True  # (a late batch: False makes its cassette say complete: false)
+    complete: bool = True  # False: its cassette says so (spans lost; late: their parents never came)
     last_ns: int = 0  # (an open trace: when its latest span came, time.monotonic_ns)
     resource: dict[str, Any] | None = None  # the root's service (its first span's until then)
     ids: set[str] = field(default_factory=set)  # its spans' ids
@@ -202,9 +202,7 @@ class TraceAssembler:
             # process cassette, a span of its own (a job's) a root with its own cassette.
             span = msgspec.structs.replace(span, parent_id=None)
             if span.kind in OUTBOUND_KINDS:
-                self._to_process(span)
-                if self.process.resource is None:
-                    self.process.resource = resource
+                self._to_process(span, resource)
                 return
             is_root = True
         if span.trace_id in self.closed and self._late(span, is_root, batch):
@@ -214,9 +212,7 @@ class TraceAssembler:
             return
         if batch is None:
             if is_root and span.kind in OUTBOUND_KINDS:
-                self._to_process(span)  # a lone dependency call of a plain script
-                if self.process.resource is None:
-                    self.process.resource = resource
+                self._to_process(span, resource)  # a lone dependency call of a plain script
                 return
             batch = self.open[span.trace_id] = TraceBatch(span.trace_id)
         if len(batch.ids) >= self.max_spans_per_trace:
@@ -229,7 +225,7 @@ class TraceAssembler:
                 _index(batch.kids, span)
         batch.last_ns = time.monotonic_ns()
         if is_root:
-            if ATTR_LIFESPAN in span.attributes:
+            if is_startup_span(span):
                 self.startups[span.span_id] = span.end_ns
                 while len(self.startups) > 64:
                     self.startups.popitem(last=False)
@@ -331,7 +327,9 @@ class TraceAssembler:
                 routes[sid] = route
         return routes
 
-    def _to_process(self, span: SpanRecord) -> None:
+    def _to_process(self, span: SpanRecord, resource: dict[str, Any] | None = None) -> None:
+        if self.process.resource is None:
+            self.process.resource = resource
         if span.span_id in self.process.ids:
             self.duplicate_spans += 1
             return

@@ -64,7 +64,7 @@ from timetracer_otel.exporters.storage import (
     write_many,
 )
 from timetracer_otel.redaction import Redactor
-from timetracer_otel.replay_shims.base import ATTR_LIFESPAN, STATE
+from timetracer_otel.replay_shims.base import STATE, is_startup_span
 
 log = logging.getLogger("timetracer_otel")
 
@@ -226,7 +226,7 @@ def is_error_trace(batch: TraceBatch) -> bool:
 def _startup(batch: TraceBatch) -> bool:
     """An app's lifespan startup (see ``replay_shims.asgi``): kept whatever the sampling, as
     every replay of that app's requests starts the app with it."""
-    return batch.root is not None and ATTR_LIFESPAN in batch.root.attributes
+    return batch.root is not None and is_startup_span(batch.root)
 
 
 def sampled(trace_id: str, rate: float) -> bool:
@@ -311,8 +311,6 @@ class CassetteWriter:
         self._unwritten: list[tuple[str, bytes, Cassette]] = []
         # (trace id, root span id) -> its cassette
         self._where: OrderedDict[tuple[str, str | None], str] = OrderedDict()
-        # The end of each app startup's span among them (see _add_late).
-        self._startup_ends: dict[tuple[str, str | None], int] = {}
         # Cassettes whose write failed (a full disk, a bucket out of reach), tried again with
         # the next ones and at the end, up to RETRY_MAX_BYTES; past it, or at the end, lost
         # and counted in ``unwritten``.
@@ -694,15 +692,15 @@ class CassetteWriter:
         if batch.late:
             self._add_late(batch)
             return
-        if _startup(batch):
-            # What began after the startup answered (spans that came before the root did) is
-            # not the startup's (see TraceAssembler.add).
-            end = batch.root.end_ns  # type: ignore[union-attr]
-            batch.spans = [s for s in batch.spans if s.start_ns <= end]
+        root, startup = batch.root, _startup(batch)
+        if startup and root is not None:
+            # What began after the startup answered and came before its root did (TraceAssembler
+            # .add re-roots what comes after it) is dropped: it is not the startup's.
+            batch.spans = [s for s in batch.spans if s.start_ns <= root.end_ns]
             if len(batch.spans) == 1:
-                return  # a startup that made no call: replay runs it as well without a cassette
-        if ((batch.root is not None and not sampled(batch.trace_id, self.sample_rate))
-                or (self.errors_only and not is_error_trace(batch))) and not _startup(batch):
+                return  # only the startup's own span: replay runs it as well without a cassette
+        if not startup and ((root is not None and not sampled(batch.trace_id, self.sample_rate))
+                            or (self.errors_only and not is_error_trace(batch))):
             self.skipped += 1
             return
         cassette = rescrubbed(self.build(batch))
@@ -733,7 +731,7 @@ class CassetteWriter:
             self._write_unwritten()  # (its cassette first)
         key = (batch.trace_id, batch.late_root)
         where = self._where.get(key)
-        end = self._startup_ends.get(key)
+        end = self.assembler.startups.get(batch.late_root) if batch.late_root else None
         if where is not None and end is not None:
             # An app's startup takes what began before it answered (a task it started
             # already calling), not what the tasks it left running call later, for as long
@@ -793,13 +791,9 @@ class CassetteWriter:
             if cassette.root is not None or _rootless(cassette):
                 # Where spans of its trace that come late go (those under a span of a
                 # cassette without a root: the latest of its trace's such cassettes).
-                key = (cassette.spans[0].trace_id, cassette.root)
-                self._where[key] = where
-                root = cassette.root_span
-                if root is not None and ATTR_LIFESPAN in root.attributes:
-                    self._startup_ends[key] = root.end_ns
+                self._where[(cassette.spans[0].trace_id, cassette.root)] = where
                 while len(self._where) > 10 * self.assembler.max_open_traces:
-                    self._startup_ends.pop(self._where.popitem(last=False)[0], None)
+                    self._where.popitem(last=False)
             if self.on_written is not None:
                 try:
                     self.on_written(where, cassette)

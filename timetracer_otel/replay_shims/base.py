@@ -63,6 +63,11 @@ ATTR_TRUNCATED = "timetracer.truncated"
 ATTR_REPLAY = "timetracer.replay"
 # On the span around an ASGI app's lifespan startup (replay_shims/asgi.py): "startup".
 ATTR_LIFESPAN = "timetracer.lifespan"
+
+
+def is_startup_span(span: SpanRecord) -> bool:
+    """The span ``replay_shims.asgi`` opens around an app's lifespan startup."""
+    return bool(span.attributes.get(ATTR_LIFESPAN) == "startup")
 PAYLOAD_ATTRS = frozenset(
     {ATTR_PAYLOAD, ATTR_LIBRARY, ATTR_KEY, ATTR_SHAPE, ATTR_LABEL, ATTR_REQUEST, ATTR_RESPONSE,
      ATTR_ERROR, ATTR_TRUNCATED}
@@ -371,14 +376,14 @@ BUILDERS: dict[str, Callable[[Any], Payload]] = {}
 # and replayed on a fresh one prepares it again, and the description depends on the
 # statement and the schema only, not on which request first prepared it. Only while such a
 # replay runs (:func:`statements`: `replay --asgi`, the pytest plugin's replay-dir items);
-# the SQL shims read it when a ``prepare`` finds no recorded call.
+# asyncpg's ``_prepare`` reads it when a ``prepare`` finds no recorded call.
 STATEMENTS: dict[str, Any] = {}
 
 
 def learn_statements(spans: Iterable[Any], into: dict[str, Any]) -> None:
-    """Keep the description of every successful recorded ``prepare`` among ``spans``; the
-    latest recorded wins."""
-    for span in sorted(spans, key=lambda s: s.start_ns):
+    """Keep the description of every successful recorded ``prepare`` among ``spans`` (any
+    one of a statement's: it depends on the statement and the schema only)."""
+    for span in spans:
         request = span.request
         if span.error is None and span.key and isinstance(request, dict) \
                 and request.get("op") == "prepare" and span.response is not None:
