@@ -312,24 +312,17 @@ _NOT_STRINGS = frozenset({"N", "NS", "B", "BS", "BOOL", "NULL"})
 _STRING_TAGS = frozenset({"$set", "$frozenset", "$tuple", "$list"})
 
 
-def _string_tokens(r: Any, value: Any, kind: Any = None) -> Any:
+def _string_tokens(r: Any, value: Any) -> Any:
     """A value under a built-in secret name in DynamoDB's data: its strings tokens (``{"S":
     token}``, a string set's members), its numbers, binaries and booleans kept."""
     if isinstance(value, dict):
         return {k: v if k in _NOT_STRINGS or (str(k).startswith("$") and k not in _STRING_TAGS)
-                else _string_tokens(r, v, k) for k, v in value.items()}
+                else _string_tokens(r, v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_string_tokens(r, v, kind) for v in value]
+        return [_string_tokens(r, v) for v in value]
     return r.token(value) if isinstance(value, str) else value
 
 
-def _data_doc(r: Any, doc: Any, typed: bool = False) -> Any:
-    """The app's data (a decoded JSON object, DynamoDB items) with the built-in secret names
-    (``redaction.SECRET_FIELDS``, as MongoDB documents get them) and the user's own rules
-    applied. A built-in name makes every leaf a token (``typed``, DynamoDB: only strings, see
-    :func:`_string_tokens`); a user rule every leaf (typed: see :func:`_tokens`)."""
-    named, paths = _user_rules(r)
-    return _by_user_rules(r, doc, named, paths, typed, builtin=True)
 
 
 _EXPRESSIONS = ("ConditionExpression", "FilterExpression", "KeyConditionExpression",
@@ -398,15 +391,18 @@ def _condition_value(r: Any, value: Any) -> Any:
     return _string_tokens(r, value)
 
 
-def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], ...],
-                   typed: bool = False, builtin: bool = False) -> Any:
-    """A decoded JSON value with the user's own rules applied (see :func:`_user_rules`), and
-    with ``builtin`` the built-in secret names (see :func:`_data_doc`); ``typed``: DynamoDB's
-    wire form (see :func:`_tokens`)."""
+def _data_doc(r: Any, node: Any, typed: bool = False) -> Any:
+    """The app's data (a decoded JSON object, DynamoDB items) with the built-in secret names
+    (``redaction.SECRET_FIELDS``, as MongoDB documents get them) and the user's own rules
+    (see :func:`_user_rules`) applied. A built-in name makes every leaf a token (``typed``,
+    DynamoDB's wire form: only strings, see :func:`_string_tokens`); a user rule every leaf
+    (typed: see :func:`_tokens`)."""
+    named, paths = _user_rules(r)
+
     def hit(k: Any, v: Any) -> Any:
         if k in named:
             return _tokens(r, v, typed)
-        if builtin and isinstance(k, str) and k.lower() in _DEFAULT_NAMES:
+        if isinstance(k, str) and k.lower() in _DEFAULT_NAMES:
             return _string_tokens(r, v) if typed else _tokens(r, v)
         return anywhere(v)
 
@@ -432,8 +428,7 @@ def _by_user_rules(r: Any, node: Any, named: Any, paths: tuple[tuple[str, ...], 
         return {k: path(v, rest) if fnmatch.fnmatchcase(str(k).lower(), low) else v
                 for k, v in n.items()}
 
-    if named or builtin:
-        node = anywhere(node)
+    node = anywhere(node)
     for segs in paths:
         node = path(node, segs)
     return node
@@ -577,6 +572,11 @@ def _json_blobs(r: Any, tree: Any, headers: list[Any] | None = None) -> Any:
     return tree
 
 
+def _encoded(headers: list[Any]) -> bool:
+    return any(str(h[0]).lower() == "content-encoding" and str(h[1]).strip().lower()
+               not in ("", "identity") for h in headers)
+
+
 def _scrubbed(r: Any, body: bytes) -> bytes:
     scrubbed: bytes = r.scrub_bytes(body)
     return scrubbed
@@ -597,19 +597,20 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
     _without_secrets(shape, result)  # (only the tokens it makes, which teach the redactor)
     r = STATE.redactor
     data = _data_plane(client, operation)
+    typed = client.meta.service_model.service_name in _DATA_SERVICES
     out = []
     for send in sends:
         body = send.get("body")
         if isinstance(body, bytes):
             status = send.get("status")
             plain = _body_redacted(r, send["headers"], body,
-                                   data and isinstance(status, int) and status < 300,
-                                   client.meta.service_model.service_name in _DATA_SERVICES)
+                                   data and isinstance(status, int) and status < 300, typed)
             if plain is None:
                 stored = r.response({"headers": send["headers"], "body": body})
-                # (an encoding it cannot unpack keeps its bytes there: a known secret in
-                # them is masked all the same)
-                stored["body"] = _scrubbed(r, stored["body"])
+                if _encoded(send["headers"]):
+                    # (an encoding it cannot unpack keeps its bytes there: a known secret in
+                    # them is masked all the same; a plain body Redactor.body scrubbed)
+                    stored["body"] = _scrubbed(r, stored["body"])
             else:
                 stored = {"headers": r.scrub(send["headers"]), "body": plain}
             if stored["body"] != body:

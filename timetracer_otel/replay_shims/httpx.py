@@ -71,7 +71,7 @@ class _BrokenChunks(_Chunks):
     when the app reaches it, as a refused rebuild is counted then)."""
 
     def __init__(self, chunks: list[bytes], error: BaseException | Callable[[], BaseException]) -> None:
-        self.chunks = chunks
+        super().__init__(chunks)
         self.error = error
 
     def _error(self) -> BaseException:

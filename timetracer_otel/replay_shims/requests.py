@@ -30,7 +30,6 @@ import io
 import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from http.client import HTTPMessage
 from typing import Any, NoReturn
 
 import requests
@@ -251,7 +250,7 @@ def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str,
          request: requests.PreparedRequest, error: BaseException | None = None,
          chunks: list[int] | None = None) -> HTTPResponse:
     hd = HTTPHeaderDict()
-    msg = HTTPMessage()
+    msg = http.client.HTTPMessage()
     for k, v in headers:
         hd.add(k, v)
         msg[k] = v
@@ -274,7 +273,7 @@ def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str,
 
 
 class _Original:
-    def __init__(self, msg: HTTPMessage, method: str | None) -> None:
+    def __init__(self, msg: http.client.HTTPMessage, method: str | None) -> None:
         self.msg = msg
         self._method = method  # urllib3's read_chunked asks whether it answers a HEAD
 
@@ -407,7 +406,7 @@ def _session_send(original: Any) -> Any:
         if isinstance(response, requests.Response):
             # (the first of a redirect chain is in the history of the last, which its own
             # send returned: each response is set once, by the send that made it or this one)
-            for r in (*response.history, response) if response.history else (response,):
+            for r in (*response.history, response):
                 _set_elapsed(r)
         return response
 
