@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -256,6 +257,29 @@ def mongo_port() -> Iterator[int]:
     """The session's MongoDB-wire server (a one-member replica set, as secantusdb starts)."""
     with mongo_server() as port:
         yield port
+
+
+def typed(value: Any) -> Any:
+    """A value with the type of every part, down to a datetime's tzinfo."""
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [typed(v) for v in value])
+    if isinstance(value, dict):
+        return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
+    if isinstance(value, BaseException):
+        return (type(value).__module__, type(value).__qualname__, typed(value.args))
+    return (type(value).__name__, repr(value), repr(getattr(value, "tzinfo", None)))
+
+
+def stop_process(proc: subprocess.Popen[str]) -> str:
+    """A warm shutdown (SIGTERM, as a deploy sends it) of a worker process, its output
+    returned."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
 
 
 def plain_env(**extra: str) -> dict[str, str]:

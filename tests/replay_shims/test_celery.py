@@ -5,7 +5,6 @@ the CLI, then each task run replayed again with its dependency (a uvicorn upstre
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import timetracer_otel
-from tests.conftest import ServerThread, connects_refused, plain_env, timetracer_cli
+from tests.conftest import ServerThread, connects_refused, plain_env, stop_process, timetracer_cli, typed
 from tests.replay_shims import celery_app_changed
 from tests.replay_shims.celery_app import (
     add,
@@ -90,28 +89,7 @@ def worker(clean_broker: None) -> Iterator[Callable[..., subprocess.Popen[str]]]
 
     yield start
     for proc in started:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    """A warm shutdown (SIGTERM, as a deploy sends it), its output returned."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()[0]
-
-
-def typed(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [typed(v) for v in value])
-    if isinstance(value, dict):
-        return ("dict", [(k, typed(v)) for k, v in value.items()])
-    if isinstance(value, BaseException):
-        return (type(value).__name__, str(value))
-    return (type(value).__name__, repr(value))
+        stop_process(proc)
 
 
 def producer_job() -> list[Any]:
@@ -164,7 +142,7 @@ def test_sending_tasks_and_reading_results_replay_without_a_broker(
     worker()
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = producer_job()
-    assert live[:3] == [5, "SUCCESS", True] and typed(live[3]) == ("ValueError", "bad input 7")
+    assert live[:3] == [5, "SUCCESS", True] and typed(live[3]) == typed(ValueError("bad input 7"))
     assert live[4] == "FAILURE" and type(live[5]) is ValueError
     assert live[7:] == ["tt.add", [2, 3], 8, "SUCCESS", [0, 2, 4],
                         ("celery.exceptions", "QuotaExceeded", ("user 7 is over quota", 7)),
@@ -220,7 +198,7 @@ def test_on_miss_record_keeps_a_new_send_and_its_result(
         assert [add.delay(2, 3).get(timeout=30), add.delay(5, 5).get(timeout=30)] == [5, 10]
     assert rep.report.misses == ["send tt.add", "result tt.add"]
     assert len(rep.written) == 1  # an appended-... cassette beside the first
-    stop(proc)  # no worker, no broker: both calls now answer from the cassettes
+    stop_process(proc)  # no worker, no broker: both calls now answer from the cassettes
     with connects_refused() as attempts, timetracer_otel.replay(tmp_path, strict=True) as again:
         assert [add.delay(2, 3).get(timeout=30), add.delay(5, 5).get(timeout=30)] == [5, 10]
     assert attempts == [] and again.report.misses == [] and again.report.unused == []
@@ -278,7 +256,7 @@ def test_worker_controls_replay_without_a_broker(
     ((name, pong),) = live[3].items()  # one worker answered the ping
     assert name.startswith("celery@") and pong == {"ok": "pong"}
     assert live[4] == [{name: {"ok": "new rate limit set successfully"}}]
-    stop(proc)
+    stop_process(proc)
     app.close()  # the broker connections the recording left open, too
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = job()
@@ -327,7 +305,7 @@ def test_a_restored_group_replays_without_a_broker(
     with timetracer_otel.record(dir=tmp_path / "job") as rec:
         live = job(earlier.id)
     assert live == ["GroupResult", True, True, [0, 2, 4], "GroupResult", earlier.id, [1, 2], None]
-    stop(proc)
+    stop_process(proc)
     app.close()  # the broker connections the recording left open, too
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = job(earlier.id)  # (the id as the app's own replayed read gives it back)
@@ -356,7 +334,7 @@ def test_a_recorded_worker_runs_its_tasks_again_offline(
             flaky.delay(3).get(timeout=30)]
     with pytest.raises(ValueError, match="bad input 9"):
         fail.delay(9).get(timeout=30)
-    output = stop(proc)
+    output = stop_process(proc)
     upstream.stop()  # the task's dependency is gone for the replay
     assert live == [{"id": 4, "name": "User 4", "score": 10.0, "tags": ["a", "b"]}, 5, 30]
     runs: dict[str, Path] = {}
@@ -404,7 +382,7 @@ def test_a_replayed_run_reads_its_request_as_the_worker_set_it(
     first = add.si(1, 2)
     chained = chain(first, audited.si(4, upstream.url)).apply_async()
     live = {"alone": alone.get(timeout=30), "chained": chained.get(timeout=30)}
-    stop(proc)
+    stop_process(proc)
     upstream.stop()
     assert live["alone"]["tenant"] == "acme" and live["alone"]["headers"]["tenant"] == "acme"
     assert live["alone"]["root"] == alone.id and live["alone"]["host"].startswith("celery@")
@@ -455,7 +433,7 @@ def test_a_prefork_worker_records_the_runs_of_its_children(
         time.sleep(0.2)
     napping.revoke(terminate=True)
     assert napping.get(timeout=30, propagate=False).__class__.__name__ == "TaskRevokedError"
-    output = stop(proc)
+    output = stop_process(proc)
     upstream.stop()
     runs: dict[int, Path] = {}
     others: list[Path] = []

@@ -9,8 +9,6 @@ worker's task runs replay through ``timetracer-otel replay DIR --celery MODULE:A
 from __future__ import annotations
 
 import gc
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from celery._state import get_current_app
 from opentelemetry import trace
 
 import timetracer_otel
-from tests.conftest import connects_refused, plain_env, timetracer_cli
+from tests.conftest import connects_refused, plain_env, stop_process, timetracer_cli, typed, unreachable_port
 from tests.replay_shims.celery_app_amqp import (
     BROKER,
     PaymentDeclined,
@@ -45,14 +43,6 @@ SETUPS: dict[str, tuple[Celery, str, str, str]] = {
     "rpc": (rpc_app, "rpc_app", "rpc://", "json"),
     "redis": (redis_app, "redis_app", "redis://127.0.0.1:{port}/14", "pickle"),
 }
-
-
-def dead_port() -> int:
-    """A port of 127.0.0.1 nothing listens on (bound by the system, then let go)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def start_worker(app: Celery, attr: str, record_dir: Path) -> subprocess.Popen[str]:
@@ -78,17 +68,6 @@ def start_worker(app: Celery, attr: str, record_dir: Path) -> subprocess.Popen[s
     return proc
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    """A warm shutdown (SIGTERM, as a deploy sends it), its output returned."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()[0]
-
-
 @pytest.fixture(autouse=True)
 def current_app() -> Iterator[None]:
     """The tests make the app under test the current one (see below): set back after."""
@@ -102,18 +81,7 @@ def workers() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
     for proc in started:
-        stop(proc)
-
-
-def typed(value: Any) -> Any:
-    """A value with the type of every part, down to a datetime's tzinfo."""
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [typed(v) for v in value])
-    if isinstance(value, dict):
-        return ("dict", [(typed(k), typed(v)) for k, v in value.items()])
-    if isinstance(value, BaseException):
-        return (type(value).__module__, type(value).__qualname__, typed(value.args))
-    return (type(value).__name__, repr(value), repr(getattr(value, "tzinfo", None)))
+        stop_process(proc)
 
 
 def producer_job(app: Celery, polls: int) -> list[Any]:
@@ -158,7 +126,7 @@ def test_a_producer_and_a_worker_over_rabbitmq_replay_with_the_broker_gone(
     polls = 4 if backend == "rpc" else 100  # (see below: rpc's ready() stays false until get())
     with timetracer_otel.record(dir=tmp_path / "producer") as rec:
         live = producer_job(app, polls)
-    output = stop(worker)
+    output = stop_process(worker)
     app.close()  # the broker connections the recording left open, too
 
     quote = live[0]
@@ -193,7 +161,7 @@ def test_a_producer_and_a_worker_over_rabbitmq_replay_with_the_broker_gone(
 
     # Replay: the worker is gone and the app's broker (and Redis backend) is a dead port; an
     # app made afresh, as a new process would, no connection left from the recording.
-    port = dead_port()
+    port = unreachable_port()
     offline = make_app(f"tt_amqp_{backend}", backend_url.format(port=port), serializer,
                        broker=f"amqp://guest:guest@127.0.0.1:{port}//")
     offline.set_current()
@@ -250,7 +218,7 @@ def test_a_send_refused_while_recording_replays_as_the_same_error(
     after the backend's reconnects, before any publish, its reads as it reconnects no call of
     the app's. Each time the error is kept, and the replay raises it again."""
     _, _, backend_url, serializer = SETUPS[backend]
-    port = dead_port()
+    port = unreachable_port()
     dead_broker = f"amqp://guest:guest@127.0.0.1:{port}//"
     down = make_app(f"tt_amqp_{backend}",
                     backend_url.format(port=port if gone == "backend" else 6379), serializer,
