@@ -460,6 +460,31 @@ def _public_deferrable(scope: str) -> Span | None:
     return span
 
 
+def hold_end(span: Span) -> Callable[[], None]:
+    """Postpone ``span.end()`` until the returned function is called, for a call that goes on
+    after its instrumentation ends its span: a response body the app reads as it comes (the
+    instrumentation's span ends when the headers are in). The span, and the payload put on
+    or left beside it meanwhile, then end with the body, so its exporter and the cassette
+    writer see the whole call. Calling the function again does nothing."""
+    held: list[bool] = []
+
+    def end(end_time: int | None = None) -> None:
+        held.append(True)  # (the time of the body's end is the call's end)
+
+    try:
+        span.end = end  # type: ignore[method-assign]
+    except (AttributeError, TypeError):  # a span class that takes no attribute: it ends as it would
+        return lambda: None
+
+    def release() -> None:
+        if vars(span).get("end") is end:
+            del span.end
+            if held:
+                span.end()
+
+    return release
+
+
 def defer(span: Span, library: str, args: Any) -> None:
     """Leave a captured call beside ``span``'s attributes for the writer (see :data:`BUILDERS`)."""
     span._attributes.__dict__[DEFERRED] = (library, args)  # type: ignore[attr-defined]

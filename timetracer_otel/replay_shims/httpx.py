@@ -15,10 +15,17 @@ declared length) is recorded as the response with the chunks that arrived and a
 ``body_error`` (its error tree); the client's stream, live and replayed, yields those chunks
 and then raises the error, where plain httpx raises it (while the body is read). A response
 without ``body_error`` (every response of an older cassette) ends after its chunks.
+
+A body the app reads as it comes (server-sent events, NDJSON and the other streamed types of
+:data:`STREAMED_TYPES`: an LLM's tokens, an endless feed) is not read first: the app gets each
+chunk as it arrives, the call keeps it as the app reads it, and the call ends with the body
+(see :class:`_Tee`): read to its end, broken off, or closed by the app, which then recorded
+what it read. The instrumentation's span ends with it (``base.hold_end``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -41,12 +48,21 @@ from timetracer_otel.replay_shims.base import (
     defer,
     deferrable_span,
     error_tree,
+    hold_end,
     instantiate,
     rebuild_error,
 )
 
 SCOPE = "opentelemetry.instrumentation.httpx"
 _PROPAGATION_RAW = frozenset(h.encode() for h in PROPAGATION_HEADERS)
+log = logging.getLogger("timetracer_otel")
+
+# Response types an app reads as they come: recorded as it reads them (see _Tee).
+STREAMED_TYPES = frozenset((
+    b"text/event-stream", b"application/x-ndjson", b"application/jsonl",
+    b"application/json-seq", b"application/stream+json", b"application/x-json-stream",
+    b"multipart/x-mixed-replace",
+))
 
 
 class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -105,6 +121,107 @@ class _AsyncChunks:
         if chunk is None:
             raise StopAsyncIteration
         return chunk
+
+
+class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A live body of a streamed type, passed to the app chunk by chunk as it arrives, each
+    kept as it goes (up to the payload limit, past which the call is stored truncated), and
+    the call finished once, with what was read: at the body's end, when it breaks off (with
+    its error), when the app closes it early (an endless stream), or when the response is
+    dropped unclosed."""
+
+    def __init__(self, stream: Any, finish: Callable[[list[bytes], BaseException | None], None]) -> None:
+        self.stream = stream
+        self.chunks: list[bytes] = []
+        self.finish: Callable[[list[bytes], BaseException | None], None] | None = finish
+        self.room = STATE.max_payload_bytes
+
+    def _keep(self, chunk: bytes) -> bytes:
+        chunk = bytes(chunk)
+        if self.room >= 0:  # (one chunk past the limit: the payload says truncated)
+            self.chunks.append(chunk)
+            self.room -= len(chunk)
+        return chunk
+
+    def _end(self, exc: BaseException | None = None) -> None:
+        finish, self.finish = self.finish, None
+        if finish is not None:
+            try:
+                finish(self.chunks, exc)
+            except Exception:  # never the app's
+                log.warning("timetracer-otel: a streamed httpx response could not be recorded",
+                            exc_info=True)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self.stream:
+                yield self._keep(chunk)
+        except Exception as exc:
+            self._end(exc)
+            raise
+        self._end()
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            self._end()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.stream:
+                yield self._keep(chunk)
+        except Exception as exc:
+            self._end(exc)
+            raise
+        self._end()
+
+    async def aclose(self) -> None:
+        try:
+            await self.stream.aclose()
+        finally:
+            self._end()
+
+    def __del__(self) -> None:
+        self._end()
+
+
+def _streamed(response: httpx.Response) -> bool:
+    """Whether the response's type is one an app reads as it comes (:data:`STREAMED_TYPES`)."""
+    for triple in _triples(response.headers):
+        if triple[1] == b"content-type":
+            return triple[2].partition(b";")[0].strip().lower() in STREAMED_TYPES
+    return False
+
+
+def _left_stream(span: Any, request: httpx.Request, live: httpx.Response) -> _Tee:
+    """A streamed body under a timetracer writer: the call left beside its span once the body
+    ends, and the span ended then."""
+    release = hold_end(span)
+
+    def finish(chunks: list[bytes], exc: BaseException | None) -> None:
+        try:
+            error = None if exc is None else error_tree(exc, _error_attrs(exc))
+            defer(span, "httpx", _captured(request, live, chunks, error))
+        finally:
+            release()
+
+    return _Tee(live.stream, finish)
+
+
+def _captured_stream(cap: Any, response: httpx.Response) -> _Tee:
+    """A streamed body captured on the request path: its payload put on the span once the
+    body ends, and the span ended then."""
+    release = hold_end(cap.span)
+
+    def finish(chunks: list[bytes], exc: BaseException | None) -> None:
+        try:
+            tree = _response_tree(response, chunks)
+            cap.ok(tree if exc is None else _broken_tree(tree, error_tree(exc, _error_attrs(exc))))
+        finally:
+            release()
+
+    return _Tee(response.stream, finish)
 
 
 def _triples(headers: httpx.Headers) -> Any:
@@ -280,6 +397,9 @@ def _sync_handler(original: Any) -> Any:
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
+                if _streamed(live):
+                    live.stream = _left_stream(span, request, live)
+                    return live
                 chunks: list[bytes] = []
                 try:
                     _chunks(live, chunks)
@@ -304,6 +424,9 @@ def _sync_handler(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
+            if _streamed(response):
+                response.stream = _captured_stream(cap, response)
+                return response
             chunks = []
             try:
                 _chunks(response, chunks)
@@ -334,6 +457,9 @@ def _async_handler(original: Any) -> Any:
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
+                if _streamed(live):
+                    live.stream = _left_stream(span, request, live)
+                    return live
                 chunks: list[bytes] = []
                 try:
                     await _achunks(live, chunks)
@@ -358,6 +484,9 @@ def _async_handler(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
+            if _streamed(response):
+                response.stream = _captured_stream(cap, response)
+                return response
             chunks = []
             try:
                 await _achunks(response, chunks)

@@ -1,0 +1,194 @@
+"""httpx: a streamed response (server-sent events, NDJSON) reaches the app as it comes while
+recording, as it does without timetracer: each chunk as the server sends it, an endless stream
+closed by the app when it has read enough, a stream that breaks off with its error. The call
+is recorded as the app read it, its span ends with the body, and replay (upstream stopped)
+gives the app the same chunks, of the same type, and the same error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+import timetracer_otel
+from tests.conftest import connects_refused
+from timetracer_otel.cassette import load_cassette
+from timetracer_otel.errors import ReplayUnsupportedError
+
+# Long enough that an app reading a body whole first would miss it by far; the read timeout
+# makes such an app fail instead of hang.
+PAUSE = 0.3
+TIMEOUT = 5.0
+
+
+def streaming_app(gate: threading.Event) -> Starlette:
+    """``/events``: one event, then nothing until ``gate`` is set (by the client, once it has
+    read that event), then two more; ``/forever``: an event every 2 ms until the client goes;
+    ``/broken``: two NDJSON lines, then the server fails mid-body."""
+
+    async def events(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 0\n\n"
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            yield b"event: more\ndata: 1\n\n"
+            yield b"data: 2\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def forever(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            i = 0
+            while True:
+                yield f"data: tick {i}\n\n".encode()
+                i += 1
+                await asyncio.sleep(0.002)
+
+        return StreamingResponse(body(), media_type="text/event-stream; charset=utf-8")
+
+    async def broken(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"n": 1}\n'
+            yield b'{"n": 2}\n'
+            await asyncio.sleep(0.01)
+            raise RuntimeError("the upstream failed mid-stream")
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    return Starlette(routes=[Route("/events", events), Route("/forever", forever),
+                             Route("/broken", broken)])
+
+
+def sync_job(base: str, gate: threading.Event, lines: int = 6) -> list[Any]:
+    out: list[Any] = []
+    with httpx.Client(timeout=TIMEOUT) as c:
+        with c.stream("GET", f"{base}/events") as r:
+            raw = r.iter_raw()
+            out.append((r.status_code, r.headers["content-type"], next(raw)))
+            time.sleep(PAUSE)
+            gate.set()
+            out.append(list(raw))
+        with c.stream("GET", f"{base}/forever") as r:  # closed after a few events
+            it = r.iter_lines()
+            out.append([next(it) for _ in range(lines)])
+        try:
+            with c.stream("GET", f"{base}/broken") as r:
+                for chunk in r.iter_raw():
+                    out.append(chunk)
+        except httpx.HTTPError as exc:
+            out.append(type(exc))
+    return out
+
+
+async def async_job_(base: str, gate: threading.Event, lines: int = 6) -> list[Any]:
+    out: list[Any] = []
+    async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+        async with c.stream("GET", f"{base}/events") as r:
+            raw = r.aiter_raw()
+            out.append((r.status_code, r.headers["content-type"], await raw.__anext__()))
+            await asyncio.sleep(PAUSE)
+            gate.set()
+            out.append([chunk async for chunk in raw])
+        async with c.stream("GET", f"{base}/forever") as r:
+            it = r.aiter_lines()
+            out.append([await it.__anext__() for _ in range(lines)])
+            await it.aclose()
+        try:
+            async with c.stream("GET", f"{base}/broken") as r:
+                async for chunk in r.aiter_raw():
+                    out.append(chunk)
+        except httpx.HTTPError as exc:
+            out.append(type(exc))
+    return out
+
+
+def async_job(base: str, gate: threading.Event, lines: int = 6) -> list[Any]:
+    return asyncio.run(async_job_(base, gate, lines))
+
+
+JOBS: dict[str, Callable[..., list[Any]]] = {"sync": sync_job, "async": async_job}
+
+
+def _shape(out: list[Any]) -> None:
+    """What any run of a job gives, live or replayed: typed and in order."""
+    (status, ctype, first), rest, ticks, *broken = out
+    assert (status, ctype, first) == (200, "text/event-stream; charset=utf-8", b"data: 0\n\n")
+    assert type(first) is bytes and all(type(c) is bytes for c in rest)
+    assert b"".join(rest) == b"event: more\ndata: 1\n\ndata: 2\n\n"
+    assert ticks == ["data: tick 0", "", "data: tick 1", "", "data: tick 2", ""]
+    assert broken == [b'{"n": 1}\n{"n": 2}\n', httpx.RemoteProtocolError] or broken == [
+        b'{"n": 1}\n', b'{"n": 2}\n', httpx.RemoteProtocolError]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("span_payloads", ["", "1"])  # left to the writer / captured on the span
+def test_a_streamed_body_reaches_the_app_as_it_comes_and_replays_as_read(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, span_payloads: str,
+) -> None:
+    monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", span_payloads)
+    gate = threading.Event()
+    server = serve(streaming_app(gate))
+    job = JOBS[kind]
+    plain = job(server.url, gate)
+    _shape(plain)
+    gate.clear()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        # Read whole before the app got it, the first event would never come: the server
+        # sends the rest only once the app has read it (a read timeout, not this).
+        live = job(server.url, gate)
+    _shape(live)
+    server.stop()
+
+    [cassette] = [load_cassette(p) for p in rec.paths]
+    assert len(cassette.interactions) == 3, [s.name for s in cassette.interactions]
+    events = next(s for s in cassette.interactions if s.request["url"].endswith("/events"))
+    # The span ends with the body, which the app read after a pause: not with the headers.
+    assert events.end_ns - events.start_ns >= PAUSE * 1e9
+    broken = next(s for s in cassette.interactions if s.request["url"].endswith("/broken"))
+    assert broken.response["body_error"]["type"] == "httpx:RemoteProtocolError"
+
+    gate.clear()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(server.url, gate)
+    assert attempts == []
+    assert replayed == live  # the same chunks, as the app read them, and the same error
+    _shape(replayed)
+    assert rep.report.ok and rep.report.exact == 3 and not rep.report.unused
+
+
+@pytest.mark.timeout(120)
+def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The app reads far more than the limit: what is kept stops there (the memory of an
+    # endless stream stays bounded), and the call says it was stored truncated.
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "2000")
+    gate = threading.Event()
+    server = serve(streaming_app(gate))
+
+    def job() -> list[str]:
+        with httpx.Client(timeout=TIMEOUT) as c, c.stream("GET", f"{server.url}/forever") as r:
+            it = r.iter_lines()
+            return [next(it) for _ in range(600)]  # 300 events, over 4 KB
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[-2:] == ["data: tick 299", ""]
+    server.stop()
+    [span] = load_cassette(rec.paths[0]).interactions
+    assert span.truncated and span.response is None
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths), \
+            pytest.raises(ReplayUnsupportedError, match="stored truncated"):
+        job()
+    assert attempts == []
