@@ -9,64 +9,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.routing import Route
 
 import timetracer_otel
 from tests.conftest import connects_refused
+from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, streaming_app
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayUnsupportedError
-
-# Long enough that an app reading a body whole first would miss it by far; the read timeout
-# makes such an app fail instead of hang.
-PAUSE = 0.3
-TIMEOUT = 5.0
-
-
-def streaming_app(gate: threading.Event) -> Starlette:
-    """``/events``: one event, then nothing until ``gate`` is set (by the client, once it has
-    read that event), then two more; ``/forever``: an event every 2 ms until the client goes;
-    ``/broken``: two NDJSON lines, then the server fails mid-body."""
-
-    async def events(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            yield b"data: 0\n\n"
-            while not gate.is_set():
-                await asyncio.sleep(0.005)
-            yield b"event: more\ndata: 1\n\n"
-            yield b"data: 2\n\n"
-
-        return StreamingResponse(body(), media_type="text/event-stream")
-
-    async def forever(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            i = 0
-            while True:
-                yield f"data: tick {i}\n\n".encode()
-                i += 1
-                await asyncio.sleep(0.002)
-
-        return StreamingResponse(body(), media_type="text/event-stream; charset=utf-8")
-
-    async def broken(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            yield b'{"n": 1}\n'
-            yield b'{"n": 2}\n'
-            await asyncio.sleep(0.01)
-            raise RuntimeError("the upstream failed mid-stream")
-
-        return StreamingResponse(body(), media_type="application/x-ndjson")
-
-    return Starlette(routes=[Route("/events", events), Route("/forever", forever),
-                             Route("/broken", broken)])
 
 
 def sync_job(base: str, gate: threading.Event, lines: int = 6) -> list[Any]:

@@ -460,6 +460,19 @@ def _public_deferrable(scope: str) -> Span | None:
     return span
 
 
+# Response types an app reads as they come (events, lines): the HTTP shims record them as the
+# app reads them, not read whole first (an endless stream would never answer).
+STREAMED_TYPES = frozenset((
+    "text/event-stream", "application/x-ndjson", "application/jsonl", "application/json-seq",
+    "application/stream+json", "application/x-json-stream", "multipart/x-mixed-replace",
+))
+
+
+def streamed_type(content_type: str) -> bool:
+    """Whether a Content-Type value is one of :data:`STREAMED_TYPES`."""
+    return content_type.partition(";")[0].strip().lower() in STREAMED_TYPES
+
+
 def hold_end(span: Span) -> Callable[[], None]:
     """Postpone ``span.end()`` until the returned function is called, for a call that goes on
     after its instrumentation ends its span: a response body the app reads as it comes (the

@@ -17,7 +17,7 @@ and then raises the error, where plain httpx raises it (while the body is read).
 without ``body_error`` (every response of an older cassette) ends after its chunks.
 
 A body the app reads as it comes (server-sent events, NDJSON and the other streamed types of
-:data:`STREAMED_TYPES`: an LLM's tokens, an endless feed) is not read first: the app gets each
+``base.STREAMED_TYPES``: an LLM's tokens, an endless feed) is not read first: the app gets each
 chunk as it arrives, the call keeps it as the app reads it, and the call ends with the body
 (see :class:`_Tee`): read to its end, broken off, or closed by the app, which then recorded
 what it read. The instrumentation's span ends with it (``base.hold_end``).
@@ -51,18 +51,12 @@ from timetracer_otel.replay_shims.base import (
     hold_end,
     instantiate,
     rebuild_error,
+    streamed_type,
 )
 
 SCOPE = "opentelemetry.instrumentation.httpx"
 _PROPAGATION_RAW = frozenset(h.encode() for h in PROPAGATION_HEADERS)
 log = logging.getLogger("timetracer_otel")
-
-# Response types an app reads as they come: recorded as it reads them (see _Tee).
-STREAMED_TYPES = frozenset((
-    b"text/event-stream", b"application/x-ndjson", b"application/jsonl",
-    b"application/json-seq", b"application/stream+json", b"application/x-json-stream",
-    b"multipart/x-mixed-replace",
-))
 
 
 class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
@@ -187,10 +181,10 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 
 def _streamed(response: httpx.Response) -> bool:
-    """Whether the response's type is one an app reads as it comes (:data:`STREAMED_TYPES`)."""
+    """Whether the response's type is one an app reads as it comes (``base.STREAMED_TYPES``)."""
     for triple in _triples(response.headers):
         if triple[1] == b"content-type":
-            return triple[2].partition(b";")[0].strip().lower() in STREAMED_TYPES
+            return streamed_type(triple[2].decode("latin-1"))
     return False
 
 

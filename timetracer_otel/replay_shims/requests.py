@@ -18,6 +18,12 @@ as ``"elapsed_us"``; a replay gives it back there (see :func:`_session_send`). T
 hooks, which run inside ``Session.send``, see requests' own measure. A cassette written
 before it was kept leaves requests' measure of the replay.
 
+A body of a streamed type (``base.STREAMED_TYPES``: server-sent events, NDJSON) is not read
+first: the swapped-in urllib3 response reads the live one as the app reads it (see
+:class:`_LiveBody`), so the app gets each event as it arrives, and the call ends, with what
+the app read, when the body ends, breaks, or the app closes the response (an endless
+stream). The instrumentation's span ends with it (``base.hold_end``).
+
 Under a timetracer writer the call is left on its span as captured and :func:`_payload_of`
 makes its payload in the writer (see ``base.defer``), with the same functions the
 request-path :class:`~.base.Capture` uses.
@@ -27,8 +33,9 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -55,11 +62,14 @@ from timetracer_otel.replay_shims.base import (
     defer,
     deferrable_span,
     error_tree,
+    hold_end,
     instantiate,
     rebuild_error,
+    streamed_type,
 )
 
 SCOPE = "opentelemetry.instrumentation.requests"
+log = logging.getLogger("timetracer_otel")
 
 # The urllib3 errors of a body read that requests maps (``Response.iter_content``), and to what.
 BODY_ERRORS: dict[type[BaseException], type[requests.RequestException]] = {
@@ -246,9 +256,150 @@ class _Wire:
         return b""
 
 
+class _LiveBody(io.IOBase):
+    """A live body of a streamed type, read from the live urllib3 response only as the app
+    reads it (as :class:`_Body` reads a recorded one: a chunked body through ``fp``, one
+    chunk per size line), each piece kept (up to the payload limit, past which the call is
+    stored truncated), and the call finished once with what was read (see :data:`Read`):
+    at the body's end, at its error (raised to the app as urllib3 raised it), or when the
+    app closes the response, or drops it."""
+
+    def __init__(self, live: HTTPResponse, finish: Callable[[Read], None]) -> None:
+        super().__init__()
+        self._live = live
+        self._finish: Callable[[Read], None] | None = finish
+        self._kept: list[bytes] = []
+        self._room = STATE.max_payload_bytes
+        self._ended = False
+        if live.chunked and live.supports_chunked_reads():
+            self.fp: _LiveWire | None = _LiveWire(self, live.read_chunked(None, decode_content=False))
+
+    def readable(self) -> bool:
+        return True
+
+    def isclosed(self) -> bool:
+        return self.closed
+
+    def _keep(self, piece: bytes) -> bytes:
+        if self._room >= 0:  # (one piece past the limit: the payload says truncated)
+            self._kept.append(piece)
+            self._room -= len(piece)
+        return piece
+
+    def read(self, amt: int | None = None) -> bytes:
+        if self.closed:
+            return b""
+        try:
+            if amt is None or amt < 0:
+                data = self._live.read(decode_content=False)
+            elif _READ1:
+                data = self._live.read1(amt, decode_content=False)
+            else:
+                data = self._live.read(amt, decode_content=False)
+        except _BODY_ERROR_TYPES as exc:
+            self._end(exc)
+            raise
+        if data:
+            return self._keep(data)
+        if amt != 0:
+            self._ended = True
+            self.close()
+        return b""
+
+    read1 = read
+
+    def _safe_read(self, amt: int) -> bytes:
+        assert self.fp is not None
+        return self.fp.read(amt)
+
+    def close(self) -> None:
+        if hasattr(self, "fp"):
+            self.fp = None  # as http.client's response: read_chunked stops there
+        if not self.closed:
+            super().close()
+            self._end()
+
+    def _end(self, exc: BaseException | None = None) -> None:
+        finish, self._finish = self._finish, None
+        if finish is None:
+            return
+        live = self._live
+        try:
+            if not self._ended:  # closed early (or broken): the connection cannot be reused
+                live.close()
+            live.release_conn()
+            kept = self._kept
+            finish((b"".join(kept), [len(p) for p in kept] if hasattr(self, "fp") and len(kept) > 1
+                    else None, None if exc is None else error_tree(exc)))
+        except Exception:  # never the app's
+            log.warning("timetracer-otel: a streamed requests response could not be recorded",
+                        exc_info=True)
+
+
+class _LiveWire:
+    """A live chunked body's framing as urllib3's ``read_chunked`` reads it (see
+    :class:`_Wire`), one live chunk per size line, read when that line is asked for."""
+
+    def __init__(self, body: _LiveBody, chunks: Iterator[bytes]) -> None:
+        self._body = body
+        self._chunks = chunks
+        self._chunk = memoryview(b"")
+        self._state = "size"  # then "data", "crlf", "size"... "trailer", "done"
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._state == "size":
+            try:
+                chunk = next(self._chunks, None)
+            except _BODY_ERROR_TYPES as exc:
+                self._body._end(exc)
+                raise
+            if chunk:
+                self._chunk, self._state = memoryview(self._body._keep(chunk)), "data"
+                return b"%x\r\n" % len(chunk)
+            self._body._ended = True
+            self._state = "trailer"
+            return b"0\r\n"
+        if self._state == "trailer":
+            self._state = "done"
+            self._body.close()
+            return b"\r\n"
+        return b""
+
+    def read(self, amt: int = -1) -> bytes:
+        if self._state == "data":
+            n = len(self._chunk) if amt < 0 else min(amt, len(self._chunk))
+            piece, self._chunk = bytes(self._chunk[:n]), self._chunk[n:]
+            if not self._chunk:
+                self._state = "crlf"
+            return piece
+        if self._state == "crlf":
+            self._state = "size"
+            return b"\r\n"
+        return b""
+
+
+def _streamed(response: requests.Response) -> bool:
+    """A body of a streamed type (``base.STREAMED_TYPES``) on http.client's own response
+    (a wrapper's, CacheControl's, is read whole as it expects)."""
+    live = response.raw
+    return type(getattr(live, "_fp", None)) is http.client.HTTPResponse \
+        and streamed_type(live.headers.get("content-type", ""))
+
+
+def _streaming(request: requests.PreparedRequest, response: requests.Response,
+               headers: list[tuple[str, str]], finish: Callable[[Read], None]) -> requests.Response:
+    """``response`` reading the live body as the app reads it (see :class:`_LiveBody`)."""
+    live = response.raw
+    replacement = _raw(live.status, live.reason, live.version, headers, b"", request,
+                       fp=_LiveBody(live, finish))
+    replacement._original_response = live._original_response
+    response.raw = replacement
+    return response
+
+
 def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str, str]], body: bytes,
          request: requests.PreparedRequest, error: BaseException | None = None,
-         chunks: list[int] | None = None) -> HTTPResponse:
+         chunks: list[int] | None = None, fp: io.IOBase | None = None) -> HTTPResponse:
     hd = HTTPHeaderDict()
     msg = http.client.HTTPMessage()
     for k, v in headers:
@@ -257,7 +408,7 @@ def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str,
     if chunks is None and "chunked" in hd.get("transfer-encoding", "").lower():
         chunks = [len(body)] if body else []
     raw = HTTPResponse(
-        body=_Body(body, error, chunks),
+        body=_Body(body, error, chunks) if fp is None else fp,
         headers=hd,
         status=status,
         reason=reason,
@@ -321,10 +472,13 @@ def _handler(original: Any) -> Any:
                     start = time.perf_counter_ns()
                     response: requests.Response = original(self, request, *args, **kwargs)
                     sent_us = (time.perf_counter_ns() - start) // 1000
-                    live, read = _read(response)
                     # Until Session.send puts in what requests measured, less what this
                     # added (a cell, read by the writer once the span has ended).
                     elapsed = [sent_us]
+                    if _streamed(response):
+                        return _timed(_left_stream(dep, sent, request, response, elapsed),
+                                      elapsed, entered, False)
+                    live, read = _read(response)
                 except Exception as exc:
                     defer(dep, "requests",
                           (*sent, None, None, None, None, None, None, error_tree(exc)))
@@ -362,6 +516,9 @@ def _handler(original: Any) -> Any:
                 start = time.perf_counter_ns()
                 response = original(self, request, *args, **kwargs)
                 sent_us = (time.perf_counter_ns() - start) // 1000
+                if _streamed(response):
+                    return _timed(_captured_stream(cap, request, response, sent_us),
+                                  [sent_us], entered, True)
                 live, read = _read(response)
             except Exception as exc:
                 cap.fail(exc)
@@ -373,6 +530,43 @@ def _handler(original: Any) -> Any:
         return _timed(_swapped(request, response, headers, read), [sent_us], entered, True)
 
     return send
+
+
+def _left_stream(dep: Any, sent: tuple[Any, ...], request: requests.PreparedRequest,
+                 response: requests.Response, elapsed: list[int]) -> requests.Response:
+    """A streamed body under a timetracer writer: the call left beside its span once the body
+    ends, and the span ended then."""
+    live = response.raw
+    headers = list(live.headers.items())
+    STATE.redactor.learn_header_pairs(headers)
+    release = hold_end(dep)
+
+    def finish(read: Read) -> None:
+        try:
+            defer(dep, "requests", (*sent, live.status, live.reason, live.version, headers,
+                                    elapsed, read, None))
+        finally:
+            release()
+
+    return _streaming(request, response, headers, finish)
+
+
+def _captured_stream(cap: Any, request: requests.PreparedRequest, response: requests.Response,
+                     sent_us: int) -> requests.Response:
+    """A streamed body captured on the request path: its payload put on the span once the
+    body ends, and the span ended then."""
+    live = response.raw
+    headers = list(live.headers.items())
+    release = hold_end(cap.span)
+
+    def finish(read: Read) -> None:
+        try:
+            cap.ok(_response_tree_of(live.status, live.reason, live.version, headers, sent_us,
+                                     *read))
+        finally:
+            release()
+
+    return _streaming(request, response, headers, finish)
 
 
 # On a response this shim made: the recorded elapsed (a replay), or (record) the cell of the
