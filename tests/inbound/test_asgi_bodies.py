@@ -15,7 +15,8 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 from inbound_helpers import Client, Reply, _only, _record, shop
 
-from timetracer_otel.cassette import Cassette
+import timetracer_otel
+from timetracer_otel.cassette import Cassette, load_cassette
 from timetracer_otel.codec import as_bytes
 from timetracer_otel.inbound import inbound_span, replay_asgi
 
@@ -113,6 +114,45 @@ def test_streaming_sse_response(tmp_path: Path, serve: Any) -> None:
     result = replay_asgi(cassette, shop.make_app())
     assert result.ok, result.diff
     assert result.status == 200
+
+
+@pytest.mark.parametrize("span_payloads", ["", "1"])  # left to the writer / captured on the span
+def test_an_endless_stream_the_app_serves_keeps_no_more_than_the_limit(
+        tmp_path: Path, serve: Any, monkeypatch: pytest.MonkeyPatch, span_payloads: str) -> None:
+    # An event stream the app serves until the client goes: past TIMETRACER_MAX_PAYLOAD_BYTES
+    # the seam keeps no more of it (a day-long stream holds no more memory while recording),
+    # and the request is stored truncated; the client still gets every event.
+    import threading
+
+    import httpx
+
+    from tests.replay_shims.streaming_apps import streaming_app
+    from timetracer_otel.replay_shims import asgi
+
+    monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", span_payloads)
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "2000")
+    kept: list[int] = []
+    on_send = asgi.Exchange.on_send
+
+    def counting(self: Any, message: Any) -> bool:
+        done = on_send(self, message)
+        if self.span is not None:  # (recording)
+            kept.append(len(self.sent))
+        return done
+
+    monkeypatch.setattr(asgi.Exchange, "on_send", counting)
+    app = OpenTelemetryMiddleware(streaming_app(threading.Event()))
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        server = serve(app)
+        with httpx.Client(timeout=5) as c, c.stream("GET", f"{server.url}/forever") as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(600)]  # 300 events, over 4 KB
+        server.stop()
+    assert got[-2:] == ["data: tick 299", ""]
+    assert len(kept) > 300 and max(kept) < 200  # (each event is 14-16 bytes)
+    root = _only([load_cassette(p) for p in rec.paths])
+    root_span = inbound_span(root)
+    assert root_span is not None and root_span.truncated and root_span.response is None
 
 
 def test_binary_body_change_is_reported_at_the_byte(tmp_path: Path, serve: Any,

@@ -80,16 +80,24 @@ class Exchange:
 
     ``deferred``: the messages are kept with their headers copied as sent (an app may reuse
     a message dict for its next chunk), made into trees by the writer (see
-    :func:`_payload_of`); otherwise as trees, made as they pass."""
+    :func:`_payload_of`); otherwise as trees, made as they pass.
 
-    __slots__ = ("claimed", "deferred", "error", "finished", "received", "sent", "span", "tb",
-                 "trailers")
+    ``room``: body bytes each direction keeps while recording (the payload limit). Past it
+    that direction's messages are no longer kept (an endless event stream the app serves
+    holds no more memory as it goes) and its part is stored truncated (``cut``). None: no
+    limit (a replay's, which compares what the app sent)."""
 
-    def __init__(self, span: Span | None = None, deferred: bool = False) -> None:
+    __slots__ = ("claimed", "cut", "deferred", "error", "finished", "received", "received_room",
+                 "sent", "sent_room", "span", "tb", "trailers")
+
+    def __init__(self, span: Span | None = None, deferred: bool = False,
+                 room: int | None = None) -> None:
         self.span = span
         self.deferred = deferred
         self.received: list[Tree] = []
         self.sent: list[Tree] = []
+        self.received_room = self.sent_room = room
+        self.cut: tuple[bool, bool] = (False, False)  # (request, response) past the limit
         self.error: BaseException | None = None
         self.tb: str | None = None
         self.trailers = False
@@ -97,11 +105,32 @@ class Exchange:
         self.claimed = False
 
     def on_receive(self, message: Message) -> None:
+        room = self.received_room
+        if room is not None:
+            if room < 0:  # past the limit: no more kept
+                return
+            body = message.get("body")
+            if body:
+                self.received_room = room = room - len(body)
+                if room < 0:
+                    self.cut = (True, self.cut[1])
+                    return
         self.received.append(message_tree(message, header_pairs if self.deferred else headers_tree))
 
     def on_send(self, message: Message) -> bool:
         """Keep ``message``; True when it is the one that completes the response."""
-        self.sent.append(message_tree(message, header_pairs if self.deferred else headers_tree))
+        room = self.sent_room
+        keep = True
+        if room is not None:
+            body = message.get("body")
+            if room < 0:
+                keep = False
+            elif body:
+                self.sent_room = room = room - len(body)
+                if room < 0:
+                    self.cut, keep = (self.cut[0], True), False
+        if keep:
+            self.sent.append(message_tree(message, header_pairs if self.deferred else headers_tree))
         kind = message.get("type")
         if kind == "http.response.start":
             self.trailers = bool(message.get("trailers", False))
@@ -333,9 +362,10 @@ def _finish(ex: Exchange, scope: Message) -> None:
             fields["headers"] = header_pairs(fields["headers"])
         # Copies of the lists: a receive() after the response (a disconnect listener) is not
         # part of this recording, whenever the writer reads them.
-        defer(span, LIBRARY, (fields, route, list(ex.received), list(ex.sent), error))
+        defer(span, LIBRARY, (fields, route, list(ex.received), list(ex.sent), error, ex.cut))
         return
-    span.set_attribute(ATTR_PAYLOAD, _pack(_built(scope, route, ex.received, ex.sent, error)))
+    span.set_attribute(ATTR_PAYLOAD, _pack(_built(scope, route, ex.received, ex.sent, error,
+                                                  ex.cut)))
 
 
 def _learn_headers(raw: Any) -> None:
@@ -355,9 +385,9 @@ def _learn_headers(raw: Any) -> None:
 
 
 def _built(scope: Message, route: str | None, received: list[Tree], sent: list[Tree],
-           error: Tree) -> Payload:
+           error: Tree, cut: tuple[bool, bool] = (False, False)) -> Payload:
     """The payload of one request: its trees (``received``/``sent``: messages as trees)
-    packed, and its keys."""
+    packed, and its keys; a part whose messages were ``cut`` at the limit is left out."""
     request, pairs = request_tree(scope, received, route)
     bodies = [m["body"] for m in received if m.get("body")]
     body = hashlib.blake2b(b"".join(bodies), digest_size=16).hexdigest() if bodies else ""
@@ -369,7 +399,9 @@ def _built(scope: Message, route: str | None, received: list[Tree], sent: list[T
         "error": _pack(error) if error is not None else None,
     }
     # A part over the payload limit is left out and the interaction flagged truncated.
-    kept = {k: p for k, p in parts.items() if p is not None and len(p) <= STATE.max_payload_bytes}
+    over = {"request": cut[0], "response": cut[1]}
+    kept = {k: p for k, p in parts.items()
+            if p is not None and len(p) <= STATE.max_payload_bytes and not over.get(k)}
     return _payload(LIBRARY, stable_hash(LIBRARY, ident), shape_key, label,
                     kept.get("request", _NIL), kept.get("response"), kept.get("error"),
                     len(kept) < sum(p is not None for p in parts.values()))
@@ -377,9 +409,9 @@ def _built(scope: Message, route: str | None, received: list[Tree], sent: list[T
 
 def _payload_of(args: Any) -> Payload:
     """A deferred request's Payload (see :func:`_finish`), in the writer."""
-    fields, route, received, sent, error = args
+    fields, route, received, sent, error, cut = args
     return _built(fields, route, [message_tree(m) for m in received],
-                  [message_tree(m) for m in sent], error)
+                  [message_tree(m) for m in sent], error, tuple(cut))
 
 
 BUILDERS[LIBRARY] = _payload_of
@@ -407,12 +439,12 @@ class InboundApp:
             # instrumentation that made the middleware (asgi, starlette, fastapi...): any.
             deferrable = deferrable_span("") if STATE.defer else None
             if deferrable is not None:
-                ex = Exchange(deferrable, deferred=True)
+                ex = Exchange(deferrable, deferred=True, room=STATE.max_payload_bytes)
             else:
                 span = trace.get_current_span()
                 # Not recording: the URL is excluded (OTEL_PYTHON_EXCLUDED_URLS) or not sampled.
                 if span.is_recording():
-                    ex = Exchange(span)
+                    ex = Exchange(span, room=STATE.max_payload_bytes)
         elif mode is Mode.REPLAY:
             ex = PROBE.get()
             if ex is not None and not ex.claimed:
