@@ -433,6 +433,8 @@ class Recording(_Activation):
         assert isinstance(frame, _Recording)
         provider = trace.get_tracer_provider()
         try:
+            # Calls whose streamed response was dropped unclosed, being finished elsewhere.
+            base_module.drain_late()
             if isinstance(provider, TracerProvider):
                 provider.force_flush()  # spans still queued in the app's own batch processors
         finally:  # whatever the flush raised (Ctrl-C, an app processor), this run is over

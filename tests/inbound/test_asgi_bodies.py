@@ -169,3 +169,18 @@ def test_binary_body_change_is_reported_at_the_byte(tmp_path: Path, serve: Any,
     assert not result.ok
     assert any(d.startswith("body: 6 bytes recorded, 6 now; first difference at byte 0") for d in result.diff)
     assert any(d.startswith("header x-sha256: recorded") for d in result.diff)
+
+
+def test_the_limit_counts_bytes_whatever_buffer_the_app_sends() -> None:
+    # A memoryview's len() counts its items: an array of 4-byte ints holds 4x its len.
+    import array
+
+    from timetracer_otel.replay_shims.asgi import Exchange
+
+    for make in (bytes, bytearray, memoryview, lambda b: memoryview(array.array("I", b))):
+        ex = Exchange(None, deferred=True, room=1000)
+        ex.on_send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(10):
+            ex.on_send({"type": "http.response.body", "body": make(b"x" * 400), "more_body": True})
+        kept = sum(len(m["body"]) for m in ex.sent if "body" in m)
+        assert ex.cut == (False, True) and kept == 800, (make, ex.cut, kept)

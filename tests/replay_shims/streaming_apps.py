@@ -21,7 +21,8 @@ TIMEOUT = 5.0
 def streaming_app(gate: threading.Event) -> Starlette:
     """``/events``: one event, then nothing until ``gate`` is set (by the client, once it has
     read that event), then two more; ``/forever``: an event every 2 ms until the client goes;
-    ``/broken``: two NDJSON lines, then the server fails mid-body."""
+    ``/broken``: two NDJSON lines, then the server fails mid-body; ``/slow``: one event, a
+    pause, then two more."""
 
     async def events(request: Request) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
@@ -52,5 +53,14 @@ def streaming_app(gate: threading.Event) -> Starlette:
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
+    async def slow(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 0\n\n"
+            await asyncio.sleep(PAUSE)
+            yield b"event: more\ndata: 1\n\n"
+            yield b"data: 2\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
     return Starlette(routes=[Route("/events", events), Route("/forever", forever),
-                             Route("/broken", broken)])
+                             Route("/broken", broken), Route("/slow", slow)])

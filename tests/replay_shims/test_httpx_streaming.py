@@ -21,6 +21,8 @@ from tests.conftest import connects_refused
 from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, streaming_app
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.replay_shims import base
+from timetracer_otel.replay_shims import httpx as httpx_shim
 
 
 def sync_job(base: str, gate: threading.Event, lines: int = 6) -> list[Any]:
@@ -130,6 +132,14 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
     monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "2000")
     gate = threading.Event()
     server = serve(streaming_app(gate))
+    kept: list[int] = []
+    end = httpx_shim._Tee._end
+
+    def spied(self: Any, exc: BaseException | None = None) -> None:
+        kept.append(sum(map(len, self.chunks)))
+        end(self, exc)
+
+    monkeypatch.setattr(httpx_shim._Tee, "_end", spied)
 
     def job() -> list[str]:
         with httpx.Client(timeout=TIMEOUT) as c, c.stream("GET", f"{server.url}/forever") as r:
@@ -139,6 +149,7 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = job()
     assert live[-2:] == ["data: tick 299", ""]
+    assert kept and 2000 <= kept[0] <= 2000 + 64  # one event past the limit, no more
     server.stop()
     [span] = load_cassette(rec.paths[0]).interactions
     assert span.truncated and span.response is None
@@ -146,3 +157,66 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
             pytest.raises(ReplayUnsupportedError, match="stored truncated"):
         job()
     assert attempts == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("span_payloads", ["", "1"])
+def test_a_stream_the_app_stopped_reading_replays_up_to_there_then_says_so(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, span_payloads: str,
+) -> None:
+    # Closed after three events while recording: replay gives those, and reading further
+    # is refused with the reason (nothing after them was recorded), not a made-up end.
+    monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", span_payloads)
+    server = serve(streaming_app(threading.Event()))
+
+    def job(lines: int) -> list[str]:
+        with httpx.Client(timeout=TIMEOUT) as c, c.stream("GET", f"{server.url}/forever") as r:
+            it = r.iter_lines()
+            return [next(it) for _ in range(lines)]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(6)
+    server.stop()
+    [span] = load_cassette(rec.paths[0]).interactions
+    assert span.response["body_open"] is True
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert job(6) == live
+    assert rep.report.ok
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths) as rep, \
+            pytest.raises(ReplayUnsupportedError, match="where the app stopped reading"):
+        job(600)
+    assert attempts == [] and rep.report.failed(True)
+    assert rep.report.unsupported == [f"GET {server.url}/forever (read past where the recording stopped)"]
+
+
+@pytest.mark.timeout(120)
+def test_a_response_dropped_unclosed_is_recorded_off_the_collecting_thread(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The finaliser of a response the app never closed hands the call to another thread
+    # (it may run inside any lock: the redactor's), which records what was read.
+    import gc
+
+    server = serve(streaming_app(threading.Event()))
+    finished_on: list[str] = []
+    end = httpx_shim._Tee._end
+
+    def spied(self: Any, exc: BaseException | None = None) -> None:
+        finished_on.append(threading.current_thread().name)
+        end(self, exc)
+
+    monkeypatch.setattr(httpx_shim._Tee, "_end", spied)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        client = httpx.Client(timeout=TIMEOUT, headers={"Authorization": "Bearer s3cr3t-0123456789ab"})
+        response = client.send(client.build_request("GET", f"{server.url}/forever"), stream=True)
+        first = next(response.iter_lines())
+        del response
+        gc.collect()
+        client.close()
+    assert first == "data: tick 0"
+    assert finished_on == ["timetracer-late-calls"]
+    server.stop()
+    [span] = load_cassette(rec.paths[0]).interactions
+    assert span.response["body_open"] is True and span.response["chunks"]
+    assert "s3cr3t-0123456789ab" not in str(span.request)
+    assert base.drain_late()

@@ -245,7 +245,7 @@ time.sleep(0.2)
 def hwm():  # this process's peak RSS, in KiB (VmHWM: reset at exec, unlike ru_maxrss)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
-_, (content, _, broke) = shim._read(r)
+_, (content, _, broke, _) = shim._read(r)
 assert len(content) == int(sys.argv[2]) and broke is None
 print((hwm() - base) * 1024)
 """

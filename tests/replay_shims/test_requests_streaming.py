@@ -19,6 +19,7 @@ from tests.conftest import connects_refused
 from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, streaming_app
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.replay_shims import requests as requests_shim
 
 
 def job(base: str, gate: threading.Event) -> list[Any]:
@@ -95,6 +96,14 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
 ) -> None:
     monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "2000")
     server = serve(streaming_app(threading.Event()))
+    kept: list[int] = []
+    end = requests_shim._LiveBody._end
+
+    def spied(self: Any, exc: BaseException | None = None) -> None:
+        kept.append(len(self._kept))
+        end(self, exc)
+
+    monkeypatch.setattr(requests_shim._LiveBody, "_end", spied)
 
     def read_events() -> list[bytes]:
         with requests.get(f"{server.url}/forever", stream=True, timeout=TIMEOUT) as r:
@@ -104,6 +113,7 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
     with timetracer_otel.record(dir=tmp_path) as rec:
         live = read_events()
     assert live[-2:] == [b"data: tick 299", b""]
+    assert kept and 2000 <= kept[0] <= 2000 + 64  # one chunk past the limit, no more
     server.stop()
     [span] = load_cassette(rec.paths[0]).interactions
     assert span.truncated and span.response is None
@@ -111,3 +121,27 @@ def test_an_endless_stream_past_the_payload_limit_is_stored_truncated(
             pytest.raises(ReplayUnsupportedError, match="stored truncated"):
         read_events()
     assert attempts == []
+
+
+@pytest.mark.timeout(120)
+def test_raw_reads_of_n_bytes_wait_for_n_bytes_as_live(
+    serve: Any, tmp_path: Path,
+) -> None:
+    # http.client's read(n) waits for n bytes unless the body ends: the first event comes
+    # alone, the rest after a pause. Recording must not hand the app a shorter read (and
+    # keep only that), and replay gives what live gave.
+    server = serve(streaming_app(threading.Event()))
+
+    def job() -> list[bytes]:
+        with requests.get(f"{server.url}/slow", stream=True, timeout=TIMEOUT) as r:
+            return [r.raw.read(20), r.raw.read(100), r.raw.read()]
+
+    plain = job()
+    assert plain == [b"data: 0\n\nevent: more", b"\ndata: 1\n\ndata: 2\n\n", b""]
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    server.stop()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job()
+    assert live == plain and replayed == plain and attempts == []
+    assert rep.report.ok and rep.report.exact == 1

@@ -110,8 +110,9 @@ class Exchange:
             if room < 0:  # past the limit: no more kept
                 return
             body = message.get("body")
-            if body:
-                self.received_room = room = room - len(body)
+            if body:  # (a memoryview's len counts its items, not its bytes)
+                self.received_room = room = room - (
+                    body.nbytes if type(body) is memoryview else len(body))
                 if room < 0:
                     self.cut = (True, self.cut[1])
                     return
@@ -126,7 +127,8 @@ class Exchange:
             if room < 0:
                 keep = False
             elif body:
-                self.sent_room = room = room - len(body)
+                self.sent_room = room = room - (
+                    body.nbytes if type(body) is memoryview else len(body))
                 if room < 0:
                     self.cut, keep = (self.cut[0], True), False
         if keep:

@@ -21,10 +21,11 @@ import enum
 import importlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar, Token
+from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -484,6 +485,8 @@ def hold_end(span: Span) -> Callable[[], None]:
     def end(end_time: int | None = None) -> None:
         held.append(True)  # (the time of the body's end is the call's end)
 
+    if not span.is_recording():  # (ending it does nothing; it may be a shared no-op span)
+        return lambda: None
     try:
         span.end = end  # type: ignore[method-assign]
     except (AttributeError, TypeError):  # a span class that takes no attribute: it ends as it would
@@ -496,6 +499,67 @@ def hold_end(span: Span) -> Callable[[], None]:
                 span.end()
 
     return release
+
+
+# Calls whose streamed response the garbage collector dropped unclosed, finished on a thread
+# of their own: a finaliser runs on whatever thread, inside whatever lock, the collection
+# started in (the redactor's, a span processor's), where finishing the call could wait for
+# that very lock. SimpleQueue.put is safe there.
+_LATE: queue.SimpleQueue[tuple[Context, Callable[[], None]]] = queue.SimpleQueue()
+_late_thread: tuple[int, threading.Thread] | None = None
+_late_lock = threading.Lock()
+
+
+def ready_late() -> None:
+    """Start (once per process) the thread :func:`finish_late` hands calls to; called where a
+    streamed response starts, never from a finaliser."""
+    global _late_thread
+    pid = os.getpid()
+    if _late_thread is not None and _late_thread[0] == pid:
+        return
+    with _late_lock:
+        if _late_thread is None or _late_thread[0] != pid:  # (a forked child has no thread)
+            thread = threading.Thread(target=_run_late, name="timetracer-late-calls", daemon=True)
+            thread.start()
+            _late_thread = (pid, thread)
+
+
+def finish_late(ctx: Context, finish: Callable[[], None]) -> None:
+    """Run ``finish`` in ``ctx`` (the context of the task that made the call, so its span
+    goes to that task's recording) on the late calls' thread. Safe from a finaliser."""
+    _LATE.put((ctx, finish))
+
+
+def stopped_reading(label: str) -> ReplayUnsupportedError:
+    """The error for reading a replayed streamed body past where the app stopped reading it
+    while recording (it closed it, or was cancelled): nothing after that was recorded."""
+    return unsupported(
+        f"{label}: the recording of this streamed response ends here, where the app stopped "
+        "reading it while recording (it closed it or was cancelled); nothing after it was "
+        "recorded. Record again with the app reading further.",
+        f"{label} (read past where the recording stopped)",
+    )
+
+
+def drain_late(timeout: float = 2.0) -> bool:
+    """Wait until the calls handed to :func:`finish_late` so far are finished (a recording's
+    end, so a response the collector dropped just before it still reaches its cassette);
+    False if that took longer than ``timeout``."""
+    if _late_thread is None or _late_thread[0] != os.getpid():
+        return True
+    done = threading.Event()
+    _LATE.put((Context(), done.set))  # (after the calls before it: one thread, in order)
+    return done.wait(timeout)
+
+
+def _run_late() -> None:
+    while True:
+        ctx, finish = _LATE.get()
+        try:
+            ctx.run(finish)
+        except Exception:  # never stops the thread
+            log.warning("timetracer-otel: a dropped streamed response could not be recorded",
+                        exc_info=True)
 
 
 def defer(span: Span, library: str, args: Any) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import copy_context
 from typing import Any
 
 import httpx
@@ -48,9 +49,12 @@ from timetracer_otel.replay_shims.base import (
     defer,
     deferrable_span,
     error_tree,
+    finish_late,
     hold_end,
     instantiate,
+    ready_late,
     rebuild_error,
+    stopped_reading,
     streamed_type,
 )
 
@@ -121,14 +125,18 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     """A live body of a streamed type, passed to the app chunk by chunk as it arrives, each
     kept as it goes (up to the payload limit, past which the call is stored truncated), and
     the call finished once, with what was read: at the body's end, when it breaks off (with
-    its error), when the app closes it early (an endless stream), or when the response is
-    dropped unclosed."""
+    its error), when the app stops reading it (closes it, is cancelled: the body is then
+    ``open``, see :func:`_open_tree`), or when the response is dropped unclosed (finished on
+    ``base``'s late calls' thread, never in the finaliser)."""
 
-    def __init__(self, stream: Any, finish: Callable[[list[bytes], BaseException | None], None]) -> None:
+    def __init__(self, stream: Any, finish: Finish) -> None:
         self.stream = stream
         self.chunks: list[bytes] = []
-        self.finish: Callable[[list[bytes], BaseException | None], None] | None = finish
+        self.finish: Finish | None = finish
         self.room = STATE.max_payload_bytes
+        self.done = False  # read to its end
+        self.context = copy_context()
+        ready_late()
 
     def _keep(self, chunk: bytes) -> bytes:
         chunk = bytes(chunk)
@@ -141,7 +149,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
         finish, self.finish = self.finish, None
         if finish is not None:
             try:
-                finish(self.chunks, exc)
+                finish(self.chunks, exc, not self.done and exc is None)
             except Exception:  # never the app's
                 log.warning("timetracer-otel: a streamed httpx response could not be recorded",
                             exc_info=True)
@@ -153,6 +161,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
         except Exception as exc:
             self._end(exc)
             raise
+        self.done = True
         self._end()
 
     def close(self) -> None:
@@ -168,6 +177,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
         except Exception as exc:
             self._end(exc)
             raise
+        self.done = True
         self._end()
 
     async def aclose(self) -> None:
@@ -177,7 +187,20 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
             self._end()
 
     def __del__(self) -> None:
-        self._end()
+        if self.finish is not None:
+            finish_late(self.context, self._end)
+
+
+# A streamed call's end: (chunks read, the error that broke the body, whether the app stopped
+# reading before its end).
+Finish = Callable[[list[bytes], BaseException | None, bool], None]
+
+
+def _open_tree(tree: Tree) -> Tree:
+    """A response tree whose body the app stopped reading before its end, while recording:
+    a replay gives the chunks read, then refuses to make up what came after."""
+    tree["body_open"] = True
+    return tree
 
 
 def _streamed(response: httpx.Response) -> bool:
@@ -192,15 +215,18 @@ def _left_stream(span: Any, request: httpx.Request, live: httpx.Response) -> _Te
     """A streamed body under a timetracer writer: the call left beside its span once the body
     ends, and the span ended then."""
     release = hold_end(span)
+    tee = _Tee(live.stream, lambda chunks, exc, body_open: None)
+    captured = _captured(request, live, tee.chunks, None)  # (its secrets learned now)
 
-    def finish(chunks: list[bytes], exc: BaseException | None) -> None:
+    def finish(chunks: list[bytes], exc: BaseException | None, body_open: bool) -> None:
         try:
             error = None if exc is None else error_tree(exc, _error_attrs(exc))
-            defer(span, "httpx", _captured(request, live, chunks, error))
+            defer(span, "httpx", (*captured[:9], error, body_open))
         finally:
             release()
 
-    return _Tee(live.stream, finish)
+    tee.finish = finish
+    return tee
 
 
 def _captured_stream(cap: Any, response: httpx.Response) -> _Tee:
@@ -208,10 +234,12 @@ def _captured_stream(cap: Any, response: httpx.Response) -> _Tee:
     body ends, and the span ended then."""
     release = hold_end(cap.span)
 
-    def finish(chunks: list[bytes], exc: BaseException | None) -> None:
+    def finish(chunks: list[bytes], exc: BaseException | None, body_open: bool) -> None:
         try:
             tree = _response_tree(response, chunks)
-            cap.ok(tree if exc is None else _broken_tree(tree, error_tree(exc, _error_attrs(exc))))
+            if exc is not None:
+                tree = _broken_tree(tree, error_tree(exc, _error_attrs(exc)))
+            cap.ok(_open_tree(tree) if body_open else tree)
         finally:
             release()
 
@@ -291,21 +319,25 @@ def _captured(request: httpx.Request, response: httpx.Response | None, chunks: l
     if content:
         r.body(r.header_rows(sent, _PROPAGATION_RAW), content)
     if response is None:
-        return (request.method, url, sent, content, None, None, None, None, None, error)
+        return (request.method, url, sent, content, None, None, None, None, None, error, False)
     received = list(_triples(response.headers))
     r.learn_headers(received)
     ext = response.extensions
     return (request.method, url, sent, content, response.status_code, received, chunks,
-            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), error)
+            ext.get("http_version", b"HTTP/1.1"), ext.get("reason_phrase", b""), error, False)
 
 
 def _payload_of(args: Sequence[Any]) -> Payload:
     """A deferred call's Payload, whose encoding :class:`~.base.Capture` would have set:
     request built (and its secrets learned) first, then the response scrubbed and packed."""
-    method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error = args
+    method, url, req_triples, body, status, resp_triples, chunks, http_version, reason, error, \
+        body_open = args
     if error is not None and status is not None:  # the body broke off after the response started
         return built_payload(_call_of(method, url, req_triples, body), None, lambda: _broken_tree(
             _response_tree_of(status, resp_triples, chunks, http_version, reason), error))
+    if body_open:
+        return built_payload(_call_of(method, url, req_triples, body), None, lambda: _open_tree(
+            _response_tree_of(status, resp_triples, chunks, http_version, reason)))
     return built_payload(_call_of(method, url, req_triples, body), error, lambda: _response_tree_of(
         status, resp_triples, chunks, http_version, reason))
 
@@ -337,11 +369,17 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     r = span.response
     chunks = [c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]
     body_error = r.get("body_error")  # absent from a whole body's response (older cassettes)
+    stream: _Chunks
+    if body_error is not None:
+        stream = _BrokenChunks(chunks, lambda: rebuild_error(body_error, _build_exc(request)))
+    elif r.get("body_open"):
+        stream = _BrokenChunks(chunks, lambda: stopped_reading(span.label or span.name))
+    else:
+        stream = _Chunks(chunks)
     return httpx.Response(
         status_code=r["status"],
         headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
-        stream=_Chunks(chunks) if body_error is None else _BrokenChunks(
-            chunks, lambda: rebuild_error(body_error, _build_exc(request))),
+        stream=stream,
         extensions={
             "http_version": r["http_version"].encode("latin-1"),
             "reason_phrase": r["reason"].encode("latin-1"),

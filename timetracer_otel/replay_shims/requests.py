@@ -36,6 +36,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import copy_context
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -62,9 +63,12 @@ from timetracer_otel.replay_shims.base import (
     defer,
     deferrable_span,
     error_tree,
+    finish_late,
     hold_end,
     instantiate,
+    ready_late,
     rebuild_error,
+    stopped_reading,
     streamed_type,
 )
 
@@ -121,7 +125,8 @@ def _call(request: requests.PreparedRequest) -> Call:
 
 def _response_tree_of(status: int, reason: str | None, version: int,
                       headers: Iterable[Sequence[Any]], elapsed_us: int | None, body: bytes,
-                      chunks: list[int] | None = None, error: Tree = None) -> Tree:
+                      chunks: list[int] | None = None, error: Tree = None,
+                      body_open: bool = False) -> Tree:
     tree: dict[str, Any] = {
         "status": status,
         "reason": reason,
@@ -135,6 +140,8 @@ def _response_tree_of(status: int, reason: str | None, version: int,
         tree["chunk_sizes"] = chunks
     if error is not None:  # the body broke after ``body``
         tree["error"] = error
+    if body_open:  # the app stopped reading after ``body`` (a streamed body)
+        tree["body_open"] = True
     return tree
 
 
@@ -156,7 +163,7 @@ class _Body(io.IOBase):
     is all or nothing). A chunked body also has the chunked framing as ``fp``, which urllib3's
     ``read_chunked`` reads (``stream()`` yields each chunk, or pieces of it, as they came)."""
 
-    def __init__(self, data: bytes, error: BaseException | None = None,
+    def __init__(self, data: bytes, error: BaseException | Callable[[], BaseException] | None = None,
                  chunks: list[int] | None = None) -> None:
         super().__init__()
         self._data = memoryview(data)
@@ -208,7 +215,7 @@ class _Body(io.IOBase):
         error, self._error = self._error, None
         self.close()
         assert error is not None
-        raise error
+        raise error if isinstance(error, BaseException) else error()
 
 
 class _Wire:
@@ -258,20 +265,27 @@ class _Wire:
 
 class _LiveBody(io.IOBase):
     """A live body of a streamed type, read from the live urllib3 response only as the app
-    reads it (as :class:`_Body` reads a recorded one: a chunked body through ``fp``, one
-    chunk per size line), each piece kept (up to the payload limit, past which the call is
-    stored truncated), and the call finished once with what was read (see :data:`Read`):
-    at the body's end, at its error (raised to the app as urllib3 raised it), or when the
-    app closes the response, or drops it."""
+    reads it (as :class:`_Body` reads a recorded one: ``read(n)`` gives n bytes unless the
+    body ends first, ``read1`` what arrived; a chunked body goes through ``fp``, one live
+    chunk per size line). What is read is kept in one buffer (chunk lengths for a chunked
+    body), up to the payload limit, past which the call is stored truncated. The call is
+    finished once with what was read (see :data:`Read`): at the body's end, at its error
+    (raised to the app as urllib3 raised it), when the app closes the response before its end
+    (the body is then ``open``), or when the response is dropped unclosed (finished on
+    ``base``'s late calls' thread, never in the finaliser)."""
 
     def __init__(self, live: HTTPResponse, finish: Callable[[Read], None]) -> None:
         super().__init__()
         self._live = live
         self._finish: Callable[[Read], None] | None = finish
-        self._kept: list[bytes] = []
+        self._kept = bytearray()
+        self._sizes: list[int] | None = None
         self._room = STATE.max_payload_bytes
         self._ended = False
+        self._context = copy_context()
+        ready_late()
         if live.chunked and live.supports_chunked_reads():
+            self._sizes = []
             self.fp: _LiveWire | None = _LiveWire(self, live.read_chunked(None, decode_content=False))
 
     def readable(self) -> bool:
@@ -281,32 +295,41 @@ class _LiveBody(io.IOBase):
         return self.closed
 
     def _keep(self, piece: bytes) -> bytes:
-        if self._room >= 0:  # (one piece past the limit: the payload says truncated)
-            self._kept.append(piece)
+        if piece and self._room >= 0:  # (one piece past the limit: the payload says truncated)
+            self._kept += piece
             self._room -= len(piece)
+            if self._sizes is not None:
+                self._sizes.append(len(piece))
         return piece
 
-    def read(self, amt: int | None = None) -> bytes:
+    def read(self, amt: int | None = None, *, one: bool = False) -> bytes:
         if self.closed:
             return b""
+        live = self._live
         try:
             if amt is None or amt < 0:
-                data = self._live.read(decode_content=False)
-            elif _READ1:
-                data = self._live.read1(amt, decode_content=False)
-            else:
-                data = self._live.read(amt, decode_content=False)
+                data = self._keep(live.read(decode_content=False))
+            elif one or not _READ1:  # (urllib3 before 2.3: one whole read)
+                data = self._keep(live.read1(amt, decode_content=False) if _READ1
+                                  else live.read(amt, decode_content=False))
+            else:  # as http.client's read(n): n bytes, unless the body ends first
+                parts: list[bytes] = []
+                left = amt
+                while left > 0 and (part := self._keep(live.read1(left, decode_content=False))):
+                    parts.append(part)
+                    left -= len(part)
+                data = b"".join(parts)
         except _BODY_ERROR_TYPES as exc:
             self._end(exc)
             raise
-        if data:
-            return self._keep(data)
-        if amt != 0:
-            self._ended = True
-            self.close()
-        return b""
+        if (data and not _at_end(live)) or amt == 0:
+            return data
+        self._ended = True  # (read to its end: http.client closed it, or nothing more came)
+        self.close()
+        return data
 
-    read1 = read
+    def read1(self, amt: int = -1) -> bytes:
+        return self.read(amt, one=True)
 
     def _safe_read(self, amt: int) -> bytes:
         assert self.fp is not None
@@ -319,6 +342,10 @@ class _LiveBody(io.IOBase):
             super().close()
             self._end()
 
+    def __del__(self) -> None:
+        if self._finish is not None:  # dropped unclosed: finished on another thread
+            finish_late(self._context, self.close)
+
     def _end(self, exc: BaseException | None = None) -> None:
         finish, self._finish = self._finish, None
         if finish is None:
@@ -328,12 +355,19 @@ class _LiveBody(io.IOBase):
             if not self._ended:  # closed early (or broken): the connection cannot be reused
                 live.close()
             live.release_conn()
-            kept = self._kept
-            finish((b"".join(kept), [len(p) for p in kept] if hasattr(self, "fp") and len(kept) > 1
-                    else None, None if exc is None else error_tree(exc)))
+            sizes = self._sizes
+            finish((bytes(self._kept), sizes if sizes is not None and len(sizes) > 1 else None,
+                    None if exc is None else error_tree(exc), not self._ended and exc is None))
         except Exception:  # never the app's
             log.warning("timetracer-otel: a streamed requests response could not be recorded",
                         exc_info=True)
+
+
+def _at_end(live: HTTPResponse) -> bool:
+    """Whether the live body has been read to its end (http.client closes its response
+    then)."""
+    fp = getattr(live, "_fp", None)
+    return fp is None or bool(fp.isclosed())
 
 
 class _LiveWire:
@@ -398,7 +432,8 @@ def _streaming(request: requests.PreparedRequest, response: requests.Response,
 
 
 def _raw(status: int, reason: str | None, version: int, headers: list[tuple[str, str]], body: bytes,
-         request: requests.PreparedRequest, error: BaseException | None = None,
+         request: requests.PreparedRequest,
+         error: BaseException | Callable[[], BaseException] | None = None,
          chunks: list[int] | None = None, fp: io.IOBase | None = None) -> HTTPResponse:
     hd = HTTPHeaderDict()
     msg = http.client.HTTPMessage()
@@ -500,9 +535,11 @@ def _handler(original: Any) -> Any:
                 raise rebuild_error(span.error, _build_exc(request))
             r = span.response
             broke = r.get("error")
+            label = span.label or span.name
             raw = _raw(r["status"], r["reason"], r["version"], [tuple(h) for h in r["headers"]],
                        as_bytes(r["body"]), request,
-                       None if broke is None else rebuild_error(broke, _body_error),
+                       rebuild_error(broke, _body_error) if broke is not None
+                       else (lambda: stopped_reading(label)) if r.get("body_open") else None,
                        r.get("chunk_sizes"))
             replayed = self.build_response(request, raw)
             elapsed_us = r.get("elapsed_us")
@@ -632,9 +669,10 @@ def _body_error(cls: type[BaseException], tree: Tree) -> BaseException:
     return instantiate(cls, tree["message"])
 
 
-# What :func:`_read` read: the raw bytes, a chunked body's chunk lengths (when more than one)
-# and the tree of the error that broke the body (None for none).
-Read = tuple[bytes, list[int] | None, Tree]
+# What :func:`_read` (or a streamed body, :class:`_LiveBody`) read: the raw bytes, a chunked
+# body's chunk lengths (when more than one), the tree of the error that broke the body (None
+# for none), and whether the app stopped reading it before its end (a streamed body).
+Read = tuple[bytes, list[int] | None, Tree, bool]
 
 
 def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
@@ -677,7 +715,7 @@ def _read(response: requests.Response) -> tuple[HTTPResponse, Read]:
                 buffer.write(_partial(exc))
         content = buffer.getvalue()
     live.release_conn()
-    return live, (content, lengths, broke)
+    return live, (content, lengths, broke, False)
 
 
 # urllib3 >= 2.3's read1, and the most one call asks for (a socket read gives what came).
@@ -699,7 +737,7 @@ def _swapped(request: requests.PreparedRequest, response: requests.Response,
     """``response`` reading the recorded bytes from memory (the live ones were read), and
     raising the error that broke them after them, as a replay does."""
     live = response.raw
-    content, chunks, broke = read
+    content, chunks, broke, _ = read
     replacement = _raw(live.status, live.reason, live.version, headers, content, request,
                        None if broke is None else rebuild_error(broke, _body_error), chunks)
     replacement._original_response = live._original_response
