@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
+
+import timetracer_otel
+from tests.conftest import connects_refused
+from timetracer_otel.cassette import Cassette, load_cassette
+from timetracer_otel.index import ReplayReport
 
 # Long enough that an app reading a body whole first would miss it by far; the read timeout
 # makes such an app fail instead of hang.
@@ -64,3 +71,28 @@ def streaming_app(gate: threading.Event) -> Starlette:
 
     return Starlette(routes=[Route("/events", events), Route("/forever", forever),
                              Route("/broken", broken), Route("/slow", slow)])
+
+
+def live_then_replayed(serve: Any, tmp_path: Path, job: Callable[[str, threading.Event], Any],
+                       shape: Callable[[Any], None]) -> tuple[Any, Any, Cassette, ReplayReport]:
+    """``job(url, gate)`` against :func:`streaming_app` without timetracer, under ``record``,
+    and replayed (strict) with the upstream stopped and no connection attempted; each result
+    checked with ``shape``. The recording's result, the replay's, the cassette and the
+    replay's report."""
+    gate = threading.Event()
+    server = serve(streaming_app(gate))
+    shape(job(server.url, gate))
+    gate.clear()
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        # Read whole before the app got it, the first event would never come: the server
+        # sends the rest only once the app has read it (a read timeout, not this).
+        live = job(server.url, gate)
+    shape(live)
+    server.stop()
+    [cassette] = [load_cassette(p) for p in rec.paths]
+    gate.clear()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(server.url, gate)
+    assert attempts == []
+    shape(replayed)
+    return live, replayed, cassette, rep.report

@@ -18,7 +18,7 @@ import pytest
 
 import timetracer_otel
 from tests.conftest import connects_refused
-from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, streaming_app
+from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, live_then_replayed, streaming_app
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.replay_shims import base
@@ -93,34 +93,15 @@ def test_a_streamed_body_reaches_the_app_as_it_comes_and_replays_as_read(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, span_payloads: str,
 ) -> None:
     monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", span_payloads)
-    gate = threading.Event()
-    server = serve(streaming_app(gate))
-    job = JOBS[kind]
-    plain = job(server.url, gate)
-    _shape(plain)
-    gate.clear()
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        # Read whole before the app got it, the first event would never come: the server
-        # sends the rest only once the app has read it (a read timeout, not this).
-        live = job(server.url, gate)
-    _shape(live)
-    server.stop()
-
-    [cassette] = [load_cassette(p) for p in rec.paths]
+    live, replayed, cassette, report = live_then_replayed(serve, tmp_path, JOBS[kind], _shape)
     assert len(cassette.interactions) == 3, [s.name for s in cassette.interactions]
     events = next(s for s in cassette.interactions if s.request["url"].endswith("/events"))
     # The span ends with the body, which the app read after a pause: not with the headers.
     assert events.end_ns - events.start_ns >= PAUSE * 1e9
     broken = next(s for s in cassette.interactions if s.request["url"].endswith("/broken"))
     assert broken.response["body_error"]["type"] == "httpx:RemoteProtocolError"
-
-    gate.clear()
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
-        replayed = job(server.url, gate)
-    assert attempts == []
     assert replayed == live  # the same chunks, as the app read them, and the same error
-    _shape(replayed)
-    assert rep.report.ok and rep.report.exact == 3 and not rep.report.unused
+    assert report.ok and report.exact == 3 and not report.unused
 
 
 @pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ import requests
 
 import timetracer_otel
 from tests.conftest import connects_refused
-from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, streaming_app
+from tests.replay_shims.streaming_apps import PAUSE, TIMEOUT, live_then_replayed, streaming_app
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.replay_shims import requests as requests_shim
@@ -60,19 +60,7 @@ def test_a_streamed_body_reaches_the_app_as_it_comes_and_replays_as_read(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, span_payloads: str,
 ) -> None:
     monkeypatch.setenv("TIMETRACER_SPAN_PAYLOADS", span_payloads)
-    gate = threading.Event()
-    server = serve(streaming_app(gate))
-    plain = job(server.url, gate)
-    _shape(plain)
-    gate.clear()
-    with timetracer_otel.record(dir=tmp_path) as rec:
-        # Read whole before the app got it, the first event would never come: the server
-        # sends the rest only once the app has read it (a read timeout, not this).
-        live = job(server.url, gate)
-    _shape(live)
-    server.stop()
-
-    [cassette] = [load_cassette(p) for p in rec.paths]
+    live, replayed, cassette, report = live_then_replayed(serve, tmp_path, job, _shape)
     calls = cassette.interactions
     assert [c.request["url"].rsplit("/", 1)[1] for c in calls] == [
         "events", "forever", "broken", "events"]
@@ -81,13 +69,8 @@ def test_a_streamed_body_reaches_the_app_as_it_comes_and_replays_as_read(
     assert calls[2].response["error"]["type"].endswith("ProtocolError")
     assert calls[0].response["chunk_sizes"] == [9, 21, 9]  # each event as the server sent it
 
-    gate.clear()
-    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
-        replayed = job(server.url, gate)
-    assert attempts == []
     assert replayed == live
-    _shape(replayed)
-    assert rep.report.ok and rep.report.exact == 4 and not rep.report.unused
+    assert report.ok and report.exact == 4 and not report.unused
 
 
 @pytest.mark.timeout(120)

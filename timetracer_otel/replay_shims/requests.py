@@ -170,7 +170,8 @@ class _Body(io.IOBase):
         self._pos = 0
         self._error = error
         if chunks is not None:
-            self.fp: _Wire | None = _Wire(self, data, chunks, error is None)
+            self.fp: _Wire | None = _Wire(self, _slices(self._data, chunks),
+                                          (lambda: None) if error is None else self._fail)
 
     def readable(self) -> bool:
         return True
@@ -220,26 +221,26 @@ class _Body(io.IOBase):
 
 class _Wire:
     """A chunked body's framing (size line, chunk, CRLF; the last chunk when it ended), made
-    as urllib3's ``read_chunked`` reads it (no copy of the body); the recorded error where the
-    next size line did not come."""
+    as urllib3's ``read_chunked`` reads it, one of ``chunks`` per size line, taken when that
+    line is asked for (a recorded body's slices, no copy; a live body's chunks as they come).
+    Where ``chunks`` runs out, ``at_end`` runs before the last chunk: a recorded body that
+    broke raises its error there, instead of the size line that did not come."""
 
-    def __init__(self, body: _Body, data: bytes, chunks: list[int], ended: bool) -> None:
+    def __init__(self, body: io.IOBase, chunks: Iterator[bytes | memoryview],
+                 at_end: Callable[[], None]) -> None:
         self._body = body
-        self._data = memoryview(data)
-        self._sizes = iter(chunks)
-        self._pos = 0
-        self._left = 0
-        self._ended = ended
+        self._chunks = chunks
+        self._at_end = at_end
+        self._chunk = memoryview(b"")
         self._state = "size"  # then "data", "crlf", "size"... "trailer", "done"
 
     def readline(self, limit: int = -1) -> bytes:
         if self._state == "size":
-            n = next(self._sizes, None)
-            if n is not None:
-                self._left, self._state = n, "data"
-                return b"%x\r\n" % n
-            if not self._ended:
-                self._body._fail()
+            chunk = next(self._chunks, None)
+            if chunk:
+                self._chunk, self._state = memoryview(chunk), "data"
+                return b"%x\r\n" % len(self._chunk)
+            self._at_end()
             self._state = "trailer"
             return b"0\r\n"
         if self._state == "trailer":
@@ -250,17 +251,22 @@ class _Wire:
 
     def read(self, amt: int = -1) -> bytes:
         if self._state == "data":
-            n = self._left if amt < 0 else min(amt, self._left)
-            piece = bytes(self._data[self._pos:self._pos + n])
-            self._pos += n
-            self._left -= n
-            if not self._left:
+            n = len(self._chunk) if amt < 0 else min(amt, len(self._chunk))
+            piece, self._chunk = bytes(self._chunk[:n]), self._chunk[n:]
+            if not self._chunk:
                 self._state = "crlf"
             return piece
         if self._state == "crlf":
             self._state = "size"
             return b"\r\n"
         return b""
+
+
+def _slices(data: memoryview, sizes: list[int]) -> Iterator[memoryview]:
+    pos = 0
+    for n in sizes:
+        yield data[pos:pos + n]
+        pos += n
 
 
 class _LiveBody(io.IOBase):
@@ -286,13 +292,29 @@ class _LiveBody(io.IOBase):
         ready_late()
         if live.chunked and live.supports_chunked_reads():
             self._sizes = []
-            self.fp: _LiveWire | None = _LiveWire(self, live.read_chunked(None, decode_content=False))
+            self.fp: _Wire | None = _Wire(self, self._live_chunks(), self._at_chunked_end)
 
     def readable(self) -> bool:
         return True
 
     def isclosed(self) -> bool:
         return self.closed
+
+    def _live_chunks(self) -> Iterator[bytes]:
+        """The live chunks, each kept as it is taken; a break ends the call with its error."""
+        chunks = self._live.read_chunked(None, decode_content=False)
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except _BODY_ERROR_TYPES as exc:
+                self._end(exc)
+                raise
+            if chunk is None:
+                return
+            yield self._keep(chunk)
+
+    def _at_chunked_end(self) -> None:
+        self._ended = True
 
     def _keep(self, piece: bytes) -> bytes:
         if piece and self._room >= 0:  # (one piece past the limit: the payload says truncated)
@@ -368,48 +390,6 @@ def _at_end(live: HTTPResponse) -> bool:
     then)."""
     fp = getattr(live, "_fp", None)
     return fp is None or bool(fp.isclosed())
-
-
-class _LiveWire:
-    """A live chunked body's framing as urllib3's ``read_chunked`` reads it (see
-    :class:`_Wire`), one live chunk per size line, read when that line is asked for."""
-
-    def __init__(self, body: _LiveBody, chunks: Iterator[bytes]) -> None:
-        self._body = body
-        self._chunks = chunks
-        self._chunk = memoryview(b"")
-        self._state = "size"  # then "data", "crlf", "size"... "trailer", "done"
-
-    def readline(self, limit: int = -1) -> bytes:
-        if self._state == "size":
-            try:
-                chunk = next(self._chunks, None)
-            except _BODY_ERROR_TYPES as exc:
-                self._body._end(exc)
-                raise
-            if chunk:
-                self._chunk, self._state = memoryview(self._body._keep(chunk)), "data"
-                return b"%x\r\n" % len(chunk)
-            self._body._ended = True
-            self._state = "trailer"
-            return b"0\r\n"
-        if self._state == "trailer":
-            self._state = "done"
-            self._body.close()
-            return b"\r\n"
-        return b""
-
-    def read(self, amt: int = -1) -> bytes:
-        if self._state == "data":
-            n = len(self._chunk) if amt < 0 else min(amt, len(self._chunk))
-            piece, self._chunk = bytes(self._chunk[:n]), self._chunk[n:]
-            if not self._chunk:
-                self._state = "crlf"
-            return piece
-        if self._state == "crlf":
-            self._state = "size"
-            return b"\r\n"
-        return b""
 
 
 def _streamed(response: requests.Response) -> bool:
