@@ -520,7 +520,12 @@ def ready_late() -> None:
     with _late_lock:
         if _late_thread is None or _late_thread[0] != pid:  # (a forked child has no thread)
             thread = threading.Thread(target=_run_late, name="timetracer-late-calls", daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # (no thread to be had: never the app's error)
+                log.warning("timetracer-otel: cannot start the thread that records dropped "
+                            "streamed responses (%s); they will be lost", exc)
+                return
             _late_thread = (pid, thread)
 
 

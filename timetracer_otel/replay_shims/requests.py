@@ -565,7 +565,11 @@ def _left_stream(dep: Any, sent: tuple[Any, ...], request: requests.PreparedRequ
         finally:
             release()
 
-    return _streaming(request, response, headers, finish)
+    try:
+        return _streaming(request, response, headers, finish)
+    except BaseException:  # (the span must still end)
+        release()
+        raise
 
 
 def _captured_stream(cap: Any, request: requests.PreparedRequest, response: requests.Response,
@@ -583,7 +587,11 @@ def _captured_stream(cap: Any, request: requests.PreparedRequest, response: requ
         finally:
             release()
 
-    return _streaming(request, response, headers, finish)
+    try:
+        return _streaming(request, response, headers, finish)
+    except BaseException:  # (the span must still end)
+        release()
+        raise
 
 
 # On a response this shim made: the recorded elapsed (a replay), or (record) the cell of the
