@@ -401,11 +401,17 @@ def _streamed(response: requests.Response) -> bool:
 
 
 def _streaming(request: requests.PreparedRequest, response: requests.Response,
-               headers: list[tuple[str, str]], finish: Callable[[Read], None]) -> requests.Response:
-    """``response`` reading the live body as the app reads it (see :class:`_LiveBody`)."""
+               headers: list[tuple[str, str]], finish: Callable[[Read], None],
+               release: Callable[[], None]) -> requests.Response:
+    """``response`` reading the live body as the app reads it (see :class:`_LiveBody`);
+    ``release`` (the span's held end) runs at once if that cannot be set up."""
     live = response.raw
-    replacement = _raw(live.status, live.reason, live.version, headers, b"", request,
-                       fp=_LiveBody(live, finish))
+    try:
+        replacement = _raw(live.status, live.reason, live.version, headers, b"", request,
+                           fp=_LiveBody(live, finish))
+    except BaseException:  # (the span must still end)
+        release()
+        raise
     replacement._original_response = live._original_response
     response.raw = replacement
     return response
@@ -565,11 +571,7 @@ def _left_stream(dep: Any, sent: tuple[Any, ...], request: requests.PreparedRequ
         finally:
             release()
 
-    try:
-        return _streaming(request, response, headers, finish)
-    except BaseException:  # (the span must still end)
-        release()
-        raise
+    return _streaming(request, response, headers, finish, release)
 
 
 def _captured_stream(cap: Any, request: requests.PreparedRequest, response: requests.Response,
@@ -587,11 +589,7 @@ def _captured_stream(cap: Any, request: requests.PreparedRequest, response: requ
         finally:
             release()
 
-    try:
-        return _streaming(request, response, headers, finish)
-    except BaseException:  # (the span must still end)
-        release()
-        raise
+    return _streaming(request, response, headers, finish, release)
 
 
 # On a response this shim made: the recorded elapsed (a replay), or (record) the cell of the
