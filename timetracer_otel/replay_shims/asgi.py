@@ -75,6 +75,19 @@ _NIL = _pack(None)
 _capturing: ContextVar[bool] = ContextVar("timetracer_asgi_capturing", default=False)
 
 
+def _room_left(room: int | None, message: Message) -> int | None:
+    """``room`` less the bytes of ``message``'s body (a memoryview's ``len`` counts items);
+    below zero it stays as it is: the limit was passed, nothing more is kept."""
+    body = message.get("body")
+    if room is None or room < 0 or not body:
+        return room
+    return room - (body.nbytes if type(body) is memoryview else len(body))
+
+
+def _past(room: int | None) -> bool:
+    return room is not None and room < 0
+
+
 class Exchange:
     """One request/response as seen at the seam: messages in order, and the app's exception.
 
@@ -84,10 +97,10 @@ class Exchange:
 
     ``room``: body bytes each direction keeps while recording (the payload limit). Past it
     that direction's messages are no longer kept (an endless event stream the app serves
-    holds no more memory as it goes) and its part is stored truncated (``cut``). None: no
+    holds no more memory as it goes) and its part is stored truncated (:attr:`cut`). None: no
     limit (a replay's, which compares what the app sent)."""
 
-    __slots__ = ("claimed", "cut", "deferred", "error", "finished", "received", "received_room",
+    __slots__ = ("claimed", "deferred", "error", "finished", "received", "received_room",
                  "sent", "sent_room", "span", "tb", "trailers")
 
     def __init__(self, span: Span | None = None, deferred: bool = False,
@@ -97,41 +110,26 @@ class Exchange:
         self.received: list[Tree] = []
         self.sent: list[Tree] = []
         self.received_room = self.sent_room = room
-        self.cut: tuple[bool, bool] = (False, False)  # (request, response) past the limit
         self.error: BaseException | None = None
         self.tb: str | None = None
         self.trailers = False
         self.finished = False
         self.claimed = False
 
+    @property
+    def cut(self) -> tuple[bool, bool]:
+        """Whether the request's, and the response's, messages passed the limit."""
+        return _past(self.received_room), _past(self.sent_room)
+
     def on_receive(self, message: Message) -> None:
-        room = self.received_room
-        if room is not None:
-            if room < 0:  # past the limit: no more kept
-                return
-            body = message.get("body")
-            if body:  # (a memoryview's len counts its items, not its bytes)
-                self.received_room = room = room - (
-                    body.nbytes if type(body) is memoryview else len(body))
-                if room < 0:
-                    self.cut = (True, self.cut[1])
-                    return
-        self.received.append(message_tree(message, header_pairs if self.deferred else headers_tree))
+        self.received_room = room = _room_left(self.received_room, message)
+        if room is None or room >= 0:
+            self.received.append(message_tree(message, header_pairs if self.deferred else headers_tree))
 
     def on_send(self, message: Message) -> bool:
-        """Keep ``message``; True when it is the one that completes the response."""
-        room = self.sent_room
-        keep = True
-        if room is not None:
-            body = message.get("body")
-            if room < 0:
-                keep = False
-            elif body:
-                self.sent_room = room = room - (
-                    body.nbytes if type(body) is memoryview else len(body))
-                if room < 0:
-                    self.cut, keep = (self.cut[0], True), False
-        if keep:
+        """Keep ``message`` (within the limit); True when it completes the response."""
+        self.sent_room = room = _room_left(self.sent_room, message)
+        if room is None or room >= 0:
             self.sent.append(message_tree(message, header_pairs if self.deferred else headers_tree))
         kind = message.get("type")
         if kind == "http.response.start":

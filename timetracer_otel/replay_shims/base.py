@@ -310,6 +310,17 @@ def unsupported(message: str, what: str) -> ReplayUnsupportedError:
     return ReplayUnsupportedError(message)
 
 
+def stopped_reading(label: str) -> ReplayUnsupportedError:
+    """The error for reading a replayed streamed body past where the app stopped reading it
+    while recording (it closed it, or was cancelled): nothing after that was recorded."""
+    return unsupported(
+        f"{label}: the recording of this streamed response ends here, where the app stopped "
+        "reading it while recording (it closed it or was cancelled); nothing after it was "
+        "recorded. Record again with the app reading further.",
+        f"{label} (read past where the recording stopped)",
+    )
+
+
 def stranded(call: Call) -> ReplayUnsupportedError:
     """The error for a miss that ``on_miss`` let go live on a connection the replay opened
     from the cassette, with no server behind it; counted in the replay's report (a replay
@@ -480,13 +491,13 @@ def hold_end(span: Span) -> Callable[[], None]:
     instrumentation's span ends when the headers are in). The span, and the payload put on
     or left beside it meanwhile, then end with the body, so its exporter and the cassette
     writer see the whole call. Calling the function again does nothing."""
+    if not span.is_recording():  # (ending it does nothing; it may be a shared no-op span)
+        return lambda: None
     held: list[bool] = []
 
     def end(end_time: int | None = None) -> None:
         held.append(True)  # (the time of the body's end is the call's end)
 
-    if not span.is_recording():  # (ending it does nothing; it may be a shared no-op span)
-        return lambda: None
     try:
         span.end = end  # type: ignore[method-assign]
     except (AttributeError, TypeError):  # a span class that takes no attribute: it ends as it would
@@ -533,17 +544,6 @@ def finish_late(ctx: Context, finish: Callable[[], None]) -> None:
     """Run ``finish`` in ``ctx`` (the context of the task that made the call, so its span
     goes to that task's recording) on the late calls' thread. Safe from a finaliser."""
     _LATE.put((ctx, finish))
-
-
-def stopped_reading(label: str) -> ReplayUnsupportedError:
-    """The error for reading a replayed streamed body past where the app stopped reading it
-    while recording (it closed it, or was cancelled): nothing after that was recorded."""
-    return unsupported(
-        f"{label}: the recording of this streamed response ends here, where the app stopped "
-        "reading it while recording (it closed it or was cancelled); nothing after it was "
-        "recorded. Record again with the app reading further.",
-        f"{label} (read past where the recording stopped)",
-    )
 
 
 def drain_late(timeout: float = 2.0) -> bool:

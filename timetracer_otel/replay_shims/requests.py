@@ -156,7 +156,25 @@ def _payload_of(args: Sequence[Any]) -> Payload:
 BUILDERS["requests"] = _payload_of
 
 
-class _Body(io.IOBase):
+class _Fp(io.IOBase):
+    """What urllib3 asks of an HTTP response's file beyond ``read`` (http.client's): whether
+    it is closed, and a chunked body's framing as ``fp`` (a :class:`_Wire`) with
+    ``_safe_read``."""
+
+    fp: _Wire | None
+
+    def readable(self) -> bool:
+        return True
+
+    def isclosed(self) -> bool:
+        return self.closed
+
+    def _safe_read(self, amt: int) -> bytes:
+        assert self.fp is not None
+        return self.fp.read(amt)
+
+
+class _Body(_Fp):
     """The recorded body as urllib3 reads a socket's: closed once read to its end (urllib3's
     ``stream()`` loops until its fp is closed), and raising the recorded error, if any, after
     the bytes read before it (``read()`` with no size raises it at once: http.client's read
@@ -170,14 +188,8 @@ class _Body(io.IOBase):
         self._pos = 0
         self._error = error
         if chunks is not None:
-            self.fp: _Wire | None = _Wire(self, _slices(self._data, chunks),
+            self.fp = _Wire(self, _slices(self._data, chunks),
                                           (lambda: None) if error is None else self._fail)
-
-    def readable(self) -> bool:
-        return True
-
-    def isclosed(self) -> bool:
-        return self.closed
 
     def close(self) -> None:
         super().close()
@@ -207,10 +219,6 @@ class _Body(io.IOBase):
         return b""
 
     read1 = read
-
-    def _safe_read(self, amt: int) -> bytes:
-        assert self.fp is not None
-        return self.fp.read(amt)
 
     def _fail(self) -> NoReturn:
         error, self._error = self._error, None
@@ -269,7 +277,7 @@ def _slices(data: memoryview, sizes: list[int]) -> Iterator[memoryview]:
         pos += n
 
 
-class _LiveBody(io.IOBase):
+class _LiveBody(_Fp):
     """A live body of a streamed type, read from the live urllib3 response only as the app
     reads it (as :class:`_Body` reads a recorded one: ``read(n)`` gives n bytes unless the
     body ends first, ``read1`` what arrived; a chunked body goes through ``fp``, one live
@@ -292,13 +300,7 @@ class _LiveBody(io.IOBase):
         ready_late()
         if live.chunked and live.supports_chunked_reads():
             self._sizes = []
-            self.fp: _Wire | None = _Wire(self, self._live_chunks(), self._at_chunked_end)
-
-    def readable(self) -> bool:
-        return True
-
-    def isclosed(self) -> bool:
-        return self.closed
+            self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end)
 
     def _live_chunks(self) -> Iterator[bytes]:
         """The live chunks, each kept as it is taken; a break ends the call with its error."""
@@ -352,10 +354,6 @@ class _LiveBody(io.IOBase):
 
     def read1(self, amt: int = -1) -> bytes:
         return self.read(amt, one=True)
-
-    def _safe_read(self, amt: int) -> bytes:
-        assert self.fp is not None
-        return self.fp.read(amt)
 
     def close(self) -> None:
         if hasattr(self, "fp"):
