@@ -3,6 +3,7 @@ that cuts its body short, and a streamed body's chunks up to the error that ende
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -52,8 +53,16 @@ def raw_server(*pieces: bytes, gap: float = 0.0) -> Iterator[tuple[str, socket.s
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{sock.getsockname()[1]}", sock
-    sock.close()
+    close_listener(sock)
     thread.join(5)
+
+
+def close_listener(sock: socket.socket) -> None:
+    """Stop a listening socket and wake the thread blocked in its ``accept()``, which
+    ``close()`` alone does not do on Linux."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def chunks(response: Any, seen: list[Any], chunk_size: int | None) -> list[Any]:

@@ -6,6 +6,7 @@ where plain httpx raises it (while the body is read: in ``iter_bytes``, or in ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -74,6 +75,8 @@ class BrokenBodyServer:
 
     def stop(self) -> None:
         self.closing.set()
+        with contextlib.suppress(OSError):  # wakes the acceptor: close() alone does not on Linux
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.acceptor.join(5)
         for t in self.threads:

@@ -26,7 +26,7 @@ from urllib3.util.retry import Retry
 
 import timetracer_otel
 from tests.conftest import connects_refused
-from tests.replay_shims.requests_helpers import raw_server, three_ways
+from tests.replay_shims.requests_helpers import close_listener, raw_server, three_ways
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -350,7 +350,7 @@ def test_fine_a_body_cut_short_in_pieces(cut: Any, tmp_path: Path) -> None:
                 out.append((type(exc), str(exc)))
         return out
 
-    plain, recorded, replayed, _ = three_ways(job, tmp_path, sock.close)
+    plain, recorded, replayed, _ = three_ways(job, tmp_path, lambda: close_listener(sock))
     assert plain[0][0] is requests.exceptions.ChunkedEncodingError
     assert recorded == plain and replayed == plain, (plain, recorded, replayed)
 

@@ -588,15 +588,17 @@ class OTLPReceiver:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop listening, let requests in flight finish, then write every open trace; False
-        when the writer had not finished within ``timeout`` seconds."""
-        self._stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-        deadline = time.monotonic() + min(timeout, 5.0)
-        # Handlers in flight hold a slot; wait until all slots are free again.
-        for _ in range(self.intake.limits.max_inflight):
-            if not self.intake._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                break
+        when the writer had not finished within ``timeout`` seconds. Stopping again only waits
+        for the writer (the slots are already held)."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.server.shutdown()
+            self.server.server_close()
+            deadline = time.monotonic() + min(timeout, 5.0)
+            # Handlers in flight hold a slot; wait until all slots are free again.
+            for _ in range(self.intake.limits.max_inflight):
+                if not self.intake._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    break
         self.writer.close(timeout)
         thread = self.writer._thread
         return thread is None or not thread.is_alive()
