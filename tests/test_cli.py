@@ -6,6 +6,7 @@ Bad input is exit code 2 with one line and no traceback; replay failures are exi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import msgspec
 import pytest
 
 import timetracer_otel
+from tests.conftest import ServerThread
 from tests.upstream_app import app
 from timetracer_otel.cassette import find_cassettes, load_cassette, save_cassette
 
@@ -41,18 +43,33 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def recorded(serve: Any, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
-    server = serve(app)
-    script = tmp_path / "job.py"
+@pytest.fixture(scope="module")
+def recorded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    """The job recorded through the CLI once for the module (each recording is a few seconds
+    of subprocesses); the upstream is stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("cli-recorded")
+    server = ServerThread(app).start()
+    script = tmp / "job.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, UPSTREAM_URL=server.url)
-    out = cli("record", "--dir", str(tmp_path / "c"), "--", sys.executable, str(script), "1", env=env)
+    try:
+        out = cli("record", "--dir", str(tmp / "c"), "--", sys.executable, str(script), "1", env=env)
+    finally:
+        server.stop()
     assert out.returncode == 0, out.stderr
     assert out.stdout == "200 1 bytes\n"
     assert "recorded 1 cassette(s)" in out.stderr
-    server.stop()
-    return tmp_path / "c", script, env
+    return tmp / "c", script, env
+
+
+@pytest.fixture
+def recorded(recorded_once: tuple[Path, Path, dict[str, str]],
+             tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A copy of :func:`recorded_once`'s cassettes and script of the test's own."""
+    cassettes, script, env = recorded_once
+    shutil.copytree(cassettes, tmp_path / "c")
+    shutil.copy(script, tmp_path / "job.py")
+    return tmp_path / "c", tmp_path / "job.py", env
 
 
 Recorded = tuple[Path, Path, dict[str, str]]
