@@ -193,7 +193,7 @@ class _Frame:
 # that sets these fields while runs are active goes through STATE.put (see _put).
 _active: list[_Frame] = []
 _base: _Switch | None = None
-_here: ContextVar[_Frame | None] = ContextVar("timetracer_run", default=None)
+_here: ContextVar[_Frame | None] = base_module.RUN  # (shims read it: see base.stream_opened)
 
 
 def _activate(frame: _Frame, dispatch: _Dispatch | None = None) -> None:
@@ -433,7 +433,9 @@ class Recording(_Activation):
         assert isinstance(frame, _Recording)
         provider = trace.get_tracer_provider()
         try:
-            # Calls whose streamed response was dropped unclosed, being finished elsewhere.
+            # Calls whose streamed response is still open (the app reads on, or dropped it and
+            # no collection has run yet), then those dropped and being finished elsewhere.
+            base_module.end_streams(frame)
             base_module.drain_late()
             if isinstance(provider, TracerProvider):
                 provider.force_flush()  # spans still queued in the app's own batch processors
@@ -556,7 +558,11 @@ class Replaying(_Activation):
         return frame
 
     def _end(self, frame: _Frame, exc: BaseException | None) -> None:
-        _deactivate(frame)
+        try:  # calls recorded on a miss whose streamed response is still open (see Recording)
+            base_module.end_streams(frame)
+            base_module.drain_late()
+        finally:
+            _deactivate(frame)
         assert isinstance(frame, _Replaying)
         if not frame.appended or self._source is None:
             return

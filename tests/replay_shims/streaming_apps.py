@@ -25,11 +25,20 @@ PAUSE = 0.3
 TIMEOUT = 5.0
 
 
+# A download longer than base.READ_WHOLE_UP_TO, with a Content-Length; its first piece is sent
+# alone (see /download).
+FIRST_PIECE = 64 * 1024
+DOWNLOAD = bytes(range(256)) * (6 * 1024)  # 1.5 MiB
+
+
 def streaming_app(gate: threading.Event) -> Starlette:
     """``/events``: one event, then nothing until ``gate`` is set (by the client, once it has
     read that event), then two more; ``/forever``: an event every 2 ms until the client goes;
     ``/broken``: two NDJSON lines, then the server fails mid-body; ``/slow``: one event, a
-    pause, then two more."""
+    pause, then two more. Of types an app may or may not stream: ``/watch``, chunked
+    ``application/json`` (a Kubernetes watch's shape), and ``/download``,
+    ``application/octet-stream`` of a stated length: each sends its first piece, then the
+    rest only once ``gate`` is set."""
 
     async def events(request: Request) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
@@ -69,8 +78,29 @@ def streaming_app(gate: threading.Event) -> Starlette:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    async def watch(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"type": "ADDED", "n": 0}\n'
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            yield b'{"type": "MODIFIED", "n": 1}\n'
+            yield b'{"type": "DELETED", "n": 2}\n'
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    async def download(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield DOWNLOAD[:FIRST_PIECE]
+            while not gate.is_set():
+                await asyncio.sleep(0.005)
+            yield DOWNLOAD[FIRST_PIECE:]
+
+        return StreamingResponse(body(), media_type="application/octet-stream",
+                                 headers={"content-length": str(len(DOWNLOAD))})
+
     return Starlette(routes=[Route("/events", events), Route("/forever", forever),
-                             Route("/broken", broken), Route("/slow", slow)])
+                             Route("/broken", broken), Route("/slow", slow),
+                             Route("/watch", watch), Route("/download", download)])
 
 
 def live_then_replayed(serve: Any, tmp_path: Path, job: Callable[[str, threading.Event], Any],

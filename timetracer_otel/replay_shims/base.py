@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass, field
@@ -480,6 +481,19 @@ STREAMED_TYPES = frozenset((
 ))
 
 
+# A response body longer than this, or of no stated length (chunked, or until the connection
+# closes: an endless watch or log tail of any type), reaches the app as it comes where the
+# client cannot say whether the app streams it (httpx's transport): read whole first, it
+# would arrive late, hold the whole download in memory, or never arrive.
+READ_WHOLE_UP_TO = 1 << 20
+
+
+def bodiless(method: str, status: int) -> bool:
+    """Whether a response has no body whatever its headers say (RFC 9110 6.4.1): the answer
+    to a HEAD, a 1xx, 204 or 304. Read whole, it is empty at once: never a stream."""
+    return status < 200 or status == 204 or status == 304 or method == "HEAD"
+
+
 def streamed_type(content_type: str) -> bool:
     """Whether a Content-Type value is one of :data:`STREAMED_TYPES`."""
     return content_type.partition(";")[0].strip().lower() in STREAMED_TYPES
@@ -565,6 +579,53 @@ def _run_late() -> None:
         except Exception:  # never stops the thread
             log.warning("timetracer-otel: a dropped streamed response could not be recorded",
                         exc_info=True)
+
+
+# The run (a ``record()`` or ``replay()`` block, a decorated call: ``runtime``'s frame) active
+# in the current context; ``runtime`` sets it.
+RUN: ContextVar[Any] = ContextVar("timetracer_run", default=None)
+
+
+class OpenStream(Protocol):
+    def record_now(self) -> None:
+        """Finish the call with what has been read so far (the app may read on), once."""
+
+
+# Streamed responses still open, by the run they were opened in, so the run's end can record
+# them (see end_streams). Weak: a stream the app drops still goes to its finaliser.
+_open_streams: weakref.WeakKeyDictionary[OpenStream, Any] = weakref.WeakKeyDictionary()
+_streams_lock = threading.Lock()
+
+
+def stream_opened(stream: OpenStream) -> None:
+    """Register a streamed response the app reads as it comes with the current run, if any."""
+    run = RUN.get()
+    if run is not None:
+        with _streams_lock:
+            _open_streams[stream] = run
+
+
+def stream_ended(stream: OpenStream) -> None:
+    """Its call is finished (its body ended, broke, was closed): nothing left for its run."""
+    with _streams_lock:
+        _open_streams.pop(stream, None)
+
+
+def end_streams(run: Any) -> None:
+    """At ``run``'s end, finish the calls of the streams opened in it that are still open
+    (read part way, or dropped and waiting for a collection): each is recorded with what was
+    read so far, as read part way (``body_open``), in this run's cassette, not lost and not
+    left to whichever run is active when it closes. The app may go on reading them."""
+    with _streams_lock:
+        mine = [s for s, r in list(_open_streams.items()) if r is run]
+        for stream in mine:
+            del _open_streams[stream]
+    for stream in mine:
+        try:
+            stream.record_now()
+        except Exception:  # never the app's
+            log.warning("timetracer-otel: a streamed response open at the end of its run could "
+                        "not be recorded", exc_info=True)
 
 
 def defer(span: Span, library: str, args: Any) -> None:

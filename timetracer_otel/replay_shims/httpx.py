@@ -16,11 +16,14 @@ declared length) is recorded as the response with the chunks that arrived and a
 and then raises the error, where plain httpx raises it (while the body is read). A response
 without ``body_error`` (every response of an older cassette) ends after its chunks.
 
-A body the app reads as it comes (server-sent events, NDJSON and the other streamed types of
-``base.STREAMED_TYPES``: an LLM's tokens, an endless feed) is not read first: the app gets each
-chunk as it arrives, the call keeps it as the app reads it, and the call ends with the body
-(see :class:`_Tee`): read to its end, broken off, or closed by the app, which then recorded
-what it read. The instrumentation's span ends with it (``base.hold_end``).
+A body the app may read as it comes is not read first: one of a streamed type (server-sent
+events, NDJSON and the others of ``base.STREAMED_TYPES``: an LLM's tokens, an event feed), of
+no stated length (chunked: a watch, a log tail, any dynamic body) or longer than
+``base.READ_WHOLE_UP_TO`` (a download). The app gets each chunk as it arrives, the call keeps
+it as the app reads it, and the call ends with the body (see :class:`_Tee`): read to its end,
+broken off, or closed by the app, which then recorded what it read. The instrumentation's span
+ends with it (``base.hold_end``). A response that has no body (to a HEAD, a 204...) is read
+whole, whatever its headers say.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from timetracer_otel.replay_shims.base import (
     _TAKEN,
     BUILDERS,
     LIVE,
+    READ_WHOLE_UP_TO,
     STATE,
     Payload,
     Shim,
+    bodiless,
     built_payload,
     capture,
     decide,
@@ -55,6 +60,8 @@ from timetracer_otel.replay_shims.base import (
     ready_late,
     rebuild_error,
     stopped_reading,
+    stream_ended,
+    stream_opened,
     streamed_type,
 )
 
@@ -126,8 +133,9 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     kept as it goes (up to the payload limit, past which the call is stored truncated), and
     the call finished once, with what was read: at the body's end, when it breaks off (with
     its error), when the app stops reading it (closes it, is cancelled: the body is then
-    ``open``, see :func:`_open_tree`), or when the response is dropped unclosed (finished on
-    ``base``'s late calls' thread, never in the finaliser)."""
+    ``open``, see :func:`_open_tree`), when the response is dropped unclosed (finished on
+    ``base``'s late calls' thread, never in the finaliser), or when the run it was opened in
+    ends first (read so far, ``open``; the app may read on)."""
 
     def __init__(self, stream: Any, finish: Finish) -> None:
         self.stream = stream
@@ -137,6 +145,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
         self.done = False  # read to its end
         self.context = copy_context()
         ready_late()
+        stream_opened(self)
 
     def _keep(self, chunk: bytes) -> bytes:
         chunk = bytes(chunk)
@@ -148,11 +157,19 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     def _end(self, exc: BaseException | None = None) -> None:
         finish, self.finish = self.finish, None
         if finish is not None:
+            # What the app reads after this (its run ended first) is not kept: the call, which
+            # may hold this list already, is what was read until now.
+            chunks, self.chunks, self.room = self.chunks, [], -1
+            stream_ended(self)
             try:
-                finish(self.chunks, exc, not self.done and exc is None)
+                finish(chunks, exc, not self.done and exc is None)
             except Exception:  # never the app's
                 log.warning("timetracer-otel: a streamed httpx response could not be recorded",
                             exc_info=True)
+
+    def record_now(self) -> None:
+        """Its run ends with the body still open: recorded as read so far (``base.end_streams``)."""
+        self._end()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -203,12 +220,23 @@ def _open_tree(tree: Tree) -> Tree:
     return tree
 
 
-def _streamed(response: httpx.Response) -> bool:
-    """Whether the response's type is one an app reads as it comes (``base.STREAMED_TYPES``)."""
+def _streamed(request: httpx.Request, response: httpx.Response) -> bool:
+    """Whether the body reaches the app as it comes rather than read whole first: a type an
+    app reads as it comes (``base.STREAMED_TYPES``), or a body of no stated length or one
+    longer than ``base.READ_WHOLE_UP_TO``. The transport cannot tell ``client.stream()``
+    from ``client.get()``, so this is read from the response: an endless body (a watch, a
+    log tail) has no length, whatever its type. A response that has no body is not one."""
+    if bodiless(request.method, response.status_code):
+        return False
+    length = None
     for triple in _triples(response.headers):
-        if triple[1] == b"content-type":
-            return streamed_type(triple[2].decode("latin-1"))
-    return False
+        name = triple[1]
+        if name == b"content-type":
+            if streamed_type(triple[2].decode("latin-1")):
+                return True
+        elif name == b"content-length":
+            length = triple[2]
+    return length is None or not length.isdigit() or int(length) > READ_WHOLE_UP_TO
 
 
 def _left_stream(span: Any, request: httpx.Request, live: httpx.Response) -> _Tee:
@@ -429,7 +457,7 @@ def _sync_handler(original: Any) -> Any:
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
-                if _streamed(live):
+                if _streamed(request, live):
                     live.stream = _left_stream(span, request, live)
                     return live
                 chunks: list[bytes] = []
@@ -456,7 +484,7 @@ def _sync_handler(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
-            if _streamed(response):
+            if _streamed(request, response):
                 response.stream = _captured_stream(cap, response)
                 return response
             chunks = []
@@ -489,7 +517,7 @@ def _async_handler(original: Any) -> Any:
                 except Exception as exc:
                     defer(span, "httpx", _captured(request, None, [], error_tree(exc, _error_attrs(exc))))
                     raise
-                if _streamed(live):
+                if _streamed(request, live):
                     live.stream = _left_stream(span, request, live)
                     return live
                 chunks: list[bytes] = []
@@ -516,7 +544,7 @@ def _async_handler(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(exc))
                 raise
-            if _streamed(response):
+            if _streamed(request, response):
                 response.stream = _captured_stream(cap, response)
                 return response
             chunks = []

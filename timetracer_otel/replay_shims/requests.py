@@ -18,9 +18,10 @@ as ``"elapsed_us"``; a replay gives it back there (see :func:`_session_send`). T
 hooks, which run inside ``Session.send``, see requests' own measure. A cassette written
 before it was kept leaves requests' measure of the replay.
 
-A body of a streamed type (``base.STREAMED_TYPES``: server-sent events, NDJSON) is not read
-first: the swapped-in urllib3 response reads the live one as the app reads it (see
-:class:`_LiveBody`), so the app gets each event as it arrives, and the call ends, with what
+A body the app asked to stream (``stream=True``: a download, a watch, a log tail, of any type)
+or of a streamed type (``base.STREAMED_TYPES``: server-sent events, NDJSON) is not read first:
+the swapped-in urllib3 response reads the live one as the app reads it (see
+:class:`_LiveBody`), so the app gets each piece as it arrives, and the call ends, with what
 the app read, when the body ends, breaks, or the app closes the response (an endless
 stream). The instrumentation's span ends with it (``base.hold_end``).
 
@@ -31,8 +32,10 @@ request-path :class:`~.base.Capture` uses.
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import io
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,6 +60,7 @@ from timetracer_otel.replay_shims.base import (
     STATE,
     Payload,
     Shim,
+    bodiless,
     built_payload,
     capture,
     decide,
@@ -69,6 +73,8 @@ from timetracer_otel.replay_shims.base import (
     ready_late,
     rebuild_error,
     stopped_reading,
+    stream_ended,
+    stream_opened,
     streamed_type,
 )
 
@@ -162,6 +168,13 @@ class _Fp(io.IOBase):
     ``_safe_read``."""
 
     fp: _Wire | None
+    chunked = False  # (read by clients that frame a chunked body themselves: docker-py's
+    # events loop reads one byte, then ``chunk_left``, the rest of the chunk)
+
+    @property
+    def chunk_left(self) -> int | None:
+        """http.client's: the bytes left of the chunk being read; None between chunks."""
+        return None
 
     def readable(self) -> bool:
         return True
@@ -187,7 +200,10 @@ class _Body(_Fp):
         self._data = memoryview(data)
         self._pos = 0
         self._error = error
+        self._ends: list[int] = []
         if chunks is not None:
+            self.chunked = True
+            self._ends = list(itertools.accumulate(chunks))
             self.fp = _Wire(self, _slices(self._data, chunks),
                                           (lambda: None) if error is None else self._fail)
 
@@ -195,6 +211,14 @@ class _Body(_Fp):
         super().close()
         if hasattr(self, "fp"):
             self.fp = None  # as http.client's response: read_chunked stops there
+
+    @property
+    def chunk_left(self) -> int | None:
+        ends, pos = self._ends, self._pos
+        i = bisect.bisect_right(ends, pos)  # (the chunk that ends first after pos)
+        if i == len(ends) or pos == 0 or (i > 0 and ends[i - 1] == pos):  # between chunks
+            return None
+        return ends[i] - pos
 
     def read(self, amt: int | None = None) -> bytes:
         if self.closed:
@@ -285,8 +309,9 @@ class _LiveBody(_Fp):
     body), up to the payload limit, past which the call is stored truncated. The call is
     finished once with what was read (see :data:`Read`): at the body's end, at its error
     (raised to the app as urllib3 raised it), when the app closes the response before its end
-    (the body is then ``open``), or when the response is dropped unclosed (finished on
-    ``base``'s late calls' thread, never in the finaliser)."""
+    (the body is then ``open``), when the response is dropped unclosed (finished on
+    ``base``'s late calls' thread, never in the finaliser), or when the run it was opened in
+    ends first (read so far, ``open``; the app may read on)."""
 
     def __init__(self, live: HTTPResponse, finish: Callable[[Read], None]) -> None:
         super().__init__()
@@ -296,11 +321,20 @@ class _LiveBody(_Fp):
         self._sizes: list[int] | None = None
         self._room = STATE.max_payload_bytes
         self._ended = False
+        self._released = False
+        self._pending: BaseException | None = None
+        self._mid = False  # the last piece kept left its live chunk unfinished
         self._context = copy_context()
         ready_late()
+        stream_opened(self)
+        self.chunked = bool(live.chunked)
         if live.chunked and live.supports_chunked_reads():
             self._sizes = []
             self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end)
+
+    @property
+    def chunk_left(self) -> int | None:
+        return getattr(getattr(self._live, "_fp", None), "chunk_left", None)
 
     def _live_chunks(self) -> Iterator[bytes]:
         """The live chunks, each kept as it is taken; a break ends the call with its error."""
@@ -322,8 +356,13 @@ class _LiveBody(_Fp):
         if piece and self._room >= 0:  # (one piece past the limit: the payload says truncated)
             self._kept += piece
             self._room -= len(piece)
-            if self._sizes is not None:
-                self._sizes.append(len(piece))
+            sizes = self._sizes
+            if sizes is not None:  # the live chunks' sizes, whatever pieces the app reads
+                if self._mid and sizes:
+                    sizes[-1] += len(piece)
+                else:
+                    sizes.append(len(piece))
+                self._mid = bool(self.chunk_left)
         return piece
 
     def read(self, amt: int | None = None, *, one: bool = False) -> bytes:
@@ -331,26 +370,53 @@ class _LiveBody(_Fp):
             return b""
         live = self._live
         try:
+            if self._pending is not None:  # the body ended short in the read before this one
+                pending, self._pending = self._pending, None
+                raise pending
             if amt is None or amt < 0:
                 data = self._keep(live.read(decode_content=False))
             elif one or not _READ1:  # (urllib3 before 2.3: one whole read)
                 data = self._keep(live.read1(amt, decode_content=False) if _READ1
                                   else live.read(amt, decode_content=False))
             else:  # as http.client's read(n): n bytes, unless the body ends first
-                parts: list[bytes] = []
-                left = amt
-                while left > 0 and (part := self._keep(live.read1(left, decode_content=False))):
-                    parts.append(part)
-                    left -= len(part)
-                data = b"".join(parts)
+                data = self._read_n(amt)
         except _BODY_ERROR_TYPES as exc:
             self._end(exc)
             raise
-        if (data and not _at_end(live)) or amt == 0:
+        if (data and not _at_end(live)) or amt == 0 or self._pending is not None:
             return data
         self._ended = True  # (read to its end: http.client closed it, or nothing more came)
         self.close()
         return data
+
+    def _read_n(self, amt: int) -> bytes:
+        """``amt`` bytes from pieces of the live body, as http.client's ``read(amt)`` gives
+        them: fewer if the body ends first (cut short of its stated length: those bytes now,
+        the error at the next read), none if the connection fails first or a chunked body
+        breaks (what came is lost with the error, here as live, so it is not kept for a
+        replay either)."""
+        live = self._live
+        parts: list[bytes] = []
+        left = amt
+        sizes = self._sizes or []
+        kept, room, mid, count, last = (len(self._kept), self._room, self._mid, len(sizes),
+                                        sizes[-1] if sizes else 0)
+        try:
+            while left > 0 and (part := self._keep(live.read1(left, decode_content=False))):
+                parts.append(part)
+                left -= len(part)
+        except _BODY_ERROR_TYPES as exc:
+            if parts and _ended_short(exc) and not live.chunked:  # (http.client's chunked
+                # read raises at once, and loses the bytes with the error)
+                self._pending = exc
+                return b"".join(parts)
+            del self._kept[kept:]
+            self._room, self._mid = room, mid
+            del sizes[count:]
+            if sizes:
+                sizes[-1] = last
+            raise
+        return b"".join(parts)
 
     def read1(self, amt: int = -1) -> bytes:
         return self.read(amt, one=True)
@@ -363,24 +429,47 @@ class _LiveBody(_Fp):
             self._end()
 
     def __del__(self) -> None:
-        if self._finish is not None:  # dropped unclosed: finished on another thread
+        if not self._released:  # dropped unclosed: finished on another thread
             finish_late(self._context, self.close)
 
     def _end(self, exc: BaseException | None = None) -> None:
+        """The body ended, broke or was closed: the connection returned (or closed, unless
+        read to its end), and the call recorded if its run has not done so already."""
+        if not self._released:
+            self._released = True
+            live = self._live
+            try:
+                if not self._ended:  # closed early (or broken): the connection cannot be reused
+                    live.close()
+                live.release_conn()
+            except Exception:  # never the app's
+                log.warning("timetracer-otel: a streamed requests response could not be released",
+                            exc_info=True)
+        self._record(exc)
+
+    def record_now(self) -> None:
+        """Its run ends with the body still open: recorded as read so far, the connection left
+        to the app, which may read on (``base.end_streams``)."""
+        self._record()
+
+    def _record(self, exc: BaseException | None = None) -> None:
         finish, self._finish = self._finish, None
         if finish is None:
             return
-        live = self._live
+        stream_ended(self)
         try:
-            if not self._ended:  # closed early (or broken): the connection cannot be reused
-                live.close()
-            live.release_conn()
             sizes = self._sizes
-            finish((bytes(self._kept), sizes if sizes is not None and len(sizes) > 1 else None,
+            finish((bytes(self._kept), None if sizes is None or len(sizes) < 2 else list(sizes),
                     None if exc is None else error_tree(exc), not self._ended and exc is None))
         except Exception:  # never the app's
             log.warning("timetracer-otel: a streamed requests response could not be recorded",
                         exc_info=True)
+
+
+def _ended_short(exc: BaseException) -> bool:
+    """Whether urllib3's error says the body ended before its stated length (an
+    ``IncompleteRead``), not that the connection failed."""
+    return any(isinstance(e, http.client.IncompleteRead) for e in (exc, exc.__cause__, *exc.args))
 
 
 def _at_end(live: HTTPResponse) -> bool:
@@ -390,12 +479,19 @@ def _at_end(live: HTTPResponse) -> bool:
     return fp is None or bool(fp.isclosed())
 
 
-def _streamed(response: requests.Response) -> bool:
-    """A body of a streamed type (``base.STREAMED_TYPES``) on http.client's own response
+def _streamed(response: requests.Response, stream: Any) -> bool:
+    """A body the app asked to stream (``stream=True``: a download, a watch, a log tail, of
+    any type) or of a streamed type (``base.STREAMED_TYPES``), on http.client's own response
     (a wrapper's, CacheControl's, is read whole as it expects)."""
     live = response.raw
     return type(getattr(live, "_fp", None)) is http.client.HTTPResponse \
-        and streamed_type(live.headers.get("content-type", ""))
+        and (bool(stream) or streamed_type(live.headers.get("content-type", ""))) \
+        and not bodiless(str(response.request.method), live.status)
+
+
+def _stream_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``HTTPAdapter.send``'s ``stream`` argument (``Session.send`` passes it by name)."""
+    return kwargs.get("stream", args[0] if args else False)
 
 
 def _streaming(request: requests.PreparedRequest, response: requests.Response,
@@ -494,7 +590,7 @@ def _handler(original: Any) -> Any:
                     # Until Session.send puts in what requests measured, less what this
                     # added (a cell, read by the writer once the span has ended).
                     elapsed = [sent_us]
-                    if _streamed(response):
+                    if _streamed(response, _stream_flag(args, kwargs)):
                         return _timed(_left_stream(dep, sent, request, response, elapsed),
                                       elapsed, entered, False)
                     live, read = _read(response)
@@ -537,7 +633,7 @@ def _handler(original: Any) -> Any:
                 start = time.perf_counter_ns()
                 response = original(self, request, *args, **kwargs)
                 sent_us = (time.perf_counter_ns() - start) // 1000
-                if _streamed(response):
+                if _streamed(response, _stream_flag(args, kwargs)):
                     return _timed(_captured_stream(cap, request, response, sent_us),
                                   [sent_us], entered, True)
                 live, read = _read(response)
