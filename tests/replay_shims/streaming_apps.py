@@ -40,15 +40,20 @@ def streaming_app(gate: threading.Event) -> Starlette:
     ``application/octet-stream`` of a stated length: each sends its first piece, then the
     rest only once ``gate`` is set."""
 
-    async def events(request: Request) -> StreamingResponse:
+    def gated(first: bytes, rest: list[bytes], media_type: str,
+              headers: dict[str, str] | None = None) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
-            yield b"data: 0\n\n"
+            yield first
             while not gate.is_set():
                 await asyncio.sleep(0.005)
-            yield b"event: more\ndata: 1\n\n"
-            yield b"data: 2\n\n"
+            for piece in rest:
+                yield piece
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+    async def events(request: Request) -> StreamingResponse:
+        return gated(b"data: 0\n\n", [b"event: more\ndata: 1\n\n", b"data: 2\n\n"],
+                     "text/event-stream")
 
     async def forever(request: Request) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
@@ -79,24 +84,13 @@ def streaming_app(gate: threading.Event) -> Starlette:
         return StreamingResponse(body(), media_type="text/event-stream")
 
     async def watch(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            yield b'{"type": "ADDED", "n": 0}\n'
-            while not gate.is_set():
-                await asyncio.sleep(0.005)
-            yield b'{"type": "MODIFIED", "n": 1}\n'
-            yield b'{"type": "DELETED", "n": 2}\n'
-
-        return StreamingResponse(body(), media_type="application/json")
+        return gated(b'{"type": "ADDED", "n": 0}\n', [b'{"type": "MODIFIED", "n": 1}\n',
+                                                      b'{"type": "DELETED", "n": 2}\n'],
+                     "application/json")
 
     async def download(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            yield DOWNLOAD[:FIRST_PIECE]
-            while not gate.is_set():
-                await asyncio.sleep(0.005)
-            yield DOWNLOAD[FIRST_PIECE:]
-
-        return StreamingResponse(body(), media_type="application/octet-stream",
-                                 headers={"content-length": str(len(DOWNLOAD))})
+        return gated(DOWNLOAD[:FIRST_PIECE], [DOWNLOAD[FIRST_PIECE:]], "application/octet-stream",
+                     {"content-length": str(len(DOWNLOAD))})
 
     return Starlette(routes=[Route("/events", events), Route("/forever", forever),
                              Route("/broken", broken), Route("/slow", slow),
