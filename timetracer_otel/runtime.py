@@ -436,7 +436,6 @@ class Recording(_Activation):
             # Calls whose streamed response is still open (the app reads on, or dropped it and
             # no collection has run yet), then those dropped and being finished elsewhere.
             base_module.end_streams(frame)
-            base_module.drain_late()
             if isinstance(provider, TracerProvider):
                 provider.force_flush()  # spans still queued in the app's own batch processors
         finally:  # whatever the flush raised (Ctrl-C, an app processor), this run is over
@@ -560,7 +559,6 @@ class Replaying(_Activation):
     def _end(self, frame: _Frame, exc: BaseException | None) -> None:
         try:  # calls recorded on a miss whose streamed response is still open (see Recording)
             base_module.end_streams(frame)
-            base_module.drain_late()
         finally:
             _deactivate(frame)
         assert isinstance(frame, _Replaying)

@@ -28,6 +28,7 @@ from tests.conftest import connects_refused
 from tests.replay_shims.requests_helpers import close_listener, raw_server, three_ways
 from tests.replay_shims.streaming_apps import DOWNLOAD, TIMEOUT, live_then_replayed, streaming_app
 from timetracer_otel.cassette import load_cassette
+from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.replay_shims import base
 from timetracer_otel.replay_shims import httpx as httpx_shim
 from timetracer_otel.replay_shims import requests as requests_shim
@@ -221,6 +222,16 @@ def test_a_stream_still_open_when_its_run_ends_is_recorded_there_as_read_so_far(
     assert all(s.response is not None and s.response["body_open"] for s in first.interactions)
     [second] = [load_cassette(p) for p in two.paths]
     assert [s.request["url"].removeprefix(server.url) for s in second.interactions] == ["/watch?two"]
+    # Replayed, the call gives what was read inside the block (nothing), then says where the
+    # recording stops instead of making up the rest.
+    server.stop()
+    with connects_refused() as attempts, timetracer_otel.replay(one.paths), \
+            httpx.Client(timeout=TIMEOUT) as c:
+        replayed = c.send(c.build_request("GET", url), stream=True)
+        assert replayed.status_code == 200
+        with pytest.raises(ReplayUnsupportedError, match="stopped reading"):
+            replayed.read()
+    assert attempts == []
 
 
 def _framed_loop(url: str) -> list[Any]:

@@ -615,7 +615,8 @@ def end_streams(run: Any) -> None:
     """At ``run``'s end, finish the calls of the streams opened in it that are still open
     (read part way, or dropped and waiting for a collection): each is recorded with what was
     read so far, as read part way (``body_open``), in this run's cassette, not lost and not
-    left to whichever run is active when it closes. The app may go on reading them."""
+    left to whichever run is active when it closes. The app may go on reading them. Then
+    waits for the calls dropped earlier and being finished late (:func:`drain_late`)."""
     with _streams_lock:
         mine = [s for s, r in list(_open_streams.items()) if r is run]
         for stream in mine:
@@ -626,6 +627,7 @@ def end_streams(run: Any) -> None:
         except Exception:  # never the app's
             log.warning("timetracer-otel: a streamed response open at the end of its run could "
                         "not be recorded", exc_info=True)
+    drain_late()
 
 
 def defer(span: Span, library: str, args: Any) -> None:

@@ -137,7 +137,7 @@ class _Tee(httpx.SyncByteStream, httpx.AsyncByteStream):
     ``base``'s late calls' thread, never in the finaliser), or when the run it was opened in
     ends first (read so far, ``open``; the app may read on)."""
 
-    def __init__(self, stream: Any, finish: Finish) -> None:
+    def __init__(self, stream: Any, finish: Finish | None) -> None:
         self.stream = stream
         self.chunks: list[bytes] = []
         self.finish: Finish | None = finish
@@ -226,25 +226,30 @@ def _streamed(request: httpx.Request, response: httpx.Response) -> bool:
     longer than ``base.READ_WHOLE_UP_TO``. The transport cannot tell ``client.stream()``
     from ``client.get()``, so this is read from the response: an endless body (a watch, a
     log tail) has no length, whatever its type. A response that has no body is not one."""
-    if bodiless(request.method, response.status_code):
-        return False
     length = None
     for triple in _triples(response.headers):
         name = triple[1]
-        if name == b"content-type":
-            if streamed_type(triple[2].decode("latin-1")):
-                return True
-        elif name == b"content-length":
+        if name == b"content-length":
             length = triple[2]
-    return length is None or not length.isdigit() or int(length) > READ_WHOLE_UP_TO
+        elif name == b"content-type" and streamed_type(triple[2].decode("latin-1")):
+            return not bodiless(request.method, response.status_code)
+    # (A stated length of up to six digits is under the limit: no int() on the common path.)
+    if length is not None and length.isdigit() and (
+            len(length) < 7 or int(length) <= READ_WHOLE_UP_TO):
+        return False
+    return not bodiless(request.method, response.status_code)
 
 
 def _left_stream(span: Any, request: httpx.Request, live: httpx.Response) -> _Tee:
     """A streamed body under a timetracer writer: the call left beside its span once the body
     ends, and the span ended then."""
     release = hold_end(span)
-    tee = _Tee(live.stream, lambda chunks, exc, body_open: None)
-    captured = _captured(request, live, tee.chunks, None)  # (its secrets learned now)
+    try:
+        tee = _Tee(live.stream, None)
+        captured = _captured(request, live, tee.chunks, None)  # (its secrets learned now)
+    except BaseException:  # (the span must still end)
+        release()
+        raise
 
     def finish(chunks: list[bytes], exc: BaseException | None, body_open: bool) -> None:
         try:
