@@ -8,18 +8,20 @@ never gets without timetracer). Replay, with the upstream stopped, gives the sam
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 import pytest
 import requests
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
@@ -287,3 +289,64 @@ def test_raw_reads_of_a_body_that_breaks_give_what_live_gives(tmp_path: Path, ga
         plain, recorded, replayed, _ = three_ways(job, tmp_path, lambda: close_listener(sock))
     expected = [b"x" * 10, b"x" * 90, ProtocolError] if not gap else [b"x" * 10, ReadTimeoutError]
     assert plain == expected and recorded == plain and replayed == plain, (plain, recorded, replayed)
+
+
+DOCKER_EVENTS = [{"Type": "container", "Action": action, "id": f"c{n}"}
+                 for n, action in enumerate(("create", "start", "die"))]
+
+
+def docker_daemon() -> Starlette:
+    """The Docker Engine API's ``GET /events``: chunked JSON, one event per chunk as things
+    happen, and the connection held open after them (no more events come), as a daemon does."""
+
+    async def events(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for event in DOCKER_EVENTS:
+                yield json.dumps(event).encode() + b"\n"
+            while True:  # until the client goes
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    return Starlette(routes=[Route("/v1.45/events", events)])
+
+
+def docker_watch(url: str) -> list[Any]:
+    """docker-py's event stream: three events, then ``close()`` (which shuts the response's
+    socket down) ends the iteration; then as its documentation shows it, closed from another
+    thread while this one waits for the next event."""
+    client = docker.APIClient(base_url=url.replace("http://", "tcp://"), version="1.45")
+    try:
+        events = client.events(decode=True)
+        seen = [next(events) for _ in DOCKER_EVENTS]
+        events.close()
+        out = [seen, list(events)]
+        events = client.events(decode=True)
+        timer = threading.Timer(0.3, events.close)
+        timer.start()
+        out.append(list(events))
+        timer.join()
+        return out
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+def test_docker_py_cancels_an_event_stream_recorded_and_replayed(serve: Any, tmp_path: Path) -> None:
+    """docker-py's ``CancellableStream.close()`` reaches through the response to its socket
+    (``raw._fp.fp.raw._sock``) to shut it down: the swapped-in response file gives it the
+    live socket while recording, and one with nothing to shut in a replay, whose body ends
+    where the live one was cut."""
+    server = serve(docker_daemon())
+    plain = docker_watch(server.url)
+    assert plain == [DOCKER_EVENTS, [], DOCKER_EVENTS]
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = docker_watch(server.url)
+    server.stop()
+    assert recorded == plain
+    calls = [s for p in rec.paths for s in load_cassette(p).interactions]
+    assert [(s.library, s.request["url"].removeprefix(server.url)) for s in calls] \
+        == [("requests", "/v1.45/events")] * 2
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = docker_watch(server.url)
+    assert attempts == [] and replayed == plain

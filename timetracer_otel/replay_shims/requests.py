@@ -259,7 +259,11 @@ class _Wire:
     broke raises its error there, instead of the size line that did not come."""
 
     def __init__(self, body: io.IOBase, chunks: Iterator[bytes | memoryview],
-                 at_end: Callable[[], None]) -> None:
+                 at_end: Callable[[], None], raw: Any = None) -> None:
+        # What a client that cancels a stream reaches through the response to shut its socket
+        # down (docker-py's CancellableStream.close: ``raw._fp.fp.raw._sock``): the live
+        # socket's file, or in a replay one whose socket has nothing to shut.
+        self.raw = _NO_SOCKET_FILE if raw is None else raw
         self._body = body
         self._chunks = chunks
         self._at_end = at_end
@@ -292,6 +296,24 @@ class _Wire:
             self._state = "size"
             return b"\r\n"
         return b""
+
+
+class _NoSocket:
+    """A replayed body's socket: shutting it down changes nothing, as its recorded body
+    already ends where the live one was cut (with the error the live reader got then)."""
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NoSocketFile:
+    _sock = _NoSocket()
+
+
+_NO_SOCKET_FILE = _NoSocketFile()
 
 
 def _slices(data: memoryview, sizes: list[int]) -> Iterator[memoryview]:
@@ -330,7 +352,8 @@ class _LiveBody(_Fp):
         self.chunked = bool(live.chunked)
         if live.chunked and live.supports_chunked_reads():
             self._sizes = []
-            self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end)
+            self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end,
+                            getattr(getattr(live._fp, "fp", None), "raw", None))
 
     @property
     def chunk_left(self) -> int | None:
