@@ -183,3 +183,38 @@ def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> N
     rep = timetracer_cli("replay", "--cassette", str(tmp_path / "c"), "--", *run, env=env)
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout == rec.stdout
+
+
+def select_job(bucket: str) -> list[Any]:
+    """S3 Select: an event stream (``EventStream``: records, stats and end events, each a
+    dict with the record bytes) read event by event, as an app reads Bedrock's or Kinesis'."""
+    s3 = boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
+    response = s3.select_object_content(
+        Bucket=bucket, Key="rows.csv", Expression="SELECT * FROM S3Object", ExpressionType="SQL",
+        InputSerialization={"CSV": {"FileHeaderInfo": "USE"}}, OutputSerialization={"JSON": {}})
+    events = response["Payload"]
+    out: list[Any] = [type(events).__name__]
+    for event in events:
+        out.append(typed(event))
+        if "Records" in event:
+            out.append(event["Records"]["Payload"])
+    return out
+
+
+def test_an_event_stream_replays_event_by_event(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boto3.client("s3").put_object(Bucket=bucket, Key="rows.csv", Body=b"name,n\nada,1\nbob,2\n")
+    plain = select_job(bucket)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = select_job(bucket)
+    # ["EventStream", Records event, its payload bytes, Stats event, End event]
+    assert plain[0] == "EventStream" and len(plain) == 5
+    assert [event[1][0][0] for event in (plain[1], plain[3], plain[4])] == ["Records", "Stats", "End"]
+    assert plain[2].startswith(b'{"name":"ada","n":"1"}\n{"name":"bob","n":"2"}\n')
+    assert recorded == plain
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = select_job(bucket)
+    assert attempts == [] and replayed == plain and rep.report.exact == 1
