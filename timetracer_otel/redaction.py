@@ -20,11 +20,14 @@ and from the TOML or JSON file named by ``TIMETRACER_REDACT_FILE``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import gzip
 import hashlib
 import hmac
+import importlib
 import itertools
 import json
+import logging
 import operator
 import os
 import re
@@ -101,6 +104,72 @@ _GLOB_CHARS = "*?["
 # or "key=products" must not rewrite every body that mentions "darkmode" or "products".
 _MIN_SCRUB_LEN = 8
 _LONG_SCRUB_LEN = 20
+
+
+log = logging.getLogger("timetracer_otel")
+
+# What each content encoding whose module may be missing needs, as pip names it.
+_CODEC_PACKAGES = {"br": "brotli", "zstd": "zstandard"}
+_warned_encodings: set[str] = set()
+
+
+def _deflated(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
+
+
+@functools.cache
+def _codec(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:
+    """How to unpack and pack a body of ``encoding`` (brotli and zstd from whichever module
+    the HTTP clients decode them with, when one is installed); None if none is."""
+    if encoding == "br":
+        for name in ("brotli", "brotlicffi"):
+            try:
+                brotli = importlib.import_module(name)
+            except ImportError:
+                continue
+            return brotli.decompress, brotli.compress
+    elif encoding == "zstd":
+        for name in ("compression.zstd", "backports.zstd"):  # (urllib3's; the stdlib's API)
+            try:
+                zstd = importlib.import_module(name)
+            except ImportError:
+                continue
+            return zstd.decompress, zstd.compress
+        try:
+            zstandard = importlib.import_module("zstandard")  # (httpx's)
+        except ImportError:
+            return None
+        return (lambda data: zstandard.ZstdDecompressor().decompressobj().decompress(data),
+                zstandard.ZstdCompressor().compress)
+    return None
+
+
+def unpacked(encoding: str, body: bytes) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+    """A content-encoded body's plain bytes and how to pack them again: gzip; deflate as HTTP
+    sends it, zlib-wrapped or raw; brotli (``br``) and ``zstd`` where a module for them is
+    installed (as the HTTP clients need one to decode them). None for another encoding or a
+    broken stream; for br or zstd without a module, a warning, once, that such bodies are
+    stored as they came, unredacted inside."""
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(body), lambda b: gzip.compress(b, mtime=0)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(body), lambda b: _deflated(b, zlib.MAX_WBITS)
+            except zlib.error:  # raw deflate, without the zlib header
+                return zlib.decompress(body, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
+        codec = _codec(encoding)
+        if codec is not None:
+            return codec[0](body), codec[1]
+    except Exception:  # a broken stream (each module raises its own error class)
+        return None
+    if encoding in _CODEC_PACKAGES and encoding not in _warned_encodings:
+        _warned_encodings.add(encoding)
+        log.warning("timetracer-otel: %s-encoded bodies are stored as they came, not redacted "
+                    "inside; pip install %s so that secrets in them are redacted.",
+                    encoding, _CODEC_PACKAGES[encoding])
+    return None
 
 
 def _looks_secret(value: str, sure: bool = False) -> bool:
@@ -730,8 +799,9 @@ class Redactor:
     def body(self, headers: Iterable[Any], body: bytes) -> bytes:
         """An HTTP body with configured JSON fields / form parameters and seen secrets replaced.
 
-        gzip and deflate bodies are decoded, redacted and encoded again; other bodies keep
-        their bytes unless a secret seen earlier appears in them.
+        A content-encoded body (gzip, deflate; br and zstd where their module is installed)
+        is decoded, redacted and encoded again; other bodies keep their bytes unless a secret
+        seen earlier appears in them.
         """
         if not body:
             return body
@@ -742,18 +812,14 @@ class Redactor:
                 ctype = v.lower()
             elif k.lower() == "content-encoding":
                 encoding = v.lower().strip()
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            try:
-                plain = gzip.decompress(body) if "gzip" in encoding else zlib.decompress(body)
-            except (OSError, zlib.error, EOFError):
-                return body
-            new = self._plain_body(ctype, plain)
-            if new == plain:
-                return body
-            return gzip.compress(new, mtime=0) if "gzip" in encoding else zlib.compress(new)
-        if encoding not in ("", "identity"):
-            return body  # br, zstd...: left as recorded; header and query rules still apply
-        return self._plain_body(ctype, body)
+        if encoding in ("", "identity"):
+            return self._plain_body(ctype, body)
+        found = unpacked(encoding, body)
+        if found is None:
+            return body  # (another encoding, a broken stream: header and query rules still apply)
+        plain, pack = found
+        new = self._plain_body(ctype, plain)
+        return body if new == plain else pack(new)
 
     def _plain_body(self, ctype: str, body: bytes) -> bytes:
         mime = ctype.split(";")[0].strip()

@@ -19,6 +19,7 @@ import docker
 import httpx
 import pytest
 import requests
+from docker.types import CancellableStream
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -308,13 +309,26 @@ def docker_daemon() -> Starlette:
 
         return StreamingResponse(body(), media_type="application/json")
 
-    return Starlette(routes=[Route("/v1.45/events", events)])
+    async def stated(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield PART
+            while True:  # the rest of the stated length never comes
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(body(), media_type="application/json",
+                                 headers={"content-length": "100"})
+
+    return Starlette(routes=[Route("/v1.45/events", events), Route("/stated", stated)])
+
+
+PART = b'{"a": 1}\n'
 
 
 def docker_watch(url: str) -> list[Any]:
     """docker-py's event stream: three events, then ``close()`` (which shuts the response's
     socket down) ends the iteration; then as its documentation shows it, closed from another
-    thread while this one waits for the next event."""
+    thread while this one waits for the next event; then a body of a stated length, not
+    chunked, cancelled after its first part."""
     client = docker.APIClient(base_url=url.replace("http://", "tcp://"), version="1.45")
     try:
         events = client.events(decode=True)
@@ -326,6 +340,12 @@ def docker_watch(url: str) -> list[Any]:
         timer.start()
         out.append(list(events))
         timer.join()
+        # A body of a stated length (not chunked), cancelled the same way.
+        with requests.get(url + "/stated", stream=True, timeout=TIMEOUT) as response:
+            stream = CancellableStream(response.iter_content(1), response)
+            first = b"".join(next(stream) for _ in PART)
+            stream.close()
+            out.append([first, list(stream)])
         return out
     finally:
         client.close()
@@ -339,14 +359,14 @@ def test_docker_py_cancels_an_event_stream_recorded_and_replayed(serve: Any, tmp
     where the live one was cut."""
     server = serve(docker_daemon())
     plain = docker_watch(server.url)
-    assert plain == [DOCKER_EVENTS, [], DOCKER_EVENTS]
+    assert plain == [DOCKER_EVENTS, [], DOCKER_EVENTS, [PART, []]]
     with timetracer_otel.record(dir=tmp_path) as rec:
         recorded = docker_watch(server.url)
     server.stop()
     assert recorded == plain
     calls = [s for p in rec.paths for s in load_cassette(p).interactions]
     assert [(s.library, s.request["url"].removeprefix(server.url)) for s in calls] \
-        == [("requests", "/v1.45/events")] * 2
+        == [("requests", "/v1.45/events")] * 2 + [("requests", "/stated")]
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         replayed = docker_watch(server.url)
     assert attempts == [] and replayed == plain

@@ -20,7 +20,7 @@ the parsed response (STS and IAM keys, tokens, SecretString...) are learned and 
 the stored bodies' own bytes (never re-serialized), with the body's checksum headers dropped
 and its length fixed. The app's data (an S3 object, DynamoDB items, an uploaded JSON object
 in the key) gets the built-in secret field names too, as MongoDB documents do, and the user's
-own rules, replaced in its own bytes (gzip and deflate inside); under a built-in name a
+own rules, replaced in its own bytes (content-encoded ones inside); under a built-in name a
 DynamoDB number, binary or boolean stays as it is. Replay also keeps botocore from asking the
 instance metadata service for credentials or a region.
 """
@@ -31,12 +31,10 @@ import contextlib
 import copy
 import fnmatch
 import functools
-import gzip
 import hashlib
 import io
 import json
 import re
-import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -54,7 +52,7 @@ from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import SECRET_FIELDS, _NameSet
+from timetracer_otel.redaction import SECRET_FIELDS, _NameSet, unpacked
 from timetracer_otel.replay_shims.base import (
     LIVE,
     STATE,
@@ -494,31 +492,10 @@ def _json_body(headers: list[Any], body: bytes, sniff: bool = False) -> Any:
         return _MISSING
 
 
-def _deflated(data: bytes, wbits: int) -> bytes:
-    packer = zlib.compressobj(wbits=wbits)
-    return packer.compress(data) + packer.flush()
-
-
-def _unpacked(encoding: str, body: bytes) -> tuple[bytes, Any] | None:
-    """A content-encoded body's plain bytes and how to pack them again: gzip, and deflate as
-    HTTP sends it, zlib-wrapped or raw. None for any other encoding, or a broken stream."""
-    try:
-        if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(body), lambda b: gzip.compress(b, mtime=0)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body), lambda b: _deflated(b, zlib.MAX_WBITS)
-            except zlib.error:  # raw deflate, without the zlib header
-                return zlib.decompress(body, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
-    except (OSError, EOFError, zlib.error):
-        return None
-    return None
-
-
 def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
                    typed: bool = False) -> bytes | None:
-    """A response body as stored, its secrets replaced in its own bytes (a gzip or deflate
-    body inside, then packed again); None to leave it to ``Redactor.response`` (a
+    """A response body as stored, its secrets replaced in its own bytes (a content-encoded
+    body inside, then packed again: see ``redaction.unpacked``); None to leave it to ``Redactor.response`` (a
     control-plane body that is not JSON or whose secret is not a string, a content encoding
     that cannot be unpacked). A data-plane body (``data``) gets the built-in secret names and
     the user's rules (see :func:`_data_doc`), and is never re-serialized but where a value
@@ -528,10 +505,10 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
     if (encoding in _PACKINGS) if data else (encoding not in ("", "identity")):
-        unpacked = _unpacked(encoding, body)
-        if unpacked is None:  # (br, zstd, a broken stream: the old path, scrubbed after)
+        found = unpacked(encoding, body)
+        if found is None:  # (no module for br or zstd, a broken stream: the old path, scrubbed after)
             return None
-        plain, pack = unpacked
+        plain, pack = found
         inner = [h for h in headers if str(h[0]).lower() != "content-encoding"]
         new_plain = _body_redacted(r, inner, plain, data, typed)
         if new_plain is None:

@@ -167,7 +167,7 @@ class _Fp(io.IOBase):
     it is closed, and a chunked body's framing as ``fp`` (a :class:`_Wire`) with
     ``_safe_read``."""
 
-    fp: _Wire | None
+    fp: _File | None
     chunked = False  # (read by clients that frame a chunked body themselves: docker-py's
     # events loop reads one byte, then ``chunk_left``, the rest of the chunk)
 
@@ -183,7 +183,7 @@ class _Fp(io.IOBase):
         return self.closed
 
     def _safe_read(self, amt: int) -> bytes:
-        assert self.fp is not None
+        assert isinstance(self.fp, _Wire)
         return self.fp.read(amt)
 
 
@@ -205,7 +205,9 @@ class _Body(_Fp):
             self.chunked = True
             self._ends = list(itertools.accumulate(chunks))
             self.fp = _Wire(self, _slices(self._data, chunks),
-                                          (lambda: None) if error is None else self._fail)
+                            (lambda: None) if error is None else self._fail)
+        else:
+            self.fp = _File()
 
     def close(self) -> None:
         super().close()
@@ -251,7 +253,31 @@ class _Body(_Fp):
         raise error if isinstance(error, BaseException) else error()
 
 
-class _Wire:
+class _File:
+    """http.client's response file (``fp``) as a client that reaches through the response to
+    its socket sees it: docker-py's ``CancellableStream.close()`` shuts ``raw._fp.fp.raw._sock``
+    down (and raises for an SSH ``channel``), its ``_get_raw_response_socket`` keeps the
+    response on ``raw._fp.fp.raw``. While recording, ``raw`` and ``channel`` are the live
+    file's (and only they: a read past the response would not be recorded). In a replay,
+    ``raw`` is a socket file of its own whose socket has nothing to shut: the recorded body
+    already ends where the live one was cut."""
+
+    _PASSED = frozenset({"raw", "channel"})
+
+    def __init__(self, live: Any = None) -> None:
+        self._live = live
+
+    def __getattr__(self, name: str) -> Any:
+        live = self.__dict__.get("_live")
+        if live is not None and name in _File._PASSED:
+            return getattr(live, name)
+        if live is None and name == "raw":
+            raw = self.__dict__["raw"] = _NoSocketFile()
+            return raw
+        raise AttributeError(name)
+
+
+class _Wire(_File):
     """A chunked body's framing (size line, chunk, CRLF; the last chunk when it ended), made
     as urllib3's ``read_chunked`` reads it, one of ``chunks`` per size line, taken when that
     line is asked for (a recorded body's slices, no copy; a live body's chunks as they come).
@@ -259,11 +285,8 @@ class _Wire:
     broke raises its error there, instead of the size line that did not come."""
 
     def __init__(self, body: io.IOBase, chunks: Iterator[bytes | memoryview],
-                 at_end: Callable[[], None], raw: Any = None) -> None:
-        # What a client that cancels a stream reaches through the response to shut its socket
-        # down (docker-py's CancellableStream.close: ``raw._fp.fp.raw._sock``): the live
-        # socket's file, or in a replay one whose socket has nothing to shut.
-        self.raw = _NO_SOCKET_FILE if raw is None else raw
+                 at_end: Callable[[], None], live: Any = None) -> None:
+        super().__init__(live)
         self._body = body
         self._chunks = chunks
         self._at_end = at_end
@@ -310,10 +333,8 @@ class _NoSocket:
 
 
 class _NoSocketFile:
-    _sock = _NoSocket()
-
-
-_NO_SOCKET_FILE = _NoSocketFile()
+    def __init__(self) -> None:
+        self._sock = _NoSocket()
 
 
 def _slices(data: memoryview, sizes: list[int]) -> Iterator[memoryview]:
@@ -350,10 +371,12 @@ class _LiveBody(_Fp):
         ready_late()
         stream_opened(self)
         self.chunked = bool(live.chunked)
+        file = getattr(live._fp, "fp", None)
         if live.chunked and live.supports_chunked_reads():
             self._sizes = []
-            self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end,
-                            getattr(getattr(live._fp, "fp", None), "raw", None))
+            self.fp = _Wire(self, self._live_chunks(), self._at_chunked_end, file)
+        else:
+            self.fp = _File(file)
 
     @property
     def chunk_left(self) -> int | None:
