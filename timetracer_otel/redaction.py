@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import hmac
 import importlib
+import io
 import itertools
 import json
 import logging
@@ -110,7 +111,22 @@ log = logging.getLogger("timetracer_otel")
 
 # What each content encoding whose module may be missing needs, as pip names it.
 _CODEC_PACKAGES = {"br": "brotli", "zstd": "zstandard"}
-_warned_encodings: set[str] = set()
+_warned: set[str] = set()
+# The most a content-encoded body is unpacked to for redaction (the OTLP receiver's limit for
+# a gzip request): a small body may inflate a thousandfold, and the writer must stay bounded.
+UNPACK_LIMIT = 64 * 1024 * 1024
+_Unpack = Callable[[bytes, int], bytes]
+_Codec = tuple[_Unpack, Callable[[bytes], bytes]]
+
+
+class _TooLarge(Exception):
+    """A body that unpacks to more than the limit."""
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 def _deflated(data: bytes, wbits: int) -> bytes:
@@ -118,57 +134,139 @@ def _deflated(data: bytes, wbits: int) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
+def _inflated(body: bytes, limit: int, wbits: int) -> bytes:
+    """zlib's streams in ``body`` (gzip's members, one after another), at most ``limit``
+    bytes; zlib.error or EOFError for a broken or cut one."""
+    out = bytearray()
+    data = body
+    while True:
+        unpacker = zlib.decompressobj(wbits)
+        out += unpacker.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise _TooLarge
+        if not unpacker.eof:
+            raise EOFError("the stream is cut short")
+        data = unpacker.unused_data
+        if wbits != 31 or not data:  # (gzip may hold several members; deflate one stream)
+            return bytes(out)
+
+
+def _zstd_frames(zstd: Any) -> _Unpack:
+    def unpack(body: bytes, limit: int) -> bytes:
+        out = bytearray()
+        data = body
+        while data:
+            unpacker = zstd.ZstdDecompressor()
+            out += unpacker.decompress(data, limit + 1 - len(out))
+            if len(out) > limit:
+                raise _TooLarge
+            if not unpacker.eof:
+                raise EOFError("the stream is cut short")
+            data = unpacker.unused_data
+        return bytes(out)
+
+    return unpack
+
+
+def _zstandard_frames(zstandard: Any) -> _Unpack:
+    def unpack(body: bytes, limit: int) -> bytes:
+        # Its one-shot unpacker has no limit: the size is found by a bounded read first,
+        # then the frames unpacked one by one, each checked for its end (the bounded reader
+        # says nothing of a cut one).
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body),
+                                                          read_across_frames=True)
+        if len(reader.read(limit + 1)) > limit:
+            raise _TooLarge
+        out = bytearray()
+        data = body
+        while data:
+            unpacker = zstandard.ZstdDecompressor().decompressobj()
+            out += unpacker.decompress(data)
+            if not unpacker.eof:
+                raise EOFError("the stream is cut short")
+            data = unpacker.unused_data
+        return bytes(out)
+
+    return unpack
+
+
+def _brotli_stream(brotli: Any) -> _Unpack:
+    def unpack(body: bytes, limit: int) -> bytes:
+        unpacker = brotli.Decompressor()
+        out = bytearray()
+        try:
+            out += unpacker.process(body, output_buffer_limit=limit + 1)
+        except TypeError:  # (brotlicffi, brotli before 1.2: no limit; fed in small pieces)
+            for i in range(0, len(body), 4096):
+                out += unpacker.process(body[i:i + 4096])
+                if len(out) > limit:
+                    break
+        if len(out) > limit:
+            raise _TooLarge
+        if not unpacker.is_finished():
+            raise EOFError("the stream is cut short")
+        return bytes(out)
+
+    return unpack
+
+
 @functools.cache
-def _codec(encoding: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:
-    """How to unpack and pack a body of ``encoding`` (brotli and zstd from whichever module
-    the HTTP clients decode them with, when one is installed); None if none is."""
+def _codec(encoding: str) -> _Codec | None:
+    """How to unpack (at most a limit) and pack a body of ``encoding``: brotli and zstd with
+    whichever module the HTTP clients decode them with, when one is installed; None if none
+    is."""
     if encoding == "br":
         for name in ("brotli", "brotlicffi"):
             try:
                 brotli = importlib.import_module(name)
             except ImportError:
                 continue
-            return brotli.decompress, brotli.compress
+            return _brotli_stream(brotli), brotli.compress
     elif encoding == "zstd":
         for name in ("compression.zstd", "backports.zstd"):  # (urllib3's; the stdlib's API)
             try:
                 zstd = importlib.import_module(name)
             except ImportError:
                 continue
-            return zstd.decompress, zstd.compress
+            return _zstd_frames(zstd), zstd.compress
         try:
             zstandard = importlib.import_module("zstandard")  # (httpx's)
         except ImportError:
             return None
-        return (lambda data: zstandard.ZstdDecompressor().decompressobj().decompress(data),
-                zstandard.ZstdCompressor().compress)
+        return _zstandard_frames(zstandard), zstandard.ZstdCompressor().compress
     return None
 
 
-def unpacked(encoding: str, body: bytes) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked(encoding: str, body: bytes,
+             limit: int = UNPACK_LIMIT) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """A content-encoded body's plain bytes and how to pack them again: gzip; deflate as HTTP
     sends it, zlib-wrapped or raw; brotli (``br``) and ``zstd`` where a module for them is
-    installed (as the HTTP clients need one to decode them). None for another encoding or a
-    broken stream; for br or zstd without a module, a warning, once, that such bodies are
-    stored as they came, unredacted inside."""
+    installed (as the HTTP clients need one to decode them). None for another encoding, a
+    broken stream, or one that unpacks past ``limit`` bytes; for br or zstd without a module,
+    and for a body past the limit, a warning, once, that such bodies are stored as they came,
+    not redacted inside."""
     try:
         if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(body), lambda b: gzip.compress(b, mtime=0)
+            return _inflated(body, limit, 31), lambda b: gzip.compress(b, mtime=0)
         if encoding == "deflate":
             try:
-                return zlib.decompress(body), lambda b: _deflated(b, zlib.MAX_WBITS)
+                return _inflated(body, limit, zlib.MAX_WBITS), \
+                    lambda b: _deflated(b, zlib.MAX_WBITS)
             except zlib.error:  # raw deflate, without the zlib header
-                return zlib.decompress(body, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
+                return _inflated(body, limit, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
         codec = _codec(encoding)
         if codec is not None:
-            return codec[0](body), codec[1]
+            return codec[0](body, limit), codec[1]
+    except _TooLarge:
+        _warn_once("limit:" + encoding, "timetracer-otel: a %s-encoded body unpacks to more "
+                   "than %d bytes; it is stored as it came, not redacted inside.", encoding, limit)
+        return None
     except Exception:  # a broken stream (each module raises its own error class)
         return None
-    if encoding in _CODEC_PACKAGES and encoding not in _warned_encodings:
-        _warned_encodings.add(encoding)
-        log.warning("timetracer-otel: %s-encoded bodies are stored as they came, not redacted "
-                    "inside; pip install %s so that secrets in them are redacted.",
-                    encoding, _CODEC_PACKAGES[encoding])
+    if encoding in _CODEC_PACKAGES:
+        _warn_once(encoding, "timetracer-otel: %s-encoded bodies are stored as they came, not "
+                   "redacted inside; pip install %s so that secrets in them are redacted.",
+                   encoding, _CODEC_PACKAGES[encoding])
     return None
 
 

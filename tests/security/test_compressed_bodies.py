@@ -6,6 +6,7 @@ requests; replayed with the upstream stopped."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import zlib
@@ -99,7 +100,7 @@ def test_without_a_module_for_the_encoding_the_body_is_kept_and_the_user_told_on
     """Where neither brotli nor brotlicffi is installed (then no HTTP client here decodes br
     either), a br body is stored as it came, and one warning says what to install."""
     monkeypatch.setattr(redaction, "_codec", lambda encoding: None)
-    monkeypatch.setattr(redaction, "_warned_encodings", set())
+    monkeypatch.setattr(redaction, "_warned", set())
     packed = brotli.compress(json.dumps(DOC).encode())
     r = redaction.Redactor(env={})
     headers = [("content-type", "application/json"), ("content-encoding", "br")]
@@ -108,3 +109,35 @@ def test_without_a_module_for_the_encoding_the_body_is_kept_and_the_user_told_on
         assert r.body(headers, packed) == packed
     warnings = [rec.getMessage() for rec in caplog.records]
     assert len(warnings) == 1 and "pip install brotli" in warnings[0]
+
+
+def _gzip_members(data: bytes) -> bytes:
+    return gzip.compress(data[:10], mtime=0) + gzip.compress(data[10:], mtime=0)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_body_that_inflates_past_the_limit_is_kept_as_it_came(
+    encoding: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small body that unpacks a thousandfold (a decompression bomb, or only a large
+    answer) is not unpacked past the limit: stored as it came, one warning. Under the limit,
+    the same body is redacted inside; a body cut short is kept as it came."""
+    monkeypatch.setattr(redaction, "_warned", set())
+    plain = json.dumps({"access_token": SECRET, "pad": "0" * (2 << 20)}).encode()
+    pack = {"gzip": _gzip_members, "deflate": zlib.compress, "br": CODECS["br"][0],
+            "zstd": CODECS["zstd"][0]}[encoding]
+    packed = pack(plain)
+    assert len(packed) < len(plain) // 100
+    with caplog.at_level(logging.WARNING, logger="timetracer_otel"):
+        assert redaction.unpacked(encoding, packed, limit=1 << 20) is None
+        assert redaction.unpacked(encoding, packed, limit=1 << 20) is None
+    assert [rec.getMessage() for rec in caplog.records] == [
+        f"timetracer-otel: a {encoding}-encoded body unpacks to more than {1 << 20} bytes; "
+        "it is stored as it came, not redacted inside."]
+    found = redaction.unpacked(encoding, packed, limit=4 << 20)
+    assert found is not None and found[0] == plain
+    assert redaction.unpacked(encoding, packed[:-8], limit=4 << 20) is None  # cut short
+    headers = [("content-type", "application/json"), ("content-encoding", encoding)]
+    stored = redaction.Redactor(env={}).body(headers, packed)  # (the default limit, 64 MiB)
+    inside = redaction.unpacked(encoding, stored, limit=4 << 20)
+    assert inside is not None and json.loads(inside[0])["access_token"].startswith("redacted:")
