@@ -119,7 +119,7 @@ _Unpack = Callable[[bytes, int], bytes]
 _Codec = tuple[_Unpack, Callable[[bytes], bytes]]
 
 
-class _TooLarge(Exception):
+class TooLarge(Exception):
     """A body that unpacks to more than the limit."""
 
 
@@ -134,38 +134,32 @@ def _deflated(data: bytes, wbits: int) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
-def _inflated(body: bytes, limit: int, wbits: int) -> bytes:
-    """zlib's streams in ``body`` (gzip's members, one after another), at most ``limit``
-    bytes; zlib.error or EOFError for a broken or cut one."""
+def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bool = True) -> bytes:
+    """The streams in ``body`` one after another (gzip's members, zstd's frames; one only,
+    unless ``several``), each by an unpacker from ``make`` (zlib's or zstd's: ``decompress``
+    with a maximum length, ``eof``, ``unused_data``), at most ``limit`` bytes in all.
+    _TooLarge past it; EOFError for a stream cut short; the module's error for a broken one."""
     out = bytearray()
     data = body
-    while True:
-        unpacker = zlib.decompressobj(wbits)
+    while data:
+        unpacker = make()
         out += unpacker.decompress(data, limit + 1 - len(out))
         if len(out) > limit:
-            raise _TooLarge
+            raise TooLarge
         if not unpacker.eof:
             raise EOFError("the stream is cut short")
         data = unpacker.unused_data
-        if wbits != 31 or not data:  # (gzip may hold several members; deflate one stream)
-            return bytes(out)
+        if not several:
+            break
+    return bytes(out)
+
+
+def _inflated(body: bytes, limit: int, wbits: int) -> bytes:
+    return unpack_streams(lambda: zlib.decompressobj(wbits), body, limit, several=wbits == 31)
 
 
 def _zstd_frames(zstd: Any) -> _Unpack:
-    def unpack(body: bytes, limit: int) -> bytes:
-        out = bytearray()
-        data = body
-        while data:
-            unpacker = zstd.ZstdDecompressor()
-            out += unpacker.decompress(data, limit + 1 - len(out))
-            if len(out) > limit:
-                raise _TooLarge
-            if not unpacker.eof:
-                raise EOFError("the stream is cut short")
-            data = unpacker.unused_data
-        return bytes(out)
-
-    return unpack
+    return lambda body, limit: unpack_streams(zstd.ZstdDecompressor, body, limit)
 
 
 def _zstandard_frames(zstandard: Any) -> _Unpack:
@@ -176,7 +170,7 @@ def _zstandard_frames(zstandard: Any) -> _Unpack:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body),
                                                           read_across_frames=True)
         if len(reader.read(limit + 1)) > limit:
-            raise _TooLarge
+            raise TooLarge
         out = bytearray()
         data = body
         while data:
@@ -202,7 +196,7 @@ def _brotli_stream(brotli: Any) -> _Unpack:
                 if len(out) > limit:
                     break
         if len(out) > limit:
-            raise _TooLarge
+            raise TooLarge
         if not unpacker.is_finished():
             raise EOFError("the stream is cut short")
         return bytes(out)
@@ -257,7 +251,7 @@ def unpacked(encoding: str, body: bytes,
         codec = _codec(encoding)
         if codec is not None:
             return codec[0](body, limit), codec[1]
-    except _TooLarge:
+    except TooLarge:
         _warn_once("limit:" + encoding, "timetracer-otel: a %s-encoded body unpacks to more "
                    "than %d bytes; it is stored as it came, not redacted inside.", encoding, limit)
         return None

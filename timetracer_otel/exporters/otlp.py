@@ -49,6 +49,7 @@ from timetracer_otel.errors import ConfigError
 from timetracer_otel.exporters.spans import Memo, record_from_attributes, record_from_parts
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
+from timetracer_otel.redaction import TooLarge, unpack_streams
 from timetracer_otel.replay_shims.base import PAYLOAD_ATTRS
 
 log = logging.getLogger("timetracer_otel")
@@ -319,20 +320,14 @@ def _status_body(fmt: str, code: int, message: str) -> bytes:
 
 def _gunzip(body: bytes, limit: int) -> bytes:
     """Inflate every gzip member of ``body``, refusing to produce more than ``limit`` bytes."""
-    out = bytearray()
-    rest = body
-    while rest:
-        inflater = zlib.decompressobj(wbits=31)
-        try:
-            out += inflater.decompress(rest, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise RejectedRequest(400, f"the gzip body is corrupt ({exc}).") from None
-        if len(out) > limit:
-            raise RejectedRequest(413, f"the body inflates past {limit} bytes; send smaller batches.")
-        if not inflater.eof:
-            raise RejectedRequest(400, "the gzip body is truncated.")
-        rest = inflater.unused_data
-    return bytes(out)
+    try:
+        return unpack_streams(lambda: zlib.decompressobj(wbits=31), body, limit)
+    except zlib.error as exc:
+        raise RejectedRequest(400, f"the gzip body is corrupt ({exc}).") from None
+    except TooLarge:
+        raise RejectedRequest(413, f"the body inflates past {limit} bytes; send smaller batches.") from None
+    except EOFError:
+        raise RejectedRequest(400, "the gzip body is truncated.") from None
 
 
 def media_type(content_type: str | None) -> str:
