@@ -172,9 +172,17 @@ def pg_database() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+_HELD: list[socket.socket] = []
+
+
 def unreachable_port() -> int:
-    """A loopback port where nothing listens: replay tests point their clients here."""
-    return free_port()
+    """A loopback port where nothing listens: replay tests point their clients here. The
+    port stays bound (not listening: a connect is refused) for the rest of the process, so a
+    server of this or another xdist worker cannot be given it meanwhile."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD.append(held)
+    return int(held.getsockname()[1])
 
 
 @contextlib.contextmanager
