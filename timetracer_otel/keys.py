@@ -121,6 +121,21 @@ def _body_digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
+def _redacted_digest(headers: Sequence[Sequence[str]], body: bytes) -> str:
+    """The digest of a body redaction changed: of its unpacked bytes, tokens folded, if it is
+    content-encoded. Tokens packed inside differ with each process's redaction key, and so
+    would the packed bytes' digest; a body without secrets keeps the digest of its bytes."""
+    for row in headers:
+        if row[0].lower() == "content-encoding":
+            from timetracer_otel.redaction import unpacked
+
+            found = unpacked(str(row[1]).strip().lower(), body)
+            if found is not None:
+                return _body_digest(found[0])
+            break
+    return _body_digest(body)
+
+
 # Stored as given: ``(name, value)`` rows (httpx's are tuples shared across calls, see
 # Redactor.header_rows; a cassette holds them as lists).
 Headers = Sequence[Sequence[str]]
@@ -164,10 +179,13 @@ def http_call(
 
         if callable(headers):
             headers = headers()
-        body = STATE.redactor.body(headers, body)
+        redacted = STATE.redactor.body(headers, body)
+        digest = _body_digest(redacted) if redacted == body else _redacted_digest(headers, redacted)
+        body = redacted
+    else:
+        digest = ""
     method = method.upper()
-    identity, shape, key, shape_key, label = _http_keys(
-        library, method, url, _body_digest(body) if body else "")
+    identity, shape, key, shape_key, label = _http_keys(library, method, url, digest)
 
     def request(h: Headers | Callable[[], Headers] = headers) -> Tree:
         rows = h() if callable(h) else h

@@ -134,11 +134,14 @@ def _deflated(data: bytes, wbits: int) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
-def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bool = True) -> bytes:
+def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bool = True,
+                   lenient: bool = False) -> bytes:
     """The streams in ``body`` one after another (gzip's members, zstd's frames; one only,
     unless ``several``), each by an unpacker from ``make`` (zlib's or zstd's: ``decompress``
     with a maximum length, ``eof``, ``unused_data``), at most ``limit`` bytes in all.
-    _TooLarge past it; EOFError for a stream cut short; the module's error for a broken one."""
+    TooLarge past it; EOFError for a stream cut short; the module's error for a broken one.
+    ``lenient``, as HTTP clients read gzip: NUL padding after a member, and anything after
+    it that does not start as a member does, is not part of the body."""
     out = bytearray()
     data = body
     while data:
@@ -151,11 +154,16 @@ def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bo
         data = unpacker.unused_data
         if not several:
             break
+        if lenient:
+            data = data.lstrip(b"\0")
+            if data[:2] != b"\x1f\x8b":  # (gzip's magic: a tail that is no member)
+                break
     return bytes(out)
 
 
 def _inflated(body: bytes, limit: int, wbits: int) -> bytes:
-    return unpack_streams(lambda: zlib.decompressobj(wbits), body, limit, several=wbits == 31)
+    return unpack_streams(lambda: zlib.decompressobj(wbits), body, limit, several=wbits == 31,
+                          lenient=True)
 
 
 def _zstd_frames(zstd: Any) -> _Unpack:
@@ -187,15 +195,8 @@ def _zstandard_frames(zstandard: Any) -> _Unpack:
 def _brotli_stream(brotli: Any) -> _Unpack:
     def unpack(body: bytes, limit: int) -> bytes:
         unpacker = brotli.Decompressor()
-        out = bytearray()
-        try:
-            out += unpacker.process(body, output_buffer_limit=limit + 1)
-        except TypeError:  # (brotlicffi, brotli before 1.2: no limit; fed in small pieces)
-            for i in range(0, len(body), 4096):
-                out += unpacker.process(body[i:i + 4096])
-                if len(out) > limit:
-                    break
-        if len(out) > limit:
+        out = unpacker.process(body, output_buffer_limit=limit + 1)  # (a soft limit: it may
+        if len(out) > limit:  # give a quarter more, never the whole of a bomb)
             raise TooLarge
         if not unpacker.is_finished():
             raise EOFError("the stream is cut short")
@@ -213,9 +214,15 @@ def _codec(encoding: str) -> _Codec | None:
         for name in ("brotli", "brotlicffi"):
             try:
                 brotli = importlib.import_module(name)
+                brotli.Decompressor().process(b"", output_buffer_limit=1)
             except ImportError:
                 continue
-            return _brotli_stream(brotli), brotli.compress
+            except TypeError:  # (before 1.2: no output limit, so no bound on a bomb)
+                _CODEC_PACKAGES["br"] = "'brotli>=1.2'"
+                continue
+            # Packed again fast (quality 4, not its default 11: seconds per MiB), as the
+            # replaying client only needs to decode it.
+            return _brotli_stream(brotli), functools.partial(brotli.compress, quality=4)
     elif encoding == "zstd":
         for name in ("compression.zstd", "backports.zstd"):  # (urllib3's; the stdlib's API)
             try:

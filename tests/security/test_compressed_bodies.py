@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +27,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import timetracer_otel
-from tests.conftest import connects_refused
+from tests.conftest import connects_refused, plain_env
 from timetracer_otel import redaction
 from timetracer_otel.cassette import load_cassette
 
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "at-5f0c2e9a7b41d8e3"
 DOC = {"access_token": SECRET, "n": 1, "note": "plain"}
 
@@ -141,3 +144,62 @@ def test_a_body_that_inflates_past_the_limit_is_kept_as_it_came(
     stored = redaction.Redactor(env={}).body(headers, packed)  # (the default limit, 64 MiB)
     inside = redaction.unpacked(encoding, stored, limit=4 << 20)
     assert inside is not None and json.loads(inside[0])["access_token"].startswith("redacted:")
+
+
+def test_a_gzip_body_with_padding_or_a_tail_after_its_member_is_redacted() -> None:
+    """As httpx and urllib3 read gzip: NUL padding after the member, or bytes that are no
+    member, are not part of the body; what the member holds is redacted."""
+    member = gzip.compress(json.dumps(DOC).encode(), mtime=0)
+    headers = [("content-type", "application/json"), ("content-encoding", "gzip")]
+    for tail in (b"\0", b"\0\0\0\0", b"not a member"):
+        stored = redaction.Redactor(env={}).body(headers, member + tail)
+        inside = json.loads(gzip.decompress(stored))
+        assert inside["access_token"].startswith("redacted:") and inside["n"] == 1
+
+
+SEND = """
+import json, sys
+import httpx
+import timetracer_otel
+from tests.security.test_compressed_bodies import CODECS, REQUEST_CODECS
+mode, where, url = sys.argv[1:]
+doc = json.dumps({"user": "u", "password": "pw-9b1e4c7d2a"}).encode()
+def send():
+    return [httpx.post(url, content=pack(doc), headers={"content-type": "application/json",
+            "content-encoding": encoding}).json() for encoding, pack in REQUEST_CODECS.items()]
+if mode == "record":
+    with timetracer_otel.record(dir=where):
+        print(json.dumps(send()))
+else:
+    from pathlib import Path
+    with timetracer_otel.replay([str(p) for p in Path(where).rglob("*") if p.is_file()],
+                                strict=True):
+        print(json.dumps(send()))
+"""
+REQUEST_CODECS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": lambda data: gzip.compress(data, mtime=0), **{k: v[0] for k, v in CODECS.items()}}
+
+
+async def login(request: Request) -> Response:
+    return Response(json.dumps({"ok": len(await request.body())}), media_type="application/json")
+
+
+def test_an_encoded_request_body_with_a_secret_replays_in_another_process(
+    serve: Any, tmp_path: Path
+) -> None:
+    """A packed request body redacted inside holds tokens of its process's redaction key
+    (random without TIMETRACER_REDACTION_KEY), so its packed bytes differ in the replaying
+    process: its key is the digest of its unpacked bytes, tokens folded, so a strict replay
+    in another process still finds it."""
+    server = serve(Starlette(routes=[Route("/login", login, methods=["POST"])]))
+    env = plain_env()
+    recorded = subprocess.run([sys.executable, "-c", SEND, "record", str(tmp_path), server.url + "/login"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert recorded.returncode == 0, recorded.stderr[-2000:]
+    server.stop()
+    replayed = subprocess.run([sys.executable, "-c", SEND, "replay", str(tmp_path), server.url + "/login"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    assert json.loads(replayed.stdout) == json.loads(recorded.stdout)
+    assert len(json.loads(recorded.stdout)) == 4
+    assert b"pw-9b1e4c7d2a" not in b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
