@@ -125,14 +125,13 @@ def _redacted_digest(headers: Sequence[Sequence[str]], body: bytes) -> str:
     """The digest of a body redaction changed: of its unpacked bytes, tokens folded, if it is
     content-encoded. Tokens packed inside differ with each process's redaction key, and so
     would the packed bytes' digest; a body without secrets keeps the digest of its bytes."""
-    for row in headers:
-        if row[0].lower() == "content-encoding":
-            from timetracer_otel.redaction import unpacked
+    codings = ", ".join(str(row[1]) for row in headers if row[0].lower() == "content-encoding")
+    if codings:
+        from timetracer_otel.redaction import unpacked_codings
 
-            found = unpacked(str(row[1]).strip().lower(), body)
-            if found is not None:
-                return _body_digest(found[0])
-            break
+        found = unpacked_codings(codings, body)
+        if found is not None:
+            return _body_digest(found[0])
     return _body_digest(body)
 
 

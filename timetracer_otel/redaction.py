@@ -271,6 +271,30 @@ def unpacked(encoding: str, body: bytes,
     return None
 
 
+def unpacked_codings(codings: str, body: bytes,
+                     limit: int = UNPACK_LIMIT) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+    """As :func:`unpacked`, for a Content-Encoding value listing one coding or several in
+    the order they were applied (``gzip, br``: unpacked br first, packed gzip first)."""
+    names = [name for name in (c.strip().lower() for c in codings.split(","))
+             if name not in ("", "identity")]
+    if len(names) == 1:
+        return unpacked(names[0], body, limit)
+    packs: list[Callable[[bytes], bytes]] = []
+    for name in reversed(names):
+        found = unpacked(name, body, limit)
+        if found is None:
+            return None
+        body, pack = found
+        packs.append(pack)
+
+    def pack_all(data: bytes) -> bytes:
+        for pack in reversed(packs):
+            data = pack(data)
+        return data
+
+    return body, pack_all
+
+
 def _looks_secret(value: str, sure: bool = False) -> bool:
     """Whether a redacted value is also scrubbed from free text later. ``sure``: it came
     from where only secrets go (a password, credentials, a secret JSON field, a rule of the
@@ -909,11 +933,11 @@ class Redactor:
             k, v = pair[0], pair[1]
             if k.lower() == "content-type":
                 ctype = v.lower()
-            elif k.lower() == "content-encoding":
-                encoding = v.lower().strip()
+            elif k.lower() == "content-encoding":  # (several lines: one list, in order)
+                encoding = f"{encoding}, {v}" if encoding else v.lower().strip()
         if encoding in ("", "identity"):
             return self._plain_body(ctype, body)
-        found = unpacked(encoding, body)
+        found = unpacked_codings(encoding, body)
         if found is None:
             return body  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found

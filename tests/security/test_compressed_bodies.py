@@ -51,6 +51,9 @@ CODECS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
     "zstd": (zstandard.ZstdCompressor().compress,
              lambda data: zstandard.ZstdDecompressor().decompressobj().decompress(data)),
     "deflate": (_raw_deflate, _raw_inflate),  # raw, without the zlib header, as some servers send it
+    # two codings, in the order applied: gzip, then br
+    "gzip, br": (lambda data: brotli.compress(gzip.compress(data, mtime=0)),
+                 lambda data: gzip.decompress(brotli.decompress(data))),
 }
 
 
@@ -157,6 +160,14 @@ def test_a_gzip_body_with_padding_or_a_tail_after_its_member_is_redacted() -> No
         assert inside["access_token"].startswith("redacted:") and inside["n"] == 1
 
 
+def test_two_content_encoding_lines_are_one_list_of_codings() -> None:
+    packed = CODECS["gzip, br"][0](json.dumps(DOC).encode())
+    headers = [("content-type", "application/json"), ("Content-Encoding", "gzip"),
+               ("Content-Encoding", "br")]
+    inside = json.loads(CODECS["gzip, br"][1](redaction.Redactor(env={}).body(headers, packed)))
+    assert inside["access_token"].startswith("redacted:") and inside["n"] == 1
+
+
 SEND = """
 import json, sys
 import httpx
@@ -201,5 +212,5 @@ def test_an_encoded_request_body_with_a_secret_replays_in_another_process(
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert json.loads(replayed.stdout) == json.loads(recorded.stdout)
-    assert len(json.loads(recorded.stdout)) == 4
+    assert len(json.loads(recorded.stdout)) == len(REQUEST_CODECS)
     assert b"pw-9b1e4c7d2a" not in b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
