@@ -121,20 +121,6 @@ def _body_digest(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
-def _redacted_digest(headers: Sequence[Sequence[str]], body: bytes) -> str:
-    """The digest of a body redaction changed: of its unpacked bytes, tokens folded, if it is
-    content-encoded. Tokens packed inside differ with each process's redaction key, and so
-    would the packed bytes' digest; a body without secrets keeps the digest of its bytes."""
-    codings = ", ".join(str(row[1]) for row in headers if row[0].lower() == "content-encoding")
-    if codings:
-        from timetracer_otel.redaction import unpacked_codings
-
-        found = unpacked_codings(codings, body)
-        if found is not None:
-            return _body_digest(found[0])
-    return _body_digest(body)
-
-
 # Stored as given: ``(name, value)`` rows (httpx's are tuples shared across calls, see
 # Redactor.header_rows; a cassette holds them as lists).
 Headers = Sequence[Sequence[str]]
@@ -178,9 +164,8 @@ def http_call(
 
         if callable(headers):
             headers = headers()
-        redacted = STATE.redactor.body(headers, body)
-        digest = _body_digest(redacted) if redacted == body else _redacted_digest(headers, redacted)
-        body = redacted
+        body, plain = STATE.redactor.body_parts(headers, body)
+        digest = _body_digest(body if plain is None else plain)
     else:
         digest = ""
     method = method.upper()

@@ -110,7 +110,7 @@ _LONG_SCRUB_LEN = 20
 log = logging.getLogger("timetracer_otel")
 
 # What each content encoding whose module may be missing needs, as pip names it.
-_CODEC_PACKAGES = {"br": "brotli", "zstd": "zstandard"}
+_CODEC_PACKAGES = {"br": "'brotli>=1.2'", "zstd": "zstandard"}  # (brotli: its output limit)
 _warned: set[str] = set()
 # The most a content-encoded body is unpacked to for redaction (the OTLP receiver's limit for
 # a gzip request): a small body may inflate a thousandfold, and the writer must stay bounded.
@@ -218,7 +218,6 @@ def _codec(encoding: str) -> _Codec | None:
             except ImportError:
                 continue
             except TypeError:  # (before 1.2: no output limit, so no bound on a bomb)
-                _CODEC_PACKAGES["br"] = "'brotli>=1.2'"
                 continue
             # Packed again fast (quality 4, not its default 11: seconds per MiB), as the
             # replaying client only needs to decode it.
@@ -926,8 +925,14 @@ class Redactor:
         is decoded, redacted and encoded again; other bodies keep their bytes unless a secret
         seen earlier appears in them.
         """
+        return self.body_parts(headers, body)[0]
+
+    def body_parts(self, headers: Iterable[Any], body: bytes) -> tuple[bytes, bytes | None]:
+        """:meth:`body`, and for a content-encoded body it changed, its redacted bytes
+        unpacked: the tokens packed inside differ with each process's redaction key, so a
+        request key digests these instead (see ``keys.http_call``). None otherwise."""
         if not body:
-            return body
+            return body, None
         ctype = encoding = ""
         for pair in headers:
             k, v = pair[0], pair[1]
@@ -936,13 +941,13 @@ class Redactor:
             elif k.lower() == "content-encoding":  # (several lines: one list, in order)
                 encoding = f"{encoding}, {v}" if encoding else v.lower().strip()
         if encoding in ("", "identity"):
-            return self._plain_body(ctype, body)
+            return self._plain_body(ctype, body), None
         found = unpacked_codings(encoding, body)
         if found is None:
-            return body  # (another encoding, a broken stream: header and query rules still apply)
+            return body, None  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found
         new = self._plain_body(ctype, plain)
-        return body if new == plain else pack(new)
+        return (body, None) if new == plain else (pack(new), new)
 
     def _plain_body(self, ctype: str, body: bytes) -> bytes:
         mime = ctype.split(";")[0].strip()

@@ -114,7 +114,7 @@ def test_without_a_module_for_the_encoding_the_body_is_kept_and_the_user_told_on
         assert r.body(headers, packed) == packed
         assert r.body(headers, packed) == packed
     warnings = [rec.getMessage() for rec in caplog.records]
-    assert len(warnings) == 1 and "pip install brotli" in warnings[0]
+    assert len(warnings) == 1 and "pip install 'brotli>=1.2'" in warnings[0]
 
 
 def _gzip_members(data: bytes) -> bytes:
