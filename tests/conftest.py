@@ -82,31 +82,26 @@ def serve() -> Iterator[Callable[[Any], ServerThread]]:
             server.stop()
 
 
-# Test files that use a fixed resource of the machine's services another file uses too: Redis
-# databases 11, 13 and 14 by number (Celery's broker flushes 14), RabbitMQ's default vhost and
-# its queues, Celery workers that answer every broadcast on their broker. Under xdist
-# (`-n 2 --dist loadgroup`, the README's command) they run in one group, one after another,
-# on one worker; every other file is a group of its own (its module-scoped fixtures start
-# once, and its tests keep their order).
-SHARED_SERVICES = frozenset({
-    "inbound/test_asgi_lifespan_apps.py", "inbound/test_asgi_lifespan_paths.py",
-    "replay_shims/test_celery.py", "replay_shims/test_celery_rabbitmq.py",
-    "replay_shims/test_kv_review_fixes.py", "replay_shims/test_redis.py",
-    "replay_shims/test_redis_deferral.py", "security/test_secrets_never_stored.py",
-    "test_flows_across_shims.py",
-})
+# The mark of test files that use a fixed resource of the machine's services another file uses
+# too: Redis databases 11, 13 and 14 by number (Celery's broker flushes 14), RabbitMQ's default
+# vhost and its queues, Celery workers that answer every broadcast on their broker. Such a file
+# says `pytestmark = SHARED_SERVICES`. Under xdist (`-n 2 --dist loadgroup`, pyproject's
+# addopts) those files run in one group, one after another, on one worker; every other file is
+# a group of its own (below: its module-scoped fixtures start once, its tests keep their order).
+SHARED_SERVICES = pytest.mark.xdist_group("shared-services")
 _TESTS = Path(__file__).parent
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
         try:
             name = item.path.relative_to(_TESTS).as_posix()
         except ValueError:  # not one of the suite's files
             continue
-        group = "shared-services" if name in SHARED_SERVICES else name
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 import timetracer_otel
+from tests.conftest import SHARED_SERVICES
 from timetracer_otel.cassette import load_cassette
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), SHARED_SERVICES]  # (see tests/conftest.py)
 
 
 def _dsn(db: str) -> str:

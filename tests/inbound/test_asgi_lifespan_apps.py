@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
+from tests.conftest import SHARED_SERVICES
+
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import lifespan_apps as apps
 import pooled
@@ -39,6 +41,8 @@ from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.exporters.assembler import TraceBatch
 from timetracer_otel.exporters.writer import cassette_name
 from timetracer_otel.inbound import inbound_span, replay_asgi_async
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 # The name of this process's cassette of calls outside any trace: its script's (``main``
 # under ``python -m pytest``, ``pytest`` under the console script, ``process`` on an xdist

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
+from tests.conftest import SHARED_SERVICES
+
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import lifespan_paths_apps as apps
 from inbound_helpers import (
@@ -35,6 +37,8 @@ from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.config import Mode
 from timetracer_otel.inbound import inbound_span, replay_asgi_async
 from timetracer_otel.replay_shims.base import STATE
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 seeded = seeded_fixture
 

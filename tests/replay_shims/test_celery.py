@@ -24,7 +24,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import timetracer_otel
-from tests.conftest import ServerThread, connects_refused, plain_env, stop_process, timetracer_cli, typed
+from tests.conftest import (
+    SHARED_SERVICES,
+    ServerThread,
+    connects_refused,
+    plain_env,
+    stop_process,
+    timetracer_cli,
+    typed,
+)
 from tests.replay_shims import celery_app_changed
 from tests.replay_shims.celery_app import (
     add,
@@ -42,6 +50,8 @@ from tests.replay_shims.celery_app import (
 )
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.tasks import replay_task, task_run_span
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 DB = 14

@@ -24,7 +24,15 @@ from celery._state import get_current_app
 from opentelemetry import trace
 
 import timetracer_otel
-from tests.conftest import connects_refused, plain_env, stop_process, timetracer_cli, typed, unreachable_port
+from tests.conftest import (
+    SHARED_SERVICES,
+    connects_refused,
+    plain_env,
+    stop_process,
+    timetracer_cli,
+    typed,
+    unreachable_port,
+)
 from tests.replay_shims.celery_app_amqp import (
     BROKER,
     PaymentDeclined,
@@ -34,6 +42,8 @@ from tests.replay_shims.celery_app_amqp import (
 )
 from timetracer_otel.cassette import find_cassettes, load_cassette
 from timetracer_otel.tasks import task_run_span
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "tests.replay_shims.celery_app_amqp"

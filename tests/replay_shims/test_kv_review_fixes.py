@@ -34,11 +34,13 @@ from botocore.config import Config
 from botocore.response import StreamingBody
 
 import timetracer_otel
-from tests.conftest import REDIS_PORT, connects_refused, unreachable_port
+from tests.conftest import REDIS_PORT, SHARED_SERVICES, connects_refused, unreachable_port
 from timetracer_otel import redaction
 from timetracer_otel.replay_shims import botocore as boto_shim
 from timetracer_otel.replay_shims import redis as redis_shim
 from timetracer_otel.replay_shims.base import STATE, error_tree, rebuild_error
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 DB = 13  # the only Redis database these tests touch
 

@@ -15,8 +15,17 @@ import redis
 import redis.asyncio
 
 import timetracer_otel
-from tests.conftest import REDIS_PORT, connects_refused, plain_env, timetracer_cli, unreachable_port
+from tests.conftest import (
+    REDIS_PORT,
+    SHARED_SERVICES,
+    connects_refused,
+    plain_env,
+    timetracer_cli,
+    unreachable_port,
+)
 from timetracer_otel.cassette import load_cassette
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 
 def typed(value: Any) -> Any:

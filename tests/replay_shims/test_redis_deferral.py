@@ -12,9 +12,11 @@ import pytest
 import redis
 import redis.asyncio
 
-from tests.conftest import REDIS_PORT
+from tests.conftest import REDIS_PORT, SHARED_SERVICES
 from tests.deferral import interactions_of, left_to_writer, recorded_both_ways
 from tests.upstream_app import app
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 # A secret the app's redactor learns from a header, then finds in a value it stores.
 SECRET = "s3cr3t-0123456789abcdef"

@@ -22,10 +22,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import timetracer_otel
+from tests.conftest import SHARED_SERVICES
 from timetracer_otel import redaction
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.errors import ReplayMissError
 from timetracer_otel.replay_shims.base import STATE
+
+pytestmark = SHARED_SERVICES  # (see tests/conftest.py)
 
 SECRETS = {
     "bearer": "BearerSecret-4f1c2a",
