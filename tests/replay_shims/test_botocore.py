@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -218,3 +219,96 @@ def test_an_event_stream_replays_event_by_event(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = select_job(bucket)
     assert attempts == [] and replayed == plain and rep.report.exact == 1
+
+
+def _stored_sends(paths: list[Path]) -> list[dict[str, Any]]:
+    (path,) = paths
+    (call,) = [c for c in load_cassette(path).interactions if c.label.startswith("s3.GetObject")]
+    sends: list[dict[str, Any]] = call.response["sends"]
+    return sends
+
+
+def test_a_large_object_reaches_the_app_as_it_reads_it_and_replays_whole(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = uuid.uuid4().bytes * (3 * 65536)  # 3 MiB: past what is read whole while recording
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
+        first = body.read(1000)
+        rest = b"".join(body.iter_chunks(256 * 1024))
+    assert first + rest == data
+    (send,) = _stored_sends(rec.paths)
+    assert send["body"] == data and "body_open" not in send
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = boto3.client("s3").get_object(Bucket=bucket, Key="big.bin")["Body"]
+        assert type(replayed) is type(body)
+        assert replayed.read(1000) == first
+        assert b"".join(replayed.iter_chunks(256 * 1024)) == rest
+    assert attempts == [] and rep.report.exact == 1
+
+
+def test_a_large_object_read_part_way_keeps_only_what_was_read(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object is not read whole while recording: the cassette holds the bytes the app
+    read before it closed the body, and a replay that reads further is refused clearly."""
+    data = uuid.uuid4().bytes * (3 * 65536)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
+        first = body.read(4096)
+        body.close()
+    assert first == data[:4096]
+    (send,) = _stored_sends(rec.paths)
+    assert send["body"] == first and send["body_open"] is True
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    from timetracer_otel.errors import ReplayMissError
+
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = boto3.client("s3").get_object(Bucket=bucket, Key="big.bin")["Body"]
+        assert isinstance(replayed, StreamingBody)
+        assert replayed.read(4096) == first
+        with pytest.raises(ReplayMissError, match="only the first 4096 bytes"):
+            replayed.read(10)
+    assert attempts == []
+
+
+def test_an_object_still_unread_when_the_recording_ends_is_kept_as_read_so_far(
+    bucket: str, tmp_path: Path
+) -> None:
+    data = uuid.uuid4().bytes * (3 * 65536)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
+        first = body.read(100)
+    assert first + body.read() == data  # the app reads on after the recording
+    (send,) = _stored_sends(rec.paths)
+    assert send["body"] == first and send["body_open"] is True
+
+
+def test_an_event_stream_call_ends_with_its_last_event(bucket: str, tmp_path: Path) -> None:
+    """An event stream reaches the app as it comes: its call (span and payload) ends when the
+    app has read the stream, with every event's bytes kept, not when the headers came."""
+    boto3.client("s3").put_object(Bucket=bucket, Key="rows.csv", Body=b"name,n\nada,1\n")
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        s3 = boto3.client("s3")
+        events = s3.select_object_content(
+            Bucket=bucket, Key="rows.csv", Expression="SELECT * FROM S3Object",
+            ExpressionType="SQL", InputSerialization={"CSV": {"FileHeaderInfo": "USE"}},
+            OutputSerialization={"JSON": {}})["Payload"]
+        time.sleep(0.3)
+        kinds = [next(iter(event)) for event in events]
+    assert kinds == ["Records", "Stats", "End"]
+    (path,) = rec.paths
+    (call,) = load_cassette(path).interactions
+    (send,) = call.response["sends"]
+    assert "body_open" not in send and send["body"].count(b":event-type") == 3
+    assert call.end_ns - call.start_ns >= 300_000_000

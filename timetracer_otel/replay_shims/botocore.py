@@ -4,7 +4,8 @@ The OTel instrumentation wraps ``BaseClient._make_api_call``; this shim sits ben
 wrapper (the span is current), where the call is still its operation and parameters: that is
 the key. Below it, ``Endpoint._send`` is where botocore hands a signed request to its HTTP
 session: record keeps each raw HTTP response it returned (status, headers, body bytes; a
-streamed body is read once and handed on from memory) or the error it raised, in order,
+streamed body of up to 1 MiB is read once and handed on from memory, a larger one or an event
+stream kept as the app reads it: see :class:`_LiveRaw`) or the error it raised, in order,
 retries included; replay answers those sends from the recording, so botocore itself parses
 them again: ``StreamingBody`` for S3 objects, datetimes, ``ClientError`` with the same code
 and message, checksums validated, retries and waiters as they ran. Replay signs no request, so
@@ -34,9 +35,11 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import re
-from collections.abc import Iterator
-from contextvars import ContextVar
+import threading
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar, copy_context
 from typing import Any
 
 import botocore.client
@@ -47,6 +50,7 @@ import botocore.signers
 import botocore.utils
 from botocore.awsrequest import AWSResponse
 from opentelemetry import context as otel_context
+from opentelemetry.trace import Span
 
 from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
@@ -55,19 +59,27 @@ from timetracer_otel.keys import Call
 from timetracer_otel.redaction import SECRET_FIELDS, _NameSet, unpacked
 from timetracer_otel.replay_shims.base import (
     LIVE,
+    READ_WHOLE_UP_TO,
     STATE,
     Shim,
     _suppressed,
     capture,
     decide,
     error_tree,
+    finish_late,
+    hold_end,
     instantiate,
+    ready_late,
     rebuild_error,
+    stream_ended,
+    stream_opened,
+    streamed_type,
 )
 
 LIBRARY = "botocore"
 SCOPE = "opentelemetry.instrumentation.botocore"
 _DIGEST_OVER = 1024
+log = logging.getLogger("timetracer_otel")
 
 
 # --- the request -----------------------------------------------------------------------------
@@ -205,16 +217,166 @@ class _Body(io.BytesIO):
             yield chunk
 
 
+class _CutBody(_Body):
+    """A replayed streamed body the recording holds only part of: the bytes the app read
+    while recording, then, where the live body went on, the error it broke off with or a
+    clear refusal to make up the rest (the app stopped reading there, or the run ended)."""
+
+    def __init__(self, body: bytes, error: Tree, label: str) -> None:
+        super().__init__(body)
+        self._error, self._label = error, label
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if data or size == 0:
+            return data
+        if self._error is not None:
+            raise rebuild_error(self._error, _build_error)
+        from timetracer_otel.errors import ReplayMissError
+
+        raise ReplayMissError(
+            f"{self._label}: the recording holds only the first {self.tell()} bytes of this "
+            "streamed body (the app stopped reading it there while recording, or the "
+            "recording ended first); record it again reading as far as this run reads.",
+            library=LIBRARY)
+
+    def readinto(self, b: Any, /) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+# A streamed answer (an S3 object, an event stream) is read whole while recording only up to
+# this stated length, as the HTTP shims do; a longer one, one of no stated length or an
+# event stream reaches the app as it comes, kept as the app reads it (see _LiveRaw).
+_EVENT_STREAM = "application/vnd.amazon.eventstream"
+
+
+def _read_whole(response: AWSResponse, events: bool) -> bool:
+    if events:
+        return False
+    headers = response.headers
+    ctype = str(headers.get("content-type", ""))
+    if ctype.partition(";")[0].strip().lower() == _EVENT_STREAM or streamed_type(ctype):
+        return False
+    length = str(headers.get("content-length", ""))
+    return length.isdigit() and int(length) <= READ_WHOLE_UP_TO
+
+
+class _LiveRaw:
+    """The live urllib3 response of a streamed answer, read only as the app (botocore's
+    ``StreamingBody`` or ``EventStream``) reads it. What is read is kept, up to the payload
+    limit (one read past it, so the call is stored truncated); the send is finished once, with
+    what was read: at the body's end, when it breaks (raised as urllib3 raised it), when the
+    app closes it before its end (the body is then ``open``), when it is dropped unclosed
+    (on ``base``'s late calls' thread), or when the run it was opened in ends first (read so
+    far, ``open``; the app may read on). Anything else is the live response's own."""
+
+    def __init__(self, live: Any, send: Tree) -> None:
+        self._live = live
+        self._send = send
+        self._kept = bytearray()
+        self._room = STATE.max_payload_bytes
+        self._lock = threading.Lock()
+        self._finished = False
+        self._then: Callable[[], None] | None = None
+        self._context = copy_context()
+        ready_late()
+        stream_opened(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+    def _keep(self, data: bytes) -> bytes:
+        if data and self._room >= 0:
+            self._kept += data
+            self._room -= len(data)
+        return data
+
+    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+        try:
+            data = self._keep(self._live.read(amt, *args, **kwargs))
+        except Exception as exc:
+            self._finish(exc)
+            raise
+        if amt is None or (amt > 0 and not data):
+            self._finish()
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def readlines(self) -> list[bytes]:
+        return self.read().splitlines(keepends=True)
+
+    def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
+        while data := self.read(amt, decode_content=decode_content):
+            yield data
+
+    def close(self) -> None:
+        ended = self._at_end()  # (before the close, which closes its file too)
+        try:
+            self._live.close()
+        finally:
+            self._finish(ended=ended)
+
+    def __del__(self) -> None:
+        if not self._finished:  # dropped unclosed: finished on another thread
+            finish_late(self._context, self._finish)
+
+    def record_now(self) -> None:
+        """Its run ends with the body still open: recorded as read so far (``base.end_streams``)."""
+        self._finish()
+
+    def then(self, done: Callable[[], None]) -> None:
+        """Run ``done`` once the send is finished (now, if it is)."""
+        with self._lock:
+            if not self._finished:
+                self._then = done
+                return
+        done()
+
+    def _at_end(self) -> bool:
+        fp = getattr(self._live, "_fp", None)
+        return fp is None or bool(getattr(fp, "isclosed", lambda: True)())
+
+    def _finish(self, exc: BaseException | None = None, ended: bool | None = None) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            done, self._then = self._then, None
+            send = self._send
+            send["body"] = bytes(self._kept)
+            if exc is not None:
+                send["body_error"] = _error_of(exc)
+            elif not (self._at_end() if ended is None else ended):
+                send["body_open"] = True
+        stream_ended(self)
+        if done is not None:
+            try:
+                done()
+            except Exception:  # never the app's
+                log.warning("timetracer-otel: a streamed botocore response could not be "
+                            "recorded", exc_info=True)
+
+
 class _Exchange:
     """The sends of the API call running in this context: recorded as they happen, or the
     recorded ones answered in order."""
 
-    __slots__ = ("next", "replay", "sends")
+    __slots__ = ("events", "label", "next", "replay", "sends", "stream")
 
-    def __init__(self, replay: list[Tree] | None = None) -> None:
+    def __init__(self, replay: list[Tree] | None = None, label: str = "",
+                 events: bool = False) -> None:
         self.sends: list[Tree] = []
         self.replay = replay
         self.next = 0
+        self.label = label
+        self.events = events  # the operation answers with an event stream
+        self.stream: _LiveRaw | None = None  # a streamed answer the app is still reading
 
     def answer(self, url: str) -> AWSResponse:
         assert self.replay is not None
@@ -230,10 +392,11 @@ class _Exchange:
             raise rebuild_error(send["error"], _build_error)
         body = as_bytes(send["body"])
         headers = send["headers"]
-        if body:  # (a body scrubbed after it was stored: its length is what botocore reports)
+        cut = send.get("body_open") or send.get("body_error") is not None
+        if body and not cut:  # (a body scrubbed after it was stored: its length is what botocore reports)
             headers = _length_fixed(headers, body)
-        return AWSResponse(send.get("url") or url, send["status"],
-                           [(k, v) for k, v in headers], _Body(body))
+        raw = _CutBody(body, send.get("body_error"), self.label) if cut else _Body(body)
+        return AWSResponse(send.get("url") or url, send["status"], [(k, v) for k, v in headers], raw)
 
 
 _EXCHANGE: ContextVar[_Exchange | None] = ContextVar("timetracer_botocore_exchange", default=None)
@@ -679,6 +842,12 @@ def _send(original: Any) -> Any:
         except Exception as exc:
             exchange.sends.append({"error": _error_of(exc)})
             raise
+        if getattr(request, "stream_output", False) and response.status_code < 300 \
+                and not _read_whole(response, exchange.events):
+            send = _kept(response, b"")  # its body kept as the app reads it
+            exchange.sends.append(send)
+            exchange.stream = response.raw = _LiveRaw(response.raw, send)
+            return response
         body = response.content  # the whole body, once; a streamed one is then read from memory
         response.raw = _Body(body)
         exchange.sends.append(_kept(response, body))
@@ -745,14 +914,14 @@ def _make_api_call(original: Any) -> Any:
             span = action.span
             if span.error is not None:  # it failed before anything was sent
                 raise rebuild_error(span.error, _build_error)
-            token = _EXCHANGE.set(_Exchange(replay=list(span.response["sends"])))
+            token = _EXCHANGE.set(_Exchange(replay=list(span.response["sends"]), label=call.label))
             try:
                 return original(self, operation_name, api_params)
             finally:
                 _EXCHANGE.reset(token)
         if action is LIVE:
             return original(self, operation_name, api_params)
-        exchange = _Exchange()
+        exchange = _Exchange(events=_event_stream(self, operation_name))
         with capture(call, SCOPE) as cap:
             token = _EXCHANGE.set(exchange)
             try:
@@ -767,10 +936,35 @@ def _make_api_call(original: Any) -> Any:
                 raise
             finally:
                 _EXCHANGE.reset(token)
-            cap.ok({"sends": _redacted(self, operation_name, result, exchange.sends)})
+            stream = exchange.stream
+            if stream is None:
+                cap.ok({"sends": _redacted(self, operation_name, result, exchange.sends)})
+            else:  # the call ends with the body the app reads as it comes (see _LiveRaw)
+                stream.then(_finisher(cap.span, lambda: cap.ok(
+                    {"sends": _redacted(self, operation_name, result, exchange.sends)})))
         return result
 
     return _make_api_call
+
+
+def _event_stream(client: Any, operation: str) -> bool:
+    try:
+        return bool(client.meta.service_model.operation_model(operation).has_event_stream_output)
+    except Exception:  # an operation the model lacks: botocore raises its own error later
+        return False
+
+
+def _finisher(span: Span, finish: Callable[[], None]) -> Callable[[], None]:
+    """``finish`` the call, then end ``span``, whose end waits until then (``base.hold_end``)."""
+    release = hold_end(span)
+
+    def done() -> None:
+        try:
+            finish()
+        finally:
+            release()
+
+    return done
 
 
 class BotocoreShim(Shim):
