@@ -277,7 +277,34 @@ def test_a_large_object_read_part_way_keeps_only_what_was_read(
         assert replayed.read(4096) == first
         with pytest.raises(ReplayMissError, match="only the first 4096 bytes"):
             replayed.read(10)
+        with pytest.raises(ReplayMissError, match="only the first 4096 bytes"):
+            replayed.read()  # (not the kept bytes as if they were the rest of the object)
     assert attempts == []
+
+
+def test_a_large_text_object_read_line_by_line_keeps_every_line(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``with body as f: for line in f`` reads botocore's raw stream itself."""
+    data = b"".join(b"line %07d\n" % i for i in range(200_000))  # 2.6 MB
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="big.txt", Body=data)
+
+    def job() -> tuple[int, bytes, bytes]:
+        with boto3.client("s3").get_object(Bucket=bucket, Key="big.txt")["Body"] as f:
+            lines = list(f)
+        with boto3.client("s3").get_object(Bucket=bucket, Key="big.txt")["Body"] as f:
+            first, rest = f.readline(), f.read()
+        return len(lines), lines[0] + lines[-1], first + rest
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = job()
+    assert recorded == (200_000, b"line 0000000\nline 0199999\n", data)
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = job()
+    assert attempts == [] and replayed == recorded
 
 
 def test_an_object_still_unread_when_the_recording_ends_is_kept_as_read_so_far(

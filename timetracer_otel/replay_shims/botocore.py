@@ -220,30 +220,57 @@ class _Body(io.BytesIO):
 class _CutBody(_Body):
     """A replayed streamed body the recording holds only part of: the bytes the app read
     while recording, then, where the live body went on, the error it broke off with or a
-    clear refusal to make up the rest (the app stopped reading there, or the run ended)."""
+    clear refusal to make up the rest (the app stopped reading there, or the run ended).
+    Every way of reading it (``read()`` whole, lines, iteration) stops there alike."""
 
     def __init__(self, body: bytes, error: Tree, label: str) -> None:
         super().__init__(body)
+        self._size = len(body)
         self._error, self._label = error, label
 
-    def read(self, size: int | None = -1, /) -> bytes:
-        data = super().read(size)
-        if data or size == 0:
-            return data
+    def _refuse(self) -> BaseException:
         if self._error is not None:
-            raise rebuild_error(self._error, _build_error)
+            return rebuild_error(self._error, _build_error)
         from timetracer_otel.errors import ReplayMissError
 
-        raise ReplayMissError(
-            f"{self._label}: the recording holds only the first {self.tell()} bytes of this "
+        return ReplayMissError(
+            f"{self._label}: the recording holds only the first {self._size} bytes of this "
             "streamed body (the app stopped reading it there while recording, or the "
             "recording ended first); record it again reading as far as this run reads.",
             library=LIBRARY)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:  # the rest, which the recording does not hold
+            raise self._refuse()
+        data = super().read(size)
+        if data or size == 0:
+            return data
+        raise self._refuse()
+
+    def read1(self, size: int | None = -1, /) -> bytes:
+        return self.read(size)
 
     def readinto(self, b: Any, /) -> int:
         data = self.read(len(b))
         b[:len(data)] = data
         return len(data)
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        line = super().readline(size)
+        whole = line.endswith(b"\n") or (size is not None and 0 <= size == len(line))
+        if whole:
+            return line
+        raise self._refuse()  # (the line went on past the kept bytes, or none was left)
+
+    def readlines(self, hint: int | None = -1, /) -> list[bytes]:
+        raise self._refuse()
+
+    def __next__(self) -> bytes:
+        return self.readline()
+
+    def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
+        while True:
+            yield self.read(amt)
 
 
 # A streamed answer (an S3 object, an event stream) is read whole while recording only up to
@@ -265,12 +292,14 @@ def _read_whole(response: AWSResponse, events: bool) -> bool:
 
 class _LiveRaw:
     """The live urllib3 response of a streamed answer, read only as the app (botocore's
-    ``StreamingBody`` or ``EventStream``) reads it. What is read is kept, up to the payload
-    limit (one read past it, so the call is stored truncated); the send is finished once, with
-    what was read: at the body's end, when it breaks (raised as urllib3 raised it), when the
-    app closes it before its end (the body is then ``open``), when it is dropped unclosed
-    (on ``base``'s late calls' thread), or when the run it was opened in ends first (read so
-    far, ``open``; the app may read on). Anything else is the live response's own."""
+    ``StreamingBody`` or ``EventStream``, or the app itself through ``with body as f``) reads
+    it: ``stream()`` as urllib3 streams it (a chunked body chunk by chunk, as it arrives), and
+    every read kept, up to the payload limit (one byte past it, so the call is stored
+    truncated). The send is finished once, with what was read: at the body's end, when it
+    breaks (raised as urllib3 raised it), when the app closes it before its end (the body is
+    then ``open``), when it is dropped unclosed (on ``base``'s late calls' thread), or when
+    the run it was opened in ends first (read so far, ``open``; the app may read on). Other
+    attributes are the live response's own."""
 
     def __init__(self, live: Any, send: Tree) -> None:
         self._live = live
@@ -288,9 +317,10 @@ class _LiveRaw:
         return getattr(self._live, name)
 
     def _keep(self, data: bytes) -> bytes:
-        if data and self._room >= 0:
-            self._kept += data
-            self._room -= len(data)
+        room = self._room
+        if data and room >= 0:
+            self._kept += data if len(data) <= room else data[:room + 1]
+            self._room = room - len(data)
         return data
 
     def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
@@ -299,21 +329,58 @@ class _LiveRaw:
         except Exception as exc:
             self._finish(exc)
             raise
-        if amt is None or (amt > 0 and not data):
+        if amt is None or amt < 0 or (amt > 0 and not data):
             self._finish()
         return data
+
+    def read1(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+        return self.read(amt, *args, **kwargs)
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
         b[:len(data)] = data
         return len(data)
 
-    def readlines(self) -> list[bytes]:
+    def readline(self, limit: int | None = -1) -> bytes:
+        line = bytearray()
+        while limit is None or limit < 0 or len(line) < limit:
+            byte = self.read(1)
+            if not byte:
+                break
+            line += byte
+            if byte == b"\n":
+                break
+        return bytes(line)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
         return self.read().splitlines(keepends=True)
 
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def __enter__(self) -> _LiveRaw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def data(self) -> bytes:
+        return self.read()
+
     def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
-        while data := self.read(amt, decode_content=decode_content):
-            yield data
+        chunks = self._live.stream(amt, decode_content=decode_content)
+        while True:
+            try:
+                data = next(chunks, None)
+            except Exception as exc:
+                self._finish(exc)
+                raise
+            if data is None:
+                self._finish()
+                return
+            yield self._keep(data)
 
     def close(self) -> None:
         ended = self._at_end()  # (before the close, which closes its file too)
@@ -351,7 +418,7 @@ class _LiveRaw:
             send = self._send
             send["body"] = bytes(self._kept)
             if exc is not None:
-                send["body_error"] = _error_of(exc)
+                send["body_error"] = _body_error_of(exc)
             elif not (self._at_end() if ended is None else ended):
                 send["body_open"] = True
         stream_ended(self)
@@ -361,6 +428,17 @@ class _LiveRaw:
             except Exception:  # never the app's
                 log.warning("timetracer-otel: a streamed botocore response could not be "
                             "recorded", exc_info=True)
+
+
+def _body_error_of(exc: BaseException) -> Tree:
+    """The error a streamed body broke off with, as a replay can raise it again: urllib3's
+    (``ProtocolError`` around an ``http.client.IncompleteRead``) with its message only, which
+    botocore wraps as it wraps the live one (``ResponseStreamingError``)."""
+    try:
+        plain = type(exc)(str(exc))
+    except Exception:  # a class that takes no message
+        plain = Exception(str(exc))
+    return _error_of(plain)
 
 
 class _Exchange:
@@ -722,6 +800,18 @@ def _scrubbed(r: Any, body: bytes) -> bytes:
     return scrubbed
 
 
+def _learn_secrets(client: Any, operation: str, result: Any) -> None:
+    """The redactor learns the secret members of a parsed result (see
+    :func:`_without_secrets`: only the tokens it makes matter)."""
+    if result is None:
+        return
+    try:
+        shape = client.meta.service_model.operation_model(operation).output_shape
+    except Exception:
+        shape = None
+    _without_secrets(shape, result)
+
+
 def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
     """The sends of a finished call as the cassette keeps them: the secret members of the
     parsed result learned (see :func:`_without_secrets`), then every body's secrets replaced
@@ -730,11 +820,7 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
     :func:`_data_plane` and :func:`_data_doc`). A body that
     changed gets its ``Content-Length`` fixed and loses the headers that vouch for its bytes
     (its ``ETag`` is kept: it names the object)."""
-    try:
-        shape = client.meta.service_model.operation_model(operation).output_shape
-    except Exception:
-        shape = None
-    _without_secrets(shape, result)  # (only the tokens it makes, which teach the redactor)
+    _learn_secrets(client, operation, result)
     r = STATE.redactor
     data = _data_plane(client, operation)
     typed = client.meta.service_model.service_name in _DATA_SERVICES
@@ -754,9 +840,11 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
             else:
                 stored = {"headers": r.scrub(send["headers"]), "body": plain}
             if stored["body"] != body:
-                stored["headers"] = _length_fixed(
-                    [h for h in stored["headers"]
-                     if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)], stored["body"])
+                headers = [h for h in stored["headers"]
+                           if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
+                cut = send.get("body_open") or send.get("body_error") is not None
+                # (a body kept only in part keeps the live length: its replay stops at the cut)
+                stored["headers"] = headers if cut else _length_fixed(headers, stored["body"])
             send = {**send, **stored}
         out.append(send)
     return out
@@ -929,6 +1017,9 @@ def _make_api_call(original: Any) -> Any:
             except Exception as exc:
                 # A ClientError or a connection error after its sends: replay sends the same
                 # answers and botocore raises it again. Nothing sent: the error itself.
+                if exchange.stream is not None:  # (a body left unread: stored as read, open)
+                    exchange.stream.record_now()
+                    exchange.stream = None
                 if exchange.sends:
                     cap.ok({"sends": _redacted(self, operation_name, None, exchange.sends)})
                 else:
@@ -936,12 +1027,14 @@ def _make_api_call(original: Any) -> Any:
                 raise
             finally:
                 _EXCHANGE.reset(token)
-            stream = exchange.stream
+            stream, exchange.stream = exchange.stream, None
             if stream is None:
                 cap.ok({"sends": _redacted(self, operation_name, result, exchange.sends)})
             else:  # the call ends with the body the app reads as it comes (see _LiveRaw)
+                _learn_secrets(self, operation_name, result)  # (now: the finisher keeps no
+                sends = exchange.sends  # reference to the body, which may then be dropped)
                 stream.then(_finisher(cap.span, lambda: cap.ok(
-                    {"sends": _redacted(self, operation_name, result, exchange.sends)})))
+                    {"sends": _redacted(self, operation_name, None, sends)})))
         return result
 
     return _make_api_call
