@@ -115,7 +115,7 @@ _warned: set[str] = set()
 # The most a content-encoded body is unpacked to for redaction (the OTLP receiver's limit for
 # a gzip request): a small body may inflate a thousandfold, and the writer must stay bounded.
 UNPACK_LIMIT = 64 * 1024 * 1024
-_Unpack = Callable[[bytes, int], bytes]
+_Unpack = Callable[[bytes, int, bool], bytes]
 _Codec = tuple[_Unpack, Callable[[bytes], bytes]]
 
 
@@ -135,13 +135,14 @@ def _deflated(data: bytes, wbits: int) -> bytes:
 
 
 def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bool = True,
-                   lenient: bool = False) -> bytes:
+                   lenient: bool = False, partial: bool = False) -> bytes:
     """The streams in ``body`` one after another (gzip's members, zstd's frames; one only,
     unless ``several``), each by an unpacker from ``make`` (zlib's or zstd's: ``decompress``
     with a maximum length, ``eof``, ``unused_data``), at most ``limit`` bytes in all.
     TooLarge past it; EOFError for a stream cut short; the module's error for a broken one.
     ``lenient``, as HTTP clients read gzip: NUL padding after a member, and anything after
-    it that does not start as a member does, is not part of the body."""
+    it that does not start as a member does, is not part of the body. ``partial``: a stream
+    cut short gives what its bytes hold (a body the app stopped reading part way)."""
     out = bytearray()
     data = body
     while data:
@@ -150,6 +151,8 @@ def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bo
         if len(out) > limit:
             raise TooLarge
         if not unpacker.eof:
+            if partial:
+                break
             raise EOFError("the stream is cut short")
         data = unpacker.unused_data
         if not several:
@@ -161,17 +164,18 @@ def unpack_streams(make: Callable[[], Any], body: bytes, limit: int, several: bo
     return bytes(out)
 
 
-def _inflated(body: bytes, limit: int, wbits: int) -> bytes:
+def _inflated(body: bytes, limit: int, wbits: int, partial: bool = False) -> bytes:
     return unpack_streams(lambda: zlib.decompressobj(wbits), body, limit, several=wbits == 31,
-                          lenient=True)
+                          lenient=True, partial=partial)
 
 
 def _zstd_frames(zstd: Any) -> _Unpack:
-    return lambda body, limit: unpack_streams(zstd.ZstdDecompressor, body, limit)
+    return lambda body, limit, partial: unpack_streams(zstd.ZstdDecompressor, body, limit,
+                                                       partial=partial)
 
 
 def _zstandard_frames(zstandard: Any) -> _Unpack:
-    def unpack(body: bytes, limit: int) -> bytes:
+    def unpack(body: bytes, limit: int, partial: bool) -> bytes:
         # Its one-shot unpacker has no limit: the size is found by a bounded read first,
         # then the frames unpacked one by one, each checked for its end (the bounded reader
         # says nothing of a cut one).
@@ -185,6 +189,8 @@ def _zstandard_frames(zstandard: Any) -> _Unpack:
             unpacker = zstandard.ZstdDecompressor().decompressobj()
             out += unpacker.decompress(data)
             if not unpacker.eof:
+                if partial:
+                    break
                 raise EOFError("the stream is cut short")
             data = unpacker.unused_data
         return bytes(out)
@@ -193,12 +199,12 @@ def _zstandard_frames(zstandard: Any) -> _Unpack:
 
 
 def _brotli_stream(brotli: Any) -> _Unpack:
-    def unpack(body: bytes, limit: int) -> bytes:
+    def unpack(body: bytes, limit: int, partial: bool) -> bytes:
         unpacker = brotli.Decompressor()
         out = unpacker.process(body, output_buffer_limit=limit + 1)  # (a soft limit: it may
         if len(out) > limit:  # give a quarter more, never the whole of a bomb)
             raise TooLarge
-        if not unpacker.is_finished():
+        if not unpacker.is_finished() and not partial:
             raise EOFError("the stream is cut short")
         return bytes(out)
 
@@ -237,26 +243,28 @@ def _codec(encoding: str) -> _Codec | None:
     return None
 
 
-def unpacked(encoding: str, body: bytes,
-             limit: int = UNPACK_LIMIT) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT,
+             partial: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """A content-encoded body's plain bytes and how to pack them again: gzip; deflate as HTTP
     sends it, zlib-wrapped or raw; brotli (``br``) and ``zstd`` where a module for them is
     installed (as the HTTP clients need one to decode them). None for another encoding, a
     broken stream, or one that unpacks past ``limit`` bytes; for br or zstd without a module,
     and for a body past the limit, a warning, once, that such bodies are stored as they came,
-    not redacted inside."""
+    not redacted inside. ``partial``: a stream cut short (a body the app stopped reading)
+    gives the bytes it holds, which pack again as a whole stream."""
     try:
         if encoding in ("gzip", "x-gzip"):
-            return _inflated(body, limit, 31), lambda b: gzip.compress(b, mtime=0)
+            return _inflated(body, limit, 31, partial), lambda b: gzip.compress(b, mtime=0)
         if encoding == "deflate":
             try:
-                return _inflated(body, limit, zlib.MAX_WBITS), \
+                return _inflated(body, limit, zlib.MAX_WBITS, partial), \
                     lambda b: _deflated(b, zlib.MAX_WBITS)
             except zlib.error:  # raw deflate, without the zlib header
-                return _inflated(body, limit, -zlib.MAX_WBITS), lambda b: _deflated(b, -15)
+                return _inflated(body, limit, -zlib.MAX_WBITS, partial), \
+                    lambda b: _deflated(b, -15)
         codec = _codec(encoding)
         if codec is not None:
-            return codec[0](body, limit), codec[1]
+            return codec[0](body, limit, partial), codec[1]
     except TooLarge:
         _warn_once("limit:" + encoding, "timetracer-otel: a %s-encoded body unpacks to more "
                    "than %d bytes; it is stored as it came, not redacted inside.", encoding, limit)
@@ -270,17 +278,17 @@ def unpacked(encoding: str, body: bytes,
     return None
 
 
-def unpacked_codings(codings: str, body: bytes,
-                     limit: int = UNPACK_LIMIT) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked_codings(codings: str, body: bytes, limit: int = UNPACK_LIMIT,
+                     partial: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """As :func:`unpacked`, for a Content-Encoding value listing one coding or several in
     the order they were applied (``gzip, br``: unpacked br first, packed gzip first)."""
     names = [name for name in (c.strip().lower() for c in codings.split(","))
              if name not in ("", "identity")]
     if len(names) == 1:
-        return unpacked(names[0], body, limit)
+        return unpacked(names[0], body, limit, partial)
     packs: list[Callable[[bytes], bytes]] = []
     for name in reversed(names):
-        found = unpacked(name, body, limit)
+        found = unpacked(name, body, limit, partial)
         if found is None:
             return None
         body, pack = found
@@ -918,16 +926,18 @@ class Redactor:
             for k, v in node.items()
         }
 
-    def body(self, headers: Iterable[Any], body: bytes) -> bytes:
+    def body(self, headers: Iterable[Any], body: bytes, partial: bool = False) -> bytes:
         """An HTTP body with configured JSON fields / form parameters and seen secrets replaced.
 
         A content-encoded body (gzip, deflate; br and zstd where their module is installed)
         is decoded, redacted and encoded again; other bodies keep their bytes unless a secret
-        seen earlier appears in them.
+        seen earlier appears in them. ``partial``: the body is cut where the app stopped
+        reading it; a content-encoded one is unpacked as far as its bytes go.
         """
-        return self.body_parts(headers, body)[0]
+        return self.body_parts(headers, body, partial)[0]
 
-    def body_parts(self, headers: Iterable[Any], body: bytes) -> tuple[bytes, bytes | None]:
+    def body_parts(self, headers: Iterable[Any], body: bytes,
+                   partial: bool = False) -> tuple[bytes, bytes | None]:
         """:meth:`body`, and for a content-encoded body it changed, its redacted bytes
         unpacked: the tokens packed inside differ with each process's redaction key, so a
         request key digests these instead (see ``keys.http_call``). None otherwise."""
@@ -942,7 +952,7 @@ class Redactor:
                 encoding = f"{encoding}, {v}" if encoding else v.lower().strip()
         if encoding in ("", "identity"):
             return self._plain_body(ctype, body), None
-        found = unpacked_codings(encoding, body)
+        found = unpacked_codings(encoding, body, partial=partial)
         if found is None:
             return body, None  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found
@@ -1034,7 +1044,9 @@ class Redactor:
                 key = "chunks"
             if key is not None:
                 old = tree[key] if key == "body" else b"".join(tree[key])
-                new = self.body(headers, old)
+                # (a body the app stopped reading, or that broke off: unpacked as far as it goes)
+                new = self.body(headers, old, partial=bool(tree.get("body_open") or
+                                                           tree.get("body_error") is not None))
                 if new != old:
                     tree = {**tree, key: new if key == "body" else [new]}
                     tree["headers"] = [

@@ -339,3 +339,32 @@ def test_an_event_stream_call_ends_with_its_last_event(bucket: str, tmp_path: Pa
     (send,) = call.response["sends"]
     assert "body_open" not in send and send["body"].count(b":event-type") == 3
     assert call.end_ns - call.start_ns >= 300_000_000
+
+
+def test_a_secret_in_a_gzip_object_read_part_way_is_redacted(bucket: str, tmp_path: Path) -> None:
+    """An object stored gzip-encoded and read only in part: its cut stream is unpacked as far
+    as it goes, and a secret the run learned is replaced inside before it is stored."""
+    import gzip
+    import zlib
+
+    secret = f"sk-{uuid.uuid4().hex}"
+    boto3.client("secretsmanager").create_secret(Name=f"s-{bucket}", SecretString=secret)
+    lines = b'{"key": "%s"}\n' % secret.encode() + b"".join(
+        b'{"row": "%s"}\n' % uuid.uuid4().hex.encode() for _ in range(60_000))
+    packed = gzip.compress(lines, mtime=0)  # ~2.4 MB: streamed, not read whole
+    assert len(packed) > (1 << 20)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="rows.json.gz", Body=packed, ContentEncoding="gzip")
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert boto3.client("secretsmanager").get_secret_value(
+            SecretId=f"s-{bucket}")["SecretString"] == secret
+        body = s3.get_object(Bucket=bucket, Key="rows.json.gz")["Body"]
+        head = body.read(65536)
+        body.close()
+    assert head == packed[:65536]
+    (path,) = rec.paths
+    (send,) = _stored_sends(rec.paths)
+    assert send["body_open"] is True
+    inside = zlib.decompressobj(wbits=31).decompress(send["body"])
+    assert secret.encode() not in inside and inside.startswith(b'{"key": "redacted:')
+    assert secret.encode() not in Path(path).read_bytes()

@@ -214,3 +214,56 @@ def test_an_encoded_request_body_with_a_secret_replays_in_another_process(
     assert json.loads(replayed.stdout) == json.loads(recorded.stdout)
     assert len(json.loads(recorded.stdout)) == len(REQUEST_CODECS)
     assert b"pw-9b1e4c7d2a" not in b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+TOKEN = "tok-9d1e5c7a3b2f4e6d8c0a"  # sent in the Authorization header, so a secret seen
+
+
+async def feed(request: Request) -> Response:
+    """NDJSON, gzip-encoded, streamed: the first line (which echoes the caller's token) at
+    once, the rest only later; the app reads the first line and closes."""
+    from starlette.responses import StreamingResponse
+
+    async def body() -> Any:
+        import asyncio
+
+        packer = zlib.compressobj(wbits=31)
+        yield packer.compress(b'{"seen": "%s", "n": 1}\n' % TOKEN.encode()) \
+            + packer.flush(zlib.Z_SYNC_FLUSH)
+        await asyncio.sleep(1.0)
+        yield packer.compress(b'{"n": 2}\n') + packer.flush()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson",
+                             headers={"content-encoding": "gzip"})
+
+
+def first_line(client: str, url: str) -> str:
+    headers = {"authorization": f"Bearer {TOKEN}", "accept-encoding": "gzip"}
+    if client == "httpx":
+        with httpx.stream("GET", url, headers=headers) as r:
+            return next(r.iter_lines())
+    with requests.get(url, headers=headers, stream=True, timeout=5) as response:
+        return next(response.iter_lines()).decode()
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests"])
+def test_a_secret_in_a_packed_stream_the_app_stopped_reading_is_redacted(
+    serve: Any, tmp_path: Path, client: str
+) -> None:
+    """A gzip stream cut where the app closed it cannot be unpacked whole: what it holds is
+    unpacked as far as it goes, redacted and packed again, so the secret is not stored."""
+    server = serve(Starlette(routes=[Route("/feed", feed)]))
+    url = f"{server.url}/feed"
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = first_line(client, url)
+    server.stop()
+    assert json.loads(live) == {"seen": TOKEN, "n": 1}
+    (path,) = rec.paths
+    (stored,) = [s.response for s in load_cassette(path).interactions if s.library == client]
+    assert stored is not None and stored.get("body_open") is True
+    packed = stored["body"] if stored.get("body") is not None else b"".join(stored["chunks"])
+    inside = zlib.decompressobj(wbits=31).decompress(packed)
+    assert TOKEN.encode() not in inside and b'"seen": "redacted:' in inside
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = first_line(client, url)
+    assert attempts == [] and json.loads(replayed)["seen"].startswith("redacted:")

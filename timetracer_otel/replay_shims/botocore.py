@@ -734,19 +734,20 @@ def _json_body(headers: list[Any], body: bytes, sniff: bool = False) -> Any:
 
 
 def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
-                   typed: bool = False) -> bytes | None:
+                   typed: bool = False, partial: bool = False) -> bytes | None:
     """A response body as stored, its secrets replaced in its own bytes (a content-encoded
     body inside, then packed again: see ``redaction.unpacked``); None to leave it to ``Redactor.response`` (a
     control-plane body that is not JSON or whose secret is not a string, a content encoding
     that cannot be unpacked). A data-plane body (``data``) gets the built-in secret names and
     the user's rules (see :func:`_data_doc`), and is never re-serialized but where a value
-    that is not a string becomes a token (``typed``: DynamoDB's wire form)."""
+    that is not a string becomes a token (``typed``: DynamoDB's wire form). ``partial``: a
+    streamed body kept only in part, a content-encoded one unpacked as far as it goes."""
     if not body:
         return body
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
     if (encoding in _PACKINGS) if data else (encoding not in ("", "identity")):
-        found = unpacked(encoding, body)
+        found = unpacked(encoding, body, partial=partial)
         if found is None:  # (no module for br or zstd, a broken stream: the old path, scrubbed after)
             return None
         plain, pack = found
@@ -829,10 +830,12 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
         body = send.get("body")
         if isinstance(body, bytes):
             status = send.get("status")
+            cut = bool(send.get("body_open")) or send.get("body_error") is not None
             plain = _body_redacted(r, send["headers"], body,
-                                   data and isinstance(status, int) and status < 300, typed)
+                                   data and isinstance(status, int) and status < 300, typed, cut)
             if plain is None:
-                stored = r.response({"headers": send["headers"], "body": body})
+                stored = r.response({"headers": send["headers"], "body": body, "body_open": cut})
+                stored.pop("body_open", None)
                 if _encoded(send["headers"]):
                     # (an encoding it cannot unpack keeps its bytes there: a known secret in
                     # them is masked all the same; a plain body Redactor.body scrubbed)
@@ -842,7 +845,6 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
             if stored["body"] != body:
                 headers = [h for h in stored["headers"]
                            if not str(h[0]).lower().startswith(_CHECKSUM_HEADERS)]
-                cut = send.get("body_open") or send.get("body_error") is not None
                 # (a body kept only in part keeps the live length: its replay stops at the cut)
                 stored["headers"] = headers if cut else _length_fixed(headers, stored["body"])
             send = {**send, **stored}
