@@ -5,6 +5,7 @@ compared with their types (StreamingBody, tz-aware datetimes, ClientError codes)
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 import time
 import uuid
@@ -368,3 +369,34 @@ def test_a_secret_in_a_gzip_object_read_part_way_is_redacted(bucket: str, tmp_pa
     inside = zlib.decompressobj(wbits=31).decompress(send["body"])
     assert secret.encode() not in inside and inside.startswith(b'{"key": "redacted:')
     assert secret.encode() not in Path(path).read_bytes()
+
+
+def test_an_object_packed_twice_is_redacted_inside(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ContentEncoding="gzip, br"`` (gzip, then brotli): unpacked in reverse, its secret
+    field replaced, packed again in order; a replay hands back the same codings."""
+    import gzip
+
+    import brotli
+
+    doc = {"access_token": f"at-{uuid.uuid4().hex}", "n": 1}
+    packed = brotli.compress(gzip.compress(json.dumps(doc).encode(), mtime=0))
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="doc.json", Body=packed, ContentType="application/json",
+                  ContentEncoding="gzip, br")
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = s3.get_object(Bucket=bucket, Key="doc.json")
+        live_body = live["Body"].read()
+    assert live_body == packed and live["ContentEncoding"] == "gzip, br"
+    (path,) = rec.paths
+    assert doc["access_token"].encode() not in Path(path).read_bytes()
+    (send,) = _stored_sends(rec.paths)
+    inside = json.loads(gzip.decompress(brotli.decompress(send["body"])))
+    assert inside["access_token"].startswith("redacted:") and inside["n"] == 1
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = boto3.client("s3").get_object(Bucket=bucket, Key="doc.json")
+        assert replayed["Body"].read() == send["body"]
+    assert attempts == [] and replayed["ContentEncoding"] == "gzip, br"

@@ -56,7 +56,7 @@ from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import SECRET_FIELDS, _NameSet, unpacked
+from timetracer_otel.redaction import SECRET_FIELDS, _NameSet, unpacked_codings
 from timetracer_otel.replay_shims.base import (
     LIVE,
     READ_WHOLE_UP_TO,
@@ -709,6 +709,13 @@ def _in_place(body: bytes, doc: Any, new_doc: Any) -> bytes | None:
 _PACKINGS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
 
 
+def _packed(encoding: str, data: bool) -> bool:
+    """Whether a Content-Encoding value (one coding, or several in the order applied:
+    ``gzip, br``) packs the bytes: for the app's data only the packing codings count."""
+    codings = [c for c in (c.strip() for c in encoding.split(",")) if c not in ("", "identity")]
+    return bool(codings) and (not data or all(c in _PACKINGS for c in codings))
+
+
 def _json_body(headers: list[Any], body: bytes, sniff: bool = False) -> Any:
     """The decoded JSON of a plain (not content-encoded) JSON body; _MISSING otherwise.
     ``sniff`` (the app's data: an S3 object stored with the default ``binary/octet-stream``
@@ -721,7 +728,7 @@ def _json_body(headers: list[Any], body: bytes, sniff: bool = False) -> Any:
             ctype = str(h[1]).split(";")[0].strip().lower()
         elif name == "content-encoding":
             encoding = str(h[1]).strip().lower()
-    if (encoding in _PACKINGS if sniff else encoding not in ("", "identity")):
+    if _packed(encoding, sniff):
         return _MISSING
     if not (ctype == "application/json" or ctype.endswith("+json") or ctype == "text/json"
             or ctype.startswith("application/x-amz-json")) \
@@ -746,8 +753,8 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
         return body
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
-    if (encoding in _PACKINGS) if data else (encoding not in ("", "identity")):
-        found = unpacked(encoding, body, partial=partial)
+    if _packed(encoding, data):
+        found = unpacked_codings(encoding, body, partial=partial)
         if found is None:  # (no module for br or zstd, a broken stream: the old path, scrubbed after)
             return None
         plain, pack = found
