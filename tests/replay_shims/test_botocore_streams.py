@@ -39,6 +39,23 @@ def _event(kind: str, payload: bytes = b"") -> bytes:
     return message + struct.pack(">I", binascii.crc32(message))
 
 
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = conn.recv(65536)
+        if not part:
+            return
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = conn.recv(65536)
+        if not part:
+            return
+        body += part
+
+
 class RawServer:
     """One handler per connection, on a thread of its own."""
 
@@ -60,8 +77,9 @@ class RawServer:
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
-            conn.recv(65536)
+            _read_request(conn)  # whole: a close with bytes unread would reset the connection
             self.handle(conn)
+
 
     def close(self) -> None:
         self.sock.close()
