@@ -36,7 +36,7 @@ import secrets
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr
@@ -121,6 +121,64 @@ _Codec = tuple[_Unpack, Callable[[bytes], bytes]]
 
 class TooLarge(Exception):
     """A body that unpacks to more than the limit."""
+
+
+class Withheld(Exception):
+    """A response body that cannot be redacted (it unpacks past the limit) and may hold a
+    secret: the call is stored without its response, as one past the payload limit is."""
+
+
+# The piece of a packed body unpacked at a time, when one past the limit is scanned.
+_SCAN_PIECE = 1 << 20
+
+
+def _unpacked_pieces(encoding: str, body: bytes) -> Iterator[bytes]:
+    """The plain bytes of a body of one coding, a piece of at most about ``_SCAN_PIECE``
+    at a time (memory stays bounded, whatever the body inflates to). ValueError for a coding
+    it cannot unpack so (none, several, one without a module)."""
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        data = body
+        wbits = 31 if encoding != "deflate" else (
+            zlib.MAX_WBITS if body[:1] and (body[0] & 0x0F) == 8 and
+            int.from_bytes(body[:2], "big") % 31 == 0 else -zlib.MAX_WBITS)
+        while data:
+            unpacker = zlib.decompressobj(wbits)
+            while data and not unpacker.eof:
+                piece = unpacker.decompress(data, _SCAN_PIECE)
+                data = unpacker.unconsumed_tail
+                if not piece and not data:
+                    break
+                yield piece
+            data = unpacker.unused_data.lstrip(b"\0") if unpacker.eof else b""
+            if wbits != 31 or data[:2] != b"\x1f\x8b":
+                return
+        return
+    if encoding == "br":
+        for name in ("brotli", "brotlicffi"):
+            try:
+                brotli = importlib.import_module(name)
+            except ImportError:
+                continue
+            unpacker = brotli.Decompressor()
+            piece = unpacker.process(body, output_buffer_limit=_SCAN_PIECE)
+            while piece:
+                yield piece
+                if unpacker.is_finished():
+                    return
+                piece = unpacker.process(b"", output_buffer_limit=_SCAN_PIECE)
+            return
+    if encoding == "zstd":
+        try:
+            zstandard = importlib.import_module("zstandard")
+        except ImportError:
+            pass
+        else:
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body),
+                                                              read_across_frames=True)
+            while piece := reader.read(_SCAN_PIECE):
+                yield piece
+            return
+    raise ValueError(f"cannot unpack {encoding!r} piece by piece")
 
 
 def _warn_once(key: str, message: str, *args: Any) -> None:
@@ -243,15 +301,16 @@ def _codec(encoding: str) -> _Codec | None:
     return None
 
 
-def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT,
-             partial: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False,
+             strict: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """A content-encoded body's plain bytes and how to pack them again: gzip; deflate as HTTP
     sends it, zlib-wrapped or raw; brotli (``br``) and ``zstd`` where a module for them is
     installed (as the HTTP clients need one to decode them). None for another encoding, a
     broken stream, or one that unpacks past ``limit`` bytes; for br or zstd without a module,
     and for a body past the limit, a warning, once, that such bodies are stored as they came,
     not redacted inside. ``partial``: a stream cut short (a body the app stopped reading)
-    gives the bytes it holds, which pack again as a whole stream."""
+    gives the bytes it holds, which pack again as a whole stream. ``strict``: past the
+    limit, :class:`TooLarge` is raised instead (and nothing is logged)."""
     try:
         if encoding in ("gzip", "x-gzip"):
             return _inflated(body, limit, 31, partial), lambda b: gzip.compress(b, mtime=0)
@@ -266,6 +325,8 @@ def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT,
         if codec is not None:
             return codec[0](body, limit, partial), codec[1]
     except TooLarge:
+        if strict:
+            raise
         _warn_once("limit:" + encoding, "timetracer-otel: a %s-encoded body unpacks to more "
                    "than %d bytes; it is stored as it came, not redacted inside.", encoding, limit)
         return None
@@ -278,17 +339,17 @@ def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT,
     return None
 
 
-def unpacked_codings(codings: str, body: bytes, limit: int = UNPACK_LIMIT,
-                     partial: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked_codings(codings: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False,
+                     strict: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """As :func:`unpacked`, for a Content-Encoding value listing one coding or several in
     the order they were applied (``gzip, br``: unpacked br first, packed gzip first)."""
     names = [name for name in (c.strip().lower() for c in codings.split(","))
              if name not in ("", "identity")]
     if len(names) == 1:
-        return unpacked(names[0], body, limit, partial)
+        return unpacked(names[0], body, limit, partial, strict)
     packs: list[Callable[[bytes], bytes]] = []
     for name in reversed(names):
-        found = unpacked(name, body, limit, partial)
+        found = unpacked(name, body, limit, partial, strict)
         if found is None:
             return None
         body, pack = found
@@ -926,18 +987,21 @@ class Redactor:
             for k, v in node.items()
         }
 
-    def body(self, headers: Iterable[Any], body: bytes, partial: bool = False) -> bytes:
+    def body(self, headers: Iterable[Any], body: bytes, partial: bool = False,
+             response: bool = False) -> bytes:
         """An HTTP body with configured JSON fields / form parameters and seen secrets replaced.
 
         A content-encoded body (gzip, deflate; br and zstd where their module is installed)
         is decoded, redacted and encoded again; other bodies keep their bytes unless a secret
         seen earlier appears in them. ``partial``: the body is cut where the app stopped
-        reading it; a content-encoded one is unpacked as far as its bytes go.
+        reading it; a content-encoded one is unpacked as far as its bytes go. ``response``:
+        one that unpacks past the limit and may hold a secret raises :class:`Withheld`
+        (:meth:`_may_hide`); a request body is stored as it came, with a warning.
         """
-        return self.body_parts(headers, body, partial)[0]
+        return self.body_parts(headers, body, partial, response)[0]
 
-    def body_parts(self, headers: Iterable[Any], body: bytes,
-                   partial: bool = False) -> tuple[bytes, bytes | None]:
+    def body_parts(self, headers: Iterable[Any], body: bytes, partial: bool = False,
+                   response: bool = False) -> tuple[bytes, bytes | None]:
         """:meth:`body`, and for a content-encoded body it changed, its redacted bytes
         unpacked: the tokens packed inside differ with each process's redaction key, so a
         request key digests these instead (see ``keys.http_call``). None otherwise."""
@@ -952,7 +1016,12 @@ class Redactor:
                 encoding = f"{encoding}, {v}" if encoding else v.lower().strip()
         if encoding in ("", "identity"):
             return self._plain_body(ctype, body), None
-        found = unpacked_codings(encoding, body, partial=partial)
+        try:
+            found = unpacked_codings(encoding, body, partial=partial, strict=response)
+        except TooLarge:
+            if self._may_hide(encoding, body):
+                raise Withheld(encoding) from None
+            return body, None  # (scanned: nothing a redaction would change)
         if found is None:
             return body, None  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found
@@ -981,6 +1050,28 @@ class Redactor:
             if text is not None:
                 body = self.query(text).encode()
         return self.scrub_bytes(body)
+
+    def _may_hide(self, codings: str, body: bytes) -> bool:
+        """Whether a packed body too large to unpack whole may hold what a redaction would
+        change: unpacked a piece at a time (memory stays bounded) and scanned for the
+        secrets seen so far and the JSON names redacted anywhere; yes, without a scan, for
+        several codings, a coding it cannot unpack so, or JSON rules by path or glob."""
+        names = [c for c in (c.strip().lower() for c in codings.split(","))
+                 if c not in ("", "identity")]
+        if len(names) != 1 or self.json_paths or self.json_anywhere.globs:
+            return True
+        overlap = max([len(a) for a in self._json_anchors]
+                      + [len(v.encode()) for v in self._seen], default=0)
+        tail = b""
+        try:
+            for piece in _unpacked_pieces(names[0], body):
+                window = tail + piece
+                if self.seen_in(window) or self._has_json_anchor(window.lower()):
+                    return True
+                tail = window[-overlap:] if overlap else b""
+        except Exception:  # (a broken stream, no module): not known to be clean
+            return True
+        return False
 
     def _json_may_hit(self, body: bytes) -> bool:
         # Parsing every JSON body costs more than the call it records; a byte scan for the
@@ -1046,7 +1137,8 @@ class Redactor:
                 old = tree[key] if key == "body" else b"".join(tree[key])
                 # (a body the app stopped reading, or that broke off: unpacked as far as it goes)
                 new = self.body(headers, old, partial=bool(tree.get("body_open") or
-                                                           tree.get("body_error") is not None))
+                                                           tree.get("body_error") is not None),
+                                response=True)
                 if new != old:
                     tree = {**tree, key: new if key == "body" else [new]}
                     tree["headers"] = [

@@ -267,3 +267,59 @@ def test_a_secret_in_a_packed_stream_the_app_stopped_reading_is_redacted(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         replayed = first_line(client, url)
     assert attempts == [] and json.loads(replayed)["seen"].startswith("redacted:")
+
+
+BIG = 65 << 20  # past redaction.UNPACK_LIMIT (64 MiB)
+
+
+async def export(request: Request) -> Response:
+    """A gzip JSON export that inflates past what is unpacked for redaction; with ``?secret``
+    one of its fields is named like a secret."""
+    name = "access_token" if "secret" in request.query_params else "label"
+    doc = b'{"%s": "%s", "pad": "%s"}' % (name.encode(), SECRET.encode(), b"0" * BIG)
+    return Response(gzip.compress(doc, compresslevel=1, mtime=0), media_type="application/json",
+                    headers={"content-encoding": "gzip"})
+
+
+@pytest.mark.parametrize("secret", [True, False])
+def test_a_body_too_large_to_redact_is_stored_only_when_it_holds_nothing_to_redact(
+    serve: Any, tmp_path: Path, secret: bool
+) -> None:
+    """Unpacked a piece at a time (memory bounded) and scanned: one that holds a field named
+    like a secret is not stored (the call is, as truncated, and its replay refused saying
+    why); one that holds nothing to redact is stored as it came and replays byte for byte."""
+    server = serve(Starlette(routes=[Route("/export", export)]))
+    url = f"{server.url}/export" + ("?secret=1" if secret else "")
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = httpx.get(url, timeout=30)
+    server.stop()
+    assert len(live.content) > BIG and live.json()["pad"] == "0" * BIG
+    (path,) = rec.paths
+    (call,) = [s for s in load_cassette(path).interactions if s.library == "httpx"]
+    if secret:
+        assert call.truncated and call.response is None
+        with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True), \
+                pytest.raises(timetracer_otel.ReplayUnsupportedError,
+                              match=r"stored truncated: .* may have held a secret"):
+            httpx.get(url, timeout=30)
+        assert attempts == []
+        return
+    assert not call.truncated and call.response is not None
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = httpx.get(url, timeout=30)
+    assert attempts == [] and replayed.content == live.content
+
+
+def test_the_scan_of_a_body_too_large_to_redact_finds_a_seen_secret_across_pieces() -> None:
+    """A secret the redactor knows, straddling two of the pieces the scan unpacks at a time,
+    is found; for brotli and zstd as for gzip."""
+    r = redaction.Redactor(env={})
+    r.header("authorization", f"Bearer {TOKEN}")  # seen: the token is a secret now
+    at = redaction._SCAN_PIECE - len(TOKEN) // 2
+    plain = b"x" * at + TOKEN.encode() + b"y" * 1000
+    clean = b"x" * len(plain)
+    for encoding, pack in (("gzip", lambda d: gzip.compress(d, mtime=0)),
+                           ("br", CODECS["br"][0]), ("zstd", CODECS["zstd"][0])):
+        assert r._may_hide(encoding, pack(plain)), encoding
+        assert not r._may_hide(encoding, pack(clean)), encoding
+    assert r._may_hide("gzip, br", CODECS["gzip, br"][0](clean))  # several codings: not scanned

@@ -42,7 +42,7 @@ from timetracer_otel.config import Mode, OnMiss
 from timetracer_otel.errors import ConfigError, ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.index import Answers, Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import Redactor, default_redactor
+from timetracer_otel.redaction import UNPACK_LIMIT, Redactor, Withheld, default_redactor
 
 log = logging.getLogger("timetracer_otel")
 
@@ -288,8 +288,10 @@ def decide(call: Call) -> Match | Action:
     if match is not None:
         if match.span.truncated:
             raise unsupported(
-                f"The recorded response of {call.label} was larger than the payload limit and "
-                "was stored truncated; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again.",
+                f"The recorded response of {call.label} was stored truncated: it was larger "
+                "than the payload limit (raise TIMETRACER_MAX_PAYLOAD_BYTES and record again), "
+                "or its packed body unpacked past what can be redacted and may have held a "
+                "secret (the recording's warning said so).",
                 f"{call.label} (stored truncated)",
             )
         span = trace.get_current_span(ctx)
@@ -643,7 +645,11 @@ def built_payload(call: Call, error: Tree, response: Callable[[], Tree]) -> Payl
     request = _pack(call.request)
     if error is not None:
         return finished_struct(call, request, "error", _pack(STATE.redactor.scrub(error)))
-    return finished_struct(call, request, "response", STATE.redactor.response_packed(response())[1])
+    try:
+        packed = STATE.redactor.response_packed(response())[1]
+    except Withheld as exc:
+        return withheld_struct(call, request, exc)
+    return finished_struct(call, request, "response", packed)
 
 
 def deferred_call(call: Call, response: Any, error: Tree) -> tuple[Any, ...]:
@@ -701,6 +707,15 @@ def finished_struct(call: Call, request: bytes, outcome: str, packed: bytes) -> 
                     kept if outcome == "error" else None, truncated)
 
 
+def withheld_struct(call: Call, request: bytes, exc: Withheld) -> Payload:
+    """The :class:`Payload` of a call whose response is not stored (see ``Withheld``):
+    stored truncated, as one past the payload limit is, and the user told why."""
+    log.warning("timetracer-otel: the response of %s is not stored: its %s-encoded body "
+                "unpacks to more than %d bytes, too many to redact, and may hold a secret; a "
+                "replay of this call is refused.", call.label, exc, UNPACK_LIMIT)
+    return _payload(call.library, call.key, call.shape_key, call.label, request, None, None, True)
+
+
 class Capture:
     """Puts one live call's request and outcome onto its span (and the replay log)."""
 
@@ -734,7 +749,20 @@ class Capture:
     def ok(self, response: Any) -> None:
         if self.tree_of is not None:
             response = self.tree_of(response)
-        self._finish("response", *STATE.redactor.response_packed(response))
+        try:
+            tree, packed = STATE.redactor.response_packed(response)
+        except Withheld as exc:
+            self.withhold(exc)
+            return
+        self._finish("response", tree, packed)
+
+    def withhold(self, exc: Withheld) -> None:
+        """The call without its response (see :func:`withheld_struct`)."""
+        span = self.span
+        if span.is_recording():
+            span.set_attribute(ATTR_PAYLOAD, _pack(withheld_struct(self.call, self.request, exc)))
+        if STATE.mode is Mode.REPLAY:
+            self._append("response", None, True)
 
     def fail(self, exc: BaseException, attrs: Tree = None) -> None:
         tree = STATE.redactor.scrub(error_tree(exc, attrs))

@@ -56,7 +56,7 @@ from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import SECRET_FIELDS, _NameSet, unpacked_codings
+from timetracer_otel.redaction import SECRET_FIELDS, TooLarge, Withheld, _NameSet, unpacked_codings
 from timetracer_otel.replay_shims.base import (
     LIVE,
     READ_WHOLE_UP_TO,
@@ -754,7 +754,10 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
     encoding = next((str(h[1]).strip().lower() for h in headers
                      if str(h[0]).lower() == "content-encoding"), "")
     if _packed(encoding, data):
-        found = unpacked_codings(encoding, body, partial=partial)
+        try:
+            found = unpacked_codings(encoding, body, partial=partial, strict=True)
+        except TooLarge:  # (Redactor.response scans it, and may withhold it)
+            return None
         if found is None:  # (no module for br or zstd, a broken stream: the old path, scrubbed after)
             return None
         plain, pack = found
@@ -1030,7 +1033,7 @@ def _make_api_call(original: Any) -> Any:
                     exchange.stream.record_now()
                     exchange.stream = None
                 if exchange.sends:
-                    cap.ok({"sends": _redacted(self, operation_name, None, exchange.sends)})
+                    _stored(cap, self, operation_name, None, exchange.sends)
                 else:
                     cap.fail(exc, _error_of(exc).get("attrs"))
                 raise
@@ -1038,15 +1041,26 @@ def _make_api_call(original: Any) -> Any:
                 _EXCHANGE.reset(token)
             stream, exchange.stream = exchange.stream, None
             if stream is None:
-                cap.ok({"sends": _redacted(self, operation_name, result, exchange.sends)})
+                _stored(cap, self, operation_name, result, exchange.sends)
             else:  # the call ends with the body the app reads as it comes (see _LiveRaw)
                 _learn_secrets(self, operation_name, result)  # (now: the finisher keeps no
                 sends = exchange.sends  # reference to the body, which may then be dropped)
-                stream.then(_finisher(cap.span, lambda: cap.ok(
-                    {"sends": _redacted(self, operation_name, None, sends)})))
+                stream.then(_finisher(cap.span, lambda: _stored(
+                    cap, self, operation_name, None, sends)))
         return result
 
     return _make_api_call
+
+
+def _stored(cap: Any, client: Any, operation: str, result: Any, sends: list[Tree]) -> None:
+    """The call's sends put on its span, redacted; without them where a body may hold a
+    secret it cannot be redacted of (``Withheld``)."""
+    try:
+        redacted = _redacted(client, operation, result, sends)
+    except Withheld as exc:
+        cap.withhold(exc)
+        return
+    cap.ok({"sends": redacted})
 
 
 def _event_stream(client: Any, operation: str) -> bool:
