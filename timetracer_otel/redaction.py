@@ -132,26 +132,44 @@ class Withheld(Exception):
 _SCAN_PIECE = 1 << 20
 
 
+def _inflated_pieces(body: bytes, wbits: int) -> Iterator[bytes]:
+    """:func:`_unpacked_pieces` for gzip (its members one after another) and deflate: the
+    input fed a slice at a time, so what zlib leaves unconsumed is never more than a slice
+    (feeding it whole copied the rest of the body for every piece); a stream's last bytes,
+    which raw deflate can hold back with no input left, flushed out."""
+    data = body
+    while data:
+        unpacker = zlib.decompressobj(wbits)
+        pos = 0
+        while not unpacker.eof:
+            chunk = unpacker.unconsumed_tail
+            if not chunk and pos < len(data):
+                chunk = data[pos:pos + _SCAN_PIECE]
+                pos += len(chunk)
+            piece = unpacker.decompress(chunk, _SCAN_PIECE)
+            if piece:
+                yield piece
+            elif not chunk:  # no input left, nothing more out
+                break
+        if not unpacker.eof:  # (cut short, or raw deflate's end: what it still holds)
+            if tail := unpacker.flush():
+                yield tail
+            return
+        data = (unpacker.unused_data + data[pos:]).lstrip(b"\0")
+        if wbits != 31 or data[:2] != b"\x1f\x8b":  # (one stream; a tail that is no member)
+            return
+
+
 def _unpacked_pieces(encoding: str, body: bytes) -> Iterator[bytes]:
     """The plain bytes of a body of one coding, a piece of at most about ``_SCAN_PIECE``
     at a time (memory stays bounded, whatever the body inflates to). ValueError for a coding
     it cannot unpack so (none, several, one without a module)."""
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        data = body
-        wbits = 31 if encoding != "deflate" else (
-            zlib.MAX_WBITS if body[:1] and (body[0] & 0x0F) == 8 and
-            int.from_bytes(body[:2], "big") % 31 == 0 else -zlib.MAX_WBITS)
-        while data:
-            unpacker = zlib.decompressobj(wbits)
-            while data and not unpacker.eof:
-                piece = unpacker.decompress(data, _SCAN_PIECE)
-                data = unpacker.unconsumed_tail
-                if not piece and not data:
-                    break
-                yield piece
-            data = unpacker.unused_data.lstrip(b"\0") if unpacker.eof else b""
-            if wbits != 31 or data[:2] != b"\x1f\x8b":
-                return
+    if encoding in ("gzip", "x-gzip"):
+        yield from _inflated_pieces(body, 31)
+        return
+    if encoding == "deflate":  # zlib-wrapped (its header's checksum), or raw
+        wrapped = len(body) > 1 and body[0] & 0x0F == 8 and int.from_bytes(body[:2], "big") % 31 == 0
+        yield from _inflated_pieces(body, zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         return
     if encoding == "br":
         for name in ("brotli", "brotlicffi"):
@@ -168,6 +186,25 @@ def _unpacked_pieces(encoding: str, body: bytes) -> Iterator[bytes]:
                 piece = unpacker.process(b"", output_buffer_limit=_SCAN_PIECE)
             return
     if encoding == "zstd":
+        for name in ("compression.zstd", "backports.zstd"):  # (as _codec picks them)
+            try:
+                zstd = importlib.import_module(name)
+            except ImportError:
+                continue
+            data = body
+            while data:
+                unpacker = zstd.ZstdDecompressor()
+                piece = unpacker.decompress(data, _SCAN_PIECE)
+                while True:
+                    if piece:
+                        yield piece
+                    if unpacker.eof or (unpacker.needs_input and not piece):
+                        break
+                    piece = unpacker.decompress(b"", _SCAN_PIECE)
+                if not unpacker.eof:
+                    return
+                data = unpacker.unused_data
+            return
         try:
             zstandard = importlib.import_module("zstandard")
         except ImportError:
@@ -1019,7 +1056,7 @@ class Redactor:
         try:
             found = unpacked_codings(encoding, body, partial=partial, strict=response)
         except TooLarge:
-            if self._may_hide(encoding, body):
+            if self._may_hide(encoding, body, ctype):
                 raise Withheld(encoding) from None
             return body, None  # (scanned: nothing a redaction would change)
         if found is None:
@@ -1051,26 +1088,41 @@ class Redactor:
                 body = self.query(text).encode()
         return self.scrub_bytes(body)
 
-    def _may_hide(self, codings: str, body: bytes) -> bool:
+    def _may_hide(self, codings: str, body: bytes, ctype: str = "") -> bool:
         """Whether a packed body too large to unpack whole may hold what a redaction would
         change: unpacked a piece at a time (memory stays bounded) and scanned for the
-        secrets seen so far and the JSON names redacted anywhere; yes, without a scan, for
-        several codings, a coding it cannot unpack so, or JSON rules by path or glob."""
+        secrets seen so far and the names a redaction acts on (JSON and document fields, and
+        a form's parameters); yes, without a scan, for several codings, a coding it cannot
+        unpack so, or rules by JSON path or by glob."""
         names = [c for c in (c.strip().lower() for c in codings.split(","))
                  if c not in ("", "identity")]
-        if len(names) != 1 or self.json_paths or self.json_anywhere.globs:
+        if len(names) != 1 or self.json_paths or self.json_anywhere.globs \
+                or self.field_names.globs:
             return True
-        overlap = max([len(a) for a in self._json_anchors]
-                      + [len(v.encode()) for v in self._seen], default=0)
+        fields = [n.encode() for n in self.json_anywhere.exact | self.field_names.exact]
+        if ctype.split(";")[0].strip() == "application/x-www-form-urlencoded":
+            if self.param_names.globs:
+                return True
+            fields += [n.encode() for n in self.param_names.exact]
+        anchors = _anchors(fields)
+        overlap = max([len(a) for a in anchors] + [len(v.encode()) for v in self._seen],
+                      default=0)
         tail = b""
         try:
             for piece in _unpacked_pieces(names[0], body):
                 window = tail + piece
-                if self.seen_in(window) or self._has_json_anchor(window.lower()):
+                if self.seen_in(window):
                     return True
+                low = window.lower()
+                for anchor in anchors:
+                    if anchor in low:
+                        return True
                 tail = window[-overlap:] if overlap else b""
         except Exception:  # (a broken stream, no module): not known to be clean
             return True
+        _warn_once("scanned:" + names[0], "timetracer-otel: a %s-encoded body unpacks to more "
+                   "than %d bytes; scanned a piece at a time, it holds nothing to redact and "
+                   "is stored as it came.", names[0], UNPACK_LIMIT)
         return False
 
     def _json_may_hit(self, body: bytes) -> bool:
@@ -1135,16 +1187,19 @@ class Redactor:
                 key = "chunks"
             if key is not None:
                 old = tree[key] if key == "body" else b"".join(tree[key])
-                # (a body the app stopped reading, or that broke off: unpacked as far as it goes)
-                new = self.body(headers, old, partial=bool(tree.get("body_open") or
-                                                           tree.get("body_error") is not None),
-                                response=True)
+                # A body the app stopped reading, or that broke off (httpx's and botocore's
+                # ``body_error``, requests' ``error``): unpacked as far as it goes, and its
+                # stated length kept (a replay stops where it was cut).
+                partial = bool(tree.get("body_open")) or tree.get("body_error") is not None \
+                    or tree.get("error") is not None
+                new = self.body(headers, old, partial=partial, response=True)
                 if new != old:
                     tree = {**tree, key: new if key == "body" else [new]}
-                    tree["headers"] = [
-                        [h[0], str(len(new))] if str(h[0]).lower() == "content-length" else h
-                        for h in headers
-                    ]
+                    if not partial:
+                        tree["headers"] = [
+                            [h[0], str(len(new))] if str(h[0]).lower() == "content-length"
+                            else h for h in headers
+                        ]
                 rest = self.scrub({k: v for k, v in tree.items() if k != key})
                 return {k: tree[k] if k == key else rest[k] for k in tree}  # same key order
         return self.scrub(tree)

@@ -229,12 +229,19 @@ def _stored_sends(paths: list[Path]) -> list[dict[str, Any]]:
     return sends
 
 
+def _big_object(bucket: str) -> tuple[Any, bytes]:
+    """An S3 client and the 3 MiB stored at ``big.bin``: past what is read whole while
+    recording."""
+    data = uuid.uuid4().bytes * (3 * 65536)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    return s3, data
+
+
 def test_a_large_object_reaches_the_app_as_it_reads_it_and_replays_whole(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = uuid.uuid4().bytes * (3 * 65536)  # 3 MiB: past what is read whole while recording
-    s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    s3, data = _big_object(bucket)
 
     with timetracer_otel.record(dir=tmp_path) as rec:
         body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
@@ -258,9 +265,7 @@ def test_a_large_object_read_part_way_keeps_only_what_was_read(
 ) -> None:
     """The object is not read whole while recording: the cassette holds the bytes the app
     read before it closed the body, and a replay that reads further is refused clearly."""
-    data = uuid.uuid4().bytes * (3 * 65536)
-    s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    s3, data = _big_object(bucket)
     with timetracer_otel.record(dir=tmp_path) as rec:
         body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
         first = body.read(4096)
@@ -311,9 +316,7 @@ def test_a_large_text_object_read_line_by_line_keeps_every_line(
 def test_an_object_still_unread_when_the_recording_ends_is_kept_as_read_so_far(
     bucket: str, tmp_path: Path
 ) -> None:
-    data = uuid.uuid4().bytes * (3 * 65536)
-    s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    s3, data = _big_object(bucket)
     with timetracer_otel.record(dir=tmp_path) as rec:
         body = s3.get_object(Bucket=bucket, Key="big.bin")["Body"]
         first = body.read(100)

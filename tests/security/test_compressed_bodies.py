@@ -323,3 +323,77 @@ def test_the_scan_of_a_body_too_large_to_redact_finds_a_seen_secret_across_piece
         assert r._may_hide(encoding, pack(plain)), encoding
         assert not r._may_hide(encoding, pack(clean)), encoding
     assert r._may_hide("gzip, br", CODECS["gzip, br"][0](clean))  # several codings: not scanned
+
+
+def test_the_scan_reads_a_raw_deflate_body_to_its_last_byte_and_a_form_by_its_parameters() -> None:
+    """Raw deflate has no trailer: zlib can hold its last bytes back once the input is used
+    up; they are scanned too. A form body past the limit is scanned for its secret
+    parameters' names."""
+    r = redaction.Redactor(env={})
+    r.header("authorization", f"Bearer {TOKEN}")
+    plain = b"a" * ((1 << 20) + 7) + b'"t":"' + TOKEN.encode()
+    assert r._may_hide("deflate", _raw_deflate(plain))
+    assert r._may_hide("deflate", zlib.compress(plain))
+    assert not r._may_hide("deflate", _raw_deflate(b"a" * len(plain)))
+    form = b"a=" + b"1" * (1 << 20) + b"&token=abc"
+    ctype = "application/x-www-form-urlencoded"
+    assert r._may_hide("gzip", gzip.compress(form, mtime=0), ctype)
+    assert not r._may_hide("gzip", gzip.compress(form, mtime=0), "text/plain")
+
+
+@pytest.fixture
+def broken_gzip() -> Any:
+    """A raw server: a gzip NDJSON answer that echoes the caller's token, then the connection
+    closes before the stated length."""
+    import socket
+    import threading
+
+    packer = zlib.compressobj(wbits=31)
+    cut = packer.compress(b'{"seen": "%s", "n": 1}\n' % TOKEN.encode()) \
+        + packer.flush(zlib.Z_SYNC_FLUSH)
+    head = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Encoding: gzip\r\n"
+            b"Content-Type: application/x-ndjson\r\n\r\n" % (len(cut) + 500))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data and (part := conn.recv(65536)):
+                    data += part
+                conn.sendall(head + cut)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/feed"
+    sock.close()
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests"])
+def test_a_secret_in_a_packed_body_that_broke_off_is_redacted(
+    broken_gzip: str, tmp_path: Path, client: str
+) -> None:
+    headers = {"authorization": f"Bearer {TOKEN}", "accept-encoding": "gzip"}
+    with timetracer_otel.record(dir=tmp_path) as rec, pytest.raises(Exception) as live:
+        if client == "httpx":
+            httpx.get(broken_gzip, headers=headers)
+        else:
+            requests.get(broken_gzip, headers=headers, timeout=5)
+    (path,) = rec.paths
+    (stored,) = [s.response for s in load_cassette(path).interactions if s.library == client]
+    assert stored is not None
+    packed = stored["body"] if stored.get("body") is not None else b"".join(stored["chunks"])
+    inside = zlib.decompressobj(wbits=31).decompress(packed)
+    assert TOKEN.encode() not in inside and b'"seen": "redacted:' in inside
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True), \
+            pytest.raises(type(live.value)):
+        if client == "httpx":
+            httpx.get(broken_gzip, headers=headers)
+        else:
+            requests.get(broken_gzip, headers=headers, timeout=5)
+    assert attempts == []
