@@ -71,6 +71,7 @@ from timetracer_otel.replay_shims.base import (
     instantiate,
     ready_late,
     rebuild_error,
+    stopped_reading,
     stream_ended,
     stream_opened,
     streamed_type,
@@ -225,19 +226,12 @@ class _CutBody(_Body):
 
     def __init__(self, body: bytes, error: Tree, label: str) -> None:
         super().__init__(body)
-        self._size = len(body)
         self._error, self._label = error, label
 
     def _refuse(self) -> BaseException:
         if self._error is not None:
             return rebuild_error(self._error, _build_error)
-        from timetracer_otel.errors import ReplayMissError
-
-        return ReplayMissError(
-            f"{self._label}: the recording holds only the first {self._size} bytes of this "
-            "streamed body (the app stopped reading it there while recording, or the "
-            "recording ended first); record it again reading as far as this run reads.",
-            library=LIBRARY)
+        return stopped_reading(self._label)  # (counted in the replay's report)
 
     def read(self, size: int | None = -1, /) -> bytes:
         if size is None or size < 0:  # the rest, which the recording does not hold
