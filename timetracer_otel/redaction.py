@@ -218,6 +218,22 @@ def _unpacked_pieces(encoding: str, body: bytes) -> Iterator[bytes]:
     raise ValueError(f"cannot unpack {encoding!r} piece by piece")
 
 
+def _unpack_limit(env: Mapping[str, str]) -> int:
+    """``TIMETRACER_MAX_UNPACKED_BYTES``: how far a packed body is unpacked for redaction
+    (default :data:`UNPACK_LIMIT`)."""
+    raw = env.get("TIMETRACER_MAX_UNPACKED_BYTES")
+    if not raw:
+        return UNPACK_LIMIT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value < 1 or value != int(value):
+        raise ConfigError(f"TIMETRACER_MAX_UNPACKED_BYTES={raw!r} must be a positive whole "
+                          "number of bytes.")
+    return int(value)
+
+
 def _warn_once(key: str, message: str, *args: Any) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -657,6 +673,8 @@ class Redactor:
         if isinstance(key, str):
             key = key.encode()
         self.key = key or (env_key.encode() if env_key else secrets.token_bytes(32))
+        # The most a packed body is unpacked to for redaction (past it, see body_parts).
+        self.unpack_limit = _unpack_limit(env)
         rules: dict[str, list[Any]] = {
             "headers": [*headers, *_extra(env, "TIMETRACER_REDACT_HEADERS")],
             "params": [*params, *_extra(env, "TIMETRACER_REDACT_PARAMS")],
@@ -1054,7 +1072,7 @@ class Redactor:
         if encoding in ("", "identity"):
             return self._plain_body(ctype, body), None
         try:
-            found = unpacked_codings(encoding, body, partial=partial, strict=response)
+            found = unpacked_codings(encoding, body, self.unpack_limit, partial, strict=response)
         except TooLarge:
             if self._may_hide(encoding, body, ctype):
                 raise Withheld(encoding) from None
@@ -1122,7 +1140,7 @@ class Redactor:
             return True
         _warn_once("scanned:" + names[0], "timetracer-otel: a %s-encoded body unpacks to more "
                    "than %d bytes; scanned a piece at a time, it holds nothing to redact and "
-                   "is stored as it came.", names[0], UNPACK_LIMIT)
+                   "is stored as it came.", names[0], self.unpack_limit)
         return False
 
     def _json_may_hit(self, body: bytes) -> bool:

@@ -397,3 +397,22 @@ def test_a_secret_in_a_packed_body_that_broke_off_is_redacted(
         else:
             requests.get(broken_gzip, headers=headers, timeout=5)
     assert attempts == []
+
+
+def test_the_unpack_limit_is_a_setting() -> None:
+    """``TIMETRACER_MAX_UNPACKED_BYTES``: under it a packed body is redacted inside; past it,
+    one that may hold a secret is withheld; a value that is no size is refused clearly."""
+    plain = json.dumps({"access_token": SECRET, "pad": "0" * (2 << 20)}).encode()
+    tree = {"status": 200, "headers": [["content-type", "application/json"],
+                                       ["content-encoding", "gzip"]],
+            "body": gzip.compress(plain, mtime=0)}
+    stored = redaction.Redactor(env={}).response(tree)
+    assert json.loads(gzip.decompress(stored["body"]))["access_token"].startswith("redacted:")
+    small = redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": str(1 << 20)})
+    assert small.unpack_limit == 1 << 20
+    with pytest.raises(redaction.Withheld):
+        small.response(tree)
+    from timetracer_otel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="TIMETRACER_MAX_UNPACKED_BYTES='lots' must be"):
+        redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": "lots"})

@@ -42,7 +42,7 @@ from timetracer_otel.config import Mode, OnMiss
 from timetracer_otel.errors import ConfigError, ReplayMissError, ReplayUnsupportedError
 from timetracer_otel.index import Answers, Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import UNPACK_LIMIT, Redactor, Withheld, default_redactor
+from timetracer_otel.redaction import Redactor, Withheld, default_redactor
 
 log = logging.getLogger("timetracer_otel")
 
@@ -712,7 +712,8 @@ def withheld_struct(call: Call, request: bytes, exc: Withheld) -> Payload:
     stored truncated, as one past the payload limit is, and the user told why."""
     log.warning("timetracer-otel: the response of %s is not stored: its %s-encoded body "
                 "unpacks to more than %d bytes, too many to redact, and may hold a secret; a "
-                "replay of this call is refused.", call.label, exc, UNPACK_LIMIT)
+                "replay of this call is refused (TIMETRACER_MAX_UNPACKED_BYTES raises that "
+                "limit).", call.label, exc, STATE.redactor.unpack_limit)
     return _payload(call.library, call.key, call.shape_key, call.label, request, None, None, True)
 
 
