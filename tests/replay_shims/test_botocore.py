@@ -403,3 +403,26 @@ def test_an_object_packed_twice_is_redacted_inside(
         replayed = boto3.client("s3").get_object(Bucket=bucket, Key="doc.json")
         assert replayed["Body"].read() == send["body"]
     assert attempts == [] and replayed["ContentEncoding"] == "gzip, br"
+
+
+def test_a_body_read_from_memory_takes_a_socket_timeout(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``StreamingBody.set_socket_timeout`` reaches through to a socket: a body read whole
+    while recording, and every replayed one, has one whose timeout changes nothing."""
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="small.bin", Body=b"x" * 100)
+
+    def job() -> bytes:
+        body = boto3.client("s3").get_object(Bucket=bucket, Key="small.bin")["Body"]
+        body.set_socket_timeout(5)
+        data: bytes = body.read()
+        return data
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job() == b"x" * 100
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        assert job() == b"x" * 100
+    assert attempts == []

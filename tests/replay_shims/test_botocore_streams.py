@@ -5,10 +5,13 @@ object whose connection breaks mid-body. Recorded, then replayed with every conn
 
 from __future__ import annotations
 
+import base64
 import binascii
+import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ from botocore.eventstream import EventStream
 
 import timetracer_otel
 from tests.conftest import connects_refused
+from timetracer_otel.cassette import load_cassette
+from timetracer_otel.errors import ReplayUnsupportedError
+from timetracer_otel.replay_shims.base import STATE
 
 
 def _header(name: str, value: str) -> bytes:
@@ -28,11 +34,10 @@ def _header(name: str, value: str) -> bytes:
     return bytes([len(n)]) + n + b"\x07" + struct.pack(">H", len(v)) + v
 
 
-def _event(kind: str, payload: bytes = b"") -> bytes:
+def _event(kind: str, payload: bytes = b"", ctype: str = "application/octet-stream") -> bytes:
     """One message of AWS's event-stream encoding (prelude, headers, payload, CRCs)."""
     headers = b"".join(_header(k, v) for k, v in {
-        ":message-type": "event", ":event-type": kind,
-        ":content-type": "application/octet-stream"}.items())
+        ":message-type": "event", ":event-type": kind, ":content-type": ctype}.items())
     prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
     prelude += struct.pack(">I", binascii.crc32(prelude))
     message = prelude + headers + payload
@@ -189,3 +194,109 @@ def test_a_body_that_breaks_replays_its_bytes_then_the_same_error(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         replayed = _download(breaking.url)
     assert attempts == [] and replayed == plain
+
+
+def _chunked(conn: socket.socket, messages: list[bytes], pause: float = 0.0) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.amazon.eventstream\r\n"
+                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    try:
+        for message in messages:
+            time.sleep(pause)
+            conn.sendall(b"%x\r\n" % len(message) + message + b"\r\n")
+        conn.sendall(b"0\r\n\r\n")
+    except OSError:  # the client left part way
+        pass
+
+
+def _chunk(doc: dict[str, Any]) -> bytes:
+    return _event("chunk", json.dumps({"bytes": base64.b64encode(json.dumps(doc).encode())
+                                       .decode()}).encode(), "application/json")
+
+
+BEDROCK = [_chunk({"type": t}) for t in (
+    "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+    "message_delta", "message_stop")]
+
+
+def _tokens(url: str, count: int) -> tuple[Any, list[str]]:
+    client = boto3.client("bedrock-runtime", endpoint_url=url,
+                          config=Config(retries={"total_max_attempts": 1}))
+    body = client.invoke_model_with_response_stream(
+        modelId="anthropic.claude-3-haiku-20240307-v1:0", body=b'{"messages": []}')["body"]
+    kinds = []
+    for event in body:
+        kinds.append(json.loads(event["chunk"]["bytes"])["type"])
+        if len(kinds) == count:
+            break
+    return body, kinds
+
+
+def test_a_bedrock_stream_the_app_leaves_part_way_is_recorded_when_the_run_ends(
+    aws: None, tmp_path: Path
+) -> None:
+    """OTel's Bedrock extension ends its span only at the stream's end or close: an app that
+    leaves the loop (and neither) still has its call recorded, as read so far."""
+    server = RawServer(lambda conn: _chunked(conn, BEDROCK, 0.05))
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        body, live = _tokens(server.url, 2)
+    assert live == ["message_start", "content_block_start"]
+    (path,) = rec.paths
+    (call,) = load_cassette(path).interactions
+    (send,) = call.response["sends"]
+    assert send["body_open"] is True
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed, kinds = _tokens(server.url, 2)
+        assert kinds == live and type(replayed) is type(body)
+        with pytest.raises(ReplayUnsupportedError, match="where the app stopped reading"):
+            next(iter(replayed))
+    assert attempts == []
+
+
+def test_a_secret_in_an_event_stream_is_redacted_and_the_stream_still_reads(
+    aws: None, tmp_path: Path
+) -> None:
+    """Each message's payload is scrubbed and the message framed again (lengths, CRCs):
+    replayed, botocore reads the stream without a checksum error."""
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+    messages = [_event("Records", b'{"k":"%s"}\n' % secret.encode()), _event("End")]
+    server = RawServer(lambda conn: _chunked(conn, messages))
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        STATE.redactor.header("authorization", f"Bearer {secret}")  # a secret the run saw
+        live = list(_select(server.url))
+    assert live[0]["Records"]["Payload"] == b'{"k":"%s"}\n' % secret.encode()
+    (path,) = rec.paths
+    assert secret.encode() not in Path(path).read_bytes()
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = list(_select(server.url))
+    assert attempts == [] and [next(iter(e)) for e in replayed] == ["Records", "End"]
+    assert replayed[0]["Records"]["Payload"].startswith(b'{"k":"redacted:')
+
+
+def test_a_read_timeout_mid_body_replays_as_the_same_error(aws: None, tmp_path: Path) -> None:
+    def stall(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % N)
+        conn.sendall(b"a" * 100_000)
+        time.sleep(2)
+
+    server = RawServer(stall)
+
+    def job() -> tuple[int, str]:
+        client = boto3.client("s3", endpoint_url=server.url, config=Config(
+            s3={"addressing_style": "path"}, read_timeout=0.5, retries={"total_max_attempts": 1}))
+        body = client.get_object(Bucket="b", Key="k")["Body"]
+        got = 0
+        with pytest.raises(botocore.exceptions.ReadTimeoutError) as raised:
+            for chunk in body.iter_chunks(10_000):
+                got += len(chunk)
+        return got, type(raised.value).__name__
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live == (100_000, "ReadTimeoutError")
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        assert job() == live
+    assert attempts == []

@@ -28,6 +28,7 @@ instance metadata service for credentials or a region.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import copy
 import fnmatch
@@ -37,7 +38,9 @@ import io
 import json
 import logging
 import re
+import struct
 import threading
+import types
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, copy_context
 from typing import Any
@@ -210,8 +213,20 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
 # --- the HTTP exchanges of one call ------------------------------------------------------------
 
 
+class _NoSocket:
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+
+# What ``StreamingBody.set_socket_timeout`` reaches through (``_fp.fp.raw._sock``): a socket
+# whose timeout changes nothing, as a body read from memory waits on none.
+_NO_FP = types.SimpleNamespace(fp=types.SimpleNamespace(raw=types.SimpleNamespace(_sock=_NoSocket())))
+
+
 class _Body(io.BytesIO):
     """A response body botocore reads from memory as it would from urllib3."""
+
+    _fp = _NO_FP
 
     def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
         while chunk := self.read(amt):
@@ -298,11 +313,14 @@ class _LiveRaw:
     def __init__(self, live: Any, send: Tree) -> None:
         self._live = live
         self._send = send
+        self._pending = b""  # read from the live body (and kept) for a line, not yet given
         self._kept = bytearray()
         self._room = STATE.max_payload_bytes
         self._lock = threading.Lock()
         self._finished = False
-        self._then: Callable[[], None] | None = None
+        self._ended = False  # the live body gave its end
+        self._last = False
+        self._then: Callable[[bool], None] | None = None
         self._context = copy_context()
         ready_late()
         stream_opened(self)
@@ -312,20 +330,31 @@ class _LiveRaw:
 
     def _keep(self, data: bytes) -> bytes:
         room = self._room
-        if data and room >= 0:
+        if data and room >= 0 and not self._finished:
             self._kept += data if len(data) <= room else data[:room + 1]
             self._room = room - len(data)
         return data
 
-    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+    def _read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
         try:
             data = self._keep(self._live.read(amt, *args, **kwargs))
         except Exception as exc:
             self._finish(exc)
             raise
         if amt is None or amt < 0 or (amt > 0 and not data):
+            self._ended = True
             self._finish()
         return data
+
+    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+        pending = self._pending
+        if not pending:
+            return self._read(amt, *args, **kwargs)
+        if amt is None or amt < 0:
+            self._pending = b""
+            return pending + self._read(amt, *args, **kwargs)
+        self._pending = pending[amt:]
+        return pending[:amt]
 
     def read1(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
         return self.read(amt, *args, **kwargs)
@@ -336,15 +365,19 @@ class _LiveRaw:
         return len(data)
 
     def readline(self, limit: int | None = -1) -> bytes:
-        line = bytearray()
-        while limit is None or limit < 0 or len(line) < limit:
-            byte = self.read(1)
-            if not byte:
+        if limit is None or limit < 0:
+            limit = -1
+        whole = limit < 0
+        while (at := self._pending.find(b"\n")) < 0 and (whole or len(self._pending) < limit):
+            more = self._read(64 * 1024)  # (kept as it is read; given out line by line)
+            if not more:
                 break
-            line += byte
-            if byte == b"\n":
-                break
-        return bytes(line)
+            self._pending += more
+        end = len(self._pending) if at < 0 else at + 1
+        if not whole:
+            end = min(end, limit)
+        line, self._pending = self._pending[:end], self._pending[end:]
+        return line
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         return self.read().splitlines(keepends=True)
@@ -364,6 +397,9 @@ class _LiveRaw:
         return self.read()
 
     def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
+        if self._pending:  # (read for a line, not given yet)
+            pending, self._pending = self._pending, b""
+            yield pending
         chunks = self._live.stream(amt, decode_content=decode_content)
         while True:
             try:
@@ -372,6 +408,7 @@ class _LiveRaw:
                 self._finish(exc)
                 raise
             if data is None:
+                self._ended = True
                 self._finish()
                 return
             yield self._keep(data)
@@ -385,29 +422,47 @@ class _LiveRaw:
 
     def __del__(self) -> None:
         if not self._finished:  # dropped unclosed: finished on another thread
-            finish_late(self._context, self._finish)
+            finish_late(self._context, functools.partial(
+                self._finish, ended=self._at_end(by_file=False), last=True))
 
     def record_now(self) -> None:
         """Its run ends with the body still open: recorded as read so far (``base.end_streams``)."""
-        self._finish()
+        self._finish(last=True)
 
-    def then(self, done: Callable[[], None]) -> None:
-        """Run ``done`` once the send is finished (now, if it is)."""
+    def then(self, done: Callable[[bool], None]) -> None:
+        """Run ``done`` once the send is finished (now, if it is), with whether nothing will
+        end its call's span after it (``_finisher``)."""
         with self._lock:
             if not self._finished:
                 self._then = done
                 return
-        done()
+            last = self._last
+        done(last)
 
-    def _at_end(self) -> bool:
+    def _at_end(self, by_file: bool = True) -> bool:
+        """Whether the live body was read to its end: it gave its end, or nothing of its
+        stated length is left, or (``by_file``, while the app still holds it: not for one
+        dropped, which the collector may have closed) http.client closed its file at the
+        end of a body read by size."""
+        if self._ended or getattr(self._live, "length_remaining", None) == 0:
+            return True
+        if not by_file:
+            return False
         fp = getattr(self._live, "_fp", None)
         return fp is None or bool(getattr(fp, "isclosed", lambda: True)())
 
-    def _finish(self, exc: BaseException | None = None, ended: bool | None = None) -> None:
+    def _finish(self, exc: BaseException | None = None, ended: bool | None = None,
+                last: bool = False) -> None:
+        """Finish the send: at the body's end or close (the instrumentation ends the span
+        then), or ``last`` (the run ended, the body was dropped, it broke): then nothing may
+        come to end the span (OTel's Bedrock extension ends its span only at a stream's end
+        or close), so :func:`_finisher` ends it."""
+        last = last or exc is not None
         with self._lock:
             if self._finished:
                 return
             self._finished = True
+            self._last = last
             done, self._then = self._then, None
             send = self._send
             send["body"] = bytes(self._kept)
@@ -418,16 +473,20 @@ class _LiveRaw:
         stream_ended(self)
         if done is not None:
             try:
-                done()
+                done(last)
             except Exception:  # never the app's
                 log.warning("timetracer-otel: a streamed botocore response could not be "
                             "recorded", exc_info=True)
 
 
 def _body_error_of(exc: BaseException) -> Tree:
-    """The error a streamed body broke off with, as a replay can raise it again: urllib3's
-    (``ProtocolError`` around an ``http.client.IncompleteRead``) with its message only, which
-    botocore wraps as it wraps the live one (``ResponseStreamingError``)."""
+    """The error a streamed body broke off with, as a replay can raise it again, so botocore
+    wraps it as it wrapped the live one: as it is where its arguments are plain values
+    (urllib3's ``ReadTimeoutError``: ``ReadTimeoutError`` to the app); urllib3's
+    ``ProtocolError`` around an ``http.client.IncompleteRead`` (``ResponseStreamingError``)
+    with its message in place of the object."""
+    if all(isinstance(a, _PLAIN) for a in exc.args):
+        return _error_of(exc)
     try:
         plain = type(exc)(str(exc))
     except Exception:  # a class that takes no message
@@ -830,13 +889,20 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
     data = _data_plane(client, operation)
     typed = client.meta.service_model.service_name in _DATA_SERVICES
     out = []
+    events = _event_stream(client, operation)
     for send in sends:
         body = send.get("body")
         if isinstance(body, bytes):
             status = send.get("status")
             cut = bool(send.get("body_open")) or send.get("body_error") is not None
-            plain = _body_redacted(r, send["headers"], body,
-                                   data and isinstance(status, int) and status < 300, typed, cut)
+            plain: bytes | None
+            if events and isinstance(status, int) and status < 300:
+                # An event stream: each message's payload redacted, the message framed again
+                # (its lengths and checksums), so botocore still reads it.
+                plain = _events_redacted(r, body)
+            else:
+                plain = _body_redacted(r, send["headers"], body,
+                                       data and isinstance(status, int) and status < 300, typed, cut)
             if plain is None:
                 stored = r.response({"headers": send["headers"], "body": body, "body_open": cut})
                 stored.pop("body_open", None)
@@ -854,6 +920,31 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
             send = {**send, **stored}
         out.append(send)
     return out
+
+
+def _events_redacted(r: Any, body: bytes) -> bytes:
+    """An event stream's bytes (AWS's framing: a prelude of total and headers length and its
+    CRC, headers, payload, the message's CRC) with each message's payload scrubbed of the
+    secrets seen, and a message whose payload changed framed again; a message cut short at
+    the end (a stream read part way) scrubbed in place, as it is never read whole."""
+    out = bytearray()
+    pos = 0
+    while pos + 16 <= len(body):
+        total, head = struct.unpack_from(">II", body, pos)
+        if total < 16 or head > total - 16 or pos + total > len(body):
+            break
+        payload = body[pos + 12 + head:pos + total - 4]
+        scrubbed = _scrubbed(r, payload)
+        if scrubbed == payload:
+            out += body[pos:pos + total]
+        else:
+            prelude = struct.pack(">II", 16 + head + len(scrubbed), head)
+            prelude += struct.pack(">I", binascii.crc32(prelude))
+            message = prelude + body[pos + 12:pos + 12 + head] + scrubbed
+            out += message + struct.pack(">I", binascii.crc32(message))
+        pos += total
+    out += _scrubbed(r, body[pos:])
+    return bytes(out)
 
 
 def _length_fixed(headers: list[Any], body: bytes) -> list[Any]:
@@ -1064,17 +1155,27 @@ def _event_stream(client: Any, operation: str) -> bool:
         return False
 
 
-def _finisher(span: Span, finish: Callable[[], None]) -> Callable[[], None]:
-    """``finish`` the call, then end ``span``, whose end waits until then (``base.hold_end``)."""
+def _finisher(span: Span, finish: Callable[[], None]) -> Callable[[bool], None]:
+    """``finish`` the call, then end ``span``, whose end waits until then (``base.hold_end``).
+    ``last``: nothing else will end it (see ``_LiveRaw._finish``): ended here, and a later
+    ``end()`` (the app reading on to the stream's end) does nothing."""
     release = hold_end(span)
 
-    def done() -> None:
+    def done(last: bool) -> None:
         try:
             finish()
         finally:
             release()
+            if last and span.is_recording():
+                span.end()
+                with contextlib.suppress(AttributeError, TypeError):
+                    span.end = _ended  # type: ignore[method-assign]
 
     return done
+
+
+def _ended(end_time: int | None = None) -> None:
+    """A span's ``end()`` once :func:`_finisher` has ended it."""
 
 
 class BotocoreShim(Shim):
