@@ -345,33 +345,15 @@ def test_the_scan_reads_a_raw_deflate_body_to_its_last_byte_and_a_form_by_its_pa
 def broken_gzip() -> Any:
     """A raw server: a gzip NDJSON answer that echoes the caller's token, then the connection
     closes before the stated length."""
-    import socket
-    import threading
+    from tests.replay_shims.requests_helpers import raw_server
 
     packer = zlib.compressobj(wbits=31)
     cut = packer.compress(b'{"seen": "%s", "n": 1}\n' % TOKEN.encode()) \
         + packer.flush(zlib.Z_SYNC_FLUSH)
     head = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Encoding: gzip\r\n"
             b"Content-Type: application/x-ndjson\r\n\r\n" % (len(cut) + 500))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data and (part := conn.recv(65536)):
-                    data += part
-                conn.sendall(head + cut)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/feed"
-    sock.close()
+    with raw_server(head + cut) as (url, _):
+        yield f"{url}/feed"
 
 
 @pytest.mark.parametrize("client", ["httpx", "requests"])
