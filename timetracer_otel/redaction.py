@@ -220,18 +220,10 @@ def _unpacked_pieces(encoding: str, body: bytes) -> Iterator[bytes]:
 
 def _unpack_limit(env: Mapping[str, str]) -> int:
     """``TIMETRACER_MAX_UNPACKED_BYTES``: how far a packed body is unpacked for redaction
-    (default :data:`UNPACK_LIMIT`)."""
-    raw = env.get("TIMETRACER_MAX_UNPACKED_BYTES")
-    if not raw:
-        return UNPACK_LIMIT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if value < 1 or value != int(value):
-        raise ConfigError(f"TIMETRACER_MAX_UNPACKED_BYTES={raw!r} must be a positive whole "
-                          "number of bytes.")
-    return int(value)
+    (default :data:`UNPACK_LIMIT`), checked as every size setting is."""
+    from timetracer_otel.config import _size
+
+    return _size(env, "TIMETRACER_MAX_UNPACKED_BYTES", UNPACK_LIMIT)
 
 
 def _warn_once(key: str, message: str, *args: Any) -> None:

@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -299,4 +300,92 @@ def test_a_read_timeout_mid_body_replays_as_the_same_error(aws: None, tmp_path: 
     server.close()
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         assert job() == live
+    assert attempts == []
+
+
+def test_a_secret_learned_after_an_event_stream_is_scrubbed_and_the_stream_still_reads(
+    aws: None, tmp_path: Path
+) -> None:
+    """The writer scrubs a cassette again for secrets learned later in the run: the stream
+    is kept unframed, so that scrub cannot break a message's checksums either."""
+    secret = f"late{uuid.uuid4().hex}"  # (unknown to the redactor until the call is over)
+    messages = [_event("Records", b'{"k":"%s"}\n' % secret.encode()), _event("End")]
+    server = RawServer(lambda conn: _chunked(conn, messages))
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = list(_select(server.url))
+        STATE.redactor.header("authorization", f"Bearer {secret}")  # learned only now
+    (path,) = rec.paths
+    assert secret.encode() not in Path(path).read_bytes()
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = list(_select(server.url))
+    assert attempts == [] and len(replayed) == len(live) == 2
+    assert replayed[0]["Records"]["Payload"].startswith(b'{"k":"redacted:')
+
+
+def test_a_secret_in_a_bedrock_chunk_is_redacted_inside_its_base64(
+    aws: None, tmp_path: Path
+) -> None:
+    secret = f"bedrock{uuid.uuid4().hex}"
+    said = {"type": "content_block_delta", "delta": {"text": f"your key is {secret}"}}
+    server = RawServer(lambda conn: _chunked(conn, [BEDROCK[0], _chunk(said), BEDROCK[-1]]))
+
+    def job() -> list[Any]:
+        client = boto3.client("bedrock-runtime", endpoint_url=server.url,
+                              config=Config(retries={"total_max_attempts": 1}))
+        body = client.invoke_model_with_response_stream(
+            modelId="anthropic.claude-3-haiku-20240307-v1:0", body=b"{}")["body"]
+        return [json.loads(event["chunk"]["bytes"]) for event in body]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        STATE.redactor.header("authorization", f"Bearer {secret}")  # a secret the run saw
+        live = job()
+    assert live[1] == said
+    (path,) = rec.paths
+    (call,) = load_cassette(path).interactions
+    (send,) = call.response["sends"]
+    inside = [base64.b64decode(json.loads(payload)["bytes"]) for _, payload in send["messages"]]
+    assert not any(secret.encode() in chunk for chunk in inside)
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = job()
+    assert attempts == [] and replayed[0] == live[0]
+    assert replayed[1]["delta"]["text"].startswith("your key is redacted:")
+
+
+def test_lines_reach_the_app_as_they_come_and_reads_after_them_count_as_live(
+    aws: None, tmp_path: Path
+) -> None:
+    """``with body as f``: a line comes as soon as it has arrived (the server holds the rest
+    back), and ``read(n)`` and ``tell()`` after a line give what they give live."""
+    gate = threading.Event()
+    late: list[bool] = []
+    lines = [b"line %06d\n" % i for i in range(30_000)]
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        for i, piece in enumerate((lines[0], b"".join(lines[1:]))):
+            if i and not gate.wait(5):
+                late.append(True)
+            conn.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        conn.sendall(b"0\r\n\r\n")
+
+    server = RawServer(handle)
+
+    def job() -> tuple[bytes, int, int, int, bytes]:
+        with _s3(server.url).get_object(Bucket="b", Key="k")["Body"] as f:
+            first = f.readline()
+            gate.set()
+            at = f.tell()
+            part = f.read(100_000)
+            return first, at, len(part), f.tell(), part[:12] + f.read()[-12:]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        recorded = job()
+    assert late == []  # the first line came before the server sent the rest
+    assert recorded == (lines[0], 12, 100_000, 100_012, lines[1] + lines[-1])  # 12-byte lines
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        assert job() == recorded
     assert attempts == []

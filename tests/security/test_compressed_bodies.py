@@ -396,5 +396,7 @@ def test_the_unpack_limit_is_a_setting() -> None:
         small.response(tree)
     from timetracer_otel.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="TIMETRACER_MAX_UNPACKED_BYTES='lots' must be"):
-        redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": "lots"})
+    for value, says in (("lots", "is not a number"), ("nan", "is not a finite number"),
+                        ("1e400", "is not a finite number"), ("0", "must be a positive")):
+        with pytest.raises(ConfigError, match=f"TIMETRACER_MAX_UNPACKED_BYTES='{value}' {says}"):
+            redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": value})

@@ -315,11 +315,12 @@ def unsupported(message: str, what: str) -> ReplayUnsupportedError:
 
 def stopped_reading(label: str) -> ReplayUnsupportedError:
     """The error for reading a replayed streamed body past where the app stopped reading it
-    while recording (it closed it, or was cancelled): nothing after that was recorded."""
+    while recording (it closed it, was cancelled, or the recording ended first): nothing
+    after that was recorded."""
     return unsupported(
         f"{label}: the recording of this streamed response ends here, where the app stopped "
-        "reading it while recording (it closed it or was cancelled); nothing after it was "
-        "recorded. Record again with the app reading further.",
+        "reading it while recording (it closed it, was cancelled, or the recording ended "
+        "first); nothing after it was recorded. Record again with the app reading further.",
         f"{label} (read past where the recording stopped)",
     )
 
