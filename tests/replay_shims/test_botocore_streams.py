@@ -389,3 +389,69 @@ def test_lines_reach_the_app_as_they_come_and_reads_after_them_count_as_live(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         assert job() == recorded
     assert attempts == []
+
+
+def test_an_event_stream_is_redacted_by_field_name_and_a_broken_message_replays_broken(
+    aws: None, tmp_path: Path
+) -> None:
+    """A record that names a secret field (``password``) is redacted as an S3 object's JSON
+    is; a message whose checksum is wrong is kept as it came, so the replay fails on it as
+    the live run did."""
+    broken = bytearray(_event("Records", b'{"n":2}\n'))
+    broken[-1] ^= 0xFF  # its message CRC
+    messages = [_event("Records", b'{"user":"a","password":"hunter2-plain"}\n'), bytes(broken)]
+    server = RawServer(lambda conn: _chunked(conn, messages))
+
+    def job() -> list[Any]:
+        out: list[Any] = []
+        try:
+            for event in _select(server.url):
+                out.append(event)
+        except Exception as exc:  # botocore's ChecksumMismatch
+            out.append(type(exc).__name__)
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live[1] == "ChecksumMismatch"
+    assert live[0]["Records"]["Payload"] == b'{"user":"a","password":"hunter2-plain"}\n'
+    (path,) = rec.paths
+    assert b"hunter2-plain" not in Path(path).read_bytes()
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        replayed = job()
+    assert attempts == [] and replayed[1] == "ChecksumMismatch"
+    doc = json.loads(replayed[0]["Records"]["Payload"])
+    assert doc["user"] == "a" and doc["password"].startswith("redacted:")
+
+
+def test_a_body_past_the_payload_limit_is_refused_past_what_was_kept(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``TIMETRACER_MAX_PAYLOAD_BYTES`` the rest is not kept. Redaction can make what
+    was kept fit the limit (tokens are shorter than the secrets here): a replay still
+    refuses to go past it, instead of ending the body early."""
+    monkeypatch.setenv("TIMETRACER_MAX_PAYLOAD_BYTES", "4096")
+    secret = uuid.uuid4().hex * 6  # 192 characters
+    lines = (secret + "\n").encode() * 40  # 7,720 bytes, chunked
+    server = RawServer(lambda conn: _chunked(conn, [lines[:3000], lines[3000:]]))
+
+    def job() -> tuple[int, str]:
+        body = _s3(server.url).get_object(Bucket="b", Key="k")["Body"]
+        first = body.readline()
+        try:
+            rest = body.read()
+        except ReplayUnsupportedError as exc:
+            return first.count(b"\n"), str(exc)
+        return first.count(b"\n"), f"{len(first + rest)} bytes"
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        STATE.redactor.header("authorization", f"Bearer {secret}")  # a secret the run saw
+        assert job() == (1, f"{len(lines)} bytes")
+    (path,) = rec.paths
+    (call,) = load_cassette(path).interactions
+    assert not call.truncated and call.response["sends"][0]["body_truncated"] is True
+    server.close()
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        lines_read, said = job()
+    assert attempts == [] and lines_read == 1 and "longer than the payload limit" in said

@@ -79,6 +79,7 @@ from timetracer_otel.replay_shims.base import (
     stream_ended,
     stream_opened,
     streamed_type,
+    unsupported,
 )
 
 LIBRARY = "botocore"
@@ -240,13 +241,18 @@ class _CutBody(_Body):
     clear refusal to make up the rest (the app stopped reading there, or the run ended).
     Every way of reading it (``read()`` whole, lines, iteration) stops there alike."""
 
-    def __init__(self, body: bytes, error: Tree, label: str) -> None:
+    def __init__(self, body: bytes, error: Tree, label: str, truncated: bool = False) -> None:
         super().__init__(body)
-        self._error, self._label = error, label
+        self._error, self._label, self._truncated = error, label, truncated
 
     def _refuse(self) -> BaseException:
         if self._error is not None:
             return rebuild_error(self._error, _build_error)
+        if self._truncated:
+            return unsupported(
+                f"{self._label}: its streamed body was longer than the payload limit, and only "
+                "its start is stored; raise TIMETRACER_MAX_PAYLOAD_BYTES and record again.",
+                f"{self._label} (stored truncated)")
         return stopped_reading(self._label)  # (counted in the replay's report)
 
     def read(self, size: int | None = -1, /) -> bytes:
@@ -258,6 +264,10 @@ class _CutBody(_Body):
         raise self._refuse()
 
     def read1(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:  # what has come: the kept bytes left, if any
+            if data := super().read():
+                return data
+            raise self._refuse()
         return self.read(size)
 
     def readinto(self, b: Any, /) -> int:
@@ -345,7 +355,7 @@ class _LiveRaw:
         except Exception as exc:
             self._finish(exc)
             raise
-        if amt is None or amt < 0 or (amt > 0 and not data):
+        if ((amt is None or amt < 0) and not one) or (not data and amt != 0):
             self._ended = True
             self._finish()
         return data
@@ -397,7 +407,7 @@ class _LiveRaw:
         return line
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        return self.read().splitlines(keepends=True)
+        return list(iter(self.readline, b""))
 
     def __iter__(self) -> Iterator[bytes]:
         while line := self.readline():
@@ -483,6 +493,8 @@ class _LiveRaw:
             done, self._then = self._then, None
             send = self._send
             send["body"] = bytes(self._kept)
+            if self._room < 0:  # (past the payload limit: what came after was not kept)
+                send["body_truncated"] = True
             if exc is not None:
                 send["body_error"] = _body_error_of(exc)
             elif not (self._at_end() if ended is None else ended):
@@ -542,10 +554,11 @@ class _Exchange:
         if send.get("messages") is not None:  # an event stream, kept unframed (see _unframed)
             body = _framed(send["messages"]) + body
         headers = send["headers"]
-        cut = send.get("body_open") or send.get("body_error") is not None
+        truncated = bool(send.get("body_truncated"))
+        cut = send.get("body_open") or send.get("body_error") is not None or truncated
         if body and not cut:  # (a body scrubbed after it was stored: its length is what botocore reports)
             headers = _length_fixed(headers, body)
-        raw = _CutBody(body, send.get("body_error"), self.label) if cut else _Body(body)
+        raw = _CutBody(body, send.get("body_error"), self.label, truncated) if cut else _Body(body)
         return AWSResponse(send.get("url") or url, send["status"], [(k, v) for k, v in headers], raw)
 
 
@@ -913,7 +926,8 @@ def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> li
         body = send.get("body")
         if isinstance(body, bytes):
             status = send.get("status")
-            cut = bool(send.get("body_open")) or send.get("body_error") is not None
+            cut = bool(send.get("body_open") or send.get("body_truncated")) \
+                or send.get("body_error") is not None
             if events and isinstance(status, int) and status < 300 and body:
                 # An event stream: kept as its messages, unframed and redacted, and framed at
                 # replay (see _framed), so no scrub now or later can break its checksums.
@@ -962,22 +976,38 @@ def _headers_of(raw: bytes) -> list[list[Any]]:
             value, i = raw[i:i + _FIXED[kind]], i + _FIXED[kind]
         else:
             raise ValueError(f"event-stream header type {kind}")
+        if i > len(raw):
+            raise ValueError("an event-stream header runs past its message's headers")
         out.append([name, kind, value])
     return out
 
 
+_JSON = [("Content-Type", "application/json")]
+
+
+def _records_redacted(r: Any, data: bytes) -> bytes:
+    """The app's data in an event (a JSON document, or JSON lines: S3 Select's records, a
+    model's output) redacted as an S3 object's is (secret field names, the user's rules, the
+    secrets seen; never re-serialized where it can be helped), line by line."""
+    lines = data.split(b"\n")
+    out = [(_body_redacted(r, _JSON, line, True) or line) if line.strip() else line
+           for line in lines]
+    return b"\n".join(out)
+
+
 def _payload_scrubbed(r: Any, payload: bytes) -> bytes:
-    """A message's payload with the secrets seen replaced; inside the base64 ``bytes`` of a
-    JSON payload too (Bedrock's ``chunk``: the model's own output), encoded again."""
+    """A message's payload redacted as the app's data (:func:`_records_redacted`); inside the
+    base64 ``bytes`` of a JSON payload too (Bedrock's ``chunk``: the model's own output),
+    encoded again."""
     if payload[:1] == b"{" and b'"bytes"' in payload[:16]:
         with contextlib.suppress(ValueError, TypeError, binascii.Error):
             doc = json.loads(payload)
             inner = base64.b64decode(doc["bytes"], validate=True)
-            scrubbed = _scrubbed(r, inner)
+            scrubbed = _records_redacted(r, inner)
             if scrubbed != inner:
                 doc["bytes"] = base64.b64encode(scrubbed).decode()
                 payload = json.dumps(doc, separators=(",", ":")).encode()
-    return _scrubbed(r, payload)
+    return _records_redacted(r, payload)
 
 
 def _unframed(r: Any, body: bytes) -> tuple[list[list[Any]], bytes]:
@@ -989,8 +1019,11 @@ def _unframed(r: Any, body: bytes) -> tuple[list[list[Any]], bytes]:
     pos = 0
     while pos + 16 <= len(body):
         total, head = struct.unpack_from(">II", body, pos)
-        if total < 16 or head > total - 16 or pos + total > len(body):
-            break
+        if total < 16 or head > total - 16 or pos + total > len(body) \
+                or binascii.crc32(body[pos:pos + 8]) != struct.unpack_from(">I", body, pos + 8)[0] \
+                or binascii.crc32(body[pos:pos + total - 4]) \
+                != struct.unpack_from(">I", body, pos + total - 4)[0]:
+            break  # (cut short, or not whole: kept as it came, so a replay fails as live did)
         try:
             headers = _headers_of(body[pos + 12:pos + 12 + head])
         except (ValueError, IndexError):  # (not framing this shim knows: kept as it came)
