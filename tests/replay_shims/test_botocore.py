@@ -427,3 +427,39 @@ def test_a_body_read_from_memory_takes_a_socket_timeout(
     with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
         assert job() == b"x" * 100
     assert attempts == []
+
+
+def test_a_gzip_object_iterated_by_lines_gives_its_lines_as_urllib3_decodes_them(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``with body as f: for line in f`` iterates urllib3's response, which decodes a
+    ``Content-Encoding`` there (and nowhere else botocore reads): the same lines under
+    record and in a replay, for a body read whole and for one kept as it is read."""
+    import gzip
+
+    small = b"alpha\rbeta\ngamma\r\ndelta\n"
+    big = b"".join(b"row %07d %s\n" % (i, uuid.uuid4().hex.encode())
+                   for i in range(100_000))  # 4.5 MB, ~2.3 MB packed: kept as it is read
+    s3 = boto3.client("s3")
+    for key, data in (("small.gz", small), ("big.gz", big)):
+        s3.put_object(Bucket=bucket, Key=key, Body=gzip.compress(data, mtime=0),
+                      ContentEncoding="gzip")
+
+    def job() -> list[tuple[int, bytes, bytes]]:
+        out = []
+        for key in ("small.gz", "big.gz"):
+            with boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"] as f:
+                lines = list(f)
+            out.append((len(lines), lines[0], lines[-1]))
+        return out
+
+    live = job()
+    assert live == [(3, b"alpha\rbeta\n", b"delta\n"),
+                    (100_000, big[:big.index(b"\n") + 1], big[big.rindex(b"\n", 0, -1) + 1:])]
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        assert job() == live
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True):
+        assert job() == live
+    assert attempts == []

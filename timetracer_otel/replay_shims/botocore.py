@@ -225,14 +225,64 @@ class _NoSocket:
 _NO_FP = types.SimpleNamespace(fp=types.SimpleNamespace(raw=types.SimpleNamespace(_sock=_NoSocket())))
 
 
+def _decoder(encoding: str) -> Any:
+    """urllib3's decoder for a Content-Encoding, as its response picks one (None where it
+    decodes nothing: no coding, or none it knows)."""
+    from urllib3.response import HTTPResponse, _get_decoder
+
+    coding = encoding.strip().lower()
+    known = HTTPResponse.CONTENT_DECODERS
+    if coding in known or ("," in coding and any(c.strip() in known for c in coding.split(","))):
+        with contextlib.suppress(Exception):
+            return _get_decoder(coding)
+    return None
+
+
+def _lines(chunks: Iterator[bytes], encoding: str) -> Iterator[bytes]:
+    """urllib3's ``HTTPResponse.__iter__`` over a body's raw chunks: decoded as it decodes
+    them (the only read path that does, botocore reading raw), split after each newline."""
+    decoder = _decoder(encoding)
+
+    def pieces() -> Iterator[bytes]:
+        for chunk in chunks:
+            yield decoder.decompress(chunk) if decoder is not None else chunk
+        flush = getattr(decoder, "flush", None)
+        if flush is not None:
+            yield flush()
+
+    buffer: list[bytes] = []
+    for chunk in pieces():
+        if b"\n" in chunk:
+            parts = chunk.split(b"\n")
+            yield b"".join(buffer) + parts[0] + b"\n"
+            for part in parts[1:-1]:
+                yield part + b"\n"
+            buffer = [parts[-1]] if parts[-1] else []
+        elif chunk:
+            buffer.append(chunk)
+    if buffer:
+        yield b"".join(buffer)
+
+
 class _Body(io.BytesIO):
-    """A response body botocore reads from memory as it would from urllib3."""
+    """A response body botocore reads from memory as it would from urllib3 (of this
+    Content-Encoding, which only iteration decodes, as urllib3's does)."""
 
     _fp = _NO_FP
+
+    def __init__(self, body: bytes = b"", encoding: str = "") -> None:
+        super().__init__(body)
+        self._encoding = encoding
 
     def stream(self, amt: int = 64 * 1024, decode_content: bool | None = None) -> Iterator[bytes]:
         while chunk := self.read(amt):
             yield chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _lines(self.stream(), self._encoding)
+
+    def readlines(self, hint: int | None = -1, /) -> list[bytes]:
+        return list(self)  # (as io.IOBase's, by iteration: decoded, as urllib3's are)
 
 
 class _CutBody(_Body):
@@ -241,8 +291,9 @@ class _CutBody(_Body):
     clear refusal to make up the rest (the app stopped reading there, or the run ended).
     Every way of reading it (``read()`` whole, lines, iteration) stops there alike."""
 
-    def __init__(self, body: bytes, error: Tree, label: str, truncated: bool = False) -> None:
-        super().__init__(body)
+    def __init__(self, body: bytes, error: Tree, label: str, truncated: bool = False,
+                 encoding: str = "") -> None:
+        super().__init__(body, encoding)
         self._error, self._label, self._truncated = error, label, truncated
 
     def _refuse(self) -> BaseException:
@@ -281,9 +332,6 @@ class _CutBody(_Body):
         if whole:
             return line
         raise self._refuse()  # (the line went on past the kept bytes, or none was left)
-
-    def readlines(self, hint: int | None = -1, /) -> list[bytes]:
-        raise self._refuse()
 
     def __next__(self) -> bytes:
         return self.readline()
@@ -407,11 +455,12 @@ class _LiveRaw:
         return line
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
-        return list(iter(self.readline, b""))
+        return list(self)  # (as io.IOBase's, by iteration: decoded, as urllib3's are)
 
     def __iter__(self) -> Iterator[bytes]:
-        while line := self.readline():
-            yield line
+        """As urllib3's: chunks as they come, decoded by their Content-Encoding, as lines."""
+        return _lines(self.stream(decode_content=False),
+                      str(self._live.headers.get("content-encoding", "")))
 
     def __enter__(self) -> _LiveRaw:
         return self
@@ -558,7 +607,9 @@ class _Exchange:
         cut = send.get("body_open") or send.get("body_error") is not None or truncated
         if body and not cut:  # (a body scrubbed after it was stored: its length is what botocore reports)
             headers = _length_fixed(headers, body)
-        raw = _CutBody(body, send.get("body_error"), self.label, truncated) if cut else _Body(body)
+        encoding = next((str(v) for k, v in headers if str(k).lower() == "content-encoding"), "")
+        raw = _CutBody(body, send.get("body_error"), self.label, truncated, encoding) if cut \
+            else _Body(body, encoding)
         return AWSResponse(send.get("url") or url, send["status"], [(k, v) for k, v in headers], raw)
 
 
@@ -1140,7 +1191,7 @@ def _send(original: Any) -> Any:
             exchange.stream = response.raw = _LiveRaw(response.raw, send)
             return response
         body = response.content  # the whole body, once; a streamed one is then read from memory
-        response.raw = _Body(body)
+        response.raw = _Body(body, str(response.headers.get("content-encoding", "")))
         exchange.sends.append(_kept(response, body))
         return response
 
