@@ -238,7 +238,7 @@ def _big_object(bucket: str) -> tuple[Any, bytes]:
     return s3, data
 
 
-def test_a_large_object_reaches_the_app_as_it_reads_it_and_replays_whole(
+def test_a_large_object_read_in_parts_is_kept_whole_and_replays_with_its_type(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s3, data = _big_object(bucket)

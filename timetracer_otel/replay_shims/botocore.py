@@ -264,6 +264,14 @@ def _lines(chunks: Iterator[bytes], encoding: str) -> Iterator[bytes]:
         yield b"".join(buffer)
 
 
+def _read_into(self: Any, b: Any) -> int:
+    """``readinto`` by ``self.read``: the reads that keep (``_LiveRaw``) or refuse past the
+    kept bytes (``_CutBody``) apply to it too."""
+    data = self.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+
 class _Body(io.BytesIO):
     """A response body botocore reads from memory as it would from urllib3 (of this
     Content-Encoding, which only iteration decodes, as urllib3's does)."""
@@ -321,10 +329,7 @@ class _CutBody(_Body):
             raise self._refuse()
         return self.read(size)
 
-    def readinto(self, b: Any, /) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
+    readinto = _read_into
 
     def readline(self, size: int | None = -1, /) -> bytes:
         line = super().readline(size)
@@ -341,18 +346,13 @@ class _CutBody(_Body):
             yield self.read(amt)
 
 
-# A streamed answer (an S3 object, an event stream) is read whole while recording only up to
-# this stated length, as the HTTP shims do; a longer one, one of no stated length or an
-# event stream reaches the app as it comes, kept as the app reads it (see _LiveRaw).
-_EVENT_STREAM = "application/vnd.amazon.eventstream"
-
-
 def _read_whole(response: AWSResponse, events: bool) -> bool:
-    if events:
-        return False
+    """Whether a streamed answer is read whole while recording, as the HTTP shims read one:
+    a stated length up to ``READ_WHOLE_UP_TO`` and no streamed type. A longer one, one of no
+    stated length, or an event stream (``events``: the operation's model says so, whatever
+    its Content-Type) reaches the app as it comes, kept as it reads it (see _LiveRaw)."""
     headers = response.headers
-    ctype = str(headers.get("content-type", ""))
-    if ctype.partition(";")[0].strip().lower() == _EVENT_STREAM or streamed_type(ctype):
+    if events or streamed_type(str(headers.get("content-type", ""))):
         return False
     length = str(headers.get("content-length", ""))
     return length.isdigit() and int(length) <= READ_WHOLE_UP_TO
@@ -434,10 +434,7 @@ class _LiveRaw:
         """Bytes given to the app (the live count, less those read ahead for a line)."""
         return int(self._live.tell()) - len(self._pending)
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
+    readinto = _read_into
 
     def readline(self, limit: int | None = -1) -> bytes:
         if limit is None or limit < 0:
@@ -917,6 +914,11 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
     return _scrubbed(r, body)
 
 
+# The headers of a bytes value that is the app's JSON (an upload kept in the key, an event's
+# records), for _body_redacted.
+_JSON = [("Content-Type", "application/json")]
+
+
 def _json_blobs(r: Any, tree: Any, headers: list[Any] | None = None) -> Any:
     """Request parameters with each bytes value that is a JSON object or array (an S3 upload
     kept in the key: at most 1 KiB) redacted as the object's answer is (see
@@ -933,7 +935,7 @@ def _json_blobs(r: Any, tree: Any, headers: list[Any] | None = None) -> Any:
     if isinstance(tree, bytes) and headers is not None and headers[1][1].strip():
         return _body_redacted(r, headers, tree, True) or _scrubbed(r, tree)
     if isinstance(tree, bytes) and tree.lstrip()[:1] in (b"{", b"["):
-        return _body_redacted(r, [("Content-Type", "application/json")], tree, True)
+        return _body_redacted(r, _JSON, tree, True)
     return tree
 
 
@@ -1031,9 +1033,6 @@ def _headers_of(raw: bytes) -> list[list[Any]]:
             raise ValueError("an event-stream header runs past its message's headers")
         out.append([name, kind, value])
     return out
-
-
-_JSON = [("Content-Type", "application/json")]
 
 
 def _records_redacted(r: Any, data: bytes) -> bytes:
