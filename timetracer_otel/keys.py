@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import msgspec
 
 from timetracer_otel.codec import Tree
+from timetracer_otel.redaction import WITHHELD
 
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 
@@ -165,9 +166,10 @@ def http_call(
         if callable(headers):
             headers = headers()
         body, plain = STATE.redactor.body_parts(headers, body)
-        digest = _body_digest(body if plain is None else plain)
+        withheld = plain is WITHHELD
+        digest = "withheld" if withheld else _body_digest(body if plain is None else plain)
     else:
-        digest = ""
+        digest, withheld = "", False
     method = method.upper()
     identity, shape, key, shape_key, label = _http_keys(library, method, url, digest)
 
@@ -175,7 +177,10 @@ def http_call(
         rows = h() if callable(h) else h
         if not isinstance(rows, list | tuple):  # a generator, dict items...: stored as a list
             rows = list(rows)
-        return {"method": method, "url": url, "headers": rows, "body": body}
+        tree: dict[str, Any] = {"method": method, "url": url, "headers": rows, "body": body}
+        if withheld:  # (see redaction.WITHHELD: a packed body too large to redact)
+            tree["body_withheld"] = True
+        return tree
 
     return Call(library, request if callable(headers) else request(), identity, shape, label,
                 key, shape_key)

@@ -128,6 +128,13 @@ class Withheld(Exception):
     secret: the call is stored without its response, as one past the payload limit is."""
 
 
+# What :meth:`Redactor.body_parts` gives for a request body that cannot be redacted (it
+# unpacks past the limit) and may hold a secret: stored without its bytes, and keyed without
+# them (a replay matches it by method and URL), since a digest of bytes holding a secret
+# would change with the secret (a replay's dummy token) and could give it away.
+WITHHELD = b""
+
+
 # The piece of a packed body unpacked at a time, when one past the limit is scanned.
 _SCAN_PIECE = 1 << 20
 
@@ -346,16 +353,16 @@ def _codec(encoding: str) -> _Codec | None:
     return None
 
 
-def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False,
-             strict: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False
+             ) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """A content-encoded body's plain bytes and how to pack them again: gzip; deflate as HTTP
     sends it, zlib-wrapped or raw; brotli (``br``) and ``zstd`` where a module for them is
-    installed (as the HTTP clients need one to decode them). None for another encoding, a
-    broken stream, or one that unpacks past ``limit`` bytes; for br or zstd without a module,
-    and for a body past the limit, a warning, once, that such bodies are stored as they came,
-    not redacted inside. ``partial``: a stream cut short (a body the app stopped reading)
-    gives the bytes it holds, which pack again as a whole stream. ``strict``: past the
-    limit, :class:`TooLarge` is raised instead (and nothing is logged)."""
+    installed (as the HTTP clients need one to decode them). None for another encoding or a
+    broken stream; for br or zstd without a module, a warning, once, that such bodies are
+    stored as they came, not redacted inside. :class:`TooLarge` for one that unpacks past
+    ``limit`` bytes (``Redactor.body_parts`` scans it a piece at a time). ``partial``: a
+    stream cut short (a body the app stopped reading) gives the bytes it holds, which pack
+    again as a whole stream."""
     try:
         if encoding in ("gzip", "x-gzip"):
             return _inflated(body, limit, 31, partial), lambda b: gzip.compress(b, mtime=0)
@@ -370,11 +377,7 @@ def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT, partial: boo
         if codec is not None:
             return codec[0](body, limit, partial), codec[1]
     except TooLarge:
-        if strict:
-            raise
-        _warn_once("limit:" + encoding, "timetracer-otel: a %s-encoded body unpacks to more "
-                   "than %d bytes; it is stored as it came, not redacted inside.", encoding, limit)
-        return None
+        raise
     except Exception:  # a broken stream (each module raises its own error class)
         return None
     if encoding in _CODEC_PACKAGES:
@@ -384,17 +387,17 @@ def unpacked(encoding: str, body: bytes, limit: int = UNPACK_LIMIT, partial: boo
     return None
 
 
-def unpacked_codings(codings: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False,
-                     strict: bool = False) -> tuple[bytes, Callable[[bytes], bytes]] | None:
+def unpacked_codings(codings: str, body: bytes, limit: int = UNPACK_LIMIT, partial: bool = False
+                     ) -> tuple[bytes, Callable[[bytes], bytes]] | None:
     """As :func:`unpacked`, for a Content-Encoding value listing one coding or several in
     the order they were applied (``gzip, br``: unpacked br first, packed gzip first)."""
     names = [name for name in (c.strip().lower() for c in codings.split(","))
              if name not in ("", "identity")]
     if len(names) == 1:
-        return unpacked(names[0], body, limit, partial, strict)
+        return unpacked(names[0], body, limit, partial)
     packs: list[Callable[[bytes], bytes]] = []
     for name in reversed(names):
-        found = unpacked(name, body, limit, partial, strict)
+        found = unpacked(name, body, limit, partial)
         if found is None:
             return None
         body, pack = found
@@ -1041,9 +1044,10 @@ class Redactor:
         A content-encoded body (gzip, deflate; br and zstd where their module is installed)
         is decoded, redacted and encoded again; other bodies keep their bytes unless a secret
         seen earlier appears in them. ``partial``: the body is cut where the app stopped
-        reading it; a content-encoded one is unpacked as far as its bytes go. ``response``:
-        one that unpacks past the limit and may hold a secret raises :class:`Withheld`
-        (:meth:`_may_hide`); a request body is stored as it came, with a warning.
+        reading it; a content-encoded one is unpacked as far as its bytes go. One that
+        unpacks past the limit is scanned a piece at a time (:meth:`_may_hide`): kept as it
+        came when it holds nothing to redact; else a response raises :class:`Withheld`, and
+        a request's body is withheld (see :data:`WITHHELD`), with a warning.
         """
         return self.body_parts(headers, body, partial, response)[0]
 
@@ -1051,7 +1055,8 @@ class Redactor:
                    response: bool = False) -> tuple[bytes, bytes | None]:
         """:meth:`body`, and for a content-encoded body it changed, its redacted bytes
         unpacked: the tokens packed inside differ with each process's redaction key, so a
-        request key digests these instead (see ``keys.http_call``). None otherwise."""
+        request key digests these instead (see ``keys.http_call``); for a request body
+        withheld, :data:`WITHHELD` twice (the very object). None otherwise."""
         if not body:
             return body, None
         ctype = encoding = ""
@@ -1064,11 +1069,18 @@ class Redactor:
         if encoding in ("", "identity"):
             return self._plain_body(ctype, body), None
         try:
-            found = unpacked_codings(encoding, body, self.unpack_limit, partial, strict=response)
+            found = unpacked_codings(encoding, body, self.unpack_limit, partial)
         except TooLarge:
-            if self._may_hide(encoding, body, ctype):
+            if not self._may_hide(encoding, body, ctype):
+                return body, None  # (scanned: nothing a redaction would change)
+            if response:
                 raise Withheld(encoding) from None
-            return body, None  # (scanned: nothing a redaction would change)
+            _warn_once("withheld:" + encoding, "timetracer-otel: a %s-encoded request body "
+                       "unpacks to more than %d bytes, too many to redact, and may hold a "
+                       "secret; it is stored without its bytes, and a replay matches it by "
+                       "method and URL only (TIMETRACER_MAX_UNPACKED_BYTES raises that limit).",
+                       encoding, self.unpack_limit)
+            return WITHHELD, WITHHELD
         if found is None:
             return body, None  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found

@@ -122,24 +122,18 @@ def _gzip_members(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
-def test_a_body_that_inflates_past_the_limit_is_kept_as_it_came(
-    encoding: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_body_that_inflates_past_the_limit_is_not_unpacked_past_it(encoding: str) -> None:
     """A small body that unpacks a thousandfold (a decompression bomb, or only a large
-    answer) is not unpacked past the limit: stored as it came, one warning. Under the limit,
-    the same body is redacted inside; a body cut short is kept as it came."""
-    monkeypatch.setattr(redaction, "_warned", set())
+    answer) is not unpacked past the limit (TooLarge: the redactor scans it a piece at a time
+    instead, see the tests below). Under the limit, the same body is redacted inside; a body
+    cut short is kept as it came."""
     plain = json.dumps({"access_token": SECRET, "pad": "0" * (2 << 20)}).encode()
     pack = {"gzip": _gzip_members, "deflate": zlib.compress, "br": CODECS["br"][0],
             "zstd": CODECS["zstd"][0]}[encoding]
     packed = pack(plain)
     assert len(packed) < len(plain) // 100
-    with caplog.at_level(logging.WARNING, logger="timetracer_otel"):
-        assert redaction.unpacked(encoding, packed, limit=1 << 20) is None
-        assert redaction.unpacked(encoding, packed, limit=1 << 20) is None
-    assert [rec.getMessage() for rec in caplog.records] == [
-        f"timetracer-otel: a {encoding}-encoded body unpacks to more than {1 << 20} bytes; "
-        "it is stored as it came, not redacted inside."]
+    with pytest.raises(redaction.TooLarge):
+        redaction.unpacked(encoding, packed, limit=1 << 20)
     found = redaction.unpacked(encoding, packed, limit=4 << 20)
     assert found is not None and found[0] == plain
     assert redaction.unpacked(encoding, packed[:-8], limit=4 << 20) is None  # cut short
@@ -400,3 +394,56 @@ def test_the_unpack_limit_is_a_setting() -> None:
                         ("1e400", "is not a finite number"), ("0", "must be a positive")):
         with pytest.raises(ConfigError, match=f"TIMETRACER_MAX_UNPACKED_BYTES='{value}' {says}"):
             redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": value})
+
+
+async def upload(request: Request) -> Response:
+    body = await request.body()
+    return Response(json.dumps({"got": len(body)}), media_type="application/json")
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests"])
+@pytest.mark.parametrize("secret", [True, False])
+def test_a_request_body_too_large_to_redact_is_stored_only_when_it_holds_nothing_to_redact(
+    serve: Any, tmp_path: Path, client: str, secret: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packed upload that unpacks past the limit is scanned a piece at a time: one that
+    holds a field named like a secret is stored without its bytes, and its replay matches it
+    by method and URL; one that holds nothing to redact is stored as it came and matched by
+    its bytes."""
+    from timetracer_otel.replay_shims.base import STATE
+
+    monkeypatch.setattr(redaction, "_warned", set())
+    monkeypatch.setattr(STATE, "redactor",
+                        redaction.Redactor(env={"TIMETRACER_MAX_UNPACKED_BYTES": str(1 << 20)}))
+    server = serve(Starlette(routes=[Route("/upload", upload, methods=["POST"])]))
+    url = f"{server.url}/upload"
+    name = b"password" if secret else b"label"
+    doc = b'{"%s": "%s", "pad": "%s"}' % (name, SECRET.encode(), b"0" * (2 << 20))
+    packed = gzip.compress(doc, mtime=0)
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+
+    def send(body: bytes) -> Any:
+        if client == "httpx":
+            return httpx.post(url, content=body, headers=headers).json()
+        return requests.post(url, data=body, headers=headers, timeout=5).json()
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = send(packed)
+    server.stop()
+    assert live == {"got": len(packed)}
+    (path,) = rec.paths
+    (call,) = [s for s in load_cassette(path).interactions if s.library == client]
+    assert call.request is not None
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    if secret:
+        assert call.request["body"] == b"" and call.request["body_withheld"] is True
+        assert packed not in stored
+    else:
+        assert call.request["body"] == packed and "body_withheld" not in call.request
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert send(packed) == live
+    assert attempts == [] and rep.report.exact == 1
+    if not secret:  # matched by its bytes: another body is a miss
+        with timetracer_otel.replay(rec.paths, strict=True), \
+                pytest.raises(timetracer_otel.ReplayMissError):
+            send(gzip.compress(doc.replace(b"label", b"title"), mtime=0))

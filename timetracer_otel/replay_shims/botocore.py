@@ -888,7 +888,7 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
                      if str(h[0]).lower() == "content-encoding"), "")
     if _packed(encoding, data):
         try:
-            found = unpacked_codings(encoding, body, r.unpack_limit, partial, strict=True)
+            found = unpacked_codings(encoding, body, r.unpack_limit, partial)
         except TooLarge:  # (Redactor.response scans it, and may withhold it)
             return None
         if found is None:  # (no module for br or zstd, a broken stream: the old path, scrubbed after)
