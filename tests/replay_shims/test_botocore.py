@@ -187,6 +187,38 @@ def test_recorded_and_replayed_through_the_cli(bucket: str, tmp_path: Path) -> N
     assert rep.stdout == rec.stdout
 
 
+def test_an_upload_redacted_in_its_own_bytes_replays_in_another_process(
+    bucket: str, tmp_path: Path
+) -> None:
+    """A small JSON upload (an S3 object, a Kinesis record) with a field named like a secret
+    is kept in the call's key redacted in its own bytes, with tokens of the recording
+    process's redaction key (random without TIMETRACER_REDACTION_KEY); the replaying process
+    makes other tokens, and still finds the calls by their exact keys."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import json, os, boto3\n"
+        "doc = json.dumps({'user': 'u', 'password': 'pw-4e2a9c7b1d'}).encode()\n"
+        "s3, kinesis = boto3.client('s3'), boto3.client('kinesis')\n"
+        "print(s3.put_object(Bucket=os.environ['BUCKET'], Key='u.json', Body=doc)['ETag'])\n"
+        "kinesis.create_stream(StreamName='s', ShardCount=1)\n"
+        "print(kinesis.put_record(StreamName='s', Data=doc, PartitionKey='u')['ShardId'])\n")
+    env = plain_env(BUCKET=bucket)
+    env.pop("TIMETRACER_REDACTION_KEY", None)
+    run = [sys.executable, str(script)]
+    rec = timetracer_cli("record", "--dir", str(tmp_path / "c"), "--", *run, env=env)
+    assert rec.returncode == 0, rec.stderr
+    assert len(rec.stdout.splitlines()) == 2
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert b"pw-4e2a9c7b1d" not in stored and b"redacted:" in stored
+    for name in _NO_CREDENTIALS:
+        env.pop(name, None)
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing there
+    rep = timetracer_cli("replay", "--strict", "--cassette", str(tmp_path / "c"), "--", *run,
+                        env=env)
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stdout == rec.stdout
+
+
 def select_job(bucket: str) -> list[Any]:
     """S3 Select: an event stream (``EventStream``: records, stats and end events, each a
     dict with the record bytes) read event by event, as an app reads Bedrock's or Kinesis'."""
