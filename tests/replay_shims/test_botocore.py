@@ -4,6 +4,7 @@ compared with their types (StreamingBody, tz-aware datetimes, ClientError codes)
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import sys
@@ -217,6 +218,47 @@ def test_an_upload_redacted_in_its_own_bytes_replays_in_another_process(
                         env=env)
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout == rec.stdout
+
+
+def test_the_apps_json_inside_message_bodies_and_base64_records_is_redacted(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SQS message body that is JSON text, and a Kinesis record's bytes (JSON, carried as
+    base64 text in the answer), are the app's data: a field named like a secret in them is
+    redacted, in the request kept in the key and in the answer, as in an S3 object; the
+    replay gives the values with their types (str, bytes) and the rest of them as they were."""
+    # One secret each: a secret found in one is scrubbed from the whole cassette.
+    message = {"user": "u", "password": "pw-8d3f1a6c2e", "n": 7}
+    record = {"user": "u", "password": "pw-1b7e5d9a4c", "n": 7}
+    sqs, kinesis = boto3.client("sqs"), boto3.client("kinesis")
+    queue = sqs.create_queue(QueueName=f"q{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    stream = f"s{uuid.uuid4().hex[:8]}"
+    kinesis.create_stream(StreamName=stream, ShardCount=1)
+    shard = kinesis.describe_stream(StreamName=stream)["StreamDescription"]["Shards"][0]["ShardId"]
+
+    def job() -> list[Any]:
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(message))
+        body = sqs.receive_message(QueueUrl=queue)["Messages"][0]["Body"]
+        kinesis.put_record(StreamName=stream, Data=json.dumps(record).encode(), PartitionKey="u")
+        it = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard,
+                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        data = kinesis.get_records(ShardIterator=it)["Records"][0]["Data"]
+        return [body, data]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job()
+    assert live == [json.dumps(message), json.dumps(record).encode()]
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"pw-8d3f1a6c2e" not in stored and b"pw-1b7e5d9a4c" not in stored
+    assert base64.b64encode(json.dumps(record).encode()) not in stored  # (the record as it came)
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job()
+    assert attempts == [] and rep.report.exact == 5
+    assert [type(v) for v in replayed] == [str, bytes]
+    for value in replayed:
+        got = json.loads(value)
+        assert got["password"].startswith("redacted:")
+        assert {k: v for k, v in got.items() if k != "password"} == {"user": "u", "n": 7}
 
 
 def select_job(bucket: str) -> list[Any]:

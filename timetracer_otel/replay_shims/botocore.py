@@ -204,6 +204,7 @@ def _api_call(client: Any, operation: str, params: dict[str, Any]) -> Call:
     # as its answer will be.
     tree = _expression_values(r, _data_doc(r, tree, typed=True)) if service in _DATA_SERVICES \
         else _json_blobs(r, r.document(tree))
+    tree = _embedded(r, tree)  # (a message body that is JSON text, a blob as base64 text)
     tree = r.scrub(tree)  # (secrets seen earlier, anywhere)
     request = {"service": service, "operation": operation, "params": tree}
     shape = {"service": service, "operation": operation, "params": sorted(tree)}
@@ -806,6 +807,53 @@ def _data_doc(r: Any, node: Any, typed: bool = False) -> Any:
     return node
 
 
+# How a JSON object or array starts in base64 ({", { ", {\n, {\r, {\t, [{, [", [ , [\n).
+_B64_JSON = ("eyJ", "eyA", "ewo", "ew0", "ewk", "W3s", "WyI", "WyA", "Wwo")
+
+
+def _embedded(r: Any, node: Any) -> Any:
+    """``node`` (a decoded JSON answer, or request parameters) with the app's JSON carried
+    inside its strings redacted as the app's data (see :func:`_data_doc`): a message body
+    that is JSON text (SQS, SNS, EventBridge), or a blob sent as base64 text whose bytes are
+    JSON (a Kinesis or Firehose record); each in its own text or bytes where it can be (see
+    :func:`_in_place`). ``node`` itself when nothing changed."""
+    if isinstance(node, dict):
+        new = {k: _embedded(r, v) for k, v in node.items()}
+        return node if all(new[k] is v for k, v in node.items()) else new
+    if isinstance(node, list):
+        items = [_embedded(r, v) for v in node]
+        return node if all(a is b for a, b in zip(items, node, strict=True)) else items
+    if not isinstance(node, str) or len(node) < 2:
+        return node
+    if node.lstrip()[:1] in ("{", "["):
+        inner = node.encode()
+        changed = _json_redacted(r, inner)
+        return node if changed is None else changed.decode()
+    if node.startswith(_B64_JSON) and len(node) % 4 == 0:
+        try:
+            inner = base64.b64decode(node, validate=True)
+        except (ValueError, binascii.Error):
+            return node
+        changed = _json_redacted(r, inner)
+        return node if changed is None else base64.b64encode(changed).decode()
+    return node
+
+
+def _json_redacted(r: Any, text: bytes) -> bytes | None:
+    """JSON text of the app's redacted as its data (:func:`_data_doc`, in its own bytes where
+    it can be); None when it is no JSON, or nothing in it changed."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict | list):
+        return None
+    new_doc = _data_doc(r, doc)
+    if new_doc == doc:
+        return None
+    return _in_place(text, doc, new_doc) or json.dumps(new_doc, ensure_ascii=False).encode()
+
+
 def _changed_strings(old: Any, new: Any, out: dict[str, str]) -> bool:
     """The string leaves of ``old`` that ``new`` replaced, into ``out``; False when anything
     else changed (a number made a token), which no in-place substitution can express."""
@@ -901,11 +949,12 @@ def _body_redacted(r: Any, headers: list[Any], body: bytes, data: bool,
         return body if new_plain == plain else pack(new_plain)
     doc = _json_body(headers, body, sniff=data)
     if doc is not _MISSING:
-        new_doc = _data_doc(r, doc, typed) if data else r.json(doc)
+        ruled = _data_doc(r, doc, typed) if data else r.json(doc)
+        new_doc = _embedded(r, ruled)
         if new_doc != doc:
             new = _in_place(body, doc, new_doc)
-            if new is None:  # (a rule on a number: no way to keep the bytes)
-                if not data:
+            if new is None:  # (a rule on a number, a string escaped otherwise: no way to keep the bytes)
+                if not data and new_doc is ruled:
                     return None
                 new = json.dumps(new_doc, ensure_ascii=False, separators=(",", ":")).encode()
             body = new
