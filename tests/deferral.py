@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ def _timeless(response: Any, fmt: str) -> Any:
         return {k: None if k in ("pid", "backend_pid") else v for k, v in response.items()}
     if isinstance(response, dict) and "flags" in response and "reply" in response:
         return {**response, "reply": _untimed_reply(response["reply"])}
+    if isinstance(response, dict) and isinstance(response.get("sends"), list):
+        return {**response, "sends": [_untimed_send(x, fmt) for x in response["sends"]]}
     if response is None or "headers" not in response:
         return response
     headers = [h for h in response["headers"] if h[0].lower() != "date"]
@@ -75,6 +78,22 @@ def _timeless(response: Any, fmt: str) -> Any:
     if ["content-encoding", "gzip"] in headers:
         chunks = [gzip.decompress(b"".join(_body(c, fmt) for c in chunks))]
     return {**response, "headers": headers, "chunks": chunks}
+
+
+# What AWS (and moto) put in an answer from the clock and the request: headers, and elements
+# of XML bodies (a listing's LastModified, an error's RequestId).
+_AWS_RUN_HEADERS = frozenset({"date", "last-modified", "x-amz-request-id", "x-amz-id-2",
+                              "x-amzn-requestid"})
+_AWS_RUN_XML = re.compile(rb"<(LastModified|RequestId|HostId)>[^<]*</\1>")
+
+
+def _untimed_send(send: Any, fmt: str) -> Any:
+    """One of a botocore call's sends without what the clock and the request put in it."""
+    if not isinstance(send, dict) or "headers" not in send:
+        return send
+    headers = [h for h in send["headers"] if h[0].lower() not in _AWS_RUN_HEADERS]
+    body = _AWS_RUN_XML.sub(rb"<\1/>", _body(send["body"], fmt))
+    return {**send, "headers": headers, "body": body}
 
 
 def _untimed_reply(reply: Any) -> Any:

@@ -912,7 +912,7 @@ class Redactor:
             if name in names:
                 self.header(name, value.decode("latin-1"))
 
-    def learn_header_pairs(self, pairs: Iterable[tuple[str, str | bytes]]) -> None:
+    def learn_header_pairs(self, pairs: Iterable[tuple[str, str | bytes] | list[str]]) -> None:
         """:meth:`learn_headers` for ``(name, value)`` text pairs (bytes values as latin-1)."""
         names = self.header_names
         for name, value in pairs:

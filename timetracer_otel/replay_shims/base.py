@@ -749,9 +749,9 @@ class Capture:
             self.span.end()
 
     def ok(self, response: Any) -> None:
-        if self.tree_of is not None:
-            response = self.tree_of(response)
         try:
+            if self.tree_of is not None:  # (which may withhold it too: botocore's bodies)
+                response = self.tree_of(response)
             tree, packed = STATE.redactor.response_packed(response)
         except Withheld as exc:
             self.withhold(exc)

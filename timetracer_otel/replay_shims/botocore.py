@@ -22,8 +22,14 @@ the stored bodies' own bytes (never re-serialized), with the body's checksum hea
 and its length fixed. The app's data (an S3 object, DynamoDB items, an uploaded JSON object
 in the key) gets the built-in secret field names too, as MongoDB documents do, and the user's
 own rules, replaced in its own bytes (content-encoded ones inside); under a built-in name a
-DynamoDB number, binary or boolean stays as it is. Replay also keeps botocore from asking the
-instance metadata service for credentials or a region.
+DynamoDB number, binary or boolean stays as it is; so does the app's JSON carried inside a
+string (an SQS message body, a Kinesis record as base64 text). Replay also keeps botocore from
+asking the instance metadata service for credentials or a region.
+
+Under a timetracer writer the sends are left beside the span as they came, and the writer
+(its process, where it has one) redacts them and makes the payload (``base.Deferrable``); the
+request path only learns the secrets of the response's headers and parsed result, so the
+payloads other shims make in the app are scrubbed of them.
 """
 
 from __future__ import annotations
@@ -60,14 +66,14 @@ from timetracer_otel.codec import Tree, as_bytes, from_tree, to_tree
 from timetracer_otel.config import Mode
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
-from timetracer_otel.redaction import SECRET_FIELDS, TooLarge, Withheld, _NameSet, unpacked_codings
+from timetracer_otel.redaction import SECRET_FIELDS, TooLarge, _NameSet, unpacked_codings
 from timetracer_otel.replay_shims.base import (
     LIVE,
     READ_WHOLE_UP_TO,
     STATE,
+    Deferrable,
     Shim,
     _suppressed,
-    capture,
     decide,
     error_tree,
     finish_late,
@@ -617,10 +623,13 @@ _CHECKSUM_HEADERS = ("content-md5", "x-amz-checksum-", "x-amz-crc32")
 
 
 def _kept(response: AWSResponse, body: bytes) -> Tree:
-    """One live response as stored (its body redacted once the call is over: see _redacted)."""
-    headers = STATE.redactor.headers([(str(k), str(v)) for k, v in response.headers.items()])
-    return {"url": response.url, "status": response.status_code,
-            "headers": [list(h) for h in headers], "body": body}
+    """One live response as it came (redacted, headers and body, as the call's payload is
+    made: see :func:`_redacted_sends`); the app's redactor learns the secrets of its headers
+    now, so the payloads other shims make from here on are scrubbed of them."""
+    headers = [[str(k), str(v)] for k, v in response.headers.items()]
+    STATE.redactor.learn_header_pairs(headers)
+    return {"url": response.url, "status": response.status_code, "headers": headers,
+            "body": body}
 
 
 # Services whose answers are the app's own data (DynamoDB items), and not only where the
@@ -1010,21 +1019,26 @@ def _learn_secrets(client: Any, operation: str, result: Any) -> None:
     _without_secrets(shape, result)
 
 
-def _redacted(client: Any, operation: str, result: Any, sends: list[Tree]) -> list[Tree]:
-    """The sends of a finished call as the cassette keeps them: the secret members of the
-    parsed result learned (see :func:`_without_secrets`), then every body's secrets replaced
-    in its own bytes (JSON never re-serialized): every secret learned so far, and JSON fields
-    named like secrets (for the app's data, an S3 object or DynamoDB items, see
-    :func:`_data_plane` and :func:`_data_doc`). A body that
-    changed gets its ``Content-Length`` fixed and loses the headers that vouch for its bytes
-    (its ``ETag`` is kept: it names the object)."""
-    _learn_secrets(client, operation, result)
-    r = STATE.redactor
-    data = _data_plane(client, operation)
-    typed = client.meta.service_model.service_name in _DATA_SERVICES
+def _sends_tree(form: Any) -> Tree:
+    """A finished call's response tree as the cassette keeps it, from the form
+    :func:`_stored` leaves (in the writer, for a call left to it: see ``base.Deferrable``)."""
+    data, typed, events, sends = form
+    return {"sends": _redacted_sends(STATE.redactor, sends, data, typed, events)}
+
+
+def _redacted_sends(r: Any, sends: list[Tree], data: bool, typed: bool,
+                    events: bool) -> list[Tree]:
+    """The sends of a finished call as the cassette keeps them: headers redacted by name,
+    then every body's secrets replaced in its own bytes (JSON never re-serialized): every
+    secret learned so far, and JSON fields named like secrets (for the app's data, ``data``:
+    an S3 object or DynamoDB items, ``typed``: DynamoDB's wire form, see
+    :func:`_data_plane` and :func:`_data_doc`); ``events``: the operation answers with an
+    event stream. A body that changed gets its ``Content-Length`` fixed and loses the
+    headers that vouch for its bytes (its ``ETag`` is kept: it names the object)."""
     out = []
-    events = _event_stream(client, operation)
     for send in sends:
+        if "headers" in send:
+            send = {**send, "headers": [list(h) for h in r.headers(send["headers"])]}
         body = send.get("body")
         if isinstance(body, bytes):
             status = send.get("status")
@@ -1312,7 +1326,7 @@ def _make_api_call(original: Any) -> Any:
         if action is LIVE:
             return original(self, operation_name, api_params)
         exchange = _Exchange(events=_event_stream(self, operation_name))
-        with capture(call, SCOPE) as cap:
+        with _RECORDING(call) as cap:
             token = _EXCHANGE.set(exchange)
             try:
                 result = original(self, operation_name, api_params)
@@ -1323,7 +1337,7 @@ def _make_api_call(original: Any) -> Any:
                     exchange.stream.record_now()
                     exchange.stream = None
                 if exchange.sends:
-                    _stored(cap, self, operation_name, None, exchange.sends)
+                    _stored(cap, self, operation_name, None, exchange.sends, exchange.events)
                 else:
                     cap.fail(exc, _error_of(exc).get("attrs"))
                 raise
@@ -1331,26 +1345,32 @@ def _make_api_call(original: Any) -> Any:
                 _EXCHANGE.reset(token)
             stream, exchange.stream = exchange.stream, None
             if stream is None:
-                _stored(cap, self, operation_name, result, exchange.sends)
+                _stored(cap, self, operation_name, result, exchange.sends, exchange.events)
             else:  # the call ends with the body the app reads as it comes (see _LiveRaw)
                 _learn_secrets(self, operation_name, result)  # (now: the finisher keeps no
-                sends = exchange.sends  # reference to the body, which may then be dropped)
-                stream.then(_finisher(cap.span, lambda: _stored(
-                    cap, self, operation_name, None, sends)))
+                sends, events = exchange.sends, exchange.events  # reference to the body,
+                stream.then(_finisher(cap.span, lambda: _stored(  # which may then be dropped)
+                    cap, self, operation_name, None, sends, events)))
         return result
 
     return _make_api_call
 
 
-def _stored(cap: Any, client: Any, operation: str, result: Any, sends: list[Tree]) -> None:
-    """The call's sends put on its span, redacted; without them where a body may hold a
-    secret it cannot be redacted of (``Withheld``)."""
-    try:
-        redacted = _redacted(client, operation, result, sends)
-    except Withheld as exc:
-        cap.withhold(exc)
-        return
-    cap.ok({"sends": redacted})
+def _stored(cap: Any, client: Any, operation: str, result: Any, sends: list[Tree],
+            events: bool) -> None:
+    """The call's sends put on its span (a Capture), or left beside it for the writer (a
+    Left), with what their redaction needs to know of the operation; the secret members of
+    the parsed result learned now (see :func:`_without_secrets`). Redacted by
+    :func:`_sends_tree`; stored without them where a body may hold a secret it cannot be
+    redacted of (``Withheld``, caught where the payload is made)."""
+    _learn_secrets(client, operation, result)
+    typed = client.meta.service_model.service_name in _DATA_SERVICES
+    cap.ok((_data_plane(client, operation), typed, events, sends))
+
+
+# The recording side: a call left to the writer where it runs in the instrumentation's span
+# (base.Deferrable), else captured here; both finish with _stored's form.
+_RECORDING = Deferrable(LIBRARY, SCOPE, _sends_tree)
 
 
 def _event_stream(client: Any, operation: str) -> bool:
