@@ -316,7 +316,8 @@ _DECODERS.update(
             *[_pt(p) for p in t[0]], is_closed=t[1]
         ),
         "$asyncpg.Polygon": lambda t: _asyncpg_type("Polygon")(*[_pt(p) for p in t]),
-        "$asyncpg.Circle": lambda t: _asyncpg_type("Circle")(_pt(t[0]), t[1]),
+        # (its center a tuple, as asyncpg decodes it)
+        "$asyncpg.Circle": lambda t: _asyncpg_type("Circle")(tuple(t[0]), t[1]),
         "$asyncpg.BitString": lambda t: _asyncpg_type("BitString")(t),
     }
 )

@@ -234,3 +234,29 @@ def test_a_join_whose_columns_repeat_a_name_replays_as_live(
         replayed = asyncio.run(job(unreachable_port()))
     assert live[0][1] == ["id", "id", "n"] and live[0][4] == 2
     assert replayed == live
+
+
+async def _wide_job(port: int, db: str) -> list[Any]:
+    """Rows holding ints beyond 64 bits (a numeric codec that decodes to int), beside NULLs
+    and text in one column, and a circle, whose center asyncpg decodes as a tuple."""
+    conn = await asyncpg.connect(dsn(db, port))
+    await conn.set_type_codec("numeric", schema="pg_catalog", format="text", encoder=str,
+                              decoder=lambda s: int(s) if s.lstrip("-").isdigit() else s)
+    rows = await conn.fetch("SELECT n FROM (VALUES (123456789012345678901234567890::numeric), "
+                            "(-99999999999999999999::numeric), (NULL), (0), (1.5)) v(n)")
+    circle = await conn.fetchval("SELECT '<(1,2),3>'::circle")
+    await conn.close()
+    return [typed([r["n"] for r in rows]), typed(circle), typed(circle.center)]
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_ints_beyond_64_bits_in_rows_and_a_circle_replay_with_their_types(
+    pg_database: str, tmp_path: Path, fmt: str
+) -> None:
+    with timetracer_otel.record(dir=tmp_path, format=fmt) as rec:  # type: ignore[arg-type]
+        live = asyncio.run(_wide_job(PG_PORT, pg_database))
+    assert live[0][1][0] == (int, 123456789012345678901234567890, type(None), None)
+    assert live[2][0] is tuple
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = asyncio.run(_wide_job(unreachable_port(), pg_database))
+    assert rep.report.ok and replayed == live

@@ -341,7 +341,11 @@ def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
     for column in zip(*rows, strict=True):
         types = set(map(type, column))
         if types <= plain:
-            columns.append(column)
+            if int in types and _beyond_64_bits(column):  # (a custom codec's numeric)
+                mapped = True
+                columns.append(map(to_tree, column))
+            else:
+                columns.append(column)
             continue
         mapped = True
         coded = types - plain
@@ -352,6 +356,19 @@ def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
             columns.append(map(_cell, column))
     tree["rows"] = list(map(list, zip(*columns, strict=True))) if mapped else list(map(list, rows))
     return tree
+
+
+def _beyond_64_bits(column: tuple[Any, ...]) -> bool:
+    """Whether an int of ``column`` is one msgpack cannot carry as it is (the codec tags it):
+    the least and greatest found in C; cell by cell only where other values sit beside them."""
+    present = [v for v in filter(None, column) if v is not True]  # (NULLs, 0 and False out)
+    try:
+        return bool(present) and (min(present) < _INT_MIN or max(present) > _INT_MAX)
+    except TypeError:  # text beside the ints (a codec that decodes to either)
+        return any(type(v) is int and not _INT_MIN <= v <= _INT_MAX for v in column)
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 def _cell(v: Any) -> Any:
