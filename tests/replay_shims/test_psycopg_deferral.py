@@ -61,7 +61,7 @@ def test_executes_left_to_the_writer_record_what_the_span_attribute_records(
     calls = interactions_of(job, serve(app).url, tmp_path)
     # Still captured on the request path: opening a connection (executemany is left too).
     recorded = recorded_both_ways(job, serve(app).url, calls, tmp_path, monkeypatch, fmt,
-                                  captured=("connect ",))
+                                  captured=("connect ", "command "))
     assert {r[0] for r in recorded} == {"httpx", "psycopg"}
     # The learned secret left the row the server returned, in both ways.
     assert any(r[0] == "psycopg" and "redacted:" in repr(r[5]) for r in recorded)

@@ -70,6 +70,7 @@ from timetracer_otel.errors import ReplayUnsupportedError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import Call
 from timetracer_otel.replay_shims.base import (
+    _TAKEN,
     LIVE,
     STATE,
     Deferrable,
@@ -1105,14 +1106,61 @@ def _fetch_gen(original: Any) -> Any:
     return _fetch_gen
 
 
+def _command_call(conn: Any, command: Any) -> tuple[str, Call]:
+    text = _statement(command)
+    text = text.decode() if isinstance(text, bytes) else text
+    return text, sql_call(LIBRARY, text, None, database=_dbname(conn), operation="command")
+
+
 def _exec_command(original: Any) -> Any:
+    """The commands psycopg sends itself (BEGIN, COMMIT, ROLLBACK, SAVEPOINT...: commit(),
+    rollback(), ``transaction()``). Recorded as calls of their own: the transaction status
+    each leaves, and the error it raised (a COMMIT refused by a deferred constraint or a
+    serialization failure, a SAVEPOINT in a failed transaction); not one sent inside a
+    statement's own call (the BEGIN psycopg sends before it). In replay a recorded one
+    gives that outcome again, in recorded order; one not recorded (cassettes made before
+    they were) succeeds, its transaction bookkeeping simulated as before."""
+
     def _exec_command(self: Any, command: Any, result_format: Any = pq.Format.TEXT) -> Any:
         pgconn = self.pgconn
         if isinstance(pgconn, ReplayPGconn) and pgconn._open and not self._pipeline:
-            text = _statement(command)
-            return pgconn.simulate(text.decode() if isinstance(text, bytes) else text)
+            text, call = _command_call(self, command)
+            index = STATE.index
+            match = index.take(call) if STATE.mode is Mode.REPLAY and index is not None else None
+            if match is not None and match.span.error is not None:
+                attrs = match.span.error.get("attrs") or {}
+                if attrs.get("tx") is not None:
+                    pgconn._tx_status = attrs["tx"]
+                if attrs.get("result") is not None:
+                    raise pg_errors.error_from_result(
+                        RecordedResult.from_tree(attrs["result"], pgconn._encoding),
+                        encoding=pgconn._encoding)
+                raise rebuild_error(match.span.error)
+            result = pgconn.simulate(text)
+            if match is not None and isinstance(match.span.response, dict) \
+                    and match.span.response.get("tx") is not None:
+                pgconn._tx_status = match.span.response["tx"]
+            return result
             yield  # a generator, like the original
-        return (yield from original(self, command, result_format))
+        if STATE.mode is not Mode.RECORD or self._pipeline or _TAKEN.get() is not None:
+            # (inside a call being recorded: the BEGIN before a statement is that statement's;
+            # a span of its own there would make a lone statement a trace of two spans)
+            return (yield from original(self, command, result_format))
+        text, call = _command_call(self, command)
+        if decide(call) is LIVE:  # (suppressed: not the app's own)
+            return (yield from original(self, command, result_format))
+        with capture(call, SCOPE) as cap:
+            try:
+                result = yield from original(self, command, result_format)
+            except Exception as exc:
+                res = exc.pgresult if isinstance(exc, psycopg.Error) else None
+                cap.fail(exc, {
+                    "result": RecordedResult.capture(res).to_tree(pgconn._encoding)
+                    if res is not None else None,
+                    "tx": int(pgconn.transaction_status)})
+                raise
+            cap.ok({"tx": int(pgconn.transaction_status)})
+        return result
 
     return _exec_command
 
