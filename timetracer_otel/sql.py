@@ -15,16 +15,91 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from timetracer_otel.codec import to_tree
 from timetracer_otel.keys import Call, stable_hash
 from timetracer_otel.replay_shims.base import STATE
 
-# One pass over string literals, quoted identifiers and comments: only comments are cut.
-_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?\*/|--[^\n]*", re.S)
-_SPACE = re.compile(r"\s+")
+# --- reading SQL as PostgreSQL's lexer does ---------------------------------------------------
+
+# Where ordinary text ends: a quote, a dollar, a statement's end, whitespace, a comment.
+_SPECIAL = re.compile(r"['\"$;\s]|--|/\*")
+_SPACES = re.compile(r"\s+")
+_QUOTED = {"'": re.compile(r"'(?:[^']|'')*'?"), '"': re.compile(r'"(?:[^"]|"")*"?')}
+_ESCAPED = re.compile(r"'(?:[^'\\]|\\.|'')*'?", re.S)  # an E'' string: backslash escapes
+# A dollar-quote opening ($$, $tag$); $1 is a parameter, not one.
+_DOLLAR = re.compile(r"\$(?:[^\W\d]\w*)?\$")
+_WORD = re.compile(r"[^\W\d]\w*")
+
+
+def _in_word(c: str) -> bool:
+    return c.isalnum() or c in "_$"
+
+
+def lex(sql: str) -> Iterator[tuple[str, int, int]]:
+    """``sql`` as ``(kind, start, end)`` pieces: ``quoted`` (a string literal, ``E''`` ones
+    with their backslash escapes, a quoted identifier, a dollar-quoted string: each whole, an
+    unterminated one to the end), ``comment`` (``--`` to the line's end, ``/* */`` nested as
+    PostgreSQL nests them), ``space``, ``;`` and ``text`` (anything else)."""
+    i, n = 0, len(sql)
+    while i < n:
+        m = _SPECIAL.search(sql, i)
+        if m is None:
+            yield "text", i, n
+            return
+        j = m.start()
+        if j > i:
+            yield "text", i, j
+        c = sql[j]
+        if c == ";":
+            yield ";", j, j + 1
+            i = j + 1
+        elif c.isspace():
+            i = _SPACES.match(sql, j).end()  # type: ignore[union-attr]
+            yield "space", j, i
+        elif c == "-":
+            end = sql.find("\n", j)
+            i = n if end < 0 else end
+            yield "comment", j, i
+        elif c == "/":
+            depth, i = 1, j + 2
+            while depth:
+                close = sql.find("*/", i)
+                if close < 0:
+                    i = n
+                    break
+                opened = sql.find("/*", i, close)
+                depth, i = (depth + 1, opened + 2) if opened >= 0 else (depth - 1, close + 2)
+            yield "comment", j, i
+        elif c in "'\"":
+            escapes = c == "'" and j > 0 and sql[j - 1] in "eE" and not (j > 1 and _in_word(sql[j - 2]))
+            i = (_ESCAPED if escapes else _QUOTED[c]).match(sql, j).end()  # type: ignore[union-attr]
+            yield "quoted", j, i
+        elif not (j > 0 and _in_word(sql[j - 1])) and (tag := _DOLLAR.match(sql, j)) is not None:
+            end = sql.find(tag.group(), tag.end())
+            i = n if end < 0 else end + len(tag.group())
+            yield "quoted", j, i
+        else:  # a parameter ($1), or a dollar inside a name
+            i = j + 1
+            yield "text", j, i
+
+
+def first_words(sql: str) -> Iterator[str]:
+    """The first keyword of each statement of ``sql`` (upper case), read past comments,
+    string literals, quoted identifiers and dollar-quoted strings (see :func:`lex`)."""
+    start = True
+    for kind, a, b in lex(sql):
+        if kind == ";":
+            start = True
+        elif kind in ("space", "comment"):
+            continue
+        else:
+            if start and kind == "text" and (word := _WORD.match(sql, a, b)) is not None:
+                yield word.group().upper()
+            start = False
+
 # Names a driver or ORM makes from a process counter; they differ between runs.
 _GENERATED = [
     (re.compile(r"__asyncpg_(savepoint|stmt|cursor)_[0-9a-f_]+__"), r"__asyncpg_\1_N__"),
@@ -34,18 +109,26 @@ _GENERATED = [
 ]
 
 
-def _strip_comments(statement: str) -> str:
-    return _TOKENS.sub(lambda m: " " if m.group(0)[0] in "/-" else m.group(0), statement)
-
-
-# Apps repeat a small set of statements: the regex passes run once per distinct text.
+# Apps repeat a small set of statements: the lexing runs once per distinct text.
 @functools.lru_cache(maxsize=4096)
 def normalise_statement(statement: str | bytes) -> str:
     """The statement as a key sees it: comments (sqlcommenter's traceparent too) removed,
-    whitespace folded, a trailing semicolon dropped."""
+    whitespace between tokens folded to one space, a trailing semicolon dropped; string
+    literals, quoted identifiers and dollar-quoted strings kept as written (``'a  b'`` and
+    ``'a b'`` are two statements, and a ``--`` inside ``$$...$$`` is no comment)."""
     if isinstance(statement, bytes):
         statement = statement.decode("utf-8", "replace")
-    text = _SPACE.sub(" ", _strip_comments(statement)).strip()
+    parts: list[str] = []
+    gap = False
+    for kind, a, b in lex(statement):
+        if kind == "space" or kind == "comment":
+            gap = True
+            continue
+        if gap and parts:
+            parts.append(" ")
+        gap = False
+        parts.append(statement[a:b])
+    text = "".join(parts)
     return text[:-1].rstrip() if text.endswith(";") else text
 
 

@@ -46,9 +46,8 @@ import getpass
 import itertools
 import logging
 import os
-import re
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -82,7 +81,7 @@ from timetracer_otel.replay_shims.base import (
     suppressed,
     unsupported,
 )
-from timetracer_otel.sql import begins_transaction, sql_call
+from timetracer_otel.sql import begins_transaction, first_words, sql_call
 
 log = logging.getLogger("timetracer_otel")
 LIBRARY = "psycopg"
@@ -780,66 +779,6 @@ def _replayed_conn(cur: Any) -> bool:
     return isinstance(cur._conn.pgconn, ReplayPGconn)
 
 
-# A dollar-quote opening ($$, $tag$); $1 is a parameter, not one.
-_DOLLAR = re.compile(r"\$(?:[^\W\d]\w*)?\$")
-_WORD = re.compile(r"[^\W\d]\w*")
-
-
-def _skip_quoted(sql: str, i: int, quote: str, backslash: bool) -> int:
-    """The index past the quoted string or identifier opening at ``i`` (doubled quotes, and
-    backslash escapes in an ``E''`` string, stay inside)."""
-    j, n = i + 1, len(sql)
-    while j < n:
-        ch = sql[j]
-        if backslash and ch == "\\":
-            j += 2
-        elif ch == quote:
-            if j + 1 < n and sql[j + 1] == quote:
-                j += 2
-            else:
-                return j + 1
-        else:
-            j += 1
-    return n
-
-
-def _first_words(sql: str) -> Iterator[str]:
-    """The first keyword of each statement of ``sql`` (upper case), reading past comments,
-    string literals, quoted identifiers and dollar-quoted strings as PostgreSQL's lexer does."""
-    i, n, start = 0, len(sql), True
-    while i < n:
-        c = sql[i]
-        ident_before = i > 0 and (sql[i - 1].isalnum() or sql[i - 1] in "_$")
-        if c == ";":
-            start, i = True, i + 1
-        elif c.isspace():
-            i += 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif sql.startswith("/*", i):  # nested, as PostgreSQL's
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-        elif start and (word := _WORD.match(sql, i)) is not None:
-            start, i = False, word.end()
-            yield word.group().upper()
-        elif c in "'\"":
-            escapes = (c == "'" and i > 0 and sql[i - 1] in "eE"
-                       and not (i > 1 and (sql[i - 2].isalnum() or sql[i - 2] in "_$")))
-            start, i = False, _skip_quoted(sql, i, c, escapes)
-        elif c == "$" and not ident_before and (tag := _DOLLAR.match(sql, i)) is not None:
-            end = sql.find(tag.group(), tag.end())
-            start, i = False, n if end < 0 else end + len(tag.group())
-        else:
-            start, i = False, i + 1
-
-
 def _listens(query: Any) -> bool:
     """Whether the query subscribes to notifications (``LISTEN``), which a replayed connection
     would never deliver: refused rather than answered with a silent nothing. Only a LISTEN
@@ -855,7 +794,7 @@ def _listens_text(statement: str | bytes) -> bool:
         statement = statement.decode("utf-8", "replace")
     if "listen" not in statement.lower():
         return False
-    return "LISTEN" in _first_words(statement)
+    return "LISTEN" in first_words(statement)
 
 
 def _needs_server(cur: Any, call: Call) -> None:
