@@ -318,3 +318,29 @@ def test_the_cli_records_and_replays_a_script(mongo_port: int, db_name: str, tmp
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout == recorded.stdout
     assert "3 exact" in replayed.stderr and "0 missed" in replayed.stderr
+
+
+def test_a_client_used_in_a_replay_works_live_after_it(
+    mongo_port: int, db_name: str, tmp_path: Path
+) -> None:
+    """An app-wide client that served a replay (its connections reach no server) is used live
+    once the replay ends: its commands go to the server on new connections, never waiting on
+    one made for the replay; a cursor opened in the replay fails at once (its connection is
+    gone, or the server never had its cursor), not waiting for an answer that never comes."""
+    import concurrent.futures
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        seed = client(mongo_port)
+        seed[db_name].items.insert_many([{"_id": i} for i in range(6)])
+        list(seed[db_name].items.find({}, batch_size=2))
+        seed.close()
+    app_client = client(mongo_port)
+    with timetracer_otel.replay(rec.paths):
+        cursor = app_client[db_name].items.find({}, batch_size=2)
+        assert [next(cursor)["_id"] for _ in range(2)] == [0, 1]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a hang fails here, not the suite
+        after = pool.submit(lambda: app_client[db_name].items.find_one({"_id": 5})).result(20)
+        with pytest.raises((pymongo.errors.AutoReconnect, pymongo.errors.CursorNotFound)):
+            pool.submit(lambda: list(cursor)).result(20)
+    assert after == {"_id": 5}
+    app_client.close()

@@ -401,6 +401,8 @@ def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException
 def _send_plan(conn: Any, message: bytes) -> _Sent | bool | None:
     """Before a message goes out: None (send it untouched), True (replay answered it: nothing
     goes out), or the :class:`_Sent` to keep once it is sent."""
+    if _MADE[0] and conn.conn in _REPLAY_MADE and not _replaying():  # (a flag first: cheap)
+        _refuse_outside_replay()
     if STATE.mode is Mode.OFF:
         return None
     plan = _on_send(conn, message)
@@ -506,6 +508,21 @@ def _async_receive_message(original: Any) -> Any:
 
 # --- connections that never reach a server (replay) ------------------------------------------
 
+# The networking interfaces of the connections a replay made (their sockets reach no server).
+_REPLAY_MADE: weakref.WeakSet[Any] = weakref.WeakSet()
+_MADE = [False]  # whether a replay ever made one in this process
+
+
+def _refuse_outside_replay() -> None:
+    """A connection a replay made, used after its replay ended (an app-wide client, a cursor
+    still open): nothing would ever answer it, so pymongo is told it is lost, as a dropped
+    connection is, and replaces it with a real one (a retryable read goes on there)."""
+    from pymongo.errors import AutoReconnect
+
+    raise AutoReconnect("this connection was made by a timetracer-otel replay, which has "
+                        "ended; it reaches no server")
+
+
 
 def _local_socket() -> socket.socket:
     """One end of a socket pair: a real descriptor for pymongo's timeouts, liveness checks and
@@ -523,7 +540,10 @@ def _socket_interface(original: Any) -> Any:
 
         sock = _local_socket()
         sock.settimeout(options.socket_timeout)
-        return NetworkingInterface(sock)
+        interface = NetworkingInterface(sock)
+        _REPLAY_MADE.add(interface)
+        _MADE[0] = True
+        return interface
 
     return configured
 
@@ -541,7 +561,10 @@ def _protocol_interface(original: Any) -> Any:
         timeout = options.socket_timeout
         pair = await asyncio.get_running_loop().create_connection(
             lambda: PyMongoProtocol(timeout=timeout), sock=sock)
-        return AsyncNetworkingInterface(pair)
+        interface = AsyncNetworkingInterface(pair)
+        _REPLAY_MADE.add(interface)
+        _MADE[0] = True
+        return interface
 
     return configured
 
