@@ -286,3 +286,31 @@ def test_a_recording_short_of_replies_is_a_miss_not_a_reply(prefix: str, tmp_pat
     with connects_refused(), timetracer_otel.replay(rec.paths, strict=True), \
             pytest.raises(timetracer_otel.ReplayMissError, match="more replies"):
         job(redis.Redis(port=unreachable_port()))
+
+
+def test_single_connection_clients_replay_without_connecting(prefix: str, tmp_path: Path) -> None:
+    """A client that takes its one connection as it is made (``single_connection_client``,
+    ``Redis.client()``, sync and asyncio) connects nowhere in a replay, and replays its
+    commands with their types."""
+
+    def job(port: int) -> list[Any]:
+        r = redis.Redis(port=port, db=11, single_connection_client=True, socket_connect_timeout=2)
+        out: list[Any] = [r.set(prefix + "one", "v"), r.get(prefix + "one")]
+        r.close()
+        with redis.Redis(port=port, db=11, socket_connect_timeout=2).client() as c:
+            out += [c.incr(prefix + "n"), c.get(prefix + "n")]
+
+        async def ajob() -> list[Any]:
+            async with redis.asyncio.Redis(port=port, db=11, single_connection_client=True,
+                                           socket_connect_timeout=2) as a:
+                return [await a.delete(prefix + "one", prefix + "n"), await a.get(prefix + "one")]
+
+        return out + asyncio.run(ajob())
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(REDIS_PORT)
+    assert live == [True, b"v", 1, b"1", 2, None]
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(unreachable_port())
+    assert attempts == [] and rep.report.ok
+    assert typed(replayed) == typed(live)

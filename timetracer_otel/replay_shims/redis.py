@@ -30,6 +30,7 @@ caching is not covered.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from contextvars import ContextVar, Token
 from typing import Any
@@ -572,6 +573,56 @@ def _async_pipeline_execute(original: Any) -> Any:
     return execute
 
 
+# Set while a client is made in a replay: a single-connection client (``single_connection_client
+# =True``, ``Redis.client()``) takes its connection from the pool then, which connects it.
+_NOT_YET: ContextVar[bool] = ContextVar("timetracer_redis_not_yet", default=False)
+
+
+def _made_unconnected(original: Any, is_async: bool) -> Any:
+    """``Redis.__init__`` (or asyncio's ``initialize``): in a replay, the connection a
+    single-connection client takes is left unconnected (its commands are answered from the
+    cassette; one that goes live, a miss let through, connects it then)."""
+    if is_async:
+        async def initialize(self: Any, *args: Any, **kwargs: Any) -> Any:
+            token = _NOT_YET.set(True) if _replaying() else None
+            try:
+                return await original(self, *args, **kwargs)
+            finally:
+                if token is not None:
+                    _NOT_YET.reset(token)
+
+        return initialize
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        token = _NOT_YET.set(True) if _replaying() else None
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            if token is not None:
+                _NOT_YET.reset(token)
+
+    return __init__
+
+
+def _later(original: Any, *, is_async: bool, answer: Any = None) -> Any:
+    """A connection's ``connect`` (``answer`` None) or ``can_read`` (False) while a client is
+    made in a replay (see :data:`_NOT_YET`): nothing is connected, nothing can be read."""
+    if is_async:
+        async def later(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if _NOT_YET.get():
+                return answer
+            return await original(self, *args, **kwargs)
+
+        return later
+
+    def later_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _NOT_YET.get():
+            return answer
+        return original(self, *args, **kwargs)
+
+    return later_sync
+
+
 class RedisShim(Shim):
     library = LIBRARY
     requires = "redis"
@@ -580,8 +631,17 @@ class RedisShim(Shim):
 
     def patch(self) -> None:
         import redis.asyncio.client
+        import redis.asyncio.connection
         import redis.client
+        import redis.connection
 
+        self.wrap(redis.Redis, "__init__", lambda o: _made_unconnected(o, False))
+        self.wrap(redis.asyncio.Redis, "initialize", lambda o: _made_unconnected(o, True))
+        for module, is_async in ((redis.connection, False), (redis.asyncio.connection, True)):
+            self.wrap(module.AbstractConnection, "connect", functools.partial(
+                _later, is_async=is_async))
+            self.wrap(module.AbstractConnection, "can_read", functools.partial(
+                _later, is_async=is_async, answer=False))
         self.wrap(redis.Redis, "execute_command", _execute_command)
         self.wrap(redis.Redis, "parse_response", _parse_response)
         self.wrap(redis.client.Pipeline, "execute", _pipeline_execute)
