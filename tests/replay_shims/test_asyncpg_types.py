@@ -260,3 +260,31 @@ def test_ints_beyond_64_bits_in_rows_and_a_circle_replay_with_their_types(
     with timetracer_otel.replay(rec.paths, strict=True) as rep:
         replayed = asyncio.run(_wide_job(unreachable_port(), pg_database))
     assert rep.report.ok and replayed == live
+
+
+def test_a_query_the_app_cancelled_replays_as_never_answering(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """``asyncio.wait_for`` gives up on a slow query (the app cancelled it), then the same
+    statement runs again: the cancelled call is kept, so the replay times out the first and
+    answers the second, as live."""
+
+    async def job(port: int) -> list[Any]:
+        conn = await asyncpg.connect(dsn(pg_database, port))
+        out: list[Any] = []
+        for limit in (0.2, 10):
+            try:
+                out.append(await asyncio.wait_for(
+                    conn.fetchval("SELECT 42 FROM pg_sleep($1::float8)", 1 if limit < 1 else 0),
+                    limit))
+            except TimeoutError as exc:
+                out.append(type(exc))
+        await conn.close()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = asyncio.run(job(PG_PORT))
+    assert live == [TimeoutError, 42]
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert asyncio.run(job(unreachable_port())) == live
+    assert rep.report.ok

@@ -10,6 +10,7 @@ import datetime as dt
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,3 +345,71 @@ def test_a_client_used_in_a_replay_works_live_after_it(
             pool.submit(lambda: list(cursor)).result(20)
     assert after == {"_id": 5}
     app_client.close()
+
+
+@contextlib.contextmanager
+def slow_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
+    """A loopback TCP proxy to ``port``; while the event is set, the server's replies to a
+    ``find`` reach the client a second late (a slow query)."""
+    slow = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(src: socket.socket, dst: socket.socket, upstream: bool, finds: list[bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if upstream:
+                    finds.append(b"\x02find\x00" in data)
+                elif finds and finds.pop(0) and slow.is_set():
+                    time.sleep(1.0)
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                down, _ = listener.accept()
+                up = socket.create_connection(("127.0.0.1", port))
+                finds: list[bool] = []
+                threading.Thread(target=pipe, args=(down, up, True, finds), daemon=True).start()
+                threading.Thread(target=pipe, args=(up, down, False, finds), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], slow
+    finally:
+        listener.close()
+
+
+def test_a_query_the_app_cancelled_replays_as_never_answering(
+    mongo_port: int, db_name: str, tmp_path: Path
+) -> None:
+    """An async query the app gave up on (``asyncio.wait_for`` ran out), then the same query
+    given time: the cancelled one is kept, so the replay's first one times out again and the
+    second gets the document (not the first taking it, the second missing)."""
+    client(mongo_port)[db_name].items.insert_one({"_id": 1, "n": 7})
+
+    async def job(port: int, slow: threading.Event | None) -> list[Any]:
+        c: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=5000, directConnection=True)
+        items = c[db_name].items
+        out: list[Any] = []
+        for limit in (0.3, 10):
+            if slow is not None and limit < 1:
+                slow.set()
+            try:
+                out.append(await asyncio.wait_for(items.find_one({"_id": 1}), limit))
+            except TimeoutError as exc:
+                out.append(type(exc))
+            if slow is not None:
+                slow.clear()
+        await c.close()
+        return out
+
+    with slow_proxy(mongo_port) as (port, slow), timetracer_otel.record(dir=tmp_path) as rec:
+        live = asyncio.run(job(port, slow))
+    assert live == [TimeoutError, {"_id": 1, "n": 7}]
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = asyncio.run(job(unreachable_port(), None))
+    assert attempts == [] and replayed == live and not rep.report.misses

@@ -314,3 +314,33 @@ def test_single_connection_clients_replay_without_connecting(prefix: str, tmp_pa
         replayed = job(unreachable_port())
     assert attempts == [] and rep.report.ok
     assert typed(replayed) == typed(live)
+
+
+def test_a_call_the_app_cancelled_replays_as_never_answering(prefix: str, tmp_path: Path) -> None:
+    """A worker polls a queue with ``asyncio.wait_for(blpop(...), t)``: the first poll times
+    out (the app cancelled the call), a job is pushed, the second poll gets it. The cancelled
+    call is kept, so the replay's first poll times out again and the second gets the job; a
+    cancelled call nothing cancels in the replay is refused, saying so."""
+
+    async def worker(port: int, limit: float) -> list[Any]:
+        r = redis.asyncio.Redis(port=port, db=11, socket_connect_timeout=2)
+        out: list[Any] = []
+        for i in range(2):
+            try:
+                out.append(await asyncio.wait_for(r.blpop([prefix + "jobs"], timeout=0), limit))
+            except TimeoutError as exc:
+                out.append(type(exc))
+            if i == 0:
+                await r.rpush(prefix + "jobs", "job-1")
+        await r.aclose()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = asyncio.run(worker(REDIS_PORT, 0.3))
+    assert live == [TimeoutError, (prefix.encode() + b"jobs", b"job-1")]
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = asyncio.run(worker(unreachable_port(), 0.3))
+    assert attempts == [] and replayed == live and rep.report.ok
+    with timetracer_otel.replay(rec.paths, strict=True), \
+            pytest.raises(timetracer_otel.ReplayUnsupportedError, match="cancelled by the app"):
+        asyncio.run(worker(unreachable_port(), 60))

@@ -66,11 +66,13 @@ from timetracer_otel.replay_shims.base import (
     STATE,
     Deferrable,
     Shim,
+    answer_cancelled,
     capture,
     decide,
     rebuild_error,
     stranded,
     unsupported,
+    was_cancelled,
 )
 from timetracer_otel.sql import begins_transaction, sql_call
 
@@ -599,6 +601,8 @@ async def _run(
     real one behind it (None where a miss cannot go live there)."""
     action = decide(call)
     if isinstance(action, Match):
+        if was_cancelled(action.span):
+            return await answer_cancelled(action.span)
         if on_replay is not None:
             on_replay(action)
         proto = conn._protocol
@@ -632,6 +636,9 @@ async def _run(
             raise
         except Exception as exc:
             cap.fail(exc, _error_attrs(exc, conn))
+            raise
+        except asyncio.CancelledError as exc:  # (kept: the recording's order stays the live one)
+            cap.fail(exc)
             raise
         tree = _result_tree(kind, out, target, query, record_class)
         tree["tx"] = conn._protocol.is_in_transaction()

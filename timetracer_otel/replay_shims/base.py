@@ -878,6 +878,31 @@ def error_tree(exc: BaseException, attrs: Tree = None) -> Tree:
     }
 
 
+# An async call the app cancelled live (``asyncio.wait_for`` timing out, a task cancelled): kept
+# as its CancelledError, so the recording's order stays the live one.
+CANCELLED_TYPE = "asyncio.exceptions:CancelledError"
+
+
+def was_cancelled(span: Any) -> bool:
+    """Whether a recorded call was cancelled by the app as it ran (see :func:`answer_cancelled`)."""
+    error = span.error
+    return isinstance(error, dict) and error.get("type") == CANCELLED_TYPE
+
+
+async def answer_cancelled(span: Any) -> Any:
+    """Replay a call the app cancelled live: it never answers, as live, until the app cancels
+    it again (its ``wait_for`` runs out: it raises TimeoutError as live did). Nothing cancels
+    it within ten times the time it ran live (five seconds at least): refused, saying so."""
+    import asyncio
+
+    live = max(0, span.end_ns - span.start_ns) / 1e9
+    await asyncio.sleep(max(5.0, 10 * live))
+    raise unsupported(
+        f"The recorded call {span.label} was cancelled by the app after {live * 1000:.0f} ms "
+        "(a timeout, a task cancelled) and never answered; in this replay nothing cancelled "
+        "it. Record it again, or keep the library live.", f"{span.label} (cancelled live)")
+
+
 ErrorBuilder = Callable[[type[BaseException], Tree], BaseException]
 
 

@@ -36,6 +36,7 @@ since its connections were never opened: let pymongo stay live instead.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import socket
@@ -63,6 +64,7 @@ from timetracer_otel.replay_shims.base import (
     Capture,
     Payload,
     Shim,
+    answer_cancelled,
     built_payload,
     decide,
     defer,
@@ -70,6 +72,7 @@ from timetracer_otel.replay_shims.base import (
     error_tree,
     rebuild_error,
     unsupported,
+    was_cancelled,
 )
 
 LIBRARY = "pymongo"
@@ -492,12 +495,17 @@ def _async_send_message(original: Any) -> Any:
 
 def _async_receive_message(original: Any) -> Any:
     async def receive_message(self: Any, request_id: int | None) -> Any:
+        pending = self.__dict__.get(_PENDING)
+        if type(pending) is tuple and pending[0] == "match" and pending[1] == request_id \
+                and was_cancelled(pending[2].span):  # (see base.answer_cancelled)
+            del self.__dict__[_PENDING]
+            return await answer_cancelled(pending[2].span)
         plan = _receive_plan(self, request_id)
         if not isinstance(plan, _Sent):
             return await original(self, request_id) if plan is None else plan
         try:
             reply = await original(self, request_id)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # (one cancelled kept: live order)
             _recorded(self, plan, None, exc)
             raise
         _recorded(self, plan, reply, None)

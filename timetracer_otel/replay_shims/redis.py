@@ -29,6 +29,7 @@ caching is not covered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import Sequence
@@ -49,11 +50,13 @@ from timetracer_otel.replay_shims.base import (
     STATE,
     Deferrable,
     Shim,
+    answer_cancelled,
     decide,
     error_tree,
     instantiate,
     rebuild_error,
     suppressed,
+    was_cancelled,
 )
 
 LIBRARY = "redis"
@@ -393,6 +396,8 @@ def _async_execute_command(original: Any) -> Any:
             return await original(self, *args, **options)
         action, command = plan
         if isinstance(action, Match):
+            if was_cancelled(action.span):
+                return await answer_cancelled(action.span)
             return await self.parse_response(_AsyncReplayed(_recorded_reads(action)), args[0],
                                              **options)
         with _Recording(action, command):
@@ -451,8 +456,10 @@ class _Recording:
         try:
             if exc is None:
                 self.cap.ok(reads)
-            elif isinstance(exc, Exception):  # (a cancelled call never finished: no payload)
+            elif isinstance(exc, Exception):
                 _finish(self.cap, exc, reads)
+            elif isinstance(exc, asyncio.CancelledError):  # (kept: the order stays the live one)
+                self.cap.fail(exc)
         finally:
             self.cap.__exit__(kind, exc, tb)
 
