@@ -24,6 +24,7 @@ Next to the ``timetracer`` exporter, the other exporters get the spans without t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -250,6 +251,8 @@ def pre_instrument() -> None:
     STATE.mock = settings.mock
     STATE.mode = Mode.REPLAY
     atexit.register(_write_report, index, settings.report)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: _after_fork(index, settings.report))
     if settings.on_miss is OnMiss.RECORD:
         atexit.register(_keep_appended, source, settings.format, index.key_counts())
 
@@ -278,15 +281,62 @@ def _keep_appended(source: str, fmt: Format, known: dict[str, int]) -> None:
 
 
 _UNKEPT: list[str] = []
+# The index's report when this process was forked from the one that loaded it (if it was).
+_FORKED_AT: list[Any] = [None]
+# The process whose report is written (once: at exit, or as a multiprocessing child ends).
+_REPORTED_BY: list[int] = [0]
+
+
+def _after_fork(index: Any, path: str | None) -> None:
+    """In a forked child: it reports only what it does itself (the parent reports the rest),
+    and also when it ends as multiprocessing's forked processes do, with ``os._exit`` after
+    multiprocessing's finalizers, without running ``atexit``."""
+    _FORKED_AT[0] = index.report()
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        # (a finalizer registered now would be cleared: multiprocessing clears them after the
+        # fork, then runs its after-fork callbacks, so the finalizer is made by one of those)
+        mp_util.register_after_fork(index, lambda index: mp_util.Finalize(
+            None, _write_report, args=(index, path), exitpriority=-100))
 
 
 def _write_report(index: Any, path: str | None) -> None:
+    """At exit: this process's replay report. Every process of a replay (children, forked
+    workers) writes its own file beside ``path`` (``TIMETRACER_REPORT``), named
+    ``<path>.<pid>-<random>`` and renamed into place whole, so none overwrites another and a
+    reader never sees half of one; ``timetracer-otel replay`` adds them all up."""
     import msgspec
 
-    report = index.report()
+    if _REPORTED_BY[0] == os.getpid():
+        return
+    _REPORTED_BY[0] = os.getpid()
+    report = _own_part(index.report(), _FORKED_AT[0])
     report.unkept = list(_UNKEPT)
     if path:
-        with open(path, "wb") as fh:
-            fh.write(msgspec.json.encode(report))
+        final = f"{path}.{os.getpid()}-{os.urandom(4).hex()}"
+        tmp = final + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as fh:
+                fh.write(msgspec.json.encode(report))
+            os.replace(tmp, final)
+        except OSError as exc:
+            # (the replay then cannot count this process's calls: say so, and fail it)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            _fail(f"cannot write the replay report of process {os.getpid()} to {final} "
+                  f"({exc.strerror or exc}), so its calls are not counted; replay again.")
     elif report.shape_matches or report.misses:
         sys.stderr.write(report.render() + "\n")
+
+
+def _own_part(report: Any, at_fork: Any) -> Any:
+    """``report`` less what ``at_fork`` (the report when this process was forked) held: the
+    counts and lists only grow, so the parent's part is their start. Calls left unused stay
+    as they are: ``replay`` keeps those no process used."""
+    if at_fork is None:
+        return report
+    report.exact -= at_fork.exact
+    for name in ("shape_matches", "misses", "stranded", "unsupported"):
+        setattr(report, name, getattr(report, name)[len(getattr(at_fork, name)):])
+    return report

@@ -491,7 +491,16 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def _replaceable(p: Path) -> None:
-    if p.is_symlink() or (p.exists() and not p.is_file()):
+    """Refuse to replace anything at ``p`` but a regular file; a path that cannot be looked
+    at (a directory without permission, a name too long) is one line, not an ``OSError``."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return  # a new file (its directory is made when missing)
+    except OSError as exc:
+        raise CassetteError(f"cannot write {p} ({exc.strerror or exc}); choose a path you can "
+                            "write to.") from None
+    if not stat.S_ISREG(st.st_mode):
         raise CassetteError(f"{p} exists and is not a regular file; give a file path to write to.")
 
 
@@ -842,17 +851,76 @@ def not_added_yet(
     return new
 
 
-def find_cassettes(path: str | os.PathLike[str]) -> list[Path]:
-    """The cassette files at ``path``: the file itself, or every cassette below a directory."""
+def find_cassettes(path: str | os.PathLike[str], *,
+                   unreadable: list[str] | None = None) -> list[Path]:
+    """The cassette files at ``path``: the file itself, or every cassette below a directory
+    (symbolic links to files followed, to directories not; names starting with ``.`` left out).
+
+    A directory below ``path`` that cannot be listed (its permissions) raises
+    :class:`CassetteError` naming it, since its cassettes would be left out; given
+    ``unreadable``, a line saying so is added there instead and the search goes on (the
+    caller shows it).
+    A path that cannot be looked at (permissions, a name too long) raises, one line."""
     p = Path(path)
-    if p.is_file():
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CassetteError(f"{p}: no such cassette or directory; check the path.") from None
+    except OSError as exc:
+        raise CassetteError(_unreachable(p, exc)) from None
+    if stat.S_ISREG(st.st_mode):
         return [p]
-    if p.exists() and not p.is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise CassetteError(f"{p} is not a regular file; pass a cassette file or a directory.")
-    if p.is_dir():
-        return sorted(
-            f
-            for f in p.rglob("*")
-            if f.is_file() and f.suffix.lower() in (".msgpack", ".json") and not f.name.startswith(".")
+    found: list[Path] = []
+    skipped: list[tuple[Path, OSError]] = []
+    pending = [p]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as exc:
+            if directory == p:  # the directory asked for: nothing at all can be read
+                raise CassetteError(_unreachable(p, exc)) from None
+            skipped.append((directory, exc))
+            continue
+        for entry in entries:
+            child = directory / entry.name
+            if _is_real_dir(entry):
+                pending.append(child)
+            elif not entry.name.startswith(".") and child.suffix.lower() in (".msgpack", ".json") \
+                    and _is_file_or_unknown(entry):
+                found.append(child)
+    skipped.sort(key=lambda item: item[0])
+    if skipped and unreadable is None:
+        (first, error), more = skipped[0], len(skipped) - 1
+        also = f" (and {more} more)" if more else ""
+        raise CassetteError(
+            f"{first}{also} cannot be read ({error.strerror or error}), so the cassettes in it "
+            "would be left out; fix its permissions or pass a path without it."
         )
-    raise CassetteError(f"{p}: no such cassette or directory; check the path.")
+    if unreadable is not None:
+        unreadable.extend(f"{d} cannot be read ({error.strerror or error}), so the cassettes in "
+                          "it are left out; fix its permissions." for d, error in skipped)
+    return sorted(found)
+
+
+def _unreachable(p: Path, exc: OSError) -> str:
+    return f"{p} cannot be read ({exc.strerror or exc}); check the path and its permissions."
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    """A directory, not a link to one (no loops); False when its type cannot be told."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _is_file_or_unknown(entry: os.DirEntry[str]) -> bool:
+    """A file or a link to one; True when that cannot be told (reading it says why not)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return True

@@ -5,8 +5,10 @@ Exit codes: 0 ok; 1 differences or replay failures; 2 bad input (one line, no tr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import select
 import shutil
 import signal
@@ -14,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,10 +36,55 @@ from timetracer_otel.cassette import (
 from timetracer_otel.config import OnMiss, Settings, library_names
 from timetracer_otel.errors import CassetteError, ConfigError, TimetracerError, without_passwords
 from timetracer_otel.exporters.sink import FAILURE_MARK, HOLD_FD_ENV
-from timetracer_otel.exporters.storage import load_one, read_sources, source_names, storage_for
+from timetracer_otel.exporters.storage import (
+    is_remote,
+    load_one,
+    read_source,
+    source_names,
+    storage_for,
+)
 from timetracer_otel.index import ReplayIndex, ReplayReport
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# What a terminal would act on rather than show: C0 and C1 control characters and DEL (ESC
+# sequences move the cursor, retitle the window, hide text), the bidirectional overrides and
+# line separators (they reorder or break the line), and lone surrogates (not printable at all).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+                          "\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on written as its escape
+    (``\\x1b``, ``\\u202e``): what a cassette holds is shown, never obeyed.
+
+        >>> printable("GET /\\x1b[2J")
+        'GET /\\\\x1b[2J'
+    """
+    return _UNPRINTABLE.sub(_escape_char, text)
+
+
+class _OutputError(TimetracerError):
+    """Standard output cannot be written (a full disk, a closed pipe)."""
+
+
+@contextlib.contextmanager
+def _writing_output() -> Iterator[None]:
+    """Output that cannot be written is one line and exit code 2, not a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # what is still buffered goes nowhere, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        raise _OutputError(f"cannot write the output ({exc.strerror or exc}); check where "
+                           "standard output goes (a full disk? a closed pipe?).") from None
 
 
 def _user_errors(fn: F) -> F:
@@ -47,7 +95,8 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TimetracerError as exc:
-            click.echo(f"timetracer-otel: {without_passwords(str(exc))}", err=True)
+            # (a path or a cassette's text in the message: shown, never obeyed)
+            click.echo(f"timetracer-otel: {printable(without_passwords(str(exc)))}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
@@ -152,7 +201,8 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
     before = set(_listing(directory))
     env.update(
         TIMETRACER_MODE="record",
-        TIMETRACER_DIR=str(directory),
+        # Absolute: an app that changes directory (gunicorn --chdir, a daemon) writes here.
+        TIMETRACER_DIR=_absolute(directory),
         OTEL_TRACES_EXPORTER=_exporter_list(env.get("OTEL_TRACES_EXPORTER"), "timetracer"),
     )
     env.setdefault("OTEL_METRICS_EXPORTER", "none")
@@ -161,26 +211,35 @@ def record(directory: str | None, fmt: str | None, cmd: tuple[str, ...]) -> None
         env["TIMETRACER_FORMAT"] = fmt
     code, failures = _run(cmd, env, hold=True)
     new = [p for p in _listing(directory) if p not in before]
-    click.echo(f"timetracer-otel: recorded {len(new)} cassette(s) in {directory}", err=True)
+    click.echo(f"timetracer-otel: recorded {len(new)} cassette(s) in {printable(directory)}",
+               err=True)
     for p in new[:20]:
-        click.echo(f"  {p}", err=True)
+        click.echo(f"  {printable(p)}", err=True)
     if failures:
         # Cassettes may be missing: a job recording fixtures must not pass on as if none were.
         click.echo(f"timetracer-otel: the cassette writer failed {failures} time(s), so cassettes "
-                   f"may be missing from {directory}; see its warnings above (a full disk?).", err=True)
+                   f"may be missing from {printable(directory)}; see its warnings above (a full "
+                   "disk?).", err=True)
         sys.exit(code or 2)
     sys.exit(code)
 
 
+def _absolute(location: str) -> str:
+    """A local path made absolute, for a child that may change its working directory."""
+    return location if is_remote(location) else os.path.abspath(location)
+
+
 def _listing(directory: str) -> list[str]:
-    if str(directory).startswith("s3://"):
-        try:
+    """The cassettes in ``directory`` now, to tell the new ones (none when it holds none)."""
+    try:
+        if is_remote(directory):
             return source_names(directory)
-        except TimetracerError:  # an empty prefix
+        if not os.path.isdir(directory):  # (not yet, or no longer, a directory)
             return []
-    if not Path(directory).is_dir():
+        # (an unreadable subdirectory holds none this command wrote: not said here)
+        return [str(p) for p in find_cassettes(directory, unreadable=[])]
+    except TimetracerError:  # an empty prefix
         return []
-    return [str(p) for p in find_cassettes(directory)]
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -240,6 +299,10 @@ def replay(
         if not sep or not name.strip() or name.strip() != name.strip().split()[0]:
             # (not echoed: it may hold the secret it carries)
             raise click.UsageError("--header takes 'NAME: value': a header name, a colon, its value")
+        if _HEADER_CONTROL.search(h):
+            # A CR or LF would end the header and start another: one header per --header.
+            raise click.UsageError("--header: a header holds no line breaks or other control "
+                                   "characters; give each header its own --header")
         try:
             (name + value).encode("latin-1")
         except UnicodeEncodeError:
@@ -263,15 +326,17 @@ def replay(
                                      lifespan=lifespan or "auto"))
     # A miss fails the replay when it is an error; passthrough and record let it go live.
     misses_fail = (OnMiss(on_miss) if on_miss else settings.on_miss) is OnMiss.ERROR
-    if not str(source).startswith("s3://") and not find_cassettes(source):  # (s3: no objects raises)
+    if not is_remote(source) and not find_cassettes(source):  # (s3: no objects raises)
         raise CassetteError(f"{source} holds no cassettes (.msgpack or .json files); check the path.")
     ReplayIndex.from_paths([source])  # fail here, with exit code 2, if it cannot be read
     env = dict(os.environ)
-    fd, report_path = tempfile.mkstemp(prefix="timetracer-report-", suffix=".json")
-    os.close(fd)
+    # Every process of the command writes its own report in here (see _read_report).
+    report_dir = tempfile.mkdtemp(prefix="timetracer-report-")
+    report_path = os.path.join(report_dir, "report")
     env.update(
         TIMETRACER_MODE="replay",
-        TIMETRACER_CASSETTE=str(source),
+        # Absolute: an app that changes directory still finds (and, on_miss=record, adds to) it.
+        TIMETRACER_CASSETTE=_absolute(source),
         TIMETRACER_REPORT=report_path,
     )
     env.setdefault("OTEL_TRACES_EXPORTER", "none")
@@ -285,70 +350,151 @@ def replay(
         env["TIMETRACER_LIVE_PLUGINS"] = live
     try:
         code, _ = _run(cmd, env)
-        report = _read_report(report_path)
+        report, lost = _read_report(report_path)
     finally:
-        os.unlink(report_path)
+        shutil.rmtree(report_dir, ignore_errors=True)
     if report is not None:
-        click.echo(f"timetracer-otel: {report.render()}", err=True)
+        click.echo(f"timetracer-otel: {printable_lines(report.render())}", err=True)
         if code == 0 and report.failed(misses_fail):  # (whatever the app made of the error)
             code = 1
         if report.unkept:  # calls recorded live and lost: as `record` does for cassettes
             code = code or 2
+    for why in lost:  # a process's calls that cannot be counted: the replay is not checked
+        click.echo(f"timetracer-otel: {printable(why)}", err=True)
+        code = code or 2
     sys.exit(code)
 
 
-def _read_report(path: str) -> ReplayReport | None:
-    data = Path(path).read_bytes()
-    if not data:
-        return None
-    return msgspec.json.decode(data, type=ReplayReport)
+_HEADER_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # (a tab may be in a value)
+
+
+def printable_lines(text: str) -> str:
+    """:func:`printable` for each line of ``text``, keeping its line breaks."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def _read_report(path: str) -> tuple[ReplayReport | None, list[str]]:
+    """The replay reports of every process of the command, added up (None when no process
+    wrote one), and why any could not be read.
+
+    Each process wrote its own ``<path>.<pid>-<random>`` (see
+    :func:`~timetracer_otel.autoinstrument._write_report`). Calls answered, approximated,
+    missed, refused or not kept add up; a recorded call is unused when no process used it
+    (each process loaded all of them)."""
+    directory, base = os.path.split(path)
+    files = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(base + ".") and not entry.name.endswith(".tmp"):
+            files.append((entry.stat().st_mtime_ns, entry.name, entry.path))
+    reports: list[ReplayReport] = []
+    lost: list[str] = []
+    for _, _, file in sorted(files):  # in the order the processes ended
+        try:
+            reports.append(msgspec.json.decode(Path(file).read_bytes(), type=ReplayReport))
+        except (OSError, msgspec.DecodeError) as exc:
+            lost.append(f"the replay report of one process could not be read ({exc}), so its "
+                        "calls are not counted; replay again.")
+    if not reports:
+        return None, lost
+    total = ReplayReport(unused=list(reports[0].unused))
+    unused_by_all = Counter(tuple(u) for u in reports[0].unused)
+    for r in reports:
+        total.exact += r.exact
+        total.shape_matches.extend(r.shape_matches)
+        total.misses.extend(r.misses)
+        total.unkept.extend(r.unkept)
+        total.stranded.extend(r.stranded)
+        total.unsupported.extend(r.unsupported)
+        unused_by_all &= Counter(tuple(u) for u in r.unused)
+    kept = []
+    for label, src in total.unused:  # (in the first report's order)
+        if unused_by_all[(label, src)] > 0:
+            unused_by_all[(label, src)] -= 1
+            kept.append((label, src))
+    total.unused = kept
+    return total, lost
 
 
 @main.command("ls")
 @click.argument("directory", default="./cassettes")
 @_user_errors
 def ls(directory: str) -> None:
-    """List the cassettes below DIRECTORY with their calls and completeness."""
+    """List the cassettes below DIRECTORY with their calls and completeness.
+
+    A cassette that cannot be read is named on its own line and makes the exit code 2,
+    after the others are listed."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     table = Table("cassette", "created", "spans", "calls", "libraries", "complete", "bytes")
-    sources = read_sources(directory)  # local or s3://
-    for name, data in sources:
+    problems: list[str] = []  # subdirectories that cannot be read, then cassettes
+    if is_remote(directory):
+        names = source_names(directory)
+    else:
+        names = [str(p) for p in find_cassettes(directory, unreadable=problems)]
+    the_one_file = not problems and len(names) == 1 and names[0] in (directory, str(Path(directory)))
+    for name in names:  # one at a time: never more than one cassette in memory
         try:
-            c = loads(data, name)
+            table.add_row(*_ls_row(name))
         except TimetracerError as exc:
-            if len(sources) == 1 and name == directory:  # the one file asked for: bad input
+            if the_one_file:  # the one file asked for: its error is the answer
                 raise
-            table.add_row(Text(name), "-", "-", "-", "-", Text(str(exc), style="red"), str(len(data)))
-            continue
-        libs = sorted({s.library for s in c.interactions if s.library})
-        # Names, dates and libraries are the cassette's text, never markup.
-        table.add_row(
-            Text(name), Text(c.created[:19]), str(len(c.spans)), str(len(c.interactions)),
-            Text(",".join(libs)), "yes" if c.complete else Text("no", style="yellow"), str(len(data)),
-        )
-    Console().print(table)
+            problems.append(str(exc))
+            table.add_row(Text(printable(name)), "-", "-", "-", "-",
+                          Text("unreadable", style="red"), "-")
+    with _writing_output():
+        Console().print(table)
+    for problem in problems:
+        click.echo(f"timetracer-otel: {printable(without_passwords(problem))}", err=True)
+    if problems:
+        sys.exit(2)
+
+
+def _ls_row(name: str) -> list[Any]:
+    """The ``ls`` row of one cassette (read, decoded and let go here)."""
+    from rich.text import Text
+
+    data = read_source(name)  # (a file past the size limit: refused unread)
+    c = loads(data, name)
+    libs = sorted({s.library for s in c.interactions if s.library})
+    # Names, dates and libraries are the cassette's text, never markup nor terminal codes.
+    return [
+        Text(printable(name)), Text(printable(c.created[:19])), str(len(c.spans)),
+        str(len(c.interactions)), Text(printable(",".join(libs))),
+        "yes" if c.complete else Text("no", style="yellow"), str(len(data)),
+    ]
 
 
 def _ms(ns: int) -> str:
     return f"{ns / 1e6:.2f} ms"
 
 
-def _span_line(span: SpanRecord, t0: int) -> str:
+def _text(value: object) -> str:
+    """Cassette text for rich markup: shown as it is, never markup, never terminal codes."""
     from rich.markup import escape
 
+    return escape(printable(str(value)))
+
+
+def _span_line(span: SpanRecord, t0: int) -> str:
     offset = _ms(span.start_ns - t0)
-    lib = f"[cyan]{escape(span.library)}[/] " if span.library else ""
-    label = escape(span.label or span.name)
+    lib = f"[cyan]{_text(span.library)}[/] " if span.library else ""
+    label = _text(span.label or span.name)
     status = ""
     if span.error is not None:
-        status = f" [red]raised {escape(str(span.error.get('type', '?')))}[/]"
+        # (a dict with a type when this package wrote it; anything, from another writer)
+        kind = span.error.get("type", "?") if isinstance(span.error, dict) else "?"
+        status = f" [red]raised {_text(kind)}[/]"
     elif span.status == "ERROR":
         status = " [red]error[/]"
     trunc = " [yellow](truncated)[/]" if span.truncated else ""
     return f"{lib}{label}  [dim]+{offset} {_ms(span.duration_ns)}[/]{status}{trunc}"
+
+
+# In JSON output, the characters a terminal would act on that JSON leaves raw (DEL, C1
+# controls, bidirectional overrides, line separators): as \u escapes, the same JSON.
+_JSON_RAW_UNPRINTABLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 @main.command()
@@ -359,16 +505,18 @@ def show(path: str, as_json: bool) -> None:
     """Show a cassette as a tree of spans with timings and library."""
     cassette = load_one(path)  # a file or an s3:// object
     if as_json:
-        click.echo(msgspec.json.format(msgspec.json.encode(cassette), indent=2).decode())
+        text = msgspec.json.format(msgspec.json.encode(cassette), indent=2).decode()
+        text = _JSON_RAW_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        with _writing_output():
+            click.echo(text)
         return
     from rich.console import Console
-    from rich.markup import escape
     from rich.tree import Tree
 
     spans = sorted(cassette.spans, key=lambda s: s.start_ns)
     t0 = spans[0].start_ns if spans else 0
     header = (
-        f"[bold]{escape(cassette.name)}[/] {escape(cassette.created[:19])} "
+        f"[bold]{_text(cassette.name)}[/] {_text(cassette.created[:19])} "
         f"{len(spans)} spans, {len(cassette.interactions)} calls"
         + ("" if cassette.complete else " [yellow]incomplete[/]")
     )
@@ -378,7 +526,8 @@ def show(path: str, as_json: bool) -> None:
     for span in spans:
         parent = nodes.get(span.parent_id or "") if span.parent_id in ids else None
         nodes[span.span_id] = (parent or tree).add(_span_line(span, t0))
-    Console().print(tree)
+    with _writing_output():
+        Console().print(tree)
 
 
 @main.command()
@@ -391,7 +540,8 @@ def convert(source: str, dest: str, fmt: str | None) -> None:
     """Re-encode a cassette (msgpack <-> JSON), keeping every value and type."""
     cassette: Cassette = load_cassette(source)
     out = save_cassette(cassette, dest, fmt)  # type: ignore[arg-type]
-    click.echo(f"wrote {out}")
+    with _writing_output():
+        click.echo(f"wrote {printable(str(out))}")
 
 
 @main.command()
@@ -403,7 +553,9 @@ def diff(a: str, b: str) -> None:
     (aligned by key). Exit 1 when they differ."""
     from timetracer_otel.inbound import diff_command  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-    sys.exit(diff_command(a, b))
+    with _writing_output():
+        code = diff_command(a, b)
+    sys.exit(code)
 
 
 @main.command()
@@ -434,7 +586,8 @@ def html_command(path: str, output: str) -> None:
     from timetracer_otel.html import render
 
     out = atomic_write(output, render(load_cassette(path)).encode())
-    click.echo(f"wrote {out}")
+    with _writing_output():
+        click.echo(f"wrote {printable(str(out))}")
 
 
 if __name__ == "__main__":

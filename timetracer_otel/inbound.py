@@ -1043,21 +1043,24 @@ def cassette_diff(a: Cassette, b: Cassette) -> list[str]:
 
 
 def diff_command(a: str, b: str) -> int:
-    """``timetracer-otel diff A B``: 0 same, 1 different, 2 unreadable."""
+    """``timetracer-otel diff A B``: 0 same, 1 different, 2 unreadable. What the cassettes
+    hold is printed with its control characters escaped (shown, never obeyed)."""
+    from timetracer_otel.cli import printable
+
     try:
         ca, cb = load_cassette(a), load_cassette(b)
     except TimetracerError as exc:
-        click.echo(f"timetracer-otel: {exc}", err=True)
+        click.echo(f"timetracer-otel: {printable(str(exc))}", err=True)
         return 2
     lines = cassette_diff(ca, cb)
     la = _label(inbound_span(ca)) if inbound_span(ca) else ca.name  # type: ignore[arg-type]
     lb = _label(inbound_span(cb)) if inbound_span(cb) else cb.name  # type: ignore[arg-type]
-    click.echo(f"A: {a}  {la}\nB: {b}  {lb}")
+    click.echo(f"A: {printable(a)}  {printable(la)}\nB: {printable(b)}  {printable(lb)}")
     if not lines:
         click.echo("no differences (request, response and dependency calls)")
         return 0
     for line in lines:
-        click.echo(line)
+        click.echo(printable(line))
     click.echo(f"{len(lines)} difference(s)")
     return 1
 

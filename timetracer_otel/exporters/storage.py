@@ -20,6 +20,7 @@ from timetracer_otel.cassette import (
     Format,
     SpanHead,
     SpanRecord,
+    _read,
     add_to_file,
     appended_cassette,
     atomic_write,
@@ -132,20 +133,25 @@ def source_names(location: str | Path) -> list[str]:
 
 
 def read_sources(location: str | Path) -> list[tuple[str, bytes]]:
-    """``(name, bytes)`` of every cassette at ``location`` (local path or ``s3://``)."""
+    """``(name, bytes)`` of every cassette at ``location`` (local path or ``s3://``); a file
+    is read as :func:`read_source` reads it."""
     text = str(location)
     if not is_remote(text):
-        out = []
-        for path in find_cassettes(text):
-            try:
-                out.append((str(path), path.read_bytes()))
-            except OSError as exc:
-                raise CassetteError(f"{path} cannot be read ({exc.strerror}).") from None
-        return out
+        return [(name, read_source(name)) for name in source_names(text)]
     from timetracer_otel.exporters.s3 import S3Storage
 
     storage = S3Storage(text)
     return [(name, storage.read(name)) for name in source_names(text)]
+
+
+def read_source(name: str) -> bytes:
+    """The bytes of one cassette, a file or an ``s3://`` object: a file is refused past the
+    cassette size limit before it is read (``TIMETRACER_MAX_CASSETTE_BYTES``)."""
+    if not is_remote(name):
+        return _read(Path(name))
+    from timetracer_otel.exporters.s3 import S3Storage
+
+    return S3Storage(name).read(name)
 
 
 def load_sources(location: str | Path) -> list[tuple[str, Cassette]]:

@@ -109,7 +109,8 @@ def cassette_name(batch: TraceBatch, argv0: str | None = None) -> str:
         if argv0 is None:
             argv0 = sys.argv[0] if sys.argv else ""
         script = os.path.basename(argv0) if argv0 not in ("", "-", "-c") else "process"
-        return _SAFE.sub("_", script.removesuffix(".py")).strip("_") or "process"
+        # (no leading dot: a hidden file is one `ls` and replay never see)
+        return _SAFE.sub("_", script.removesuffix(".py")).lstrip("._").rstrip("_") or "process"
     a = root.attributes
     method = a.get("http.request.method") or a.get("http.method")
     route = a.get("http.route")
@@ -120,7 +121,7 @@ def cassette_name(batch: TraceBatch, argv0: str | None = None) -> str:
     else:
         text = root.name
     text = _SAFE.sub("_", str(text).replace("/", "_").replace("{", "").replace("}", ""))
-    return re.sub("_{3,}", "__", text).strip("_")[:80] or "trace"
+    return re.sub("_{3,}", "__", text).lstrip("._").rstrip("_")[:80] or "trace"
 
 
 def _libraries() -> dict[str, str]:
