@@ -10,9 +10,15 @@ spans of one trace may arrive in several requests and in any order, and a trace 
 once its root has arrived and no span of it came for the quiet period (or at shutdown), one
 cassette per local root (see :mod:`~timetracer_otel.exporters.assembler`).
 
-Limits keep memory bounded: the body size is checked against ``Content-Length`` before a byte
-is read, gzip is cut off at a decompressed-size limit, a fixed number of requests are parsed
-at once and a full writer queue answers ``503`` with ``Retry-After`` so the Collector retries.
+Limits keep memory bounded: the body size and type are checked from the headers before a byte
+is read, and a body is read only once one of a fixed number of request slots is free (else
+``503`` with ``Retry-After``, the body unread); gzip is cut off at a decompressed-size limit, an
+OTLP/JSON body that is not an object of ``resourceSpans`` objects is refused before it is
+built, and a full writer queue answers ``503`` with ``Retry-After`` so the Collector retries.
+
+A span a cassette could not hold (payload attributes of the wrong type, an integer beyond its
+64 bits, a payload map key that is no string) is rejected on its own: the reply is an OTLP
+partial success naming it, and the count is in the shutdown summary.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import binascii
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -46,7 +53,14 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from timetracer_otel.cassette import Event, SpanRecord, remove_temp_files
 from timetracer_otel.config import Settings
 from timetracer_otel.errors import ConfigError
-from timetracer_otel.exporters.spans import Memo, record_from_attributes, record_from_parts
+from timetracer_otel.exporters.spans import (
+    BadSpan,
+    Memo,
+    printable,
+    record_from_attributes,
+    record_from_parts,
+    type_phrase,
+)
 from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.redaction import TooLarge, unpack_streams
@@ -55,6 +69,7 @@ from timetracer_otel.replay_shims.base import PAYLOAD_ATTRS
 log = logging.getLogger("timetracer_otel")
 
 TRACES_PATH = "/v1/traces"
+_LENGTH = re.compile(r"[0-9]{1,19}")  # ASCII digits only: not "1_0", "+2", " 2" or "²"
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 
@@ -129,6 +144,11 @@ class Converted:
     # carry spans of several services.
     resources: list[dict[str, Any] | None] = field(default_factory=list)
 
+    def reject(self, name: Any, why: str) -> None:
+        """Count one rejected span; the reason (for the sender) names the last one."""
+        self.rejected += 1
+        self.reason = f"span '{printable(name, 80)}' was rejected: {printable(why)}"
+
 
 def _base(
     trace_id: bytes, span_id: bytes, parent: bytes, flags: int, name: str, kind: int,
@@ -176,8 +196,7 @@ def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
             for span in ss.spans:
                 tid, sid, parent = span.trace_id, span.span_id, span.parent_span_id
                 if len(tid) != 16 or len(sid) != 8 or len(parent) not in (0, 8):
-                    out.rejected += 1
-                    out.reason = "trace_id must be 16 bytes and span_id 8 bytes"
+                    out.reject(span.name, "trace_id must be 16 bytes and span_id 8 bytes")
                     continue
                 events = [
                     Event(name=e.name, time_ns=e.time_unix_nano,
@@ -191,7 +210,12 @@ def convert_protobuf(request: ExportTraceServiceRequest) -> Converted:
                     status.code, status.message, events,
                 )
                 ordinary, payload = _pb_split(span.attributes)
-                out.records.append(record_from_parts(base, ordinary, payload, memo))
+                try:
+                    record = record_from_parts(base, ordinary, payload, memo, foreign=True)
+                except BadSpan as exc:
+                    out.reject(span.name, str(exc))
+                    continue
+                out.records.append(record)
                 out.resources.append(resource)
     return out
 
@@ -212,19 +236,57 @@ def _get(obj: Mapping[str, Any], camel: str, snake: str, default: Any = None) ->
     return default if value is None else value
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1, "a 64-bit integer")
+_UINT64 = (0, (1 << 64) - 1, "an unsigned 64-bit integer")
+_UINT32 = (0, (1 << 32) - 1, "an unsigned 32-bit integer")
+_WHOLE = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only (no "1_0", " 1", "+1", "²")
+_SPECIAL_DOUBLES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _json_int(value: Any, bounds: tuple[int, int, str], what: str) -> int:
+    """An OTLP/JSON integer (a number, or a string of digits as int64 fields are sent),
+    within ``bounds``: anything else is a ValueError naming ``what``."""
+    lo, hi, kind = bounds
+    if type(value) is int:
+        n = value
+    elif (type(value) is str and _WHOLE.fullmatch(value)) or (
+            type(value) is float and value.is_integer()):
+        n = int(value)
+    elif type(value) is str and value.lstrip("-").isascii() and value.lstrip("-").isdigit():
+        n = hi + 1  # more digits than any 64-bit integer has
+    else:
+        raise ValueError(f"{what} {printable(value, 40)} is not a whole number")
+    if not lo <= n <= hi:
+        raise ValueError(f"{what} {printable(value, 40)} is not {kind}")
+    return n
+
+
 def _json_value(value: Any) -> Any:
     if not isinstance(value, dict):
         raise ValueError("an attribute value is not an object")
     for key, v in value.items():
         if key in ("stringValue", "string_value"):
-            return str(v)
+            if type(v) is not str:
+                raise ValueError(f"a stringValue is {type_phrase(v)}, not a string")
+            return v
         if key in ("boolValue", "bool_value"):
-            return bool(v)
+            if type(v) is not bool:
+                raise ValueError(f"a boolValue is {type_phrase(v)}, not true or false")
+            return v
         if key in ("intValue", "int_value"):
-            return int(v)
+            return _json_int(v, _INT64, "intValue")
         if key in ("doubleValue", "double_value"):
-            return float(v)
+            if type(v) is float or type(v) is int:
+                try:
+                    return float(v)
+                except OverflowError:
+                    raise ValueError(f"doubleValue {printable(v, 40)} is out of range") from None
+            if type(v) is str and v in _SPECIAL_DOUBLES:
+                return _SPECIAL_DOUBLES[v]
+            raise ValueError(f"doubleValue {printable(v, 40)} is not a number")
         if key in ("bytesValue", "bytes_value"):
+            if type(v) is not str:
+                raise ValueError(f"a bytesValue is {type_phrase(v)}, not base64 text")
             return base64.b64decode(v, validate=True)
         if key in ("arrayValue", "array_value"):
             return [_json_value(x) for x in (v or {}).get("values") or []]
@@ -250,13 +312,22 @@ def _json_id(text: Any, size: int) -> bytes:
 
 
 def _json_enum(value: Any, names: tuple[str, ...], prefix: str) -> int:
-    if isinstance(value, str) and not value.isdigit():
+    if isinstance(value, str) and not _WHOLE.fullmatch(value):
         name = value.removeprefix(prefix)
         return names.index(name) if name in names else 0
-    return int(value or 0)
+    return _json_int(value or 0, _INT64, prefix.lower().rstrip("_"))
+
+
+# What makes one span of an OTLP/JSON request unusable (it is rejected, the others kept).
+_SPAN_ERRORS = (ValueError, TypeError, KeyError, AttributeError, binascii.Error, OverflowError,
+                BadSpan)
 
 
 def convert_json(doc: Any) -> Converted:
+    """The spans of a decoded OTLP/JSON export request. A span with a bad field (an id of the
+    wrong length, a value of the wrong type, an integer out of its range, payload attributes
+    a cassette cannot hold) is rejected and counted; a request whose structure is wrong raises
+    ValueError (or TypeError...)."""
     if not isinstance(doc, dict):
         raise ValueError("the body is not a JSON object")
     out = Converted([])
@@ -267,35 +338,54 @@ def convert_json(doc: Any) -> Converted:
             out.resource = resource
         for ss in _get(rs, "scopeSpans", "scope_spans", []):
             for span in ss.get("spans") or []:
+                if not isinstance(span, dict):
+                    raise ValueError("a span is not an object")
                 try:
-                    tid = _json_id(_get(span, "traceId", "trace_id"), 16)
-                    sid = _json_id(_get(span, "spanId", "span_id"), 8)
-                    parent = _json_id(_get(span, "parentSpanId", "parent_span_id"), 8)
-                    if not tid or not sid:
-                        raise ValueError("traceId and spanId are required")
-                except ValueError as exc:
-                    out.rejected += 1
-                    out.reason = str(exc)
+                    record = _json_span(span, memo)
+                except _SPAN_ERRORS as exc:
+                    out.reject(span.get("name", ""), _why(exc))
                     continue
-                status = span.get("status") or {}
-                events = [
-                    Event(name=str(e.get("name", "")),
-                          time_ns=int(_get(e, "timeUnixNano", "time_unix_nano", 0)),
-                          attributes=_json_attributes(e.get("attributes") or []))
-                    for e in span.get("events") or []
-                ]
-                base = _base(
-                    tid, sid, parent, int(span.get("flags") or 0), str(span.get("name", "")),
-                    _json_enum(span.get("kind"), ("UNSPECIFIED", *_KINDS[1:]), "SPAN_KIND_"),
-                    int(_get(span, "startTimeUnixNano", "start_time_unix_nano", 0)),
-                    int(_get(span, "endTimeUnixNano", "end_time_unix_nano", 0)),
-                    _json_enum(status.get("code"), _STATUSES, "STATUS_CODE_"),
-                    str(status.get("message") or ""), events,
-                )
-                attrs = _json_attributes(span.get("attributes") or [])
-                out.records.append(record_from_attributes(base, attrs, memo))
+                out.records.append(record)
                 out.resources.append(resource)
     return out
+
+
+def _why(exc: BaseException) -> str:
+    """What was wrong with a span, from the exception its conversion raised."""
+    if isinstance(exc, KeyError):
+        return f"the field {printable(exc.args[0] if exc.args else '', 40)!r} is missing"
+    if isinstance(exc, TypeError | AttributeError):
+        return f"a field has the wrong type ({exc})"
+    return str(exc) or type(exc).__name__
+
+
+def _json_span(span: dict[str, Any], memo: Memo) -> SpanRecord:
+    tid = _json_id(_get(span, "traceId", "trace_id"), 16)
+    sid = _json_id(_get(span, "spanId", "span_id"), 8)
+    parent = _json_id(_get(span, "parentSpanId", "parent_span_id"), 8)
+    if not tid or not sid:
+        raise ValueError("traceId and spanId are required")
+    status = span.get("status") or {}
+    events = [
+        Event(name=str(e.get("name", "")),
+              time_ns=_json_int(_get(e, "timeUnixNano", "time_unix_nano", 0), _UINT64,
+                                "timeUnixNano"),
+              attributes=_json_attributes(e.get("attributes") or []))
+        for e in span.get("events") or []
+    ]
+    base = _base(
+        tid, sid, parent, _json_int(span.get("flags") or 0, _UINT32, "flags"),
+        str(span.get("name", "")),
+        _json_enum(span.get("kind"), ("UNSPECIFIED", *_KINDS[1:]), "SPAN_KIND_"),
+        _json_int(_get(span, "startTimeUnixNano", "start_time_unix_nano", 0), _UINT64,
+                  "startTimeUnixNano"),
+        _json_int(_get(span, "endTimeUnixNano", "end_time_unix_nano", 0), _UINT64,
+                  "endTimeUnixNano"),
+        _json_enum(status.get("code"), _STATUSES, "STATUS_CODE_"),
+        str(status.get("message") or ""), events,
+    )
+    attrs = _json_attributes(span.get("attributes") or [])
+    return record_from_attributes(base, attrs, memo, foreign=True)
 
 
 # -- request handling (no sockets: the HTTP layer below only moves bytes) ----------------------
@@ -330,6 +420,10 @@ def _gunzip(body: bytes, limit: int) -> bytes:
         raise RejectedRequest(400, "the gzip body is truncated.") from None
 
 
+def _one_line(exc: BaseException) -> str:
+    return printable(" ".join(str(exc).split()) or type(exc).__name__)
+
+
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
@@ -340,6 +434,20 @@ class Reply:
     content_type: str
     body: bytes
     headers: dict[str, str]
+
+
+class _JsonRequest(msgspec.Struct, gc=False):
+    """The top level of an OTLP/JSON export request, decoded typed: other fields are skipped
+    without being built, and ``resourceSpans`` holding anything but objects is refused at its
+    first item (``[[], [], ...]`` inflated from a small gzip body would otherwise be built
+    into gigabytes of Python lists before any check)."""
+
+    resourceSpans: list[dict[str, Any]] | None = None  # (the OTLP/JSON name)
+    resource_spans: list[dict[str, Any]] | None = None
+
+
+_decode_json_request = msgspec.json.Decoder(_JsonRequest).decode
+_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")  # (JSON's whitespace; no copy of the body)
 
 
 class TraceIntake:
@@ -353,6 +461,7 @@ class TraceIntake:
         self.requests = 0
         self.spans = 0
         self.rejected_requests = 0
+        self.rejected_spans = 0  # spans of accepted requests refused one by one (partial success)
 
     def check_length(self, content_length: int) -> None:
         if content_length > self.limits.max_body_bytes:
@@ -361,29 +470,57 @@ class TraceIntake:
                 "byte limit; send smaller batches."
             )
 
-    def handle(self, body: bytes, content_type: str | None, content_encoding: str | None) -> Reply:
-        """One ``POST /v1/traces``: the reply to send back (never raises)."""
+    @staticmethod
+    def check_type(content_type: str | None) -> str:
+        """The media type of an OTLP request (RejectedRequest 415 for any other)."""
+        fmt = media_type(content_type)
+        if fmt not in (PROTOBUF, JSON):
+            raise RejectedRequest(
+                415, f"content type {fmt or 'missing'!r} is not OTLP; use {PROTOBUF} or {JSON}."
+            )
+        return fmt
+
+    def acquire(self) -> None:
+        """Take one of the ``max_inflight`` request slots (RejectedRequest 503 when all are
+        taken): the HTTP handler takes it before reading a body, so at most that many bodies
+        are held at once."""
+        if not self._slots.acquire(blocking=False):
+            raise RejectedRequest(503, "the receiver is busy; retry later.", retry_after=1)
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def refused(self) -> None:
+        """Count a request the HTTP layer refused before its body reached :meth:`handle`."""
+        with self._lock:
+            self.rejected_requests += 1
+
+    def handle(self, body: bytes, content_type: str | None, content_encoding: str | None,
+               *, slot_held: bool = False) -> Reply:
+        """One ``POST /v1/traces``: the reply to send back (never raises). ``slot_held``: the
+        caller took a slot with :meth:`acquire` (and releases it)."""
         fmt = media_type(content_type)
         reply_fmt = fmt if fmt in (PROTOBUF, JSON) else JSON
         try:
-            if not self._slots.acquire(blocking=False):
-                raise RejectedRequest(503, "the receiver is busy; retry later.", retry_after=1)
+            if slot_held:
+                return self._handle(body, fmt, content_encoding)
+            self.acquire()
             try:
                 return self._handle(body, fmt, content_encoding)
             finally:
                 self._slots.release()
         except RejectedRequest as exc:
-            with self._lock:
-                self.rejected_requests += 1
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-            code = 14 if exc.status in (429, 503) else 3  # UNAVAILABLE / INVALID_ARGUMENT
-            return Reply(exc.status, reply_fmt, _status_body(reply_fmt, code, exc.reason), headers)
+            return self.reply_for(exc, reply_fmt)
+
+    def reply_for(self, exc: RejectedRequest, reply_fmt: str = JSON) -> Reply:
+        """The reply refusing a request (counted)."""
+        self.refused()
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        code = 14 if exc.status in (429, 503) else 3  # UNAVAILABLE / INVALID_ARGUMENT
+        return Reply(exc.status, reply_fmt, _status_body(reply_fmt, code, exc.reason), headers)
 
     def _handle(self, body: bytes, fmt: str, content_encoding: str | None) -> Reply:
-        if fmt not in (PROTOBUF, JSON):
-            raise RejectedRequest(
-                415, f"content type {fmt or 'missing'!r} is not OTLP; use {PROTOBUF} or {JSON}."
-            )
+        self.check_type(fmt)
         encoding = (content_encoding or "identity").strip().lower()
         if encoding == "gzip":
             body = _gunzip(body, self.limits.max_decompressed_bytes)
@@ -401,6 +538,10 @@ class TraceIntake:
         with self._lock:
             self.requests += 1
             self.spans += len(records)
+            self.rejected_spans += converted.rejected
+        if converted.rejected:
+            log.warning("timetracer-otel: rejected %d span(s) of a request (told the sender): %s",
+                        converted.rejected, converted.reason)
         return Reply(200, fmt, self._success(fmt, converted), {})
 
     @staticmethod
@@ -421,14 +562,26 @@ class TraceIntake:
                 return convert_protobuf(request)
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
                 raise RejectedRequest(400, f"the export request is invalid ({exc}).") from None
+        if not _OBJECT_START.match(body):
+            raise RejectedRequest(400, "the body is not an OTLP JSON export request (not a JSON "
+                                  "object).")
         try:
-            doc = msgspec.json.decode(body)
+            top = _decode_json_request(body)
+        except msgspec.ValidationError as exc:
+            raise RejectedRequest(
+                400, f"the body is not an OTLP JSON export request ({_one_line(exc)})."
+            ) from None
         except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
-            raise RejectedRequest(400, f"the body is not JSON ({exc}).") from None
+            raise RejectedRequest(400, f"the body is not JSON ({_one_line(exc)}).") from None
+        spans = top.resourceSpans if top.resourceSpans is not None else top.resource_spans
+        doc = {"resourceSpans": spans or []}
         try:
             return convert_json(doc)
-        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError) as exc:
-            raise RejectedRequest(400, f"the body is not an OTLP JSON export request ({exc}).") from None
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError,
+                OverflowError) as exc:
+            raise RejectedRequest(
+                400, f"the body is not an OTLP JSON export request ({_one_line(exc)})."
+            ) from None
 
     @staticmethod
     def _success(fmt: str, converted: Converted) -> bytes:
@@ -483,7 +636,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._refuse(405, f"use POST {TRACES_PATH}.", close=True)
 
+    _expect_continue = False
+
+    def parse_request(self) -> bool:
+        self._expect_continue = False  # (set again by handle_expect_100, for this request)
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        # http.server answers "100 Continue" as it parses the headers; here it is sent only
+        # once do_POST has found the request acceptable, so a refused body is never invited.
+        self._expect_continue = True
+        return True
+
     def do_POST(self) -> None:
+        expect_continue, self._expect_continue = self._expect_continue, False
         if self.path.split("?", 1)[0] != TRACES_PATH:
             self._refuse(404, f"this receiver takes traces only, at POST {TRACES_PATH}.", close=True)
             return
@@ -491,25 +657,71 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self._refuse(411, "send the body with a Content-Length.", close=True)
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._refuse(411, "send the body with a valid Content-Length.", close=True)
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
+        if not lengths:
+            self._refuse(411, "send the body with a Content-Length.", close=True)
             return
+        if len(lengths) > 1:
+            intake.refused()
+            self._refuse(400, "the request has conflicting Content-Length headers; send one.",
+                         close=True)
+            return
+        (text,) = lengths
+        if not _LENGTH.fullmatch(text):
+            intake.refused()
+            self._refuse(400, "the Content-Length is not a number of bytes; send a valid one.",
+                         close=True)
+            return
+        length = int(text)
+        content_type = self.headers.get("Content-Type")
         try:
+            # Everything that can refuse the request before its body is read: its size, its
+            # type, and a free slot (so at most max_inflight bodies are in memory at once).
             intake.check_length(length)
+            intake.check_type(content_type)
+            intake.acquire()
         except RejectedRequest as exc:
-            self._refuse(exc.status, exc.reason, close=True)
+            fmt = media_type(content_type)
+            self._send(intake.reply_for(exc, fmt if fmt in (PROTOBUF, JSON) else JSON), close=True)
             self._drain()
             return
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True  # the client went away mid-body
-            return
-        reply = intake.handle(body, self.headers.get("Content-Type"), self.headers.get("Content-Encoding"))
+        try:
+            if expect_continue:
+                self.send_response_only(100)
+                self.end_headers()
+            body = self._read_body(length, intake.limits.read_timeout)
+            if body is None:
+                self.close_connection = True  # the client went away or stalled mid-body
+                return
+            reply = intake.handle(body, content_type, self.headers.get("Content-Encoding"),
+                                  slot_held=True)
+        finally:
+            intake.release()
         self._send(reply)
+
+    def _read_body(self, length: int, timeout: float) -> bytes | None:
+        """The ``length`` bytes of the body, or None when the client closes the connection or
+        takes more than ``timeout`` seconds in all to send them."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while got < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.connection.settimeout(left)
+                n = self.rfile.readinto(view[got:got + (1 << 20)])
+                if not n:
+                    return None
+                got += n
+        except OSError:  # (socket timeouts included)
+            return None
+        finally:
+            view.release()
+        self.connection.settimeout(timeout)
+        return bytes(buf)
 
     def _drain(self) -> None:
         # A lingering close: the refused body is read and thrown away for a moment, so the
@@ -603,9 +815,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:4318`` for IPv6) → (host, port)."""
     host, sep, port = listen.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not _LENGTH.fullmatch(port) or not 0 <= int(port) < 65536:
         raise ConfigError(f"--listen {listen!r} is not HOST:PORT; use e.g. 127.0.0.1:4318.")
     return host, int(port)
+
+
+MAX_QUIET_PERIOD = 7 * 24 * 3600  # seconds: a trace quiet for a week is long finished
 
 
 def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_period: float) -> int:
@@ -613,8 +828,9 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
     settings = Settings.from_env()
     limits = ReceiverLimits()
     host, port = parse_listen(listen)
-    if not math.isfinite(quiet_period) or quiet_period < 0:
-        raise ConfigError("--quiet-period must be a number of seconds, 0 or more.")
+    if not math.isfinite(quiet_period) or not 0 <= quiet_period <= MAX_QUIET_PERIOD:
+        raise ConfigError(f"--quiet-period {quiet_period:g} is not a number of seconds from 0 "
+                          f"to {MAX_QUIET_PERIOD}; use e.g. --quiet-period 2.")
     location = directory or settings.dir
     storage = storage_for(location)
     storage.check()
@@ -658,7 +874,9 @@ def collect_command(listen: str, directory: str | None, fmt: str | None, quiet_p
     intake = receiver.intake
     sys.stderr.write(
         f"timetracer-otel: received {intake.spans} spans in {intake.requests} requests "
-        f"({intake.rejected_requests} refused); wrote {stats['written']} cassette(s), "
+        f"({intake.rejected_requests} refused"
+        + (f", {intake.rejected_spans} span(s) rejected" if intake.rejected_spans else "")
+        + f"); wrote {stats['written']} cassette(s), "
         f"dropped {stats['dropped_spans']} span(s)"
         + (f"; {orphans} span(s) whose parent never came were added to their trace's cassette"
            if (orphans := writer.assembler.orphan_spans) else "")

@@ -43,6 +43,27 @@ _unpack = msgspec.msgpack.Decoder(ext_hook=reject_ext).decode
 _unjson = msgspec.json.Decoder().decode
 
 
+def _keys_checked(tree: Any) -> Any:
+    # TypeError for a map key JSON cannot write (an array, a bool, null).
+    return msgspec.to_builtins(tree, builtin_types=(bytes, bytearray, memoryview), str_keys=True)
+
+
+class BadSpan(Exception):
+    """A span from another process (OTLP) whose payload attributes have the wrong types or
+    hold values no cassette can store: the receiver rejects it (``str(exc)``: why)."""
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """``text`` safe for a log line: control characters (terminal escapes...) escaped, cut at
+    ``limit`` characters."""
+    s = text if type(text) is str else repr(text)
+    if len(s) > limit:
+        s = s[:limit] + "..."
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
 def decode_payload(value: Any) -> Any:
     """A payload attribute: msgpack bytes in-process and over OTLP protobuf, text if a
     pipeline turned the bytes into a JSON string."""
@@ -74,15 +95,15 @@ _URL_ATTRS = ("url.full", "http.url")
 
 def record_from_attributes(
     base: dict[str, Any], attributes: Mapping[str, Any], memo: Memo | None = None,
-    raw: bool = False,
+    raw: bool = False, *, foreign: bool = False,
 ) -> SpanRecord:
     """Finish a SpanRecord: split payload attributes from the ordinary ones."""
-    return record_from_parts(base, attributes, attributes, memo, raw)
+    return record_from_parts(base, attributes, attributes, memo, raw, foreign=foreign)
 
 
 def record_from_parts(
     base: dict[str, Any], attrs: Mapping[str, Any], payloads: Mapping[str, Any],
-    memo: Memo | None = None, raw: bool = False,
+    memo: Memo | None = None, raw: bool = False, *, foreign: bool = False,
 ) -> SpanRecord:
     """Finish a SpanRecord from the ordinary attributes (``attrs``; payload attributes in it
     are left out) and the payload attributes (``payloads``: any mapping holding them,
@@ -91,8 +112,12 @@ def record_from_parts(
     ``raw``: keep the request, response and error of a :data:`ATTR_PAYLOAD` as the msgpack
     bytes they are (``msgspec.Raw``), for a msgpack cassette that embeds them unchanged. Only
     for payloads this process made; bytes from elsewhere (OTLP) are decoded, which checks them.
+
+    ``foreign``: the span came from another process (OTLP). Payload attributes of the wrong
+    type, and payload trees a cassette cannot hold (a map key that is no string, an integer
+    beyond 64 bits), raise :class:`BadSpan` instead of being dropped from the record.
     """
-    fields = _payload_fields(payloads, raw, base.get("name"))
+    fields = _payload_fields(payloads, raw, base.get("name"), foreign=foreign)
     return SpanRecord(**STATE.redactor.span_fields(base), attributes=_ordinary(attrs, fields[4], memo),
                       **dict(zip(_PAYLOAD_FIELDS, fields, strict=True)))
 
@@ -115,16 +140,18 @@ PayloadFields = tuple[Any, Any, Any, Any, Any, Any, Any, bool]
 
 
 def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
-                    deferred: Any = None) -> PayloadFields:
+                    deferred: Any = None, foreign: bool = False) -> PayloadFields:
     """The SpanRecord payload fields of a span (in :data:`_PAYLOAD_FIELDS` order): from its
     deferred call (built now, see ``base.defer``), from :data:`ATTR_PAYLOAD`, or from the
     separate attributes of earlier releases; all empty for a span that carries none, or
-    (logged) whose payload cannot be read or built."""
+    (logged) whose payload cannot be read or built. ``foreign``: see :func:`record_from_parts`
+    (a payload of the wrong type raises :class:`BadSpan`; one that does not decode is logged
+    and left out, as for any span)."""
     try:
         combined = payloads.get(ATTR_PAYLOAD) if deferred is None else deferred_payload(deferred)
     except Exception as exc:  # a builder's failure loses this call, never the trace
-        log.warning("timetracer-otel: the recorded call on span %s could not be encoded: %r",
-                    name, exc)
+        log.warning("timetracer-otel: the recorded call on span %s could not be encoded: %s",
+                    printable(name), printable(repr(exc)))
         return _NO_PAYLOAD
     try:
         if combined is not None:
@@ -135,24 +162,76 @@ def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
             elif isinstance(combined, str):  # a pipeline turned the bytes into JSON text
                 p, decode = _unjson_payload(combined), _unjson
             else:
-                raise ValueError(f"{ATTR_PAYLOAD} is a {type(combined).__name__}, not bytes")
+                raise _WrongType(f"{ATTR_PAYLOAD} is {type_phrase(combined)}, not bytes")
             if raw and (type(combined) is Payload or type(combined) is bytes):
                 # This process's payload in a msgpack cassette: its parts kept as they are.
                 return (p.library, p.key, p.shape, p.label, p.request or None,
                         p.response or None, p.error or None, p.truncated)
             request, response, error = (decode(part) if part else None
                                         for part in (p.request, p.response, p.error))
+            if foreign:
+                _check_trees(ATTR_PAYLOAD, decode is _unjson, request, response, error)
             return (p.library, p.key, p.shape, p.label, request, response, error, p.truncated)
         library = payloads.get(ATTR_LIBRARY)
-        if not library:
+        if library is None or library == "":
             return _NO_PAYLOAD
-        return (str(library), str(payloads.get(ATTR_KEY)), payloads.get(ATTR_SHAPE),
-                payloads.get(ATTR_LABEL), decode_payload(payloads.get(ATTR_REQUEST)),
-                decode_payload(payloads.get(ATTR_RESPONSE)), decode_payload(payloads.get(ATTR_ERROR)),
-                bool(payloads.get(ATTR_TRUNCATED, False)))
-    except (msgspec.DecodeError, ValueError) as exc:
-        log.warning("timetracer-otel: unreadable payload on span %s: %s", name, exc)
+        key, shape, label = (payloads.get(ATTR_KEY), payloads.get(ATTR_SHAPE),
+                             payloads.get(ATTR_LABEL))
+        truncated = payloads.get(ATTR_TRUNCATED, False)
+        for attr, value in ((ATTR_LIBRARY, library), (ATTR_KEY, key), (ATTR_SHAPE, shape),
+                            (ATTR_LABEL, label)):
+            if value is not None and type(value) is not str:
+                raise _WrongType(f"{attr} is {type_phrase(value)}, not a string")
+        if truncated is not None and type(truncated) is not bool:
+            raise _WrongType(f"{ATTR_TRUNCATED} is {type_phrase(truncated)}, not true or false")
+        parts = [payloads.get(ATTR_REQUEST), payloads.get(ATTR_RESPONSE), payloads.get(ATTR_ERROR)]
+        for attr, value in zip((ATTR_REQUEST, ATTR_RESPONSE, ATTR_ERROR), parts, strict=True):
+            if value is not None and not isinstance(value, bytes | bytearray | str):
+                raise _WrongType(f"{attr} is {type_phrase(value)}, not bytes")
+        request, response, error = (decode_payload(v) for v in parts)
+        if foreign:
+            for attr, value, tree in zip((ATTR_REQUEST, ATTR_RESPONSE, ATTR_ERROR), parts,
+                                         (request, response, error), strict=True):
+                _check_trees(attr, isinstance(value, str), tree)
+        return (str(library), str(key), shape, label, request, response, error, bool(truncated))
+    except _WrongType as exc:
+        if foreign:
+            raise BadSpan(str(exc)) from None
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name),
+                    printable(str(exc)))
         return _NO_PAYLOAD
+    except (msgspec.DecodeError, ValueError) as exc:
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name),
+                    printable(str(exc)))
+        return _NO_PAYLOAD
+
+
+def type_phrase(value: Any) -> str:
+    """``value``'s type with its article, for a message: "an int", "a list"."""
+    name = type(value).__name__
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
+class _WrongType(Exception):
+    """A payload attribute of the wrong type (see :func:`_payload_fields`)."""
+
+
+def _check_trees(attr: str, from_json: bool, *trees: Any) -> None:
+    """Refuse (:class:`BadSpan`) payload trees from another process that a cassette cannot
+    hold: from JSON text, integers beyond 64 bits (msgpack cannot store them); from msgpack, a
+    map key that is no string or number (JSON cannot). One pass in C, no Python walk (for
+    msgpack, a copy of the containers that leaves bytes as they are: no base64 of bodies)."""
+    for tree in trees:
+        if type(tree) is dict or type(tree) is list:
+            pass
+        elif not from_json or type(tree) is not int:
+            continue  # a scalar: no map keys; only an int from JSON can be out of range
+        try:
+            _pack(tree) if from_json else _keys_checked(tree)
+        except OverflowError:
+            raise BadSpan(f"{attr} holds an integer beyond 64 bits") from None
+        except (TypeError, ValueError, UnicodeEncodeError):
+            raise BadSpan(f"{attr} holds a map key that is not a string") from None
 
 
 def _redact(attrs: dict[str, Any], memo: Memo | None, copy: bool = True) -> dict[str, Any]:
