@@ -227,3 +227,26 @@ def test_fresh_parameters_replay_by_shape_and_strict_refuses(pg_database: str, t
     assert len(rep.report.shape_matches) == 1 and "params" in rep.report.shape_matches[0].diff[0]
     with timetracer_otel.replay(rec.paths, strict=True), pytest.raises(ReplayMissError):
         job(unreachable_port())
+
+
+def test_statements_built_client_side_with_bytes_are_the_recorded_ones(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """Bytes bound client-side (``ClientCursor``, ``sql.Literal``) are escaped as the recorded
+    server's session has libpq escape them (hex, standard_conforming_strings on), so the
+    statement the app builds in a replay is the one recorded, and found."""
+
+    def job(port: int) -> list[Any]:
+        with psycopg.connect(_dsn(port, pg_database)) as conn:
+            cur = psycopg.ClientCursor(conn)
+            text = cur.mogrify("SELECT %s::bytea AS b, %s AS s", (b"\x00\xff", "it's \\ here"))
+            query = sql.SQL("SELECT {} AS b").format(sql.Literal(b"\x01\x02"))
+            return [text, cur.execute("SELECT %s::bytea", (b"\x00\xff",)).fetchone(),
+                    query.as_string(conn), conn.execute(query.as_string(conn)).fetchone()]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT)
+    assert live[1] == (b"\x00\xff",) and live[3] == (b"\x01\x02",)
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert job(unreachable_port()) == live
+    assert rep.report.ok

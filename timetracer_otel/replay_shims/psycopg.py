@@ -1104,6 +1104,38 @@ def _exec_command(original: Any) -> Any:
     return _exec_command
 
 
+def _escaped_bytea(original: Any) -> Any:
+    """``Escaping.escape_bytea`` on a replayed connection: as the recorded server's session
+    makes libpq escape (hex, with ``standard_conforming_strings`` as it was), not as a
+    connection that never reached a server does (the old escape format, backslashes doubled),
+    so a statement the app builds client-side (``ClientCursor``, ``sql.Literal(bytes)``) is
+    the recorded one."""
+    def escape_bytea(self: Any, data: Any) -> bytes:
+        conn = self.conn
+        if isinstance(conn, ReplayPGconn) and conn.server_version >= 90000:
+            prefix = b"\\x" if conn.parameter_status(b"standard_conforming_strings") == b"on" \
+                else b"\\\\x"
+            return prefix + bytes(data).hex().encode()
+        return original(self, data)  # type: ignore[no-any-return]
+
+    return escape_bytea
+
+
+def _escaped_string(original: Any) -> Any:
+    """``Escaping.escape_string`` on a replayed connection: quotes doubled, and backslashes
+    too only where the recorded session had ``standard_conforming_strings`` off."""
+    def escape_string(self: Any, data: Any) -> bytes:
+        conn = self.conn
+        if isinstance(conn, ReplayPGconn):
+            out = bytes(data).replace(b"'", b"''")
+            if conn.parameter_status(b"standard_conforming_strings") != b"on":
+                out = out.replace(b"\\", b"\\\\")
+            return out
+        return original(self, data)  # type: ignore[no-any-return]
+
+    return escape_string
+
+
 def _notifies(original: Any) -> Any:
     # Notifications come from the server's socket: a replayed connection has none.
     def notifies(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1186,6 +1218,10 @@ class PsycopgShim(Shim):
         self.wrap(ServerCursorMixin, "_declare_gen", _declare_gen)
         self.wrap(ServerCursorMixin, "_fetch_gen", _fetch_gen)
         self.wrap(BaseConnection, "_exec_command", _exec_command)
+        from psycopg.pq import pq_ctypes
+
+        self.wrap(pq_ctypes.Escaping, "escape_bytea", _escaped_bytea)
+        self.wrap(pq_ctypes.Escaping, "escape_string", _escaped_string)
         self.wrap(BaseConnection, "_connect_gen", _connect_gen)
         self.wrap(psycopg.Connection, "notifies", _notifies)
         self.wrap(psycopg.AsyncConnection, "notifies", _notifies)
