@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg import sql
 from psycopg.rows import class_row, dict_row, namedtuple_row
 from psycopg.types.enum import EnumInfo, register_enum
@@ -250,3 +251,38 @@ def test_statements_built_client_side_with_bytes_are_the_recorded_ones(
     with timetracer_otel.replay(rec.paths, strict=True) as rep:
         assert job(unreachable_port()) == live
     assert rep.report.ok
+
+
+def test_a_connection_the_server_ended_is_closed_and_broken_in_the_replay(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """The server ends the app's connection (``pg_terminate_backend`` from another one): the
+    app's next query raises the server's error, and the connection is then closed and broken
+    in the replay as live, so a pool or the app's reconnect logic does what it did live."""
+
+    def job(port: int, admin_port: int | None) -> list[Any]:
+        out: list[Any] = []
+        conn = psycopg.connect(_dsn(port, pg_database), autocommit=True)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        if admin_port is not None:  # (not recorded: the app's own connection is what replays)
+            with suppress_instrumentation(), \
+                    psycopg.connect(_dsn(admin_port, pg_database), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.OperationalError as exc:
+            out.append((type(exc), exc.sqlstate))
+        out.append((conn.closed, conn.broken, conn.info.status.name))
+        try:
+            conn.execute("SELECT 2")
+        except psycopg.OperationalError as exc:
+            out.append((type(exc), str(exc)))
+        conn.close()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT, PG_PORT)
+    assert live[0] == (psycopg.errors.AdminShutdown, "57P01")
+    assert live[1] == (True, True, "BAD")
+    with timetracer_otel.replay(rec.paths, strict=True):
+        assert job(unreachable_port(), None) == live

@@ -432,6 +432,8 @@ class ReplayPGconn(PGconn):
     def apply(self, tx: int | None, session: dict[str, str] | None) -> None:
         if tx is not None:
             self._tx_status = tx
+            if tx == _TS.UNKNOWN:  # (libpq's answer for a connection that is gone)
+                self._open = False  # closed and broken, as psycopg then reports it live
         for k, v in (session or {}).items():
             self._params[k.encode()] = v.encode()
 
