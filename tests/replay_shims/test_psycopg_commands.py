@@ -101,3 +101,33 @@ def test_a_refused_commit_replays_as_the_same_error_in_recorded_order(
         replayed = job(unreachable_port())
     assert replayed == live
     assert rep.report.ok and not rep.report.unused
+
+
+def test_what_the_session_reports_after_set_and_rollback_replays(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """``SET`` changes what the server reports (``application_name``...), and a ROLLBACK
+    undoes a ``SET TimeZone`` of its transaction: the replayed connection reports the same,
+    and the loaders read timestamps with the time zone live had."""
+
+    def job(port: int) -> list[Any]:
+        with psycopg.connect(_dsn(port, pg_database)) as conn:
+            conn.execute("SET application_name TO 'tt_changed'")
+            conn.execute("SET TimeZone TO 'Asia/Kathmandu'")
+            conn.commit()
+            out: list[Any] = [conn.info.parameter_status("application_name"),
+                              str(conn.info.timezone)]
+            conn.execute("SET TimeZone TO 'America/Havana'")
+            out.append(str(conn.info.timezone))
+            conn.rollback()
+            out.append(str(conn.info.timezone))
+            out.append(conn.execute("SELECT '2024-01-02 03:04:05+00'::timestamptz").fetchone())
+            return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT)
+    assert live[:4] == ["tt_changed", "Asia/Kathmandu", "America/Havana", "Asia/Kathmandu"]
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        replayed = job(unreachable_port())
+    assert replayed == live and str(replayed[4][0].tzinfo) == "Asia/Kathmandu"
+    assert rep.report.ok

@@ -509,9 +509,21 @@ _seen: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionar
 _last_session: dict[str | None, Tree] = {}
 
 
-def _session_change(pgconn: Any) -> dict[str, str] | None:
+@functools.lru_cache(maxsize=1024)
+def _sets_parameters(statement: str | bytes) -> bool:
+    """Whether a statement may change what the server reports beyond the loaders' parameters
+    (``SET application_name``, ``RESET ALL``...): every reported parameter is then compared
+    after it, not only the four the loaders read."""
+    if isinstance(statement, bytes):
+        statement = statement.decode("utf-8", "replace")
+    return any(word in ("SET", "RESET") for word in first_words(statement))
+
+
+def _session_change(pgconn: Any, full: bool = False) -> dict[str, str] | None:
+    """The reported parameters that changed since the last call on ``pgconn``: the loaders'
+    four, or (``full``) every reported one."""
     now = {}
-    for name in _LOADER_PARAMS:
+    for name in _REPORTED_PARAMS if full else _LOADER_PARAMS:
         value = pgconn.parameter_status(name)
         if value is not None:
             now[name.decode()] = value.decode("utf-8", "replace")
@@ -576,7 +588,8 @@ def _connect_call(params: dict[str, Any]) -> Call:
 # --- record and replay of one cursor call ------------------------------------------------------
 
 
-def _cursor_outcome(cur: Any, results: list[Any] | None = None, *, swap: bool = False) -> Any:
+def _cursor_outcome(cur: Any, results: list[Any] | None = None, *, swap: bool = False,
+                    full: bool = False) -> Any:
     """The cursor's outcome, read from it (its results copied; with ``swap`` the cursor then
     reads the copies), as plain values: what the request path keeps of a cursor call, whose
     tree :func:`_outcome_tree` makes, in the writer for a call left to it."""
@@ -588,7 +601,7 @@ def _cursor_outcome(cur: Any, results: list[Any] | None = None, *, swap: bool = 
         cur._rowcount, cur._statusmessage = rowcount, status
     pgconn = cur._conn.pgconn
     return (cur._encoding, [c.parts() for c in copies], cur._rowcount, cur._statusmessage,
-            int(pgconn.transaction_status), _session_change(pgconn))
+            int(pgconn.transaction_status), _session_change(pgconn, full))
 
 
 def _outcome_tree(outcome: Any) -> Tree:
@@ -872,7 +885,7 @@ def _execute_gen(original: Any) -> Any:
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
-            cap.ok(_cursor_outcome(self, swap=True))
+            cap.ok(_cursor_outcome(self, swap=True, full=_sets_parameters(_statement(query))))
         return None
 
     return _execute_gen
@@ -1078,9 +1091,9 @@ def _exec_command(original: Any) -> Any:
                         encoding=pgconn._encoding)
                 raise rebuild_error(match.span.error)
             result = pgconn.simulate(text)
-            if match is not None and isinstance(match.span.response, dict) \
-                    and match.span.response.get("tx") is not None:
-                pgconn._tx_status = match.span.response["tx"]
+            answer = match.span.response if match is not None else None
+            if isinstance(answer, dict):
+                pgconn.apply(answer.get("tx"), answer.get("session"))
             return result
             yield  # a generator, like the original
         if STATE.mode is not Mode.RECORD or self._pipeline or _TAKEN.get() is not None:
@@ -1100,7 +1113,11 @@ def _exec_command(original: Any) -> Any:
                     if res is not None else None,
                     "tx": int(pgconn.transaction_status)})
                 raise
-            cap.ok({"tx": int(pgconn.transaction_status)})
+            done: dict[str, Any] = {"tx": int(pgconn.transaction_status)}
+            change = _session_change(pgconn, full=True)  # (a ROLLBACK undoes a SET)
+            if change:
+                done["session"] = change
+            cap.ok(done)
         return result
 
     return _exec_command
