@@ -43,11 +43,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def recorded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
-    """The job recorded through the CLI once for the module (each recording is a few seconds
-    of subprocesses); the upstream is stopped afterwards."""
-    tmp = tmp_path_factory.mktemp("cli-recorded")
+def record_job(tmp: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The job (one call: GET /items?page=1) recorded through the CLI into ``tmp / "c"``
+    against an upstream stopped afterwards: the cassettes, the script, its environment."""
     server = ServerThread(app).start()
     script = tmp / "job.py"
     script.write_text(SCRIPT)
@@ -60,6 +58,13 @@ def recorded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     assert out.stdout == "200 1 bytes\n"
     assert "recorded 1 cassette(s)" in out.stderr
     return tmp / "c", script, env
+
+
+@pytest.fixture(scope="module")
+def recorded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    """The job recorded through the CLI once for the module (each recording is a few seconds
+    of subprocesses)."""
+    return record_job(tmp_path_factory.mktemp("cli-recorded"))
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.conftest import ServerThread
-from tests.test_cli import CLI, SCRIPT, cli
+from tests.test_cli import CLI, SCRIPT, cli, record_job
 from tests.upstream_app import app
 from timetracer_otel.cassette import Cassette, SpanRecord, find_cassettes, load_cassette, save_cassette
 
@@ -30,18 +29,8 @@ Recorded = tuple[Path, Path, dict[str, str]]
 @pytest.fixture(scope="module")
 def recorded_once(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     """tests/test_cli.py's job (one call: GET /items?page=1) recorded through the CLI once
-    for the module; the upstream is stopped afterwards."""
-    tmp = tmp_path_factory.mktemp("cli-robustness")
-    server = ServerThread(app).start()
-    script = tmp / "job.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, UPSTREAM_URL=server.url)
-    try:
-        out = cli("record", "--dir", str(tmp / "c"), "--", sys.executable, str(script), "1", env=env)
-    finally:
-        server.stop()
-    assert out.returncode == 0 and "recorded 1 cassette(s)" in out.stderr, out.stderr
-    return tmp / "c", script, env
+    for the module."""
+    return record_job(tmp_path_factory.mktemp("cli-robustness"))
 
 
 @pytest.fixture

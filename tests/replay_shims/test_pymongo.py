@@ -134,14 +134,35 @@ def test_async_client_cursor_batches_and_fresh_ids(
 
 
 @contextlib.contextmanager
+def _proxy(port: int, pipe: Any) -> Iterator[int]:
+    """A loopback TCP proxy to ``port``: each client connection is piped both ways by
+    ``pipe(src, dst, upstream, state)`` threads sharing one ``state`` list per connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                down, _ = listener.accept()
+                up = socket.create_connection(("127.0.0.1", port))
+                state: list[Any] = []
+                threading.Thread(target=pipe, args=(down, up, True, state), daemon=True).start()
+                threading.Thread(target=pipe, args=(up, down, False, state), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@contextlib.contextmanager
 def cutting_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
     """A loopback TCP proxy to ``port``; once the event is set, the next ``find`` it sees
     closes that client's connection instead of reaching the server (a monitor's hello on its
     own connection goes on)."""
     cut = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def pipe(src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+    def pipe(src: socket.socket, dst: socket.socket, upstream: bool, _: list[Any]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if upstream and cut.is_set() and b"\x02find\x00" in data:
@@ -153,19 +174,8 @@ def cutting_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                down, _ = listener.accept()
-                up = socket.create_connection(("127.0.0.1", port))
-                threading.Thread(target=pipe, args=(down, up, True), daemon=True).start()
-                threading.Thread(target=pipe, args=(up, down, False), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1], cut
-    finally:
-        listener.close()
+    with _proxy(port, pipe) as proxy_port:
+        yield proxy_port, cut
 
 
 def test_a_lost_connection_replays_as_the_same_error(
@@ -352,9 +362,8 @@ def slow_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
     """A loopback TCP proxy to ``port``; while the event is set, the server's replies to a
     ``find`` reach the client a second late (a slow query)."""
     slow = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def pipe(src: socket.socket, dst: socket.socket, upstream: bool, finds: list[bool]) -> None:
+    def pipe(src: socket.socket, dst: socket.socket, upstream: bool, finds: list[Any]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if upstream:
@@ -366,20 +375,8 @@ def slow_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
             with contextlib.suppress(OSError):
                 s.close()
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                down, _ = listener.accept()
-                up = socket.create_connection(("127.0.0.1", port))
-                finds: list[bool] = []
-                threading.Thread(target=pipe, args=(down, up, True, finds), daemon=True).start()
-                threading.Thread(target=pipe, args=(up, down, False, finds), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1], slow
-    finally:
-        listener.close()
+    with _proxy(port, pipe) as proxy_port:
+        yield proxy_port, slow
 
 
 def test_a_query_the_app_cancelled_replays_as_never_answering(
