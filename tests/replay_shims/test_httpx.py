@@ -14,7 +14,8 @@ import timetracer_otel
 from tests.conftest import connects_refused, unreachable_port
 from tests.deferral import recorded_both_ways, secrets_learned_in_the_app
 from tests.upstream_app import app
-from timetracer_otel.errors import ReplayMissError
+from timetracer_otel.cassette import load_cassette, save_cassette
+from timetracer_otel.errors import CassetteError, ReplayMissError
 
 
 def snapshot(r: httpx.Response) -> dict[str, Any]:
@@ -186,3 +187,24 @@ def test_calls_left_to_the_writer_record_what_the_span_attribute_records(
 
 def test_secrets_of_a_call_left_to_the_writer_are_known_in_the_app(serve: Any, tmp_path: Path) -> None:
     secrets_learned_in_the_app(httpx.get, httpx.post, serve(app).url, tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["garbage", [1], {"status": "two hundred"}, {"headers": 5}])
+def test_a_recorded_response_no_shim_writes_is_named_not_a_crash(
+    serve: Any, tmp_path: Path, broken: Any
+) -> None:
+    """A cassette whose checksum holds but whose response has a shape no shim writes (from
+    another sender through ``collect``, or edited by hand) raises a CassetteError naming the
+    call and the cassette, not a TypeError from inside the shim or a wrong status."""
+    server = serve(app)
+    with timetracer_otel.record(dir=tmp_path / "rec") as rec:
+        httpx.get(f"{server.url}/items")
+    cassette = load_cassette(rec.paths[0])
+    for span in cassette.spans:
+        if span.library == "httpx":
+            span.response = {**span.response, **broken} if isinstance(broken, dict) else broken
+    path = tmp_path / "edited.msgpack"
+    save_cassette(cassette, path)
+    with timetracer_otel.replay([path]), \
+            pytest.raises(CassetteError, match=r"The recorded response of GET .*/items in .*edited"):
+        httpx.get(f"{server.url}/items")

@@ -37,6 +37,7 @@ import httpx
 
 from timetracer_otel.codec import Tree, as_bytes
 from timetracer_otel.config import Mode
+from timetracer_otel.errors import CassetteError
 from timetracer_otel.index import Match
 from timetracer_otel.keys import PROPAGATION_HEADERS, Call, http_call
 from timetracer_otel.replay_shims.base import (
@@ -400,25 +401,33 @@ def _replayed(match: Match, request: httpx.Request) -> httpx.Response:
     if span.error is not None:
         raise rebuild_error(span.error, _build_exc(request))
     r = span.response
-    chunks = [c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]
-    body_error = r.get("body_error")  # absent from a whole body's response (older cassettes)
-    stream: _Chunks
-    if body_error is not None:
-        stream = _BrokenChunks(chunks, lambda: rebuild_error(body_error, _build_exc(request)))
-    elif r.get("body_open"):
-        stream = _BrokenChunks(chunks, lambda: stopped_reading(span.label or span.name))
-    else:
-        stream = _Chunks(chunks)
-    return httpx.Response(
-        status_code=r["status"],
-        headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
-        stream=stream,
-        extensions={
-            "http_version": r["http_version"].encode("latin-1"),
-            "reason_phrase": r["reason"].encode("latin-1"),
-        },
-        request=request,
-    )
+    try:
+        chunks = [c if type(c) is bytes else as_bytes(c) for c in r["chunks"]]
+        body_error = r.get("body_error")  # absent from a whole body's response (older cassettes)
+        stream: _Chunks
+        if body_error is not None:
+            stream = _BrokenChunks(chunks, lambda: rebuild_error(body_error, _build_exc(request)))
+        elif r.get("body_open"):
+            stream = _BrokenChunks(chunks, lambda: stopped_reading(span.label or span.name))
+        else:
+            stream = _Chunks(chunks)
+        status = r["status"]
+        if type(status) is not int:
+            raise TypeError(f"its status is {status!r}")
+        return httpx.Response(
+            status_code=status,
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in r["headers"]],
+            stream=stream,
+            extensions={
+                "http_version": r["http_version"].encode("latin-1"),
+                "reason_phrase": r["reason"].encode("latin-1"),
+            },
+            request=request,
+        )
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:  # (written by no shim)
+        raise CassetteError(
+            f"The recorded response of {span.label or span.name} in {match.source} is not one "
+            f"this package writes ({type(exc).__name__}: {exc}); record it again.") from None
 
 
 def _chunks(response: httpx.Response, chunks: list[bytes]) -> None:
