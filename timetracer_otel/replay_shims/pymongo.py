@@ -13,7 +13,17 @@ ObjectId, Binary subtypes, naive UTC datetimes, DatetimeMS), its OP_MSG flags an
 pymongo's own decoder, with the client's own codec options (``tz_aware``, ``document_class``,
 ``uuidRepresentation``...), builds the values, and its own checks raise ``OperationFailure``,
 ``DuplicateKeyError`` or ``BulkWriteError`` from the server's answer as live. A network error
-(``AutoReconnect``, ``NetworkTimeout``) is recorded as that error and raised again.
+(``AutoReconnect``, ``NetworkTimeout``) is recorded as that error and raised again, closing
+the connection as pymongo does; a ``NetworkTimeout`` only once the time the attempt took
+live has passed (under ``timeoutMS``: once pymongo's own deadline has, at most a second
+past that time), so pymongo's time budget ends as it did live and it retries only what it
+retried live.
+
+A connection whose handshake the recording did not see (its client connected before
+``record()`` began: an app-wide client, every cassette after the first of a test session)
+takes its server's facts from what pymongo knows: the description its topology keeps of
+that server (kind, replica set name and members, primary, ``me``, wire versions, limits),
+else the facts the handshake left on the connection.
 
 In replay no connection reaches a server: a new one gets one end of a local socket pair, and its
 ``hello`` is answered from the recorded server facts (without ``topologyVersion``, so monitors
@@ -41,6 +51,8 @@ import functools
 import itertools
 import socket
 import struct
+import sys
+import time
 import weakref
 from datetime import datetime, timezone
 from typing import Any
@@ -50,7 +62,9 @@ from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.datetime_ms import DatetimeMS
 from opentelemetry import trace
+from pymongo import _csot
 from pymongo.message import _OpMsg
+from pymongo.server_type import SERVER_TYPE
 
 from timetracer_otel.codec import Tree, from_tree, register, to_tree
 from timetracer_otel.config import Mode
@@ -110,6 +124,8 @@ _STANDALONE: dict[str, Any] = {
     "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
     "logicalSessionTimeoutMinutes": 30, "readOnly": False,
 }
+# A read that ran out of time live: raised again once that time has passed in the replay too.
+_TIMEOUTS = frozenset({"pymongo.errors:NetworkTimeout"})
 # Cleanup the app never sees the answer of: acknowledged in replay when not recorded.
 _CLEANUP = frozenset({"endSessions", "killCursors"})
 
@@ -117,6 +133,7 @@ _CLEANUP = frozenset({"endSessions", "killCursors"})
 _PENDING = "_timetracer_pending"
 _SERVER = "_timetracer_server"  # (replay: the facts a hello answers with)
 _SERVER_TREE = "_timetracer_server_tree"  # (record: the facts the server gave, as a tree)
+_CLOSING = "_timetracer_closing"  # (replay: an async connection's close, for its receive)
 _connection_ids = itertools.count(1)
 
 
@@ -208,6 +225,113 @@ def _server_facts(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: reply[k] for k in _SERVER_FACTS if k in reply}
 
 
+def _host(node: tuple[str, int]) -> str:
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _description(conn: Any) -> tuple[Any, Any] | None:
+    """``(server description, topology)`` of the server ``conn``'s pool belongs to, as
+    pymongo's topology keeps it (from its monitor's latest hello): found through the monitors
+    pymongo registers (each refers to its topology), the server whose pool is ``conn``'s."""
+    pool = conn.pool_ref()
+    for name in ("pymongo.synchronous.monitor", "pymongo.asynchronous.monitor"):
+        try:
+            monitors = list(getattr(sys.modules.get(name), "_MONITORS", None) or ())
+        except RuntimeError:  # (changed meanwhile by another thread: the next module)
+            continue
+        for ref in monitors:
+            monitor = ref()
+            try:
+                topology = monitor._topology  # (a weak proxy: ReferenceError once freed)
+                server = topology._servers.get(conn.address)
+                if server is not None and server.pool is pool:
+                    return server.description, topology
+            except (AttributeError, ReferenceError):
+                continue
+    return None
+
+
+def _described_facts(sd: Any, topology: Any, conn: Any) -> dict[str, Any] | None:
+    """A hello's server facts (see ``_SERVER_FACTS``) made again from a server description,
+    which keeps each of them (the arbiters among the hosts: as the topology describes them);
+    None for a server pymongo does not know (yet) or a load balancer (no hello behind it)."""
+    kind = sd.server_type
+    if kind in (SERVER_TYPE.Unknown, SERVER_TYPE.LoadBalancer):
+        return None
+    facts: dict[str, Any] = {
+        "isWritablePrimary": sd.is_writable, "ismaster": sd.is_writable,
+        "maxWireVersion": sd.max_wire_version, "minWireVersion": sd.min_wire_version,
+        "maxBsonObjectSize": sd.max_bson_size, "maxMessageSizeBytes": sd.max_message_size,
+        "maxWriteBatchSize": sd.max_write_batch_size, "helloOk": bool(conn.hello_ok),
+    }
+    if sd.logical_session_timeout_minutes is not None:
+        facts["logicalSessionTimeoutMinutes"] = sd.logical_session_timeout_minutes
+    if kind == SERVER_TYPE.Mongos:
+        facts["msg"] = "isdbgrid"
+    elif kind == SERVER_TYPE.RSGhost:
+        facts["isreplicaset"] = True
+    elif sd.replica_set_name is not None:
+        facts["setName"] = sd.replica_set_name
+        facts["secondary"] = kind == SERVER_TYPE.RSSecondary
+        if kind == SERVER_TYPE.RSArbiter:
+            facts["arbiterOnly"] = True
+        elif kind == SERVER_TYPE.RSOther:
+            facts["hidden"] = True
+        hosts: list[str] = []
+        arbiters: list[str] = []
+        for node in sorted(sd.all_hosts):
+            member = topology._servers.get(node)
+            arbiter = member is not None and member.description.server_type == SERVER_TYPE.RSArbiter
+            (arbiters if arbiter else hosts).append(_host(node))
+        facts["hosts"] = hosts
+        if arbiters:
+            facts["arbiters"] = arbiters
+        for key, value in (("setVersion", sd.set_version), ("electionId", sd.election_id),
+                           ("primary", sd.primary and _host(sd.primary)),
+                           ("me", sd.me and _host(sd.me))):
+            if value is not None:
+                facts[key] = value
+    return facts
+
+
+def _handshake_facts(conn: Any) -> dict[str, Any]:
+    """The server facts a connection's own handshake left on it (no replica set's name or
+    members among them): for a connection whose topology cannot be found."""
+    facts = dict(_STANDALONE)
+    facts.update(isWritablePrimary=bool(conn.is_writable), ismaster=bool(conn.is_writable),
+                 maxWireVersion=conn.max_wire_version, maxBsonObjectSize=conn.max_bson_size,
+                 maxMessageSizeBytes=conn.max_message_size, helloOk=bool(conn.hello_ok),
+                 maxWriteBatchSize=conn.max_write_batch_size)
+    minutes = getattr(conn, "logical_session_timeout_minutes", None)
+    if minutes is None:
+        facts.pop("logicalSessionTimeoutMinutes")
+    else:
+        facts["logicalSessionTimeoutMinutes"] = minutes
+    if conn.is_mongos:
+        facts["msg"] = "isdbgrid"
+    if conn.service_id is not None:
+        facts["serviceId"] = conn.service_id
+    return facts
+
+
+def _known_server(conn: Any) -> Tree:
+    """The server facts of a connection whose hello this recording did not see (its client
+    connected before the recording began: an app-wide client, a later test's cassette):
+    what pymongo knows of that server, kept on the connection for its next calls."""
+    try:
+        found = _description(conn)
+        facts = None if found is None else _described_facts(*found, conn)
+    except Exception:  # (pymongo's internals otherwise: the connection's own facts)
+        facts = None
+    if facts is None:
+        facts = _handshake_facts(conn)
+    facts["address"] = f"{conn.address[0]}:{conn.address[1]}"  # (where it was reached)
+    tree: Tree = to_tree(facts)
+    conn.__dict__[_SERVER_TREE] = tree
+    return tree
+
+
 def _reply_tree(flags: int, payload: bytes, server: Tree) -> Tree:
     doc = bson.decode(payload, _EXACT)
     return {"flags": flags, "reply": STATE.redactor.document(to_tree(doc)), "server": server}
@@ -275,7 +399,9 @@ def _answered(conn: Any, match: Match) -> _OpMsg:
     span = match.span
     if span.error is not None:
         error = rebuild_error(span.error)
-        conn.close_conn(None)
+        closing = conn.close_conn(None)  # (closed as pymongo closes it on a network error)
+        if closing is not None:  # an AsyncConnection's close, a coroutine: its receive awaits it
+            conn.__dict__[_CLOSING] = closing
         raise error
     flags = int(span.response.get("flags") or 0)
     if flags & _MORE_TO_COME:
@@ -366,6 +492,9 @@ def _on_send(conn: Any, message: bytes) -> Any:
                     return ("cleanup", request_id, command)
                 raise
         if isinstance(action, Match):
+            error = action.span.error
+            if isinstance(error, dict) and error.get("type") in _TIMEOUTS:
+                return ("timeout", request_id, action)
             return ("match", request_id, action)
         if name in _CLEANUP:  # (passthrough has no connection to pass it through)
             return ("cleanup", request_id, command)
@@ -382,6 +511,8 @@ def _on_send(conn: Any, message: bytes) -> Any:
 
 def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException | None) -> None:
     server = conn.__dict__.get(_SERVER_TREE)
+    if server is None and (sent.cap is not None or sent.span is not None):  # (not a hello)
+        server = _known_server(conn)  # its hello was not seen: what pymongo knows of it
     if sent.span is not None:
         payload = bytes(reply.payload_document) if reply is not None else b""
         defer(sent.span, LIBRARY, (sent.message, reply.flags if reply is not None else 0,
@@ -415,20 +546,53 @@ def _send_plan(conn: Any, message: bytes) -> _Sent | bool | None:
     return plan  # type: ignore[no-any-return]
 
 
-def _replayed(conn: Any, plan: tuple[Any, ...]) -> _OpMsg:
+class _Late:
+    """A recorded network timeout, for the receive to raise once it has waited ``seconds``
+    (see :func:`_timeout_wait`)."""
+
+    __slots__ = ("conn", "match", "seconds")
+
+    def __init__(self, conn: Any, match: Match) -> None:
+        self.conn, self.match, self.seconds = conn, match, _timeout_wait(conn, match)
+
+    def answer(self) -> _OpMsg:
+        return _answered(self.conn, self.match)  # (raises the recorded timeout)
+
+
+def _timeout_wait(conn: Any, match: Match) -> float:
+    """How long a replayed read that timed out live waits before raising it: the time that
+    attempt took live, so the app's time is spent as live, and its budget: pymongo retries
+    a read that timed out with ``timeoutMS`` left, and none was left live. Under
+    ``timeoutMS`` the live read ran until pymongo's deadline, so the replay waits until its
+    own deadline (this replay's server selection and connecting, quicker, left more of it),
+    though no more than a second past the live attempt's time; under ``socketTimeoutMS``,
+    the live attempt's time, no more than the socket timeout pymongo set for this read."""
+    span = match.span
+    live = max(0, span.end_ns - span.start_ns) / 1e9
+    left = _csot.remaining()
+    if left is not None:
+        return max(0.0, min(left, live + 1.0))
+    limit = getattr(conn, "last_timeout", None)
+    return live if not limit else min(live, float(limit))
+
+
+def _replayed(conn: Any, plan: tuple[Any, ...]) -> _OpMsg | _Late:
     what = plan[0]
     if what == "hello":
         return _hello_reply(conn)
     if what == "match":
         return _answered(conn, plan[2])
+    if what == "timeout":
+        return _Late(conn, plan[2])
     if what == "cleanup":
         return _cleanup_reply(plan[2])
     return _OpMsg(0, bson.encode({"ok": 1.0}))
 
 
-def _receive_plan(conn: Any, request_id: int | None) -> _OpMsg | _Sent | None:
-    """Before a reply is read: None (read it untouched), the replayed reply, or the
-    :class:`_Sent` it answers (record)."""
+def _receive_plan(conn: Any, request_id: int | None) -> _OpMsg | _Late | _Sent | None:
+    """Before a reply is read: None (read it untouched), the replayed reply, a recorded
+    timeout to raise once it has waited (:class:`_Late`), or the :class:`_Sent` it answers
+    (record)."""
     if STATE.mode is Mode.OFF:
         return None
     plan = conn.__dict__.pop(_PENDING, None)
@@ -464,7 +628,12 @@ def _receive_message(original: Any) -> Any:
     def receive_message(self: Any, request_id: int | None) -> Any:
         plan = _receive_plan(self, request_id)
         if not isinstance(plan, _Sent):
-            return original(self, request_id) if plan is None else plan
+            if plan is None:
+                return original(self, request_id)
+            if type(plan) is _Late:
+                time.sleep(plan.seconds)
+                return plan.answer()
+            return plan
         try:
             reply = original(self, request_id)
         except Exception as exc:
@@ -500,7 +669,16 @@ def _async_receive_message(original: Any) -> Any:
                 and was_cancelled(pending[2].span):  # (see base.answer_cancelled)
             del self.__dict__[_PENDING]
             return await answer_cancelled(pending[2].span)
-        plan = _receive_plan(self, request_id)
+        try:
+            plan = _receive_plan(self, request_id)
+            if type(plan) is _Late:
+                await asyncio.sleep(plan.seconds)
+                plan = plan.answer()
+        except Exception:
+            closing = self.__dict__.pop(_CLOSING, None)
+            if closing is not None:  # (a replayed network error: the connection closed)
+                await closing
+            raise
         if not isinstance(plan, _Sent):
             return await original(self, request_id) if plan is None else plan
         try:
