@@ -344,3 +344,26 @@ def test_a_call_the_app_cancelled_replays_as_never_answering(prefix: str, tmp_pa
     with timetracer_otel.replay(rec.paths, strict=True), \
             pytest.raises(timetracer_otel.ReplayUnsupportedError, match="cancelled by the app"):
         asyncio.run(worker(unreachable_port(), 60))
+
+
+def test_a_pipeline_the_app_cancelled_replays_as_never_answering(prefix: str, tmp_path: Path) -> None:
+    async def job(port: int) -> list[Any]:
+        r = redis.asyncio.Redis(port=port, db=11, socket_connect_timeout=2)
+        out: list[Any] = []
+        pipe = r.pipeline(transaction=False)
+        pipe.blpop([prefix + "pq"], timeout=0)
+        try:
+            out.append(await asyncio.wait_for(pipe.execute(), 0.3))
+        except TimeoutError as exc:
+            out.append(type(exc))
+        out.append(await r.set(prefix + "after", "1"))
+        await r.delete(prefix + "after")
+        await r.aclose()
+        return out
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = asyncio.run(job(REDIS_PORT))
+    assert live == [TimeoutError, True]
+    with connects_refused() as attempts, timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert asyncio.run(job(unreachable_port())) == live
+    assert attempts == [] and rep.report.ok

@@ -570,6 +570,8 @@ def _async_pipeline_execute(original: Any) -> Any:
         if isinstance(action, Match):
             run = self._execute_transaction if transaction else self._execute_pipeline
             try:
+                if was_cancelled(action.span):
+                    return await answer_cancelled(action.span)
                 return await run(_AsyncReplayed(_recorded_reads(action)), self.command_stack,
                                  raise_on_error)
             finally:
