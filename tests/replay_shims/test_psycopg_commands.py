@@ -131,3 +131,24 @@ def test_what_the_session_reports_after_set_and_rollback_replays(
         replayed = job(unreachable_port())
     assert replayed == live and str(replayed[4][0].tzinfo) == "Asia/Kathmandu"
     assert rep.report.ok
+
+
+def test_a_named_cursors_own_commands_are_its_calls_not_extra_ones(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """A server-side cursor's DECLARE and FETCH go through psycopg's command path; they are
+    the cursor's recorded calls, not commands recorded twice and left unused in the replay
+    (which fails a replay that checks for unused calls, the pytest plugin's `none` mode)."""
+
+    def job(port: int) -> list[Any]:
+        with psycopg.connect(_dsn(port, pg_database)) as conn, \
+                conn.cursor(name="named_c") as cur:
+            cur.execute("SELECT generate_series(1, 6)")
+            return [cur.fetchone(), cur.fetchmany(3), cur.fetchall()]
+
+    with timetracer_otel.record(dir=tmp_path) as rec:
+        live = job(PG_PORT)
+    assert live == [(1,), [(2,), (3,), (4,)], [(5,), (6,)]]
+    with timetracer_otel.replay(rec.paths, strict=True) as rep:
+        assert job(unreachable_port()) == live
+    assert rep.report.ok and rep.report.unused == []

@@ -48,6 +48,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 import psycopg
@@ -1017,11 +1018,14 @@ def _declare_gen(original: Any) -> Any:
         if action is LIVE:
             return (yield from original(self, query, params, binary))
         with _recording(call) as cap:
+            inside = _IN_CALL.set(True)
             try:
                 yield from original(self, query, params, binary)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
+            finally:
+                _IN_CALL.reset(inside)
             cap.ok(_cursor_outcome(self))
         return None
 
@@ -1049,15 +1053,23 @@ def _fetch_gen(original: Any) -> Any:
         if action is LIVE:
             return (yield from original(self, num))
         with _recording(call) as cap:
+            inside = _IN_CALL.set(True)
             try:
                 rows = yield from original(self, num)
             except Exception as exc:
                 cap.fail(exc, _error_attrs(self, exc))
                 raise
+            finally:
+                _IN_CALL.reset(inside)
             cap.ok(_cursor_outcome(self, [self.pgresult]))
         return rows
 
     return _fetch_gen
+
+
+# Set while a server-side cursor's call is recorded on a span of its own (the instrumentation
+# has none for them, so no span is claimed): the commands it sends are the call's.
+_IN_CALL: ContextVar[bool] = ContextVar("timetracer_psycopg_in_call", default=False)
 
 
 def _command_call(conn: Any, command: Any) -> tuple[str, Call]:
@@ -1096,9 +1108,11 @@ def _exec_command(original: Any) -> Any:
                 pgconn.apply(answer.get("tx"), answer.get("session"))
             return result
             yield  # a generator, like the original
-        if STATE.mode is not Mode.RECORD or self._pipeline or _TAKEN.get() is not None:
-            # (inside a call being recorded: the BEGIN before a statement is that statement's;
-            # a span of its own there would make a lone statement a trace of two spans)
+        if STATE.mode is not Mode.RECORD or self._pipeline or _TAKEN.get() is not None \
+                or _IN_CALL.get():
+            # (inside a call being recorded: the BEGIN before a statement is that statement's,
+            # a named cursor's DECLARE and FETCH are its calls'; a span of its own there would
+            # make a lone statement a trace of two spans)
             return (yield from original(self, command, result_format))
         text, call = _command_call(self, command)
         if decide(call) is LIVE:  # (suppressed: not the app's own)
