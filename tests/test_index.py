@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import msgspec
@@ -217,3 +218,8 @@ def test_a_token_inside_bytes_counts_as_one_value_in_a_key_wherever_it_starts(
     assert stable_hash("botocore", {"Data": one}) == stable_hash("botocore", {"Data": two})
     assert stable_hash("botocore", {"Data": [one]}) == stable_hash("botocore", {"Data": [two]})
     assert stable_hash("botocore", {"Data": one}) != stable_hash("botocore", {"Data": one + b"!"})
+    # ... and inside base64 text (an SQS body the app sends as base64 of its JSON)
+    text_one, text_two = (base64.b64encode(b).decode() for b in (one, two))
+    assert stable_hash("botocore", {"Body": text_one}) == stable_hash("botocore", {"Body": text_two})
+    assert stable_hash("botocore", {"Body": text_one}) != stable_hash(
+        "botocore", {"Body": base64.b64encode(one + b"!").decode()})

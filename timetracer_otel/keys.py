@@ -36,20 +36,29 @@ _TOKEN_BYTES = re.compile(rb"redacted:[0-9a-f]+")
 
 
 # "redacted:" in base64 at each of the three places a token can start within bytes (the JSON
-# of stable_hash carries bytes as base64): the groups of three bytes that hold only the
-# token's ("redacted:", "dacted", "edacte").
+# of stable_hash carries bytes as base64, and an app may send base64 text): the groups of
+# three bytes that hold only the token's ("redacted:", "dacted", "edacte").
 _B64_0, _B64_1, _B64_2 = b"cmVkYWN0ZWQ6", b"ZGFjdGVk", b"ZWRhY3Rl"
+_B64_TOKEN_TEXT = re.compile(r"cmVkYWN0ZWQ6|ZGFjdGVk|ZWRhY3Rl")
 
 
 def _tokens_folded(tree: Tree) -> Tree:
     """``tree`` with the tokens inside its bytes values (an app's JSON upload redacted in its
-    own bytes) made one value, as the JSON text's are in :func:`stable_hash`."""
+    own bytes), and inside base64 text (a message body sent as base64 of the app's JSON),
+    made one value, as the JSON text's are in :func:`stable_hash`."""
     if isinstance(tree, dict):
         return {k: _tokens_folded(v) for k, v in tree.items()}
     if isinstance(tree, list | tuple):
         return [_tokens_folded(v) for v in tree]
     if isinstance(tree, bytes) and b"redacted:" in tree:
         return _TOKEN_BYTES.sub(b"redacted", tree)
+    if isinstance(tree, str) and _B64_TOKEN_TEXT.search(tree):
+        try:
+            inner = base64.b64decode(tree, validate=True)
+        except ValueError:
+            return tree
+        if b"redacted:" in inner:  # (hashed as the bytes it holds, tokens folded)
+            return _TOKEN_BYTES.sub(b"redacted", inner)
     return tree
 
 
@@ -57,7 +66,8 @@ def stable_hash(library: str, fields: Tree) -> str:
     """A short, stable hex digest of ``fields`` (sorted-key canonical JSON) for ``library``;
     redaction tokens, in text and in bytes, count as one value."""
     raw = _encode_sorted([library, fields])
-    if _B64_0 in raw or _B64_1 in raw or _B64_2 in raw:  # (rare: walked only then)
+    if _B64_0 in raw or _B64_1 in raw or _B64_2 in raw:  # (rare: walked only then; three
+        # substring searches cost less than one regex alternation, which tries each place)
         raw = _encode_sorted([library, _tokens_folded(fields)])
     if b"redacted:" in raw:
         raw = _TOKEN.sub("redacted", raw.decode()).encode()
