@@ -91,6 +91,9 @@ class Call:
     _key: str | None = field(default=None, repr=False)
     _shape_key: str | None = field(default=None, repr=False)
     _built: bool = field(default=False, repr=False)
+    # The call as cassettes recorded before a change of its key saw it (see sql.sql_call):
+    # looked up when the call itself is not found.
+    before: Callable[[], Call] | None = field(default=None, repr=False)
 
     @property
     def request(self) -> Tree:

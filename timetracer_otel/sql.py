@@ -109,6 +109,21 @@ _GENERATED = [
 ]
 
 
+# How statements were read before 2026-11-30: whitespace folded inside literals too, and a
+# "--" or "/*" inside a dollar-quoted or E'' string taken for a comment. A statement that reads
+# otherwise now is also looked up under the key it had then (see Call.before).
+_OLD_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?\*/|--[^\n]*", re.S)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised_before_20261130(statement: str | bytes) -> str:
+    if isinstance(statement, bytes):
+        statement = statement.decode("utf-8", "replace")
+    cut = _OLD_TOKENS.sub(lambda m: " " if m.group(0)[0] in "/-" else m.group(0), statement)
+    text = _SPACES.sub(" ", cut).strip()
+    return text[:-1].rstrip() if text.endswith(";") else text
+
+
 # Apps repeat a small set of statements: the lexing runs once per distinct text.
 @functools.lru_cache(maxsize=4096)
 def normalise_statement(statement: str | bytes) -> str:
@@ -170,6 +185,15 @@ def sql_call(
     tree = r.sql_params(text, tree, redact_params)  # shim and configured rules
     if tree:  # a secret seen elsewhere (a bearer token) given as a parameter: its token
         tree = r.scrub(tree)
+    call = _keyed(library, text, tree, database, operation, extra)
+    old = _normalised_before_20261130(statement)
+    if old != text:  # (cassettes recorded before read this statement so: found there too)
+        call.before = functools.partial(_keyed, library, old, tree, database, operation, extra)
+    return call
+
+
+def _keyed(library: str, text: str, tree: Any, database: str | None, operation: str,
+           extra: dict[str, Any] | None) -> Call:
     if extra is not None:
         identity = {"db": database, "op": operation, "statement": text, "params": tree, **extra}
         shape = {"db": database, "op": operation, "statement": statement_shape(text), **extra}
