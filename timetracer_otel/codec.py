@@ -10,16 +10,20 @@ Every other type becomes a one-key dict whose key starts with ``$`` (a tag)::
     (1, Decimal('NaN'))
 
 ``bytes`` stay ``bytes`` in msgpack and become base64 text in JSON; ``from_tree`` accepts both.
-Driver types (bson, asyncpg) are handled by name, so this module imports no driver.
+Driver types (bson, asyncpg, asyncpg's composite ``Record``) are handled by name, so this
+module imports no driver. A subclass of a builtin keeps its base's encoding, except in values a
+shim encodes with :func:`to_tree_typed` (what a driver returned), where its class is kept too.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime as dt
 import enum
 import importlib
 import ipaddress
+import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable
@@ -237,6 +241,20 @@ def _asyncpg_type(name: str) -> Any:
     return getattr(asyncpg, name)
 
 
+def _enc_record(v: Any) -> Tree:
+    # A composite value asyncpg decoded (always its own Record class): names and values.
+    return {"$asyncpg.Record": [list(v.keys()), [to_tree(x) for x in v.values()]]}
+
+
+def _dec_record(t: Tree) -> Any:
+    # Built as asyncpg's composite decoder builds it: a descriptor of the names, then items.
+    from asyncpg.protocol.protocol import _create_record
+
+    names, values = t
+    return _create_record({name: i for i, name in enumerate(names)} or None,
+                          tuple(from_tree(x) for x in values))
+
+
 # ``exact_encoder(type(v))``: the encoder :func:`to_tree` would apply to ``v`` when its type is
 # a built-in one, else None; a bound dict lookup, for loops over many cells.
 exact_encoder = _ENCODERS.get
@@ -271,6 +289,8 @@ _NAMED_ENCODERS: dict[str, _Encoder] = {
     "asyncpg.pgproto.types.Polygon": lambda v: {"$asyncpg.Polygon": [_point(p) for p in v]},
     "asyncpg.pgproto.types.Circle": lambda v: {"$asyncpg.Circle": [_point(v[0]), float(v[1])]},
     "asyncpg.pgproto.types.BitString": lambda v: {"$asyncpg.BitString": v.as_string()},
+    "asyncpg.protocol.record.Record": _enc_record,
+    "asyncpg.protocol.protocol.Record": _enc_record,  # (where older asyncpg releases keep it)
 }
 
 
@@ -319,6 +339,7 @@ _DECODERS.update(
         # (its center a tuple, as asyncpg decodes it)
         "$asyncpg.Circle": lambda t: _asyncpg_type("Circle")(tuple(t[0]), t[1]),
         "$asyncpg.BitString": lambda t: _asyncpg_type("BitString")(t),
+        "$asyncpg.Record": _dec_record,
     }
 )
 
@@ -339,6 +360,98 @@ _PLAIN: dict[type[Any], Callable[[Any], Any]] = {
 }
 
 
+# --- subclasses of builtins: their class kept in recorded values ------------------------------
+
+# Set while a *value* the app received is encoded (see :func:`to_tree_typed`): a subclass of a
+# builtin (an OrderedDict, a named tuple a custom codec returns) is then kept with its class
+# path, and rebuilt as that class. Elsewhere (request trees, which keys are made from) a
+# subclass keeps its base's encoding, as it always has.
+_TYPED: contextvars.ContextVar[bool] = contextvars.ContextVar("timetracer_typed", default=False)
+log = logging.getLogger("timetracer_otel")
+# Per class: its import path ("module:qualname"), or None when it cannot be rebuilt (warned).
+_SUBCLASS_PATHS: dict[type[Any], str | None] = {}
+_WARNED: set[str] = set()
+
+
+def _warn_once(name: str, message: str, *args: Any) -> None:
+    if name not in _WARNED:
+        _WARNED.add(name)
+        log.warning(message, *args)
+
+
+def _rebuild(cls: type[Any], value: Any) -> Any:
+    """An instance of ``cls`` (a subclass of ``type(value)``'s builtin) equal to ``value``."""
+    if isinstance(value, tuple) and hasattr(cls, "_make"):  # a named tuple
+        return cls._make(value)
+    if isinstance(value, dt.datetime):
+        return cls(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                   value.microsecond, value.tzinfo, fold=value.fold)
+    if isinstance(value, dt.date):
+        return cls(value.year, value.month, value.day)
+    return cls(value)
+
+
+def _subclass_path(cls: type[Any], base: type[Any], value: Any, tree: Tree) -> str | None:
+    """Where ``cls`` is imported from, checked once per class: importable by its module and
+    qualified name, and rebuilt from the base's value as the same class and value. If not,
+    None (its values are kept as ``base``) and one warning naming the class."""
+    if cls in _SUBCLASS_PATHS:
+        return _SUBCLASS_PATHS[cls]
+    path: str | None = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        if _import(f"{cls.__module__}:{cls.__qualname__}") is not cls:
+            raise TypeError("another object by that name")
+        rebuilt = _rebuild(cls, from_tree(tree))
+        if type(rebuilt) is not cls or not rebuilt == value:
+            raise TypeError("rebuilt differently")
+    except Exception:
+        _warn_once(
+            f"{cls.__module__}.{cls.__qualname__}",
+            "timetracer-otel: values of type %s.%s are recorded as plain %s and will replay as "
+            "%s: the class cannot be imported by its module and name, or rebuilt from a %s "
+            "(register it with timetracer_otel.codec.register to keep its type)",
+            cls.__module__, cls.__qualname__, base.__name__, base.__name__, base.__name__)
+        path = None
+    if len(_SUBCLASS_PATHS) > 1024:  # (classes made at run time, one per call...)
+        _SUBCLASS_PATHS.clear()
+    _SUBCLASS_PATHS[cls] = path
+    return path
+
+
+def _dec_subclass(t: Tree) -> Any:
+    path, tree = t
+    value = from_tree(tree)
+    try:
+        return _rebuild(_import(path), value)
+    except Exception as exc:  # (the class is not importable in this process)
+        _warn_once(path, "timetracer-otel: a recorded value of type %s is replayed as a plain "
+                   "%s: the class cannot be rebuilt here (%s)", path, type(value).__name__, exc)
+        return value
+
+
+_DECODERS["$subclass"] = _dec_subclass
+
+
+def to_tree_typed(value: Any) -> Tree:
+    """:func:`to_tree` for a value the app received (a query result): a subclass of a builtin
+    keeps its class (``{"$subclass": ["module:qualname", base tree]}``) where that class can
+    be imported and rebuilt, and is warned about once where it cannot."""
+    token = _TYPED.set(True)
+    try:
+        return to_tree(value)
+    finally:
+        _TYPED.reset(token)
+
+
+def typed_trees(build: Callable[[], Any]) -> Any:
+    """``build()`` with values encoded as :func:`to_tree_typed` encodes them."""
+    token = _TYPED.set(True)
+    try:
+        return build()
+    finally:
+        _TYPED.reset(token)
+
+
 def to_tree(value: Any) -> Tree:
     """Turn ``value`` into a tree that msgspec can encode as msgpack or JSON."""
     enc = _ENCODERS.get(type(value))
@@ -354,7 +467,12 @@ def to_tree(value: Any) -> Tree:
     for base in (bool, int, float, str, bytes, tuple, list, dict, dt.datetime, dt.date):
         if isinstance(value, base):
             plain = _PLAIN.get(base)  # leaves must be exact types for msgspec (quoted_name...)
-            return _ENCODERS[base](plain(value) if plain is not None else value)
+            tree = _ENCODERS[base](plain(value) if plain is not None else value)
+            if _TYPED.get():  # (a received value: its class kept, see to_tree_typed)
+                path = _subclass_path(cls, base, value, tree)
+                if path is not None:
+                    return {"$subclass": [path, tree]}
+            return tree
     return {"$unsupported": [f"{cls.__module__}.{cls.__qualname__}", repr(value)[:200]]}
 
 

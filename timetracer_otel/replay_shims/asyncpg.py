@@ -14,6 +14,14 @@ which opens no socket; ``prepare``, cursors and ``set_type_codec`` are answered 
 ``copy_*`` and ``add_listener`` are refused there (ReplayUnsupportedError, counted in the
 replay's report).
 
+Besides its result, a recorded call keeps what it did to its connection, replayed with it: the
+server parameters it changed (``set``: ParameterStatus, read back by ``get_settings()``), the
+log messages it received (``notices``: NOTICE, WARNING..., handed to ``add_log_listener``
+callbacks) and, for an error, whether the connection was closed then (``closed``: the server
+ended it). Query loggers (``add_query_logger``) are called for replayed Connection methods as
+asyncpg calls them live. Composite values (asyncpg ``Record`` cells) and the subclasses of
+builtins a custom codec returns are kept by the codec (``$asyncpg.Record``, ``$subclass``).
+
 A miss that ``on_miss`` lets go live (``passthrough``/``record``) on such a connection runs on
 a real connection opened then, at the first such miss, with the arguments the app gave to
 ``connect`` (each pooled connection gets its own), bounded by its connect ``timeout``; later
@@ -31,6 +39,7 @@ import asyncio
 import contextvars
 import ctypes
 import functools
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,7 +49,7 @@ from asyncpg import connect_utils, cursor, prepared_stmt
 from asyncpg import connection as connection_module
 from asyncpg.connection import Connection
 from asyncpg.exceptions import PostgresError
-from asyncpg.exceptions._base import InterfaceMessage
+from asyncpg.exceptions._base import InterfaceMessage, PostgresMessage
 from asyncpg.pgproto import pgproto
 from asyncpg.protocol.protocol import _create_record
 from asyncpg.protocol.record import RecordDescriptor
@@ -55,6 +64,8 @@ from timetracer_otel.codec import (
     from_trees,
     register,
     to_tree,
+    to_tree_typed,
+    typed_trees,
 )
 from timetracer_otel.config import Mode
 from timetracer_otel.errors import ReplayUnsupportedError
@@ -109,7 +120,7 @@ class _ReplaySettings:
     """The recorded server parameters, read the way asyncpg's ``ConnectionSettings`` is."""
 
     def __init__(self, params: dict[str, str]) -> None:
-        self._params = params
+        self._params = dict(params)  # (its own: a replayed SET changes this connection's only)
 
     def __getattr__(self, name: str) -> str:
         try:
@@ -356,7 +367,10 @@ def _rows_tree(rows: list[Any], tree: dict[str, Any]) -> dict[str, Any]:
             columns.append(map(exact_encoder(cls) or to_tree, column))
         else:
             columns.append(map(_cell, column))
-    tree["rows"] = list(map(list, zip(*columns, strict=True))) if mapped else list(map(list, rows))
+    if mapped:  # (values the app received: a builtin's subclass keeps its class)
+        tree["rows"] = typed_trees(lambda: list(map(list, zip(*columns, strict=True))))
+    else:
+        tree["rows"] = list(map(list, rows))
     return tree
 
 
@@ -408,7 +422,7 @@ def _result_tree(
     elif kind == "row":
         _rows_tree([] if out is None else [out], tree)
     elif kind in ("value", "int"):
-        tree["value"] = to_tree(out)
+        tree["value"] = to_tree(out) if type(out) in _PLAIN else to_tree_typed(out)
     if kind in ("rows", "row") and not isinstance(conn._protocol, _ReplayProtocol):
         tree["oids"] = _oids(conn, query, record_class) if out else None
     return tree
@@ -423,7 +437,79 @@ def _error_attrs(exc: BaseException, conn: Any) -> Tree:
         attrs["fields"] = {"detail": to_tree(exc.detail), "hint": to_tree(exc.hint)}
     if conn is not None and conn._protocol is not None:
         attrs["tx"] = conn._protocol.is_in_transaction()
+    if conn is not None and conn.is_closed():  # (the server ended it, the call found it so...)
+        attrs["closed"] = True
     return attrs
+
+
+# --- what a call did to its connection besides its result -------------------------------------
+
+
+def _server_params(conn: Any) -> dict[str, str] | None:
+    """The dict in which asyncpg keeps the server's reported parameters (ParameterStatus:
+    ``get_settings()``); a Cython attribute, reached through the settings' references."""
+    proto = conn._protocol
+    if proto is None or isinstance(proto, _ReplayProtocol):
+        return None
+    for ref in gc.get_referents(proto.get_settings()):
+        if type(ref) is dict and "server_version" in ref:
+            return ref
+    return None
+
+
+# The server's log messages (NOTICE, WARNING...) each connection received while recording,
+# by connection, as PostgresMessage.as_dict() names them: taken by the call they came with.
+_notices: dict[Any, list[dict[str, str]]] = {}
+_FIELD_NAMES: dict[str, str] = dict(type(PostgresMessage)._field_map)
+_FIELD_CODES = {name: code for code, name in _FIELD_NAMES.items()}
+
+
+def _process_log_message(original: Any) -> Any:
+    def process(self: Connection, fields: dict[str, str], last_query: Any) -> Any:
+        if STATE.mode is not Mode.OFF and not _is_replay_conn(self):
+            if len(_notices) > 256:  # (connections that made no recorded call since)
+                _notices.clear()
+            received = _notices.setdefault(self, [])
+            if len(received) < 10_000:  # (bounded: one call's messages are kept)
+                received.append({_FIELD_NAMES[k]: v for k, v in fields.items()
+                                 if k in _FIELD_NAMES})
+        return original(self, fields, last_query)
+
+    return process
+
+
+def _effects(tree: dict[str, Any], target: Any, params: dict[str, str] | None,
+             before: dict[str, str] | None) -> None:
+    """Add to a call's recorded outcome the server parameters it changed (``set``: what a
+    ``SET TimeZone`` reports) and the log messages it received (``notices``)."""
+    if params is not None and before is not None and params != before:
+        tree["set"] = {k: v for k, v in params.items() if before.get(k) != v}
+    if _notices:
+        notices = _notices.pop(target, None)
+        if notices:
+            tree["notices"] = notices
+
+
+def _mark_closed(conn: Any, proto: _ReplayProtocol) -> None:
+    """A replayed connection the server had ended when the call was recorded: closed now,
+    cleaned up as asyncpg does when it loses its connection."""
+    proto.connected = False
+    live, proto.live = proto.live, None
+    if live is not None:
+        live.terminate()
+    conn._cleanup()
+
+
+async def _deliver_notices(conn: Any, tree: Tree, query: str) -> None:
+    """The log messages a recorded call received, to the connection's log listeners as
+    asyncpg hands them (each scheduled with the message it builds), before the call returns."""
+    notices = tree.get("notices") if isinstance(tree, dict) else None
+    if not notices or not conn._log_listeners:
+        return
+    for fields in notices:
+        conn._process_log_message(
+            {_FIELD_CODES[k]: v for k, v in fields.items() if k in _FIELD_CODES}, query)
+    await asyncio.sleep(0)  # (live, they run before the app resumes)
 
 
 # --- results: replay side ---------------------------------------------------------------------
@@ -520,7 +606,11 @@ def _replayed(match: Match, kind: str, conn: Any, record_class: Any) -> Any:
         proto.queries_count += 1
         if "tx" in tree:
             proto.xact = tree["tx"]
+        if "set" in tree:  # the server parameters the call changed (SET TimeZone...)
+            proto.settings._params.update(tree["set"])
     if span.error is not None:
+        if tree.get("closed") and isinstance(proto, _ReplayProtocol):
+            _mark_closed(conn, proto)
         raise rebuild_error(span.error, _build_error)
     if tree.get("stop"):
         raise StopAsyncIteration
@@ -595,10 +685,12 @@ async def _run(
     invoke: Callable[[Any], Awaitable[Any]] | None,
     on_replay: Callable[[Match], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    logged: tuple[Any, Any] | None = None,
 ) -> Any:
     """One query: replay it, call it live, or call it and record its result. ``invoke(c)``
     makes the call on connection ``c``: the app's, or for a miss on a replayed connection the
-    real one behind it (None where a miss cannot go live there)."""
+    real one behind it (None where a miss cannot go live there). ``logged``: the arguments and
+    timeout asyncpg gives the connection's query loggers for this call (Connection methods)."""
     action = decide(call)
     if isinstance(action, Match):
         if was_cancelled(action.span):
@@ -607,6 +699,11 @@ async def _run(
             on_replay(action)
         proto = conn._protocol
         try:
+            if logged is not None and conn._query_loggers:  # as asyncpg calls them live
+                with conn._time_and_log(query, *logged):
+                    await _deliver_notices(conn, _outcome(action), query)
+                    return _replayed(action, kind, conn, record_class)
+            await _deliver_notices(conn, _outcome(action), query)
             return _replayed(action, kind, conn, record_class)
         finally:
             if isinstance(proto, _ReplayProtocol):
@@ -624,28 +721,67 @@ async def _run(
         if target is conn:
             return await invoke(conn)
         with suppress_instrumentation():  # what the call does inside is not the app's own
+            if logged is not None and conn._query_loggers:  # the app's loggers, as live
+                with conn._time_and_log(query, *logged):
+                    return await invoke(target)
             return await invoke(target)
 
     if action is LIVE:
-        return await run()
+        try:
+            return await run()
+        finally:
+            if _notices:
+                _notices.pop(target, None)  # (a call not recorded: its messages are not kept)
     with _recording(call) as cap:  # left to the writer where it can be (base.Deferrable)
+        # What else the call does to its connection: server parameters it changes (asyncpg's
+        # dict of them, compared after: one C copy and compare) and log messages it receives.
+        params = _server_params(target)
+        before = params.copy() if params is not None else None
+        if _notices:
+            _notices.pop(target, None)  # (received before this call: not its own)
         try:
             out = await run()
         except StopAsyncIteration:
-            cap.ok({"tx": conn._protocol.is_in_transaction(), "stop": True})
+            tree = {"tx": conn._protocol.is_in_transaction(), "stop": True}
+            _effects(tree, target, params, before)
+            cap.ok(tree)
             raise
         except Exception as exc:
-            cap.fail(exc, _error_attrs(exc, conn))
+            attrs = _error_attrs(exc, conn)
+            _effects(attrs, target, params, before)
+            if target is not conn:
+                _forward(conn, attrs, query)
+            cap.fail(exc, attrs)
             raise
         except asyncio.CancelledError as exc:  # (kept: the recording's order stays the live one)
             cap.fail(exc)
             raise
         tree = _result_tree(kind, out, target, query, record_class)
         tree["tx"] = conn._protocol.is_in_transaction()
+        _effects(tree, target, params, before)
+        if target is not conn:
+            _forward(conn, tree, query)
         if on_record is not None:
             on_record(tree)
         cap.ok(tree)
     return out
+
+
+def _outcome(match: Match) -> Tree:
+    span = match.span
+    return span.response if span.error is None else (span.error.get("attrs") or {})
+
+
+def _forward(conn: Any, tree: dict[str, Any], query: str) -> None:
+    """A miss recorded on the real connection behind a replayed one: what it did to that
+    connection reaches the app's (its settings, its log listeners) as it will in a replay."""
+    if not isinstance(conn._protocol, _ReplayProtocol):
+        return
+    if "set" in tree:
+        conn._protocol.settings._params.update(tree["set"])
+    for fields in tree.get("notices") or ():
+        conn._process_log_message(
+            {_FIELD_CODES[k]: v for k, v in fields.items() if k in _FIELD_CODES}, query)
 
 
 def _many(args: Any) -> list[Any]:
@@ -681,13 +817,31 @@ def _connection_method(op: str) -> Callable[[Any], Any]:
                             operation=op, extra=extra)
             if STATE.mode is Mode.REPLAY and _is_replay_conn(self):
                 self._check_open()
+            # What asyncpg gives its query loggers: a query without arguments goes the simple
+            # query protocol's way, with the timeout as given; others with the command's.
+            logged = None
+            if self._query_loggers:
+                timeout = kwargs.get("timeout")
+                logged = ((), timeout) if op == "execute" and not args else \
+                    (params, _command_timeout(self, timeout))
             return await _run(call, kind, self, query, kwargs.get("record_class"),
-                              lambda c: original(c, query, *args, **kwargs))
+                              lambda c: original(c, query, *args, **kwargs), logged=logged)
 
         method.__name__ = op
         return method
 
     return make
+
+
+def _command_timeout(conn: Connection, timeout: Any) -> Any:
+    """The timeout asyncpg's protocol makes of the one given (``_get_timeout``), as its query
+    loggers see it: the connection's command timeout when None, else as a float."""
+    if timeout is None:
+        timeout = conn._config.command_timeout
+    try:
+        return None if timeout is None else float(timeout)
+    except (TypeError, ValueError):  # (asyncpg raises for it itself)
+        return timeout
 
 
 # Connection._prepare beneath the shim, for statements a miss prepares on a real connection.
@@ -924,6 +1078,7 @@ class AsyncpgShim(Shim):
                      "copy_records_to_table"):
             self.wrap(Connection, name, _copy_method)
         self.wrap(Connection, "add_listener", _add_listener)
+        self.wrap(Connection, "_process_log_message", _process_log_message)
         for op in _STATEMENT_METHODS:
             self.wrap(prepared_stmt.PreparedStatement, op, _statement_method(op))
         self.wrap(cursor.Cursor, "_init", _cursor_init)
