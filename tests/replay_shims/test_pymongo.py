@@ -345,15 +345,17 @@ def test_a_client_used_in_a_replay_works_live_after_it(
         seed[db_name].items.insert_many([{"_id": i} for i in range(6)])
         list(seed[db_name].items.find({}, batch_size=2))
         seed.close()
-    app_client = client(mongo_port)
+    app_client = client(mongo_port, retryWrites=False)  # (a write nothing would retry)
     with timetracer_otel.replay(rec.paths):
         cursor = app_client[db_name].items.find({}, batch_size=2)
         assert [next(cursor)["_id"] for _ in range(2)] == [0, 1]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a hang fails here, not the suite
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (a hang: the suite's timeout)
+        # A write first: not retried, so it must get a real connection at once.
+        written = pool.submit(lambda: app_client[db_name].items.insert_one({"_id": 9})).result(20)
         after = pool.submit(lambda: app_client[db_name].items.find_one({"_id": 5})).result(20)
         with pytest.raises((pymongo.errors.AutoReconnect, pymongo.errors.CursorNotFound)):
             pool.submit(lambda: list(cursor)).result(20)
-    assert after == {"_id": 5}
+    assert after == {"_id": 5} and written.inserted_id == 9
     app_client.close()
 
 

@@ -535,7 +535,7 @@ def _recorded(conn: Any, sent: _Sent, reply: _OpMsg | None, error: BaseException
 def _send_plan(conn: Any, message: bytes) -> _Sent | bool | None:
     """Before a message goes out: None (send it untouched), True (replay answered it: nothing
     goes out), or the :class:`_Sent` to keep once it is sent."""
-    if _MADE[0] and conn.conn in _REPLAY_MADE and not _replaying():  # (a flag first: cheap)
+    if _made_for_replay(conn):  # (one checked out before its replay ended: see _perished)
         _refuse_outside_replay()
     if STATE.mode is Mode.OFF:
         return None
@@ -699,6 +699,34 @@ _REPLAY_MADE: weakref.WeakSet[Any] = weakref.WeakSet()
 _MADE = [False]  # whether a replay ever made one in this process
 
 
+def _made_for_replay(conn: Any) -> bool:
+    """A connection a replay made, now outside any replay."""
+    return _MADE[0] and conn.conn in _REPLAY_MADE and not _replaying()
+
+
+def _perished(original: Any, is_async: bool) -> Any:
+    """``Pool._perished``: a connection a replay made, checked out after its replay ended, is
+    closed and replaced there, before the app's operation uses it (a write is not retried)."""
+    from pymongo.monitoring import ConnectionClosedReason
+
+    if is_async:
+        async def perished(self: Any, conn: Any) -> bool:
+            if _made_for_replay(conn):
+                await conn.close_conn(ConnectionClosedReason.STALE)
+                return True
+            return bool(await original(self, conn))
+
+        return perished
+
+    def perished_sync(self: Any, conn: Any) -> bool:
+        if _made_for_replay(conn):
+            conn.close_conn(ConnectionClosedReason.STALE)
+            return True
+        return bool(original(self, conn))
+
+    return perished_sync
+
+
 def _refuse_outside_replay() -> None:
     """A connection a replay made, used after its replay ended (an app-wide client, a cursor
     still open): nothing would ever answer it, so pymongo is told it is lost, as a dropped
@@ -828,6 +856,8 @@ class PymongoShim(Shim):
                   _async_send_message)
         self.wrap(pymongo.asynchronous.pool.AsyncConnection, "receive_message",
                   _async_receive_message)
+        self.wrap(pymongo.synchronous.pool.Pool, "_perished", lambda o: _perished(o, False))
+        self.wrap(pymongo.asynchronous.pool.Pool, "_perished", lambda o: _perished(o, True))
         self.wrap(pymongo.synchronous.pool, "_configured_socket_interface", _socket_interface)
         self.wrap(pymongo.asynchronous.pool, "_configured_protocol_interface",
                   _protocol_interface)
