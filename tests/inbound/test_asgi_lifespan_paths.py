@@ -228,13 +228,20 @@ def test_ctrl_c_during_replay(tmp_path: Path, serve: Any, lifespan: str) -> None
     rec = tmp_path / "rec"
     reply = _record_simple(rec, serve, apps.nocall_app, "/greet")
     assert reply.json() == {"greeting": "hi"}
-    log = tmp_path / "shutdown.log"
+    log, started = tmp_path / "shutdown.log", tmp_path / "started"
     proc = subprocess.Popen(
         [sys.executable, "-m", "timetracer_otel.cli", "replay", str(rec), "--asgi",
          "lifespan_paths_apps:nocall_app", "--lifespan", lifespan],
-        env=_env(REVIEW2_GREET_SLOW="5", REVIEW2_SHUTDOWN_LOG=str(log)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+        env=_env(REVIEW2_GREET_SLOW="5", REVIEW2_SHUTDOWN_LOG=str(log),
+                 REVIEW2_GREET_STARTED=str(started)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # (as a terminal's Ctrl-C finds it: a test worker may run with SIGINT ignored, which
+        # a child inherits)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60  # the request under way, however slow the start
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate(timeout=60)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err[-3000:]

@@ -98,6 +98,9 @@ async def _nocall(app: Starlette) -> AsyncIterator[dict[str, Any]]:
 
 
 async def _greet(request: Request) -> JSONResponse:
+    if os.environ.get("REVIEW2_GREET_STARTED"):  # (a test waits for this before its Ctrl-C)
+        with open(os.environ["REVIEW2_GREET_STARTED"], "w") as f:
+            f.write("started\n")
     await asyncio.sleep(float(os.environ.get("REVIEW2_GREET_SLOW", "0")))
     return JSONResponse({"greeting": request.state.greeting})
 
