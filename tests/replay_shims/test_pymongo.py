@@ -38,7 +38,7 @@ def typed(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return ("datetime", repr(value), type(value.tzinfo).__name__)
     if isinstance(value, BaseException):
-        return (type(value).__name__, str(value))
+        return (type(value).__module__, type(value).__name__, str(value))
     return (type(value).__name__, repr(value))
 
 
@@ -360,18 +360,18 @@ def test_a_client_used_in_a_replay_works_live_after_it(
 
 
 @contextlib.contextmanager
-def slow_proxy(port: int) -> Iterator[tuple[int, threading.Event]]:
-    """A loopback TCP proxy to ``port``; while the event is set, the server's replies to a
-    ``find`` reach the client a second late (a slow query)."""
+def slow_proxy(port: int, delay: float = 1.0) -> Iterator[tuple[int, threading.Event]]:
+    """A loopback TCP proxy to ``port``; the server's reply to a ``find`` sent while the event
+    is set reaches the client ``delay`` seconds late (a slow query)."""
     slow = threading.Event()
 
     def pipe(src: socket.socket, dst: socket.socket, upstream: bool, finds: list[Any]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if upstream:
-                    finds.append(b"\x02find\x00" in data)
-                elif finds and finds.pop(0) and slow.is_set():
-                    time.sleep(1.0)
+                    finds.append(b"\x02find\x00" in data and slow.is_set())
+                elif finds and finds.pop(0):
+                    time.sleep(delay)
                 dst.sendall(data)
         for s in (src, dst):
             with contextlib.suppress(OSError):

@@ -6,13 +6,10 @@ MongoDB-wire server (secantusdb) on 127.0.0.1, replayed with every socket connec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +19,9 @@ from pymongo import AsyncMongoClient, MongoClient
 
 import timetracer_otel
 from tests.conftest import connects_refused, unreachable_port
+from tests.replay_shims.test_pymongo import slow_proxy, typed
 from timetracer_otel.cassette import load_cassette
 from timetracer_otel.codec import from_tree
-
-
-def typed(value: Any) -> Any:
-    """``value`` with the type of every part beside it (an exception: its class and message)."""
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [typed(v) for v in value])
-    if isinstance(value, dict):
-        return (type(value).__name__, [(k, typed(v)) for k, v in value.items()])
-    if isinstance(value, dt.datetime):
-        return ("datetime", repr(value), type(value.tzinfo).__name__)
-    if isinstance(value, BaseException):
-        return (type(value).__module__, type(value).__name__, str(value))
-    return (type(value).__name__, repr(value))
 
 
 @pytest.fixture
@@ -134,41 +119,6 @@ def test_an_async_client_connected_before_the_recording_replays_its_replica_set(
 
 
 # --- a query that ran out of its time budget -------------------------------------------------
-
-
-@contextlib.contextmanager
-def slow_proxy(port: int, delay: float) -> Iterator[tuple[int, threading.Event]]:
-    """A loopback TCP proxy to ``port``; while the event is set, the server's replies to a
-    ``find`` reach the client ``delay`` seconds late (a slow query)."""
-    slow = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def pipe(src: socket.socket, dst: socket.socket, upstream: bool, finds: list[bool]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if upstream:
-                    finds.append(b"\x02find\x00" in data and slow.is_set())
-                elif finds and finds.pop(0):
-                    time.sleep(delay)
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                down, _ = listener.accept()
-                up = socket.create_connection(("127.0.0.1", port))
-                finds: list[bool] = []
-                threading.Thread(target=pipe, args=(down, up, True, finds), daemon=True).start()
-                threading.Thread(target=pipe, args=(up, down, False, finds), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1], slow
-    finally:
-        listener.close()
 
 
 class Opened(pymongo.monitoring.ConnectionPoolListener):
