@@ -44,30 +44,9 @@ from timetracer_otel.exporters.storage import (
     storage_for,
 )
 from timetracer_otel.index import ReplayIndex, ReplayReport
+from timetracer_otel.text import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# What a terminal would act on rather than show: C0 and C1 control characters and DEL (ESC
-# sequences move the cursor, retitle the window, hide text), the bidirectional overrides and
-# line separators (they reorder or break the line), and lone surrogates (not printable at all).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
-                          "\ud800-\udfff]")
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def printable(text: str) -> str:
-    """``text`` with every character a terminal would act on written as its escape
-    (``\\x1b``, ``\\u202e``): what a cassette holds is shown, never obeyed.
-
-        >>> printable("GET /\\x1b[2J")
-        'GET /\\\\x1b[2J'
-    """
-    return _UNPRINTABLE.sub(_escape_char, text)
-
 
 class _OutputError(TimetracerError):
     """Standard output cannot be written (a full disk, a closed pipe)."""

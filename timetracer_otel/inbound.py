@@ -1045,7 +1045,7 @@ def cassette_diff(a: Cassette, b: Cassette) -> list[str]:
 def diff_command(a: str, b: str) -> int:
     """``timetracer-otel diff A B``: 0 same, 1 different, 2 unreadable. What the cassettes
     hold is printed with its control characters escaped (shown, never obeyed)."""
-    from timetracer_otel.cli import printable
+    from timetracer_otel.text import printable
 
     try:
         ca, cb = load_cassette(a), load_cassette(b)

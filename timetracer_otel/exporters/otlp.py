@@ -56,7 +56,6 @@ from timetracer_otel.errors import ConfigError
 from timetracer_otel.exporters.spans import (
     BadSpan,
     Memo,
-    printable,
     record_from_attributes,
     record_from_parts,
     type_phrase,
@@ -65,6 +64,7 @@ from timetracer_otel.exporters.storage import storage_for
 from timetracer_otel.exporters.writer import CassetteWriter
 from timetracer_otel.redaction import TooLarge, unpack_streams
 from timetracer_otel.replay_shims.base import PAYLOAD_ATTRS
+from timetracer_otel.text import printable
 
 log = logging.getLogger("timetracer_otel")
 
@@ -147,7 +147,7 @@ class Converted:
     def reject(self, name: Any, why: str) -> None:
         """Count one rejected span; the reason (for the sender) names the last one."""
         self.rejected += 1
-        self.reason = f"span '{printable(name, 80)}' was rejected: {printable(why)}"
+        self.reason = f"span '{printable(name, 80)}' was rejected: {printable(why, 200)}"
 
 
 def _base(
@@ -421,7 +421,7 @@ def _gunzip(body: bytes, limit: int) -> bytes:
 
 
 def _one_line(exc: BaseException) -> str:
-    return printable(" ".join(str(exc).split()) or type(exc).__name__)
+    return printable(" ".join(str(exc).split()) or type(exc).__name__, 200)
 
 
 def media_type(content_type: str | None) -> str:

@@ -35,6 +35,7 @@ from timetracer_otel.replay_shims.base import (
     deferred_payload,
     span_attributes,
 )
+from timetracer_otel.text import printable
 
 log = logging.getLogger("timetracer_otel")
 # Payloads from other processes (OTLP) are checked as they are decoded: an extension type in
@@ -51,17 +52,6 @@ def _keys_checked(tree: Any) -> Any:
 class BadSpan(Exception):
     """A span from another process (OTLP) whose payload attributes have the wrong types or
     hold values no cassette can store: the receiver rejects it (``str(exc)``: why)."""
-
-
-def printable(text: Any, limit: int = 200) -> str:
-    """``text`` safe for a log line: control characters (terminal escapes...) escaped, cut at
-    ``limit`` characters."""
-    s = text if type(text) is str else repr(text)
-    if len(s) > limit:
-        s = s[:limit] + "..."
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def decode_payload(value: Any) -> Any:
@@ -151,7 +141,7 @@ def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
         combined = payloads.get(ATTR_PAYLOAD) if deferred is None else deferred_payload(deferred)
     except Exception as exc:  # a builder's failure loses this call, never the trace
         log.warning("timetracer-otel: the recorded call on span %s could not be encoded: %s",
-                    printable(name), printable(repr(exc)))
+                    printable(name, 200), printable(repr(exc), 200))
         return _NO_PAYLOAD
     try:
         if combined is not None:
@@ -197,12 +187,12 @@ def _payload_fields(payloads: Mapping[str, Any], raw: bool, name: Any,
     except _WrongType as exc:
         if foreign:
             raise BadSpan(str(exc)) from None
-        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name),
-                    printable(str(exc)))
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name, 200),
+                    printable(str(exc), 200))
         return _NO_PAYLOAD
     except (msgspec.DecodeError, ValueError) as exc:
-        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name),
-                    printable(str(exc)))
+        log.warning("timetracer-otel: unreadable payload on span %s: %s", printable(name, 200),
+                    printable(str(exc), 200))
         return _NO_PAYLOAD
 
 
