@@ -128,11 +128,13 @@ class Withheld(Exception):
     secret: the call is stored without its response, as one past the payload limit is."""
 
 
-# What :meth:`Redactor.body_parts` gives for a request body that cannot be redacted (it
-# unpacks past the limit) and may hold a secret: stored without its bytes, and keyed without
-# them (a replay matches it by method and URL), since a digest of bytes holding a secret
-# would change with the secret (a replay's dummy token) and could give it away.
-WITHHELD = b""
+# What :meth:`Redactor.body_parts` gives as the second part for a request body that cannot be
+# redacted (it unpacks past the limit) and may hold a secret: stored without its bytes, and
+# keyed without them (a replay matches it by method and URL), since a digest of bytes holding
+# a secret would change with the secret (a replay's dummy token) and could give it away.
+# Told apart by identity: no body the redactor makes is this object (an empty one would be
+# CPython's one empty bytes object, so the marker is not empty).
+WITHHELD = b"<timetracer-otel: withheld>"
 
 
 # The piece of a packed body unpacked at a time, when one past the limit is scanned.
@@ -1056,7 +1058,7 @@ class Redactor:
         """:meth:`body`, and for a content-encoded body it changed, its redacted bytes
         unpacked: the tokens packed inside differ with each process's redaction key, so a
         request key digests these instead (see ``keys.http_call``); for a request body
-        withheld, :data:`WITHHELD` twice (the very object). None otherwise."""
+        withheld, an empty body and :data:`WITHHELD` (the very object). None otherwise."""
         if not body:
             return body, None
         ctype = encoding = ""
@@ -1080,7 +1082,7 @@ class Redactor:
                        "secret; it is stored without its bytes, and a replay matches it by "
                        "method and URL only (TIMETRACER_MAX_UNPACKED_BYTES raises that limit).",
                        encoding, self.unpack_limit)
-            return WITHHELD, WITHHELD
+            return b"", WITHHELD
         if found is None:
             return body, None  # (another encoding, a broken stream: header and query rules still apply)
         plain, pack = found
