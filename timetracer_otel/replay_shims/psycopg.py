@@ -821,16 +821,23 @@ def _needs_server(cur: Any, call: Call) -> None:
 
 
 def _raise_recorded(cur: Any, match: Match) -> None:
-    err = match.span.error
-    attrs = err.get("attrs") or {}
-    _apply_session(cur, attrs.get("tx"), None)
+    attrs = match.span.error.get("attrs") or {}
     if "rowcount" in attrs:  # (cassettes recorded before 2026-11-29 have neither)
         cur._rowcount = attrs["rowcount"]
         cur._statusmessage = _raw(attrs.get("status"), cur._encoding)
+    raise _recorded_error(cur._conn.pgconn, match.span.error, cur._encoding)
+
+
+def _recorded_error(pgconn: Any, err: Tree, encoding: str) -> BaseException:
+    """A recorded error as psycopg raised it (from the server's result: same class, sqlstate
+    and diag), the connection left in the transaction status it had then."""
+    attrs = err.get("attrs") or {}
+    if isinstance(pgconn, ReplayPGconn):
+        pgconn.apply(attrs.get("tx"), None)
     if attrs.get("result") is not None:
-        raise pg_errors.error_from_result(RecordedResult.from_tree(attrs["result"], cur._encoding),
-                                         encoding=cur._encoding)
-    raise rebuild_error(err)
+        return pg_errors.error_from_result(RecordedResult.from_tree(attrs["result"], encoding),
+                                           encoding=encoding)
+    return rebuild_error(err)
 
 
 def _apply(cur: Any, match: Match) -> None:
@@ -1094,14 +1101,7 @@ def _exec_command(original: Any) -> Any:
             index = STATE.index
             match = index.take(call) if STATE.mode is Mode.REPLAY and index is not None else None
             if match is not None and match.span.error is not None:
-                attrs = match.span.error.get("attrs") or {}
-                if attrs.get("tx") is not None:
-                    pgconn._tx_status = attrs["tx"]
-                if attrs.get("result") is not None:
-                    raise pg_errors.error_from_result(
-                        RecordedResult.from_tree(attrs["result"], pgconn._encoding),
-                        encoding=pgconn._encoding)
-                raise rebuild_error(match.span.error)
+                raise _recorded_error(pgconn, match.span.error, pgconn._encoding)
             result = pgconn.simulate(text)
             answer = match.span.response if match is not None else None
             if isinstance(answer, dict):
