@@ -506,10 +506,16 @@ async def _deliver_notices(conn: Any, tree: Tree, query: str) -> None:
     notices = tree.get("notices") if isinstance(tree, dict) else None
     if not notices or not conn._log_listeners:
         return
+    _hand_notices(conn, notices, query)
+    await asyncio.sleep(0)  # (live, they run before the app resumes)
+
+
+def _hand_notices(conn: Any, notices: list[dict[str, str]], query: str) -> None:
+    """Recorded log messages to asyncpg's own handling, which builds each message's class and
+    schedules the connection's listeners with it."""
     for fields in notices:
         conn._process_log_message(
             {_FIELD_CODES[k]: v for k, v in fields.items() if k in _FIELD_CODES}, query)
-    await asyncio.sleep(0)  # (live, they run before the app resumes)
 
 
 # --- results: replay side ---------------------------------------------------------------------
@@ -779,9 +785,7 @@ def _forward(conn: Any, tree: dict[str, Any], query: str) -> None:
         return
     if "set" in tree:
         conn._protocol.settings._params.update(tree["set"])
-    for fields in tree.get("notices") or ():
-        conn._process_log_message(
-            {_FIELD_CODES[k]: v for k, v in fields.items() if k in _FIELD_CODES}, query)
+    _hand_notices(conn, tree.get("notices") or [], query)
 
 
 def _many(args: Any) -> list[Any]:
